@@ -1,0 +1,210 @@
+//! The command line: `serve` (the default), `migrate`, `health`, `send`, `consent`, `token`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{cancel_on_signal, AppState, Application};
+use crate::config::Config;
+use crate::outbox::{self, NotificationRequest};
+
+#[derive(Parser)]
+#[command(
+    name = "prism-messaging",
+    version,
+    about = "SMS and WhatsApp messaging for a healthcare practice platform, through Twilio.\n\nConfiguration comes from the environment and a .env file; see README.md."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP server with the dispatcher (the default when no command is given).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Check the provider: in live mode, that Twilio accepts the credentials; in mock mode, say so.
+    Health,
+    /// Queue one notification for a user and dispatch it now, printing the outcome. Consent is
+    /// checked as for any message.
+    Send {
+        /// The user to message (their stored phone number and consent apply).
+        #[arg(long)]
+        user: String,
+        /// Template name (GET /api/templates lists them).
+        #[arg(long)]
+        template: String,
+        /// A template variable, NAME=VALUE; repeat for each.
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+        /// sms or whatsapp.
+        #[arg(long, default_value = "sms")]
+        channel: String,
+    },
+    /// Show a user's consent record and its audit trail.
+    Consent {
+        #[arg(long)]
+        user: String,
+    },
+    /// Print a user bearer token signed with AUTH_JWT_SECRET, for trying the API by hand.
+    Token {
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+}
+
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command.unwrap_or(Command::Serve), config)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve => serve(config).await,
+        Command::Migrate => {
+            let store = crate::store::connect(&config.database_url).await?;
+            store.migrate().await?;
+            println!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Health => {
+            let state = AppState::from_config(config).await?;
+            match state.provider.health().await {
+                Ok(summary) => {
+                    println!("ok: {summary}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    println!("failed: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Send {
+            user,
+            template,
+            vars,
+            channel,
+        } => send(config, user, template, vars, channel).await,
+        Command::Consent { user } => {
+            let state = AppState::from_config(config).await?;
+            let consent = state.store.get_consent(&user).await?;
+            let audit = state.store.consent_audit(&user).await?;
+            let out = serde_json::json!({"consent": consent, "audit": audit});
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token { user, ttl } => {
+            let secret = config
+                .auth_jwt_secret
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("AUTH_JWT_SECRET is not set"))?;
+            let mut extra = vec![];
+            if let Some(iss) = &config.auth_issuer {
+                extra.push(("iss", iss.as_str()));
+            }
+            if let Some(aud) = &config.auth_audience {
+                extra.push(("aud", aud.as_str()));
+            }
+            println!(
+                "{}",
+                crate::auth::mint_hs256(secret, &user, Duration::from_secs(ttl), &extra)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    let addr = config.bind_addr;
+    let mode = if config.mock_mode { "mock" } else { "twilio" };
+    let state = AppState::from_config(config).await?;
+    let app = Application::bind(state, addr).await?;
+    tracing::info!(addr = %app.local_addr()?, provider = mode, "prism-messaging listening");
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    app.run(shutdown).await?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn send(
+    config: Config,
+    user: String,
+    template: String,
+    vars: Vec<String>,
+    channel: String,
+) -> anyhow::Result<ExitCode> {
+    let mut variables = Map::new();
+    for pair in vars {
+        let (name, value) = pair
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--var takes NAME=VALUE, got {pair:?}"))?;
+        variables.insert(name.to_string(), Value::String(value.to_string()));
+    }
+    let state = AppState::from_config(config).await?;
+    let request = NotificationRequest {
+        user_id: user,
+        template,
+        variables: Value::Object(variables),
+        channel: Some(channel),
+        idempotency_key: None,
+    };
+    let render = state.config.render_context();
+    let (message, _) =
+        outbox::queue_notification(&state.store, &render, request, state.clock.now()).await?;
+    let dispatcher = state.dispatcher();
+    // Run rounds until this message leaves `queued` (other queued messages go out too, as they
+    // would with the server running).
+    for _ in 0..100 {
+        dispatcher.run_once().await?;
+        let current = state.store.get_message(&message.id).await?;
+        if let Some(m) = current.filter(|m| m.status != "queued" && m.status != "sending") {
+            println!("{}", serde_json::to_string_pretty(&m)?);
+            if let Some(mock) = &state.mock {
+                if let Some(entry) = mock.outbox().into_iter().find(|e| e.id == m.id) {
+                    println!("[mock] would have sent: {}", entry.body);
+                }
+            }
+            return Ok(if m.status == "failed" {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+    }
+    println!(
+        "message {} is still queued (provider retrying); see GET /api/messages/{}",
+        message.id, message.id
+    );
+    Ok(ExitCode::FAILURE)
+}

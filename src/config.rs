@@ -1,0 +1,463 @@
+//! Configuration, read once at start from the environment (and a `.env` file in the working
+//! directory) and validated: a bad or missing value stops the start with one line naming the
+//! variable. Secrets are wrapped in [`Secret`] so `Debug` output and logs never show them.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+
+use chrono::NaiveTime;
+
+use crate::phone::PhoneNumber;
+use crate::templates;
+
+/// A value that must never be printed. `Debug` shows `Secret(..)`; read it with `expose()`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct TwilioConfig {
+    pub account_sid: String,
+    pub auth_token: Secret,
+    pub phone_number: Option<PhoneNumber>,
+    pub whatsapp_number: Option<PhoneNumber>,
+    pub messaging_service_sid: Option<String>,
+    pub api_base: String,
+}
+
+/// `QUIET_HOURS`: a daily window in the patient's time zone; it may wrap past midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuietHours {
+    pub start: NaiveTime,
+    pub end: NaiveTime,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bind_addr: SocketAddr,
+    pub database_url: String,
+    pub messaging_enabled: bool,
+    pub mock_mode: bool,
+    /// Present whenever any Twilio variable is set; required (and complete) when not in mock mode.
+    pub twilio_account_sid: Option<String>,
+    pub twilio_auth_token: Option<Secret>,
+    pub twilio_phone_number: Option<PhoneNumber>,
+    pub twilio_whatsapp_number: Option<PhoneNumber>,
+    pub twilio_messaging_service_sid: Option<String>,
+    pub twilio_api_base: String,
+    /// Approved WhatsApp templates: template name -> Content SID (`HX...`).
+    pub twilio_content_sids: HashMap<String, String>,
+    /// `APP_URL` without a trailing slash.
+    pub app_url: String,
+    /// `PUBLIC_URL` (default `APP_URL`) without a trailing slash.
+    pub public_url: String,
+    pub messaging_api_key: Option<Secret>,
+    pub cron_secret: Option<Secret>,
+    pub auth_jwt_secret: Option<Secret>,
+    pub auth_jwks_file: Option<String>,
+    pub auth_jwks_url: Option<String>,
+    pub auth_issuer: Option<String>,
+    pub auth_audience: Option<String>,
+    pub auth_user_claim: String,
+    pub clinic_name: String,
+    pub default_time_zone: String,
+    pub quiet_hours: Option<QuietHours>,
+    pub otp_ttl_seconds: u64,
+    pub otp_length: u32,
+    pub otp_max_attempts: u32,
+    pub otp_resend_cooldown_seconds: u64,
+    pub otp_max_sends_per_hour: u32,
+    pub otp_allowed_countries: Vec<String>,
+    pub log_format: LogFormat,
+    /// Not in the contract: use the first `X-Forwarded-For` address as the client IP (for audit
+    /// records and rate limits) only when a trusted reverse proxy sets it.
+    pub trust_forwarded_for: bool,
+}
+
+/// The first configuration problem found, naming the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {variable}: {problem}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+fn err(variable: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        variable,
+        problem: problem.into(),
+    }
+}
+
+/// Reads variables through a lookup function, so tests can configure without touching the
+/// process environment.
+struct Vars<F: Fn(&str) -> Option<String>>(F);
+
+impl<F: Fn(&str) -> Option<String>> Vars<F> {
+    /// The value, or `None` when unset or blank.
+    fn get(&self, name: &'static str) -> Option<String> {
+        (self.0)(name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn string(&self, name: &'static str, default: &str) -> String {
+        self.get(name).unwrap_or_else(|| default.to_string())
+    }
+
+    fn bool(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(name).map(|v| v.to_ascii_lowercase()) {
+            None => Ok(default),
+            Some(v) if matches!(v.as_str(), "true" | "1" | "yes" | "on") => Ok(true),
+            Some(v) if matches!(v.as_str(), "false" | "0" | "no" | "off") => Ok(false),
+            Some(v) => Err(err(name, format!("expected true or false, got {v:?}"))),
+        }
+    }
+
+    fn number<T: std::str::FromStr>(
+        &self,
+        name: &'static str,
+        default: T,
+        min: T,
+        max: T,
+    ) -> Result<T, ConfigError>
+    where
+        T: PartialOrd + fmt::Display + Copy,
+    {
+        let Some(raw) = self.get(name) else {
+            return Ok(default);
+        };
+        let value: T = raw
+            .parse()
+            .map_err(|_| err(name, format!("expected a whole number, got {raw:?}")))?;
+        if value < min || value > max {
+            return Err(err(
+                name,
+                format!("must be between {min} and {max}, got {value}"),
+            ));
+        }
+        Ok(value)
+    }
+
+    fn secret(&self, name: &'static str) -> Option<Secret> {
+        self.get(name).map(Secret)
+    }
+
+    fn phone(&self, name: &'static str) -> Result<Option<PhoneNumber>, ConfigError> {
+        self.get(name)
+            .map(|raw| {
+                PhoneNumber::parse(&raw)
+                    .map_err(|_| err(name, "expected an E.164 number like +14155238886"))
+            })
+            .transpose()
+    }
+
+    fn url(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {
+        let raw = self.string(name, default);
+        let parsed = reqwest::Url::parse(&raw).map_err(|e| err(name, format!("not a URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(err(name, "must be an http(s) URL with a host"));
+        }
+        Ok(raw.trim_end_matches('/').to_string())
+    }
+}
+
+fn is_sid(value: &str, prefix: &str) -> bool {
+    value.len() == 34
+        && value.starts_with(prefix)
+        && value[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn parse_quiet_hours(raw: &str) -> Option<QuietHours> {
+    let (start, end) = raw.split_once('-')?;
+    let start = NaiveTime::parse_from_str(start.trim(), "%H:%M").ok()?;
+    let end = NaiveTime::parse_from_str(end.trim(), "%H:%M").ok()?;
+    Some(QuietHours { start, end })
+}
+
+fn parse_content_sids(raw: &str) -> Result<HashMap<String, String>, ConfigError> {
+    let name = "TWILIO_CONTENT_SIDS";
+    let mut map = HashMap::new();
+    for pair in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (template, sid) = pair
+            .split_once('=')
+            .ok_or_else(|| err(name, format!("expected template=HX... pairs, got {pair:?}")))?;
+        let (template, sid) = (template.trim(), sid.trim());
+        if templates::find(template).is_none() {
+            return Err(err(name, format!("unknown template {template:?}")));
+        }
+        if !is_sid(sid, "HX") {
+            return Err(err(
+                name,
+                format!("{sid:?} is not a Content SID (HX + 32 hex digits)"),
+            ));
+        }
+        map.insert(template.to_string(), sid.to_string());
+    }
+    Ok(map)
+}
+
+impl Config {
+    /// Load `.env` (if present, without overriding the real environment), then read and validate.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let _ = dotenvy::dotenv();
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let v = Vars(lookup);
+        let bind_addr = v
+            .string("BIND_ADDR", "127.0.0.1:8080")
+            .parse()
+            .map_err(|_| err("BIND_ADDR", "expected host:port, e.g. 127.0.0.1:8080"))?;
+        let database_url = v.string("DATABASE_URL", "sqlite://prism-messaging.db");
+        if !(database_url.starts_with("sqlite:")
+            || database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
+        {
+            return Err(err(
+                "DATABASE_URL",
+                "must start with sqlite:// or postgres://",
+            ));
+        }
+        let app_url = v.url("APP_URL", "http://localhost:8080")?;
+        let public_url = match v.get("PUBLIC_URL") {
+            Some(_) => v.url("PUBLIC_URL", "")?,
+            None => app_url.clone(),
+        };
+        let twilio_account_sid = v.get("TWILIO_ACCOUNT_SID");
+        if let Some(sid) = &twilio_account_sid {
+            if !is_sid(sid, "AC") {
+                return Err(err(
+                    "TWILIO_ACCOUNT_SID",
+                    "expected AC followed by 32 hex digits",
+                ));
+            }
+        }
+        let twilio_messaging_service_sid = v.get("TWILIO_MESSAGING_SERVICE_SID");
+        if let Some(sid) = &twilio_messaging_service_sid {
+            if !is_sid(sid, "MG") {
+                return Err(err(
+                    "TWILIO_MESSAGING_SERVICE_SID",
+                    "expected MG followed by 32 hex digits",
+                ));
+            }
+        }
+        let quiet_hours = match v.get("QUIET_HOURS") {
+            None => parse_quiet_hours("21:00-08:00"),
+            Some(raw) if raw.eq_ignore_ascii_case("off") || raw.eq_ignore_ascii_case("none") => {
+                None
+            }
+            Some(raw) => Some(parse_quiet_hours(&raw).ok_or_else(|| {
+                err(
+                    "QUIET_HOURS",
+                    "expected HH:MM-HH:MM, e.g. 21:00-08:00, or off",
+                )
+            })?),
+        };
+        let log_format = match v.string("LOG_FORMAT", "pretty").as_str() {
+            "pretty" => LogFormat::Pretty,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(err(
+                    "LOG_FORMAT",
+                    format!("expected pretty or json, got {other:?}"),
+                ))
+            }
+        };
+        let default_time_zone = v.string("DEFAULT_TIME_ZONE", "UTC");
+        if default_time_zone.parse::<chrono_tz::Tz>().is_err() {
+            return Err(err(
+                "DEFAULT_TIME_ZONE",
+                format!("unknown IANA time zone {default_time_zone:?}"),
+            ));
+        }
+        let otp_allowed_countries = v
+            .string("OTP_ALLOWED_COUNTRIES", "")
+            .split(',')
+            .map(|c| c.trim().to_ascii_uppercase())
+            .filter(|c| !c.is_empty())
+            .collect::<Vec<_>>();
+        if let Some(bad) = otp_allowed_countries
+            .iter()
+            .find(|c| c.len() != 2 || !c.bytes().all(|b| b.is_ascii_alphabetic()))
+        {
+            return Err(err(
+                "OTP_ALLOWED_COUNTRIES",
+                format!("{bad:?} is not an ISO 3166 country code"),
+            ));
+        }
+
+        let config = Config {
+            bind_addr,
+            database_url,
+            messaging_enabled: v.bool("MESSAGING_ENABLED", true)?,
+            mock_mode: v.bool("MESSAGING_MOCK_MODE", true)?,
+            twilio_account_sid,
+            twilio_auth_token: v.secret("TWILIO_AUTH_TOKEN"),
+            twilio_phone_number: v.phone("TWILIO_PHONE_NUMBER")?,
+            twilio_whatsapp_number: v.phone("TWILIO_WHATSAPP_NUMBER")?,
+            twilio_messaging_service_sid,
+            twilio_api_base: v.url("TWILIO_API_BASE", "https://api.twilio.com")?,
+            twilio_content_sids: parse_content_sids(&v.string("TWILIO_CONTENT_SIDS", ""))?,
+            app_url,
+            public_url,
+            messaging_api_key: v.secret("MESSAGING_API_KEY"),
+            cron_secret: v.secret("CRON_SECRET"),
+            auth_jwt_secret: v.secret("AUTH_JWT_SECRET"),
+            auth_jwks_file: v.get("AUTH_JWKS_FILE"),
+            auth_jwks_url: match v.get("AUTH_JWKS_URL") {
+                Some(_) => Some(v.url("AUTH_JWKS_URL", "")?),
+                None => None,
+            },
+            auth_issuer: v.get("AUTH_ISSUER"),
+            auth_audience: v.get("AUTH_AUDIENCE"),
+            auth_user_claim: v.string("AUTH_USER_CLAIM", "sub"),
+            clinic_name: v.string("CLINIC_NAME", "PhysiologicPRISM"),
+            default_time_zone,
+            quiet_hours,
+            otp_ttl_seconds: v.number("OTP_TTL_SECONDS", 600, 30, 86_400)?,
+            otp_length: v.number("OTP_LENGTH", 6, 4, 10)?,
+            otp_max_attempts: v.number("OTP_MAX_ATTEMPTS", 5, 1, 100)?,
+            otp_resend_cooldown_seconds: v.number("OTP_RESEND_COOLDOWN_SECONDS", 30, 0, 3_600)?,
+            otp_max_sends_per_hour: v.number("OTP_MAX_SENDS_PER_HOUR", 5, 1, 1_000)?,
+            otp_allowed_countries,
+            log_format,
+            trust_forwarded_for: v.bool("TRUST_FORWARDED_FOR", false)?,
+        };
+        if !config.mock_mode {
+            config.twilio()?;
+        }
+        if let Some(key) = &config.messaging_api_key {
+            if key.expose().len() < 16 {
+                return Err(err("MESSAGING_API_KEY", "must be at least 16 characters"));
+            }
+        }
+        Ok(config)
+    }
+
+    /// The Twilio settings live mode needs, or the first one missing.
+    pub fn twilio(&self) -> Result<TwilioConfig, ConfigError> {
+        let account_sid = self.twilio_account_sid.clone().ok_or_else(|| {
+            err(
+                "TWILIO_ACCOUNT_SID",
+                "required when MESSAGING_MOCK_MODE=false",
+            )
+        })?;
+        let auth_token = self.twilio_auth_token.clone().ok_or_else(|| {
+            err(
+                "TWILIO_AUTH_TOKEN",
+                "required when MESSAGING_MOCK_MODE=false",
+            )
+        })?;
+        if self.twilio_phone_number.is_none() && self.twilio_messaging_service_sid.is_none() {
+            return Err(err(
+                "TWILIO_PHONE_NUMBER",
+                "TWILIO_PHONE_NUMBER or TWILIO_MESSAGING_SERVICE_SID is required when MESSAGING_MOCK_MODE=false",
+            ));
+        }
+        Ok(TwilioConfig {
+            account_sid,
+            auth_token,
+            phone_number: self.twilio_phone_number.clone(),
+            whatsapp_number: self.twilio_whatsapp_number.clone(),
+            messaging_service_sid: self.twilio_messaging_service_sid.clone(),
+            api_base: self.twilio_api_base.clone(),
+        })
+    }
+
+    pub fn render_context(&self) -> templates::RenderContext {
+        templates::RenderContext {
+            clinic_name: self.clinic_name.clone(),
+            app_url: self.app_url.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_start_in_mock_mode_on_sqlite() {
+        let c = config(&[]).unwrap();
+        assert!(c.mock_mode && c.messaging_enabled);
+        assert_eq!(c.database_url, "sqlite://prism-messaging.db");
+        assert_eq!(c.bind_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.public_url, "http://localhost:8080");
+        assert_eq!(c.otp_ttl_seconds, 600);
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("BIND_ADDR", "nowhere")], "BIND_ADDR"),
+            (&[("MESSAGING_ENABLED", "maybe")], "MESSAGING_ENABLED"),
+            (&[("DATABASE_URL", "mysql://x")], "DATABASE_URL"),
+            (&[("OTP_LENGTH", "3")], "OTP_LENGTH"),
+            (&[("QUIET_HOURS", "late")], "QUIET_HOURS"),
+            (
+                &[("TWILIO_CONTENT_SIDS", "nope=HX00")],
+                "TWILIO_CONTENT_SIDS",
+            ),
+            (
+                &[("DEFAULT_TIME_ZONE", "Mars/Olympus")],
+                "DEFAULT_TIME_ZONE",
+            ),
+            (&[("MESSAGING_MOCK_MODE", "false")], "TWILIO_ACCOUNT_SID"),
+        ];
+        for (pairs, variable) in cases {
+            let e = config(pairs).unwrap_err();
+            assert_eq!(e.variable, *variable, "{e}");
+        }
+    }
+
+    #[test]
+    fn live_mode_needs_credentials_and_a_sender() {
+        let sid = "AC0123456789abcdef0123456789abcdef";
+        let e = config(&[
+            ("MESSAGING_MOCK_MODE", "false"),
+            ("TWILIO_ACCOUNT_SID", sid),
+            ("TWILIO_AUTH_TOKEN", "t"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.variable, "TWILIO_PHONE_NUMBER");
+        let c = config(&[
+            ("MESSAGING_MOCK_MODE", "false"),
+            ("TWILIO_ACCOUNT_SID", sid),
+            ("TWILIO_AUTH_TOKEN", "super-secret-token"),
+            ("TWILIO_PHONE_NUMBER", "+14155552671"),
+        ])
+        .unwrap();
+        assert!(!format!("{c:?}").contains("super-secret-token"));
+    }
+}

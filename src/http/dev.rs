@@ -1,0 +1,57 @@
+//! Mock mode only: the dev outbox, where a developer reads what would have been sent (bodies
+//! included). Every route here answers 404 outside mock mode.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::Html;
+use axum::routing::get;
+use axum::{Json, Router};
+use minijinja::{context, Environment};
+use serde_json::{json, Value};
+
+use crate::app::AppState;
+use crate::error::{AppError, AppResult};
+use crate::provider::mock::MockProvider;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/dev/outbox", get(outbox_page))
+        .route("/dev/outbox.json", get(outbox_json))
+}
+
+fn mock(state: &AppState) -> AppResult<&Arc<MockProvider>> {
+    state.mock.as_ref().ok_or(AppError::NotFound("page"))
+}
+
+async fn outbox_json(State(state): State<AppState>) -> AppResult<Json<Value>> {
+    let messages: Vec<Value> = mock(&state)?
+        .outbox()
+        .into_iter()
+        .map(|m| {
+            json!({
+                "id": m.id, "to": m.to, "channel": m.channel, "template_name": m.template_name,
+                "body": m.body, "created_at": m.created_at,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"messages": messages})))
+}
+
+async fn outbox_page(State(state): State<AppState>) -> AppResult<Html<String>> {
+    let messages = mock(&state)?.outbox();
+    let mut env = Environment::new();
+    env.add_template("outbox.html", include_str!("../web/outbox.html"))
+        .map_err(anyhow::Error::from)?;
+    let page = env
+        .get_template("outbox.html")
+        .and_then(|t| {
+            t.render(context! {
+                clinic => state.config.clinic_name,
+                capacity => crate::provider::mock::OUTBOX_CAPACITY,
+                messages => messages,
+            })
+        })
+        .map_err(anyhow::Error::from)?;
+    Ok(Html(page))
+}

@@ -1,0 +1,141 @@
+//! The HTTP layer: one router per feature, merged here, plus the extractors that authenticate
+//! callers and turn bad JSON into the contract's error envelope.
+
+mod dev;
+mod messages;
+mod ops;
+mod preferences;
+
+use std::net::SocketAddr;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::http::header::{AUTHORIZATION, USER_AGENT};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::Router;
+use serde::de::DeserializeOwned;
+
+use crate::app::AppState;
+use crate::auth::{bearer_token, key_matches};
+use crate::error::AppError;
+
+/// JSON bodies are small; anything bigger is refused before it is read.
+const BODY_LIMIT_BYTES: usize = 64 * 1024;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(preferences::router())
+        .merge(messages::router())
+        .merge(ops::router())
+        .merge(dev::router())
+        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .with_state(state)
+}
+
+/// A user proven by a bearer JWT; holds the user id.
+pub struct AuthUser(pub String);
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let token = bearer_token(header).ok_or(AppError::Unauthorized)?;
+        Ok(AuthUser(state.auth.verify(token).await?))
+    }
+}
+
+/// The host app's server, proven by `MESSAGING_API_KEY`.
+pub struct HostApp;
+
+impl FromRequestParts<AppState> for HostApp {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let expected = state
+            .config
+            .messaging_api_key
+            .as_ref()
+            .ok_or_else(|| AppError::NotConfigured("MESSAGING_API_KEY is not set".into()))?;
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        match bearer_token(header) {
+            Some(token) if key_matches(token, expected) => Ok(HostApp),
+            _ => Err(AppError::Unauthorized),
+        }
+    }
+}
+
+/// Where a request came from, for audit records.
+pub struct ClientMeta {
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+impl FromRequestParts<AppState> for ClientMeta {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let forwarded = state
+            .config
+            .trust_forwarded_for
+            .then(|| parts.headers.get("x-forwarded-for")?.to_str().ok())
+            .flatten()
+            .and_then(|v| v.split(',').next())
+            .map(|v| v.trim().to_string())
+            .filter(|v| v.parse::<std::net::IpAddr>().is_ok());
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip().to_string());
+        let user_agent = parts
+            .headers
+            .get(USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().take(256).collect());
+        Ok(ClientMeta {
+            ip: forwarded.or(peer),
+            user_agent,
+        })
+    }
+}
+
+/// `axum::Json`, but a bad body answers with the error envelope.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(JsonBody(value)),
+            Err(rejection) => Err(json_error(rejection)),
+        }
+    }
+}
+
+fn json_error(rejection: JsonRejection) -> AppError {
+    match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => AppError::PayloadTooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => AppError::bad_request(
+            "invalid_content_type",
+            "send JSON with Content-Type: application/json",
+        ),
+        _ => AppError::bad_request("invalid_json", rejection.body_text()),
+    }
+}

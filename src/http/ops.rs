@@ -1,0 +1,45 @@
+//! Operations: liveness and readiness.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::app::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+}
+
+/// Alive: no I/O.
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready: the database answers and the provider is configured. The provider's remote check
+/// (`prism-messaging health`) is not repeated here: a Twilio hiccup must not take every instance
+/// out of a load balancer, and readiness probes would otherwise spend API calls.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let database = state.store.ping().await;
+    let ok = database.is_ok();
+    if let Err(e) = &database {
+        tracing::warn!(error = %e, "readiness: database check failed");
+    }
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({
+            "status": if ok { "ready" } else { "not_ready" },
+            "database": if ok { "ok" } else { "unavailable" },
+            "provider": state.provider.name(),
+            "messaging_enabled": state.config.messaging_enabled,
+        })),
+    )
+}

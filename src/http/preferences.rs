@@ -1,0 +1,101 @@
+//! The user's own calls: messaging preferences and message history.
+
+use axum::extract::{Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{AuthUser, ClientMeta, JsonBody};
+use crate::app::AppState;
+use crate::consent::{self, PreferencesUpdate};
+use crate::error::{AppError, AppResult};
+use crate::store::{ChangeContext, Consent, ConsentSource, MessageRecord};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/api/messaging/preferences",
+            get(get_preferences).put(put_preferences),
+        )
+        .route("/api/messaging/history", get(history))
+}
+
+pub fn preferences_json(consent: &Consent) -> Value {
+    json!({
+        "phone_number": consent.phone_number,
+        "sms_consent": consent.sms_consent,
+        "whatsapp_consent": consent.whatsapp_consent,
+        "marketing_consent": consent.marketing_consent,
+        "updated_at": consent.updated_at,
+    })
+}
+
+async fn get_preferences(
+    State(state): State<AppState>,
+    AuthUser(user_id): AuthUser,
+) -> AppResult<Json<Value>> {
+    let consent = state.store.get_consent(&user_id).await?;
+    let preferences = consent
+        .as_ref()
+        .map(preferences_json)
+        .unwrap_or_else(|| json!({}));
+    Ok(Json(json!({"success": true, "preferences": preferences})))
+}
+
+async fn put_preferences(
+    State(state): State<AppState>,
+    AuthUser(user_id): AuthUser,
+    meta: ClientMeta,
+    JsonBody(update): JsonBody<PreferencesUpdate>,
+) -> AppResult<Json<Value>> {
+    let ctx = ChangeContext {
+        source: ConsentSource::AppSettings,
+        ip: meta.ip,
+        user_agent: meta.user_agent,
+        at: state.clock.now(),
+    };
+    let consent = consent::update_preferences(&state.store, &user_id, update, ctx).await?;
+    Ok(Json(
+        json!({"success": true, "preferences": preferences_json(&consent)}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    limit: Option<i64>,
+}
+
+pub fn history_item(m: &MessageRecord) -> Value {
+    json!({
+        "id": m.id,
+        "created_at": m.created_at,
+        "updated_at": m.updated_at,
+        "template_name": m.template_name,
+        "channel": m.channel,
+        "status": m.status,
+    })
+}
+
+async fn history(
+    State(state): State<AppState>,
+    AuthUser(user_id): AuthUser,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> AppResult<Json<Value>> {
+    let limit = query
+        .map_err(|_| {
+            AppError::bad_request("invalid_limit", "limit must be a number from 1 to 200")
+        })?
+        .0
+        .limit
+        .unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(AppError::bad_request(
+            "invalid_limit",
+            "limit must be a number from 1 to 200",
+        ));
+    }
+    let messages = state.store.user_messages(&user_id, limit).await?;
+    let items: Vec<Value> = messages.iter().map(history_item).collect();
+    Ok(Json(json!({"success": true, "messages": items})))
+}

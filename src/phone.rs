@@ -1,0 +1,129 @@
+//! Phone numbers: parsed and validated with `phonenumber` (a port of Google's libphonenumber),
+//! stored and compared as E.164, and masked whenever they reach a log line.
+
+use std::fmt;
+
+use phonenumber::Mode;
+use serde::{Deserialize, Serialize};
+
+use crate::error::AppError;
+
+/// A valid phone number in E.164 form (`+919876543210`). Constructing one is the validation.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PhoneNumber(String);
+
+impl PhoneNumber {
+    /// Parse a number written in international form (a leading `+` and country code; spaces,
+    /// dashes, dots and brackets allowed). Numbers that libphonenumber does not consider valid for
+    /// their country are refused, so nothing unroutable is ever stored or sent.
+    pub fn parse(input: &str) -> Result<Self, AppError> {
+        let trimmed = input.trim();
+        let invalid = || {
+            AppError::bad_request(
+                "invalid_phone",
+                "phone_number must be a valid number in international format, e.g. +919876543210",
+            )
+        };
+        if !trimmed.starts_with('+') || trimmed.len() > 32 {
+            return Err(invalid());
+        }
+        let parsed = phonenumber::parse(None, trimmed).map_err(|_| invalid())?;
+        if !phonenumber::is_valid(&parsed) {
+            return Err(invalid());
+        }
+        Ok(PhoneNumber(parsed.format().mode(Mode::E164).to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// ISO 3166 country code of the number (`IN`, `US`, ...), when libphonenumber knows it.
+    pub fn country(&self) -> Option<String> {
+        let parsed = phonenumber::parse(None, &self.0).ok()?;
+        parsed.country().id().map(|id| format!("{id:?}"))
+    }
+
+    /// The form safe for logs: country code and last four digits (`+91******3210`).
+    pub fn masked(&self) -> String {
+        mask(&self.0)
+    }
+}
+
+/// Mask any phone-like string for logging: keep a leading `+` and up to two digits of country
+/// code and the last four digits; everything between becomes `*`.
+pub fn mask(number: &str) -> String {
+    let digits: Vec<char> = number.chars().filter(|c| c.is_ascii_digit()).collect();
+    if digits.len() <= 6 {
+        return "*".repeat(digits.len().max(4));
+    }
+    let head: String = digits[..2].iter().collect();
+    let tail: String = digits[digits.len() - 4..].iter().collect();
+    format!("+{head}{}{tail}", "*".repeat(digits.len() - 6))
+}
+
+impl TryFrom<String> for PhoneNumber {
+    type Error = AppError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        PhoneNumber::parse(&value)
+    }
+}
+
+impl From<PhoneNumber> for String {
+    fn from(value: PhoneNumber) -> Self {
+        value.0
+    }
+}
+
+// Debug and Display mask the number, so a stray `{:?}` in a log line cannot leak it.
+impl fmt::Debug for PhoneNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PhoneNumber({})", self.masked())
+    }
+}
+
+impl fmt::Display for PhoneNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.masked())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_to_e164() {
+        let n = PhoneNumber::parse("+91 98765-43210").unwrap();
+        assert_eq!(n.as_str(), "+919876543210");
+        assert_eq!(n.country().as_deref(), Some("IN"));
+        let us = PhoneNumber::parse("+1 (415) 555-2671").unwrap();
+        assert_eq!(us.as_str(), "+14155552671");
+    }
+
+    #[test]
+    fn refuses_invalid_numbers() {
+        for bad in [
+            "",
+            "9876543210",
+            "+",
+            "+12",
+            "+91987654321099999",
+            "hello",
+            "+1 555 0100",
+        ] {
+            let err = PhoneNumber::parse(bad).unwrap_err();
+            assert_eq!(err.code(), "invalid_phone", "{bad} should be invalid");
+        }
+    }
+
+    #[test]
+    fn masks_for_logs() {
+        let n = PhoneNumber::parse("+919876543210").unwrap();
+        assert_eq!(n.masked(), "+91******3210");
+        assert_eq!(format!("{n:?}"), "PhoneNumber(+91******3210)");
+        assert_eq!(format!("{n}"), "+91******3210");
+        assert_eq!(mask("whatsapp:+14155552671"), "+14*****2671");
+    }
+}

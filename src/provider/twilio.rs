@@ -1,0 +1,227 @@
+//! Twilio's REST API (2010-04-01), through one reqwest client with timeouts.
+//!
+//! The wire format follows Twilio's OpenAPI spec (`twilio_api_v2010.json`, operation
+//! `CreateMessage`): HTTP Basic auth with the Account SID and Auth Token, a form-encoded body with
+//! `To`, `From` or `MessagingServiceSid`, `Body` or `ContentSid` + `ContentVariables`, and
+//! `StatusCallback`. Errors come back as `{code, message, more_info, status}`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::header::RETRY_AFTER;
+use reqwest::{Client, Response, StatusCode};
+use serde::Deserialize;
+
+use super::{Accepted, OutboundMessage, Provider, ProviderError};
+use crate::config::TwilioConfig;
+use crate::store::Channel;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Twilio error codes that no retry can fix, named for the reader. Every other 4xx is permanent
+/// too; these are the ones worth recognising in logs.
+pub const INVALID_TO_NUMBER: i64 = 21211;
+pub const RECIPIENT_UNSUBSCRIBED: i64 = 21610;
+pub const TOO_MANY_REQUESTS: i64 = 20429;
+
+pub struct TwilioProvider {
+    client: Client,
+    config: TwilioConfig,
+    status_callback: String,
+}
+
+#[derive(Deserialize)]
+struct MessageResource {
+    sid: String,
+    status: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TwilioErrorBody {
+    code: Option<i64>,
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct AccountResource {
+    friendly_name: Option<String>,
+    status: Option<String>,
+}
+
+impl TwilioProvider {
+    /// `public_url` is this service's public base URL; Twilio posts status callbacks under it.
+    pub fn new(config: TwilioConfig, public_url: &str) -> anyhow::Result<Self> {
+        let client = Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("prism-messaging/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(TwilioProvider {
+            client,
+            config,
+            status_callback: format!("{public_url}/webhooks/twilio/status"),
+        })
+    }
+
+    fn account_url(&self, suffix: &str) -> String {
+        format!(
+            "{}/2010-04-01/Accounts/{}{suffix}",
+            self.config.api_base, self.config.account_sid
+        )
+    }
+
+    /// The `CreateMessage` form fields for `message`.
+    pub fn create_message_form(
+        &self,
+        message: &OutboundMessage,
+    ) -> Result<Vec<(&'static str, String)>, ProviderError> {
+        let mut form = Vec::with_capacity(6);
+        match message.channel {
+            Channel::Sms => {
+                form.push(("To", message.to.as_str().to_string()));
+                // A Messaging Service picks the sender from its pool; otherwise our own number.
+                if let Some(service) = &self.config.messaging_service_sid {
+                    form.push(("MessagingServiceSid", service.clone()));
+                } else if let Some(from) = &self.config.phone_number {
+                    form.push(("From", from.as_str().to_string()));
+                }
+            }
+            Channel::Whatsapp => {
+                form.push(("To", format!("whatsapp:{}", message.to.as_str())));
+                if let Some(from) = &self.config.whatsapp_number {
+                    form.push(("From", format!("whatsapp:{}", from.as_str())));
+                } else if let Some(service) = &self.config.messaging_service_sid {
+                    form.push(("MessagingServiceSid", service.clone()));
+                } else {
+                    return Err(ProviderError::Permanent {
+                        code: None,
+                        message: "no WhatsApp sender configured (TWILIO_WHATSAPP_NUMBER)".into(),
+                    });
+                }
+            }
+        }
+        match &message.whatsapp_template {
+            Some((content_sid, variables)) => {
+                form.push(("ContentSid", content_sid.clone()));
+                form.push(("ContentVariables", variables.clone()));
+            }
+            None => form.push(("Body", message.body.clone())),
+        }
+        form.push(("StatusCallback", self.status_callback.clone()));
+        Ok(form)
+    }
+}
+
+/// Turn a non-success answer into a typed error: 429 (and Twilio's 20429) and 5xx can be retried,
+/// every other 4xx cannot.
+async fn error_from_response(response: Response) -> ProviderError {
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let body: Option<TwilioErrorBody> = response.json().await.ok();
+    let code = body.as_ref().and_then(|b| b.code);
+    let message = body
+        .and_then(|b| b.message)
+        .unwrap_or_else(|| format!("Twilio answered HTTP {}", status.as_u16()));
+    if status == StatusCode::TOO_MANY_REQUESTS
+        || code == Some(TOO_MANY_REQUESTS)
+        || status.is_server_error()
+    {
+        ProviderError::Retryable {
+            code,
+            message,
+            retry_after,
+        }
+    } else {
+        ProviderError::Permanent { code, message }
+    }
+}
+
+/// Network faults: the request may or may not have reached Twilio; a retry can help.
+fn network_error(err: reqwest::Error) -> ProviderError {
+    let kind = if err.is_timeout() {
+        "timed out"
+    } else if err.is_connect() {
+        "could not connect"
+    } else {
+        "request failed"
+    };
+    ProviderError::Retryable {
+        code: None,
+        message: format!("Twilio {kind}: {}", err.without_url()),
+        retry_after: None,
+    }
+}
+
+#[async_trait]
+impl Provider for TwilioProvider {
+    fn name(&self) -> &'static str {
+        "twilio"
+    }
+
+    async fn send(&self, message: &OutboundMessage) -> Result<Accepted, ProviderError> {
+        let form = self.create_message_form(message)?;
+        let response = self
+            .client
+            .post(self.account_url("/Messages.json"))
+            .basic_auth(
+                &self.config.account_sid,
+                Some(self.config.auth_token.expose()),
+            )
+            .form(&form)
+            .send()
+            .await
+            .map_err(network_error)?;
+        if !response.status().is_success() {
+            return Err(error_from_response(response).await);
+        }
+        let resource: MessageResource =
+            response
+                .json()
+                .await
+                .map_err(|e| ProviderError::Retryable {
+                    code: None,
+                    message: format!("unreadable answer from Twilio: {}", e.without_url()),
+                    retry_after: None,
+                })?;
+        Ok(Accepted {
+            sid: resource.sid,
+            status: resource.status.unwrap_or_else(|| "queued".to_string()),
+        })
+    }
+
+    async fn health(&self) -> Result<String, ProviderError> {
+        let response = self
+            .client
+            .get(self.account_url(".json"))
+            .basic_auth(
+                &self.config.account_sid,
+                Some(self.config.auth_token.expose()),
+            )
+            .send()
+            .await
+            .map_err(network_error)?;
+        if !response.status().is_success() {
+            return Err(error_from_response(response).await);
+        }
+        let account: AccountResource =
+            response
+                .json()
+                .await
+                .map_err(|e| ProviderError::Retryable {
+                    code: None,
+                    message: format!("unreadable answer from Twilio: {}", e.without_url()),
+                    retry_after: None,
+                })?;
+        Ok(format!(
+            "Twilio credentials accepted: account {:?}, status {}",
+            account.friendly_name.unwrap_or_default(),
+            account.status.unwrap_or_else(|| "unknown".into())
+        ))
+    }
+}

@@ -1,0 +1,336 @@
+//! Storage: the only code that speaks SQL.
+//!
+//! One [`Store`] interface with two implementations, chosen by the scheme of `DATABASE_URL`:
+//! [`sqlite::SqliteStore`] (the embedded default) and [`postgres::PostgresStore`] (for several
+//! instances). The SQL both accept lives once, in `portable.rs`, which each backend compiles
+//! against its own concrete sqlx types (`include!`), so there is no duplicated query and no
+//! generic-bound maze; what differs (row locking, claiming) lives in each backend's file.
+//! Migrations: `migrations/sqlite` and `migrations/postgres`, with matching versions.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::error::{AppError, AppResult};
+
+/// How a consent change came about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsentSource {
+    AppSettings,
+    WebSettings,
+    SmsKeyword,
+    Api,
+    Provider,
+}
+
+impl ConsentSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsentSource::AppSettings => "app_settings",
+            ConsentSource::WebSettings => "web_settings",
+            ConsentSource::SmsKeyword => "sms_keyword",
+            ConsentSource::Api => "api",
+            ConsentSource::Provider => "provider",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        [
+            ConsentSource::AppSettings,
+            ConsentSource::WebSettings,
+            ConsentSource::SmsKeyword,
+            ConsentSource::Api,
+            ConsentSource::Provider,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == value)
+    }
+}
+
+/// A user's consent record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Consent {
+    pub user_id: String,
+    /// E.164.
+    pub phone_number: Option<String>,
+    pub sms_consent: bool,
+    pub whatsapp_consent: bool,
+    pub marketing_consent: bool,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A requested change: `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct ConsentPatch {
+    pub phone_number: Option<String>,
+    pub sms_consent: Option<bool>,
+    pub whatsapp_consent: Option<bool>,
+    pub marketing_consent: Option<bool>,
+}
+
+/// Who made a change and from where: recorded with every audit row.
+#[derive(Debug, Clone)]
+pub struct ChangeContext {
+    pub source: ConsentSource,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct ConsentAuditRecord {
+    pub id: i64,
+    pub user_id: String,
+    /// `phone_number`, `sms_consent`, `whatsapp_consent` or `marketing_consent`.
+    pub field: String,
+    pub old_value: Option<String>,
+    pub new_value: Option<String>,
+    pub source: String,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Consent {
+    /// The record after `patch`, or an error when the result would be inconsistent (consent to
+    /// be messaged with no number to message).
+    pub fn patched(&self, patch: &ConsentPatch) -> AppResult<Consent> {
+        let next = Consent {
+            user_id: self.user_id.clone(),
+            phone_number: patch
+                .phone_number
+                .clone()
+                .or_else(|| self.phone_number.clone()),
+            sms_consent: patch.sms_consent.unwrap_or(self.sms_consent),
+            whatsapp_consent: patch.whatsapp_consent.unwrap_or(self.whatsapp_consent),
+            marketing_consent: patch.marketing_consent.unwrap_or(self.marketing_consent),
+            updated_at: self.updated_at,
+        };
+        if next.phone_number.is_none() && (next.sms_consent || next.whatsapp_consent) {
+            return Err(AppError::bad_request(
+                "phone_required",
+                "a phone_number is needed to consent to SMS or WhatsApp messages",
+            ));
+        }
+        Ok(next)
+    }
+
+    /// The audit rows (field, old, new) that turn `self` into `next`.
+    fn changes_to(
+        &self,
+        next: &Consent,
+        is_new: bool,
+    ) -> Vec<(&'static str, Option<String>, Option<String>)> {
+        let old = |v: String| if is_new { None } else { Some(v) };
+        let mut rows = Vec::new();
+        if is_new || self.phone_number != next.phone_number {
+            rows.push((
+                "phone_number",
+                if is_new {
+                    None
+                } else {
+                    self.phone_number.clone()
+                },
+                next.phone_number.clone(),
+            ));
+        }
+        for (field, before, after) in [
+            ("sms_consent", self.sms_consent, next.sms_consent),
+            (
+                "whatsapp_consent",
+                self.whatsapp_consent,
+                next.whatsapp_consent,
+            ),
+            (
+                "marketing_consent",
+                self.marketing_consent,
+                next.marketing_consent,
+            ),
+        ] {
+            if is_new || before != after {
+                rows.push((field, old(before.to_string()), Some(after.to_string())));
+            }
+        }
+        rows
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    Sms,
+    Whatsapp,
+}
+
+impl Channel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Sms => "sms",
+            Channel::Whatsapp => "whatsapp",
+        }
+    }
+    pub fn parse(value: &str) -> Option<Channel> {
+        match value {
+            "sms" => Some(Channel::Sms),
+            "whatsapp" => Some(Channel::Whatsapp),
+            _ => None,
+        }
+    }
+}
+
+/// A message to queue.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub id: String,
+    pub user_id: String,
+    pub template_name: String,
+    /// The validated variables as a JSON object.
+    pub variables: String,
+    pub channel: Channel,
+    pub idempotency_key: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A row of `messages`: the outbox and the message log in one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct MessageRecord {
+    pub id: String,
+    pub user_id: String,
+    pub template_name: String,
+    #[serde(skip)]
+    pub variables: String,
+    pub channel: String,
+    pub status: String,
+    pub reason: Option<String>,
+    #[serde(skip)]
+    pub to_number: Option<String>,
+    pub provider_sid: Option<String>,
+    pub error_code: Option<i64>,
+    pub error_message: Option<String>,
+    pub encoding: Option<String>,
+    pub segments: Option<i64>,
+    pub attempts: i64,
+    #[serde(skip)]
+    pub idempotency_key: Option<String>,
+    #[serde(skip)]
+    pub next_attempt_at: DateTime<Utc>,
+    #[serde(skip)]
+    pub lease_until: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct MessageEvent {
+    pub status: String,
+    pub error_code: Option<i64>,
+    pub detail: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// What the dispatcher learned about one message; each becomes a status and an event.
+#[derive(Debug, Clone)]
+pub enum DispatchResult {
+    /// The provider accepted it. `status` is ours (`sent`, `delivered`, ...).
+    Sent {
+        provider_sid: String,
+        status: String,
+    },
+    /// Not sent, on purpose: `no_consent`, `disabled`, ...
+    Skipped { reason: String },
+    /// Not sent and never will be.
+    Failed { code: Option<i64>, message: String },
+    /// Not sent this time; queued again for `next_attempt_at`.
+    Retry {
+        code: Option<i64>,
+        message: String,
+        next_attempt_at: DateTime<Utc>,
+    },
+}
+
+/// Details fixed when a send is attempted: where to, and what it costs.
+#[derive(Debug, Clone)]
+pub struct SendAttempt {
+    pub to_number: String,
+    pub encoding: String,
+    pub segments: i64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Apply this backend's pending migrations.
+    async fn migrate(&self) -> AppResult<()>;
+    /// A cheap round trip, for `/readyz`.
+    async fn ping(&self) -> AppResult<()>;
+
+    async fn get_consent(&self, user_id: &str) -> AppResult<Option<Consent>>;
+    /// Apply `patch` to the user's record (creating it when needed) and append one audit row per
+    /// changed field, in one transaction.
+    async fn update_consent(
+        &self,
+        user_id: &str,
+        patch: &ConsentPatch,
+        ctx: &ChangeContext,
+    ) -> AppResult<Consent>;
+    async fn consent_audit(&self, user_id: &str) -> AppResult<Vec<ConsentAuditRecord>>;
+
+    /// Queue a message. With an idempotency key that is already taken, nothing is written and the
+    /// existing message is returned with `false`.
+    async fn insert_message(&self, message: &NewMessage) -> AppResult<(MessageRecord, bool)>;
+    async fn get_message(&self, id: &str) -> AppResult<Option<MessageRecord>>;
+    async fn message_events(&self, id: &str) -> AppResult<Vec<MessageEvent>>;
+    /// The user's messages, newest first.
+    async fn user_messages(&self, user_id: &str, limit: i64) -> AppResult<Vec<MessageRecord>>;
+
+    /// Claim up to `limit` queued messages that are due, leasing them until `lease_until` so no
+    /// other dispatcher takes them meanwhile. Oldest first.
+    async fn claim_due_messages(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+    ) -> AppResult<Vec<MessageRecord>>;
+    /// Mark a claimed message `sending` (one more attempt) just before the provider call.
+    async fn mark_sending(
+        &self,
+        id: &str,
+        attempt: &SendAttempt,
+        now: DateTime<Utc>,
+    ) -> AppResult<()>;
+    /// Record what happened to a claimed message and release its lease.
+    async fn record_dispatch(
+        &self,
+        id: &str,
+        result: &DispatchResult,
+        now: DateTime<Utc>,
+    ) -> AppResult<()>;
+}
+
+pub type DynStore = Arc<dyn Store>;
+
+/// Open the store named by `database_url` (`sqlite://...` or `postgres://...`).
+pub async fn connect(database_url: &str) -> AppResult<DynStore> {
+    if database_url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::connect(database_url).await?))
+    } else if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+        Ok(Arc::new(
+            postgres::PostgresStore::connect(database_url).await?,
+        ))
+    } else {
+        Err(AppError::Internal(anyhow::anyhow!(
+            "DATABASE_URL must start with sqlite:// or postgres://"
+        )))
+    }
+}
+
+/// The columns of `messages`, in `MessageRecord` order.
+pub(crate) const MESSAGE_COLUMNS: &str =
+    "id, user_id, template_name, variables, channel, status, reason, \
+     to_number, provider_sid, error_code, error_message, encoding, segments, attempts, \
+     idempotency_key, next_attempt_at, lease_until, created_at, updated_at";

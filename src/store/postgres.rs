@@ -1,0 +1,63 @@
+//! The PostgreSQL backend, for deployments with several instances sharing one queue: claiming
+//! uses `FOR UPDATE SKIP LOCKED`, so two dispatchers never take the same message.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Pool, Postgres};
+
+use crate::error::AppResult;
+use crate::store::{MessageRecord, MESSAGE_COLUMNS};
+
+pub struct PostgresStore {
+    pool: Pool<Postgres>,
+}
+
+static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+impl PostgresStore {
+    pub async fn connect(database_url: &str) -> AppResult<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(database_url)
+            .await
+            .map_err(|e| anyhow::Error::new(e).context("connecting to PostgreSQL"))?;
+        Ok(PostgresStore { pool })
+    }
+
+    fn migrator() -> &'static Migrator {
+        &MIGRATOR
+    }
+
+    async fn claim_due(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+    ) -> AppResult<Vec<MessageRecord>> {
+        let sql = format!(
+            "UPDATE messages SET lease_until = $1 WHERE id IN ( \
+                SELECT id FROM messages WHERE status = 'queued' AND next_attempt_at <= $2 \
+                AND (lease_until IS NULL OR lease_until < $2) ORDER BY next_attempt_at LIMIT $3 \
+                FOR UPDATE SKIP LOCKED) \
+             RETURNING {MESSAGE_COLUMNS}"
+        );
+        Ok(sqlx::query_as::<Postgres, MessageRecord>(&sql)
+            .bind(lease_until)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+}
+
+mod portable {
+    use super::PostgresStore as ThisStore;
+    use sqlx::Postgres as Db;
+    /// Lock the row read inside a transaction, so concurrent updates see each other's writes.
+    const LOCK_FOR_UPDATE: &str = " FOR UPDATE";
+    include!("portable.rs");
+}
