@@ -1,0 +1,665 @@
+//! The foundation end to end over HTTP, on both backends: preferences and their audit trail,
+//! notifications through the dispatcher in mock and live mode, idempotency, consent at send time,
+//! authentication and validation errors.
+
+mod common;
+
+use common::fake_twilio::Failure;
+use common::*;
+use serde_json::{json, Value};
+
+both_backends!(
+    preferences_round_trip_with_audit,
+    invalid_phone_stores_nothing,
+    notification_end_to_end_in_mock_mode,
+    notification_end_to_end_in_live_mode,
+    whatsapp_goes_as_whatsapp_addresses,
+    whatsapp_approved_template_uses_content_sid,
+    messaging_service_replaces_from,
+    idempotency_key_answers_the_same_message,
+    no_consent_is_skipped,
+    marketing_consent_is_never_implied,
+    disabled_messaging_is_skipped,
+    permanent_twilio_error_fails_once,
+    retryable_twilio_error_is_retried,
+    template_variable_errors,
+    history_is_newest_first_and_private,
+);
+
+async fn preferences_round_trip_with_audit(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let token = app.user_token("patient-1");
+
+    let r = app
+        .client
+        .get(app.url("/api/messaging/preferences"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"success": true, "preferences": {}})
+    );
+
+    let r = app
+        .put_preferences(
+            "patient-1",
+            json!({"phone_number": "+91 98765 43210", "sms_consent": true, "whatsapp_consent": false, "marketing_consent": false}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["success"], true);
+    assert_eq!(body["preferences"]["phone_number"], "+919876543210");
+    assert_eq!(body["preferences"]["sms_consent"], true);
+
+    let r = app
+        .client
+        .get(app.url("/api/messaging/preferences"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let got: Value = r.json().await.unwrap();
+    assert_eq!(got["preferences"], body["preferences"]);
+
+    // A second change: only what changed is audited, with old and new values.
+    let r = app
+        .put_preferences(
+            "patient-1",
+            json!({"whatsapp_consent": true, "source": "web_settings"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let audit = app.state.store.consent_audit("patient-1").await.unwrap();
+    let rows: Vec<(&str, Option<&str>, Option<&str>, &str)> = audit
+        .iter()
+        .map(|a| {
+            (
+                a.field.as_str(),
+                a.old_value.as_deref(),
+                a.new_value.as_deref(),
+                a.source.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("phone_number", None, Some("+919876543210"), "app_settings"),
+            ("sms_consent", None, Some("true"), "app_settings"),
+            ("whatsapp_consent", None, Some("false"), "app_settings"),
+            ("marketing_consent", None, Some("false"), "app_settings"),
+            (
+                "whatsapp_consent",
+                Some("false"),
+                Some("true"),
+                "web_settings"
+            ),
+        ]
+    );
+    for a in &audit {
+        assert_eq!(a.ip.as_deref(), Some("127.0.0.1"));
+        assert_eq!(a.user_agent.as_deref(), Some("prism-tests/1.0"));
+    }
+    // The same values again change nothing and add no audit rows.
+    app.put_preferences("patient-1", json!({"whatsapp_consent": true}))
+        .await;
+    assert_eq!(
+        app.state
+            .store
+            .consent_audit("patient-1")
+            .await
+            .unwrap()
+            .len(),
+        5
+    );
+
+    // Sources reserved for webhooks cannot be claimed by a user.
+    let r = app
+        .put_preferences(
+            "patient-1",
+            json!({"sms_consent": false, "source": "sms_keyword"}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_source"
+    );
+    // Consent with no number is refused.
+    let r = app
+        .put_preferences("patient-2", json!({"sms_consent": true}))
+        .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "phone_required"
+    );
+    assert!(app
+        .state
+        .store
+        .get_consent("patient-2")
+        .await
+        .unwrap()
+        .is_none());
+}
+
+async fn invalid_phone_stores_nothing(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    for bad in [
+        "12345",
+        "+1 555 0100",
+        "not a number",
+        "+999123456789",
+        "9876543210",
+    ] {
+        let r = app
+            .put_preferences("p", json!({"phone_number": bad, "sms_consent": true}))
+            .await;
+        assert_eq!(r.status(), 400, "{bad}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["success"], false);
+        assert_eq!(body["error"]["code"], "invalid_phone", "{bad}");
+    }
+    assert!(app.state.store.get_consent("p").await.unwrap().is_none());
+    assert!(app.state.store.consent_audit("p").await.unwrap().is_empty());
+}
+
+async fn notification_end_to_end_in_mock_mode(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.consent("patient-1", "+919876543210").await;
+    let r = app.notify(reminder("patient-1")).await;
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["success"], true);
+    assert_eq!(body["message"]["status"], "queued");
+    let id = body["message"]["id"].as_str().unwrap().to_string();
+
+    let report = app.dispatch().await;
+    assert_eq!((report.claimed, report.sent), (1, 1));
+    let m = app.message(&id).await;
+    assert_eq!(m["status"], "delivered");
+    assert_eq!(m["encoding"], "GSM-7");
+    assert_eq!(m["segments"], 1);
+    assert_eq!(m["attempts"], 1);
+    assert!(m["provider_sid"].as_str().unwrap().starts_with("SM"));
+    let statuses: Vec<&str> = m["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["sending", "delivered"]);
+
+    let r = app
+        .client
+        .get(app.url("/api/messaging/history"))
+        .bearer_auth(app.user_token("patient-1"))
+        .send()
+        .await
+        .unwrap();
+    let history: Value = r.json().await.unwrap();
+    assert_eq!(history["messages"][0]["id"], id.as_str());
+    assert_eq!(history["messages"][0]["status"], "delivered");
+    assert_eq!(
+        history["messages"][0]["template_name"],
+        "appointment_reminder_24h"
+    );
+
+    let outbox: Value = app
+        .client
+        .get(app.url("/dev/outbox.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(outbox["messages"][0]["id"], id.as_str());
+    assert_eq!(outbox["messages"][0]["to"], "+919876543210");
+    assert_eq!(outbox["messages"][0]["body"], REMINDER_BODY);
+    let page = app
+        .client
+        .get(app.url("/dev/outbox"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("reminder of your appointment tomorrow"));
+    // A second round finds nothing left to send.
+    assert_eq!(app.dispatch().await.claimed, 0);
+}
+
+async fn notification_end_to_end_in_live_mode(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    app.consent("patient-1", "+919876543210").await;
+    let id = app.notify_ok(reminder("patient-1")).await;
+    let report = app.dispatch().await;
+    assert_eq!(report.sent, 1, "{report:?}");
+
+    let fake = app.fake.as_ref().unwrap();
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 1);
+    let req = &requests[0];
+    assert_eq!(req.method, "POST");
+    assert_eq!(
+        req.path,
+        format!("/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json")
+    );
+    assert_eq!(
+        req.content_type.as_deref(),
+        Some("application/x-www-form-urlencoded")
+    );
+    assert_eq!(req.field_names(), ["Body", "From", "StatusCallback", "To"]);
+    assert_eq!(req.field("To"), Some("+919876543210"));
+    assert_eq!(req.field("From"), Some(SMS_SENDER));
+    assert_eq!(req.field("Body"), Some(REMINDER_BODY));
+    assert_eq!(
+        req.field("StatusCallback"),
+        Some(format!("{PUBLIC_URL}/webhooks/twilio/status").as_str())
+    );
+    assert_fields_exist_in_twilio_spec(req);
+
+    let m = app.message(&id).await;
+    assert_eq!(m["status"], "sent");
+    assert!(m["provider_sid"].as_str().unwrap().starts_with("SM"));
+    // Nothing in mock's outbox outside mock mode.
+    let r = app
+        .client
+        .get(app.url("/dev/outbox.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+/// Every field we send is a property of `CreateMessageRequest` in Twilio's OpenAPI spec, with the
+/// format the spec gives (phone numbers E.164 or channel addresses, SIDs by pattern).
+fn assert_fields_exist_in_twilio_spec(req: &common::fake_twilio::RecordedRequest) {
+    let spec: Value = serde_json::from_str(include_str!("fixtures/twilio_create_message.json"))
+        .expect("spec fixture");
+    assert_eq!(spec["operationId"], "CreateMessage");
+    for required in spec["required"].as_array().unwrap() {
+        assert!(
+            req.field(required.as_str().unwrap()).is_some(),
+            "missing required {required}"
+        );
+    }
+    for (name, value) in &req.form {
+        let prop = &spec["properties"][name.as_str()];
+        assert!(prop.is_object(), "{name} is not a CreateMessage parameter");
+        match prop["format"].as_str() {
+            Some("phone-number") => {
+                let number = value.strip_prefix("whatsapp:").unwrap_or(value);
+                assert!(
+                    number.starts_with('+') && number[1..].bytes().all(|b| b.is_ascii_digit()),
+                    "{name}={value}"
+                );
+            }
+            Some("uri") => assert!(
+                value.starts_with("https://") || value.starts_with("http://"),
+                "{name}={value}"
+            ),
+            _ => {}
+        }
+        if let Some(pattern) = prop["pattern"].as_str() {
+            // Patterns in this schema are `^XX[0-9a-fA-F]{32}$`.
+            let prefix = &pattern[1..3];
+            assert!(
+                value.len() == 34 && value.starts_with(prefix),
+                "{name}={value} does not match {pattern}"
+            );
+        }
+    }
+}
+
+async fn whatsapp_goes_as_whatsapp_addresses(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    app.consent("patient-1", "+14155552671").await;
+    let mut body = reminder("patient-1");
+    body["channel"] = json!("whatsapp");
+    let id = app.notify_ok(body).await;
+    app.dispatch().await;
+    let req = &app.fake.as_ref().unwrap().requests()[0];
+    assert_eq!(req.field("To"), Some("whatsapp:+14155552671"));
+    assert_eq!(
+        req.field("From"),
+        Some(format!("whatsapp:{WHATSAPP_SENDER}").as_str())
+    );
+    assert_eq!(req.field("Body"), Some(REMINDER_BODY));
+    assert_fields_exist_in_twilio_spec(req);
+    assert_eq!(app.message(&id).await["channel"], "whatsapp");
+}
+
+async fn whatsapp_approved_template_uses_content_sid(backend: Backend) {
+    let sid = "HX0123456789abcdef0123456789abcdef";
+    let config = TestConfig::new().set(
+        "TWILIO_CONTENT_SIDS",
+        &format!("appointment_reminder_24h={sid}"),
+    );
+    let app = TestApp::spawn_live(backend, config).await;
+    app.consent("patient-1", "+14155552671").await;
+    let mut body = reminder("patient-1");
+    body["channel"] = json!("whatsapp");
+    app.notify_ok(body).await;
+    app.dispatch().await;
+    let req = &app.fake.as_ref().unwrap().requests()[0];
+    assert_eq!(
+        req.field_names(),
+        [
+            "ContentSid",
+            "ContentVariables",
+            "From",
+            "StatusCallback",
+            "To"
+        ]
+    );
+    assert_eq!(req.field("ContentSid"), Some(sid));
+    let vars: Value = serde_json::from_str(req.field("ContentVariables").unwrap()).unwrap();
+    assert_eq!(
+        vars,
+        json!({"1": "12 Jan 2027", "2": "10:30", "3": "https://app.example.com/appointments/a1"})
+    );
+    assert_fields_exist_in_twilio_spec(req);
+
+    let templates: Value = app
+        .client
+        .get(app.url("/api/templates"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let reminder = templates["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "appointment_reminder_24h")
+        .unwrap();
+    assert_eq!(reminder["whatsapp_content_sid"], sid);
+    assert_eq!(
+        reminder["variables"][0],
+        json!({"name": "date", "type": "date"})
+    );
+}
+
+async fn messaging_service_replaces_from(backend: Backend) {
+    let service = "MG0123456789abcdef0123456789abcdef";
+    let app = TestApp::spawn_live(
+        backend,
+        TestConfig::new().set("TWILIO_MESSAGING_SERVICE_SID", service),
+    )
+    .await;
+    app.consent("patient-1", "+14155552671").await;
+    app.notify_ok(reminder("patient-1")).await;
+    app.dispatch().await;
+    let req = &app.fake.as_ref().unwrap().requests()[0];
+    assert_eq!(req.field("MessagingServiceSid"), Some(service));
+    assert_eq!(req.field("From"), None);
+    assert_fields_exist_in_twilio_spec(req);
+}
+
+async fn idempotency_key_answers_the_same_message(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.consent("patient-1", "+919876543210").await;
+    let mut body = reminder("patient-1");
+    body["idempotency_key"] = json!("appt-a1-24h");
+    let first = app.notify_ok(body.clone()).await;
+    let second = app.notify_ok(body.clone()).await;
+    assert_eq!(first, second);
+    // Concurrent repeats too.
+    let repeats = futures_join(&app, &body, 8).await;
+    assert!(repeats.iter().all(|id| *id == first));
+    let report = app.dispatch().await;
+    assert_eq!(report.claimed, 1);
+    let outbox: Value = app
+        .client
+        .get(app.url("/dev/outbox.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(outbox["messages"].as_array().unwrap().len(), 1);
+    // The same key for different content is a conflict, not a silent success.
+    body["variables"]["time"] = json!("11:30");
+    let r = app.notify(body).await;
+    assert_eq!(r.status(), 409);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "idempotency_key_reused"
+    );
+}
+
+async fn futures_join(app: &TestApp, body: &Value, n: usize) -> Vec<String> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let client = app.client.clone();
+        let url = app.url("/api/notifications");
+        let body = body.clone();
+        tasks.spawn(async move {
+            let r = client
+                .post(url)
+                .bearer_auth(API_KEY)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+            r.json::<Value>().await.unwrap()["message"]["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        });
+    }
+    let mut ids = vec![];
+    while let Some(id) = tasks.join_next().await {
+        ids.push(id.unwrap());
+    }
+    ids
+}
+
+async fn no_consent_is_skipped(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    // A user never seen, and one who consented to WhatsApp only.
+    let unknown = app.notify_ok(reminder("stranger")).await;
+    app.put_preferences(
+        "wa-only",
+        json!({"phone_number": "+919876543210", "whatsapp_consent": true}),
+    )
+    .await;
+    let sms = app.notify_ok(reminder("wa-only")).await;
+    let report = app.dispatch().await;
+    assert_eq!((report.claimed, report.skipped), (2, 2));
+    for id in [unknown, sms] {
+        let m = app.message(&id).await;
+        assert_eq!(m["status"], "skipped");
+        assert_eq!(m["reason"], "no_consent");
+        assert_eq!(m["attempts"], 0);
+    }
+    let outbox: Value = app
+        .client
+        .get(app.url("/dev/outbox.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(outbox["messages"].as_array().unwrap().is_empty());
+}
+
+async fn marketing_consent_is_never_implied(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.consent("patient-1", "+919876543210").await;
+    let news = json!({"user_id": "patient-1", "template": "clinic_news", "variables": {"name": "Asha", "link": "/news"}});
+    let id = app.notify_ok(news.clone()).await;
+    app.dispatch().await;
+    assert_eq!(app.message(&id).await["reason"], "no_consent");
+    app.put_preferences("patient-1", json!({"marketing_consent": true}))
+        .await;
+    let id = app.notify_ok(news).await;
+    app.dispatch().await;
+    assert_eq!(app.message(&id).await["status"], "delivered");
+}
+
+async fn disabled_messaging_is_skipped(backend: Backend) {
+    let app =
+        TestApp::spawn_with(backend, TestConfig::new().set("MESSAGING_ENABLED", "false")).await;
+    app.consent("patient-1", "+919876543210").await;
+    let id = app.notify_ok(reminder("patient-1")).await;
+    assert_eq!(app.dispatch().await.skipped, 1);
+    let m = app.message(&id).await;
+    assert_eq!(
+        (m["status"].as_str(), m["reason"].as_str()),
+        (Some("skipped"), Some("disabled"))
+    );
+}
+
+async fn permanent_twilio_error_fails_once(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    app.consent("patient-1", "+14155552671").await;
+    let fake = app.fake.as_ref().unwrap();
+    fake.fail(
+        "+14155552671",
+        vec![Failure {
+            http_status: 400,
+            code: 21211,
+            retry_after: None,
+        }],
+    );
+    let id = app.notify_ok(reminder("patient-1")).await;
+    let report = app.dispatch().await;
+    assert_eq!(report.failed, 1);
+    let m = app.message(&id).await;
+    assert_eq!(m["status"], "failed");
+    assert_eq!(m["error_code"], 21211);
+    assert_eq!(fake.requests().len(), 1);
+    assert_eq!(app.dispatch().await.claimed, 0);
+}
+
+async fn retryable_twilio_error_is_retried(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    app.consent("patient-1", "+14155552671").await;
+    let fake = app.fake.as_ref().unwrap();
+    fake.fail(
+        "+14155552671",
+        vec![Failure {
+            http_status: 503,
+            code: 20500,
+            retry_after: None,
+        }],
+    );
+    let id = app.notify_ok(reminder("patient-1")).await;
+    assert_eq!(app.dispatch().await.retried, 1);
+    let m = app.message(&id).await;
+    assert_eq!(m["status"], "queued");
+    assert_eq!(m["error_code"], 20500);
+    // Not due yet: backoff holds it back.
+    assert_eq!(app.dispatch().await.claimed, 0);
+}
+
+async fn template_variable_errors(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let cases = [
+        (
+            json!({"user_id": "u", "template": "payment_failed", "variables": {"amount": "10.00"}}),
+            "invalid_template_variables",
+        ),
+        (
+            json!({"user_id": "u", "template": "payment_failed", "variables": {"amount": "10.00", "link": "/p", "diagnosis": "ACL tear"}}),
+            "invalid_template_variables",
+        ),
+        (
+            json!({"user_id": "u", "template": "payment_failed", "variables": {"amount": "ten", "link": "/p"}}),
+            "invalid_template_variables",
+        ),
+        (
+            json!({"user_id": "u", "template": "payment_failed", "variables": {"amount": "10", "link": "https://evil.example/p"}}),
+            "invalid_template_variables",
+        ),
+        (
+            json!({"user_id": "u", "template": "no_such_template", "variables": {}}),
+            "unknown_template",
+        ),
+        (
+            json!({"user_id": "u", "template": "otp", "variables": {"code": "123456"}}),
+            "unknown_template",
+        ),
+        (
+            json!({"user_id": "u", "template": "help", "variables": {}}),
+            "unknown_template",
+        ),
+        (
+            json!({"user_id": "", "template": "help"}),
+            "invalid_user_id",
+        ),
+        (
+            json!({"user_id": "u", "template": "payment_received", "variables": {"amount": "1", "date": "2027-01-01"}, "channel": "fax"}),
+            "invalid_channel",
+        ),
+        (
+            json!({"user_id": "u", "template": "payment_received", "extra": 1}),
+            "invalid_json",
+        ),
+    ];
+    for (body, code) in cases {
+        let r = app.notify(body.clone()).await;
+        assert_eq!(r.status(), 400, "{body}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["success"], false);
+        assert_eq!(v["error"]["code"], code, "{body}");
+    }
+    assert_eq!(app.dispatch().await.claimed, 0, "nothing was queued");
+}
+
+async fn history_is_newest_first_and_private(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.consent("a", "+919876543210").await;
+    let first = app.notify_ok(reminder("a")).await;
+    let second = app.notify_ok(reminder("a")).await;
+    app.notify_ok(reminder("b")).await;
+    let r = app
+        .client
+        .get(app.url("/api/messaging/history?limit=10"))
+        .bearer_auth(app.user_token("a"))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    let ids: Vec<&str> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [second.as_str(), first.as_str()]);
+    let keys: Vec<&String> = v["messages"][0].as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys,
+        [
+            "channel",
+            "created_at",
+            "id",
+            "status",
+            "template_name",
+            "updated_at"
+        ]
+    );
+    let r = app
+        .client
+        .get(app.url("/api/messaging/history?limit=0"))
+        .bearer_auth(app.user_token("a"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}

@@ -1,0 +1,326 @@
+//! The test harness: the real application on a loopback port 0, a fresh database per test
+//! (a SQLite file in a temp dir, or a new PostgreSQL database), and a fake Twilio over HTTP.
+//!
+//! PostgreSQL tests read `TEST_DATABASE_URL` (e.g. postgres://postgres@127.0.0.1:5432/test). When
+//! it is unset they are skipped with a note, so `cargo test` works on a machine without
+//! PostgreSQL; CI sets it, and then an unreachable server fails the tests.
+#![allow(dead_code)]
+
+pub mod fake_twilio;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prism_messaging::app::{AppState, Application};
+use prism_messaging::clock::{DynClock, SystemClock};
+use prism_messaging::config::{Config, Secret};
+use prism_messaging::outbox::dispatcher::RoundReport;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+pub use fake_twilio::FakeTwilio;
+
+pub const API_KEY: &str = "test-host-app-key-0123456789";
+pub const JWT_SECRET: &str = "test-jwt-secret-for-hs256-tokens";
+pub const CRON_SECRET: &str = "test-cron-secret-0123456789";
+pub const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
+pub const AUTH_TOKEN: &str = "test-twilio-auth-token";
+pub const SMS_SENDER: &str = "+14155550100";
+pub const WHATSAPP_SENDER: &str = "+14155238886";
+pub const APP_URL: &str = "https://app.example.com";
+pub const PUBLIC_URL: &str = "https://messaging.example.com";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Run a test body once per backend: `both_backends!(name);` for `async fn name(backend: Backend)`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::common::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if $crate::common::postgres_admin_url().is_some() {
+                    super::$name($crate::common::Backend::Postgres).await
+                } else {
+                    eprintln!("TEST_DATABASE_URL is not set: skipping the PostgreSQL run");
+                }
+            }
+        }
+    )*};
+}
+
+pub fn postgres_admin_url() -> Option<String> {
+    std::env::var("TEST_DATABASE_URL")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
+/// A fresh, empty database; dropped (PostgreSQL) or deleted (SQLite) with the value.
+pub struct TestDatabase {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg_name: Option<(String, String)>,
+}
+
+impl TestDatabase {
+    pub async fn new(backend: Backend) -> TestDatabase {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("test.db").display());
+                TestDatabase {
+                    url,
+                    _dir: Some(dir),
+                    pg_name: None,
+                }
+            }
+            Backend::Postgres => {
+                let admin = postgres_admin_url().expect("TEST_DATABASE_URL");
+                let name = format!("prism_test_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("PostgreSQL at TEST_DATABASE_URL is unreachable: {e}")
+                    });
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create test database");
+                let (base, _) = admin
+                    .rsplit_once('/')
+                    .expect("TEST_DATABASE_URL has a database name");
+                TestDatabase {
+                    url: format!("{base}/{name}"),
+                    _dir: None,
+                    pg_name: Some((admin, name)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Some((admin, name)) = self.pg_name.take() {
+            // Drop runs outside async; use a short-lived runtime on its own thread.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?;
+                rt.block_on(async {
+                    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+                        .await
+                        .ok()?;
+                    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await
+                        .ok()
+                })
+            })
+            .join();
+        }
+    }
+}
+
+/// Settings for one test app: the base configuration plus overrides.
+pub struct TestConfig {
+    pub vars: HashMap<String, String>,
+    pub clock: DynClock,
+}
+
+impl TestConfig {
+    pub fn new() -> Self {
+        let vars = [
+            ("BIND_ADDR", "127.0.0.1:0"),
+            ("MESSAGING_API_KEY", API_KEY),
+            ("AUTH_JWT_SECRET", JWT_SECRET),
+            ("CRON_SECRET", CRON_SECRET),
+            ("APP_URL", APP_URL),
+            ("PUBLIC_URL", PUBLIC_URL),
+            ("QUIET_HOURS", "off"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        TestConfig {
+            vars,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    pub fn set(mut self, name: &str, value: &str) -> Self {
+        self.vars.insert(name.to_string(), value.to_string());
+        self
+    }
+
+    pub fn unset(mut self, name: &str) -> Self {
+        self.vars.remove(name);
+        self
+    }
+
+    /// Live mode against `fake`.
+    pub fn live(self, fake: &FakeTwilio) -> Self {
+        self.set("MESSAGING_MOCK_MODE", "false")
+            .set("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+            .set("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+            .set("TWILIO_PHONE_NUMBER", SMS_SENDER)
+            .set("TWILIO_WHATSAPP_NUMBER", WHATSAPP_SENDER)
+            .set("TWILIO_API_BASE", &fake.base_url)
+    }
+}
+
+pub struct TestApp {
+    pub base_url: String,
+    pub client: reqwest::Client,
+    pub state: AppState,
+    pub fake: Option<FakeTwilio>,
+    shutdown: CancellationToken,
+    pub db: TestDatabase,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl TestApp {
+    /// The app in mock mode.
+    pub async fn spawn(backend: Backend) -> TestApp {
+        Self::spawn_with(backend, TestConfig::new()).await
+    }
+
+    /// The app in live mode against a fresh fake Twilio.
+    pub async fn spawn_live(backend: Backend, config: TestConfig) -> TestApp {
+        let fake = FakeTwilio::start().await;
+        let config = config.live(&fake);
+        let mut app = Self::spawn_with(backend, config).await;
+        app.fake = Some(fake);
+        app
+    }
+
+    pub async fn spawn_with(backend: Backend, config: TestConfig) -> TestApp {
+        let db = TestDatabase::new(backend).await;
+        let mut vars = config.vars;
+        vars.insert("DATABASE_URL".into(), db.url.clone());
+        let cfg = Config::from_lookup(|name| vars.get(name).cloned())
+            .expect("test configuration is valid");
+        let state = AppState::build(cfg, config.clock)
+            .await
+            .expect("app state builds");
+        let app = Application::bind(state.clone(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .expect("bind")
+            .without_dispatcher();
+        let addr = app.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(app.run(shutdown.clone()));
+        TestApp {
+            base_url: format!("http://{addr}"),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            state,
+            fake: None,
+            shutdown,
+            db,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    pub fn user_token(&self, user_id: &str) -> String {
+        prism_messaging::auth::mint_hs256(
+            &Secret::new(JWT_SECRET),
+            user_id,
+            Duration::from_secs(600),
+            &[],
+        )
+        .unwrap()
+    }
+
+    /// One dispatcher round, as the background loop would run it.
+    pub async fn dispatch(&self) -> RoundReport {
+        self.state
+            .dispatcher()
+            .run_once()
+            .await
+            .expect("dispatch round")
+    }
+
+    pub async fn put_preferences(&self, user_id: &str, body: Value) -> reqwest::Response {
+        self.client
+            .put(self.url("/api/messaging/preferences"))
+            .bearer_auth(self.user_token(user_id))
+            .header("user-agent", "prism-tests/1.0")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Give `user_id` a phone number and SMS + WhatsApp consent (not marketing).
+    pub async fn consent(&self, user_id: &str, phone: &str) {
+        let r = self
+            .put_preferences(
+                user_id,
+                serde_json::json!({"phone_number": phone, "sms_consent": true, "whatsapp_consent": true, "marketing_consent": false}),
+            )
+            .await;
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+
+    pub async fn notify(&self, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/api/notifications"))
+            .bearer_auth(API_KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Queue a notification that must be accepted; returns its id.
+    pub async fn notify_ok(&self, body: Value) -> String {
+        let r = self.notify(body).await;
+        assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+        let v: Value = r.json().await.unwrap();
+        v["message"]["id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn message(&self, id: &str) -> Value {
+        let r = self
+            .client
+            .get(self.url(&format!("/api/messages/{id}")))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()["message"].clone()
+    }
+}
+
+/// A reminder notification body for `user_id`.
+pub fn reminder(user_id: &str) -> Value {
+    serde_json::json!({
+        "user_id": user_id,
+        "template": "appointment_reminder_24h",
+        "variables": {"date": "2027-01-12", "time": "10:30", "link": "/appointments/a1"},
+    })
+}
+
+pub const REMINDER_BODY: &str = "PhysiologicPRISM: reminder of your appointment tomorrow, 12 Jan 2027 at 10:30. Details: https://app.example.com/appointments/a1 Reply STOP to opt out.";
