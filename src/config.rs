@@ -135,7 +135,7 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         }
     }
 
-    fn number<T: std::str::FromStr>(
+    fn number<T>(
         &self,
         name: &'static str,
         default: T,
@@ -143,7 +143,7 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         max: T,
     ) -> Result<T, ConfigError>
     where
-        T: PartialOrd + fmt::Display + Copy,
+        T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
     {
         let Some(raw) = self.get(name) else {
             return Ok(default);

@@ -107,7 +107,7 @@ mod tests {
     use super::*;
 
     fn rep(c: char, n: usize) -> String {
-        std::iter::repeat(c).take(n).collect()
+        std::iter::repeat_n(c, n).collect()
     }
 
     fn check(body: &str, enc: Encoding, units: usize, segments: u32) {

@@ -122,14 +122,17 @@ impl Dispatcher {
     }
 
     async fn settle(&self, message: MessageRecord) -> AppResult<DispatchResult> {
-        let result = match self.prepare(&message).await? {
-            Ok(outbound) => self.send(&message, outbound).await?,
-            Err(not_sent) => not_sent,
+        let (result, to) = match self.prepare(&message).await? {
+            Ok(outbound) => {
+                let to = outbound.to.masked();
+                (self.send(&message, outbound).await?, to)
+            }
+            Err(not_sent) => (not_sent, String::new()),
         };
         self.store
             .record_dispatch(&message.id, &result, self.clock.now())
             .await?;
-        log_result(&message, &result);
+        log_result(&message, &to, &result);
         Ok(result)
     }
 
@@ -266,7 +269,8 @@ fn our_status(provider_status: &str) -> &'static str {
     }
 }
 
-fn log_result(message: &MessageRecord, result: &DispatchResult) {
+/// One line per outcome; `to` is already masked (empty when nothing was sent).
+fn log_result(message: &MessageRecord, to: &str, result: &DispatchResult) {
     let id = message.id.as_str();
     let template = message.template_name.as_str();
     match result {
@@ -277,6 +281,7 @@ fn log_result(message: &MessageRecord, result: &DispatchResult) {
             tracing::info!(
                 message_id = id,
                 template,
+                to,
                 provider_sid,
                 status,
                 "message sent"
@@ -289,6 +294,7 @@ fn log_result(message: &MessageRecord, result: &DispatchResult) {
             tracing::warn!(
                 message_id = id,
                 template,
+                to,
                 code,
                 error = message,
                 "message failed"
@@ -299,7 +305,7 @@ fn log_result(message: &MessageRecord, result: &DispatchResult) {
             message,
             next_attempt_at,
         } => {
-            tracing::warn!(message_id = id, template, code, error = message, %next_attempt_at, "message will be retried")
+            tracing::warn!(message_id = id, template, to, code, error = message, %next_attempt_at, "message will be retried")
         }
     }
 }

@@ -272,6 +272,19 @@ impl TestApp {
             .unwrap()
     }
 
+    /// PUT preferences with a given bearer token; the status code.
+    pub async fn put_preferences_with(&self, token: &str, body: Value) -> u16 {
+        let r = self
+            .client
+            .put(self.url("/api/messaging/preferences"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    }
+
     /// Give `user_id` a phone number and SMS + WhatsApp consent (not marketing).
     pub async fn consent(&self, user_id: &str, phone: &str) {
         let r = self

@@ -1,0 +1,340 @@
+//! One conformance suite for the `Store` interface, run against SQLite and PostgreSQL alike.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use chrono::{Duration, TimeZone, Utc};
+use common::{Backend, TestDatabase};
+use prism_messaging::store::{
+    self, ChangeContext, Channel, ConsentPatch, ConsentSource, DispatchResult, DynStore,
+    NewMessage, SendAttempt,
+};
+
+both_backends!(
+    consent_changes_are_audited_per_field,
+    audit_trail_is_append_only,
+    idempotency_key_is_unique_but_optional,
+    claiming_leases_due_messages_once,
+    concurrent_claimers_never_share_a_message,
+    dispatch_results_and_events,
+    user_messages_newest_first,
+);
+
+fn t0() -> chrono::DateTime<Utc> {
+    Utc.with_ymd_and_hms(2027, 1, 10, 9, 0, 0).unwrap()
+}
+
+async fn open(backend: Backend) -> (DynStore, TestDatabase) {
+    let db = TestDatabase::new(backend).await;
+    let store = store::connect(&db.url).await.unwrap();
+    store.migrate().await.unwrap();
+    // Migrations are idempotent.
+    store.migrate().await.unwrap();
+    (store, db)
+}
+
+fn ctx(source: ConsentSource) -> ChangeContext {
+    ChangeContext {
+        source,
+        ip: Some("203.0.113.9".into()),
+        user_agent: Some("ua".into()),
+        at: t0(),
+    }
+}
+
+fn message(id: &str, key: Option<&str>, at: chrono::DateTime<Utc>) -> NewMessage {
+    NewMessage {
+        id: id.into(),
+        user_id: "u1".into(),
+        template_name: "payment_received".into(),
+        variables: r#"{"amount":"10","date":"2027-01-01"}"#.into(),
+        channel: Channel::Sms,
+        idempotency_key: key.map(String::from),
+        created_at: at,
+    }
+}
+
+async fn consent_changes_are_audited_per_field(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    let patch = ConsentPatch {
+        phone_number: Some("+14155552671".into()),
+        sms_consent: Some(true),
+        ..Default::default()
+    };
+    let c = store
+        .update_consent("u1", &patch, &ctx(ConsentSource::Api))
+        .await
+        .unwrap();
+    assert!(c.sms_consent && !c.whatsapp_consent && !c.marketing_consent);
+    assert_eq!(c.updated_at, t0());
+    assert_eq!(store.get_consent("u1").await.unwrap(), Some(c.clone()));
+    assert_eq!(store.consent_audit("u1").await.unwrap().len(), 4);
+
+    let revoke = ConsentPatch {
+        sms_consent: Some(false),
+        ..Default::default()
+    };
+    store
+        .update_consent("u1", &revoke, &ctx(ConsentSource::SmsKeyword))
+        .await
+        .unwrap();
+    let audit = store.consent_audit("u1").await.unwrap();
+    let last = audit.last().unwrap();
+    assert_eq!(
+        (
+            last.field.as_str(),
+            last.old_value.as_deref(),
+            last.new_value.as_deref()
+        ),
+        ("sms_consent", Some("true"), Some("false"))
+    );
+    assert_eq!(last.source, "sms_keyword");
+    assert_eq!(last.ip.as_deref(), Some("203.0.113.9"));
+    // Consent without a phone number is refused, and nothing is written.
+    let bad = ConsentPatch {
+        whatsapp_consent: Some(true),
+        ..Default::default()
+    };
+    let err = store
+        .update_consent("u2", &bad, &ctx(ConsentSource::Api))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "phone_required");
+    assert!(store.get_consent("u2").await.unwrap().is_none());
+    assert!(store.consent_audit("u2").await.unwrap().is_empty());
+}
+
+async fn audit_trail_is_append_only(backend: Backend) {
+    let (store, db) = open(backend).await;
+    let patch = ConsentPatch {
+        phone_number: Some("+14155552671".into()),
+        ..Default::default()
+    };
+    store
+        .update_consent("u1", &patch, &ctx(ConsentSource::Api))
+        .await
+        .unwrap();
+    let sql = "UPDATE consent_audit_trail SET new_value = 'forged'";
+    let result = match backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.map(|_| ())
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.map(|_| ())
+        }
+    };
+    let err = result.expect_err("updating the audit trail must fail");
+    assert!(err.to_string().contains("append-only"), "{err}");
+}
+
+async fn idempotency_key_is_unique_but_optional(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    let (a, created) = store
+        .insert_message(&message("m1", Some("k1"), t0()))
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(a.status, "queued");
+    let (b, created) = store
+        .insert_message(&message("m2", Some("k1"), t0()))
+        .await
+        .unwrap();
+    assert!(!created);
+    assert_eq!(b.id, "m1");
+    assert!(store.get_message("m2").await.unwrap().is_none());
+    // Messages without a key never collide.
+    assert!(
+        store
+            .insert_message(&message("m3", None, t0()))
+            .await
+            .unwrap()
+            .1
+    );
+    assert!(
+        store
+            .insert_message(&message("m4", None, t0()))
+            .await
+            .unwrap()
+            .1
+    );
+}
+
+async fn claiming_leases_due_messages_once(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    store
+        .insert_message(&message("due", None, t0()))
+        .await
+        .unwrap();
+    store
+        .insert_message(&message("later", None, t0() + Duration::hours(1)))
+        .await
+        .unwrap();
+    let lease = t0() + Duration::minutes(2);
+    let claimed = store.claim_due_messages(t0(), lease, 10).await.unwrap();
+    assert_eq!(
+        claimed.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+        ["due"]
+    );
+    assert_eq!(claimed[0].lease_until, Some(lease));
+    // Leased: not claimed again until the lease runs out.
+    assert!(store
+        .claim_due_messages(t0() + Duration::minutes(1), lease, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let again = store
+        .claim_due_messages(t0() + Duration::minutes(3), t0() + Duration::minutes(5), 10)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    // Settled messages are never claimed.
+    store
+        .record_dispatch(
+            "due",
+            &DispatchResult::Skipped {
+                reason: "no_consent".into(),
+            },
+            t0(),
+        )
+        .await
+        .unwrap();
+    let at_two_hours = store
+        .claim_due_messages(t0() + Duration::hours(2), t0() + Duration::hours(3), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        at_two_hours
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect::<Vec<_>>(),
+        ["later"]
+    );
+}
+
+async fn concurrent_claimers_never_share_a_message(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    for i in 0..200 {
+        store
+            .insert_message(&message(&format!("m{i:03}"), None, t0()))
+            .await
+            .unwrap();
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let store = store.clone();
+        let seen = seen.clone();
+        tasks.spawn(async move {
+            loop {
+                let batch = store
+                    .claim_due_messages(t0(), t0() + Duration::minutes(2), 7)
+                    .await
+                    .unwrap();
+                if batch.is_empty() {
+                    break;
+                }
+                seen.lock().unwrap().extend(batch.into_iter().map(|m| m.id));
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    let unique: HashSet<&String> = seen.iter().collect();
+    assert_eq!(seen.len(), 200, "every message claimed exactly once");
+    assert_eq!(unique.len(), 200);
+}
+
+async fn dispatch_results_and_events(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    store
+        .insert_message(&message("m1", None, t0()))
+        .await
+        .unwrap();
+    store
+        .insert_message(&message("m2", None, t0()))
+        .await
+        .unwrap();
+    let attempt = SendAttempt {
+        to_number: "+14155552671".into(),
+        encoding: "GSM-7".into(),
+        segments: 1,
+    };
+    store.mark_sending("m1", &attempt, t0()).await.unwrap();
+    let sent = DispatchResult::Sent {
+        provider_sid: "SM0001".into(),
+        status: "sent".into(),
+    };
+    store.record_dispatch("m1", &sent, t0()).await.unwrap();
+    // The same outcome recorded twice adds no second event.
+    store.record_dispatch("m1", &sent, t0()).await.unwrap();
+    let m = store.get_message("m1").await.unwrap().unwrap();
+    assert_eq!(
+        (m.status.as_str(), m.provider_sid.as_deref(), m.attempts),
+        ("sent", Some("SM0001"), 1)
+    );
+    assert_eq!(
+        (m.to_number.as_deref(), m.segments),
+        (Some("+14155552671"), Some(1))
+    );
+    let events: Vec<String> = store
+        .message_events("m1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.status)
+        .collect();
+    assert_eq!(events, ["sending", "sent"]);
+    // A provider SID belongs to one message only.
+    store.mark_sending("m2", &attempt, t0()).await.unwrap();
+    assert!(store.record_dispatch("m2", &sent, t0()).await.is_err());
+
+    let failed = DispatchResult::Failed {
+        code: Some(21211),
+        message: "invalid To".into(),
+    };
+    store.record_dispatch("m2", &failed, t0()).await.unwrap();
+    let m = store.get_message("m2").await.unwrap().unwrap();
+    assert_eq!((m.status.as_str(), m.error_code), ("failed", Some(21211)));
+    let retry_at = t0() + Duration::seconds(30);
+    let retry = DispatchResult::Retry {
+        code: Some(20500),
+        message: "busy".into(),
+        next_attempt_at: retry_at,
+    };
+    store
+        .insert_message(&message("m3", None, t0()))
+        .await
+        .unwrap();
+    store.record_dispatch("m3", &retry, t0()).await.unwrap();
+    let m = store.get_message("m3").await.unwrap().unwrap();
+    assert_eq!(
+        (m.status.as_str(), m.next_attempt_at, m.lease_until),
+        ("queued", retry_at, None)
+    );
+}
+
+async fn user_messages_newest_first(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    for i in 0..5 {
+        store
+            .insert_message(&message(
+                &format!("m{i}"),
+                None,
+                t0() + Duration::seconds(i),
+            ))
+            .await
+            .unwrap();
+    }
+    let listed = store.user_messages("u1", 3).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+        ["m4", "m3", "m2"]
+    );
+    assert!(store.user_messages("nobody", 3).await.unwrap().is_empty());
+}
