@@ -135,13 +135,7 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         }
     }
 
-    fn number<T>(
-        &self,
-        name: &'static str,
-        default: T,
-        min: T,
-        max: T,
-    ) -> Result<T, ConfigError>
+    fn number<T>(&self, name: &'static str, default: T, min: T, max: T) -> Result<T, ConfigError>
     where
         T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
     {

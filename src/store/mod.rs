@@ -195,6 +195,10 @@ pub struct NewMessage {
     pub channel: Channel,
     pub idempotency_key: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// `Some(lease)`: written already claimed (`sending`, leased until then) for a caller that
+    /// sends it at once itself (OTP codes, which never rest in the database); `None`: `queued`
+    /// for the dispatcher.
+    pub claimed_until: Option<DateTime<Utc>>,
 }
 
 /// A row of `messages`: the outbox and the message log in one.
@@ -260,6 +264,55 @@ pub struct SendAttempt {
     pub to_number: String,
     pub encoding: String,
     pub segments: i64,
+}
+
+/// A new one-time passcode, written with its message and its rate-limit record in one
+/// transaction.
+#[derive(Debug, Clone)]
+pub struct OtpIssue {
+    pub user_id: String,
+    pub purpose: String,
+    pub phone_number: String,
+    pub channel: Channel,
+    /// Keyed hash of the code; the code itself never reaches the database.
+    pub code_hash: String,
+    pub ip: Option<String>,
+    pub expires_at: DateTime<Utc>,
+    pub now: DateTime<Utc>,
+    pub cooldown_seconds: i64,
+    pub max_sends_per_hour: i64,
+    /// The message that carries the code (written claimed: the caller sends it at once).
+    pub message: NewMessage,
+}
+
+#[derive(Debug, Clone)]
+pub enum OtpIssueOutcome {
+    Issued(MessageRecord),
+    /// A limit was hit; nothing was written.
+    RateLimited {
+        retry_after_seconds: i64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct OtpRecord {
+    pub user_id: String,
+    pub purpose: String,
+    pub phone_number: String,
+    pub channel: String,
+    pub code_hash: String,
+    pub attempts: i64,
+    pub expires_at: DateTime<Utc>,
+    pub used_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What an OTP cleanup removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct OtpCleanup {
+    pub expired_deleted: u64,
+    pub used_deleted: u64,
+    pub send_log_pruned: u64,
 }
 
 #[async_trait]

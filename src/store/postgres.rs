@@ -32,6 +32,22 @@ impl PostgresStore {
         &MIGRATOR
     }
 
+    /// Transaction-scoped advisory locks on each key, taken in sorted order so two transactions
+    /// locking overlapping keys cannot deadlock.
+    async fn lock_keys(
+        tx: &mut sqlx::Transaction<'_, Postgres>,
+        keys: &mut [String],
+    ) -> AppResult<()> {
+        keys.sort();
+        for key in keys.iter() {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(key)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn claim_due(
         &self,
         now: DateTime<Utc>,

@@ -39,6 +39,14 @@ impl SqliteStore {
         &MIGRATOR
     }
 
+    /// SQLite serialises writers: the transaction's first write holds the lock. Nothing to do.
+    async fn lock_keys(
+        _tx: &mut sqlx::Transaction<'_, Sqlite>,
+        _keys: &mut [String],
+    ) -> AppResult<()> {
+        Ok(())
+    }
+
     async fn claim_due(
         &self,
         now: DateTime<Utc>,
