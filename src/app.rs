@@ -28,6 +28,7 @@ pub struct AppState {
     pub mock: Option<Arc<MockProvider>>,
     pub auth: Arc<Authenticator>,
     pub clock: DynClock,
+    pub otp_hasher: Arc<crate::otp::CodeHasher>,
     /// Poked when a message is queued, so the dispatcher sends it without waiting for its poll.
     pub dispatch_wakeup: Arc<Notify>,
 }
@@ -45,7 +46,9 @@ impl AppState {
             (Arc::new(twilio), None)
         };
         let auth = Authenticator::from_config(&config).await?;
+        let otp_hasher = Arc::new(crate::otp::CodeHasher::from_config(&config));
         Ok(AppState {
+            otp_hasher,
             config: Arc::new(config),
             store,
             provider,
@@ -89,7 +92,8 @@ impl Application {
         })
     }
 
-    /// Serve HTTP only; the caller drives the dispatcher itself (tests call `run_once`).
+    /// Serve HTTP only, without the dispatcher and the scheduler: the caller drives them itself
+    /// (tests call `run_once` and the job functions).
     pub fn without_dispatcher(mut self) -> Self {
         self.run_dispatcher = false;
         self
@@ -110,13 +114,16 @@ impl Application {
             let d = self.state.dispatcher();
             tokio::spawn(d.run(self.state.dispatch_wakeup.clone(), shutdown.clone()))
         });
+        let scheduler = self
+            .run_dispatcher
+            .then(|| tokio::spawn(crate::scheduler::run(self.state.clone(), shutdown.clone())));
         let router = crate::http::router(self.state.clone());
         let service = router.into_make_service_with_connect_info::<SocketAddr>();
         let stop = shutdown.clone();
         axum::serve(self.listener, service)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await?;
-        if let Some(task) = dispatcher {
+        for task in [dispatcher, scheduler].into_iter().flatten() {
             let _ = task.await;
         }
         Ok(())

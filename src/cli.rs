@@ -46,6 +46,14 @@ enum Command {
         #[arg(long, default_value = "sms")]
         channel: String,
     },
+    /// Send or verify a one-time passcode, as the public API would (same limits and checks).
+    #[command(subcommand)]
+    Otp(OtpCommand),
+    /// Run one scheduled job now and print what it did.
+    Job {
+        /// cleanup-expired-otps
+        name: String,
+    },
     /// Show a user's consent record and its audit trail.
     Consent {
         #[arg(long)]
@@ -58,6 +66,32 @@ enum Command {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum OtpCommand {
+    /// Send a code (in mock mode the code is printed, as the dev outbox would show it).
+    Send {
+        #[arg(long)]
+        user: String,
+        /// E.164, e.g. +919876543210.
+        #[arg(long)]
+        phone: String,
+        #[arg(long, default_value = "verification")]
+        purpose: String,
+        /// sms or whatsapp.
+        #[arg(long, default_value = "sms")]
+        channel: String,
+    },
+    /// Verify a code; exit code 0 when it is valid.
+    Verify {
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "verification")]
+        purpose: String,
+        #[arg(long)]
+        code: String,
     },
 }
 
@@ -115,6 +149,22 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             vars,
             channel,
         } => send(config, user, template, vars, channel).await,
+        Command::Otp(otp_command) => otp(config, otp_command).await,
+        Command::Job { name } => {
+            let Some(job) = crate::scheduler::Job::ALL
+                .into_iter()
+                .find(|j| j.name() == name)
+            else {
+                let names: Vec<&str> = crate::scheduler::Job::ALL
+                    .iter()
+                    .map(|j| j.name())
+                    .collect();
+                anyhow::bail!("unknown job {name:?}; jobs: {}", names.join(", "));
+            };
+            let state = AppState::from_config(config).await?;
+            println!("{}", serde_json::to_string_pretty(&job.run(&state).await?)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Consent { user } => {
             let state = AppState::from_config(config).await?;
             let consent = state.store.get_consent(&user).await?;
@@ -140,6 +190,63 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 crate::auth::mint_hs256(secret, &user, Duration::from_secs(ttl), &extra)?
             );
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn otp(config: Config, command: OtpCommand) -> anyhow::Result<ExitCode> {
+    let state = AppState::from_config(config).await?;
+    match command {
+        OtpCommand::Send {
+            user,
+            phone,
+            purpose,
+            channel,
+        } => {
+            let request = crate::otp::SendOtpRequest {
+                user_id: user,
+                phone_number: phone,
+                purpose,
+                channel: Some(channel),
+            };
+            match crate::otp::send_otp(&state, request, None).await {
+                Ok(answer) => {
+                    println!("sent: expires in {} s", answer.expires_in);
+                    if let Some(entry) = state
+                        .mock
+                        .as_ref()
+                        .and_then(|m| m.outbox().into_iter().next())
+                    {
+                        println!("[mock] would have sent: {}", entry.body);
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    println!("not sent: {} ({})", e, e.code());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        OtpCommand::Verify {
+            user,
+            purpose,
+            code,
+        } => {
+            let request = crate::otp::VerifyOtpRequest {
+                user_id: user,
+                otp_code: code,
+                purpose,
+            };
+            match crate::otp::verify_otp(&state, request).await {
+                Ok(()) => {
+                    println!("valid");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    println!("not valid: {} ({})", e, e.code());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
     }
 }

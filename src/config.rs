@@ -89,6 +89,8 @@ pub struct Config {
     pub otp_resend_cooldown_seconds: u64,
     pub otp_max_sends_per_hour: u32,
     pub otp_allowed_countries: Vec<String>,
+    /// Not in the contract: the key for hashing OTP codes. Unset: derived from the other secrets.
+    pub otp_secret: Option<Secret>,
     pub log_format: LogFormat,
     /// Not in the contract: use the first `X-Forwarded-For` address as the client IP (for audit
     /// records and rate limits) only when a trusted reverse proxy sets it.
@@ -337,6 +339,7 @@ impl Config {
             otp_resend_cooldown_seconds: v.number("OTP_RESEND_COOLDOWN_SECONDS", 30, 0, 3_600)?,
             otp_max_sends_per_hour: v.number("OTP_MAX_SENDS_PER_HOUR", 5, 1, 1_000)?,
             otp_allowed_countries,
+            otp_secret: v.secret("OTP_SECRET"),
             log_format,
             trust_forwarded_for: v.bool("TRUST_FORWARDED_FOR", false)?,
         };

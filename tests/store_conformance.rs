@@ -53,6 +53,7 @@ fn message(id: &str, key: Option<&str>, at: chrono::DateTime<Utc>) -> NewMessage
         channel: Channel::Sms,
         idempotency_key: key.map(String::from),
         created_at: at,
+        claimed_until: None,
     }
 }
 

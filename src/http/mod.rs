@@ -1,9 +1,11 @@
 //! The HTTP layer: one router per feature, merged here, plus the extractors that authenticate
 //! callers and turn bad JSON into the contract's error envelope.
 
+mod cron;
 mod dev;
 mod messages;
 mod ops;
+mod otp;
 mod preferences;
 
 use std::net::SocketAddr;
@@ -29,6 +31,8 @@ pub fn router(state: AppState) -> Router {
         .merge(messages::router())
         .merge(ops::router())
         .merge(dev::router())
+        .merge(otp::router())
+        .merge(cron::router())
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(state)
 }

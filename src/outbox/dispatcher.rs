@@ -21,7 +21,7 @@ use crate::error::AppResult;
 use crate::phone::PhoneNumber;
 use crate::provider::{DynProvider, OutboundMessage, ProviderError};
 use crate::store::{Channel, DispatchResult, DynStore, MessageRecord, SendAttempt};
-use crate::templates::{self, Category, RenderContext};
+use crate::templates::{self, Category, RenderContext, Template, ValidVariables};
 
 /// Messages claimed per round, and sent concurrently.
 const BATCH_SIZE: i64 = 32;
@@ -186,7 +186,20 @@ impl Dispatcher {
             Ok(valid) => valid,
             Err(e) => return fail(format!("variables no longer valid: {e}")),
         };
-        let rendered = template.render(&valid, &self.render);
+        Ok(Ok(self.outbound(message, template, channel, to, &valid)))
+    }
+
+    /// The wire form of a message: rendered body, and the approved WhatsApp template when one is
+    /// configured for it.
+    fn outbound(
+        &self,
+        message: &MessageRecord,
+        template: &Template,
+        channel: Channel,
+        to: PhoneNumber,
+        valid: &ValidVariables,
+    ) -> OutboundMessage {
+        let rendered = template.render(valid, &self.render);
         let whatsapp_template = match channel {
             Channel::Whatsapp => self
                 .config
@@ -195,14 +208,54 @@ impl Dispatcher {
                 .map(|sid| (sid.clone(), valid.content_variables_json())),
             Channel::Sms => None,
         };
-        Ok(Ok(OutboundMessage {
+        OutboundMessage {
             message_id: message.id.clone(),
             to,
             channel,
             template_name: template.name.to_string(),
             body: rendered.body,
             whatsapp_template,
-        }))
+        }
+    }
+
+    /// Send a one-time passcode now, for a message written already claimed. The code exists only
+    /// in memory, so this is the only chance to send it: a retryable provider failure is recorded
+    /// as `failed` (the patient asks for a new code) instead of being queued for later.
+    pub async fn send_otp_now(
+        &self,
+        message: &MessageRecord,
+        to: PhoneNumber,
+        code: &str,
+    ) -> AppResult<DispatchResult> {
+        let result = if !self.config.messaging_enabled {
+            DispatchResult::Skipped {
+                reason: "disabled".into(),
+            }
+        } else {
+            let template = templates::find("otp")
+                .ok_or_else(|| anyhow::anyhow!("the otp template is missing"))?;
+            let channel = Channel::parse(&message.channel)
+                .ok_or_else(|| anyhow::anyhow!("unknown channel {}", message.channel))?;
+            let valid = template.validate(&serde_json::json!({ "code": code }), &self.render)?;
+            let masked = to.masked();
+            let outbound = self.outbound(message, template, channel, to, &valid);
+            let result = match self.send(message, outbound).await? {
+                DispatchResult::Retry { code, message, .. } => {
+                    DispatchResult::Failed { code, message }
+                }
+                other => other,
+            };
+            self.store
+                .record_dispatch(&message.id, &result, self.clock.now())
+                .await?;
+            log_result(message, &masked, &result);
+            return Ok(result);
+        };
+        self.store
+            .record_dispatch(&message.id, &result, self.clock.now())
+            .await?;
+        log_result(message, "", &result);
+        Ok(result)
     }
 
     async fn send(

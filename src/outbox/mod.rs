@@ -109,6 +109,7 @@ pub async fn queue_notification(
         channel,
         idempotency_key: request.idempotency_key,
         created_at: now,
+        claimed_until: None,
     };
     let (record, created) = store.insert_message(&new).await?;
     if !created

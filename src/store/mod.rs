@@ -287,7 +287,7 @@ pub struct OtpIssue {
 
 #[derive(Debug, Clone)]
 pub enum OtpIssueOutcome {
-    Issued(MessageRecord),
+    Issued(Box<MessageRecord>),
     /// A limit was hit; nothing was written.
     RateLimited {
         retry_after_seconds: i64,
@@ -363,6 +363,34 @@ pub trait Store: Send + Sync + 'static {
         result: &DispatchResult,
         now: DateTime<Utc>,
     ) -> AppResult<()>;
+
+    /// Check the OTP send limits and, within them, replace the (user, purpose) code, log the send
+    /// and write its message, all in one transaction. Limits are checked under a lock on the
+    /// number, user and IP, so concurrent requests cannot slip past them together.
+    async fn issue_otp(&self, issue: &OtpIssue) -> AppResult<OtpIssueOutcome>;
+    async fn get_otp(&self, user_id: &str, purpose: &str) -> AppResult<Option<OtpRecord>>;
+    /// Mark the code used if it is still the live one (same hash), unused, unexpired and not out
+    /// of attempts. `true` for exactly one caller.
+    async fn consume_otp(
+        &self,
+        user_id: &str,
+        purpose: &str,
+        code_hash: &str,
+        max_attempts: i64,
+        now: DateTime<Utc>,
+    ) -> AppResult<bool>;
+    /// Count a wrong try against the live code (`code_hash` is the stored one); the new count.
+    async fn record_otp_failure(
+        &self,
+        user_id: &str,
+        purpose: &str,
+        code_hash: &str,
+    ) -> AppResult<Option<i64>>;
+    /// Delete used and expired codes and rate-limit records older than an hour.
+    async fn cleanup_otps(&self, now: DateTime<Utc>) -> AppResult<OtpCleanup>;
+
+    /// Whether the number texted STOP on this channel (and not START since).
+    async fn is_opted_out(&self, phone_number: &str, channel: Channel) -> AppResult<bool>;
 }
 
 pub type DynStore = Arc<dyn Store>;

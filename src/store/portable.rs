@@ -295,7 +295,7 @@ impl Store for ThisStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(OtpIssueOutcome::Issued(message))
+        Ok(OtpIssueOutcome::Issued(Box::new(message)))
     }
 
     async fn get_otp(&self, user_id: &str, purpose: &str) -> AppResult<Option<OtpRecord>> {
@@ -355,14 +355,15 @@ impl Store for ThisStore {
     }
 
     async fn is_opted_out(&self, phone_number: &str, channel: Channel) -> AppResult<bool> {
-        let found: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM opt_outs WHERE phone_number = $1 AND channel = $2",
+        // COUNT(*) is a 64-bit integer on both backends (a bare `1` is 32-bit on PostgreSQL).
+        let found: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM opt_outs WHERE phone_number = $1 AND channel = $2",
         )
         .bind(phone_number)
         .bind(channel.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
-        Ok(found.is_some())
+        Ok(found > 0)
     }
 }
 

@@ -1,0 +1,61 @@
+//! The public OTP calls. Anyone can call them, so they are limited and answer the same way
+//! whether or not a user is known.
+
+use axum::extract::State;
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::{ClientMeta, JsonBody};
+use crate::app::AppState;
+use crate::error::{AppError, AppResult};
+use crate::otp::{self, SendOtpAnswer, SendOtpRequest, VerifyOtpRequest};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/messaging/send-otp", post(send_otp))
+        .route("/api/messaging/verify-otp", post(verify_otp))
+}
+
+async fn send_otp(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    JsonBody(request): JsonBody<SendOtpRequest>,
+) -> AppResult<Json<SendOtpAnswer>> {
+    Ok(Json(otp::send_otp(&state, request, meta.ip).await?))
+}
+
+/// The mobile client reads `valid`, so errors carry `"valid": false` beside the usual envelope.
+async fn verify_otp(
+    State(state): State<AppState>,
+    body: Result<JsonBody<VerifyOtpRequest>, AppError>,
+) -> Response {
+    let result = match body {
+        Ok(JsonBody(request)) => otp::verify_otp(&state, request).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => Json(json!({"success": true, "valid": true})).into_response(),
+        Err(AppError::Internal(e)) => AppError::Internal(e).into_response(),
+        Err(e) => {
+            let body = json!({
+                "success": false,
+                "valid": false,
+                "error": {"code": e.code(), "message": e.to_string()},
+            });
+            let mut response = (e.status(), Json(body)).into_response();
+            if let AppError::TooManyRequests {
+                retry_after_secs: Some(secs),
+                ..
+            } = e
+            {
+                if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                    response.headers_mut().insert("retry-after", v);
+                }
+            }
+            response
+        }
+    }
+}

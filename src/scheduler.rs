@@ -1,0 +1,67 @@
+//! The embedded scheduler: runs the periodic jobs, so a single instance needs no outside cron.
+//! Each job is a plain function (also behind `/cron/*`); the scheduler only decides when.
+
+use std::time::Duration;
+
+use tokio::time::{interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::AppState;
+use crate::otp;
+
+/// How often the scheduler looks for due jobs.
+const TICK: Duration = Duration::from_secs(60);
+
+/// A periodic job and its period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    CleanupExpiredOtps,
+}
+
+impl Job {
+    pub const ALL: [Job; 1] = [Job::CleanupExpiredOtps];
+
+    pub fn every(self) -> Duration {
+        match self {
+            Job::CleanupExpiredOtps => Duration::from_secs(600),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Job::CleanupExpiredOtps => "cleanup-expired-otps",
+        }
+    }
+
+    /// Run the job once; errors are logged by the caller.
+    pub async fn run(self, state: &AppState) -> anyhow::Result<serde_json::Value> {
+        match self {
+            Job::CleanupExpiredOtps => {
+                let report = otp::cleanup(&state.store, state.clock.now()).await?;
+                Ok(serde_json::to_value(report)?)
+            }
+        }
+    }
+}
+
+/// Run each job when its period has passed, until `shutdown`.
+pub async fn run(state: AppState, shutdown: CancellationToken) {
+    let mut ticker = interval(TICK);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_run: Vec<Option<tokio::time::Instant>> = vec![None; Job::ALL.len()];
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => break,
+        }
+        for (i, job) in Job::ALL.into_iter().enumerate() {
+            if last_run[i].is_some_and(|at| at.elapsed() < job.every()) {
+                continue;
+            }
+            last_run[i] = Some(tokio::time::Instant::now());
+            if let Err(e) = job.run(&state).await {
+                tracing::error!(job = job.name(), error = %e, "scheduled job failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,614 @@
+//! One-time passcodes over HTTP on both backends: every rule has a test that fails without it.
+
+mod common;
+
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
+use common::fake_twilio::Failure;
+use common::*;
+use prism_messaging::clock::ManualClock;
+use serde_json::{json, Value};
+
+both_backends!(
+    send_and_verify_once,
+    no_clear_code_in_the_database,
+    codes_expire,
+    a_new_send_replaces_the_old_code,
+    wrong_tries_kill_the_code,
+    resend_cooldown_per_number,
+    hourly_limit_per_number,
+    hourly_limit_per_user,
+    hourly_limit_per_ip,
+    country_guard,
+    opted_out_numbers_are_not_sent_to,
+    concurrent_verifies_succeed_once,
+    cleanup_needs_the_cron_secret_and_deletes,
+    bad_input_is_refused_and_reveals_nothing,
+    live_mode_sends_through_twilio,
+);
+
+const PHONE: &str = "+919876543210";
+
+fn clocked() -> (TestConfig, ManualClock) {
+    let clock = ManualClock::new(Utc::now());
+    let mut config = TestConfig::new();
+    config.clock = Arc::new(clock.clone());
+    (config, clock)
+}
+
+async fn send(app: &TestApp, user: &str, phone: &str, purpose: &str) -> reqwest::Response {
+    app.client
+        .post(app.url("/api/messaging/send-otp"))
+        .json(&json!({"user_id": user, "phone_number": phone, "purpose": purpose}))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn send_ok(app: &TestApp, user: &str, phone: &str, purpose: &str) -> String {
+    let r = send(app, user, phone, purpose).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    latest_code(app, phone).await
+}
+
+async fn verify(app: &TestApp, user: &str, purpose: &str, code: &str) -> (u16, Value) {
+    let r = app
+        .client
+        .post(app.url("/api/messaging/verify-otp"))
+        .json(&json!({"user_id": user, "otp_code": code, "purpose": purpose}))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// The code in the newest dev-outbox message to `phone`.
+async fn latest_code(app: &TestApp, phone: &str) -> String {
+    let outbox: Value = app
+        .client
+        .get(app.url("/dev/outbox.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let body = outbox["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["to"] == phone)
+        .expect("a message to the number")["body"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    body.split(|c: char| !c.is_ascii_digit())
+        .find(|w| w.len() == 6)
+        .expect("a 6-digit code")
+        .to_string()
+}
+
+async fn outbox_len(app: &TestApp) -> usize {
+    let outbox: Value = app
+        .client
+        .get(app.url("/dev/outbox.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    outbox["messages"].as_array().unwrap().len()
+}
+
+fn wrong(code: &str) -> String {
+    code.chars()
+        .map(|c| {
+            if c == '9' {
+                '0'
+            } else {
+                char::from(c as u8 + 1)
+            }
+        })
+        .collect()
+}
+
+async fn send_and_verify_once(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let r = send(&app, "u1", PHONE, "verification").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"success": true, "expires_in": 600, "mock": true})
+    );
+    let code = latest_code(&app, PHONE).await;
+    let (status, body) = verify(&app, "u1", "verification", &code).await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"success": true, "valid": true}))
+    );
+    // Single use.
+    let (status, body) = verify(&app, "u1", "verification", &code).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["valid"], false);
+    assert_eq!(body["error"]["code"], "invalid_otp");
+    // Scoped by purpose and user.
+    let code = send_ok(&app, "u1", "+919876543219", "login").await;
+    assert_eq!(verify(&app, "u1", "verification", &code).await.0, 400);
+    assert_eq!(verify(&app, "u2", "login", &code).await.0, 400);
+    assert_eq!(verify(&app, "u1", "login", &code).await.0, 200);
+    // The OTP message is in the log, with no consent needed.
+    let history = app.state.store.user_messages("u1", 10).await.unwrap();
+    assert_eq!(history.len(), 2);
+    assert!(history
+        .iter()
+        .all(|m| m.template_name == "otp" && m.status == "delivered"));
+}
+
+async fn no_clear_code_in_the_database(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let code = send_ok(&app, "u1", PHONE, "verification").await;
+    let rows: Vec<(String, String)> = match backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&app.db.url).await.unwrap();
+            let mut rows: Vec<(String, String)> =
+                sqlx::query_as("SELECT code_hash, phone_number FROM otp_codes")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            rows.extend(
+                sqlx::query_as::<_, (String, String)>(
+                    "SELECT variables, template_name FROM messages",
+                )
+                .fetch_all(&pool)
+                .await
+                .unwrap(),
+            );
+            rows
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&app.db.url).await.unwrap();
+            let mut rows: Vec<(String, String)> =
+                sqlx::query_as("SELECT code_hash, phone_number FROM otp_codes")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            rows.extend(
+                sqlx::query_as::<_, (String, String)>(
+                    "SELECT variables, template_name FROM messages",
+                )
+                .fetch_all(&pool)
+                .await
+                .unwrap(),
+            );
+            rows
+        }
+    };
+    assert_eq!(rows.len(), 2);
+    let (hash, _) = &rows[0];
+    assert_eq!(hash.len(), 64, "an HMAC-SHA256, hex");
+    assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(
+        rows[1],
+        ("{}".to_string(), "otp".to_string()),
+        "the message keeps no variables"
+    );
+    for (a, b) in &rows {
+        assert!(
+            !a.contains(&code) && !b.contains(&code),
+            "the code {code} is stored in clear"
+        );
+    }
+}
+
+async fn codes_expire(backend: Backend) {
+    let (config, clock) = clocked();
+    let app = TestApp::spawn_with(backend, config).await;
+    let code = send_ok(&app, "u1", PHONE, "verification").await;
+    clock.advance(Duration::seconds(599));
+    let fresh = send_ok(&app, "u2", "+919876543211", "verification").await;
+    assert_eq!(
+        verify(&app, "u2", "verification", &fresh).await.0,
+        200,
+        "inside the TTL"
+    );
+    clock.advance(Duration::seconds(2));
+    let (status, body) = verify(&app, "u1", "verification", &code).await;
+    assert_eq!(status, 400, "601 s after sending");
+    assert_eq!(body["error"]["code"], "invalid_otp");
+}
+
+async fn a_new_send_replaces_the_old_code(backend: Backend) {
+    let (config, clock) = clocked();
+    let app = TestApp::spawn_with(backend, config).await;
+    let first = send_ok(&app, "u1", PHONE, "verification").await;
+    clock.advance(Duration::seconds(31));
+    let mut second = send_ok(&app, "u1", PHONE, "verification").await;
+    while second == first {
+        clock.advance(Duration::seconds(31));
+        second = send_ok(&app, "u1", PHONE, "verification").await;
+    }
+    assert_eq!(verify(&app, "u1", "verification", &first).await.0, 400);
+    assert_eq!(verify(&app, "u1", "verification", &second).await.0, 200);
+}
+
+async fn wrong_tries_kill_the_code(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let code = send_ok(&app, "u1", PHONE, "verification").await;
+    for _ in 0..5 {
+        let (status, body) = verify(&app, "u1", "verification", &wrong(&code)).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_otp"))
+        );
+    }
+    let (status, body) = verify(&app, "u1", "verification", &code).await;
+    assert_eq!(status, 429, "the right code after 5 wrong tries");
+    assert_eq!(body["error"]["code"], "too_many_attempts");
+    assert_eq!(body["valid"], false);
+}
+
+async fn resend_cooldown_per_number(backend: Backend) {
+    let (config, clock) = clocked();
+    let app = TestApp::spawn_with(backend, config).await;
+    send_ok(&app, "u1", PHONE, "verification").await;
+    clock.advance(Duration::seconds(10));
+    // Another user, same number: the cooldown is the number's.
+    let r = send(&app, "u2", PHONE, "login").await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "20");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "rate_limited"
+    );
+    assert_eq!(outbox_len(&app).await, 1, "nothing sent");
+    assert!(
+        app.state
+            .store
+            .get_otp("u2", "login")
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing written"
+    );
+    clock.advance(Duration::seconds(21));
+    send_ok(&app, "u2", PHONE, "login").await;
+}
+
+fn limits(max: &str) -> (TestConfig, ManualClock) {
+    let (config, clock) = clocked();
+    (
+        config
+            .set("OTP_RESEND_COOLDOWN_SECONDS", "0")
+            .set("OTP_MAX_SENDS_PER_HOUR", max),
+        clock,
+    )
+}
+
+async fn hourly_limit_per_number(backend: Backend) {
+    let (config, clock) = limits("3");
+    let app = TestApp::spawn_with(backend, config.set("TRUST_FORWARDED_FOR", "true")).await;
+    for i in 0..3 {
+        let r = app
+            .client
+            .post(app.url("/api/messaging/send-otp"))
+            .header("x-forwarded-for", format!("198.51.100.{i}"))
+            .json(&json!({"user_id": format!("u{i}"), "phone_number": PHONE, "purpose": "login"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        clock.advance(Duration::minutes(10));
+    }
+    let r = app
+        .client
+        .post(app.url("/api/messaging/send-otp"))
+        .header("x-forwarded-for", "198.51.100.77")
+        .json(&json!({"user_id": "u9", "phone_number": PHONE, "purpose": "login"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    // The first send (30 minutes ago) leaves the window in 30 minutes.
+    assert_eq!(r.headers()["retry-after"], "1800");
+    clock.advance(Duration::minutes(31));
+    let r = app
+        .client
+        .post(app.url("/api/messaging/send-otp"))
+        .header("x-forwarded-for", "198.51.100.78")
+        .json(&json!({"user_id": "u10", "phone_number": PHONE, "purpose": "login"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+async fn hourly_limit_per_user(backend: Backend) {
+    let (config, _clock) = limits("2");
+    let app = TestApp::spawn_with(backend, config.set("TRUST_FORWARDED_FOR", "true")).await;
+    for (i, phone) in ["+919876543201", "+919876543202", "+919876543203"]
+        .iter()
+        .enumerate()
+    {
+        let r = app
+            .client
+            .post(app.url("/api/messaging/send-otp"))
+            .header("x-forwarded-for", format!("198.51.100.{i}"))
+            .json(&json!({"user_id": "same-user", "phone_number": phone, "purpose": "login"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), if i < 2 { 200 } else { 429 }, "send {i}");
+    }
+}
+
+async fn hourly_limit_per_ip(backend: Backend) {
+    let (config, _clock) = limits("2");
+    let app = TestApp::spawn_with(backend, config).await;
+    // All from 127.0.0.1: different users and numbers.
+    assert_eq!(
+        send(&app, "a", "+919876543201", "login").await.status(),
+        200
+    );
+    assert_eq!(
+        send(&app, "b", "+919876543202", "login").await.status(),
+        200
+    );
+    let r = send(&app, "c", "+919876543203", "login").await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(outbox_len(&app).await, 2);
+}
+
+async fn country_guard(backend: Backend) {
+    let app = TestApp::spawn_with(
+        backend,
+        TestConfig::new().set("OTP_ALLOWED_COUNTRIES", "IN, GB"),
+    )
+    .await;
+    let r = send(&app, "u1", "+14155552671", "login").await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "country_not_allowed"
+    );
+    assert_eq!(outbox_len(&app).await, 0);
+    send_ok(&app, "u1", PHONE, "login").await;
+}
+
+async fn opted_out_numbers_are_not_sent_to(backend: Backend) {
+    let app = TestApp::spawn_with(
+        backend,
+        TestConfig::new().set("TWILIO_PHONE_NUMBER", SMS_SENDER),
+    )
+    .await;
+    let sql = "INSERT INTO opt_outs (phone_number, channel, source, created_at) VALUES ('+919876543210', 'sms', 'sms_keyword', '2027-01-01T00:00:00Z')";
+    match backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&app.db.url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&app.db.url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+        }
+    }
+    let r = send(&app, "u1", PHONE, "login").await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "opted_out");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("START") && message.contains(SMS_SENDER),
+        "{message}"
+    );
+    assert_eq!(outbox_len(&app).await, 0);
+    // The opt-out is per channel: WhatsApp still works.
+    let r = app
+        .client
+        .post(app.url("/api/messaging/send-otp"))
+        .json(&json!({"user_id": "u1", "phone_number": PHONE, "purpose": "login", "channel": "whatsapp"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+async fn concurrent_verifies_succeed_once(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    for round in 0..5 {
+        let user = format!("u{round}");
+        let code = send_ok(&app, &user, &format!("+91987654321{round}"), "login").await;
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let client = app.client.clone();
+            let url = app.url("/api/messaging/verify-otp");
+            let body = json!({"user_id": user, "otp_code": code, "purpose": "login"});
+            tasks.spawn(async move {
+                client
+                    .post(url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            });
+        }
+        let mut statuses = vec![];
+        while let Some(s) = tasks.join_next().await {
+            statuses.push(s.unwrap());
+        }
+        statuses.sort();
+        assert_eq!(statuses, [200, 400, 400, 400], "round {round}");
+    }
+}
+
+async fn cleanup_needs_the_cron_secret_and_deletes(backend: Backend) {
+    let (config, clock) = clocked();
+    let app = TestApp::spawn_with(backend, config).await;
+    let used = send_ok(&app, "used", "+919876543201", "login").await;
+    verify(&app, "used", "login", &used).await;
+    send_ok(&app, "expired", "+919876543202", "login").await;
+    clock.advance(Duration::seconds(700));
+    send_ok(&app, "live", "+919876543203", "login").await;
+    let url = app.url("/cron/cleanup-expired-otps");
+    assert_eq!(app.client.post(&url).send().await.unwrap().status(), 401);
+    assert_eq!(
+        app.client
+            .post(&url)
+            .bearer_auth("wrong-secret")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        app.client
+            .post(&url)
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert!(
+        app.state
+            .store
+            .get_otp("expired", "login")
+            .await
+            .unwrap()
+            .is_some(),
+        "refused calls delete nothing"
+    );
+    let r = app
+        .client
+        .post(&url)
+        .bearer_auth(CRON_SECRET)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["success"], true);
+    assert_eq!(
+        (
+            body["used_deleted"].as_u64(),
+            body["expired_deleted"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    assert!(app
+        .state
+        .store
+        .get_otp("live", "login")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(app
+        .state
+        .store
+        .get_otp("expired", "login")
+        .await
+        .unwrap()
+        .is_none());
+    // The same job as a function, as the scheduler calls it: nothing left to do.
+    let report = prism_messaging::otp::cleanup(&app.state.store, app.state.clock.now())
+        .await
+        .unwrap();
+    assert_eq!((report.used_deleted, report.expired_deleted), (0, 0));
+}
+
+async fn bad_input_is_refused_and_reveals_nothing(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    for (body, code) in [
+        (
+            json!({"user_id": "u", "phone_number": PHONE, "purpose": "Log In"}),
+            "invalid_purpose",
+        ),
+        (
+            json!({"user_id": "u", "phone_number": "12345", "purpose": "login"}),
+            "invalid_phone",
+        ),
+        (
+            json!({"user_id": "u", "phone_number": PHONE, "purpose": "login", "channel": "pigeon"}),
+            "invalid_channel",
+        ),
+        (
+            json!({"user_id": "", "phone_number": PHONE, "purpose": "login"}),
+            "invalid_user_id",
+        ),
+        (
+            json!({"phone_number": PHONE, "purpose": "login"}),
+            "invalid_json",
+        ),
+    ] {
+        let r = app
+            .client
+            .post(app.url("/api/messaging/send-otp"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        assert_eq!(
+            r.json::<Value>().await.unwrap()["error"]["code"],
+            code,
+            "{body}"
+        );
+    }
+    assert_eq!(outbox_len(&app).await, 0);
+    // An unknown user and a wrong code for a known one answer identically.
+    send_ok(&app, "known", PHONE, "login").await;
+    let unknown = verify(&app, "nobody", "login", "123456").await;
+    let known = verify(&app, "known", "login", "000000").await;
+    assert_eq!(unknown, known);
+}
+
+async fn live_mode_sends_through_twilio(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    let r = send(&app, "u1", "+14155552671", "login").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["mock"], false);
+    let fake = app.fake.as_ref().unwrap();
+    let req = &fake.requests()[0];
+    assert_eq!(req.field("To"), Some("+14155552671"));
+    let body = req.field("Body").unwrap();
+    let code: String = body
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|w| w.len() == 6)
+        .unwrap()
+        .into();
+    assert_eq!(verify(&app, "u1", "login", &code).await.0, 200);
+    // Twilio refusing the number is the caller's problem, said plainly.
+    fake.fail(
+        "+14155552672",
+        vec![Failure {
+            http_status: 400,
+            code: 21211,
+            retry_after: None,
+        }],
+    );
+    let r = send(&app, "u2", "+14155552672", "login").await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_phone"
+    );
+    // Twilio down: 503, and the message is recorded as failed rather than retried without its code.
+    fake.fail(
+        "+14155552673",
+        vec![Failure {
+            http_status: 503,
+            code: 20500,
+            retry_after: None,
+        }],
+    );
+    let r = send(&app, "u3", "+14155552673", "login").await;
+    assert_eq!(r.status(), 503);
+    let m = &app.state.store.user_messages("u3", 1).await.unwrap()[0];
+    assert_eq!((m.status.as_str(), m.error_code), ("failed", Some(20500)));
+}
