@@ -18,3 +18,4 @@ pub mod segments;
 pub mod store;
 pub mod telemetry;
 pub mod templates;
+pub mod webhooks;

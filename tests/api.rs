@@ -192,7 +192,8 @@ async fn notification_end_to_end_in_mock_mode(backend: Backend) {
         .iter()
         .map(|e| e["status"].as_str().unwrap())
         .collect();
-    assert_eq!(statuses, ["sending", "delivered"]);
+    // The mock's "delivered" goes through the status-callback path, like Twilio's would.
+    assert_eq!(statuses, ["sending", "sent", "delivered"]);
 
     let r = app
         .client
@@ -321,6 +322,13 @@ fn assert_fields_exist_in_twilio_spec(req: &common::fake_twilio::RecordedRequest
 async fn whatsapp_goes_as_whatsapp_addresses(backend: Backend) {
     let app = TestApp::spawn_live(backend, TestConfig::new()).await;
     app.consent("patient-1", "+14155552671").await;
+    // The patient wrote on WhatsApp recently: free text may go back.
+    assert_eq!(
+        app.incoming("SMin1", "whatsapp:+14155552671", "hello")
+            .await
+            .status(),
+        200
+    );
     let mut body = reminder("patient-1");
     body["channel"] = json!("whatsapp");
     let id = app.notify_ok(body).await;

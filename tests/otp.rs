@@ -380,7 +380,12 @@ async fn country_guard(backend: Backend) {
 async fn opted_out_numbers_are_not_sent_to(backend: Backend) {
     let app = TestApp::spawn_with(
         backend,
-        TestConfig::new().set("TWILIO_PHONE_NUMBER", SMS_SENDER),
+        TestConfig::new()
+            .set("TWILIO_PHONE_NUMBER", SMS_SENDER)
+            .set(
+                "TWILIO_CONTENT_SIDS",
+                "otp=HX0123456789abcdef0123456789abcdef",
+            ),
     )
     .await;
     let sql = "INSERT INTO opt_outs (phone_number, channel, source, created_at) VALUES ('+919876543210', 'sms', 'sms_keyword', '2027-01-01T00:00:00Z')";
@@ -412,7 +417,7 @@ async fn opted_out_numbers_are_not_sent_to(backend: Backend) {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
 }
 
 async fn concurrent_verifies_succeed_once(backend: Backend) {

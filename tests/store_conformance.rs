@@ -263,6 +263,7 @@ async fn dispatch_results_and_events(backend: Backend) {
         .unwrap();
     let attempt = SendAttempt {
         to_number: "+14155552671".into(),
+        channel: Channel::Sms,
         encoding: "GSM-7".into(),
         segments: 1,
     };

@@ -7,6 +7,7 @@ mod messages;
 mod ops;
 mod otp;
 mod preferences;
+mod webhooks;
 
 use std::net::SocketAddr;
 
@@ -33,6 +34,7 @@ pub fn router(state: AppState) -> Router {
         .merge(dev::router())
         .merge(otp::router())
         .merge(cron::router())
+        .merge(webhooks::router())
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(state)
 }

@@ -242,6 +242,13 @@ pub async fn send_otp(
             "invalid_phone",
             "this number cannot receive messages",
         )),
+        DispatchResult::Skipped { reason } if reason == "whatsapp_window_closed" => {
+            Err(AppError::bad_request(
+                "whatsapp_window_closed",
+                "a WhatsApp code can only go to a number that wrote to us in the last 24 hours \
+                 (or as an approved template); use sms",
+            ))
+        }
         DispatchResult::Skipped { .. } => Err(AppError::Unavailable(
             "messaging is disabled on this service".into(),
         )),

@@ -22,6 +22,7 @@ use crate::phone::PhoneNumber;
 use crate::provider::{DynProvider, OutboundMessage, ProviderError};
 use crate::store::{Channel, DispatchResult, DynStore, MessageRecord, SendAttempt};
 use crate::templates::{self, Category, RenderContext, Template, ValidVariables};
+use crate::webhooks;
 
 /// Messages claimed per round, and sent concurrently.
 const BATCH_SIZE: i64 = 32;
@@ -30,6 +31,14 @@ const LEASE: chrono::Duration = chrono::Duration::seconds(120);
 /// Attempts before a retryable failure becomes `failed`.
 pub const MAX_ATTEMPTS: i64 = 5;
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// WhatsApp allows free-form messages for 24 hours after the patient's last message.
+const WHATSAPP_WINDOW: chrono::Duration = chrono::Duration::hours(24);
+
+enum WhatsappRoute {
+    FreeText,
+    Template(String),
+    Closed,
+}
 
 /// What one round did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -122,17 +131,38 @@ impl Dispatcher {
     }
 
     async fn settle(&self, message: MessageRecord) -> AppResult<DispatchResult> {
-        let (result, to) = match self.prepare(&message).await? {
+        match self.prepare(&message).await? {
             Ok(outbound) => {
                 let to = outbound.to.masked();
-                (self.send(&message, outbound).await?, to)
+                let (result, provider_status) = self.send(&message, outbound).await?;
+                self.finish(&message, &to, result, provider_status).await
             }
-            Err(not_sent) => (not_sent, String::new()),
-        };
+            Err(not_sent) => self.finish(&message, "", not_sent, None).await,
+        }
+    }
+
+    /// Record the outcome. A provider that already reports more than acceptance (the mock says
+    /// `delivered`) goes through the status-callback path, so that path is the only one that
+    /// moves a sent message on.
+    async fn finish(
+        &self,
+        message: &MessageRecord,
+        to: &str,
+        result: DispatchResult,
+        provider_status: Option<String>,
+    ) -> AppResult<DispatchResult> {
+        let now = self.clock.now();
         self.store
-            .record_dispatch(&message.id, &result, self.clock.now())
+            .record_dispatch(&message.id, &result, now)
             .await?;
-        log_result(&message, &to, &result);
+        log_result(message, to, &result);
+        if let (DispatchResult::Sent { provider_sid, .. }, Some(status)) =
+            (&result, provider_status)
+        {
+            if status != "sent" {
+                webhooks::apply_status(&self.store, provider_sid, &status, None, now).await?;
+            }
+        }
         Ok(result)
     }
 
@@ -159,13 +189,23 @@ impl Dispatcher {
         let Some(template) = templates::find(&message.template_name) else {
             return fail(format!("unknown template {}", message.template_name));
         };
-        let Some(channel) = Channel::parse(&message.channel) else {
+        let Some(mut channel) = Channel::parse(&message.channel) else {
             return fail(format!("unknown channel {}", message.channel));
         };
-        let consent = self.store.get_consent(&message.user_id).await?;
-        let Some(consent) = consent else {
+        let Some(consent) = self.store.get_consent(&message.user_id).await? else {
             return skip("no_consent");
         };
+        let Some(to) = consent
+            .phone_number
+            .as_deref()
+            .and_then(|p| PhoneNumber::parse(p).ok())
+        else {
+            return skip("no_consent");
+        };
+        // The number texted STOP on this channel: nothing goes there until START.
+        if self.store.is_opted_out(to.as_str(), channel).await? {
+            return skip("opted_out");
+        }
         let channel_consent = match channel {
             Channel::Sms => consent.sms_consent,
             Channel::Whatsapp => consent.whatsapp_consent,
@@ -174,23 +214,58 @@ impl Dispatcher {
         if !channel_consent || !marketing_ok {
             return skip("no_consent");
         }
-        let Some(to) = consent
-            .phone_number
-            .as_deref()
-            .and_then(|p| PhoneNumber::parse(p).ok())
-        else {
-            return skip("no_phone_number");
-        };
         let variables: Value = serde_json::from_str(&message.variables).unwrap_or(Value::Null);
         let valid = match template.validate(&variables, &self.render) {
             Ok(valid) => valid,
             Err(e) => return fail(format!("variables no longer valid: {e}")),
         };
-        Ok(Ok(self.outbound(message, template, channel, to, &valid)))
+        let mut whatsapp_template = None;
+        if channel == Channel::Whatsapp {
+            match self.whatsapp_route(&to, template).await? {
+                WhatsappRoute::FreeText => {}
+                WhatsappRoute::Template(sid) => {
+                    whatsapp_template = Some((sid, valid.content_variables_json()))
+                }
+                // Outside the window with no approved template: SMS if the patient takes SMS.
+                WhatsappRoute::Closed => {
+                    let sms_ok = consent.sms_consent
+                        && !self.store.is_opted_out(to.as_str(), Channel::Sms).await?;
+                    if !sms_ok {
+                        return skip("whatsapp_window_closed");
+                    }
+                    channel = Channel::Sms;
+                }
+            }
+        }
+        Ok(Ok(self.outbound(
+            message,
+            template,
+            channel,
+            to,
+            &valid,
+            whatsapp_template,
+        )))
     }
 
-    /// The wire form of a message: rendered body, and the approved WhatsApp template when one is
-    /// configured for it.
+    /// How a WhatsApp message may go: free text inside 24 hours of the patient's last WhatsApp
+    /// message; outside it only as an approved template (`TWILIO_CONTENT_SIDS`).
+    async fn whatsapp_route(
+        &self,
+        to: &PhoneNumber,
+        template: &Template,
+    ) -> AppResult<WhatsappRoute> {
+        let last = self.store.last_whatsapp_inbound(to.as_str()).await?;
+        let open = last.is_some_and(|at| self.clock.now() - at < WHATSAPP_WINDOW);
+        Ok(if open {
+            WhatsappRoute::FreeText
+        } else if let Some(sid) = self.config.twilio_content_sids.get(template.name) {
+            WhatsappRoute::Template(sid.clone())
+        } else {
+            WhatsappRoute::Closed
+        })
+    }
+
+    /// The wire form of a message.
     fn outbound(
         &self,
         message: &MessageRecord,
@@ -198,16 +273,9 @@ impl Dispatcher {
         channel: Channel,
         to: PhoneNumber,
         valid: &ValidVariables,
+        whatsapp_template: Option<(String, String)>,
     ) -> OutboundMessage {
         let rendered = template.render(valid, &self.render);
-        let whatsapp_template = match channel {
-            Channel::Whatsapp => self
-                .config
-                .twilio_content_sids
-                .get(template.name)
-                .map(|sid| (sid.clone(), valid.content_variables_json())),
-            Channel::Sms => None,
-        };
         OutboundMessage {
             message_id: message.id.clone(),
             to,
@@ -227,45 +295,54 @@ impl Dispatcher {
         to: PhoneNumber,
         code: &str,
     ) -> AppResult<DispatchResult> {
-        let result = if !self.config.messaging_enabled {
-            DispatchResult::Skipped {
+        if !self.config.messaging_enabled {
+            let skipped = DispatchResult::Skipped {
                 reason: "disabled".into(),
-            }
-        } else {
-            let template = templates::find("otp")
-                .ok_or_else(|| anyhow::anyhow!("the otp template is missing"))?;
-            let channel = Channel::parse(&message.channel)
-                .ok_or_else(|| anyhow::anyhow!("unknown channel {}", message.channel))?;
-            let valid = template.validate(&serde_json::json!({ "code": code }), &self.render)?;
-            let masked = to.masked();
-            let outbound = self.outbound(message, template, channel, to, &valid);
-            let result = match self.send(message, outbound).await? {
-                DispatchResult::Retry { code, message, .. } => {
-                    DispatchResult::Failed { code, message }
-                }
-                other => other,
             };
-            self.store
-                .record_dispatch(&message.id, &result, self.clock.now())
-                .await?;
-            log_result(message, &masked, &result);
-            return Ok(result);
+            return self.finish(message, "", skipped, None).await;
+        }
+        let template =
+            templates::find("otp").ok_or_else(|| anyhow::anyhow!("the otp template is missing"))?;
+        let channel = Channel::parse(&message.channel)
+            .ok_or_else(|| anyhow::anyhow!("unknown channel {}", message.channel))?;
+        let valid = template.validate(&serde_json::json!({ "code": code }), &self.render)?;
+        let mut whatsapp_template = None;
+        if channel == Channel::Whatsapp {
+            match self.whatsapp_route(&to, template).await? {
+                WhatsappRoute::FreeText => {}
+                WhatsappRoute::Template(sid) => {
+                    whatsapp_template = Some((sid, valid.content_variables_json()))
+                }
+                WhatsappRoute::Closed => {
+                    let skipped = DispatchResult::Skipped {
+                        reason: "whatsapp_window_closed".into(),
+                    };
+                    return self.finish(message, "", skipped, None).await;
+                }
+            }
+        }
+        let masked = to.masked();
+        let outbound = self.outbound(message, template, channel, to, &valid, whatsapp_template);
+        let (result, provider_status) = match self.send(message, outbound).await? {
+            (DispatchResult::Retry { code, message, .. }, status) => {
+                (DispatchResult::Failed { code, message }, status)
+            }
+            other => other,
         };
-        self.store
-            .record_dispatch(&message.id, &result, self.clock.now())
-            .await?;
-        log_result(message, "", &result);
-        Ok(result)
+        self.finish(message, &masked, result, provider_status).await
     }
 
+    /// Mark the message `sending`, call the provider, and classify the answer. Returns the
+    /// provider's own status word when it accepted the message.
     async fn send(
         &self,
         message: &MessageRecord,
         outbound: OutboundMessage,
-    ) -> AppResult<DispatchResult> {
+    ) -> AppResult<(DispatchResult, Option<String>)> {
         let info = crate::segments::analyze(&outbound.body);
         let attempt = SendAttempt {
             to_number: outbound.to.as_str().to_string(),
+            channel: outbound.channel,
             encoding: info.encoding.as_str().to_string(),
             segments: i64::from(info.segments),
         };
@@ -274,19 +351,28 @@ impl Dispatcher {
             .await?;
         let attempts_made = message.attempts + 1;
         Ok(match self.provider.send(&outbound).await {
-            Ok(accepted) => DispatchResult::Sent {
-                provider_sid: accepted.sid,
-                status: our_status(&accepted.status).to_string(),
-            },
-            Err(e) if e.is_retryable() && attempts_made < MAX_ATTEMPTS => DispatchResult::Retry {
-                code: e.code(),
-                message: e.message().to_string(),
-                next_attempt_at: self.next_attempt(attempts_made, &e),
-            },
-            Err(e) => DispatchResult::Failed {
-                code: e.code(),
-                message: e.message().to_string(),
-            },
+            Ok(accepted) => (
+                DispatchResult::Sent {
+                    provider_sid: accepted.sid,
+                    status: "sent".into(),
+                },
+                Some(accepted.status),
+            ),
+            Err(e) if e.is_retryable() && attempts_made < MAX_ATTEMPTS => (
+                DispatchResult::Retry {
+                    code: e.code(),
+                    message: e.message().to_string(),
+                    next_attempt_at: self.next_attempt(attempts_made, &e),
+                },
+                None,
+            ),
+            Err(e) => (
+                DispatchResult::Failed {
+                    code: e.code(),
+                    message: e.message().to_string(),
+                },
+                None,
+            ),
         })
     }
 
@@ -306,19 +392,6 @@ impl Dispatcher {
             wait = wait.max(chrono::Duration::from_std(*after).unwrap_or(wait));
         }
         self.clock.now() + wait
-    }
-}
-
-/// Our status for a provider's status word at acceptance. Anything not yet final at the carrier
-/// (`queued`, `accepted`, `sending`, `scheduled`) is `sent`: the provider has it. Status
-/// callbacks move it on from there.
-fn our_status(provider_status: &str) -> &'static str {
-    match provider_status {
-        "delivered" => "delivered",
-        "read" => "read",
-        "undelivered" => "undelivered",
-        "failed" => "failed",
-        _ => "sent",
     }
 }
 

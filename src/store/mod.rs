@@ -262,8 +262,40 @@ pub enum DispatchResult {
 #[derive(Debug, Clone)]
 pub struct SendAttempt {
     pub to_number: String,
+    /// The channel it goes by (a WhatsApp message may fall back to SMS).
+    pub channel: Channel,
     pub encoding: String,
     pub segments: i64,
+}
+
+/// A message from a patient (a reply or a keyword), as received from Twilio.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct IncomingMessage {
+    pub id: String,
+    pub provider_sid: String,
+    pub channel: String,
+    /// The sender, E.164 (the `whatsapp:` prefix removed).
+    pub from_number: String,
+    pub to_number: Option<String>,
+    /// The user whose stored number matches, if any.
+    pub user_id: Option<String>,
+    pub body: String,
+    /// `stop`, `start` or `help` when the body was a keyword.
+    pub keyword: Option<String>,
+    /// The template the reply used, if one was sent.
+    pub reply_template: Option<String>,
+    /// Twilio's `OptOutType` when its Advanced Opt-Out handled the keyword.
+    pub opt_out_type: Option<String>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// What a status callback did to its message.
+#[derive(Debug, Clone)]
+pub struct StatusApplied {
+    /// The message after the callback; `None` when no message has that SID.
+    pub message: Option<MessageRecord>,
+    /// Whether its status moved.
+    pub changed: bool,
 }
 
 /// A new one-time passcode, written with its message and its rate-limit record in one
@@ -391,6 +423,40 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the number texted STOP on this channel (and not START since).
     async fn is_opted_out(&self, phone_number: &str, channel: Channel) -> AppResult<bool>;
+    async fn set_opt_out(
+        &self,
+        phone_number: &str,
+        channel: Channel,
+        source: ConsentSource,
+        at: DateTime<Utc>,
+    ) -> AppResult<()>;
+    async fn clear_opt_out(&self, phone_number: &str, channel: Channel) -> AppResult<()>;
+    /// Users whose stored number is this one.
+    async fn users_with_phone(&self, phone_number: &str) -> AppResult<Vec<String>>;
+
+    /// Store an incoming message; `false` (and nothing written) when its SID was seen before.
+    async fn insert_incoming(&self, message: &IncomingMessage) -> AppResult<bool>;
+    async fn incoming_by_sid(&self, provider_sid: &str) -> AppResult<Option<IncomingMessage>>;
+    /// Incoming messages received after `since` (all when `None`), oldest first.
+    async fn list_incoming(
+        &self,
+        since: Option<DateTime<Utc>>,
+        limit: i64,
+    ) -> AppResult<Vec<IncomingMessage>>;
+    /// Remember a WhatsApp message from this number (opens its 24-hour window).
+    async fn touch_whatsapp_session(&self, phone_number: &str, at: DateTime<Utc>) -> AppResult<()>;
+    async fn last_whatsapp_inbound(&self, phone_number: &str) -> AppResult<Option<DateTime<Utc>>>;
+
+    /// Apply a delivery status to the message with this provider SID: record the event (a repeat
+    /// is a no-op) and move the status only from one of `allowed_from`, so it never goes back.
+    async fn apply_status(
+        &self,
+        provider_sid: &str,
+        status: &str,
+        allowed_from: &[&str],
+        error_code: Option<i64>,
+        at: DateTime<Utc>,
+    ) -> AppResult<StatusApplied>;
 }
 
 pub type DynStore = Arc<dyn Store>;

@@ -10,10 +10,13 @@ use chrono::{DateTime, Utc};
 
 use crate::error::AppResult;
 use crate::store::{
-    Channel, ChangeContext, Consent, ConsentAuditRecord, ConsentPatch, DispatchResult, MessageEvent,
-    MessageRecord, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome, OtpRecord, SendAttempt, Store,
-    MESSAGE_COLUMNS,
+    Channel, ChangeContext, Consent, ConsentAuditRecord, ConsentPatch, ConsentSource, DispatchResult,
+    IncomingMessage, MessageEvent, MessageRecord, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome,
+    OtpRecord, SendAttempt, StatusApplied, Store, MESSAGE_COLUMNS,
 };
+
+const INCOMING_COLUMNS: &str = "id, provider_sid, channel, from_number, to_number, user_id, body, keyword, \
+     reply_template, opt_out_type, received_at";
 
 const CONSENT_COLUMNS: &str =
     "user_id, phone_number, sms_consent, whatsapp_consent, marketing_consent, updated_at";
@@ -169,13 +172,14 @@ impl Store for ThisStore {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE messages SET status = 'sending', attempts = attempts + 1, to_number = $2, \
-             encoding = $3, segments = $4, updated_at = $5 WHERE id = $1",
+             encoding = $3, segments = $4, updated_at = $5, channel = $6 WHERE id = $1",
         )
         .bind(id)
         .bind(&attempt.to_number)
         .bind(&attempt.encoding)
         .bind(attempt.segments)
         .bind(now)
+        .bind(attempt.channel.as_str())
         .execute(&mut *tx)
         .await?;
         insert_event(&mut tx, id, "sending", None, None, now).await?;
@@ -364,6 +368,138 @@ impl Store for ThisStore {
         .fetch_one(&self.pool)
         .await?;
         Ok(found > 0)
+    }
+
+    async fn set_opt_out(&self, phone_number: &str, channel: Channel, source: ConsentSource, at: DateTime<Utc>) -> AppResult<()> {
+        sqlx::query(
+            "INSERT INTO opt_outs (phone_number, channel, source, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (phone_number, channel) DO NOTHING",
+        )
+        .bind(phone_number)
+        .bind(channel.as_str())
+        .bind(source.as_str())
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn clear_opt_out(&self, phone_number: &str, channel: Channel) -> AppResult<()> {
+        sqlx::query("DELETE FROM opt_outs WHERE phone_number = $1 AND channel = $2")
+            .bind(phone_number)
+            .bind(channel.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn users_with_phone(&self, phone_number: &str) -> AppResult<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT user_id FROM messaging_consent WHERE phone_number = $1 ORDER BY user_id")
+            .bind(phone_number)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn insert_incoming(&self, m: &IncomingMessage) -> AppResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO incoming_messages (id, provider_sid, channel, from_number, to_number, user_id, body, \
+             keyword, reply_template, opt_out_type, received_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (provider_sid) DO NOTHING",
+        )
+        .bind(&m.id)
+        .bind(&m.provider_sid)
+        .bind(&m.channel)
+        .bind(&m.from_number)
+        .bind(&m.to_number)
+        .bind(&m.user_id)
+        .bind(&m.body)
+        .bind(&m.keyword)
+        .bind(&m.reply_template)
+        .bind(&m.opt_out_type)
+        .bind(m.received_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn incoming_by_sid(&self, provider_sid: &str) -> AppResult<Option<IncomingMessage>> {
+        let sql = format!("SELECT {INCOMING_COLUMNS} FROM incoming_messages WHERE provider_sid = $1");
+        Ok(sqlx::query_as::<Db, IncomingMessage>(&sql)
+            .bind(provider_sid)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn list_incoming(&self, since: Option<DateTime<Utc>>, limit: i64) -> AppResult<Vec<IncomingMessage>> {
+        let sql = format!(
+            "SELECT {INCOMING_COLUMNS} FROM incoming_messages WHERE received_at > $1 \
+             ORDER BY received_at, id LIMIT $2"
+        );
+        let since = since.unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
+        Ok(sqlx::query_as::<Db, IncomingMessage>(&sql)
+            .bind(since)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn touch_whatsapp_session(&self, phone_number: &str, at: DateTime<Utc>) -> AppResult<()> {
+        sqlx::query(
+            "INSERT INTO whatsapp_sessions (phone_number, last_inbound_at) VALUES ($1, $2) \
+             ON CONFLICT (phone_number) DO UPDATE SET last_inbound_at = excluded.last_inbound_at \
+             WHERE whatsapp_sessions.last_inbound_at < excluded.last_inbound_at",
+        )
+        .bind(phone_number)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn last_whatsapp_inbound(&self, phone_number: &str) -> AppResult<Option<DateTime<Utc>>> {
+        Ok(sqlx::query_scalar("SELECT last_inbound_at FROM whatsapp_sessions WHERE phone_number = $1")
+            .bind(phone_number)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn apply_status(
+        &self,
+        provider_sid: &str,
+        status: &str,
+        allowed_from: &[&str],
+        error_code: Option<i64>,
+        at: DateTime<Utc>,
+    ) -> AppResult<StatusApplied> {
+        // `allowed_from` holds our own status words, never caller input: safe to inline.
+        let from_list = allowed_from.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
+        let mut tx = self.pool.begin().await?;
+        let changed = if from_list.is_empty() {
+            false
+        } else {
+            sqlx::query(&format!(
+                "UPDATE messages SET status = $2, error_code = COALESCE($3, error_code), updated_at = $4 \
+                 WHERE provider_sid = $1 AND status IN ({from_list})"
+            ))
+            .bind(provider_sid)
+            .bind(status)
+            .bind(error_code)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1
+        };
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE provider_sid = $1");
+        let message = sqlx::query_as::<Db, MessageRecord>(&sql)
+            .bind(provider_sid)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(m) = &message {
+            insert_event(&mut tx, &m.id, status, error_code, Some("status callback"), at).await?;
+        }
+        tx.commit().await?;
+        Ok(StatusApplied { message, changed })
     }
 }
 

@@ -1,6 +1,7 @@
 //! A fake Twilio REST API on a loopback port: it checks Basic auth, records every request with
 //! its form fields, and answers in Twilio's JSON shapes (the Message resource, or the error
 //! `{code, message, more_info, status}`). Tests script failures per recipient number.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -82,6 +83,20 @@ impl FakeTwilio {
 
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.requests.lock().unwrap().clone()
+    }
+
+    /// The 6-digit code in the newest message body sent to `to`.
+    pub fn last_code_for(&self, to: &str) -> Option<String> {
+        let requests = self.shared.requests.lock().unwrap();
+        let body = requests
+            .iter()
+            .rev()
+            .find(|r| r.field("To") == Some(to))?
+            .field("Body")?
+            .to_string();
+        body.split(|c: char| !c.is_ascii_digit())
+            .find(|w| w.len() == 6)
+            .map(String::from)
     }
 
     /// Answer the next sends to `to` with these failures, in order; later sends succeed.

@@ -272,6 +272,48 @@ impl TestApp {
             .unwrap()
     }
 
+    /// POST a form to a Twilio webhook path, signed as Twilio signs it (with `AUTH_TOKEN` and
+    /// `PUBLIC_URL`); `signature` overrides the computed one.
+    pub async fn twilio_webhook(
+        &self,
+        path: &str,
+        params: &[(&str, &str)],
+        signature: Option<&str>,
+    ) -> reqwest::Response {
+        let owned: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let computed = prism_messaging::webhooks::signature::compute(
+            AUTH_TOKEN,
+            &format!("{PUBLIC_URL}{path}"),
+            &owned,
+        );
+        let mut request = self.client.post(self.url(path)).form(&owned);
+        match signature {
+            Some("") => {}
+            Some(s) => request = request.header("x-twilio-signature", s),
+            None => request = request.header("x-twilio-signature", computed),
+        }
+        request.send().await.unwrap()
+    }
+
+    /// A signed incoming message from `from` (`+E164` or `whatsapp:+E164`).
+    pub async fn incoming(&self, sid: &str, from: &str, body: &str) -> reqwest::Response {
+        self.twilio_webhook(
+            "/webhooks/twilio/incoming",
+            &[
+                ("MessageSid", sid),
+                ("From", from),
+                ("To", SMS_SENDER),
+                ("Body", body),
+                ("AccountSid", ACCOUNT_SID),
+            ],
+            None,
+        )
+        .await
+    }
+
     /// PUT preferences with a given bearer token; the status code.
     pub async fn put_preferences_with(&self, token: &str, body: Value) -> u16 {
         let r = self

@@ -1,0 +1,201 @@
+//! Twilio's webhooks (signed, form-encoded), the host app's inbox of patient replies, and mock
+//! mode's stand-in for an incoming message.
+
+use axum::body::Bytes;
+use axum::extract::{OriginalUri, Query, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{HostApp, JsonBody};
+use crate::app::AppState;
+use crate::error::{AppError, AppResult};
+use crate::phone::PhoneNumber;
+use crate::webhooks::{self, signature, Incoming};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/webhooks/twilio/status", post(status_callback))
+        .route("/webhooks/twilio/incoming", post(incoming))
+        .route("/api/inbound", get(list_inbound))
+        .route("/dev/inbound", post(dev_inbound))
+}
+
+/// The form parameters of a request whose `X-Twilio-Signature` is right, or why not.
+fn verified_form(
+    state: &AppState,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> AppResult<Vec<(String, String)>> {
+    let token = state.config.twilio_auth_token.as_ref().ok_or_else(|| {
+        AppError::NotConfigured("TWILIO_AUTH_TOKEN is not set: webhooks cannot be verified".into())
+    })?;
+    let params: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
+        .map_err(|_| AppError::bad_request("invalid_form", "expected a form-encoded body"))?;
+    let presented = headers
+        .get("x-twilio-signature")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| AppError::Forbidden("missing X-Twilio-Signature".into()))?;
+    // The URL Twilio called: our public base URL, this path, and the query string as sent.
+    let mut url = format!("{}{}", state.config.public_url, uri.path());
+    if let Some(query) = uri.query() {
+        url.push('?');
+        url.push_str(query);
+    }
+    if !signature::is_valid(token.expose(), &url, &params, presented) {
+        tracing::warn!(
+            path = uri.path(),
+            "webhook refused: wrong X-Twilio-Signature"
+        );
+        return Err(AppError::Forbidden("invalid X-Twilio-Signature".into()));
+    }
+    Ok(params)
+}
+
+fn field<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+async fn status_callback(
+    State(state): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> AppResult<()> {
+    let params = verified_form(&state, &uri, &headers, &body)?;
+    let (Some(sid), Some(status)) = (
+        field(&params, "MessageSid"),
+        field(&params, "MessageStatus"),
+    ) else {
+        return Err(AppError::bad_request(
+            "invalid_form",
+            "MessageSid and MessageStatus are required",
+        ));
+    };
+    let error_code = field(&params, "ErrorCode").and_then(|c| c.trim().parse::<i64>().ok());
+    webhooks::apply_status(&state.store, sid, status, error_code, state.clock.now()).await?;
+    Ok(())
+}
+
+fn twiml_response(xml: String) -> Response {
+    ([(CONTENT_TYPE, "text/xml; charset=utf-8")], xml).into_response()
+}
+
+async fn incoming(
+    State(state): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> AppResult<Response> {
+    let params = verified_form(&state, &uri, &headers, &body)?;
+    let (Some(sid), Some(from)) = (field(&params, "MessageSid"), field(&params, "From")) else {
+        return Err(AppError::bad_request(
+            "invalid_form",
+            "MessageSid and From are required",
+        ));
+    };
+    let message = Incoming {
+        message_sid: sid.to_string(),
+        from: from.to_string(),
+        to: field(&params, "To").map(String::from),
+        body: field(&params, "Body").unwrap_or_default().to_string(),
+        opt_out_type: field(&params, "OptOutType")
+            .filter(|t| !t.is_empty())
+            .map(String::from),
+    };
+    Ok(twiml_response(
+        webhooks::handle_incoming(&state, message).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+struct InboundQuery {
+    since: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Patient replies and keywords for the host app, oldest first after `since` (RFC 3339).
+async fn list_inbound(
+    State(state): State<AppState>,
+    _: HostApp,
+    query: Result<Query<InboundQuery>, axum::extract::rejection::QueryRejection>,
+) -> AppResult<Json<Value>> {
+    let Query(query) = query.map_err(|_| {
+        AppError::bad_request("invalid_query", "since must be RFC 3339, limit a number")
+    })?;
+    let since = query
+        .since
+        .as_deref()
+        .map(|s| {
+            DateTime::parse_from_rfc3339(s)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| {
+                    AppError::bad_request("invalid_since", "since must be an RFC 3339 time")
+                })
+        })
+        .transpose()?;
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(AppError::bad_request(
+            "invalid_limit",
+            "limit must be a number from 1 to 200",
+        ));
+    }
+    let messages = state.store.list_incoming(since, limit).await?;
+    let next_since = messages.last().map(|m| m.received_at);
+    let items: Vec<Value> = messages
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.id, "provider_sid": m.provider_sid, "channel": m.channel, "from": m.from_number,
+                "user_id": m.user_id, "body": m.body, "keyword": m.keyword, "received_at": m.received_at,
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({"success": true, "messages": items, "next_since": next_since}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevInbound {
+    from: String,
+    body: String,
+    channel: Option<String>,
+}
+
+/// Mock mode only: a patient's message without Twilio, through the same handling.
+async fn dev_inbound(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<DevInbound>,
+) -> AppResult<Response> {
+    if state.mock.is_none() {
+        return Err(AppError::NotFound("page"));
+    }
+    let number = PhoneNumber::parse(&request.from)?;
+    let channel = crate::outbox::parse_channel(request.channel.as_deref())?;
+    let from = match channel {
+        crate::store::Channel::Whatsapp => format!("whatsapp:{}", number.as_str()),
+        crate::store::Channel::Sms => number.as_str().to_string(),
+    };
+    let message = Incoming {
+        message_sid: format!("SM{}", uuid::Uuid::new_v4().simple()),
+        from,
+        to: None,
+        body: request.body,
+        opt_out_type: None,
+    };
+    Ok(twiml_response(
+        webhooks::handle_incoming(&state, message).await?,
+    ))
+}
