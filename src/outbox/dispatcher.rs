@@ -159,7 +159,10 @@ impl Dispatcher {
         if let (DispatchResult::Sent { provider_sid, .. }, Some(status)) =
             (&result, provider_status)
         {
-            if status != "sent" {
+            // Only news beyond `sent` (Twilio answers `queued` at creation, which says nothing).
+            let moves_on = webhooks::our_status(&status)
+                .is_some_and(|ours| webhooks::allowed_from(ours).contains(&"sent"));
+            if moves_on {
                 webhooks::apply_status(&self.store, provider_sid, &status, None, now).await?;
             }
         }

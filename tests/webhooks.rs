@@ -1,0 +1,576 @@
+//! Twilio's webhooks on both backends: signatures, delivery status that never goes backwards,
+//! incoming messages and keywords, opt-outs at send time, and the WhatsApp 24-hour window.
+
+mod common;
+
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
+use common::*;
+use prism_messaging::clock::ManualClock;
+use serde_json::{json, Value};
+
+both_backends!(
+    signatures_are_required_and_checked,
+    status_callbacks_only_move_forward,
+    failed_is_final,
+    unknown_message_sid_is_acknowledged,
+    carrier_opt_out_revokes_consent,
+    duplicate_incoming_is_stored_once,
+    keywords_in_every_family_and_case,
+    stop_holds_queued_messages_until_start,
+    advanced_opt_out_gets_one_reply,
+    whatsapp_window_closed_falls_back_to_sms_or_skips,
+    inbound_inbox_for_the_host_app,
+    dev_inbound_in_mock_mode,
+);
+
+const PATIENT: &str = "+14155552671";
+
+async fn sent_message(app: &TestApp, user: &str) -> (String, String) {
+    app.consent(user, PATIENT).await;
+    let id = app.notify_ok(reminder(user)).await;
+    assert_eq!(app.dispatch().await.sent, 1);
+    let m = app.message(&id).await;
+    (id, m["provider_sid"].as_str().unwrap().to_string())
+}
+
+async fn status(app: &TestApp, sid: &str, status: &str, error_code: Option<&str>) -> u16 {
+    let mut params = vec![
+        ("MessageSid", sid),
+        ("MessageStatus", status),
+        ("AccountSid", ACCOUNT_SID),
+    ];
+    if let Some(code) = error_code {
+        params.push(("ErrorCode", code));
+    }
+    app.twilio_webhook("/webhooks/twilio/status", &params, None)
+        .await
+        .status()
+        .as_u16()
+}
+
+fn statuses(message: &Value) -> Vec<String> {
+    message["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["status"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn signatures_are_required_and_checked(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    let (id, sid) = sent_message(&app, "p1").await;
+    let path = "/webhooks/twilio/status";
+    let params = [("MessageSid", sid.as_str()), ("MessageStatus", "delivered")];
+    let owned: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let sign = |url: &str| prism_messaging::webhooks::signature::compute(AUTH_TOKEN, url, &owned);
+
+    // Missing, wrong URL, wrong token, and a tampered parameter: 403, nothing changes.
+    assert_eq!(
+        app.twilio_webhook(path, &params, Some("")).await.status(),
+        403
+    );
+    let wrong_url = sign(&format!("{PUBLIC_URL}/webhooks/twilio/incoming"));
+    assert_eq!(
+        app.twilio_webhook(path, &params, Some(&wrong_url))
+            .await
+            .status(),
+        403
+    );
+    let wrong_token = prism_messaging::webhooks::signature::compute(
+        "another-token",
+        &format!("{PUBLIC_URL}{path}"),
+        &owned,
+    );
+    assert_eq!(
+        app.twilio_webhook(path, &params, Some(&wrong_token))
+            .await
+            .status(),
+        403
+    );
+    let good = sign(&format!("{PUBLIC_URL}{path}"));
+    let tampered = [("MessageSid", sid.as_str()), ("MessageStatus", "failed")];
+    let r = app.twilio_webhook(path, &tampered, Some(&good)).await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "forbidden"
+    );
+    assert_eq!(app.message(&id).await["status"], "sent");
+
+    // Right: with or without the scheme's default port.
+    let with_port = sign(&format!("{}:443{path}", PUBLIC_URL));
+    assert_eq!(
+        app.twilio_webhook(path, &params, Some(&with_port))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(app.message(&id).await["status"], "delivered");
+
+    // No token configured: the webhooks cannot verify anything.
+    let unconfigured = TestApp::spawn(backend).await;
+    let r = unconfigured.twilio_webhook(path, &params, None).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "not_configured"
+    );
+}
+
+async fn status_callbacks_only_move_forward(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    let (id, sid) = sent_message(&app, "p1").await;
+    assert_eq!(status(&app, &sid, "delivered", None).await, 200);
+    // Late and repeated callbacks change nothing.
+    assert_eq!(status(&app, &sid, "sent", None).await, 200);
+    assert_eq!(status(&app, &sid, "sending", None).await, 200);
+    assert_eq!(status(&app, &sid, "delivered", None).await, 200);
+    let m = app.message(&id).await;
+    assert_eq!(m["status"], "delivered");
+    assert_eq!(statuses(&m), ["sending", "sent", "delivered"]);
+    // read is further; a failure after delivery is not.
+    status(&app, &sid, "read", None).await;
+    status(&app, &sid, "undelivered", Some("30003")).await;
+    let m = app.message(&id).await;
+    assert_eq!(m["status"], "read");
+}
+
+async fn failed_is_final(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    let (id, sid) = sent_message(&app, "p1").await;
+    status(&app, &sid, "undelivered", Some("30003")).await;
+    status(&app, &sid, "delivered", None).await;
+    status(&app, &sid, "sent", None).await;
+    let m = app.message(&id).await;
+    assert_eq!(m["status"], "undelivered");
+    assert_eq!(m["error_code"], 30003);
+    let undelivered = m["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["status"] == "undelivered")
+        .unwrap()
+        .clone();
+    assert_eq!(undelivered["error_code"], 30003);
+}
+
+async fn unknown_message_sid_is_acknowledged(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    let r = app
+        .twilio_webhook(
+            "/webhooks/twilio/status",
+            &[
+                ("MessageSid", "SMdoesnotexist"),
+                ("MessageStatus", "delivered"),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "");
+}
+
+async fn carrier_opt_out_revokes_consent(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    let (id, sid) = sent_message(&app, "p1").await;
+    assert_eq!(status(&app, &sid, "failed", Some("21610")).await, 200);
+    assert_eq!(app.message(&id).await["status"], "failed");
+    let consent = app.state.store.get_consent("p1").await.unwrap().unwrap();
+    assert!(!consent.sms_consent);
+    assert!(consent.whatsapp_consent, "only that channel");
+    let last = app
+        .state
+        .store
+        .consent_audit("p1")
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(
+        (
+            last.field.as_str(),
+            last.new_value.as_deref(),
+            last.source.as_str()
+        ),
+        ("sms_consent", Some("false"), "provider")
+    );
+    let id = app.notify_ok(reminder("p1")).await;
+    app.dispatch().await;
+    assert_eq!(app.message(&id).await["status"], "skipped");
+    assert_eq!(
+        app.fake.as_ref().unwrap().requests().len(),
+        1,
+        "nothing more sent"
+    );
+}
+
+async fn duplicate_incoming_is_stored_once(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    let first = app
+        .incoming("SMdup1", PATIENT, "Can I move my appointment?")
+        .await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["content-type"], "text/xml; charset=utf-8");
+    let first = first.text().await.unwrap();
+    let second = app
+        .incoming("SMdup1", PATIENT, "Can I move my appointment?")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(first, second);
+    assert_eq!(
+        first,
+        r#"<?xml version="1.0" encoding="UTF-8"?><Response/>"#
+    );
+    let inbox = app.state.store.list_incoming(None, 10).await.unwrap();
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(inbox[0].from_number, PATIENT);
+    assert_eq!(inbox[0].channel, "sms");
+    // A repeated STOP is also answered once and audited once.
+    app.consent("p1", PATIENT).await;
+    let a = app
+        .incoming("SMdup2", PATIENT, "STOP")
+        .await
+        .text()
+        .await
+        .unwrap();
+    let b = app
+        .incoming("SMdup2", PATIENT, "STOP")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(a, b);
+    assert!(a.contains("<Message>"));
+    let audits = app.state.store.consent_audit("p1").await.unwrap();
+    assert_eq!(
+        audits.iter().filter(|a| a.source == "sms_keyword").count(),
+        1
+    );
+}
+
+async fn keywords_in_every_family_and_case(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    app.consent("p1", PATIENT).await;
+    let mut n = 0;
+    let mut next_sid = || {
+        n += 1;
+        format!("SMkw{n}")
+    };
+    let stops = [
+        "STOP",
+        "stop",
+        " Stop ",
+        "STOPALL",
+        "unsubscribe",
+        "Cancel",
+        "END",
+        "quit",
+        "REVOKE",
+        "OptOut",
+    ];
+    let starts = ["START", "yes", "Unstop"];
+    for (stop, start) in stops.iter().zip(starts.iter().cycle()) {
+        let reply = app
+            .incoming(&next_sid(), PATIENT, stop)
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(reply.contains("you are unsubscribed"), "{stop}: {reply}");
+        assert!(
+            !app.state
+                .store
+                .get_consent("p1")
+                .await
+                .unwrap()
+                .unwrap()
+                .sms_consent,
+            "{stop}"
+        );
+        assert!(app
+            .state
+            .store
+            .is_opted_out(PATIENT, prism_messaging::store::Channel::Sms)
+            .await
+            .unwrap());
+        let reply = app
+            .incoming(&next_sid(), PATIENT, start)
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            reply.contains("subscribed to messages again"),
+            "{start}: {reply}"
+        );
+        assert!(
+            app.state
+                .store
+                .get_consent("p1")
+                .await
+                .unwrap()
+                .unwrap()
+                .sms_consent,
+            "{start}"
+        );
+        assert!(!app
+            .state
+            .store
+            .is_opted_out(PATIENT, prism_messaging::store::Channel::Sms)
+            .await
+            .unwrap());
+    }
+    for help in ["HELP", "help", "Info"] {
+        let reply = app
+            .incoming(&next_sid(), PATIENT, help)
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            reply.contains("Reply STOP to unsubscribe"),
+            "{help}: {reply}"
+        );
+    }
+    // Not a keyword: a sentence that contains one.
+    let reply = app
+        .incoming(&next_sid(), PATIENT, "please stop calling me")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        reply,
+        r#"<?xml version="1.0" encoding="UTF-8"?><Response/>"#
+    );
+    assert!(
+        app.state
+            .store
+            .get_consent("p1")
+            .await
+            .unwrap()
+            .unwrap()
+            .sms_consent
+    );
+    let audits = app.state.store.consent_audit("p1").await.unwrap();
+    assert!(audits
+        .iter()
+        .filter(|a| a.source == "sms_keyword")
+        .all(|a| a.field == "sms_consent"));
+    // A WhatsApp STOP touches only WhatsApp.
+    app.incoming(&next_sid(), &format!("whatsapp:{PATIENT}"), "stop")
+        .await;
+    let c = app.state.store.get_consent("p1").await.unwrap().unwrap();
+    assert!(c.sms_consent && !c.whatsapp_consent);
+}
+
+async fn stop_holds_queued_messages_until_start(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    app.consent("p1", PATIENT).await;
+    let queued = app.notify_ok(reminder("p1")).await;
+    app.incoming("SMstop", PATIENT, "Stop").await;
+    app.dispatch().await;
+    let m = app.message(&queued).await;
+    assert_eq!(
+        (m["status"].as_str(), m["reason"].as_str()),
+        (Some("skipped"), Some("opted_out"))
+    );
+    assert!(app.fake.as_ref().unwrap().requests().is_empty());
+    app.incoming("SMstart", PATIENT, "START").await;
+    let id = app.notify_ok(reminder("p1")).await;
+    app.dispatch().await;
+    assert_eq!(app.message(&id).await["status"], "sent");
+    assert_eq!(app.fake.as_ref().unwrap().requests().len(), 1);
+}
+
+async fn advanced_opt_out_gets_one_reply(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    app.consent("p1", PATIENT).await;
+    let r = app
+        .twilio_webhook(
+            "/webhooks/twilio/incoming",
+            &[
+                ("MessageSid", "SMaoo"),
+                ("From", PATIENT),
+                ("To", SMS_SENDER),
+                ("Body", "stop"),
+                ("OptOutType", "STOP"),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(
+        r.text().await.unwrap(),
+        r#"<?xml version="1.0" encoding="UTF-8"?><Response/>"#
+    );
+    assert!(
+        !app.state
+            .store
+            .get_consent("p1")
+            .await
+            .unwrap()
+            .unwrap()
+            .sms_consent,
+        "the change is still recorded"
+    );
+    let stored = app
+        .state
+        .store
+        .incoming_by_sid("SMaoo")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (stored.keyword.as_deref(), stored.opt_out_type.as_deref()),
+        (Some("stop"), Some("STOP"))
+    );
+}
+
+async fn whatsapp_window_closed_falls_back_to_sms_or_skips(backend: Backend) {
+    let clock = ManualClock::new(Utc::now());
+    let mut config = TestConfig::new();
+    config.clock = Arc::new(clock.clone());
+    let app = TestApp::spawn_live(backend, config).await;
+    let fake = app.fake.as_ref().unwrap();
+    app.consent("both", PATIENT).await;
+    app.put_preferences(
+        "wa-only",
+        json!({"phone_number": "+14155552672", "whatsapp_consent": true}),
+    )
+    .await;
+    app.incoming("SMw1", &format!("whatsapp:{PATIENT}"), "hi")
+        .await;
+    app.incoming("SMw2", "whatsapp:+14155552672", "hi").await;
+
+    // 23 hours later the window is open: free text on WhatsApp.
+    clock.advance(Duration::hours(23));
+    let whatsapp = |user: &str| {
+        let mut body = reminder(user);
+        body["channel"] = json!("whatsapp");
+        body
+    };
+    app.notify_ok(whatsapp("both")).await;
+    app.dispatch().await;
+    assert_eq!(
+        fake.requests()[0].field("To"),
+        Some(format!("whatsapp:{PATIENT}").as_str())
+    );
+    assert_eq!(fake.requests()[0].field("Body"), Some(REMINDER_BODY));
+
+    // 25 hours: closed, no approved template. SMS if consented, else skipped.
+    clock.advance(Duration::hours(2));
+    let to_both = app.notify_ok(whatsapp("both")).await;
+    let to_wa_only = app.notify_ok(whatsapp("wa-only")).await;
+    app.dispatch().await;
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[1].field("To"), Some(PATIENT));
+    assert_eq!(requests[1].field("From"), Some(SMS_SENDER));
+    assert_eq!(app.message(&to_both).await["channel"], "sms");
+    let m = app.message(&to_wa_only).await;
+    assert_eq!(
+        (m["status"].as_str(), m["reason"].as_str()),
+        (Some("skipped"), Some("whatsapp_window_closed"))
+    );
+}
+
+async fn inbound_inbox_for_the_host_app(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    app.consent("p1", PATIENT).await;
+    app.incoming("SMi1", PATIENT, "Running 10 minutes late")
+        .await;
+    app.incoming("SMi2", "+14155552699", "Who is this?").await;
+    let get = |query: &str| {
+        let url = app.url(&format!("/api/inbound{query}"));
+        let client = app.client.clone();
+        async move { client.get(url).bearer_auth(API_KEY).send().await.unwrap() }
+    };
+    let all: Value = get("").await.json().await.unwrap();
+    let msgs = all["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(msgs[0]["body"], "Running 10 minutes late");
+    assert_eq!(msgs[0]["user_id"], "p1");
+    assert_eq!(msgs[1]["user_id"], Value::Null);
+    let since = msgs[0]["received_at"].as_str().unwrap();
+    let later: Value = get(&format!("?since={}&limit=10", urlencode(since)))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(later["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(later["messages"][0]["provider_sid"], "SMi2");
+    assert_eq!(
+        get("?limit=1").await.json::<Value>().await.unwrap()["messages"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(get("?since=yesterday").await.status(), 400);
+    let r = app
+        .client
+        .get(app.url("/api/inbound"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+fn urlencode(s: &str) -> String {
+    s.replace('+', "%2B").replace(':', "%3A")
+}
+
+async fn dev_inbound_in_mock_mode(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.consent("p1", PATIENT).await;
+    let r = app
+        .client
+        .post(app.url("/dev/inbound"))
+        .json(&json!({"from": PATIENT, "body": "STOP"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("you are unsubscribed"));
+    assert!(
+        !app.state
+            .store
+            .get_consent("p1")
+            .await
+            .unwrap()
+            .unwrap()
+            .sms_consent
+    );
+    let r = app
+        .client
+        .post(app.url("/dev/inbound"))
+        .json(&json!({"from": PATIENT, "body": "hello", "channel": "whatsapp"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(app
+        .state
+        .store
+        .last_whatsapp_inbound(PATIENT)
+        .await
+        .unwrap()
+        .is_some());
+    let live = TestApp::spawn_live(backend, TestConfig::new()).await;
+    let r = live
+        .client
+        .post(live.url("/dev/inbound"))
+        .json(&json!({"from": PATIENT, "body": "STOP"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
