@@ -56,6 +56,9 @@ async fn main() {
     let binary =
         std::env::var("PRISM_BIN").unwrap_or_else(|_| "target/release/prism-messaging".into());
 
+    // Absolute, because the server runs in another working directory.
+    let binary =
+        std::fs::canonicalize(&binary).expect("the release binary exists (cargo build --release)");
     let fake = fake_twilio::FakeTwilio::start().await;
     let port = free_port().await;
     let base = format!("http://127.0.0.1:{port}");
