@@ -42,7 +42,8 @@ impl AppState {
             let mock = Arc::new(MockProvider::new());
             (mock.clone(), Some(mock))
         } else {
-            let twilio = TwilioProvider::new(config.twilio()?, &config.public_url)?;
+            let twilio =
+                TwilioProvider::new(config.twilio()?, &config.public_url, config.twilio_timeout)?;
             (Arc::new(twilio), None)
         };
         let auth = Authenticator::from_config(&config).await?;
@@ -110,21 +111,39 @@ impl Application {
     /// Serve until `shutdown` is cancelled; then stop taking requests, let in-flight ones and the
     /// dispatcher's current round finish, and return.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let dispatcher = self.run_dispatcher.then(|| {
+        let config = self.state.config.clone();
+        let background = self.run_dispatcher && config.role.dispatches();
+        let dispatcher = background.then(|| {
             let d = self.state.dispatcher();
             tokio::spawn(d.run(self.state.dispatch_wakeup.clone(), shutdown.clone()))
         });
-        let scheduler = self
-            .run_dispatcher
+        let scheduler = background
             .then(|| tokio::spawn(crate::scheduler::run(self.state.clone(), shutdown.clone())));
-        let router = crate::http::router(self.state.clone());
+        let router = if config.role.serves_api() {
+            crate::http::router(self.state.clone())
+        } else {
+            crate::http::ops_router(self.state.clone())
+        };
         let service = router.into_make_service_with_connect_info::<SocketAddr>();
         let stop = shutdown.clone();
         axum::serve(self.listener, service)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await?;
-        for task in [dispatcher, scheduler].into_iter().flatten() {
-            let _ = task.await;
+        // In-flight sends finish within the grace period; anything still claimed after it keeps
+        // its lease and is recovered (looked up, then sent) by the next dispatcher.
+        let background_tasks = async {
+            for task in [dispatcher, scheduler].into_iter().flatten() {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(config.shutdown_grace, background_tasks)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_seconds = config.shutdown_grace.as_secs(),
+                "in-flight sends did not finish within the grace period; their leases will expire and they will be recovered"
+            );
         }
         Ok(())
     }

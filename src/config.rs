@@ -95,6 +95,50 @@ pub struct Config {
     /// Not in the contract: use the first `X-Forwarded-For` address as the client IP (for audit
     /// records and rate limits) only when a trusted reverse proxy sets it.
     pub trust_forwarded_for: bool,
+    /// Beyond the contract: which parts this instance runs (`INSTANCE_ROLE`).
+    pub role: Role,
+    /// Beyond the contract: how the dispatcher sends (`DISPATCH_*`).
+    pub dispatch: DispatchSettings,
+    /// Beyond the contract: how long SIGTERM waits for in-flight sends (`SHUTDOWN_GRACE_SECONDS`).
+    pub shutdown_grace: std::time::Duration,
+    /// Beyond the contract: Twilio request timeout (`TWILIO_TIMEOUT_MS`).
+    pub twilio_timeout: std::time::Duration,
+}
+
+/// `INSTANCE_ROLE`: `all` (default) serves the API and runs the dispatcher and scheduler; `api`
+/// serves the API only; `dispatcher` sends (and runs the scheduler), serving only `/healthz`,
+/// `/readyz` and `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    All,
+    Api,
+    Dispatcher,
+}
+
+impl Role {
+    pub fn serves_api(self) -> bool {
+        self != Role::Dispatcher
+    }
+    pub fn dispatches(self) -> bool {
+        self != Role::Api
+    }
+}
+
+/// The dispatcher's knobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DispatchSettings {
+    /// Messages claimed per round (`DISPATCH_BATCH_SIZE`, 32).
+    pub batch_size: i64,
+    /// How long a claim holds before another dispatcher may take the message
+    /// (`DISPATCH_LEASE_SECONDS`, 120). A crashed process's messages wait this long.
+    pub lease: chrono::Duration,
+    /// Tries before a retryable failure is final (`DISPATCH_MAX_ATTEMPTS`, 5).
+    pub max_attempts: i64,
+    /// A message older than this is not retried any more (`DISPATCH_MAX_AGE_SECONDS`, 86400).
+    pub max_age: chrono::Duration,
+    /// Messages per second per sender number, across all instances (`DISPATCH_RATE_PER_SECOND`,
+    /// 10; 0 = no limit).
+    pub rate_per_second: u32,
 }
 
 /// The first configuration problem found, naming the variable.
@@ -342,6 +386,46 @@ impl Config {
             otp_secret: v.secret("OTP_SECRET"),
             log_format,
             trust_forwarded_for: v.bool("TRUST_FORWARDED_FOR", false)?,
+            role: match v.string("INSTANCE_ROLE", "all").as_str() {
+                "all" => Role::All,
+                "api" => Role::Api,
+                "dispatcher" => Role::Dispatcher,
+                other => {
+                    return Err(err(
+                        "INSTANCE_ROLE",
+                        format!("expected all, api or dispatcher, got {other:?}"),
+                    ))
+                }
+            },
+            dispatch: DispatchSettings {
+                batch_size: v.number("DISPATCH_BATCH_SIZE", 32, 1, 1_000)?,
+                lease: chrono::Duration::seconds(v.number(
+                    "DISPATCH_LEASE_SECONDS",
+                    120,
+                    1,
+                    3_600,
+                )?),
+                max_attempts: v.number("DISPATCH_MAX_ATTEMPTS", 5, 1, 100)?,
+                max_age: chrono::Duration::seconds(v.number(
+                    "DISPATCH_MAX_AGE_SECONDS",
+                    86_400,
+                    60,
+                    30 * 86_400,
+                )?),
+                rate_per_second: v.number("DISPATCH_RATE_PER_SECOND", 10, 0, 10_000)?,
+            },
+            shutdown_grace: std::time::Duration::from_secs(v.number(
+                "SHUTDOWN_GRACE_SECONDS",
+                20,
+                0,
+                600,
+            )?),
+            twilio_timeout: std::time::Duration::from_millis(v.number(
+                "TWILIO_TIMEOUT_MS",
+                15_000,
+                100,
+                120_000,
+            )?),
         };
         if !config.mock_mode {
             config.twilio()?;

@@ -39,6 +39,14 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Only the operations routes: for instances that run as dispatchers (`INSTANCE_ROLE=dispatcher`).
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .merge(ops::router())
+        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .with_state(state)
+}
+
 /// A user proven by a bearer JWT; holds the user id.
 pub struct AuthUser(pub String);
 

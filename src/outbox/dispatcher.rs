@@ -1,5 +1,13 @@
 //! The dispatcher: claims queued messages, re-checks policy at send time (messaging enabled,
-//! consent still given), renders the template, calls the provider and records the outcome.
+//! opt-outs, consent, the WhatsApp window), renders the template, paces sends per sender, calls
+//! the provider and records the outcome.
+//!
+//! Exactly-once as far as it can be had: a message is claimed with a lease (on PostgreSQL with
+//! `FOR UPDATE SKIP LOCKED`, so instances never share one), marked `sending` before the provider
+//! call and given its SID after. A message whose earlier attempt has an unknown outcome (a
+//! timeout, a dropped connection, or a process that died between the call and the SID) is looked
+//! up at the provider before it is sent again, and the SID adopted when found. What remains is
+//! the window between the provider creating a message and listing it (see README).
 //!
 //! [`Dispatcher::run_once`] does one round and reports what it did, so tests drive it directly;
 //! [`Dispatcher::run`] loops it until shutdown, waking early when a message is queued.
@@ -24,12 +32,6 @@ use crate::store::{Channel, DispatchResult, DynStore, MessageRecord, SendAttempt
 use crate::templates::{self, Category, RenderContext, Template, ValidVariables};
 use crate::webhooks;
 
-/// Messages claimed per round, and sent concurrently.
-const BATCH_SIZE: i64 = 32;
-/// How long a claim holds before another round may take the message again.
-const LEASE: chrono::Duration = chrono::Duration::seconds(120);
-/// Attempts before a retryable failure becomes `failed`.
-pub const MAX_ATTEMPTS: i64 = 5;
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// WhatsApp allows free-form messages for 24 hours after the patient's last message.
 const WHATSAPP_WINDOW: chrono::Duration = chrono::Duration::hours(24);
@@ -48,6 +50,10 @@ pub struct RoundReport {
     pub skipped: usize,
     pub failed: usize,
     pub retried: usize,
+    /// Found already at the provider (an earlier attempt's outcome was unknown) and adopted.
+    pub adopted: usize,
+    /// Given back unsent because shutdown began.
+    pub released: usize,
 }
 
 #[derive(Clone)]
@@ -57,6 +63,15 @@ pub struct Dispatcher {
     config: Arc<Config>,
     render: Arc<RenderContext>,
     clock: DynClock,
+    /// Once cancelled, claimed messages not yet on the wire are given back.
+    shutdown: CancellationToken,
+}
+
+/// How one claimed message ended up.
+enum Settled {
+    Done(DispatchResult),
+    Adopted,
+    Released,
 }
 
 impl Dispatcher {
@@ -73,15 +88,23 @@ impl Dispatcher {
             config,
             render,
             clock,
+            shutdown: CancellationToken::new(),
         }
+    }
+
+    /// Give claimed-but-unsent messages back when `shutdown` is cancelled.
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 
     /// Claim one batch of due messages and settle each of them.
     pub async fn run_once(&self) -> AppResult<RoundReport> {
         let now = self.clock.now();
+        let settings = self.config.dispatch;
         let claimed = self
             .store
-            .claim_due_messages(now, now + LEASE, BATCH_SIZE)
+            .claim_due_messages(now, now + settings.lease, settings.batch_size)
             .await?;
         let mut report = RoundReport {
             claimed: claimed.len(),
@@ -94,14 +117,16 @@ impl Dispatcher {
         }
         while let Some(joined) = tasks.join_next().await {
             match joined {
-                Ok(Ok(result)) => match result {
+                Ok(Ok(Settled::Done(result))) => match result {
                     DispatchResult::Sent { .. } => report.sent += 1,
                     DispatchResult::Skipped { .. } => report.skipped += 1,
                     DispatchResult::Failed { .. } => report.failed += 1,
                     DispatchResult::Retry { .. } => report.retried += 1,
                 },
+                Ok(Ok(Settled::Adopted)) => report.adopted += 1,
+                Ok(Ok(Settled::Released)) => report.released += 1,
                 // The message keeps its lease and is claimed again when it expires.
-                Ok(Err(e)) => tracing::error!(error = %e, "could not record a dispatch outcome"),
+                Ok(Err(e)) => tracing::error!(error = %e, "could not settle a message"),
                 Err(e) => tracing::error!(error = %e, "dispatch task panicked"),
             }
         }
@@ -110,6 +135,11 @@ impl Dispatcher {
 
     /// Run rounds until `shutdown`; an idle dispatcher sleeps until `wakeup` or the poll interval.
     pub async fn run(self, wakeup: Arc<Notify>, shutdown: CancellationToken) {
+        let this = self.with_shutdown(shutdown.clone());
+        this.run_loop(wakeup, shutdown).await
+    }
+
+    async fn run_loop(self, wakeup: Arc<Notify>, shutdown: CancellationToken) {
         tracing::info!(provider = self.provider.name(), "dispatcher started");
         while !shutdown.is_cancelled() {
             let idle = match self.run_once().await {
@@ -130,15 +160,127 @@ impl Dispatcher {
         tracing::info!("dispatcher stopped");
     }
 
-    async fn settle(&self, message: MessageRecord) -> AppResult<DispatchResult> {
-        match self.prepare(&message).await? {
-            Ok(outbound) => {
-                let to = outbound.to.masked();
-                let (result, provider_status) = self.send(&message, outbound).await?;
-                self.finish(&message, &to, result, provider_status).await
-            }
-            Err(not_sent) => self.finish(&message, "", not_sent, None).await,
+    async fn settle(&self, message: MessageRecord) -> AppResult<Settled> {
+        if self.shutdown.is_cancelled() {
+            self.store
+                .release_claim(&message.id, self.clock.now())
+                .await?;
+            return Ok(Settled::Released);
         }
+        let outbound = match self.prepare(&message).await? {
+            Ok(outbound) => outbound,
+            Err(not_sent) => {
+                return Ok(Settled::Done(
+                    self.finish(&message, "", not_sent, None).await?,
+                ))
+            }
+        };
+        let to = outbound.to.masked();
+        if outcome_unknown(&message) {
+            if let Some(settled) = self.recover(&message, &outbound, &to).await? {
+                return Ok(settled);
+            }
+        }
+        if !self.wait_for_send_slot(&outbound).await? {
+            self.store
+                .release_claim(&message.id, self.clock.now())
+                .await?;
+            return Ok(Settled::Released);
+        }
+        let (result, provider_status) = self.send(&message, outbound).await?;
+        Ok(Settled::Done(
+            self.finish(&message, &to, result, provider_status).await?,
+        ))
+    }
+
+    /// An earlier attempt may have reached the provider: look for it there before sending again.
+    /// `Some` when the message is settled here (adopted, or given up), `None` to send it.
+    async fn recover(
+        &self,
+        message: &MessageRecord,
+        outbound: &OutboundMessage,
+        to: &str,
+    ) -> AppResult<Option<Settled>> {
+        let candidates = match self.provider.find_sent(outbound, message.created_at).await {
+            Ok(candidates) => candidates,
+            Err(e) => {
+                // Never send blind while the outcome is unknown: try the lookup again later.
+                let result = self.retry_or_fail(message, message.attempts, &e);
+                return Ok(Some(Settled::Done(
+                    self.finish(message, to, result, None).await?,
+                )));
+            }
+        };
+        for candidate in candidates {
+            // A SID already recorded belongs to another message (two identical bodies).
+            if self.store.message_by_sid(&candidate.sid).await?.is_some() {
+                continue;
+            }
+            tracing::info!(message_id = %message.id, provider_sid = %candidate.sid, "found at the provider: adopting instead of sending again");
+            let adopted = DispatchResult::Sent {
+                provider_sid: candidate.sid,
+                status: "sent".into(),
+            };
+            self.finish(message, to, adopted, Some(candidate.status))
+                .await?;
+            return Ok(Some(Settled::Adopted));
+        }
+        if message.template_name == "otp" {
+            // The code lived only in the memory of the request that died: it cannot be re-sent.
+            let failed = DispatchResult::Failed {
+                code: None,
+                message: "the process stopped while sending this code; the patient must ask for a new one".into(),
+            };
+            return Ok(Some(Settled::Done(
+                self.finish(message, to, failed, None).await?,
+            )));
+        }
+        Ok(None)
+    }
+
+    /// Wait for this sender's next send slot (deployment-wide pacing). `false` when shutdown
+    /// began while waiting.
+    async fn wait_for_send_slot(&self, outbound: &OutboundMessage) -> AppResult<bool> {
+        let rate = self.config.dispatch.rate_per_second;
+        if rate == 0 {
+            return Ok(true);
+        }
+        // Pacing is about real time, whatever the (test) clock says.
+        let now_us = Utc::now().timestamp_micros();
+        let interval_us = 1_000_000 / i64::from(rate);
+        let slot = self
+            .store
+            .reserve_send_slot(&self.sender_key(outbound), now_us, interval_us)
+            .await?;
+        let wait = slot - Utc::now().timestamp_micros();
+        if wait > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_micros(wait as u64)) => {}
+                _ = self.shutdown.cancelled() => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The sender a message goes out from: the unit Twilio rate-limits.
+    fn sender_key(&self, outbound: &OutboundMessage) -> String {
+        let c = &self.config;
+        let sender = match outbound.channel {
+            Channel::Sms => c.twilio_messaging_service_sid.clone().or_else(|| {
+                c.twilio_phone_number
+                    .as_ref()
+                    .map(|n| n.as_str().to_string())
+            }),
+            Channel::Whatsapp => c
+                .twilio_whatsapp_number
+                .as_ref()
+                .map(|n| n.as_str().to_string()),
+        };
+        format!(
+            "{}:{}",
+            outbound.channel.as_str(),
+            sender.unwrap_or_else(|| "default".into())
+        )
     }
 
     /// Record the outcome. A provider that already reports more than acceptance (the mock says
@@ -156,6 +298,20 @@ impl Dispatcher {
             .record_dispatch(&message.id, &result, now)
             .await?;
         log_result(message, to, &result);
+        // The carrier says the patient opted out: stop messaging that number on that channel.
+        if let DispatchResult::Failed {
+            code: Some(webhooks::RECIPIENT_OPTED_OUT),
+            ..
+        } = &result
+        {
+            if let Some(sent) = self.store.get_message(&message.id).await? {
+                if let (Some(number), Some(channel)) =
+                    (sent.to_number.as_deref(), Channel::parse(&sent.channel))
+                {
+                    webhooks::carrier_opt_out(&self.store, number, channel, now).await?;
+                }
+            }
+        }
         if let (DispatchResult::Sent { provider_sid, .. }, Some(status)) =
             (&result, provider_status)
         {
@@ -361,22 +517,39 @@ impl Dispatcher {
                 },
                 Some(accepted.status),
             ),
-            Err(e) if e.is_retryable() && attempts_made < MAX_ATTEMPTS => (
-                DispatchResult::Retry {
-                    code: e.code(),
-                    message: e.message().to_string(),
-                    next_attempt_at: self.next_attempt(attempts_made, &e),
-                },
-                None,
-            ),
-            Err(e) => (
-                DispatchResult::Failed {
-                    code: e.code(),
-                    message: e.message().to_string(),
-                },
-                None,
-            ),
+            Err(e) => (self.retry_or_fail(message, attempts_made, &e), None),
         })
+    }
+
+    /// After a provider error: queue again with backoff while attempts and age allow, else fail
+    /// with the provider's code.
+    fn retry_or_fail(
+        &self,
+        message: &MessageRecord,
+        attempts_made: i64,
+        error: &ProviderError,
+    ) -> DispatchResult {
+        let settings = self.config.dispatch;
+        let too_old = self.clock.now() - message.created_at > settings.max_age;
+        if error.is_retryable() && attempts_made < settings.max_attempts && !too_old {
+            return DispatchResult::Retry {
+                code: error.code(),
+                message: error.message().to_string(),
+                next_attempt_at: self.next_attempt(attempts_made, error),
+            };
+        }
+        let why = if too_old && error.is_retryable() {
+            format!(
+                "gave up: older than DISPATCH_MAX_AGE_SECONDS; last error: {}",
+                error.message()
+            )
+        } else {
+            error.message().to_string()
+        };
+        DispatchResult::Failed {
+            code: error.code(),
+            message: why,
+        }
     }
 
     /// Exponential backoff with jitter (10 s, 20 s, 40 s, ... up to 15 min), or the provider's own
@@ -396,6 +569,13 @@ impl Dispatcher {
         }
         self.clock.now() + wait
     }
+}
+
+/// Whether an earlier attempt may have reached the provider without our knowing: the process
+/// died while the message was `sending`, or the last attempt ended without an answer from the
+/// provider (a timeout or a dropped connection leaves no provider error code).
+fn outcome_unknown(message: &MessageRecord) -> bool {
+    message.status == "sending" || (message.attempts > 0 && message.error_code.is_none())
 }
 
 /// One line per outcome; `to` is already masked (empty when nothing was sent).

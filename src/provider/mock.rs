@@ -82,6 +82,22 @@ impl Provider for MockProvider {
         })
     }
 
+    async fn find_sent(
+        &self,
+        message: &OutboundMessage,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<Accepted>, ProviderError> {
+        Ok(self
+            .outbox()
+            .into_iter()
+            .filter(|e| e.id == message.message_id && e.created_at >= since)
+            .map(|e| Accepted {
+                sid: e.provider_sid,
+                status: "delivered".to_string(),
+            })
+            .collect())
+    }
+
     async fn health(&self) -> Result<String, ProviderError> {
         Ok("mock mode is on: messages are recorded in the dev outbox, nothing is sent".to_string())
     }

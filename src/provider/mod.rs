@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 
 use crate::phone::PhoneNumber;
 use crate::store::Channel;
@@ -76,6 +77,14 @@ pub trait Provider: Send + Sync + 'static {
     /// `mock` or `twilio`.
     fn name(&self) -> &'static str;
     async fn send(&self, message: &OutboundMessage) -> Result<Accepted, ProviderError>;
+    /// Messages the provider already holds that match `message` and were created at or after
+    /// `since`: used before re-sending a message whose earlier attempt has an unknown outcome
+    /// (a timeout, or a process that died mid-call), so it is adopted instead of sent twice.
+    async fn find_sent(
+        &self,
+        message: &OutboundMessage,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<Accepted>, ProviderError>;
     /// Whether the provider can be used: credentials accepted, API reachable. A one-line summary.
     async fn health(&self) -> Result<String, ProviderError>;
 }

@@ -17,7 +17,8 @@ use crate::config::TwilioConfig;
 use crate::store::Channel;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Twilio's clocks and ours differ a little: look a minute further back than the attempt.
+const CLOCK_SKEW: chrono::Duration = chrono::Duration::seconds(60);
 
 /// Twilio error codes that no retry can fix, named for the reader. Every other 4xx is permanent
 /// too; these are the ones worth recognising in logs.
@@ -35,6 +36,21 @@ pub struct TwilioProvider {
 struct MessageResource {
     sid: String,
     status: Option<String>,
+    #[serde(default)]
+    to: Option<String>,
+    #[serde(default)]
+    body: Option<String>,
+    /// RFC 2822, e.g. `Thu, 24 Aug 2023 05:01:45 +0000`.
+    #[serde(default)]
+    date_created: Option<String>,
+    #[serde(default)]
+    direction: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct MessageList {
+    #[serde(default)]
+    messages: Vec<MessageResource>,
 }
 
 #[derive(Deserialize)]
@@ -51,10 +67,10 @@ struct AccountResource {
 
 impl TwilioProvider {
     /// `public_url` is this service's public base URL; Twilio posts status callbacks under it.
-    pub fn new(config: TwilioConfig, public_url: &str) -> anyhow::Result<Self> {
+    pub fn new(config: TwilioConfig, public_url: &str, timeout: Duration) -> anyhow::Result<Self> {
         let client = Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT.min(timeout))
+            .timeout(timeout)
             .user_agent(concat!("prism-messaging/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(TwilioProvider {
@@ -193,6 +209,75 @@ impl Provider for TwilioProvider {
             sid: resource.sid,
             status: resource.status.unwrap_or_else(|| "queued".to_string()),
         })
+    }
+
+    async fn find_sent(
+        &self,
+        message: &OutboundMessage,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<Accepted>, ProviderError> {
+        let form = self.create_message_form(message)?;
+        let field = |name: &str| {
+            form.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let to = field("To").unwrap_or_default();
+        let body = field("Body");
+        let earliest = since - CLOCK_SKEW;
+        // `DateSent>` takes a date; a day earlier keeps messages sent just before midnight.
+        let date = (earliest - chrono::Duration::days(1))
+            .format("%Y-%m-%d")
+            .to_string();
+        let query = [
+            ("To", to.as_str()),
+            ("DateSent>", date.as_str()),
+            ("PageSize", "100"),
+        ];
+        let response = self
+            .client
+            .get(self.account_url("/Messages.json"))
+            .basic_auth(
+                &self.config.account_sid,
+                Some(self.config.auth_token.expose()),
+            )
+            .query(&query)
+            .send()
+            .await
+            .map_err(network_error)?;
+        if !response.status().is_success() {
+            return Err(error_from_response(response).await);
+        }
+        let list: MessageList = response
+            .json()
+            .await
+            .map_err(|e| ProviderError::Retryable {
+                code: None,
+                message: format!("unreadable answer from Twilio: {}", e.without_url()),
+                retry_after: None,
+            })?;
+        let mut found: Vec<(chrono::DateTime<chrono::FixedOffset>, Accepted)> = list
+            .messages
+            .into_iter()
+            .filter(|m| m.to.as_deref() == Some(to.as_str()))
+            .filter(|m| {
+                m.direction
+                    .as_deref()
+                    .is_none_or(|d| d.starts_with("outbound"))
+            })
+            // With a Content template Twilio stores its own rendering: match on the rest.
+            .filter(|m| body.is_none() || m.body == body)
+            .filter_map(|m| {
+                let created =
+                    chrono::DateTime::parse_from_rfc2822(m.date_created.as_deref()?).ok()?;
+                (created >= earliest).then(|| {
+                    let status = m.status.unwrap_or_else(|| "queued".into());
+                    (created, Accepted { sid: m.sid, status })
+                })
+            })
+            .collect();
+        found.sort_by_key(|(created, _)| *created);
+        Ok(found.into_iter().map(|(_, accepted)| accepted).collect())
     }
 
     async fn health(&self) -> Result<String, ProviderError> {

@@ -370,17 +370,30 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_message(&self, message: &NewMessage) -> AppResult<(MessageRecord, bool)>;
     async fn get_message(&self, id: &str) -> AppResult<Option<MessageRecord>>;
     async fn message_events(&self, id: &str) -> AppResult<Vec<MessageEvent>>;
+    async fn message_by_sid(&self, provider_sid: &str) -> AppResult<Option<MessageRecord>>;
     /// The user's messages, newest first.
     async fn user_messages(&self, user_id: &str, limit: i64) -> AppResult<Vec<MessageRecord>>;
 
-    /// Claim up to `limit` queued messages that are due, leasing them until `lease_until` so no
-    /// other dispatcher takes them meanwhile. Oldest first.
+    /// Claim up to `limit` messages: queued ones that are due, and `sending` ones without a
+    /// provider SID whose lease has run out (their process died mid-send; the dispatcher looks
+    /// them up at the provider before sending again). Claimed messages are leased until
+    /// `lease_until` so no other dispatcher takes them meanwhile. Oldest first.
     async fn claim_due_messages(
         &self,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: i64,
     ) -> AppResult<Vec<MessageRecord>>;
+    /// Give a claimed message back unsent (shutdown): its lease ends now.
+    async fn release_claim(&self, id: &str, now: DateTime<Utc>) -> AppResult<()>;
+    /// Reserve the next send slot for `sender`, at least `interval_us` after the previous one and
+    /// not before `now_us` (microseconds since the epoch). Returns the slot's time.
+    async fn reserve_send_slot(
+        &self,
+        sender: &str,
+        now_us: i64,
+        interval_us: i64,
+    ) -> AppResult<i64>;
     /// Mark a claimed message `sending` (one more attempt) just before the provider call.
     async fn mark_sending(
         &self,

@@ -145,6 +145,14 @@ impl Store for ThisStore {
         .await?)
     }
 
+    async fn message_by_sid(&self, provider_sid: &str) -> AppResult<Option<MessageRecord>> {
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE provider_sid = $1");
+        Ok(sqlx::query_as::<Db, MessageRecord>(&sql)
+            .bind(provider_sid)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
     async fn user_messages(&self, user_id: &str, limit: i64) -> AppResult<Vec<MessageRecord>> {
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE user_id = $1 \
@@ -500,6 +508,33 @@ impl Store for ThisStore {
         }
         tx.commit().await?;
         Ok(StatusApplied { message, changed })
+    }
+
+    async fn release_claim(&self, id: &str, now: DateTime<Utc>) -> AppResult<()> {
+        sqlx::query("UPDATE messages SET lease_until = $2 WHERE id = $1 AND status IN ('queued', 'sending')")
+            .bind(id)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn reserve_send_slot(&self, sender: &str, now_us: i64, interval_us: i64) -> AppResult<i64> {
+        sqlx::query("INSERT INTO send_rate (sender, next_slot_us) VALUES ($1, 0) ON CONFLICT (sender) DO NOTHING")
+            .bind(sender)
+            .execute(&self.pool)
+            .await?;
+        // One statement: atomic under PostgreSQL's row lock and SQLite's write lock alike.
+        Ok(sqlx::query_scalar(
+            "UPDATE send_rate SET next_slot_us = \
+             (CASE WHEN next_slot_us > $2 THEN next_slot_us ELSE $2 END) + $3 \
+             WHERE sender = $1 RETURNING next_slot_us - $3",
+        )
+        .bind(sender)
+        .bind(now_us)
+        .bind(interval_us)
+        .fetch_one(&self.pool)
+        .await?)
     }
 }
 

@@ -56,8 +56,10 @@ impl PostgresStore {
     ) -> AppResult<Vec<MessageRecord>> {
         let sql = format!(
             "UPDATE messages SET lease_until = $1 WHERE id IN ( \
-                SELECT id FROM messages WHERE status = 'queued' AND next_attempt_at <= $2 \
-                AND (lease_until IS NULL OR lease_until < $2) ORDER BY next_attempt_at LIMIT $3 \
+                SELECT id FROM messages \
+                WHERE (status = 'queued' AND next_attempt_at <= $2 AND (lease_until IS NULL OR lease_until < $2)) \
+                OR (status = 'sending' AND provider_sid IS NULL AND lease_until < $2) \
+                ORDER BY next_attempt_at LIMIT $3 \
                 FOR UPDATE SKIP LOCKED) \
              RETURNING {MESSAGE_COLUMNS}"
         );

@@ -77,6 +77,23 @@ pub async fn set_channel_consent_for_number(
     Ok(users)
 }
 
+/// The carrier reports the patient opted out (Twilio 21610): record the number's opt-out and
+/// revoke that channel's consent for every user with the number, source `provider`.
+pub async fn carrier_opt_out(
+    store: &DynStore,
+    number: &str,
+    channel: Channel,
+    at: DateTime<Utc>,
+) -> AppResult<()> {
+    store
+        .set_opt_out(number, channel, ConsentSource::Provider, at)
+        .await?;
+    set_channel_consent_for_number(store, number, channel, false, ConsentSource::Provider, at)
+        .await?;
+    tracing::info!(to = %phone::mask(number), channel = channel.as_str(), "recipient opted out at the carrier: consent revoked");
+    Ok(())
+}
+
 /// What a status callback did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StatusOutcome {
@@ -121,19 +138,7 @@ pub async fn apply_status(
             Channel::parse(&message.channel),
             message.to_number.as_deref(),
         ) {
-            store
-                .set_opt_out(number, channel, ConsentSource::Provider, at)
-                .await?;
-            set_channel_consent_for_number(
-                store,
-                number,
-                channel,
-                false,
-                ConsentSource::Provider,
-                at,
-            )
-            .await?;
-            tracing::info!(to = %phone::mask(number), channel = channel.as_str(), "recipient opted out at the carrier: consent revoked");
+            carrier_opt_out(store, number, channel, at).await?;
         }
     }
     Ok(StatusOutcome::Applied {
