@@ -247,7 +247,8 @@ impl Dispatcher {
         }
         // Pacing is about real time, whatever the (test) clock says.
         let now_us = Utc::now().timestamp_micros();
-        let interval_us = 1_000_000 / i64::from(rate);
+        // 2% slower than the limit, so network jitter does not push two slots into one second.
+        let interval_us = 1_020_000 / i64::from(rate);
         let slot = self
             .store
             .reserve_send_slot(&self.sender_key(outbound), now_us, interval_us)

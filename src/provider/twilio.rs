@@ -51,7 +51,13 @@ struct MessageResource {
 struct MessageList {
     #[serde(default)]
     messages: Vec<MessageResource>,
+    /// Relative to the API base, e.g. `/2010-04-01/Accounts/AC.../Messages.json?...&Page=1`.
+    #[serde(default)]
+    next_page_uri: Option<String>,
 }
+
+/// A lookup reads at most this many pages of 1,000 messages.
+const MAX_LOOKUP_PAGES: usize = 20;
 
 #[derive(Deserialize)]
 struct TwilioErrorBody {
@@ -66,6 +72,27 @@ struct AccountResource {
 }
 
 impl TwilioProvider {
+    async fn fetch_page(&self, url: &str) -> Result<MessageList, ProviderError> {
+        let response = self
+            .client
+            .get(url)
+            .basic_auth(
+                &self.config.account_sid,
+                Some(self.config.auth_token.expose()),
+            )
+            .send()
+            .await
+            .map_err(network_error)?;
+        if !response.status().is_success() {
+            return Err(error_from_response(response).await);
+        }
+        response.json().await.map_err(|e| ProviderError::Retryable {
+            code: None,
+            message: format!("unreadable answer from Twilio: {}", e.without_url()),
+            retry_after: None,
+        })
+    }
+
     /// `public_url` is this service's public base URL; Twilio posts status callbacks under it.
     pub fn new(config: TwilioConfig, public_url: &str, timeout: Duration) -> anyhow::Result<Self> {
         let client = Client::builder()
@@ -229,53 +256,55 @@ impl Provider for TwilioProvider {
         let date = (earliest - chrono::Duration::days(1))
             .format("%Y-%m-%d")
             .to_string();
-        let query = [
-            ("To", to.as_str()),
-            ("DateSent>", date.as_str()),
-            ("PageSize", "100"),
-        ];
-        let response = self
-            .client
-            .get(self.account_url("/Messages.json"))
-            .basic_auth(
-                &self.config.account_sid,
-                Some(self.config.auth_token.expose()),
-            )
-            .query(&query)
-            .send()
-            .await
-            .map_err(network_error)?;
-        if !response.status().is_success() {
-            return Err(error_from_response(response).await);
-        }
-        let list: MessageList = response
-            .json()
-            .await
-            .map_err(|e| ProviderError::Retryable {
-                code: None,
-                message: format!("unreadable answer from Twilio: {}", e.without_url()),
-                retry_after: None,
-            })?;
-        let mut found: Vec<(chrono::DateTime<chrono::FixedOffset>, Accepted)> = list
-            .messages
-            .into_iter()
-            .filter(|m| m.to.as_deref() == Some(to.as_str()))
-            .filter(|m| {
-                m.direction
+        let first_page = reqwest::Url::parse_with_params(
+            &self.account_url("/Messages.json"),
+            [
+                ("To", to.as_str()),
+                ("DateSent>", date.as_str()),
+                ("PageSize", "1000"),
+            ],
+        )
+        .map_err(|e| ProviderError::Permanent {
+            code: None,
+            message: format!("cannot build the lookup URL: {e}"),
+        })?;
+        let mut next = Some(first_page.to_string());
+        let mut found: Vec<(chrono::DateTime<chrono::FixedOffset>, Accepted)> = Vec::new();
+        // Newest first: page back until the messages are older than the attempt.
+        for _ in 0..MAX_LOOKUP_PAGES {
+            let Some(url) = next.take() else { break };
+            let list = self.fetch_page(&url).await?;
+            let mut reached_older = false;
+            for m in list.messages {
+                let Some(created) = m
+                    .date_created
                     .as_deref()
-                    .is_none_or(|d| d.starts_with("outbound"))
-            })
-            // With a Content template Twilio stores its own rendering: match on the rest.
-            .filter(|m| body.is_none() || m.body == body)
-            .filter_map(|m| {
-                let created =
-                    chrono::DateTime::parse_from_rfc2822(m.date_created.as_deref()?).ok()?;
-                (created >= earliest).then(|| {
+                    .and_then(|d| chrono::DateTime::parse_from_rfc2822(d).ok())
+                else {
+                    continue;
+                };
+                if created < earliest {
+                    reached_older = true;
+                    continue;
+                }
+                let outbound = m
+                    .direction
+                    .as_deref()
+                    .is_none_or(|d| d.starts_with("outbound"));
+                // With a Content template Twilio stores its own rendering: match on the rest.
+                let same =
+                    m.to.as_deref() == Some(to.as_str()) && (body.is_none() || m.body == body);
+                if outbound && same {
                     let status = m.status.unwrap_or_else(|| "queued".into());
-                    (created, Accepted { sid: m.sid, status })
-                })
-            })
-            .collect();
+                    found.push((created, Accepted { sid: m.sid, status }));
+                }
+            }
+            if !reached_older {
+                next = list
+                    .next_page_uri
+                    .map(|uri| format!("{}{uri}", self.config.api_base));
+            }
+        }
         found.sort_by_key(|(created, _)| *created);
         Ok(found.into_iter().map(|(_, accepted)| accepted).collect())
     }

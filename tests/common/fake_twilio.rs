@@ -1,13 +1,16 @@
 //! A fake Twilio REST API on a loopback port: it checks Basic auth, records every request with
-//! its form fields, and answers in Twilio's JSON shapes (the Message resource, or the error
-//! `{code, message, more_info, status}`). Tests script failures per recipient number.
+//! its form fields, keeps the messages it created (listable as Twilio lists them), and answers in
+//! Twilio's JSON shapes (the Message resource, or the error `{code, message, more_info, status}`).
+//! Tests script faults per recipient number: HTTP errors, slow answers, dropped connections, and
+//! messages accepted but never answered.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,6 +28,7 @@ pub struct RecordedRequest {
     pub content_type: Option<String>,
     /// Form fields in the order sent.
     pub form: Vec<(String, String)>,
+    pub received_at: Instant,
 }
 
 impl RecordedRequest {
@@ -49,11 +53,56 @@ pub struct Failure {
     pub retry_after: Option<u64>,
 }
 
+/// A scripted fault for one send.
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Answer with this error; nothing is created.
+    Http(Failure),
+    /// Create the message, then answer only after this long (past the client's timeout).
+    Slow(Duration),
+    /// Drop the connection without answering; nothing is created.
+    Drop,
+    /// Create the message and never answer.
+    AcceptNoAnswer,
+}
+
+/// A message the fake created, as its list endpoint shows it.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub sid: String,
+    pub to: String,
+    pub from: Option<String>,
+    pub body: String,
+    pub date_created: chrono::DateTime<chrono::Utc>,
+    pub received_at: Instant,
+}
+
 #[derive(Default)]
 struct Shared {
     requests: Mutex<Vec<RecordedRequest>>,
-    /// `To` (as sent, e.g. `whatsapp:+1...`) -> failures to answer, consumed in order.
-    failures: Mutex<HashMap<String, Vec<Failure>>>,
+    /// `To` (as sent, e.g. `whatsapp:+1...`) -> faults to apply, consumed in order.
+    faults: Mutex<HashMap<String, Vec<Fault>>>,
+    created: Mutex<Vec<Created>>,
+}
+
+/// Dropping a connection is done by panicking in the handler (the connection's task dies with
+/// it); this marker keeps those intended panics out of the test output.
+const DROP_MARKER: &str = "fake twilio: dropping the connection";
+
+fn quiet_intended_panics() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let intended = info
+                .payload()
+                .downcast_ref::<&str>()
+                .is_some_and(|m| *m == DROP_MARKER);
+            if !intended {
+                previous(info);
+            }
+        }));
+    });
 }
 
 #[derive(Clone)]
@@ -64,11 +113,12 @@ pub struct FakeTwilio {
 
 impl FakeTwilio {
     pub async fn start() -> FakeTwilio {
+        quiet_intended_panics();
         let shared = Arc::new(Shared::default());
         let app = Router::new()
             .route(
                 "/2010-04-01/Accounts/{account}/Messages.json",
-                post(create_message),
+                post(create_message).get(list_messages),
             )
             .route("/2010-04-01/Accounts/{account_json}", get(fetch_account))
             .with_state(shared.clone());
@@ -101,11 +151,33 @@ impl FakeTwilio {
 
     /// Answer the next sends to `to` with these failures, in order; later sends succeed.
     pub fn fail(&self, to: &str, failures: Vec<Failure>) {
+        self.script(to, failures.into_iter().map(Fault::Http).collect());
+    }
+
+    /// Apply these faults to the next sends to `to`, in order; later sends succeed.
+    pub fn script(&self, to: &str, faults: Vec<Fault>) {
         self.shared
-            .failures
+            .faults
             .lock()
             .unwrap()
-            .insert(to.to_string(), failures);
+            .insert(to.to_string(), faults);
+    }
+
+    /// The messages created so far, in creation order.
+    pub fn created(&self) -> Vec<Created> {
+        self.shared.created.lock().unwrap().clone()
+    }
+
+    pub fn created_count(&self) -> usize {
+        self.shared.created.lock().unwrap().len()
+    }
+
+    /// `CreateMessage` calls received (answered or not).
+    pub fn create_calls_to(&self, to: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.field("To") == Some(to))
+            .count()
     }
 }
 
@@ -147,6 +219,7 @@ fn record(
         authorization: header("authorization"),
         content_type: header("content-type"),
         form,
+        received_at: Instant::now(),
     };
     shared.requests.lock().unwrap().push(request.clone());
     request
@@ -170,45 +243,133 @@ async fn create_message(
         return twilio_error(400, 21604, "A 'To' phone number is required.");
     }
     let scripted = {
-        let mut failures = shared.failures.lock().unwrap();
-        failures
+        let mut faults = shared.faults.lock().unwrap();
+        faults
             .get_mut(&to)
             .and_then(|list| (!list.is_empty()).then(|| list.remove(0)))
     };
-    if let Some(f) = scripted {
-        let mut response = twilio_error(f.http_status, f.code, "scripted failure");
-        if let Some(secs) = f.retry_after {
-            response
-                .headers_mut()
-                .insert("retry-after", secs.to_string().parse().unwrap());
+    match scripted {
+        Some(Fault::Http(f)) => {
+            let mut response = twilio_error(f.http_status, f.code, "scripted failure");
+            if let Some(secs) = f.retry_after {
+                response
+                    .headers_mut()
+                    .insert("retry-after", secs.to_string().parse().unwrap());
+            }
+            return response;
         }
-        return response;
+        Some(Fault::Drop) => std::panic::panic_any(DROP_MARKER),
+        Some(Fault::Slow(delay)) => {
+            let response = create(&shared, &request, &to);
+            tokio::time::sleep(delay).await;
+            return response;
+        }
+        Some(Fault::AcceptNoAnswer) => {
+            create(&shared, &request, &to);
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        None => {}
     }
+    create(&shared, &request, &to)
+}
+
+/// Create the message and answer 201 with its resource.
+fn create(shared: &Shared, request: &RecordedRequest, to: &str) -> Response {
     let sid = format!("SM{}", uuid::Uuid::new_v4().simple());
-    let now = chrono::Utc::now().to_rfc2822();
-    let body = json!({
+    let created = Created {
+        sid: sid.clone(),
+        to: to.to_string(),
+        from: request.field("From").map(String::from),
+        body: request.field("Body").unwrap_or_default().to_string(),
+        date_created: chrono::Utc::now(),
+        received_at: request.received_at,
+    };
+    let body = resource(&created, request.field("MessagingServiceSid"));
+    shared.created.lock().unwrap().push(created);
+    (StatusCode::CREATED, Json(body)).into_response()
+}
+
+fn resource(m: &Created, messaging_service_sid: Option<&str>) -> serde_json::Value {
+    let date = m.date_created.to_rfc2822();
+    json!({
         "account_sid": ACCOUNT_SID,
         "api_version": "2010-04-01",
-        "body": request.field("Body").unwrap_or_default(),
-        "date_created": now,
-        "date_sent": null,
-        "date_updated": now,
+        "body": m.body,
+        "date_created": date,
+        "date_sent": date,
+        "date_updated": date,
         "direction": "outbound-api",
         "error_code": null,
         "error_message": null,
-        "from": request.field("From"),
-        "messaging_service_sid": request.field("MessagingServiceSid"),
+        "from": m.from,
+        "messaging_service_sid": messaging_service_sid,
         "num_media": "0",
         "num_segments": "1",
         "price": null,
         "price_unit": "USD",
-        "sid": sid,
+        "sid": m.sid,
         "status": "queued",
-        "subresource_uris": {"media": format!("/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/{sid}/Media.json")},
-        "to": to,
-        "uri": format!("/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/{sid}.json"),
+        "subresource_uris": {"media": format!("/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/{}/Media.json", m.sid)},
+        "to": m.to,
+        "uri": format!("/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/{}.json", m.sid),
+    })
+}
+
+/// `ListMessage`: filtered by `To` and `DateSent>` (a date), newest first, as Twilio lists.
+async fn list_messages(
+    State(shared): State<Arc<Shared>>,
+    Path(account): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let path = format!("/2010-04-01/Accounts/{account}/Messages.json");
+    let request = record(&shared, "GET", path, &headers, b"");
+    if request.authorization.as_deref() != Some(expected_authorization().as_str())
+        || account != ACCOUNT_SID
+    {
+        return twilio_error(401, 20003, "Authenticate");
+    }
+    let after = query
+        .get("DateSent>")
+        .and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok());
+    let page_size: usize = query
+        .get("PageSize")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(50);
+    let page: usize = query.get("Page").and_then(|p| p.parse().ok()).unwrap_or(0);
+    let created = shared.created.lock().unwrap();
+    let matching: Vec<&Created> = created
+        .iter()
+        .rev()
+        .filter(|m| query.get("To").is_none_or(|to| *to == m.to))
+        .filter(|m| after.is_none_or(|d| m.date_created.date_naive() >= d))
+        .collect();
+    let messages: Vec<serde_json::Value> = matching
+        .iter()
+        .skip(page * page_size)
+        .take(page_size)
+        .map(|m| resource(m, None))
+        .collect();
+    let next_page_uri = (matching.len() > (page + 1) * page_size).then(|| {
+        let mut next: Vec<(String, String)> = query
+            .iter()
+            .filter(|(k, _)| *k != "Page")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        next.push(("Page".into(), (page + 1).to_string()));
+        format!(
+            "/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json?{}",
+            serde_urlencoded::to_string(&next).unwrap()
+        )
     });
-    (StatusCode::CREATED, Json(body)).into_response()
+    Json(json!({
+        "messages": messages,
+        "page": page,
+        "page_size": page_size,
+        "next_page_uri": next_page_uri,
+    }))
+    .into_response()
 }
 
 async fn fetch_account(

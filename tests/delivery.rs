@@ -1,0 +1,512 @@
+//! Delivery that survives faults, crashes and several instances: a fake Twilio with fault
+//! injection, the real binary killed and restarted, and two dispatchers on one PostgreSQL.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::fake_twilio::{Failure, Fault};
+use common::*;
+use prism_messaging::app::AppState;
+use prism_messaging::clock::{Clock, ManualClock};
+use prism_messaging::config::Config;
+use prism_messaging::store::{
+    ChangeContext, Channel, ConsentPatch, ConsentSource, DynStore, NewMessage,
+};
+use serde_json::json;
+
+both_backends!(
+    every_fault_class_ends_sent_once_or_failed,
+    permanent_codes_are_tried_once
+);
+
+fn http(status: u16, code: i64) -> Fault {
+    Fault::Http(Failure {
+        http_status: status,
+        code,
+        retry_after: None,
+    })
+}
+
+async fn every_fault_class_ends_sent_once_or_failed(backend: Backend) {
+    let clock = ManualClock::new(Utc::now());
+    let mut config = TestConfig::new()
+        .set("TWILIO_TIMEOUT_MS", "400")
+        .set("DISPATCH_RATE_PER_SECOND", "0");
+    config.clock = Arc::new(clock.clone());
+    let app = TestApp::spawn_live(backend, config).await;
+    let fake = app.fake.as_ref().unwrap();
+    let scenarios: Vec<(&str, Vec<Fault>)> = vec![
+        ("server_errors", vec![http(500, 20500), http(503, 20503)]),
+        (
+            "rate_limited",
+            vec![Fault::Http(Failure {
+                http_status: 429,
+                code: 20429,
+                retry_after: Some(120),
+            })],
+        ),
+        (
+            "slow_answer",
+            vec![Fault::Slow(Duration::from_millis(1500))],
+        ),
+        ("dropped_connection", vec![Fault::Drop, Fault::Drop]),
+        ("accepted_never_answered", vec![Fault::AcceptNoAnswer]),
+        ("always_down", vec![http(500, 20500); 10]),
+    ];
+    let mut ids = HashMap::new();
+    for (i, (name, faults)) in scenarios.iter().enumerate() {
+        let phone = format!("+1415555{:04}", 2000 + i);
+        let user = format!("user-{name}");
+        app.consent(&user, &phone).await;
+        fake.script(&phone, faults.clone());
+        ids.insert(*name, (app.notify_ok(reminder(&user)).await, phone));
+    }
+    // The 429 asked for two minutes: the retry waits at least that long.
+    app.dispatch().await;
+    let limited = app
+        .state
+        .store
+        .get_message(&ids["rate_limited"].0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(limited.status, "queued");
+    assert!(
+        limited.next_attempt_at >= clock.now() + chrono::Duration::seconds(119),
+        "Retry-After honoured"
+    );
+    for _ in 0..12 {
+        clock.advance(chrono::Duration::minutes(20));
+        app.dispatch().await;
+    }
+    for (name, (id, phone)) in &ids {
+        let m = app.message(id).await;
+        let created = fake.created().iter().filter(|c| c.to == *phone).count();
+        if *name == "always_down" {
+            assert_eq!(m["status"], "failed", "{name}");
+            assert_eq!(m["error_code"], 20500, "{name}");
+            assert_eq!(
+                fake.create_calls_to(phone),
+                5,
+                "{name}: DISPATCH_MAX_ATTEMPTS tries"
+            );
+            assert_eq!(created, 0);
+        } else {
+            assert_eq!(m["status"], "sent", "{name}: {m}");
+            assert_eq!(created, 1, "{name}: exactly one message reached Twilio");
+            let sid = m["provider_sid"].as_str().unwrap();
+            assert!(
+                fake.created().iter().any(|c| c.sid == sid),
+                "{name}: the SID is Twilio's"
+            );
+        }
+    }
+    // The unknown outcomes were looked up, not sent blind.
+    assert_eq!(fake.create_calls_to(&ids["slow_answer"].1), 1);
+    assert_eq!(fake.create_calls_to(&ids["accepted_never_answered"].1), 1);
+    assert_eq!(fake.create_calls_to(&ids["dropped_connection"].1), 3);
+}
+
+async fn permanent_codes_are_tried_once(backend: Backend) {
+    let app = TestApp::spawn_live(
+        backend,
+        TestConfig::new().set("DISPATCH_RATE_PER_SECOND", "0"),
+    )
+    .await;
+    let fake = app.fake.as_ref().unwrap();
+    let codes = [
+        (400, 21211),
+        (400, 21610),
+        (400, 21612),
+        (400, 21614),
+        (400, 63016),
+        (400, 21602),
+        (403, 20003),
+    ];
+    let mut ids = vec![];
+    for (i, (status, code)) in codes.iter().enumerate() {
+        let phone = format!("+1415555{:04}", 3000 + i);
+        let user = format!("user-{code}");
+        app.consent(&user, &phone).await;
+        fake.fail(
+            &phone,
+            vec![Failure {
+                http_status: *status,
+                code: *code,
+                retry_after: None,
+            }],
+        );
+        ids.push((app.notify_ok(reminder(&user)).await, phone, user, *code));
+    }
+    let report = app.dispatch().await;
+    assert_eq!(report.failed, codes.len());
+    assert_eq!(app.dispatch().await.claimed, 0, "nothing is retried");
+    for (id, phone, user, code) in ids {
+        let m = app.message(&id).await;
+        assert_eq!(
+            (m["status"].as_str(), m["error_code"].as_i64()),
+            (Some("failed"), Some(code))
+        );
+        assert_eq!(fake.create_calls_to(&phone), 1, "{code} tried once");
+        let consent = app.state.store.get_consent(&user).await.unwrap().unwrap();
+        assert_eq!(consent.sms_consent, code != 21610, "{code}");
+        if code == 21610 {
+            let last = app
+                .state
+                .store
+                .consent_audit(&user)
+                .await
+                .unwrap()
+                .pop()
+                .unwrap();
+            assert_eq!(
+                (last.field.as_str(), last.source.as_str()),
+                ("sms_consent", "provider")
+            );
+            assert!(app
+                .state
+                .store
+                .is_opted_out(&phone, Channel::Sms)
+                .await
+                .unwrap());
+        }
+    }
+}
+
+/// Give `user` SMS consent for `phone` and queue `n` payment notifications with distinct bodies
+/// (`INR {i}.00`), straight through the store.
+async fn queue_bulk(store: &DynStore, user: &str, phone: &str, n: usize) {
+    let ctx = ChangeContext {
+        source: ConsentSource::Api,
+        ip: None,
+        user_agent: None,
+        at: Utc::now(),
+    };
+    let patch = ConsentPatch {
+        phone_number: Some(phone.into()),
+        sms_consent: Some(true),
+        ..Default::default()
+    };
+    store.update_consent(user, &patch, &ctx).await.unwrap();
+    for i in 0..n {
+        let message = NewMessage {
+            id: uuid::Uuid::now_v7().to_string(),
+            user_id: user.into(),
+            template_name: "payment_received".into(),
+            variables: json!({"amount": format!("INR {i}.00"), "date": "2027-01-12"}).to_string(),
+            channel: Channel::Sms,
+            idempotency_key: Some(format!("bulk-{user}-{i}")),
+            created_at: Utc::now(),
+            claimed_until: None,
+        };
+        store.insert_message(&message).await.unwrap();
+    }
+}
+
+/// How many times each payment amount reached the fake.
+fn deliveries_by_amount(fake: &FakeTwilio) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for c in fake.created() {
+        let amount = c
+            .body
+            .split("INR ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or_default()
+            .to_string();
+        *counts.entry(amount).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn spawn_server(
+    dir: &std::path::Path,
+    database_url: &str,
+    fake: &FakeTwilio,
+    extra: &[(&str, &str)],
+) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_prism-messaging"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(dir)
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .env("DATABASE_URL", database_url)
+        .env("MESSAGING_MOCK_MODE", "false")
+        .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+        .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+        .env("TWILIO_PHONE_NUMBER", SMS_SENDER)
+        .env("TWILIO_API_BASE", &fake.base_url)
+        .env("INSTANCE_ROLE", "dispatcher")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+async fn wait_until(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !done().await {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn unsettled(store: &DynStore, user: &str) -> usize {
+    let all = store.user_messages(user, 10_000).await.unwrap();
+    all.iter()
+        .filter(|m| m.status == "queued" || m.status == "sending")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_dispatch_then_restart_delivers_every_message() {
+    const N: usize = 2000;
+    const BATCH: &str = "32";
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("kill.db").display());
+    let store = prism_messaging::store::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    queue_bulk(&store, "bulk", "+14155552671", N).await;
+    let fake = FakeTwilio::start().await;
+    let settings = [
+        ("DISPATCH_LEASE_SECONDS", "2"),
+        ("DISPATCH_RATE_PER_SECOND", "0"),
+        ("DISPATCH_BATCH_SIZE", BATCH),
+    ];
+
+    let mut first = spawn_server(dir.path(), &url, &fake, &settings);
+    wait_until(
+        "a third of the messages",
+        Duration::from_secs(120),
+        async || fake.created_count() >= N / 3,
+    )
+    .await;
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    let at_kill = fake.created_count();
+    let in_flight = store
+        .user_messages("bulk", 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|m| m.status == "sending")
+        .count();
+
+    let mut second = spawn_server(dir.path(), &url, &fake, &settings);
+    wait_until(
+        "every message settled",
+        Duration::from_secs(180),
+        async || unsettled(&store, "bulk").await == 0,
+    )
+    .await;
+    second.start_kill().unwrap();
+
+    let counts = deliveries_by_amount(&fake);
+    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    println!(
+        "SIGKILL test: {N} messages, killed after {at_kill} had reached the fake with {in_flight} in flight; \
+         after restart {} distinct delivered, {duplicates} duplicates",
+        counts.len()
+    );
+    assert_eq!(counts.len(), N, "every message reached the fake");
+    assert!(
+        duplicates <= 32,
+        "duplicates ({duplicates}) stay within one in-flight batch"
+    );
+    // The fake answered every request before the kill, so each lost answer is found by lookup.
+    assert_eq!(
+        duplicates, 0,
+        "a fake that answers leaves nothing to duplicate"
+    );
+    let all = store.user_messages("bulk", 10_000).await.unwrap();
+    let not_sent: Vec<_> = all
+        .iter()
+        .filter(|m| m.status != "sent")
+        .map(|m| (&m.status, &m.error_message))
+        .collect();
+    assert!(not_sent.is_empty(), "all recorded as sent: {not_sent:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_sends_and_gives_back_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("term.db").display());
+    let store = prism_messaging::store::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    queue_bulk(&store, "term", "+14155552671", 12).await;
+    let fake = FakeTwilio::start().await;
+    // Every answer takes a second (inside the timeout); pacing holds most messages back.
+    fake.script(
+        "+14155552671",
+        vec![Fault::Slow(Duration::from_millis(1000)); 12],
+    );
+    let settings = [
+        ("DISPATCH_RATE_PER_SECOND", "4"),
+        ("TWILIO_TIMEOUT_MS", "5000"),
+        ("DISPATCH_LEASE_SECONDS", "2"),
+    ];
+    let mut server = spawn_server(dir.path(), &url, &fake, &settings);
+    wait_until("the first send", Duration::from_secs(30), async || {
+        !fake.requests().is_empty()
+    })
+    .await;
+    let pid = server.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(Duration::from_secs(20), server.wait())
+        .await
+        .expect("exits within the grace period")
+        .unwrap();
+    assert!(status.success());
+    let calls_at_exit = fake.requests().len();
+    let messages = store.user_messages("term", 100).await.unwrap();
+    let sending = messages.iter().filter(|m| m.status == "sending").count();
+    let sent = messages.iter().filter(|m| m.status == "sent").count();
+    assert_eq!(sending, 0, "in-flight sends finished and were recorded");
+    assert_eq!(
+        sent, calls_at_exit,
+        "every call made before exit was recorded"
+    );
+    assert!(sent < 12, "shutdown gave back the messages still waiting");
+
+    let mut again = spawn_server(dir.path(), &url, &fake, &settings);
+    wait_until("the rest sent", Duration::from_secs(60), async || {
+        unsettled(&store, "term").await == 0
+    })
+    .await;
+    again.start_kill().unwrap();
+    let counts = deliveries_by_amount(&fake);
+    assert_eq!(counts.len(), 12);
+    assert!(
+        counts.values().all(|c| *c == 1),
+        "each exactly once: {counts:?}"
+    );
+}
+
+async fn postgres_instances(
+    n: usize,
+    extra: &[(&str, &str)],
+) -> Option<(Vec<AppState>, FakeTwilio, TestDatabase)> {
+    postgres_admin_url()?;
+    let db = TestDatabase::new(Backend::Postgres).await;
+    let fake = FakeTwilio::start().await;
+    let mut vars = TestConfig::new().live(&fake).vars;
+    vars.insert("DATABASE_URL".into(), db.url.clone());
+    for (k, v) in extra {
+        vars.insert(k.to_string(), v.to_string());
+    }
+    let mut states = vec![];
+    for _ in 0..n {
+        let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
+        // Each instance has its own connection pool, as separate processes would.
+        states.push(AppState::from_config(config).await.unwrap());
+    }
+    Some((states, fake, db))
+}
+
+/// Run each instance's dispatcher rounds until nothing is left; the messages each one sent.
+async fn drain(states: &[AppState], user: &str) -> Vec<usize> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, state) in states.iter().enumerate() {
+        let state = state.clone();
+        let user = user.to_string();
+        tasks.spawn(async move {
+            let dispatcher = state.dispatcher();
+            let mut sent = 0;
+            loop {
+                let report = dispatcher.run_once().await.unwrap();
+                sent += report.sent;
+                if report.claimed == 0 {
+                    if unsettled(&state.store, &user).await == 0 {
+                        return (i, sent);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
+    }
+    let mut per_instance = vec![0; states.len()];
+    while let Some(done) = tasks.join_next().await {
+        let (i, sent) = done.unwrap();
+        per_instance[i] = sent;
+    }
+    per_instance
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_postgres_send_each_message_once() {
+    const N: usize = 5000;
+    let Some((states, fake, _db)) =
+        postgres_instances(2, &[("DISPATCH_RATE_PER_SECOND", "0")]).await
+    else {
+        eprintln!("TEST_DATABASE_URL is not set: skipping");
+        return;
+    };
+    queue_bulk(&states[0].store, "bulk", "+14155552671", N).await;
+    let per_instance = drain(&states, "bulk").await;
+    let counts = deliveries_by_amount(&fake);
+    println!(
+        "two instances: {per_instance:?} messages each; {} distinct reached the fake",
+        counts.len()
+    );
+    assert_eq!(counts.len(), N);
+    assert!(
+        counts.values().all(|c| *c == 1),
+        "no message reached the fake twice"
+    );
+    assert_eq!(per_instance.iter().sum::<usize>(), N);
+    assert!(
+        per_instance.iter().all(|n| *n > 0),
+        "both instances worked: {per_instance:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_holds_across_two_instances() {
+    const N: usize = 30;
+    const RATE: usize = 10;
+    let Some((states, fake, _db)) =
+        postgres_instances(2, &[("DISPATCH_RATE_PER_SECOND", "10")]).await
+    else {
+        eprintln!("TEST_DATABASE_URL is not set: skipping");
+        return;
+    };
+    queue_bulk(&states[0].store, "paced", "+14155552671", N).await;
+    drain(&states, "paced").await;
+    let mut arrivals: Vec<Instant> = fake.created().iter().map(|c| c.received_at).collect();
+    arrivals.sort();
+    assert_eq!(arrivals.len(), N);
+    // The most sends seen at the fake in any one-second window.
+    let busiest = (0..N)
+        .map(|i| {
+            arrivals[i..]
+                .iter()
+                .take_while(|t| t.duration_since(arrivals[i]) < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap();
+    let span = arrivals[N - 1].duration_since(arrivals[0]);
+    println!("rate limit {RATE}/s over two instances: busiest second {busiest} sends, {N} sends over {span:?}");
+    assert!(
+        busiest <= RATE + 1,
+        "at most {RATE} per second (one of jitter): {busiest}"
+    );
+    assert!(
+        span >= Duration::from_millis(((N - 1) * 1000 / RATE) as u64 - 150),
+        "{span:?}"
+    );
+}
