@@ -26,3 +26,9 @@ for scenario in healthz otp; do
   "$bench" "$scenario" "sqlite://$work/$scenario.db" "$seconds" "$concurrency"
   url=$(fresh_pg); "$bench" "$scenario" "$url" "$seconds" "$concurrency"; drop_pg "$url"
 done
+
+messages="${BENCH_MESSAGES:-5000}"
+"$bench" dispatch "sqlite://$work/dispatch.db" "$messages" 1
+for instances in 1 2; do
+  url=$(fresh_pg); "$bench" dispatch "$url" "$messages" "$instances"; drop_pg "$url"
+done

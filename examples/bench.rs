@@ -6,6 +6,10 @@
 //! scenarios: `otp` (send-otp then verify-otp with the right code, per simulated user) and
 //! `healthz`. The service runs in live mode against a fake Twilio inside this process, which is
 //! how the benchmark learns each code.
+//!
+//! `cargo run --release --example bench -- dispatch <database-url> <messages> <instances>`
+//! queues the messages, starts that many dispatcher processes on the database, and reports how
+//! fast messages reach the fake Twilio and each process's peak memory.
 
 #[path = "../tests/common/fake_twilio.rs"]
 mod fake_twilio;
@@ -46,10 +50,133 @@ async fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+fn peak_rss(pid: Option<u32>) -> String {
+    pid.and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| {
+                l.replace("VmHWM:", "")
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn server(
+    binary: &std::path::Path,
+    database_url: &str,
+    fake: &fake_twilio::FakeTwilio,
+    role: &str,
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(std::env::temp_dir())
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .env("DATABASE_URL", database_url)
+        .env("MESSAGING_MOCK_MODE", "false")
+        .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+        .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+        .env("TWILIO_PHONE_NUMBER", "+14155550100")
+        .env("TWILIO_API_BASE", &fake.base_url)
+        .env("INSTANCE_ROLE", role)
+        .env("DISPATCH_RATE_PER_SECOND", "0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Queue `n` notifications for one consenting patient through the library's own path.
+async fn queue(database_url: &str, n: usize) {
+    use prism_messaging::store::{ChangeContext, ConsentPatch, ConsentSource};
+    let store = prism_messaging::store::connect(database_url).await.unwrap();
+    store.migrate().await.unwrap();
+    let ctx = ChangeContext {
+        source: ConsentSource::Api,
+        ip: None,
+        user_agent: None,
+        at: chrono::Utc::now(),
+    };
+    let patch = ConsentPatch {
+        phone_number: Some("+14155552671".into()),
+        sms_consent: Some(true),
+        ..Default::default()
+    };
+    store.update_consent("bench", &patch, &ctx).await.unwrap();
+    let render = prism_messaging::templates::RenderContext {
+        clinic_name: "PhysiologicPRISM".into(),
+        app_url: "http://localhost:8080".into(),
+    };
+    for i in 0..n {
+        let request = prism_messaging::outbox::NotificationRequest {
+            user_id: "bench".into(),
+            template: "payment_received".into(),
+            variables: json!({"amount": format!("INR {i}.00"), "date": "2027-01-12"}),
+            channel: None,
+            idempotency_key: None,
+        };
+        prism_messaging::outbox::queue_notification(&store, &render, request, chrono::Utc::now())
+            .await
+            .unwrap();
+    }
+}
+
+async fn dispatch(binary: &std::path::Path, database_url: &str, messages: usize, instances: usize) {
+    queue(database_url, messages).await;
+    let fake = fake_twilio::FakeTwilio::start().await;
+    let started = Instant::now();
+    let mut children: Vec<_> = (0..instances)
+        .map(|_| {
+            server(binary, database_url, &fake, "dispatcher")
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    while fake.created_count() < messages {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "dispatch did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    let created = fake.created();
+    let first = created.iter().map(|c| c.received_at).min().unwrap();
+    let last = created.iter().map(|c| c.received_at).max().unwrap();
+    let backend = database_url.split(':').next().unwrap_or("?");
+    let memory: Vec<String> = children.iter().map(|c| peak_rss(c.id())).collect();
+    println!(
+        "-- dispatch on {backend}, {instances} instance(s): {messages} messages in {:.2} s from start ({:.0} msg/s); \
+         first to last send {:.2} s ({:.0} msg/s); peak RSS per process: {}",
+        elapsed.as_secs_f64(),
+        messages as f64 / elapsed.as_secs_f64(),
+        last.duration_since(first).as_secs_f64(),
+        messages as f64 / last.duration_since(first).as_secs_f64(),
+        memory.join(", ")
+    );
+    for child in &mut children {
+        let _ = child.start_kill();
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scenario = args.get(1).cloned().unwrap_or_else(|| "otp".into());
+    if scenario == "dispatch" {
+        let binary =
+            std::env::var("PRISM_BIN").unwrap_or_else(|_| "target/release/prism-messaging".into());
+        let binary = std::fs::canonicalize(&binary)
+            .expect("the release binary exists (cargo build --release)");
+        let database_url = args.get(2).cloned().expect("database url");
+        let messages = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5000);
+        let instances = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
+        dispatch(&binary, &database_url, messages, instances).await;
+        return;
+    }
     let database_url = args.get(2).cloned().expect("database url");
     let seconds: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(10);
     let concurrency: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(16);

@@ -247,8 +247,7 @@ impl Dispatcher {
         }
         // Pacing is about real time, whatever the (test) clock says.
         let now_us = Utc::now().timestamp_micros();
-        // 2% slower than the limit, so network jitter does not push two slots into one second.
-        let interval_us = 1_020_000 / i64::from(rate);
+        let interval_us = slot_interval_us(rate);
         let slot = self
             .store
             .reserve_send_slot(&self.sender_key(outbound), now_us, interval_us)
@@ -261,6 +260,22 @@ impl Dispatcher {
             }
         }
         Ok(true)
+    }
+
+    /// Reserve a send slot without waiting for it (for one-time passcodes).
+    async fn take_send_slot(&self, outbound: &OutboundMessage) -> AppResult<()> {
+        let rate = self.config.dispatch.rate_per_second;
+        if rate > 0 {
+            let interval_us = slot_interval_us(rate);
+            self.store
+                .reserve_send_slot(
+                    &self.sender_key(outbound),
+                    Utc::now().timestamp_micros(),
+                    interval_us,
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     /// The sender a message goes out from: the unit Twilio rate-limits.
@@ -483,6 +498,9 @@ impl Dispatcher {
         }
         let masked = to.masked();
         let outbound = self.outbound(message, template, channel, to, &valid, whatsapp_template);
+        // A patient is waiting for this code: it goes now, taking the sender's next slot so the
+        // queued messages behind it slow down to keep the sender's rate.
+        self.take_send_slot(&outbound).await?;
         let (result, provider_status) = match self.send(message, outbound).await? {
             (DispatchResult::Retry { code, message, .. }, status) => {
                 (DispatchResult::Failed { code, message }, status)
@@ -570,6 +588,12 @@ impl Dispatcher {
         }
         self.clock.now() + wait
     }
+}
+
+/// Microseconds between a sender's send slots: 2% slower than the limit, so network jitter does
+/// not push two slots into one second at the provider.
+fn slot_interval_us(rate_per_second: u32) -> i64 {
+    1_020_000 / i64::from(rate_per_second.max(1))
 }
 
 /// Whether an earlier attempt may have reached the provider without our knowing: the process
