@@ -21,7 +21,9 @@ use serde_json::json;
 
 both_backends!(
     every_fault_class_ends_sent_once_or_failed,
-    permanent_codes_are_tried_once
+    permanent_codes_are_tried_once,
+    instance_roles_split_the_work,
+    an_otp_does_not_wait_behind_paced_messages,
 );
 
 fn http(status: u16, code: i64) -> Fault {
@@ -508,5 +510,127 @@ async fn rate_limit_holds_across_two_instances() {
     assert!(
         span >= Duration::from_millis(((N - 1) * 1000 / RATE) as u64 - 150),
         "{span:?}"
+    );
+}
+
+async fn instance_roles_split_the_work(backend: Backend) {
+    let mut api_config = TestConfig::new().set("INSTANCE_ROLE", "api");
+    api_config.background = true;
+    let api = TestApp::spawn_with(backend, api_config).await;
+    api.consent("p1", "+14155552671").await;
+    let id = api.notify_ok(reminder("p1")).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        api.message(&id).await["status"],
+        "queued",
+        "an API instance does not send"
+    );
+
+    // A dispatcher instance on the same database sends it, and serves no API.
+    let mut vars = TestConfig::new().set("INSTANCE_ROLE", "dispatcher").vars;
+    vars.insert("DATABASE_URL".into(), api.db.url.clone());
+    let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
+    let state = AppState::from_config(config).await.unwrap();
+    let app =
+        prism_messaging::app::Application::bind(state.clone(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+    let base = format!("http://{}", app.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(app.run(shutdown.clone()));
+    let client = reqwest::Client::new();
+    wait_until(
+        "the dispatcher instance sends",
+        Duration::from_secs(10),
+        async || {
+            api.state
+                .store
+                .get_message(&id)
+                .await
+                .unwrap()
+                .unwrap()
+                .status
+                == "delivered"
+        },
+    )
+    .await;
+    assert_eq!(
+        client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let r = client
+        .post(format!("{base}/api/notifications"))
+        .bearer_auth(API_KEY)
+        .json(&reminder("p1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "no API on a dispatcher instance");
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+}
+
+async fn an_otp_does_not_wait_behind_paced_messages(backend: Backend) {
+    let app = TestApp::spawn_live(
+        backend,
+        TestConfig::new().set("DISPATCH_RATE_PER_SECOND", "2"),
+    )
+    .await;
+    let fake = app.fake.as_ref().unwrap().clone();
+    app.consent("p1", "+14155552671").await;
+    for _ in 0..6 {
+        app.notify_ok(reminder("p1")).await;
+    }
+    // Six reminders at 2/s take about three seconds; an OTP asked for meanwhile goes at once.
+    let round = {
+        let state = app.state.clone();
+        tokio::spawn(async move { state.dispatcher().run_once().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let r = app
+        .client
+        .post(app.url("/api/messaging/send-otp"))
+        .json(&json!({"user_id": "p2", "phone_number": "+14155552672", "purpose": "login"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "the OTP waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(round.await.unwrap().sent, 6);
+    let created = fake.created();
+    let otp_at = created.iter().position(|c| c.to == "+14155552672").unwrap();
+    assert!(
+        otp_at < 6,
+        "the OTP overtook queued reminders (position {otp_at})"
+    );
+    // The reminders kept their pace (one slot every 0.51 s).
+    let reminders: Vec<Instant> = created
+        .iter()
+        .filter(|c| c.to == "+14155552671")
+        .map(|c| c.received_at)
+        .collect();
+    let span = reminders[5].duration_since(reminders[0]);
+    assert!(
+        span >= Duration::from_millis(2500),
+        "6 sends at 2/s span >= 2.5 s: {span:?}"
     );
 }

@@ -136,6 +136,9 @@ impl Drop for TestDatabase {
 pub struct TestConfig {
     pub vars: HashMap<String, String>,
     pub clock: DynClock,
+    /// Run the background dispatcher and scheduler (as `serve` does) instead of leaving rounds
+    /// to the test.
+    pub background: bool,
 }
 
 impl TestConfig {
@@ -155,6 +158,7 @@ impl TestConfig {
         TestConfig {
             vars,
             clock: Arc::new(SystemClock),
+            background: false,
         }
     }
 
@@ -218,10 +222,12 @@ impl TestApp {
         let state = AppState::build(cfg, config.clock)
             .await
             .expect("app state builds");
-        let app = Application::bind(state.clone(), "127.0.0.1:0".parse().unwrap())
+        let mut app = Application::bind(state.clone(), "127.0.0.1:0".parse().unwrap())
             .await
-            .expect("bind")
-            .without_dispatcher();
+            .expect("bind");
+        if !config.background {
+            app = app.without_dispatcher();
+        }
         let addr = app.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         tokio::spawn(app.run(shutdown.clone()));
