@@ -193,3 +193,44 @@ async fn host_app_calls_without_a_key_configured_say_so() {
         "not_configured"
     );
 }
+
+/// Firebase-style: keys fetched from AUTH_JWKS_URL (here a local server standing in for Google's
+/// endpoint).
+#[tokio::test]
+async fn es256_tokens_verify_against_a_jwks_url() {
+    use std::sync::{Arc, Mutex};
+    let jwks: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/test_jwks.json")).unwrap();
+    let keys: Arc<Mutex<serde_json::Value>> = Arc::new(Mutex::new(jwks));
+    let served = keys.clone();
+    let jwks_app = axum::Router::new().route(
+        "/jwks",
+        axum::routing::get(move || {
+            let served = served.clone();
+            async move { axum::Json(served.lock().unwrap().clone()) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, jwks_app).await });
+
+    let config = TestConfig::new()
+        .unset("AUTH_JWT_SECRET")
+        .set("AUTH_JWKS_URL", &url);
+    let app = TestApp::spawn_with(Backend::Sqlite, config).await;
+    // The keys were fetched at start: the endpoint going away changes nothing.
+    *keys.lock().unwrap() = json!({"keys": []});
+    let token = sign_es256(
+        "test-es256",
+        json!({"sub": "firebase-uid-2", "exp": in_an_hour()}),
+    );
+    let (status, _) = get_preferences(&app, Some(&format!("Bearer {token}"))).await;
+    assert_eq!(status, 200);
+    let forged = sign_es256("other-kid", json!({"sub": "x", "exp": in_an_hour()}));
+    assert_eq!(
+        get_preferences(&app, Some(&format!("Bearer {forged}")))
+            .await
+            .0,
+        401
+    );
+}

@@ -291,3 +291,69 @@ async fn serve_sends_through_twilio_logs_nothing_private_and_stops_on_sigterm() 
         assert!(!logs.contains(secret), "logs leak {secret}: {logs}");
     }
 }
+
+#[tokio::test]
+async fn otp_send_and_verify_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // Separate processes hash codes alike only with a configured secret.
+    std::fs::write(dir.path().join(".env"), "OTP_SECRET=cli-test-secret\n").unwrap();
+    let out = binary(dir.path())
+        .args([
+            "otp",
+            "send",
+            "--user",
+            "cli",
+            "--phone",
+            "+919876543210",
+            "--purpose",
+            "login",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let code: String = stdout
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|w| w.len() == 6)
+        .expect("mock mode prints the message with its code")
+        .into();
+    let verify = |code: String| {
+        let dir = dir.path().to_path_buf();
+        async move {
+            binary(&dir)
+                .args([
+                    "otp",
+                    "verify",
+                    "--user",
+                    "cli",
+                    "--purpose",
+                    "login",
+                    "--code",
+                    &code,
+                ])
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let wrong = if code == "000000" {
+        "111111".to_string()
+    } else {
+        "000000".to_string()
+    };
+    let out = verify(wrong).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("invalid_otp"));
+    let out = verify(code.clone()).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(verify(code).await.status.code(), Some(1), "single use");
+}
