@@ -82,6 +82,7 @@ fn server(
         .env("TWILIO_PHONE_NUMBER", "+14155550100")
         .env("TWILIO_API_BASE", &fake.base_url)
         .env("INSTANCE_ROLE", role)
+        .env("QUIET_HOURS", "off")
         .env("DISPATCH_RATE_PER_SECOND", "0")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

@@ -309,6 +309,15 @@ async fn send(
             });
         }
     }
+    if let Some(m) = state.store.get_message(&message.id).await? {
+        if m.attempts == 0 && m.next_attempt_at > state.clock.now() {
+            println!(
+                "message {} is held back by quiet hours (QUIET_HOURS) until {}",
+                m.id, m.next_attempt_at
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     println!(
         "message {} is still queued (provider retrying); see GET /api/messages/{}",
         message.id, message.id

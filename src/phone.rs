@@ -63,6 +63,32 @@ pub fn mask(number: &str) -> String {
     format!("+{head}{}{tail}", "*".repeat(digits.len() - 6))
 }
 
+/// Mask every phone-number-like run (7 or more digits, with an optional leading `+`) in free
+/// text, such as a provider's error message that quotes the number it refused.
+pub fn redact_numbers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        let digits = run.chars().filter(char::is_ascii_digit).count();
+        if digits >= 7 {
+            out.push_str(&mask(run));
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() || (c == '+' && run.is_empty()) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
 impl TryFrom<String> for PhoneNumber {
     type Error = AppError;
     fn try_from(value: String) -> Result<Self, Self::Error> {
@@ -125,5 +151,23 @@ mod tests {
         assert_eq!(format!("{n:?}"), "PhoneNumber(+91******3210)");
         assert_eq!(format!("{n}"), "+91******3210");
         assert_eq!(mask("whatsapp:+14155552671"), "+14*****2671");
+    }
+
+    #[test]
+    fn redacts_numbers_in_free_text() {
+        assert_eq!(
+            redact_numbers(
+                "The 'To' number +15005550001 is not a valid phone number (code 21211)."
+            ),
+            "The 'To' number +15*****0001 is not a valid phone number (code 21211)."
+        );
+        assert_eq!(
+            redact_numbers("to whatsapp:+919876543210"),
+            "to whatsapp:+91******3210"
+        );
+        assert_eq!(
+            redact_numbers("HTTP 503 after 1500 ms"),
+            "HTTP 503 after 1500 ms"
+        );
     }
 }

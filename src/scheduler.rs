@@ -16,20 +16,24 @@ const TICK: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Job {
     CleanupExpiredOtps,
+    /// Status callbacks for SIDs no message of ours ever recorded (after a day they never will).
+    PruneUnmatchedCallbacks,
 }
 
 impl Job {
-    pub const ALL: [Job; 1] = [Job::CleanupExpiredOtps];
+    pub const ALL: [Job; 2] = [Job::CleanupExpiredOtps, Job::PruneUnmatchedCallbacks];
 
     pub fn every(self) -> Duration {
         match self {
             Job::CleanupExpiredOtps => Duration::from_secs(600),
+            Job::PruneUnmatchedCallbacks => Duration::from_secs(3600),
         }
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Job::CleanupExpiredOtps => "cleanup-expired-otps",
+            Job::PruneUnmatchedCallbacks => "prune-unmatched-callbacks",
         }
     }
 
@@ -39,6 +43,11 @@ impl Job {
             Job::CleanupExpiredOtps => {
                 let report = otp::cleanup(&state.store, state.clock.now()).await?;
                 Ok(serde_json::to_value(report)?)
+            }
+            Job::PruneUnmatchedCallbacks => {
+                let before = state.clock.now() - chrono::Duration::days(1);
+                let pruned = state.store.prune_unmatched_statuses(before).await?;
+                Ok(serde_json::json!({ "pruned": pruned }))
             }
         }
     }

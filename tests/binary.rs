@@ -15,6 +15,8 @@ fn binary(dir: &std::path::Path) -> Command {
     // A clean environment in an empty directory: no stray .env, no inherited settings.
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        // Tests run at any hour: quiet hours would hold their messages back.
+        .env("QUIET_HOURS", "off")
         .current_dir(dir)
         .stdin(Stdio::null())
         .kill_on_drop(true);

@@ -244,6 +244,7 @@ fn spawn_server(
         .env("TWILIO_PHONE_NUMBER", SMS_SENDER)
         .env("TWILIO_API_BASE", &fake.base_url)
         .env("INSTANCE_ROLE", "dispatcher")
+        .env("QUIET_HOURS", "off")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

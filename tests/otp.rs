@@ -378,14 +378,13 @@ async fn country_guard(backend: Backend) {
 }
 
 async fn opted_out_numbers_are_not_sent_to(backend: Backend) {
+    let (config, clock) = clocked();
     let app = TestApp::spawn_with(
         backend,
-        TestConfig::new()
-            .set("TWILIO_PHONE_NUMBER", SMS_SENDER)
-            .set(
-                "TWILIO_CONTENT_SIDS",
-                "otp=HX0123456789abcdef0123456789abcdef",
-            ),
+        config.set("TWILIO_PHONE_NUMBER", SMS_SENDER).set(
+            "TWILIO_CONTENT_SIDS",
+            "otp=HX0123456789abcdef0123456789abcdef",
+        ),
     )
     .await;
     let sql = "INSERT INTO opt_outs (phone_number, channel, source, created_at) VALUES ('+919876543210', 'sms', 'sms_keyword', '2027-01-01T00:00:00Z')";
@@ -409,6 +408,9 @@ async fn opted_out_numbers_are_not_sent_to(backend: Backend) {
         "{message}"
     );
     assert_eq!(outbox_len(&app).await, 0);
+    // Refusals count against the limits: opt-outs cannot be probed without limit.
+    assert_eq!(send(&app, "u9", PHONE, "login").await.status(), 429);
+    clock.advance(Duration::seconds(31));
     // The opt-out is per channel: WhatsApp still works.
     let r = app
         .client

@@ -20,6 +20,7 @@ both_backends!(
     concurrent_claimers_never_share_a_message,
     dispatch_results_and_events,
     user_messages_newest_first,
+    unmatched_status_callbacks_wait_for_their_sid,
 );
 
 fn t0() -> chrono::DateTime<Utc> {
@@ -192,17 +193,24 @@ async fn claiming_leases_due_messages_once(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(again.len(), 1);
-    // Settled messages are never claimed.
-    store
-        .record_dispatch(
-            "due",
-            &DispatchResult::Skipped {
-                reason: "no_consent".into(),
-            },
-            t0(),
-        )
+    // The first claim's lease no longer fences anything: the second claim owns the message.
+    let skipped = DispatchResult::Skipped {
+        reason: "no_consent".into(),
+    };
+    assert!(!store
+        .record_dispatch("due", &skipped, t0(), lease)
         .await
-        .unwrap();
+        .unwrap());
+    assert_eq!(
+        store.get_message("due").await.unwrap().unwrap().status,
+        "queued"
+    );
+    // Settled messages are never claimed.
+    let fence = again[0].lease_until.unwrap();
+    assert!(store
+        .record_dispatch("due", &skipped, t0(), fence)
+        .await
+        .unwrap());
     let at_two_hours = store
         .claim_due_messages(t0() + Duration::hours(2), t0() + Duration::hours(3), 10)
         .await
@@ -253,36 +261,59 @@ async fn concurrent_claimers_never_share_a_message(backend: Backend) {
 
 async fn dispatch_results_and_events(backend: Backend) {
     let (store, _db) = open(backend).await;
-    store
-        .insert_message(&message("m1", None, t0()))
-        .await
-        .unwrap();
-    store
-        .insert_message(&message("m2", None, t0()))
-        .await
-        .unwrap();
+    for id in ["m1", "m2", "m3"] {
+        store
+            .insert_message(&message(id, None, t0()))
+            .await
+            .unwrap();
+    }
+    let lease = t0() + Duration::minutes(2);
+    let claimed = store.claim_due_messages(t0(), lease, 10).await.unwrap();
+    assert_eq!(claimed.len(), 3);
     let attempt = SendAttempt {
         to_number: "+14155552671".into(),
         channel: Channel::Sms,
         encoding: "GSM-7".into(),
         segments: 1,
     };
-    store.mark_sending("m1", &attempt, t0()).await.unwrap();
+    let renewed = t0() + Duration::minutes(3);
+    // A stale fence cannot mark a message sending; the claim's own can, renewing the lease.
+    assert!(!store
+        .mark_sending("m1", &attempt, t0(), t0(), renewed)
+        .await
+        .unwrap());
+    assert!(store
+        .mark_sending("m1", &attempt, t0(), lease, renewed)
+        .await
+        .unwrap());
     let sent = DispatchResult::Sent {
         provider_sid: "SM0001".into(),
         status: "sent".into(),
     };
-    store.record_dispatch("m1", &sent, t0()).await.unwrap();
-    // The same outcome recorded twice adds no second event.
-    store.record_dispatch("m1", &sent, t0()).await.unwrap();
+    assert!(
+        !store
+            .record_dispatch("m1", &sent, t0(), lease)
+            .await
+            .unwrap(),
+        "the old lease no longer fences"
+    );
+    assert!(store
+        .record_dispatch("m1", &sent, t0(), renewed)
+        .await
+        .unwrap());
+    // Recorded once: the lease is released, so a repeat matches nothing.
+    assert!(!store
+        .record_dispatch("m1", &sent, t0(), renewed)
+        .await
+        .unwrap());
     let m = store.get_message("m1").await.unwrap().unwrap();
     assert_eq!(
         (m.status.as_str(), m.provider_sid.as_deref(), m.attempts),
         ("sent", Some("SM0001"), 1)
     );
     assert_eq!(
-        (m.to_number.as_deref(), m.segments),
-        (Some("+14155552671"), Some(1))
+        (m.to_number.as_deref(), m.segments, m.lease_until),
+        (Some("+14155552671"), Some(1), None)
     );
     let events: Vec<String> = store
         .message_events("m1")
@@ -292,32 +323,118 @@ async fn dispatch_results_and_events(backend: Backend) {
         .map(|e| e.status)
         .collect();
     assert_eq!(events, ["sending", "sent"]);
-    // A provider SID belongs to one message only.
-    store.mark_sending("m2", &attempt, t0()).await.unwrap();
-    assert!(store.record_dispatch("m2", &sent, t0()).await.is_err());
+    assert_eq!(
+        store.message_by_sid("SM0001").await.unwrap().unwrap().id,
+        "m1"
+    );
 
+    // A provider SID belongs to one message only.
+    assert!(store
+        .mark_sending("m2", &attempt, t0(), lease, renewed)
+        .await
+        .unwrap());
+    assert!(store
+        .record_dispatch("m2", &sent, t0(), renewed)
+        .await
+        .is_err());
     let failed = DispatchResult::Failed {
         code: Some(21211),
         message: "invalid To".into(),
     };
-    store.record_dispatch("m2", &failed, t0()).await.unwrap();
+    assert!(store
+        .record_dispatch("m2", &failed, t0(), renewed)
+        .await
+        .unwrap());
     let m = store.get_message("m2").await.unwrap().unwrap();
     assert_eq!((m.status.as_str(), m.error_code), ("failed", Some(21211)));
+
+    // A WhatsApp message that goes by SMS keeps the channel it was asked for.
+    let wa = NewMessage {
+        channel: Channel::Whatsapp,
+        ..message("m4", None, t0())
+    };
+    store.insert_message(&wa).await.unwrap();
+    let l4 = store
+        .claim_due_messages(t0(), t0() + Duration::minutes(4), 10)
+        .await
+        .unwrap()[0]
+        .lease_until
+        .unwrap();
+    assert!(store
+        .mark_sending("m4", &attempt, t0(), l4, renewed)
+        .await
+        .unwrap());
+    let m = store.get_message("m4").await.unwrap().unwrap();
+    assert_eq!(
+        (m.channel.as_str(), m.requested_channel.as_deref()),
+        ("sms", Some("whatsapp"))
+    );
+
     let retry_at = t0() + Duration::seconds(30);
     let retry = DispatchResult::Retry {
         code: Some(20500),
         message: "busy".into(),
         next_attempt_at: retry_at,
     };
-    store
-        .insert_message(&message("m3", None, t0()))
+    assert!(store
+        .record_dispatch("m3", &retry, t0(), lease)
         .await
-        .unwrap();
-    store.record_dispatch("m3", &retry, t0()).await.unwrap();
+        .unwrap());
     let m = store.get_message("m3").await.unwrap().unwrap();
     assert_eq!(
         (m.status.as_str(), m.next_attempt_at, m.lease_until),
         ("queued", retry_at, None)
+    );
+    assert_eq!(
+        store.message_events("m3").await.unwrap().len(),
+        0,
+        "a requeue adds no event"
+    );
+}
+
+async fn unmatched_status_callbacks_wait_for_their_sid(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    let applied = store
+        .apply_status(
+            "SMearly",
+            "delivered",
+            &["queued", "sending", "sent"],
+            None,
+            t0(),
+        )
+        .await
+        .unwrap();
+    assert!(applied.message.is_none());
+    store
+        .apply_status(
+            "SMearly",
+            "delivered",
+            &["queued", "sending", "sent"],
+            None,
+            t0(),
+        )
+        .await
+        .unwrap();
+    let taken = store.take_unmatched_statuses("SMearly").await.unwrap();
+    assert_eq!(taken, vec![("delivered".to_string(), None)], "kept once");
+    assert!(
+        store
+            .take_unmatched_statuses("SMearly")
+            .await
+            .unwrap()
+            .is_empty(),
+        "taken once"
+    );
+    store
+        .apply_status("SMold", "failed", &["queued"], Some(30003), t0())
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .prune_unmatched_statuses(t0() + Duration::days(2))
+            .await
+            .unwrap(),
+        1
     );
 }
 

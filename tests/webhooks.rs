@@ -229,7 +229,12 @@ async fn duplicate_incoming_is_stored_once(backend: Backend) {
         first,
         r#"<?xml version="1.0" encoding="UTF-8"?><Response/>"#
     );
-    let inbox = app.state.store.list_incoming(None, 10).await.unwrap();
+    let inbox = app
+        .state
+        .store
+        .list_incoming(None, Utc::now() + Duration::days(1), 10)
+        .await
+        .unwrap();
     assert_eq!(inbox.len(), 1);
     assert_eq!(inbox[0].from_number, PATIENT);
     assert_eq!(inbox[0].channel, "sms");
@@ -483,11 +488,28 @@ async fn whatsapp_window_closed_falls_back_to_sms_or_skips(backend: Backend) {
 }
 
 async fn inbound_inbox_for_the_host_app(backend: Backend) {
-    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    let clock = ManualClock::new(Utc::now());
+    let mut config = TestConfig::new();
+    config.clock = Arc::new(clock.clone());
+    let app = TestApp::spawn_live(backend, config).await;
     app.consent("p1", PATIENT).await;
     app.incoming("SMi1", PATIENT, "Running 10 minutes late")
         .await;
+    clock.advance(Duration::milliseconds(10));
     app.incoming("SMi2", "+14155552699", "Who is this?").await;
+    // Listed once settled (received two seconds ago), so a reader never skips a late commit.
+    let fresh: Value = app
+        .client
+        .get(app.url("/api/inbound"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(fresh["messages"].as_array().unwrap().is_empty());
+    clock.advance(Duration::seconds(3));
     let get = |query: &str| {
         let url = app.url(&format!("/api/inbound{query}"));
         let client = app.client.clone();

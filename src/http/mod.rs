@@ -105,12 +105,14 @@ impl FromRequestParts<AppState> for ClientMeta {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        // The proxy appends the address it saw to X-Forwarded-For; earlier entries come from the
+        // client and can be forged. So with one trusted proxy the last entry is the client.
         let forwarded = state
             .config
             .trust_forwarded_for
             .then(|| parts.headers.get("x-forwarded-for")?.to_str().ok())
             .flatten()
-            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.rsplit(',').next())
             .map(|v| v.trim().to_string())
             .filter(|v| v.parse::<std::net::IpAddr>().is_ok());
         let peer = parts

@@ -26,6 +26,9 @@ pub fn router() -> Router<AppState> {
         .route("/dev/inbound", post(dev_inbound))
 }
 
+/// `/api/inbound` lists messages received at least this long ago.
+const INBOX_SETTLE_SECONDS: i64 = 2;
+
 /// The form parameters of a request whose `X-Twilio-Signature` is right, or why not.
 fn verified_form(
     state: &AppState,
@@ -36,12 +39,13 @@ fn verified_form(
     let token = state.config.twilio_auth_token.as_ref().ok_or_else(|| {
         AppError::NotConfigured("TWILIO_AUTH_TOKEN is not set: webhooks cannot be verified".into())
     })?;
-    let params: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
-        .map_err(|_| AppError::bad_request("invalid_form", "expected a form-encoded body"))?;
     let presented = headers
         .get("x-twilio-signature")
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| AppError::Forbidden("missing X-Twilio-Signature".into()))?;
+    // A body that is not a form cannot carry a right signature: 403 like any other forgery.
+    let params: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
+        .map_err(|_| AppError::Forbidden("invalid X-Twilio-Signature".into()))?;
     // The URL Twilio called: our public base URL, this path, and the query string as sent.
     let mut url = format!("{}{}", state.config.public_url, uri.path());
     if let Some(query) = uri.query() {
@@ -150,7 +154,10 @@ async fn list_inbound(
             "limit must be a number from 1 to 200",
         ));
     }
-    let messages = state.store.list_incoming(since, limit).await?;
+    // Messages being written right now are left for the next call, so that a reader moving
+    // `since` forward never skips one that commits after a later one.
+    let until = state.clock.now() - chrono::Duration::seconds(INBOX_SETTLE_SECONDS);
+    let messages = state.store.list_incoming(since, until, limit).await?;
     let next_since = messages.last().map(|m| m.received_at);
     let items: Vec<Value> = messages
         .iter()

@@ -27,9 +27,6 @@ use crate::store::{
     Channel, DispatchResult, DynStore, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome,
 };
 
-/// How long an OTP message may stay claimed by the request that sends it.
-const SEND_LEASE: Duration = Duration::seconds(120);
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SendOtpRequest {
@@ -173,9 +170,9 @@ pub async fn send_otp(
             ));
         }
     }
-    if state.store.is_opted_out(phone.as_str(), channel).await? {
-        return Err(opted_out_error(state, channel));
-    }
+    // A refusal for an opted-out number still counts against the limits (below), or anyone
+    // could probe, without limit, which numbers texted STOP to this clinic.
+    let opted_out = state.store.is_opted_out(phone.as_str(), channel).await?;
     if !config.messaging_enabled {
         return Err(AppError::Unavailable(
             "messaging is disabled on this service".into(),
@@ -197,7 +194,7 @@ pub async fn send_otp(
         now,
         cooldown_seconds: config.otp_resend_cooldown_seconds as i64,
         max_sends_per_hour: i64::from(config.otp_max_sends_per_hour),
-        message: NewMessage {
+        message: (!opted_out).then(|| NewMessage {
             id: uuid::Uuid::now_v7().to_string(),
             user_id: request.user_id.clone(),
             template_name: "otp".into(),
@@ -206,11 +203,12 @@ pub async fn send_otp(
             channel,
             idempotency_key: None,
             created_at: now,
-            claimed_until: Some(now + SEND_LEASE),
-        },
+            claimed_until: Some(now + state.config.dispatch.lease),
+        }),
     };
     let message = match state.store.issue_otp(&issue).await? {
         OtpIssueOutcome::Issued(message) => message,
+        OtpIssueOutcome::Logged => return Err(opted_out_error(state, channel)),
         OtpIssueOutcome::RateLimited {
             retry_after_seconds,
         } => {

@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::quiet_hours;
 use crate::clock::DynClock;
 use crate::config::Config;
 use crate::error::AppResult;
@@ -33,9 +34,12 @@ use crate::templates::{self, Category, RenderContext, Template, ValidVariables};
 use crate::webhooks;
 
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// The longest a provider's `Retry-After` may hold a message back.
+const MAX_RETRY_AFTER: chrono::Duration = chrono::Duration::hours(1);
 /// WhatsApp allows free-form messages for 24 hours after the patient's last message.
 const WHATSAPP_WINDOW: chrono::Duration = chrono::Duration::hours(24);
 
+/// How a WhatsApp message may go (see [`Dispatcher::whatsapp_route`]).
 enum WhatsappRoute {
     FreeText,
     Template(String),
@@ -50,10 +54,14 @@ pub struct RoundReport {
     pub skipped: usize,
     pub failed: usize,
     pub retried: usize,
+    /// Held back until quiet hours end.
+    pub deferred: usize,
     /// Found already at the provider (an earlier attempt's outcome was unknown) and adopted.
     pub adopted: usize,
     /// Given back unsent because shutdown began.
     pub released: usize,
+    /// Taken over by another dispatcher (our lease ran out); left to it.
+    pub lost: usize,
 }
 
 #[derive(Clone)]
@@ -67,11 +75,20 @@ pub struct Dispatcher {
     shutdown: CancellationToken,
 }
 
+/// A claimed message and the lease that proves the claim is still ours. Every write for the
+/// message is fenced by it: if our lease ran out and another dispatcher took the message over,
+/// our writes match nothing and we leave the message alone.
+struct Claim {
+    message: MessageRecord,
+    fence: DateTime<Utc>,
+}
+
 /// How one claimed message ended up.
 enum Settled {
     Done(DispatchResult),
     Adopted,
     Released,
+    Lost,
 }
 
 impl Dispatcher {
@@ -122,9 +139,11 @@ impl Dispatcher {
                     DispatchResult::Skipped { .. } => report.skipped += 1,
                     DispatchResult::Failed { .. } => report.failed += 1,
                     DispatchResult::Retry { .. } => report.retried += 1,
+                    DispatchResult::Deferred { .. } => report.deferred += 1,
                 },
                 Ok(Ok(Settled::Adopted)) => report.adopted += 1,
                 Ok(Ok(Settled::Released)) => report.released += 1,
+                Ok(Ok(Settled::Lost)) => report.lost += 1,
                 // The message keeps its lease and is claimed again when it expires.
                 Ok(Err(e)) => tracing::error!(error = %e, "could not settle a message"),
                 Err(e) => tracing::error!(error = %e, "dispatch task panicked"),
@@ -136,13 +155,9 @@ impl Dispatcher {
     /// Run rounds until `shutdown`; an idle dispatcher sleeps until `wakeup` or the poll interval.
     pub async fn run(self, wakeup: Arc<Notify>, shutdown: CancellationToken) {
         let this = self.with_shutdown(shutdown.clone());
-        this.run_loop(wakeup, shutdown).await
-    }
-
-    async fn run_loop(self, wakeup: Arc<Notify>, shutdown: CancellationToken) {
-        tracing::info!(provider = self.provider.name(), "dispatcher started");
+        tracing::info!(provider = this.provider.name(), "dispatcher started");
         while !shutdown.is_cancelled() {
-            let idle = match self.run_once().await {
+            let idle = match this.run_once().await {
                 Ok(report) => report.claimed == 0,
                 Err(e) => {
                     tracing::error!(error = %e, "dispatcher round failed");
@@ -161,54 +176,87 @@ impl Dispatcher {
     }
 
     async fn settle(&self, message: MessageRecord) -> AppResult<Settled> {
-        if self.shutdown.is_cancelled() {
-            self.store
-                .release_claim(&message.id, self.clock.now())
-                .await?;
-            return Ok(Settled::Released);
-        }
-        let outbound = match self.prepare(&message).await? {
-            Ok(outbound) => outbound,
-            Err(not_sent) => {
-                return Ok(Settled::Done(
-                    self.finish(&message, "", not_sent, None).await?,
-                ))
-            }
+        let Some(fence) = message.lease_until else {
+            return Ok(Settled::Lost);
         };
-        let to = outbound.to.masked();
-        if outcome_unknown(&message) {
-            if let Some(settled) = self.recover(&message, &outbound, &to).await? {
+        let mut claim = Claim { message, fence };
+        if self.shutdown.is_cancelled() {
+            return self.release(&claim).await;
+        }
+        // First what an earlier attempt may have done, whatever policy says now: a message that
+        // already reached the patient is recorded as sent, not skipped.
+        if outcome_unknown(&claim.message) {
+            if let Some(settled) = self.recover(&claim).await? {
                 return Ok(settled);
             }
         }
+        let outbound = match self.prepare(&claim.message).await? {
+            Ok(outbound) => outbound,
+            Err(not_sent) => return self.finish(&claim, "", not_sent, None).await,
+        };
         if !self.wait_for_send_slot(&outbound).await? {
-            self.store
-                .release_claim(&message.id, self.clock.now())
-                .await?;
-            return Ok(Settled::Released);
+            return self.release(&claim).await;
         }
-        let (result, provider_status) = self.send(&message, outbound).await?;
-        Ok(Settled::Done(
-            self.finish(&message, &to, result, provider_status).await?,
-        ))
+        let to = outbound.to.masked();
+        match self.send(&mut claim, outbound).await? {
+            Some((result, provider_status)) => {
+                self.finish(&claim, &to, result, provider_status).await
+            }
+            None => Ok(Settled::Lost),
+        }
+    }
+
+    async fn release(&self, claim: &Claim) -> AppResult<Settled> {
+        self.store
+            .release_claim(&claim.message.id, self.clock.now(), claim.fence)
+            .await?;
+        Ok(Settled::Released)
     }
 
     /// An earlier attempt may have reached the provider: look for it there before sending again.
-    /// `Some` when the message is settled here (adopted, or given up), `None` to send it.
-    async fn recover(
-        &self,
-        message: &MessageRecord,
-        outbound: &OutboundMessage,
-        to: &str,
-    ) -> AppResult<Option<Settled>> {
-        let candidates = match self.provider.find_sent(outbound, message.created_at).await {
+    /// `Some` when the message is settled here (adopted, or given up, or to be looked up again
+    /// later), `None` to send it.
+    async fn recover(&self, claim: &Claim) -> AppResult<Option<Settled>> {
+        let message = &claim.message;
+        let channel = Channel::parse(&message.channel).unwrap_or(Channel::Sms);
+        let Some(to) = message
+            .to_number
+            .as_deref()
+            .and_then(|n| PhoneNumber::parse(n).ok())
+        else {
+            // Never marked `sending` with a number (an OTP whose request died first): nothing
+            // reached the provider.
+            return Ok(self.unrecoverable_otp(claim).await?);
+        };
+        // The body identifies the message, except where it cannot be rebuilt: an OTP's code is
+        // gone, and a WhatsApp template is stored by Twilio in its own rendering.
+        let body = match channel {
+            Channel::Sms => self.render_body(message),
+            Channel::Whatsapp => None,
+        };
+        let masked = to.masked();
+        let candidates = match self
+            .provider
+            .find_sent(&to, channel, body.as_deref(), message.created_at)
+            .await
+        {
             Ok(candidates) => candidates,
             Err(e) => {
-                // Never send blind while the outcome is unknown: try the lookup again later.
-                let result = self.retry_or_fail(message, message.attempts, &e);
-                return Ok(Some(Settled::Done(
-                    self.finish(message, to, result, None).await?,
-                )));
+                // Never send blind while the outcome is unknown: look again later. The retry
+                // carries no provider code, so the next claim still treats the outcome as unknown.
+                let result = match self.retry_or_fail(message, message.attempts, &e) {
+                    DispatchResult::Retry {
+                        message,
+                        next_attempt_at,
+                        ..
+                    } => DispatchResult::Retry {
+                        code: None,
+                        message: format!("looking up an earlier attempt failed: {message}"),
+                        next_attempt_at,
+                    },
+                    other => other,
+                };
+                return Ok(Some(self.finish(claim, &masked, result, None).await?));
             }
         };
         for candidate in candidates {
@@ -221,21 +269,40 @@ impl Dispatcher {
                 provider_sid: candidate.sid,
                 status: "sent".into(),
             };
-            self.finish(message, to, adopted, Some(candidate.status))
-                .await?;
-            return Ok(Some(Settled::Adopted));
+            return Ok(Some(
+                match self
+                    .finish(claim, &masked, adopted, Some(candidate.status))
+                    .await?
+                {
+                    Settled::Done(_) => Settled::Adopted,
+                    other => other,
+                },
+            ));
         }
-        if message.template_name == "otp" {
-            // The code lived only in the memory of the request that died: it cannot be re-sent.
-            let failed = DispatchResult::Failed {
-                code: None,
-                message: "the process stopped while sending this code; the patient must ask for a new one".into(),
-            };
-            return Ok(Some(Settled::Done(
-                self.finish(message, to, failed, None).await?,
-            )));
+        self.unrecoverable_otp(claim).await
+    }
+
+    /// An OTP whose outcome is unknown and which the provider does not hold: its code lived only
+    /// in the memory of the request that died, so it cannot be sent again.
+    async fn unrecoverable_otp(&self, claim: &Claim) -> AppResult<Option<Settled>> {
+        if claim.message.template_name != "otp" {
+            return Ok(None);
         }
-        Ok(None)
+        let failed = DispatchResult::Failed {
+            code: None,
+            message:
+                "the process stopped while sending this code; the patient must ask for a new one"
+                    .into(),
+        };
+        Ok(Some(self.finish(claim, "", failed, None).await?))
+    }
+
+    /// The message's body as it was sent, when it can be rebuilt.
+    fn render_body(&self, message: &MessageRecord) -> Option<String> {
+        let template = templates::find(&message.template_name)?;
+        let variables: Value = serde_json::from_str(&message.variables).ok()?;
+        let valid = template.validate(&variables, &self.render).ok()?;
+        Some(template.render(&valid, &self.render).body)
     }
 
     /// Wait for this sender's next send slot (deployment-wide pacing). `false` when shutdown
@@ -246,11 +313,13 @@ impl Dispatcher {
             return Ok(true);
         }
         // Pacing is about real time, whatever the (test) clock says.
-        let now_us = Utc::now().timestamp_micros();
-        let interval_us = slot_interval_us(rate);
         let slot = self
             .store
-            .reserve_send_slot(&self.sender_key(outbound), now_us, interval_us)
+            .reserve_send_slot(
+                &self.sender_key(outbound),
+                Utc::now().timestamp_micros(),
+                slot_interval_us(rate),
+            )
             .await?;
         let wait = slot - Utc::now().timestamp_micros();
         if wait > 0 {
@@ -266,12 +335,11 @@ impl Dispatcher {
     async fn take_send_slot(&self, outbound: &OutboundMessage) -> AppResult<()> {
         let rate = self.config.dispatch.rate_per_second;
         if rate > 0 {
-            let interval_us = slot_interval_us(rate);
             self.store
                 .reserve_send_slot(
                     &self.sender_key(outbound),
                     Utc::now().timestamp_micros(),
-                    interval_us,
+                    slot_interval_us(rate),
                 )
                 .await?;
         }
@@ -299,50 +367,64 @@ impl Dispatcher {
         )
     }
 
-    /// Record the outcome. A provider that already reports more than acceptance (the mock says
-    /// `delivered`) goes through the status-callback path, so that path is the only one that
-    /// moves a sent message on.
+    /// Record the outcome, if the claim is still ours. A provider that already reports more
+    /// than acceptance (the mock says `delivered`), and callbacks that arrived before the SID was
+    /// recorded, go through the status-callback path: the only one that moves a sent message on.
     async fn finish(
         &self,
-        message: &MessageRecord,
+        claim: &Claim,
         to: &str,
         result: DispatchResult,
         provider_status: Option<String>,
-    ) -> AppResult<DispatchResult> {
+    ) -> AppResult<Settled> {
+        let message = &claim.message;
         let now = self.clock.now();
-        self.store
-            .record_dispatch(&message.id, &result, now)
-            .await?;
-        log_result(message, to, &result);
-        // The carrier says the patient opted out: stop messaging that number on that channel.
-        if let DispatchResult::Failed {
-            code: Some(webhooks::RECIPIENT_OPTED_OUT),
-            ..
-        } = &result
+        if !self
+            .store
+            .record_dispatch(&message.id, &result, now, claim.fence)
+            .await?
         {
-            if let Some(sent) = self.store.get_message(&message.id).await? {
-                if let (Some(number), Some(channel)) =
-                    (sent.to_number.as_deref(), Channel::parse(&sent.channel))
-                {
-                    webhooks::carrier_opt_out(&self.store, number, channel, now).await?;
+            tracing::warn!(message_id = %message.id, "claim taken over by another dispatcher; leaving the message to it");
+            return Ok(Settled::Lost);
+        }
+        log_result(message, to, &result);
+        match &result {
+            // The carrier says the patient opted out: stop messaging that number on that channel.
+            DispatchResult::Failed {
+                code: Some(webhooks::RECIPIENT_OPTED_OUT),
+                ..
+            } => {
+                if let Some(sent) = self.store.get_message(&message.id).await? {
+                    if let (Some(number), Some(channel)) =
+                        (sent.to_number.as_deref(), Channel::parse(&sent.channel))
+                    {
+                        webhooks::carrier_opt_out(&self.store, number, channel, now).await?;
+                    }
                 }
             }
-        }
-        if let (DispatchResult::Sent { provider_sid, .. }, Some(status)) =
-            (&result, provider_status)
-        {
-            // Only news beyond `sent` (Twilio answers `queued` at creation, which says nothing).
-            let moves_on = webhooks::our_status(&status)
-                .is_some_and(|ours| webhooks::allowed_from(ours).contains(&"sent"));
-            if moves_on {
-                webhooks::apply_status(&self.store, provider_sid, &status, None, now).await?;
+            DispatchResult::Sent { provider_sid, .. } => {
+                // Only news beyond `sent` (Twilio answers `queued` at creation, which says nothing).
+                let mut statuses: Vec<(String, Option<i64>)> = provider_status
+                    .filter(|s| {
+                        webhooks::our_status(s)
+                            .is_some_and(|ours| webhooks::allowed_from(ours).contains(&"sent"))
+                    })
+                    .map(|s| (s, None))
+                    .into_iter()
+                    .collect();
+                statuses.extend(self.store.take_unmatched_statuses(provider_sid).await?);
+                for (status, error_code) in statuses {
+                    webhooks::apply_status(&self.store, provider_sid, &status, error_code, now)
+                        .await?;
+                }
             }
+            _ => {}
         }
-        Ok(result)
+        Ok(Settled::Done(result))
     }
 
     /// The send-time policy check and rendering: either a message ready for the provider, or the
-    /// reason it will not be sent.
+    /// reason it will not be sent now.
     async fn prepare(
         &self,
         message: &MessageRecord,
@@ -389,6 +471,12 @@ impl Dispatcher {
         if !channel_consent || !marketing_ok {
             return skip("no_consent");
         }
+        if let Some(until) = self.quiet_until(template) {
+            return Ok(Err(DispatchResult::Deferred {
+                until,
+                reason: "quiet_hours".into(),
+            }));
+        }
         let variables: Value = serde_json::from_str(&message.variables).unwrap_or(Value::Null);
         let valid = match template.validate(&variables, &self.render) {
             Ok(valid) => valid,
@@ -422,6 +510,22 @@ impl Dispatcher {
         )))
     }
 
+    /// When quiet hours hold this template back now, the moment they end. Users have no stored
+    /// time zone yet, so theirs is `DEFAULT_TIME_ZONE`. OTPs and keyword replies answer the
+    /// patient and are never held back.
+    fn quiet_until(&self, template: &Template) -> Option<DateTime<Utc>> {
+        if !matches!(
+            template.category,
+            Category::Transactional | Category::Marketing
+        ) || template.name == "otp"
+        {
+            return None;
+        }
+        let quiet = self.config.quiet_hours?;
+        let tz: chrono_tz::Tz = self.config.default_time_zone.parse().ok()?;
+        quiet_hours::quiet_until(self.clock.now(), tz, quiet)
+    }
+
     /// How a WhatsApp message may go: free text inside 24 hours of the patient's last WhatsApp
     /// message; outside it only as an approved template (`TWILIO_CONTENT_SIDS`).
     async fn whatsapp_route(
@@ -450,13 +554,12 @@ impl Dispatcher {
         valid: &ValidVariables,
         whatsapp_template: Option<(String, String)>,
     ) -> OutboundMessage {
-        let rendered = template.render(valid, &self.render);
         OutboundMessage {
             message_id: message.id.clone(),
             to,
             channel,
             template_name: template.name.to_string(),
-            body: rendered.body,
+            body: template.render(valid, &self.render).body,
             whatsapp_template,
         }
     }
@@ -470,16 +573,36 @@ impl Dispatcher {
         to: PhoneNumber,
         code: &str,
     ) -> AppResult<DispatchResult> {
+        let fence = message
+            .lease_until
+            .ok_or_else(|| anyhow::anyhow!("an OTP message is written claimed"))?;
+        let mut claim = Claim {
+            message: message.clone(),
+            fence,
+        };
+        let settled = self.send_otp_claimed(&mut claim, to, code).await?;
+        match settled {
+            Settled::Done(result) => Ok(result),
+            _ => Err(anyhow::anyhow!("the OTP message's claim was taken over").into()),
+        }
+    }
+
+    async fn send_otp_claimed(
+        &self,
+        claim: &mut Claim,
+        to: PhoneNumber,
+        code: &str,
+    ) -> AppResult<Settled> {
         if !self.config.messaging_enabled {
             let skipped = DispatchResult::Skipped {
                 reason: "disabled".into(),
             };
-            return self.finish(message, "", skipped, None).await;
+            return self.finish(claim, "", skipped, None).await;
         }
         let template =
             templates::find("otp").ok_or_else(|| anyhow::anyhow!("the otp template is missing"))?;
-        let channel = Channel::parse(&message.channel)
-            .ok_or_else(|| anyhow::anyhow!("unknown channel {}", message.channel))?;
+        let channel = Channel::parse(&claim.message.channel)
+            .ok_or_else(|| anyhow::anyhow!("unknown channel {}", claim.message.channel))?;
         let valid = template.validate(&serde_json::json!({ "code": code }), &self.render)?;
         let mut whatsapp_template = None;
         if channel == Channel::Whatsapp {
@@ -492,31 +615,40 @@ impl Dispatcher {
                     let skipped = DispatchResult::Skipped {
                         reason: "whatsapp_window_closed".into(),
                     };
-                    return self.finish(message, "", skipped, None).await;
+                    return self.finish(claim, "", skipped, None).await;
                 }
             }
         }
         let masked = to.masked();
-        let outbound = self.outbound(message, template, channel, to, &valid, whatsapp_template);
+        let outbound = self.outbound(
+            &claim.message,
+            template,
+            channel,
+            to,
+            &valid,
+            whatsapp_template,
+        );
         // A patient is waiting for this code: it goes now, taking the sender's next slot so the
         // queued messages behind it slow down to keep the sender's rate.
         self.take_send_slot(&outbound).await?;
-        let (result, provider_status) = match self.send(message, outbound).await? {
-            (DispatchResult::Retry { code, message, .. }, status) => {
-                (DispatchResult::Failed { code, message }, status)
-            }
+        let Some((result, provider_status)) = self.send(claim, outbound).await? else {
+            return Ok(Settled::Lost);
+        };
+        let result = match result {
+            DispatchResult::Retry { code, message, .. } => DispatchResult::Failed { code, message },
             other => other,
         };
-        self.finish(message, &masked, result, provider_status).await
+        self.finish(claim, &masked, result, provider_status).await
     }
 
-    /// Mark the message `sending`, call the provider, and classify the answer. Returns the
-    /// provider's own status word when it accepted the message.
+    /// Mark the message `sending` (renewing the lease for the call), call the provider, and
+    /// classify the answer, with the provider's own status word when it accepted the message.
+    /// `None` when the claim was taken over before the call: nothing is sent.
     async fn send(
         &self,
-        message: &MessageRecord,
+        claim: &mut Claim,
         outbound: OutboundMessage,
-    ) -> AppResult<(DispatchResult, Option<String>)> {
+    ) -> AppResult<Option<(DispatchResult, Option<String>)>> {
         let info = crate::segments::analyze(&outbound.body);
         let attempt = SendAttempt {
             to_number: outbound.to.as_str().to_string(),
@@ -524,11 +656,19 @@ impl Dispatcher {
             encoding: info.encoding.as_str().to_string(),
             segments: i64::from(info.segments),
         };
-        self.store
-            .mark_sending(&message.id, &attempt, self.clock.now())
-            .await?;
-        let attempts_made = message.attempts + 1;
-        Ok(match self.provider.send(&outbound).await {
+        let now = self.clock.now();
+        let renewed = now + self.config.dispatch.lease;
+        if !self
+            .store
+            .mark_sending(&claim.message.id, &attempt, now, claim.fence, renewed)
+            .await?
+        {
+            tracing::warn!(message_id = %claim.message.id, "claim taken over before sending; not sending");
+            return Ok(None);
+        }
+        claim.fence = renewed;
+        let attempts_made = claim.message.attempts + 1;
+        Ok(Some(match self.provider.send(&outbound).await {
             Ok(accepted) => (
                 DispatchResult::Sent {
                     provider_sid: accepted.sid,
@@ -536,8 +676,8 @@ impl Dispatcher {
                 },
                 Some(accepted.status),
             ),
-            Err(e) => (self.retry_or_fail(message, attempts_made, &e), None),
-        })
+            Err(e) => (self.retry_or_fail(&claim.message, attempts_made, &e), None),
+        }))
     }
 
     /// After a provider error: queue again with backoff while attempts and age allow, else fail
@@ -584,7 +724,11 @@ impl Dispatcher {
             ..
         } = error
         {
-            wait = wait.max(chrono::Duration::from_std(*after).unwrap_or(wait));
+            // Capped: a provider's (or a proxy's) absurd Retry-After must not park a message forever.
+            let after = chrono::Duration::from_std(*after)
+                .unwrap_or(wait)
+                .min(MAX_RETRY_AFTER);
+            wait = wait.max(after);
         }
         self.clock.now() + wait
     }
@@ -623,6 +767,9 @@ fn log_result(message: &MessageRecord, to: &str, result: &DispatchResult) {
         }
         DispatchResult::Skipped { reason } => {
             tracing::info!(message_id = id, template, reason, "message skipped")
+        }
+        DispatchResult::Deferred { until, reason } => {
+            tracing::info!(message_id = id, template, reason, %until, "message held back")
         }
         DispatchResult::Failed { code, message } => {
             tracing::warn!(

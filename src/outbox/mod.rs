@@ -2,6 +2,7 @@
 //! [`dispatcher`] sends it. This module queues host-app notifications.
 
 pub mod dispatcher;
+pub mod quiet_hours;
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -115,7 +116,11 @@ pub async fn queue_notification(
     if !created
         && (record.user_id != new.user_id
             || record.template_name != new.template_name
-            || record.channel != new.channel.as_str()
+            || record
+                .requested_channel
+                .as_deref()
+                .unwrap_or(&record.channel)
+                != new.channel.as_str()
             || record.variables != new.variables)
     {
         return Err(AppError::Conflict {

@@ -10,6 +10,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::{Accepted, OutboundMessage, Provider, ProviderError};
+use crate::phone::PhoneNumber;
+use crate::store::Channel;
 
 /// How many messages the dev outbox keeps; older ones fall off.
 pub const OUTBOX_CAPACITY: usize = 500;
@@ -84,13 +86,19 @@ impl Provider for MockProvider {
 
     async fn find_sent(
         &self,
-        message: &OutboundMessage,
+        to: &PhoneNumber,
+        channel: Channel,
+        body: Option<&str>,
         since: DateTime<Utc>,
     ) -> Result<Vec<Accepted>, ProviderError> {
         Ok(self
             .outbox()
             .into_iter()
-            .filter(|e| e.id == message.message_id && e.created_at >= since)
+            .rev()
+            .filter(|e| {
+                e.to == to.as_str() && e.channel == channel.as_str() && e.created_at >= since
+            })
+            .filter(|e| body.is_none_or(|b| e.body == b))
             .map(|e| Accepted {
                 sid: e.provider_sid,
                 status: "delivered".to_string(),

@@ -80,9 +80,13 @@ pub trait Provider: Send + Sync + 'static {
     /// Messages the provider already holds that match `message` and were created at or after
     /// `since`: used before re-sending a message whose earlier attempt has an unknown outcome
     /// (a timeout, or a process that died mid-call), so it is adopted instead of sent twice.
+    /// `body` narrows the match when the body can be rebuilt (`None`: match on the number and
+    /// time only).
     async fn find_sent(
         &self,
-        message: &OutboundMessage,
+        to: &PhoneNumber,
+        channel: Channel,
+        body: Option<&str>,
         since: DateTime<Utc>,
     ) -> Result<Vec<Accepted>, ProviderError>;
     /// Whether the provider can be used: credentials accepted, API reachable. A one-line summary.

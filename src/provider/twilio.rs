@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use super::{Accepted, OutboundMessage, Provider, ProviderError};
 use crate::config::TwilioConfig;
+use crate::phone::PhoneNumber;
 use crate::store::Channel;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -168,8 +169,10 @@ async fn error_from_response(response: Response) -> ProviderError {
         .map(Duration::from_secs);
     let body: Option<TwilioErrorBody> = response.json().await.ok();
     let code = body.as_ref().and_then(|b| b.code);
+    // Twilio's messages can quote the number they refused: masked before it is logged or stored.
     let message = body
         .and_then(|b| b.message)
+        .map(|m| crate::phone::redact_numbers(&m))
         .unwrap_or_else(|| format!("Twilio answered HTTP {}", status.as_u16()));
     if status == StatusCode::TOO_MANY_REQUESTS
         || code == Some(TOO_MANY_REQUESTS)
@@ -240,29 +243,22 @@ impl Provider for TwilioProvider {
 
     async fn find_sent(
         &self,
-        message: &OutboundMessage,
+        to: &PhoneNumber,
+        channel: Channel,
+        body: Option<&str>,
         since: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<Accepted>, ProviderError> {
-        let form = self.create_message_form(message)?;
-        let field = |name: &str| {
-            form.iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.clone())
+        let to = match channel {
+            Channel::Sms => to.as_str().to_string(),
+            Channel::Whatsapp => format!("whatsapp:{}", to.as_str()),
         };
-        let to = field("To").unwrap_or_default();
-        let body = field("Body");
         let earliest = since - CLOCK_SKEW;
-        // `DateSent>` takes a date; a day earlier keeps messages sent just before midnight.
-        let date = (earliest - chrono::Duration::days(1))
-            .format("%Y-%m-%d")
-            .to_string();
+        // Filtered by `To` only, not `DateSent`: a message Twilio has accepted but not yet sent
+        // has no send date, and that is exactly the message this lookup is for. The list is
+        // newest first, so paging stops at the first message older than the attempt.
         let first_page = reqwest::Url::parse_with_params(
             &self.account_url("/Messages.json"),
-            [
-                ("To", to.as_str()),
-                ("DateSent>", date.as_str()),
-                ("PageSize", "1000"),
-            ],
+            [("To", to.as_str()), ("PageSize", "1000")],
         )
         .map_err(|e| ProviderError::Permanent {
             code: None,
@@ -291,9 +287,11 @@ impl Provider for TwilioProvider {
                     .direction
                     .as_deref()
                     .is_none_or(|d| d.starts_with("outbound"));
-                // With a Content template Twilio stores its own rendering: match on the rest.
-                let same =
-                    m.to.as_deref() == Some(to.as_str()) && (body.is_none() || m.body == body);
+                // A trial account prefixes bodies; a Content template is stored in Twilio's own
+                // rendering (then `body` is `None` and the number and time decide).
+                let same_body =
+                    body.is_none_or(|b| m.body.as_deref().is_some_and(|mb| mb.ends_with(b)));
+                let same = m.to.as_deref() == Some(to.as_str()) && same_body;
                 if outbound && same {
                     let status = m.status.unwrap_or_else(|| "queued".into());
                     found.push((created, Accepted { sid: m.sid, status }));

@@ -224,10 +224,15 @@ pub struct MessageRecord {
     pub idempotency_key: Option<String>,
     #[serde(skip)]
     pub next_attempt_at: DateTime<Utc>,
+    /// Also the claim's fencing token: writes for a claimed message require the value its claim
+    /// set, so a dispatcher whose claim was taken over cannot overwrite the new owner's work.
     #[serde(skip)]
     pub lease_until: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The channel the host app asked for, when the message went by another (WhatsApp fell back
+    /// to SMS).
+    pub requested_channel: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -255,6 +260,11 @@ pub enum DispatchResult {
         code: Option<i64>,
         message: String,
         next_attempt_at: DateTime<Utc>,
+    },
+    /// Not tried: held back until `until` (quiet hours). No attempt is counted.
+    Deferred {
+        until: DateTime<Utc>,
+        reason: String,
     },
 }
 
@@ -313,13 +323,17 @@ pub struct OtpIssue {
     pub now: DateTime<Utc>,
     pub cooldown_seconds: i64,
     pub max_sends_per_hour: i64,
-    /// The message that carries the code (written claimed: the caller sends it at once).
-    pub message: NewMessage,
+    /// The message that carries the code (written claimed: the caller sends it at once). `None`
+    /// logs the request against the limits only (a refused request must still count, or the
+    /// refusal could be probed without limit).
+    pub message: Option<NewMessage>,
 }
 
 #[derive(Debug, Clone)]
 pub enum OtpIssueOutcome {
     Issued(Box<MessageRecord>),
+    /// Within the limits and logged against them, with no code and no message (`message: None`).
+    Logged,
     /// A limit was hit; nothing was written.
     RateLimited {
         retry_after_seconds: i64,
@@ -385,7 +399,12 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
     ) -> AppResult<Vec<MessageRecord>>;
     /// Give a claimed message back unsent (shutdown): its lease ends now.
-    async fn release_claim(&self, id: &str, now: DateTime<Utc>) -> AppResult<()>;
+    async fn release_claim(
+        &self,
+        id: &str,
+        now: DateTime<Utc>,
+        fence: DateTime<Utc>,
+    ) -> AppResult<()>;
     /// Reserve the next send slot for `sender`, at least `interval_us` after the previous one and
     /// not before `now_us` (microseconds since the epoch). Returns the slot's time.
     async fn reserve_send_slot(
@@ -395,19 +414,32 @@ pub trait Store: Send + Sync + 'static {
         interval_us: i64,
     ) -> AppResult<i64>;
     /// Mark a claimed message `sending` (one more attempt) just before the provider call.
+    /// `fence` is the lease the claim set; the lease is renewed to `new_lease` for the provider
+    /// call. `false` (and nothing written) when the claim is no longer ours.
     async fn mark_sending(
         &self,
         id: &str,
         attempt: &SendAttempt,
         now: DateTime<Utc>,
-    ) -> AppResult<()>;
-    /// Record what happened to a claimed message and release its lease.
+        fence: DateTime<Utc>,
+        new_lease: DateTime<Utc>,
+    ) -> AppResult<bool>;
+    /// Record what happened to a claimed message and release its lease, if the claim (`fence`,
+    /// the current lease) is still ours; `false` and nothing written otherwise.
     async fn record_dispatch(
         &self,
         id: &str,
         result: &DispatchResult,
         now: DateTime<Utc>,
-    ) -> AppResult<()>;
+        fence: DateTime<Utc>,
+    ) -> AppResult<bool>;
+    /// Status callbacks that arrived before their SID was recorded, removed as they are taken.
+    async fn take_unmatched_statuses(
+        &self,
+        provider_sid: &str,
+    ) -> AppResult<Vec<(String, Option<i64>)>>;
+    /// Forget unmatched callbacks older than `before` (their message was never ours).
+    async fn prune_unmatched_statuses(&self, before: DateTime<Utc>) -> AppResult<u64>;
 
     /// Check the OTP send limits and, within them, replace the (user, purpose) code, log the send
     /// and write its message, all in one transaction. Limits are checked under a lock on the
@@ -451,9 +483,12 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_incoming(&self, message: &IncomingMessage) -> AppResult<bool>;
     async fn incoming_by_sid(&self, provider_sid: &str) -> AppResult<Option<IncomingMessage>>;
     /// Incoming messages received after `since` (all when `None`), oldest first.
+    /// Only messages received at or before `until` are listed, so a reader that moves its
+    /// `since` forward never passes a message still being written.
     async fn list_incoming(
         &self,
         since: Option<DateTime<Utc>>,
+        until: DateTime<Utc>,
         limit: i64,
     ) -> AppResult<Vec<IncomingMessage>>;
     /// Remember a WhatsApp message from this number (opens its 24-hour window).
@@ -493,4 +528,4 @@ pub async fn connect(database_url: &str) -> AppResult<DynStore> {
 pub(crate) const MESSAGE_COLUMNS: &str =
     "id, user_id, template_name, variables, channel, status, reason, \
      to_number, provider_sid, error_code, error_message, encoding, segments, attempts, \
-     idempotency_key, next_attempt_at, lease_until, created_at, updated_at";
+     idempotency_key, next_attempt_at, lease_until, created_at, updated_at, requested_channel";

@@ -176,11 +176,22 @@ impl Store for ThisStore {
         Ok(claimed)
     }
 
-    async fn mark_sending(&self, id: &str, attempt: &SendAttempt, now: DateTime<Utc>) -> AppResult<()> {
+    async fn mark_sending(
+        &self,
+        id: &str,
+        attempt: &SendAttempt,
+        now: DateTime<Utc>,
+        fence: DateTime<Utc>,
+        new_lease: DateTime<Utc>,
+    ) -> AppResult<bool> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        // Right-hand sides read the row as it was, so `channel` in the CASE is the old channel.
+        let updated = sqlx::query(
             "UPDATE messages SET status = 'sending', attempts = attempts + 1, to_number = $2, \
-             encoding = $3, segments = $4, updated_at = $5, channel = $6 WHERE id = $1",
+             encoding = $3, segments = $4, updated_at = $5, \
+             requested_channel = CASE WHEN channel <> $6 THEN COALESCE(requested_channel, channel) \
+             ELSE requested_channel END, channel = $6, lease_until = $8 \
+             WHERE id = $1 AND lease_until = $7 AND status IN ('queued', 'sending')",
         )
         .bind(id)
         .bind(&attempt.to_number)
@@ -188,79 +199,125 @@ impl Store for ThisStore {
         .bind(attempt.segments)
         .bind(now)
         .bind(attempt.channel.as_str())
+        .bind(fence)
+        .bind(new_lease)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            == 1;
+        if !updated {
+            tx.rollback().await?;
+            return Ok(false);
+        }
         insert_event(&mut tx, id, "sending", None, None, now).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
-    async fn record_dispatch(&self, id: &str, result: &DispatchResult, now: DateTime<Utc>) -> AppResult<()> {
+    async fn record_dispatch(
+        &self,
+        id: &str,
+        result: &DispatchResult,
+        now: DateTime<Utc>,
+        fence: DateTime<Utc>,
+    ) -> AppResult<bool> {
         let mut tx = self.pool.begin().await?;
-        let (status, code, detail) = match result {
-            DispatchResult::Sent { provider_sid, status } => {
+        // Every update is fenced by the claim's lease: a claim that was taken over writes nothing.
+        let (query, event) = match result {
+            DispatchResult::Sent { provider_sid, status } => (
                 sqlx::query(
-                    "UPDATE messages SET status = $2, provider_sid = $3, reason = NULL, error_code = NULL, \
-                     error_message = NULL, lease_until = NULL, updated_at = $4 WHERE id = $1",
+                    "UPDATE messages SET status = $3, provider_sid = $4, reason = NULL, error_code = NULL, \
+                     error_message = NULL, lease_until = NULL, updated_at = $5 \
+                     WHERE id = $1 AND lease_until = $2",
                 )
                 .bind(id)
+                .bind(fence)
                 .bind(status)
                 .bind(provider_sid)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                (status.as_str(), None, None)
-            }
-            DispatchResult::Skipped { reason } => {
+                .bind(now),
+                Some((status.clone(), None, None)),
+            ),
+            DispatchResult::Skipped { reason } => (
                 sqlx::query(
-                    "UPDATE messages SET status = 'skipped', reason = $2, lease_until = NULL, updated_at = $3 \
-                     WHERE id = $1",
+                    "UPDATE messages SET status = 'skipped', reason = $3, lease_until = NULL, updated_at = $4 \
+                     WHERE id = $1 AND lease_until = $2",
                 )
                 .bind(id)
+                .bind(fence)
                 .bind(reason)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                ("skipped", None, Some(reason.clone()))
-            }
-            DispatchResult::Failed { code, message } => {
+                .bind(now),
+                Some(("skipped".to_string(), None, Some(reason.clone()))),
+            ),
+            DispatchResult::Failed { code, message } => (
                 sqlx::query(
-                    "UPDATE messages SET status = 'failed', error_code = $2, error_message = $3, \
-                     lease_until = NULL, updated_at = $4 WHERE id = $1",
+                    "UPDATE messages SET status = 'failed', error_code = $3, error_message = $4, \
+                     lease_until = NULL, updated_at = $5 WHERE id = $1 AND lease_until = $2",
                 )
                 .bind(id)
+                .bind(fence)
                 .bind(code)
                 .bind(message)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                ("failed", *code, Some(message.clone()))
-            }
+                .bind(now),
+                Some(("failed".to_string(), *code, Some(message.clone()))),
+            ),
+            // Retries are visible in the error fields; the event history keeps one row per
+            // status, so a requeue adds none.
             DispatchResult::Retry {
                 code,
                 message,
                 next_attempt_at,
-            } => {
+            } => (
                 sqlx::query(
-                    "UPDATE messages SET status = 'queued', error_code = $2, error_message = $3, \
-                     next_attempt_at = $4, lease_until = NULL, updated_at = $5 WHERE id = $1",
+                    "UPDATE messages SET status = 'queued', error_code = $3, error_message = $4, \
+                     next_attempt_at = $5, lease_until = NULL, updated_at = $6 \
+                     WHERE id = $1 AND lease_until = $2",
                 )
                 .bind(id)
+                .bind(fence)
                 .bind(code)
                 .bind(message)
                 .bind(next_attempt_at)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                // Retries are visible in the error fields; the event history keeps one row per
-                // status, so a requeue adds none.
-                tx.commit().await?;
-                return Ok(());
-            }
+                .bind(now),
+                None,
+            ),
+            DispatchResult::Deferred { until, .. } => (
+                sqlx::query(
+                    "UPDATE messages SET status = 'queued', next_attempt_at = $3, lease_until = NULL, \
+                     updated_at = $4 WHERE id = $1 AND lease_until = $2",
+                )
+                .bind(id)
+                .bind(fence)
+                .bind(until)
+                .bind(now),
+                None,
+            ),
         };
-        insert_event(&mut tx, id, status, code, detail.as_deref(), now).await?;
+        if query.execute(&mut *tx).await?.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        if let Some((status, code, detail)) = event {
+            insert_event(&mut tx, id, &status, code, detail.as_deref(), now).await?;
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
+    }
+
+    async fn take_unmatched_statuses(&self, provider_sid: &str) -> AppResult<Vec<(String, Option<i64>)>> {
+        Ok(sqlx::query_as(
+            "DELETE FROM unmatched_status_callbacks WHERE provider_sid = $1 RETURNING status, error_code",
+        )
+        .bind(provider_sid)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn prune_unmatched_statuses(&self, before: DateTime<Utc>) -> AppResult<u64> {
+        Ok(sqlx::query("DELETE FROM unmatched_status_callbacks WHERE received_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 
     async fn issue_otp(&self, issue: &OtpIssue) -> AppResult<OtpIssueOutcome> {
@@ -285,7 +342,11 @@ impl Store for ThisStore {
             tx.rollback().await?;
             return Ok(OtpIssueOutcome::RateLimited { retry_after_seconds: wait });
         }
-        let message = insert_message_row(&mut tx, &issue.message)
+        let Some(new_message) = &issue.message else {
+            tx.commit().await?;
+            return Ok(OtpIssueOutcome::Logged);
+        };
+        let message = insert_message_row(&mut tx, new_message)
             .await?
             .ok_or_else(|| anyhow::anyhow!("OTP message id collided"))?;
         sqlx::query(
@@ -438,15 +499,16 @@ impl Store for ThisStore {
             .await?)
     }
 
-    async fn list_incoming(&self, since: Option<DateTime<Utc>>, limit: i64) -> AppResult<Vec<IncomingMessage>> {
+    async fn list_incoming(&self, since: Option<DateTime<Utc>>, until: DateTime<Utc>, limit: i64) -> AppResult<Vec<IncomingMessage>> {
         let sql = format!(
-            "SELECT {INCOMING_COLUMNS} FROM incoming_messages WHERE received_at > $1 \
+            "SELECT {INCOMING_COLUMNS} FROM incoming_messages WHERE received_at > $1 AND received_at <= $3 \
              ORDER BY received_at, id LIMIT $2"
         );
         let since = since.unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
         Ok(sqlx::query_as::<Db, IncomingMessage>(&sql)
             .bind(since)
             .bind(limit)
+            .bind(until)
             .fetch_all(&self.pool)
             .await?)
     }
@@ -482,9 +544,10 @@ impl Store for ThisStore {
         // `allowed_from` holds our own status words, never caller input: safe to inline.
         let from_list = allowed_from.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
         let mut tx = self.pool.begin().await?;
-        let changed = if from_list.is_empty() {
-            false
-        } else {
+        // An empty list still runs the UPDATE (matching nothing), so on SQLite the transaction
+        // starts with a write and takes the lock before it reads.
+        let from_list = if from_list.is_empty() { "'-'".to_string() } else { from_list };
+        let changed = {
             sqlx::query(&format!(
                 "UPDATE messages SET status = $2, error_code = COALESCE($3, error_code), updated_at = $4 \
                  WHERE provider_sid = $1 AND status IN ({from_list})"
@@ -503,17 +566,35 @@ impl Store for ThisStore {
             .bind(provider_sid)
             .fetch_optional(&mut *tx)
             .await?;
-        if let Some(m) = &message {
-            insert_event(&mut tx, &m.id, status, error_code, Some("status callback"), at).await?;
+        match &message {
+            Some(m) => insert_event(&mut tx, &m.id, status, error_code, Some("status callback"), at).await?,
+            // Twilio may call back before the send that created the message has recorded the SID:
+            // keep the event until it is (see `take_unmatched_statuses`).
+            None => {
+                sqlx::query(
+                    "INSERT INTO unmatched_status_callbacks (provider_sid, status, error_code, received_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (provider_sid, status) DO NOTHING",
+                )
+                .bind(provider_sid)
+                .bind(status)
+                .bind(error_code)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
         Ok(StatusApplied { message, changed })
     }
 
-    async fn release_claim(&self, id: &str, now: DateTime<Utc>) -> AppResult<()> {
-        sqlx::query("UPDATE messages SET lease_until = $2 WHERE id = $1 AND status IN ('queued', 'sending')")
+    async fn release_claim(&self, id: &str, now: DateTime<Utc>, fence: DateTime<Utc>) -> AppResult<()> {
+        sqlx::query(
+            "UPDATE messages SET lease_until = $2 WHERE id = $1 AND lease_until = $3 \
+             AND status IN ('queued', 'sending')",
+        )
             .bind(id)
             .bind(now)
+            .bind(fence)
             .execute(&self.pool)
             .await?;
         Ok(())

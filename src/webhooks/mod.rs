@@ -271,7 +271,9 @@ pub async fn handle_incoming(state: &AppState, incoming: Incoming) -> AppResult<
         keyword: keyword.map(|k| k.as_str().to_string()),
         reply_template,
         opt_out_type: incoming.opt_out_type.clone(),
-        received_at: now,
+        // Taken just before the insert, so rows commit close to their time order (the inbox
+        // pages by it).
+        received_at: state.clock.now(),
     };
     if !store.insert_incoming(&record).await? {
         // A concurrent retry stored it first: answer as it did.
