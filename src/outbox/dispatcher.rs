@@ -226,7 +226,7 @@ impl Dispatcher {
         else {
             // Never marked `sending` with a number (an OTP whose request died first): nothing
             // reached the provider.
-            return Ok(self.unrecoverable_otp(claim).await?);
+            return self.unrecoverable_otp(claim).await;
         };
         // The body identifies the message, except where it cannot be rebuilt: an OTP's code is
         // gone, and a WhatsApp template is stored by Twilio in its own rendering.
