@@ -24,6 +24,8 @@ both_backends!(
     retryable_twilio_error_is_retried,
     template_variable_errors,
     history_is_newest_first_and_private,
+    quiet_hours_hold_notifications_until_morning,
+    a_retried_key_after_an_sms_fallback_is_the_same_message,
 );
 
 async fn preferences_round_trip_with_audit(backend: Backend) {
@@ -670,4 +672,60 @@ async fn history_is_newest_first_and_private(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+}
+
+async fn quiet_hours_hold_notifications_until_morning(backend: Backend) {
+    use prism_messaging::clock::{Clock, ManualClock};
+    // 22:30 in Kolkata (17:00 UTC), inside 21:00-08:00.
+    let night = chrono::DateTime::parse_from_rfc3339("2027-01-12T17:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let clock = ManualClock::new(night);
+    let mut config = TestConfig::new()
+        .set("QUIET_HOURS", "21:00-08:00")
+        .set("DEFAULT_TIME_ZONE", "Asia/Kolkata");
+    config.clock = std::sync::Arc::new(clock.clone());
+    let app = TestApp::spawn_with(backend, config).await;
+    app.consent("p1", "+919876543210").await;
+    let id = app.notify_ok(reminder("p1")).await;
+    assert_eq!(app.dispatch().await.deferred, 1);
+    let m = app.state.store.get_message(&id).await.unwrap().unwrap();
+    assert_eq!((m.status.as_str(), m.attempts), ("queued", 0));
+    let morning = chrono::DateTime::parse_from_rfc3339("2027-01-13T02:30:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    assert_eq!(m.next_attempt_at, morning, "08:00 in Kolkata");
+    // OTPs are the patient's own request: never held back.
+    let r = app
+        .client
+        .post(app.url("/api/messaging/send-otp"))
+        .json(&json!({"user_id": "p2", "phone_number": "+919876543211", "purpose": "login"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    clock.advance(chrono::Duration::hours(9) + chrono::Duration::minutes(30));
+    assert!(clock.now() >= morning);
+    assert_eq!(app.dispatch().await.sent, 1);
+    assert_eq!(app.message(&id).await["status"], "delivered");
+}
+
+async fn a_retried_key_after_an_sms_fallback_is_the_same_message(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.consent("p1", "+919876543210").await;
+    let mut body = reminder("p1");
+    body["channel"] = json!("whatsapp");
+    body["idempotency_key"] = json!("k-wa");
+    let id = app.notify_ok(body.clone()).await;
+    app.dispatch().await;
+    let m = app.message(&id).await;
+    assert_eq!(
+        (m["channel"].as_str(), m["requested_channel"].as_str()),
+        (Some("sms"), Some("whatsapp"))
+    );
+    assert_eq!(
+        app.notify_ok(body).await,
+        id,
+        "the host app's retry gets the same message, not a 409"
+    );
 }

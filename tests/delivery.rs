@@ -635,3 +635,97 @@ async fn an_otp_does_not_wait_behind_paced_messages(backend: Backend) {
         "6 sends at 2/s span >= 2.5 s: {span:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_lookup_never_leads_to_a_blind_resend() {
+    let clock = ManualClock::new(Utc::now());
+    let mut config = TestConfig::new()
+        .set("TWILIO_TIMEOUT_MS", "300")
+        .set("DISPATCH_RATE_PER_SECOND", "0");
+    config.clock = Arc::new(clock.clone());
+    let app = TestApp::spawn_live(Backend::Sqlite, config).await;
+    let fake = app.fake.as_ref().unwrap();
+    let phone = "+14155552671";
+    app.consent("p1", phone).await;
+    fake.script(phone, vec![Fault::AcceptNoAnswer]);
+    let id = app.notify_ok(reminder("p1")).await;
+    assert_eq!(
+        app.dispatch().await.retried,
+        1,
+        "timed out: outcome unknown"
+    );
+    // Twilio's list endpoint fails twice, with its own error code.
+    fake.fail_lookups(2);
+    for _ in 0..2 {
+        clock.advance(chrono::Duration::minutes(20));
+        assert_eq!(
+            app.dispatch().await.retried,
+            1,
+            "the lookup failed: wait, do not send"
+        );
+        assert_eq!(fake.create_calls_to(phone), 1);
+    }
+    clock.advance(chrono::Duration::minutes(20));
+    assert_eq!(app.dispatch().await.adopted, 1);
+    assert_eq!(fake.create_calls_to(phone), 1, "sent once, found, adopted");
+    assert_eq!(app.message(&id).await["status"], "sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_callback_that_beats_the_sid_is_applied_when_the_sid_is_recorded() {
+    let app = TestApp::spawn_live(
+        Backend::Sqlite,
+        TestConfig::new().set("DISPATCH_RATE_PER_SECOND", "0"),
+    )
+    .await;
+    let fake = app.fake.as_ref().unwrap().clone();
+    let phone = "+14155552671";
+    app.consent("p1", phone).await;
+    // Twilio creates the message but answers a second late; its callback comes first.
+    fake.script(phone, vec![Fault::Slow(Duration::from_millis(1000))]);
+    let id = app.notify_ok(reminder("p1")).await;
+    let round = {
+        let state = app.state.clone();
+        tokio::spawn(async move { state.dispatcher().run_once().await.unwrap() })
+    };
+    wait_until("Twilio creates it", Duration::from_secs(5), async || {
+        fake.created_count() == 1
+    })
+    .await;
+    let sid = fake.created()[0].sid.clone();
+    let r = app
+        .twilio_webhook(
+            "/webhooks/twilio/status",
+            &[("MessageSid", sid.as_str()), ("MessageStatus", "delivered")],
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(round.await.unwrap().sent, 1);
+    let m = app.message(&id).await;
+    assert_eq!(m["status"], "delivered", "{m}");
+    assert_eq!(m["provider_sid"], sid.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_errors_are_stored_and_logged_with_the_number_masked() {
+    let app = TestApp::spawn_live(Backend::Sqlite, TestConfig::new()).await;
+    let phone = "+14155552671";
+    app.consent("p1", phone).await;
+    app.fake.as_ref().unwrap().fail(
+        phone,
+        vec![Failure {
+            http_status: 400,
+            code: 21211,
+            retry_after: None,
+        }],
+    );
+    let id = app.notify_ok(reminder("p1")).await;
+    app.dispatch().await;
+    let m = app.message(&id).await;
+    let error = m["error_message"].as_str().unwrap();
+    assert_eq!(
+        error,
+        "The 'To' number +14*****2671 is not a valid phone number."
+    );
+}

@@ -83,6 +83,8 @@ struct Shared {
     /// `To` (as sent, e.g. `whatsapp:+1...`) -> faults to apply, consumed in order.
     faults: Mutex<HashMap<String, Vec<Fault>>>,
     created: Mutex<Vec<Created>>,
+    /// The next this-many `ListMessage` calls answer 500.
+    failing_lookups: Mutex<usize>,
 }
 
 /// Dropping a connection is done by panicking in the handler (the connection's task dies with
@@ -161,6 +163,11 @@ impl FakeTwilio {
             .lock()
             .unwrap()
             .insert(to.to_string(), faults);
+    }
+
+    /// Answer the next `n` message-list lookups with a 500.
+    pub fn fail_lookups(&self, n: usize) {
+        *self.shared.failing_lookups.lock().unwrap() = n;
     }
 
     /// The messages created so far, in creation order.
@@ -250,7 +257,13 @@ async fn create_message(
     };
     match scripted {
         Some(Fault::Http(f)) => {
-            let mut response = twilio_error(f.http_status, f.code, "scripted failure");
+            // Twilio's own wording for an invalid number quotes it in full.
+            let text = if f.code == 21211 {
+                format!("The 'To' number {to} is not a valid phone number.")
+            } else {
+                "scripted failure".to_string()
+            };
+            let mut response = twilio_error(f.http_status, f.code, &text);
             if let Some(secs) = f.retry_after {
                 response
                     .headers_mut()
@@ -329,6 +342,13 @@ async fn list_messages(
         || account != ACCOUNT_SID
     {
         return twilio_error(401, 20003, "Authenticate");
+    }
+    {
+        let mut failing = shared.failing_lookups.lock().unwrap();
+        if *failing > 0 {
+            *failing -= 1;
+            return twilio_error(500, 20500, "Internal Server Error");
+        }
     }
     let after = query
         .get("DateSent>")
