@@ -430,6 +430,16 @@ impl Config {
         if !config.mock_mode {
             config.twilio()?;
         }
+        // A claim must outlive the provider call it covers, or another dispatcher could take the
+        // message over while the call is still in flight.
+        if config.dispatch.lease.num_milliseconds()
+            < config.twilio_timeout.as_millis() as i64 + 1_000
+        {
+            return Err(err(
+                "DISPATCH_LEASE_SECONDS",
+                "must be at least a second longer than TWILIO_TIMEOUT_MS",
+            ));
+        }
         if let Some(key) = &config.messaging_api_key {
             if key.expose().len() < 16 {
                 return Err(err("MESSAGING_API_KEY", "must be at least 16 characters"));
@@ -515,6 +525,14 @@ mod tests {
                 "DEFAULT_TIME_ZONE",
             ),
             (&[("MESSAGING_MOCK_MODE", "false")], "TWILIO_ACCOUNT_SID"),
+            (
+                &[
+                    ("DISPATCH_LEASE_SECONDS", "10"),
+                    ("TWILIO_TIMEOUT_MS", "15000"),
+                ],
+                "DISPATCH_LEASE_SECONDS",
+            ),
+            (&[("INSTANCE_ROLE", "worker")], "INSTANCE_ROLE"),
         ];
         for (pairs, variable) in cases {
             let e = config(pairs).unwrap_err();

@@ -283,6 +283,7 @@ async fn sigkill_mid_dispatch_then_restart_delivers_every_message() {
     let fake = FakeTwilio::start().await;
     let settings = [
         ("DISPATCH_LEASE_SECONDS", "2"),
+        ("TWILIO_TIMEOUT_MS", "1000"),
         ("DISPATCH_RATE_PER_SECOND", "0"),
         ("DISPATCH_BATCH_SIZE", BATCH),
     ];
@@ -356,7 +357,7 @@ async fn sigterm_finishes_in_flight_sends_and_gives_back_the_rest() {
     let settings = [
         ("DISPATCH_RATE_PER_SECOND", "4"),
         ("TWILIO_TIMEOUT_MS", "5000"),
-        ("DISPATCH_LEASE_SECONDS", "2"),
+        ("DISPATCH_LEASE_SECONDS", "6"),
     ];
     let mut server = spawn_server(dir.path(), &url, &fake, &settings);
     wait_until("the first send", Duration::from_secs(30), async || {
