@@ -29,6 +29,7 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub clock: DynClock,
     pub otp_hasher: Arc<crate::otp::CodeHasher>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Poked when a message is queued, so the dispatcher sends it without waiting for its poll.
     pub dispatch_wakeup: Arc<Notify>,
 }
@@ -50,6 +51,7 @@ impl AppState {
         let otp_hasher = Arc::new(crate::otp::CodeHasher::from_config(&config));
         Ok(AppState {
             otp_hasher,
+            metrics: Arc::default(),
             config: Arc::new(config),
             store,
             provider,
@@ -71,6 +73,7 @@ impl AppState {
             self.config.clone(),
             self.clock.clone(),
         )
+        .with_metrics(self.metrics.clone())
     }
 }
 

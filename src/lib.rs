@@ -9,6 +9,7 @@ pub mod config;
 pub mod consent;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod otp;
 pub mod outbox;
 pub mod phone;

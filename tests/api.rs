@@ -26,6 +26,7 @@ both_backends!(
     history_is_newest_first_and_private,
     quiet_hours_hold_notifications_until_morning,
     a_retried_key_after_an_sms_fallback_is_the_same_message,
+    metrics_count_messages_and_outcomes,
 );
 
 async fn preferences_round_trip_with_audit(backend: Backend) {
@@ -728,4 +729,29 @@ async fn a_retried_key_after_an_sms_fallback_is_the_same_message(backend: Backen
         id,
         "the host app's retry gets the same message, not a 409"
     );
+}
+
+async fn metrics_count_messages_and_outcomes(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.consent("p1", "+919876543210").await;
+    app.notify_ok(reminder("p1")).await;
+    app.notify_ok(reminder("nobody")).await;
+    app.dispatch().await;
+    let r = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = r.text().await.unwrap();
+    for line in [
+        "prism_messages{status=\"delivered\"} 1",
+        "prism_messages{status=\"skipped\"} 1",
+        "prism_dispatch_total{outcome=\"sent\"} 1",
+        "prism_dispatch_total{outcome=\"skipped\"} 1",
+        "prism_info{version=",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+    assert!(!text.contains("+91"), "no numbers in metrics");
 }

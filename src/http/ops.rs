@@ -12,6 +12,17 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+/// Prometheus text format.
+async fn metrics(
+    State(state): State<AppState>,
+) -> crate::error::AppResult<impl axum::response::IntoResponse> {
+    let messages = state.store.message_status_counts().await?;
+    let body = state.metrics.render(state.provider.name(), &messages);
+    let content_type = "text/plain; version=0.0.4; charset=utf-8";
+    Ok(([(axum::http::header::CONTENT_TYPE, content_type)], body))
 }
 
 /// Alive: no I/O.

@@ -24,7 +24,9 @@ async fn send_otp(
     meta: ClientMeta,
     JsonBody(request): JsonBody<SendOtpRequest>,
 ) -> AppResult<Json<SendOtpAnswer>> {
-    Ok(Json(otp::send_otp(&state, request, meta.ip).await?))
+    let result = otp::send_otp(&state, request, meta.ip).await;
+    state.metrics.otp_send(result.is_ok());
+    Ok(Json(result?))
 }
 
 /// The mobile client reads `valid`, so errors carry `"valid": false` beside the usual envelope.
@@ -36,6 +38,7 @@ async fn verify_otp(
         Ok(JsonBody(request)) => otp::verify_otp(&state, request).await,
         Err(e) => Err(e),
     };
+    state.metrics.otp_verify(result.is_ok());
     match result {
         Ok(()) => Json(json!({"success": true, "valid": true})).into_response(),
         Err(AppError::Internal(e)) => AppError::Internal(e).into_response(),

@@ -52,7 +52,9 @@ fn verified_form(
         url.push('?');
         url.push_str(query);
     }
-    if !signature::is_valid(token.expose(), &url, &params, presented) {
+    let valid = signature::is_valid(token.expose(), &url, &params, presented);
+    state.metrics.webhook(valid);
+    if !valid {
         tracing::warn!(
             path = uri.path(),
             "webhook refused: wrong X-Twilio-Signature"

@@ -27,6 +27,7 @@ use super::quiet_hours;
 use crate::clock::DynClock;
 use crate::config::Config;
 use crate::error::AppResult;
+use crate::metrics::Metrics;
 use crate::phone::PhoneNumber;
 use crate::provider::{DynProvider, OutboundMessage, ProviderError};
 use crate::store::{Channel, DispatchResult, DynStore, MessageRecord, SendAttempt};
@@ -73,6 +74,7 @@ pub struct Dispatcher {
     clock: DynClock,
     /// Once cancelled, claimed messages not yet on the wire are given back.
     shutdown: CancellationToken,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// A claimed message and the lease that proves the claim is still ours. Every write for the
@@ -106,7 +108,14 @@ impl Dispatcher {
             render,
             clock,
             shutdown: CancellationToken::new(),
+            metrics: None,
         }
+    }
+
+    /// Count each round's outcomes for `/metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Give claimed-but-unsent messages back when `shutdown` is cancelled.
@@ -148,6 +157,9 @@ impl Dispatcher {
                 Ok(Err(e)) => tracing::error!(error = %e, "could not settle a message"),
                 Err(e) => tracing::error!(error = %e, "dispatch task panicked"),
             }
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.record_round(&report);
         }
         Ok(report)
     }

@@ -385,6 +385,8 @@ pub trait Store: Send + Sync + 'static {
     async fn get_message(&self, id: &str) -> AppResult<Option<MessageRecord>>;
     async fn message_events(&self, id: &str) -> AppResult<Vec<MessageEvent>>;
     async fn message_by_sid(&self, provider_sid: &str) -> AppResult<Option<MessageRecord>>;
+    /// How many messages are in each status (for `/metrics`).
+    async fn message_status_counts(&self) -> AppResult<Vec<(String, i64)>>;
     /// The user's messages, newest first.
     async fn user_messages(&self, user_id: &str, limit: i64) -> AppResult<Vec<MessageRecord>>;
 

@@ -145,6 +145,12 @@ impl Store for ThisStore {
         .await?)
     }
 
+    async fn message_status_counts(&self) -> AppResult<Vec<(String, i64)>> {
+        Ok(sqlx::query_as("SELECT status, COUNT(*) FROM messages GROUP BY status ORDER BY status")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
     async fn message_by_sid(&self, provider_sid: &str) -> AppResult<Option<MessageRecord>> {
         let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE provider_sid = $1");
         Ok(sqlx::query_as::<Db, MessageRecord>(&sql)
