@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 
 use crate::app::AppState;
 use crate::auth::{bearer_token, key_matches};
+use crate::config::Secret;
 use crate::error::AppError;
 
 /// JSON bodies are small; anything bigger is refused before it is read.
@@ -66,6 +67,21 @@ impl FromRequestParts<AppState> for AuthUser {
     }
 }
 
+/// Check a static bearer key: 503 when the deployment has none configured (naming the
+/// variable), 401 for a missing or wrong one.
+fn require_key(parts: &Parts, expected: Option<&Secret>, variable: &str) -> Result<(), AppError> {
+    let expected =
+        expected.ok_or_else(|| AppError::NotConfigured(format!("{variable} is not set")))?;
+    let header = parts
+        .headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match bearer_token(header) {
+        Some(token) if key_matches(token, expected) => Ok(()),
+        _ => Err(AppError::Unauthorized),
+    }
+}
+
 /// The host app's server, proven by `MESSAGING_API_KEY`.
 pub struct HostApp;
 
@@ -76,19 +92,27 @@ impl FromRequestParts<AppState> for HostApp {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let expected = state
-            .config
-            .messaging_api_key
-            .as_ref()
-            .ok_or_else(|| AppError::NotConfigured("MESSAGING_API_KEY is not set".into()))?;
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        match bearer_token(header) {
-            Some(token) if key_matches(token, expected) => Ok(HostApp),
-            _ => Err(AppError::Unauthorized),
-        }
+        require_key(
+            parts,
+            state.config.messaging_api_key.as_ref(),
+            "MESSAGING_API_KEY",
+        )?;
+        Ok(HostApp)
+    }
+}
+
+/// A scheduler outside the service, proven by `CRON_SECRET`.
+pub struct Cron;
+
+impl FromRequestParts<AppState> for Cron {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        require_key(parts, state.config.cron_secret.as_ref(), "CRON_SECRET")?;
+        Ok(Cron)
     }
 }
 

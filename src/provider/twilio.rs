@@ -73,7 +73,11 @@ struct AccountResource {
 }
 
 impl TwilioProvider {
-    async fn fetch_page(&self, url: &str) -> Result<MessageList, ProviderError> {
+    /// GET a Twilio resource as JSON, with the account's credentials.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+    ) -> Result<T, ProviderError> {
         let response = self
             .client
             .get(url)
@@ -87,11 +91,7 @@ impl TwilioProvider {
         if !response.status().is_success() {
             return Err(error_from_response(response).await);
         }
-        response.json().await.map_err(|e| ProviderError::Retryable {
-            code: None,
-            message: format!("unreadable answer from Twilio: {}", e.without_url()),
-            retry_after: None,
-        })
+        response.json().await.map_err(unreadable)
     }
 
     /// `public_url` is this service's public base URL; Twilio posts status callbacks under it.
@@ -188,6 +188,16 @@ async fn error_from_response(response: Response) -> ProviderError {
     }
 }
 
+/// A success answer we cannot read: Twilio may have done what we asked, so it counts as retryable
+/// with an unknown outcome (no error code).
+fn unreadable(e: reqwest::Error) -> ProviderError {
+    ProviderError::Retryable {
+        code: None,
+        message: format!("unreadable answer from Twilio: {}", e.without_url()),
+        retry_after: None,
+    }
+}
+
 /// Network faults: the request may or may not have reached Twilio; a retry can help.
 fn network_error(err: reqwest::Error) -> ProviderError {
     let kind = if err.is_timeout() {
@@ -226,15 +236,7 @@ impl Provider for TwilioProvider {
         if !response.status().is_success() {
             return Err(error_from_response(response).await);
         }
-        let resource: MessageResource =
-            response
-                .json()
-                .await
-                .map_err(|e| ProviderError::Retryable {
-                    code: None,
-                    message: format!("unreadable answer from Twilio: {}", e.without_url()),
-                    retry_after: None,
-                })?;
+        let resource: MessageResource = response.json().await.map_err(unreadable)?;
         Ok(Accepted {
             sid: resource.sid,
             status: resource.status.unwrap_or_else(|| "queued".to_string()),
@@ -269,7 +271,7 @@ impl Provider for TwilioProvider {
         // Newest first: page back until the messages are older than the attempt.
         for _ in 0..MAX_LOOKUP_PAGES {
             let Some(url) = next.take() else { break };
-            let list = self.fetch_page(&url).await?;
+            let list: MessageList = self.get_json(&url).await?;
             let mut reached_older = false;
             for m in list.messages {
                 let Some(created) = m
@@ -308,28 +310,7 @@ impl Provider for TwilioProvider {
     }
 
     async fn health(&self) -> Result<String, ProviderError> {
-        let response = self
-            .client
-            .get(self.account_url(".json"))
-            .basic_auth(
-                &self.config.account_sid,
-                Some(self.config.auth_token.expose()),
-            )
-            .send()
-            .await
-            .map_err(network_error)?;
-        if !response.status().is_success() {
-            return Err(error_from_response(response).await);
-        }
-        let account: AccountResource =
-            response
-                .json()
-                .await
-                .map_err(|e| ProviderError::Retryable {
-                    code: None,
-                    message: format!("unreadable answer from Twilio: {}", e.without_url()),
-                    retry_after: None,
-                })?;
+        let account: AccountResource = self.get_json(&self.account_url(".json")).await?;
         Ok(format!(
             "Twilio credentials accepted: account {:?}, status {}",
             account.friendly_name.unwrap_or_default(),

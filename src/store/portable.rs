@@ -1,6 +1,6 @@
 // The `Store` implementation shared by both backends. This file is not a module of its own: each
 // backend `include!`s it inside a `portable` module that has `Db` (the sqlx database type),
-// `ThisStore` (the backend's store) and `LOCK_FOR_UPDATE` in scope, so the SQL below compiles
+// `ThisStore` (the backend's store), `LOCK_FOR_UPDATE` and `SKIP_LOCKED` in scope, so the SQL below compiles
 // against each backend's concrete types. Keep the SQL portable: `$1` placeholders,
 // `ON CONFLICT`, `RETURNING`, times bound from Rust (never `now()`), and every transaction
 // starting with a write (so SQLite takes its write lock up front instead of failing to upgrade).
@@ -177,7 +177,20 @@ impl Store for ThisStore {
         lease_until: DateTime<Utc>,
         limit: i64,
     ) -> AppResult<Vec<MessageRecord>> {
-        let mut claimed = self.claim_due(now, lease_until, limit).await?;
+        let sql = format!(
+            "UPDATE messages SET lease_until = $1 WHERE id IN ( \
+                SELECT id FROM messages \
+                WHERE (status = 'queued' AND next_attempt_at <= $2 AND (lease_until IS NULL OR lease_until < $2)) \
+                OR (status = 'sending' AND provider_sid IS NULL AND lease_until < $2) \
+                ORDER BY next_attempt_at LIMIT $3{SKIP_LOCKED}) \
+             RETURNING {MESSAGE_COLUMNS}"
+        );
+        let mut claimed = sqlx::query_as::<Db, MessageRecord>(&sql)
+            .bind(lease_until)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         claimed.sort_by(|a, b| a.next_attempt_at.cmp(&b.next_attempt_at).then(a.id.cmp(&b.id)));
         Ok(claimed)
     }

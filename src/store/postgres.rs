@@ -3,13 +3,11 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Pool, Postgres};
 
 use crate::error::AppResult;
-use crate::store::{MessageRecord, MESSAGE_COLUMNS};
 
 pub struct PostgresStore {
     pool: Pool<Postgres>,
@@ -47,35 +45,14 @@ impl PostgresStore {
         }
         Ok(())
     }
-
-    async fn claim_due(
-        &self,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-        limit: i64,
-    ) -> AppResult<Vec<MessageRecord>> {
-        let sql = format!(
-            "UPDATE messages SET lease_until = $1 WHERE id IN ( \
-                SELECT id FROM messages \
-                WHERE (status = 'queued' AND next_attempt_at <= $2 AND (lease_until IS NULL OR lease_until < $2)) \
-                OR (status = 'sending' AND provider_sid IS NULL AND lease_until < $2) \
-                ORDER BY next_attempt_at LIMIT $3 \
-                FOR UPDATE SKIP LOCKED) \
-             RETURNING {MESSAGE_COLUMNS}"
-        );
-        Ok(sqlx::query_as::<Postgres, MessageRecord>(&sql)
-            .bind(lease_until)
-            .bind(now)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
-    }
 }
 
 mod portable {
     use super::PostgresStore as ThisStore;
     use sqlx::Postgres as Db;
     /// Lock the row read inside a transaction, so concurrent updates see each other's writes.
+    /// Rows another instance is claiming right now are skipped, not waited for.
+    const SKIP_LOCKED: &str = " FOR UPDATE SKIP LOCKED";
     const LOCK_FOR_UPDATE: &str = " FOR UPDATE";
     include!("portable.rs");
 }

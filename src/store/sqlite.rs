@@ -4,13 +4,11 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Pool, Sqlite};
 
 use crate::error::AppResult;
-use crate::store::{MessageRecord, MESSAGE_COLUMNS};
 
 pub struct SqliteStore {
     pool: Pool<Sqlite>,
@@ -46,34 +44,14 @@ impl SqliteStore {
     ) -> AppResult<()> {
         Ok(())
     }
-
-    async fn claim_due(
-        &self,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-        limit: i64,
-    ) -> AppResult<Vec<MessageRecord>> {
-        let sql = format!(
-            "UPDATE messages SET lease_until = $1 WHERE id IN ( \
-                SELECT id FROM messages \
-                WHERE (status = 'queued' AND next_attempt_at <= $2 AND (lease_until IS NULL OR lease_until < $2)) \
-                OR (status = 'sending' AND provider_sid IS NULL AND lease_until < $2) \
-                ORDER BY next_attempt_at LIMIT $3) \
-             RETURNING {MESSAGE_COLUMNS}"
-        );
-        Ok(sqlx::query_as::<Sqlite, MessageRecord>(&sql)
-            .bind(lease_until)
-            .bind(now)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
-    }
 }
 
 mod portable {
     use super::SqliteStore as ThisStore;
     use sqlx::Sqlite as Db;
     /// SQLite has no row locks; the transaction's write lock already serialises writers.
+    /// One process owns a SQLite queue: nothing to skip.
+    const SKIP_LOCKED: &str = "";
     const LOCK_FOR_UPDATE: &str = "";
     include!("portable.rs");
 }
