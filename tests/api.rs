@@ -27,6 +27,7 @@ both_backends!(
     quiet_hours_hold_notifications_until_morning,
     a_retried_key_after_an_sms_fallback_is_the_same_message,
     metrics_count_messages_and_outcomes,
+    openapi_and_unknown_routes,
 );
 
 async fn preferences_round_trip_with_audit(backend: Backend) {
@@ -754,4 +755,58 @@ async fn metrics_count_messages_and_outcomes(backend: Backend) {
         assert!(text.contains(line), "{line} missing from:\n{text}");
     }
     assert!(!text.contains("+91"), "no numbers in metrics");
+}
+
+async fn openapi_and_unknown_routes(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let spec: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(spec["openapi"].as_str().unwrap().starts_with("3.1"));
+    for path in [
+        "/api/messaging/preferences",
+        "/api/messaging/history",
+        "/api/messaging/send-otp",
+        "/api/messaging/verify-otp",
+        "/api/notifications",
+        "/api/messages/{id}",
+        "/api/templates",
+        "/api/inbound",
+        "/webhooks/twilio/incoming",
+        "/webhooks/twilio/status",
+        "/cron/cleanup-expired-otps",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
+        assert!(spec["paths"][path].is_object(), "{path} is documented");
+    }
+    let r = app
+        .client
+        .get(app.url("/no/such/route"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "not_found"
+    );
+    let r = app
+        .client
+        .delete(app.url("/api/notifications"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "method_not_allowed"
+    );
 }

@@ -23,6 +23,7 @@ both_backends!(
     whatsapp_window_closed_falls_back_to_sms_or_skips,
     inbound_inbox_for_the_host_app,
     dev_inbound_in_mock_mode,
+    inbox_pages_never_split_an_instant,
 );
 
 const PATIENT: &str = "+14155552671";
@@ -595,4 +596,77 @@ async fn dev_inbound_in_mock_mode(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+    // Outside mock mode the route does not exist, whatever the body.
+    let r = live
+        .client
+        .post(live.url("/dev/inbound"))
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // An oversized webhook body answers the error envelope.
+    let r = live
+        .client
+        .post(live.url("/webhooks/twilio/status"))
+        .header("x-twilio-signature", "x")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("a".repeat(100 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "payload_too_large"
+    );
+}
+
+async fn inbox_pages_never_split_an_instant(backend: Backend) {
+    let clock = ManualClock::new(Utc::now());
+    let mut config = TestConfig::new();
+    config.clock = Arc::new(clock.clone());
+    let app = TestApp::spawn_live(backend, config).await;
+    // Three replies at one instant (the clock does not move), then one later.
+    for i in 0..3 {
+        app.incoming(&format!("SMsame{i}"), PATIENT, &format!("reply {i}"))
+            .await;
+    }
+    clock.advance(Duration::seconds(1));
+    app.incoming("SMlater", PATIENT, "later").await;
+    clock.advance(Duration::seconds(5));
+    let mut seen = vec![];
+    let mut since: Option<String> = None;
+    for _ in 0..5 {
+        let query = match &since {
+            Some(s) => format!("?limit=2&since={}", urlencode(s)),
+            None => "?limit=2".to_string(),
+        };
+        let page: Value = app
+            .client
+            .get(app.url(&format!("/api/inbound{query}")))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let messages = page["messages"].as_array().unwrap();
+        if messages.is_empty() {
+            break;
+        }
+        seen.extend(
+            messages
+                .iter()
+                .map(|m| m["provider_sid"].as_str().unwrap().to_string()),
+        );
+        since = page["next_since"].as_str().map(String::from);
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["SMlater", "SMsame0", "SMsame1", "SMsame2"],
+        "each reply exactly once"
+    );
 }

@@ -29,6 +29,7 @@ const BODY_LIMIT_BYTES: usize = 64 * 1024;
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/openapi.json", axum::routing::get(openapi))
         .merge(preferences::router())
         .merge(messages::router())
         .merge(ops::router())
@@ -36,14 +37,34 @@ pub fn router(state: AppState) -> Router {
         .merge(otp::router())
         .merge(cron::router())
         .merge(webhooks::router())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(state)
+}
+
+/// This API as OpenAPI 3.1.
+async fn openapi() -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+}
+
+/// Unknown paths and methods answer with the error envelope too.
+async fn not_found() -> AppError {
+    AppError::NotFound("route")
+}
+
+async fn method_not_allowed() -> AppError {
+    AppError::MethodNotAllowed
 }
 
 /// Only the operations routes: for instances that run as dispatchers (`INSTANCE_ROLE=dispatcher`).
 pub fn ops_router(state: AppState) -> Router {
     Router::new()
         .merge(ops::router())
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(state)
 }

@@ -2,6 +2,7 @@
 //! mode's stand-in for an incoming message.
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{OriginalUri, Query, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::HeaderMap;
@@ -25,6 +26,9 @@ pub fn router() -> Router<AppState> {
         .route("/api/inbound", get(list_inbound))
         .route("/dev/inbound", post(dev_inbound))
 }
+
+/// At most this many messages received at one same microsecond are returned together.
+const MAX_SAME_INSTANT: i64 = 10_000;
 
 /// `/api/inbound` lists messages received at least this long ago.
 const INBOX_SETTLE_SECONDS: i64 = 2;
@@ -71,13 +75,21 @@ fn field<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// A raw body, or the error envelope (413 when over the limit).
+fn raw_body(body: Result<Bytes, BytesRejection>) -> AppResult<Bytes> {
+    body.map_err(|rejection| match rejection.status() {
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE => AppError::PayloadTooLarge,
+        _ => AppError::bad_request("invalid_body", "the request body could not be read"),
+    })
+}
+
 async fn status_callback(
     State(state): State<AppState>,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> AppResult<()> {
-    let params = verified_form(&state, &uri, &headers, &body)?;
+    let params = verified_form(&state, &uri, &headers, &raw_body(body)?)?;
     let (Some(sid), Some(status)) = (
         field(&params, "MessageSid"),
         field(&params, "MessageStatus"),
@@ -100,9 +112,9 @@ async fn incoming(
     State(state): State<AppState>,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> AppResult<Response> {
-    let params = verified_form(&state, &uri, &headers, &body)?;
+    let params = verified_form(&state, &uri, &headers, &raw_body(body)?)?;
     let (Some(sid), Some(from)) = (field(&params, "MessageSid"), field(&params, "From")) else {
         return Err(AppError::bad_request(
             "invalid_form",
@@ -159,7 +171,26 @@ async fn list_inbound(
     // Messages being written right now are left for the next call, so that a reader moving
     // `since` forward never skips one that commits after a later one.
     let until = state.clock.now() - chrono::Duration::seconds(INBOX_SETTLE_SECONDS);
-    let messages = state.store.list_incoming(since, until, limit).await?;
+    let mut messages = state.store.list_incoming(since, until, limit + 1).await?;
+    // A page never ends inside a group of messages received at the same instant, or the reader's
+    // next `since` would skip the rest of the group.
+    if messages.len() as i64 > limit {
+        let boundary = messages[limit as usize].received_at;
+        let keep = messages
+            .iter()
+            .take(limit as usize)
+            .filter(|m| m.received_at < boundary)
+            .count();
+        if keep > 0 {
+            messages.truncate(keep);
+        } else {
+            // The whole page is one instant: return all of it, even past `limit`.
+            messages = state
+                .store
+                .list_incoming(since, boundary, MAX_SAME_INSTANT)
+                .await?;
+        }
+    }
     let next_since = messages.last().map(|m| m.received_at);
     let items: Vec<Value> = messages
         .iter()
@@ -186,11 +217,12 @@ struct DevInbound {
 /// Mock mode only: a patient's message without Twilio, through the same handling.
 async fn dev_inbound(
     State(state): State<AppState>,
-    JsonBody(request): JsonBody<DevInbound>,
+    body: Result<JsonBody<DevInbound>, AppError>,
 ) -> AppResult<Response> {
     if state.mock.is_none() {
         return Err(AppError::NotFound("page"));
     }
+    let JsonBody(request) = body?;
     let number = PhoneNumber::parse(&request.from)?;
     let channel = crate::outbox::parse_channel(request.channel.as_deref())?;
     let from = match channel {

@@ -250,8 +250,16 @@ pub async fn send_otp(
         DispatchResult::Skipped { .. } => Err(AppError::Unavailable(
             "messaging is disabled on this service".into(),
         )),
-        _ => Err(AppError::Unavailable(
+        // No answer, rate limits and Twilio's own faults pass; anything else is about the number.
+        DispatchResult::Failed {
+            code: None | Some(20429 | 20500..=20599),
+            ..
+        } => Err(AppError::Unavailable(
             "the code could not be sent right now; try again shortly".into(),
+        )),
+        _ => Err(AppError::bad_request(
+            "undeliverable",
+            "a code cannot be delivered to this number on this channel",
         )),
     }
 }
