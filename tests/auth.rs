@@ -28,6 +28,13 @@ fn sign_es256(kid: &str, claims: Value) -> String {
     jsonwebtoken::encode(&header, &claims, &key).unwrap()
 }
 
+fn sign_rs256(kid: &str, claims: Value) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.to_string());
+    let key = EncodingKey::from_rsa_pem(include_bytes!("fixtures/test_rs256_private.pem")).unwrap();
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
 fn in_an_hour() -> i64 {
     chrono::Utc::now().timestamp() + 3600
 }
@@ -94,6 +101,14 @@ async fn es256_tokens_verify_against_a_jwks_file_with_issuer_and_audience() {
     let app = TestApp::spawn_with(Backend::Sqlite, config).await;
     let claims = |iss: &str, aud: &str| json!({"user_id": "firebase-uid-1", "sub": "other", "iss": iss, "aud": aud, "exp": in_an_hour()});
 
+    // RS256 (as Firebase signs) from the same key set.
+    let rs256 = sign_rs256("test-rs256", claims(issuer, "prism-test"));
+    assert_eq!(
+        get_preferences(&app, Some(&format!("Bearer {rs256}")))
+            .await
+            .0,
+        200
+    );
     let good = sign_es256("test-es256", claims(issuer, "prism-test"));
     let r = app
         .put_preferences_with(

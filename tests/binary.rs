@@ -359,3 +359,41 @@ async fn otp_send_and_verify_from_the_command_line() {
     );
     assert_eq!(verify(code).await.status.code(), Some(1), "single use");
 }
+
+#[tokio::test]
+async fn ctrl_c_stops_the_server_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().await;
+    let mut cmd = binary(dir.path());
+    cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..100 {
+        if client
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+            .is_ok()
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up);
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "clean exit on Ctrl-C (SIGINT)");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shutdown requested"));
+}

@@ -730,3 +730,37 @@ async fn provider_errors_are_stored_and_logged_with_the_number_masked() {
         "The 'To' number +14*****2671 is not a valid phone number."
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stop_at_the_maximum_age() {
+    let clock = ManualClock::new(Utc::now());
+    let mut config = TestConfig::new()
+        .set("DISPATCH_MAX_AGE_SECONDS", "3600")
+        .set("DISPATCH_MAX_ATTEMPTS", "100")
+        .set("DISPATCH_RATE_PER_SECOND", "0");
+    config.clock = Arc::new(clock.clone());
+    let app = TestApp::spawn_live(Backend::Sqlite, config).await;
+    let phone = "+14155552671";
+    app.consent("p1", phone).await;
+    app.fake
+        .as_ref()
+        .unwrap()
+        .script(phone, vec![http(503, 20503); 100]);
+    let id = app.notify_ok(reminder("p1")).await;
+    assert_eq!(app.dispatch().await.retried, 1);
+    // Still young: retried.
+    clock.advance(chrono::Duration::minutes(30));
+    assert_eq!(app.dispatch().await.retried, 1);
+    // Past an hour old: the next failure is final.
+    clock.advance(chrono::Duration::minutes(31));
+    assert_eq!(app.dispatch().await.failed, 1);
+    let m = app.message(&id).await;
+    assert_eq!(
+        (m["status"].as_str(), m["error_code"].as_i64()),
+        (Some("failed"), Some(20503))
+    );
+    assert!(m["error_message"]
+        .as_str()
+        .unwrap()
+        .contains("DISPATCH_MAX_AGE_SECONDS"));
+}

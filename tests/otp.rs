@@ -26,6 +26,7 @@ both_backends!(
     cleanup_needs_the_cron_secret_and_deletes,
     bad_input_is_refused_and_reveals_nothing,
     live_mode_sends_through_twilio,
+    otp_length_is_configurable,
 );
 
 const PHONE: &str = "+919876543210";
@@ -618,4 +619,26 @@ async fn live_mode_sends_through_twilio(backend: Backend) {
     assert_eq!(r.status(), 503);
     let m = &app.state.store.user_messages("u3", 1).await.unwrap()[0];
     assert_eq!((m.status.as_str(), m.error_code), ("failed", Some(20500)));
+}
+
+async fn otp_length_is_configurable(backend: Backend) {
+    let app = TestApp::spawn_with(backend, TestConfig::new().set("OTP_LENGTH", "8")).await;
+    assert_eq!(send(&app, "u1", PHONE, "login").await.status(), 200);
+    let outbox: Value = app
+        .client
+        .get(app.url("/dev/outbox.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let body = outbox["messages"][0]["body"].as_str().unwrap().to_string();
+    let code: String = body
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|w| !w.is_empty())
+        .unwrap()
+        .into();
+    assert_eq!(code.len(), 8, "{body}");
+    assert_eq!(verify(&app, "u1", "login", &code).await.0, 200);
 }
