@@ -133,6 +133,29 @@ async fn preferences_round_trip_with_audit(backend: Backend) {
         r.json::<Value>().await.unwrap()["error"]["code"],
         "invalid_source"
     );
+    // Removing the number needs the messaging consents off too, and is audited.
+    let r = app
+        .put_preferences("patient-1", json!({"phone_number": null}))
+        .await;
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "phone_required"
+    );
+    let r = app
+        .put_preferences(
+            "patient-1",
+            json!({"phone_number": null, "sms_consent": false, "whatsapp_consent": false}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["preferences"]["phone_number"],
+        Value::Null
+    );
+    let last = app.state.store.consent_audit("patient-1").await.unwrap();
+    assert!(last.iter().any(|a| a.field == "phone_number"
+        && a.new_value.is_none()
+        && a.old_value.as_deref() == Some("+919876543210")));
     // Consent with no number is refused.
     let r = app
         .put_preferences("patient-2", json!({"sms_consent": true}))

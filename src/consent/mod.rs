@@ -8,17 +8,27 @@ use crate::phone::PhoneNumber;
 use crate::store::{ChangeContext, Consent, ConsentPatch, ConsentSource, DynStore};
 
 /// The body of `PUT /api/messaging/preferences` (and the settings form). A field left out keeps
-/// its current value.
+/// its current value; `"phone_number": null` removes the number.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PreferencesUpdate {
-    pub phone_number: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    pub phone_number: Option<Option<String>>,
     pub sms_consent: Option<bool>,
     pub whatsapp_consent: Option<bool>,
     pub marketing_consent: Option<bool>,
     /// `app_settings` (default for the API), `web_settings` or `api`. Keyword and provider
     /// changes come only from Twilio's webhooks.
     pub source: Option<String>,
+}
+
+/// Tells a field sent as `null` (`Some(None)`) from one left out (`None`, via `default`).
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 impl PreferencesUpdate {
@@ -43,8 +53,10 @@ impl PreferencesUpdate {
                 }
             },
         };
+        let clear_phone_number = matches!(self.phone_number, Some(None));
         let phone_number = self
             .phone_number
+            .flatten()
             .as_deref()
             .map(PhoneNumber::parse)
             .transpose()?
@@ -52,6 +64,7 @@ impl PreferencesUpdate {
         Ok((
             ConsentPatch {
                 phone_number,
+                clear_phone_number,
                 sms_consent: self.sms_consent,
                 whatsapp_consent: self.whatsapp_consent,
                 marketing_consent: self.marketing_consent,

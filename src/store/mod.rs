@@ -69,6 +69,8 @@ pub struct Consent {
 #[derive(Debug, Clone, Default)]
 pub struct ConsentPatch {
     pub phone_number: Option<String>,
+    /// Remove the stored number (refused while SMS or WhatsApp consent stays on).
+    pub clear_phone_number: bool,
     pub sms_consent: Option<bool>,
     pub whatsapp_consent: Option<bool>,
     pub marketing_consent: Option<bool>,
@@ -103,10 +105,14 @@ impl Consent {
     pub fn patched(&self, patch: &ConsentPatch) -> AppResult<Consent> {
         let next = Consent {
             user_id: self.user_id.clone(),
-            phone_number: patch
-                .phone_number
-                .clone()
-                .or_else(|| self.phone_number.clone()),
+            phone_number: if patch.clear_phone_number {
+                None
+            } else {
+                patch
+                    .phone_number
+                    .clone()
+                    .or_else(|| self.phone_number.clone())
+            },
             sms_consent: patch.sms_consent.unwrap_or(self.sms_consent),
             whatsapp_consent: patch.whatsapp_consent.unwrap_or(self.whatsapp_consent),
             marketing_consent: patch.marketing_consent.unwrap_or(self.marketing_consent),
