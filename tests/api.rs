@@ -129,18 +129,12 @@ async fn preferences_round_trip_with_audit(backend: Backend) {
         )
         .await;
     assert_eq!(r.status(), 400);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "invalid_source"
-    );
+    assert_eq!(error_code(r).await, "invalid_source");
     // Removing the number needs the messaging consents off too, and is audited.
     let r = app
         .put_preferences("patient-1", json!({"phone_number": null}))
         .await;
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "phone_required"
-    );
+    assert_eq!(error_code(r).await, "phone_required");
     let r = app
         .put_preferences(
             "patient-1",
@@ -161,10 +155,7 @@ async fn preferences_round_trip_with_audit(backend: Backend) {
         .put_preferences("patient-2", json!({"sms_consent": true}))
         .await;
     assert_eq!(r.status(), 400);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "phone_required"
-    );
+    assert_eq!(error_code(r).await, "phone_required");
     assert!(app
         .state
         .store
@@ -237,15 +228,7 @@ async fn notification_end_to_end_in_mock_mode(backend: Backend) {
         "appointment_reminder_24h"
     );
 
-    let outbox: Value = app
-        .client
-        .get(app.url("/dev/outbox.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let outbox: Value = app.outbox_json().await;
     assert_eq!(outbox["messages"][0]["id"], id.as_str());
     assert_eq!(outbox["messages"][0]["to"], "+919876543210");
     assert_eq!(outbox["messages"][0]["body"], REMINDER_BODY);
@@ -402,16 +385,7 @@ async fn whatsapp_approved_template_uses_content_sid(backend: Backend) {
     );
     assert_fields_exist_in_twilio_spec(req);
 
-    let templates: Value = app
-        .client
-        .get(app.url("/api/templates"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let templates: Value = app.get_json("/api/templates", Some(API_KEY)).await;
     let reminder = templates["templates"]
         .as_array()
         .unwrap()
@@ -454,24 +428,13 @@ async fn idempotency_key_answers_the_same_message(backend: Backend) {
     assert!(repeats.iter().all(|id| *id == first));
     let report = app.dispatch().await;
     assert_eq!(report.claimed, 1);
-    let outbox: Value = app
-        .client
-        .get(app.url("/dev/outbox.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let outbox: Value = app.outbox_json().await;
     assert_eq!(outbox["messages"].as_array().unwrap().len(), 1);
     // The same key for different content is a conflict, not a silent success.
     body["variables"]["time"] = json!("11:30");
     let r = app.notify(body).await;
     assert_eq!(r.status(), 409);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "idempotency_key_reused"
-    );
+    assert_eq!(error_code(r).await, "idempotency_key_reused");
 }
 
 async fn futures_join(app: &TestApp, body: &Value, n: usize) -> Vec<String> {
@@ -520,15 +483,7 @@ async fn no_consent_is_skipped(backend: Backend) {
         assert_eq!(m["reason"], "no_consent");
         assert_eq!(m["attempts"], 0);
     }
-    let outbox: Value = app
-        .client
-        .get(app.url("/dev/outbox.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let outbox: Value = app.outbox_json().await;
     assert!(outbox["messages"].as_array().unwrap().is_empty());
 }
 
@@ -817,10 +772,7 @@ async fn openapi_and_unknown_routes(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "not_found"
-    );
+    assert_eq!(error_code(r).await, "not_found");
     let r = app
         .client
         .delete(app.url("/api/notifications"))
@@ -828,8 +780,5 @@ async fn openapi_and_unknown_routes(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), 405);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "method_not_allowed"
-    );
+    assert_eq!(error_code(r).await, "method_not_allowed");
 }

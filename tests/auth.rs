@@ -203,10 +203,7 @@ async fn host_app_calls_without_a_key_configured_say_so() {
     .await;
     let r = app.notify(reminder("u")).await;
     assert_eq!(r.status(), 503);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "not_configured"
-    );
+    assert_eq!(error_code(r).await, "not_configured");
 }
 
 /// Firebase-style: keys fetched from AUTH_JWKS_URL (here a local server standing in for Google's

@@ -256,10 +256,7 @@ async fn serve_sends_through_twilio_logs_nothing_private_and_stops_on_sigterm() 
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "payload_too_large"
-    );
+    assert_eq!(error_code(r).await, "payload_too_large");
 
     let pid = child.id().unwrap().to_string();
     let killed = std::process::Command::new("kill")

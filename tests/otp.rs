@@ -66,15 +66,7 @@ async fn verify(app: &TestApp, user: &str, purpose: &str, code: &str) -> (u16, V
 
 /// The code in the newest dev-outbox message to `phone`.
 async fn latest_code(app: &TestApp, phone: &str) -> String {
-    let outbox: Value = app
-        .client
-        .get(app.url("/dev/outbox.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let outbox: Value = app.outbox_json().await;
     let body = outbox["messages"]
         .as_array()
         .unwrap()
@@ -91,15 +83,7 @@ async fn latest_code(app: &TestApp, phone: &str) -> String {
 }
 
 async fn outbox_len(app: &TestApp) -> usize {
-    let outbox: Value = app
-        .client
-        .get(app.url("/dev/outbox.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let outbox: Value = app.outbox_json().await;
     outbox["messages"].as_array().unwrap().len()
 }
 
@@ -259,10 +243,7 @@ async fn resend_cooldown_per_number(backend: Backend) {
     let r = send(&app, "u2", PHONE, "login").await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "20");
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "rate_limited"
-    );
+    assert_eq!(error_code(r).await, "rate_limited");
     assert_eq!(outbox_len(&app).await, 1, "nothing sent");
     assert!(
         app.state
@@ -370,10 +351,7 @@ async fn country_guard(backend: Backend) {
     .await;
     let r = send(&app, "u1", "+14155552671", "login").await;
     assert_eq!(r.status(), 400);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "country_not_allowed"
-    );
+    assert_eq!(error_code(r).await, "country_not_allowed");
     assert_eq!(outbox_len(&app).await, 0);
     send_ok(&app, "u1", PHONE, "login").await;
 }
@@ -562,11 +540,7 @@ async fn bad_input_is_refused_and_reveals_nothing(backend: Backend) {
             .await
             .unwrap();
         assert_eq!(r.status(), 400, "{body}");
-        assert_eq!(
-            r.json::<Value>().await.unwrap()["error"]["code"],
-            code,
-            "{body}"
-        );
+        assert_eq!(error_code(r).await, code, "{body}");
     }
     assert_eq!(outbox_len(&app).await, 0);
     // An unknown user and a wrong code for a known one answer identically.
@@ -602,10 +576,7 @@ async fn live_mode_sends_through_twilio(backend: Backend) {
     );
     let r = send(&app, "u2", "+14155552672", "login").await;
     assert_eq!(r.status(), 400);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "invalid_phone"
-    );
+    assert_eq!(error_code(r).await, "invalid_phone");
     // Twilio down: 503, and the message is recorded as failed rather than retried without its code.
     fake.fail(
         "+14155552673",
@@ -624,15 +595,7 @@ async fn live_mode_sends_through_twilio(backend: Backend) {
 async fn otp_length_is_configurable(backend: Backend) {
     let app = TestApp::spawn_with(backend, TestConfig::new().set("OTP_LENGTH", "8")).await;
     assert_eq!(send(&app, "u1", PHONE, "login").await.status(), 200);
-    let outbox: Value = app
-        .client
-        .get(app.url("/dev/outbox.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let outbox: Value = app.outbox_json().await;
     let body = outbox["messages"][0]["body"].as_str().unwrap().to_string();
     let code: String = body
         .split(|c: char| !c.is_ascii_digit())

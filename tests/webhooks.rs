@@ -98,10 +98,7 @@ async fn signatures_are_required_and_checked(backend: Backend) {
     let tampered = [("MessageSid", sid.as_str()), ("MessageStatus", "failed")];
     let r = app.twilio_webhook(path, &tampered, Some(&good)).await;
     assert_eq!(r.status(), 403);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "forbidden"
-    );
+    assert_eq!(error_code(r).await, "forbidden");
     assert_eq!(app.message(&id).await["status"], "sent");
 
     // Right: with or without the scheme's default port.
@@ -118,10 +115,7 @@ async fn signatures_are_required_and_checked(backend: Backend) {
     let unconfigured = TestApp::spawn(backend).await;
     let r = unconfigured.twilio_webhook(path, &params, None).await;
     assert_eq!(r.status(), 503);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "not_configured"
-    );
+    assert_eq!(error_code(r).await, "not_configured");
 }
 
 async fn status_callbacks_only_move_forward(backend: Backend) {
@@ -499,16 +493,7 @@ async fn inbound_inbox_for_the_host_app(backend: Backend) {
     clock.advance(Duration::milliseconds(10));
     app.incoming("SMi2", "+14155552699", "Who is this?").await;
     // Listed once settled (received two seconds ago), so a reader never skips a late commit.
-    let fresh: Value = app
-        .client
-        .get(app.url("/api/inbound"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let fresh: Value = app.get_json("/api/inbound", Some(API_KEY)).await;
     assert!(fresh["messages"].as_array().unwrap().is_empty());
     clock.advance(Duration::seconds(3));
     let get = |query: &str| {
@@ -616,10 +601,7 @@ async fn dev_inbound_in_mock_mode(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "payload_too_large"
-    );
+    assert_eq!(error_code(r).await, "payload_too_large");
 }
 
 async fn inbox_pages_never_split_an_instant(backend: Backend) {
@@ -643,15 +625,8 @@ async fn inbox_pages_never_split_an_instant(backend: Backend) {
             None => "?limit=2".to_string(),
         };
         let page: Value = app
-            .client
-            .get(app.url(&format!("/api/inbound{query}")))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .get_json(&format!("/api/inbound{query}"), Some(API_KEY))
+            .await;
         let messages = page["messages"].as_array().unwrap();
         if messages.is_empty() {
             break;

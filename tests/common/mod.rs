@@ -258,6 +258,20 @@ impl TestApp {
         .unwrap()
     }
 
+    /// GET a JSON answer, with a bearer token when given.
+    pub async fn get_json(&self, path: &str, bearer: Option<&str>) -> Value {
+        let mut request = self.client.get(self.url(path));
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap().json().await.unwrap()
+    }
+
+    /// The mock provider's dev outbox, as `/dev/outbox.json` serves it.
+    pub async fn outbox_json(&self) -> Value {
+        self.get_json("/dev/outbox.json", None).await
+    }
+
     /// One dispatcher round, as the background loop would run it.
     pub async fn dispatch(&self) -> RoundReport {
         self.state
@@ -373,6 +387,15 @@ impl TestApp {
         assert_eq!(r.status(), 200);
         r.json::<Value>().await.unwrap()["message"].clone()
     }
+}
+
+/// The `error.code` of an error answer.
+pub async fn error_code(response: reqwest::Response) -> String {
+    let body: Value = response.json().await.unwrap();
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// A reminder notification body for `user_id`.
