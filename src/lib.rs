@@ -14,6 +14,7 @@ pub mod otp;
 pub mod outbox;
 pub mod phone;
 pub mod provider;
+pub mod reminders;
 pub mod scheduler;
 pub mod segments;
 pub mod store;

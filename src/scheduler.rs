@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
 use crate::otp;
+use crate::reminders::Reminder;
 
 /// How often the scheduler looks for due jobs.
 const TICK: Duration = Duration::from_secs(60);
@@ -15,16 +16,28 @@ const TICK: Duration = Duration::from_secs(60);
 /// A periodic job and its period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Job {
+    AppointmentReminders24h,
+    AppointmentReminders2h,
+    FollowUpReminders,
     CleanupExpiredOtps,
     /// Status callbacks for SIDs no message of ours ever recorded (after a day they never will).
     PruneUnmatchedCallbacks,
 }
 
 impl Job {
-    pub const ALL: [Job; 2] = [Job::CleanupExpiredOtps, Job::PruneUnmatchedCallbacks];
+    pub const ALL: [Job; 5] = [
+        Job::AppointmentReminders24h,
+        Job::AppointmentReminders2h,
+        Job::FollowUpReminders,
+        Job::CleanupExpiredOtps,
+        Job::PruneUnmatchedCallbacks,
+    ];
 
     pub fn every(self) -> Duration {
         match self {
+            Job::AppointmentReminders24h | Job::AppointmentReminders2h | Job::FollowUpReminders => {
+                Duration::from_secs(60)
+            }
             Job::CleanupExpiredOtps => Duration::from_secs(600),
             Job::PruneUnmatchedCallbacks => Duration::from_secs(3600),
         }
@@ -32,6 +45,9 @@ impl Job {
 
     pub fn name(self) -> &'static str {
         match self {
+            Job::AppointmentReminders24h => "appointment-reminders-24h",
+            Job::AppointmentReminders2h => "appointment-reminders-2h",
+            Job::FollowUpReminders => "follow-up-reminders",
             Job::CleanupExpiredOtps => "cleanup-expired-otps",
             Job::PruneUnmatchedCallbacks => "prune-unmatched-callbacks",
         }
@@ -39,7 +55,15 @@ impl Job {
 
     /// Run the job once; errors are logged by the caller.
     pub async fn run(self, state: &AppState) -> anyhow::Result<serde_json::Value> {
+        let sweep = |reminder| crate::reminders::sweep(state, reminder);
         match self {
+            Job::AppointmentReminders24h => Ok(serde_json::to_value(
+                sweep(Reminder::Appointment24h).await?,
+            )?),
+            Job::AppointmentReminders2h => {
+                Ok(serde_json::to_value(sweep(Reminder::Appointment2h).await?)?)
+            }
+            Job::FollowUpReminders => Ok(serde_json::to_value(sweep(Reminder::FollowUp).await?)?),
             Job::CleanupExpiredOtps => {
                 let report = otp::cleanup(&state.store, state.clock.now()).await?;
                 Ok(serde_json::to_value(report)?)

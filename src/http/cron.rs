@@ -10,9 +10,34 @@ use super::Cron;
 use crate::app::AppState;
 use crate::error::AppResult;
 use crate::otp;
+use crate::reminders::Reminder;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/cron/cleanup-expired-otps", post(cleanup_expired_otps))
+    Router::new()
+        .route("/cron/cleanup-expired-otps", post(cleanup_expired_otps))
+        .route(
+            "/cron/appointment-reminders-24h",
+            post(|s, c| sweep(s, c, Reminder::Appointment24h)),
+        )
+        .route(
+            "/cron/appointment-reminders-2h",
+            post(|s, c| sweep(s, c, Reminder::Appointment2h)),
+        )
+        .route(
+            "/cron/follow-up-reminders",
+            post(|s, c| sweep(s, c, Reminder::FollowUp)),
+        )
+}
+
+async fn sweep(
+    State(state): State<AppState>,
+    _: Cron,
+    reminder: Reminder,
+) -> AppResult<Json<Value>> {
+    let report = crate::reminders::sweep(&state, reminder).await?;
+    Ok(Json(
+        json!({"success": true, "due": report.due, "queued": report.queued}),
+    ))
 }
 
 async fn cleanup_expired_otps(State(state): State<AppState>, _: Cron) -> AppResult<Json<Value>> {

@@ -7,6 +7,7 @@ mod messages;
 mod ops;
 mod otp;
 mod preferences;
+mod schedule;
 mod webhooks;
 
 use std::net::SocketAddr;
@@ -37,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .merge(otp::router())
         .merge(cron::router())
         .merge(webhooks::router())
+        .merge(schedule::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))

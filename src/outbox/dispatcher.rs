@@ -30,7 +30,7 @@ use crate::error::AppResult;
 use crate::metrics::Metrics;
 use crate::phone::PhoneNumber;
 use crate::provider::{DynProvider, OutboundMessage, ProviderError};
-use crate::store::{Channel, DispatchResult, DynStore, MessageRecord, SendAttempt};
+use crate::store::{Channel, DispatchResult, DynStore, MessageRecord, SendAttempt, SubjectType};
 use crate::templates::{self, Category, RenderContext, Template, ValidVariables};
 use crate::webhooks;
 
@@ -483,7 +483,25 @@ impl Dispatcher {
         if !channel_consent || !marketing_ok {
             return skip("no_consent");
         }
+        // A reminder goes only while its appointment or follow-up is still on, at that time.
+        let subject = match template.name {
+            "appointment_reminder_24h" | "appointment_reminder_2h" | "follow_up_reminder" => {
+                self.store.reminder_subject(&message.id).await?
+            }
+            _ => None,
+        };
+        if let Some((kind, id, at)) = &subject {
+            if let Some(reason) = self.reminder_obsolete(*kind, id, *at).await? {
+                return skip(&reason);
+            }
+        }
         if let Some(until) = self.quiet_until(template) {
+            // Held past the appointment itself, a reminder is pointless.
+            if let Some((SubjectType::Appointment, _, at)) = &subject {
+                if until >= *at {
+                    return skip("quiet_hours_passed");
+                }
+            }
             return Ok(Err(DispatchResult::Deferred {
                 until,
                 reason: "quiet_hours".into(),
@@ -520,6 +538,27 @@ impl Dispatcher {
             &valid,
             whatsapp_template,
         )))
+    }
+
+    /// Why a reminder for `kind` `id` at `at` should no longer go, if it should not.
+    async fn reminder_obsolete(
+        &self,
+        kind: SubjectType,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> AppResult<Option<String>> {
+        let item = self.store.get_scheduled(kind, id).await?;
+        Ok(match item {
+            None => Some(format!("{}_cancelled", kind.as_str())),
+            Some(item) if item.status == "cancelled" => {
+                Some(format!("{}_cancelled", kind.as_str()))
+            }
+            Some(item) if item.scheduled_at != at => Some(format!("{}_rescheduled", kind.as_str())),
+            Some(_) if kind == SubjectType::Appointment && self.clock.now() >= at => {
+                Some("appointment_passed".to_string())
+            }
+            Some(_) => None,
+        })
     }
 
     /// When quiet hours hold this template back now, the moment they end. Users have no stored

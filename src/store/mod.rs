@@ -284,6 +284,49 @@ pub struct SendAttempt {
     pub segments: i64,
 }
 
+/// What a reminder is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubjectType {
+    Appointment,
+    FollowUp,
+}
+
+impl SubjectType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubjectType::Appointment => "appointment",
+            SubjectType::FollowUp => "follow_up",
+        }
+    }
+    pub fn parse(value: &str) -> Option<SubjectType> {
+        match value {
+            "appointment" => Some(SubjectType::Appointment),
+            "follow_up" => Some(SubjectType::FollowUp),
+            _ => None,
+        }
+    }
+    /// Its table and time column (fixed strings, safe to put in SQL).
+    pub(crate) fn table(self) -> (&'static str, &'static str) {
+        match self {
+            SubjectType::Appointment => ("appointments", "starts_at"),
+            SubjectType::FollowUp => ("follow_ups", "due_at"),
+        }
+    }
+}
+
+/// An appointment (`scheduled_at` = its start) or a follow-up (`scheduled_at` = when it is due),
+/// as the host app pushed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct ScheduledItem {
+    pub id: String,
+    pub user_id: String,
+    pub scheduled_at: DateTime<Utc>,
+    pub time_zone: String,
+    /// `scheduled` or `cancelled`.
+    pub status: String,
+}
+
 /// A message from a patient (a reply or a keyword), as received from Twilio.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct IncomingMessage {
@@ -502,6 +545,46 @@ pub trait Store: Send + Sync + 'static {
     /// Remember a WhatsApp message from this number (opens its 24-hour window).
     async fn touch_whatsapp_session(&self, phone_number: &str, at: DateTime<Utc>) -> AppResult<()>;
     async fn last_whatsapp_inbound(&self, phone_number: &str) -> AppResult<Option<DateTime<Utc>>>;
+
+    /// Create or update an appointment or follow-up (the host app's id is the key).
+    async fn upsert_scheduled(
+        &self,
+        kind: SubjectType,
+        item: &ScheduledItem,
+        now: DateTime<Utc>,
+    ) -> AppResult<ScheduledItem>;
+    async fn get_scheduled(&self, kind: SubjectType, id: &str) -> AppResult<Option<ScheduledItem>>;
+    /// Cancel it and skip its reminders not yet sent (reason `{kind}_cancelled`). `None` when
+    /// there is no such item; else how many reminders were skipped.
+    async fn cancel_scheduled(
+        &self,
+        kind: SubjectType,
+        id: &str,
+        now: DateTime<Utc>,
+    ) -> AppResult<Option<u64>>;
+    /// Scheduled items whose time lies in `[from, to]` and that have no `reminder` for that time.
+    async fn due_without_reminder(
+        &self,
+        kind: SubjectType,
+        reminder: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: i64,
+    ) -> AppResult<Vec<ScheduledItem>>;
+    /// Write the reminder's message and its `reminder_log` row in one transaction; `false` (and
+    /// nothing written) when that reminder of that version was already queued.
+    async fn queue_reminder(
+        &self,
+        kind: SubjectType,
+        item: &ScheduledItem,
+        reminder: &str,
+        message: &NewMessage,
+    ) -> AppResult<bool>;
+    /// What a reminder message is for: its subject and the time it was queued for.
+    async fn reminder_subject(
+        &self,
+        message_id: &str,
+    ) -> AppResult<Option<(SubjectType, String, DateTime<Utc>)>>;
 
     /// Apply a delivery status to the message with this provider SID: record the event (a repeat
     /// is a no-op) and move the status only from one of `allowed_from`, so it never goes back.

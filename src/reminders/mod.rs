@@ -1,0 +1,290 @@
+//! Reminders: the host app pushes appointments and follow-ups; sweeps queue their reminders
+//! (appointments 24 h and 2 h before, follow-ups on their due date) through the outbox.
+//!
+//! Each reminder is written with its `reminder_log` row in one transaction, keyed by the item's
+//! time: a sweep that runs twice queues nothing twice, and a rescheduled appointment gets fresh
+//! reminders while the old ones are skipped at send time (the dispatcher checks the item is still
+//! on, still at that time, and not already past).
+
+use chrono::{DateTime, Duration, Utc};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::app::AppState;
+use crate::error::{AppError, AppResult};
+use crate::outbox::validate_user_id;
+use crate::store::{Channel, NewMessage, ScheduledItem, SubjectType};
+use crate::templates;
+
+/// The sweeps, each a job the scheduler and `/cron/*` run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reminder {
+    Appointment24h,
+    Appointment2h,
+    FollowUp,
+}
+
+impl Reminder {
+    pub fn subject(self) -> SubjectType {
+        match self {
+            Reminder::Appointment24h | Reminder::Appointment2h => SubjectType::Appointment,
+            Reminder::FollowUp => SubjectType::FollowUp,
+        }
+    }
+
+    /// The `reminder_log.kind`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Reminder::Appointment24h => "24h",
+            Reminder::Appointment2h => "2h",
+            Reminder::FollowUp => "due",
+        }
+    }
+
+    pub fn template(self) -> &'static str {
+        match self {
+            Reminder::Appointment24h => "appointment_reminder_24h",
+            Reminder::Appointment2h => "appointment_reminder_2h",
+            Reminder::FollowUp => "follow_up_reminder",
+        }
+    }
+
+    /// Items whose time falls in this window are due for this reminder now. A 24-hour reminder
+    /// that comes too late (under 2 hours before) is left to the 2-hour one; a follow-up is
+    /// reminded on the day it falls due, not later.
+    fn window(self, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+        match self {
+            Reminder::Appointment24h => (now + Duration::hours(2), now + Duration::hours(24)),
+            Reminder::Appointment2h => (now + Duration::seconds(1), now + Duration::hours(2)),
+            Reminder::FollowUp => (now - Duration::hours(24), now),
+        }
+    }
+}
+
+/// `PUT /api/appointments/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppointmentRequest {
+    pub user_id: String,
+    pub starts_at: String,
+    pub time_zone: Option<String>,
+    pub status: Option<String>,
+}
+
+/// `PUT /api/follow-ups/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FollowUpRequest {
+    pub user_id: String,
+    pub due_at: String,
+    pub time_zone: Option<String>,
+}
+
+/// What a sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SweepReport {
+    pub due: usize,
+    pub queued: usize,
+}
+
+/// The host app's ids go into links (`/appointments/{id}`): URL-safe characters only.
+fn validate_id(id: &str) -> AppResult<()> {
+    let ok = (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    ok.then_some(()).ok_or_else(|| {
+        AppError::bad_request(
+            "invalid_id",
+            "ids are 1 to 64 letters, digits, '-', '_' or '.'",
+        )
+    })
+}
+
+fn parse_time(field: &'static str, value: &str) -> AppResult<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(value)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| {
+            AppError::bad_request("invalid_time", format!("{field} must be an RFC 3339 time"))
+        })
+}
+
+fn time_zone(state: &AppState, requested: Option<&str>) -> AppResult<String> {
+    let zone = requested.unwrap_or(&state.config.default_time_zone);
+    zone.parse::<Tz>().map(|_| zone.to_string()).map_err(|_| {
+        AppError::bad_request(
+            "invalid_time_zone",
+            "time_zone must be an IANA zone such as Asia/Kolkata",
+        )
+    })
+}
+
+pub async fn put_appointment(
+    state: &AppState,
+    id: &str,
+    request: AppointmentRequest,
+) -> AppResult<ScheduledItem> {
+    validate_id(id)?;
+    validate_user_id(&request.user_id)?;
+    let status = match request.status.as_deref() {
+        None | Some("scheduled") => "scheduled",
+        Some("cancelled") => "cancelled",
+        Some(_) => {
+            return Err(AppError::bad_request(
+                "invalid_status",
+                "status must be scheduled or cancelled",
+            ))
+        }
+    };
+    let item = ScheduledItem {
+        id: id.to_string(),
+        user_id: request.user_id,
+        scheduled_at: parse_time("starts_at", &request.starts_at)?,
+        time_zone: time_zone(state, request.time_zone.as_deref())?,
+        status: status.to_string(),
+    };
+    let now = state.clock.now();
+    if status == "cancelled" {
+        // Record it, then cancel it, so its unsent reminders are skipped as with DELETE.
+        let scheduled = ScheduledItem {
+            status: "scheduled".into(),
+            ..item.clone()
+        };
+        state
+            .store
+            .upsert_scheduled(SubjectType::Appointment, &scheduled, now)
+            .await?;
+        state
+            .store
+            .cancel_scheduled(SubjectType::Appointment, id, now)
+            .await?;
+        return Ok(item);
+    }
+    state
+        .store
+        .upsert_scheduled(SubjectType::Appointment, &item, now)
+        .await
+}
+
+pub async fn put_follow_up(
+    state: &AppState,
+    id: &str,
+    request: FollowUpRequest,
+) -> AppResult<ScheduledItem> {
+    validate_id(id)?;
+    validate_user_id(&request.user_id)?;
+    let item = ScheduledItem {
+        id: id.to_string(),
+        user_id: request.user_id,
+        scheduled_at: parse_time("due_at", &request.due_at)?,
+        time_zone: time_zone(state, request.time_zone.as_deref())?,
+        status: "scheduled".into(),
+    };
+    state
+        .store
+        .upsert_scheduled(SubjectType::FollowUp, &item, state.clock.now())
+        .await
+}
+
+/// Cancel an item and skip its unsent reminders; the number skipped.
+pub async fn cancel(state: &AppState, kind: SubjectType, id: &str) -> AppResult<u64> {
+    state
+        .store
+        .cancel_scheduled(kind, id, state.clock.now())
+        .await?
+        .ok_or(AppError::NotFound(match kind {
+            SubjectType::Appointment => "appointment",
+            SubjectType::FollowUp => "follow-up",
+        }))
+}
+
+/// Queue every reminder of this kind that is due now and not yet queued.
+pub async fn sweep(state: &AppState, reminder: Reminder) -> AppResult<SweepReport> {
+    let now = state.clock.now();
+    let (from, to) = reminder.window(now);
+    let due = state
+        .store
+        .due_without_reminder(reminder.subject(), reminder.kind(), from, to, 1_000)
+        .await?;
+    let mut report = SweepReport {
+        due: due.len(),
+        queued: 0,
+    };
+    let render = state.config.render_context();
+    for item in due {
+        let Some(message) = reminder_message(state, reminder, &item, &render, now).await? else {
+            continue;
+        };
+        if state
+            .store
+            .queue_reminder(reminder.subject(), &item, reminder.kind(), &message)
+            .await?
+        {
+            report.queued += 1;
+        }
+    }
+    if report.queued > 0 {
+        state.dispatch_wakeup.notify_one();
+        tracing::info!(
+            reminder = reminder.template(),
+            queued = report.queued,
+            "reminders queued"
+        );
+    }
+    Ok(report)
+}
+
+/// The reminder's message: the item's date and time in its own time zone, and a link to it.
+async fn reminder_message(
+    state: &AppState,
+    reminder: Reminder,
+    item: &ScheduledItem,
+    render: &templates::RenderContext,
+    now: DateTime<Utc>,
+) -> AppResult<Option<NewMessage>> {
+    let tz: Tz = item.time_zone.parse().unwrap_or(chrono_tz::UTC);
+    let local = item.scheduled_at.with_timezone(&tz);
+    let link = match reminder.subject() {
+        SubjectType::Appointment => format!("/appointments/{}", item.id),
+        SubjectType::FollowUp => format!("/follow-ups/{}", item.id),
+    };
+    let variables = match reminder {
+        Reminder::Appointment24h => json!({
+            "date": local.format("%Y-%m-%d").to_string(),
+            "time": local.format("%H:%M").to_string(),
+            "link": link,
+        }),
+        Reminder::Appointment2h => json!({"time": local.format("%H:%M").to_string(), "link": link}),
+        Reminder::FollowUp => json!({"date": local.format("%Y-%m-%d").to_string(), "link": link}),
+    };
+    let template =
+        templates::find(reminder.template()).ok_or_else(|| anyhow::anyhow!("missing template"))?;
+    if let Err(e) = template.validate(&variables, render) {
+        tracing::warn!(item = %item.id, error = %e, "reminder not queued: its variables are invalid");
+        return Ok(None);
+    }
+    // The patient's SMS consent decides the channel, else WhatsApp; consent is checked again when
+    // the message is sent.
+    let consent = state.store.get_consent(&item.user_id).await?;
+    let channel = match consent {
+        Some(c) if !c.sms_consent && c.whatsapp_consent => Channel::Whatsapp,
+        _ => Channel::Sms,
+    };
+    Ok(Some(NewMessage {
+        id: uuid::Uuid::now_v7().to_string(),
+        user_id: item.user_id.clone(),
+        template_name: template.name.to_string(),
+        variables: variables.to_string(),
+        channel,
+        idempotency_key: Some(format!(
+            "reminder:{}:{}:{}:{}",
+            reminder.subject().as_str(),
+            item.id,
+            reminder.kind(),
+            item.scheduled_at.timestamp_micros()
+        )),
+        created_at: now,
+        claimed_until: None,
+    }))
+}
