@@ -6,7 +6,7 @@
 //! reminders while the old ones are skipped at send time (the dispatcher checks the item is still
 //! on, still at that time, and not already past).
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, SubsecRound, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -103,8 +103,9 @@ fn validate_id(id: &str) -> AppResult<()> {
 }
 
 fn parse_time(field: &'static str, value: &str) -> AppResult<DateTime<Utc>> {
+    // To the microsecond, as PostgreSQL keeps it, so both backends store the same time.
     DateTime::parse_from_rfc3339(value)
-        .map(|t| t.with_timezone(&Utc))
+        .map(|t| t.with_timezone(&Utc).trunc_subsecs(6))
         .map_err(|_| {
             AppError::bad_request("invalid_time", format!("{field} must be an RFC 3339 time"))
         })
