@@ -24,6 +24,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::quiet_hours;
+
+mod pacing;
+mod recovery;
+
 use crate::clock::DynClock;
 use crate::config::Config;
 use crate::error::AppResult;
@@ -33,6 +37,7 @@ use crate::provider::{DynProvider, OutboundMessage, ProviderError};
 use crate::store::{Channel, DispatchResult, DynStore, MessageRecord, SendAttempt, SubjectType};
 use crate::templates::{self, Category, RenderContext, Template, ValidVariables};
 use crate::webhooks;
+use recovery::outcome_unknown;
 
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// The longest a provider's `Retry-After` may hold a message back.
@@ -223,160 +228,6 @@ impl Dispatcher {
             .release_claim(&claim.message.id, self.clock.now(), claim.fence)
             .await?;
         Ok(Settled::Released)
-    }
-
-    /// An earlier attempt may have reached the provider: look for it there before sending again.
-    /// `Some` when the message is settled here (adopted, or given up, or to be looked up again
-    /// later), `None` to send it.
-    async fn recover(&self, claim: &Claim) -> AppResult<Option<Settled>> {
-        let message = &claim.message;
-        let channel = Channel::parse(&message.channel).unwrap_or(Channel::Sms);
-        let Some(to) = message
-            .to_number
-            .as_deref()
-            .and_then(|n| PhoneNumber::parse(n).ok())
-        else {
-            // Never marked `sending` with a number (an OTP whose request died first): nothing
-            // reached the provider.
-            return self.unrecoverable_otp(claim).await;
-        };
-        // The body identifies the message, except where it cannot be rebuilt: an OTP's code is
-        // gone, and a WhatsApp template is stored by Twilio in its own rendering.
-        let body = match channel {
-            Channel::Sms => self.render_body(message),
-            Channel::Whatsapp => None,
-        };
-        let masked = to.masked();
-        let candidates = match self
-            .provider
-            .find_sent(&to, channel, body.as_deref(), message.created_at)
-            .await
-        {
-            Ok(candidates) => candidates,
-            Err(e) => {
-                // Never send blind while the outcome is unknown: look again later. The retry
-                // carries no provider code, so the next claim still treats the outcome as unknown.
-                let result = match self.retry_or_fail(message, message.attempts, &e) {
-                    DispatchResult::Retry {
-                        message,
-                        next_attempt_at,
-                        ..
-                    } => DispatchResult::Retry {
-                        code: None,
-                        message: format!("looking up an earlier attempt failed: {message}"),
-                        next_attempt_at,
-                    },
-                    other => other,
-                };
-                return Ok(Some(self.finish(claim, &masked, result, None).await?));
-            }
-        };
-        for candidate in candidates {
-            // A SID already recorded belongs to another message (two identical bodies).
-            if self.store.message_by_sid(&candidate.sid).await?.is_some() {
-                continue;
-            }
-            tracing::info!(message_id = %message.id, provider_sid = %candidate.sid, "found at the provider: adopting instead of sending again");
-            let adopted = DispatchResult::Sent {
-                provider_sid: candidate.sid,
-                status: "sent".into(),
-            };
-            return Ok(Some(
-                match self
-                    .finish(claim, &masked, adopted, Some(candidate.status))
-                    .await?
-                {
-                    Settled::Done(_) => Settled::Adopted,
-                    other => other,
-                },
-            ));
-        }
-        self.unrecoverable_otp(claim).await
-    }
-
-    /// An OTP whose outcome is unknown and which the provider does not hold: its code lived only
-    /// in the memory of the request that died, so it cannot be sent again.
-    async fn unrecoverable_otp(&self, claim: &Claim) -> AppResult<Option<Settled>> {
-        if claim.message.template_name != "otp" {
-            return Ok(None);
-        }
-        let failed = DispatchResult::Failed {
-            code: None,
-            message:
-                "the process stopped while sending this code; the patient must ask for a new one"
-                    .into(),
-        };
-        Ok(Some(self.finish(claim, "", failed, None).await?))
-    }
-
-    /// The message's body as it was sent, when it can be rebuilt.
-    fn render_body(&self, message: &MessageRecord) -> Option<String> {
-        let template = templates::find(&message.template_name)?;
-        let variables: Value = serde_json::from_str(&message.variables).ok()?;
-        let valid = template.validate(&variables, &self.render).ok()?;
-        Some(template.render(&valid, &self.render).body)
-    }
-
-    /// Wait for this sender's next send slot (deployment-wide pacing). `false` when shutdown
-    /// began while waiting.
-    async fn wait_for_send_slot(&self, outbound: &OutboundMessage) -> AppResult<bool> {
-        let rate = self.config.dispatch.rate_per_second;
-        if rate == 0 {
-            return Ok(true);
-        }
-        // Pacing is about real time, whatever the (test) clock says.
-        let slot = self
-            .store
-            .reserve_send_slot(
-                &self.sender_key(outbound),
-                Utc::now().timestamp_micros(),
-                slot_interval_us(rate),
-            )
-            .await?;
-        let wait = slot - Utc::now().timestamp_micros();
-        if wait > 0 {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_micros(wait as u64)) => {}
-                _ = self.shutdown.cancelled() => return Ok(false),
-            }
-        }
-        Ok(true)
-    }
-
-    /// Reserve a send slot without waiting for it (for one-time passcodes).
-    async fn take_send_slot(&self, outbound: &OutboundMessage) -> AppResult<()> {
-        let rate = self.config.dispatch.rate_per_second;
-        if rate > 0 {
-            self.store
-                .reserve_send_slot(
-                    &self.sender_key(outbound),
-                    Utc::now().timestamp_micros(),
-                    slot_interval_us(rate),
-                )
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// The sender a message goes out from: the unit Twilio rate-limits.
-    fn sender_key(&self, outbound: &OutboundMessage) -> String {
-        let c = &self.config;
-        let sender = match outbound.channel {
-            Channel::Sms => c.twilio_messaging_service_sid.clone().or_else(|| {
-                c.twilio_phone_number
-                    .as_ref()
-                    .map(|n| n.as_str().to_string())
-            }),
-            Channel::Whatsapp => c
-                .twilio_whatsapp_number
-                .as_ref()
-                .map(|n| n.as_str().to_string()),
-        };
-        format!(
-            "{}:{}",
-            outbound.channel.as_str(),
-            sender.unwrap_or_else(|| "default".into())
-        )
     }
 
     /// Record the outcome, if the claim is still ours. A provider that already reports more
@@ -783,19 +634,6 @@ impl Dispatcher {
         }
         self.clock.now() + wait
     }
-}
-
-/// Microseconds between a sender's send slots: 2% slower than the limit, so network jitter does
-/// not push two slots into one second at the provider.
-fn slot_interval_us(rate_per_second: u32) -> i64 {
-    1_020_000 / i64::from(rate_per_second.max(1))
-}
-
-/// Whether an earlier attempt may have reached the provider without our knowing: the process
-/// died while the message was `sending`, or the last attempt ended without an answer from the
-/// provider (a timeout or a dropped connection leaves no provider error code).
-fn outcome_unknown(message: &MessageRecord) -> bool {
-    message.status == "sending" || (message.attempts > 0 && message.error_code.is_none())
 }
 
 /// One line per outcome; `to` is already masked (empty when nothing was sent).
