@@ -661,10 +661,10 @@ async fn quiet_hours_hold_notifications_until_morning(backend: Backend) {
         .unwrap()
         .with_timezone(&chrono::Utc);
     let clock = ManualClock::new(night);
-    let mut config = TestConfig::new()
+    let config = TestConfig::new()
         .set("QUIET_HOURS", "21:00-08:00")
-        .set("DEFAULT_TIME_ZONE", "Asia/Kolkata");
-    config.clock = std::sync::Arc::new(clock.clone());
+        .set("DEFAULT_TIME_ZONE", "Asia/Kolkata")
+        .with_clock(&clock);
     let app = TestApp::spawn_with(backend, config).await;
     app.consent("p1", "+919876543210").await;
     let id = app.notify_ok(reminder("p1")).await;

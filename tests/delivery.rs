@@ -5,7 +5,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -36,10 +35,10 @@ fn http(status: u16, code: i64) -> Fault {
 
 async fn every_fault_class_ends_sent_once_or_failed(backend: Backend) {
     let clock = ManualClock::new(Utc::now());
-    let mut config = TestConfig::new()
+    let config = TestConfig::new()
         .set("TWILIO_TIMEOUT_MS", "400")
-        .set("DISPATCH_RATE_PER_SECOND", "0");
-    config.clock = Arc::new(clock.clone());
+        .set("DISPATCH_RATE_PER_SECOND", "0")
+        .with_clock(&clock);
     let app = TestApp::spawn_live(backend, config).await;
     let fake = app.fake.as_ref().unwrap();
     let scenarios: Vec<(&str, Vec<Fault>)> = vec![
@@ -640,10 +639,10 @@ async fn an_otp_does_not_wait_behind_paced_messages(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_lookup_never_leads_to_a_blind_resend() {
     let clock = ManualClock::new(Utc::now());
-    let mut config = TestConfig::new()
+    let config = TestConfig::new()
         .set("TWILIO_TIMEOUT_MS", "300")
-        .set("DISPATCH_RATE_PER_SECOND", "0");
-    config.clock = Arc::new(clock.clone());
+        .set("DISPATCH_RATE_PER_SECOND", "0")
+        .with_clock(&clock);
     let app = TestApp::spawn_live(Backend::Sqlite, config).await;
     let fake = app.fake.as_ref().unwrap();
     let phone = "+14155552671";
@@ -734,11 +733,11 @@ async fn provider_errors_are_stored_and_logged_with_the_number_masked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_stop_at_the_maximum_age() {
     let clock = ManualClock::new(Utc::now());
-    let mut config = TestConfig::new()
+    let config = TestConfig::new()
         .set("DISPATCH_MAX_AGE_SECONDS", "3600")
         .set("DISPATCH_MAX_ATTEMPTS", "100")
-        .set("DISPATCH_RATE_PER_SECOND", "0");
-    config.clock = Arc::new(clock.clone());
+        .set("DISPATCH_RATE_PER_SECOND", "0")
+        .with_clock(&clock);
     let app = TestApp::spawn_live(Backend::Sqlite, config).await;
     let phone = "+14155552671";
     app.consent("p1", phone).await;

@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use chrono::{Duration, Utc};
 use common::fake_twilio::Failure;
 use common::*;
@@ -33,8 +31,7 @@ const PHONE: &str = "+919876543210";
 
 fn clocked() -> (TestConfig, ManualClock) {
     let clock = ManualClock::new(Utc::now());
-    let mut config = TestConfig::new();
-    config.clock = Arc::new(clock.clone());
+    let config = TestConfig::new().with_clock(&clock);
     (config, clock)
 }
 

@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use chrono::{DateTime, Duration, Utc};
 use common::*;
 use prism_messaging::clock::ManualClock;
@@ -28,8 +26,7 @@ fn t0() -> DateTime<Utc> {
 
 async fn app_at(backend: Backend, config: TestConfig) -> (TestApp, ManualClock) {
     let clock = ManualClock::new(t0());
-    let mut config = config;
-    config.clock = Arc::new(clock.clone());
+    let config = config.with_clock(&clock);
     let app = TestApp::spawn_with(backend, config).await;
     app.consent("p1", "+919876543210").await;
     (app, clock)

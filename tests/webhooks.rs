@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use chrono::{Duration, Utc};
 use common::*;
 use prism_messaging::clock::ManualClock;
@@ -436,8 +434,7 @@ async fn advanced_opt_out_gets_one_reply(backend: Backend) {
 
 async fn whatsapp_window_closed_falls_back_to_sms_or_skips(backend: Backend) {
     let clock = ManualClock::new(Utc::now());
-    let mut config = TestConfig::new();
-    config.clock = Arc::new(clock.clone());
+    let config = TestConfig::new().with_clock(&clock);
     let app = TestApp::spawn_live(backend, config).await;
     let fake = app.fake.as_ref().unwrap();
     app.consent("both", PATIENT).await;
@@ -484,8 +481,7 @@ async fn whatsapp_window_closed_falls_back_to_sms_or_skips(backend: Backend) {
 
 async fn inbound_inbox_for_the_host_app(backend: Backend) {
     let clock = ManualClock::new(Utc::now());
-    let mut config = TestConfig::new();
-    config.clock = Arc::new(clock.clone());
+    let config = TestConfig::new().with_clock(&clock);
     let app = TestApp::spawn_live(backend, config).await;
     app.consent("p1", PATIENT).await;
     app.incoming("SMi1", PATIENT, "Running 10 minutes late")
@@ -606,8 +602,7 @@ async fn dev_inbound_in_mock_mode(backend: Backend) {
 
 async fn inbox_pages_never_split_an_instant(backend: Backend) {
     let clock = ManualClock::new(Utc::now());
-    let mut config = TestConfig::new();
-    config.clock = Arc::new(clock.clone());
+    let config = TestConfig::new().with_clock(&clock);
     let app = TestApp::spawn_live(backend, config).await;
     // Three replies at one instant (the clock does not move), then one later.
     for i in 0..3 {

@@ -167,6 +167,12 @@ impl TestConfig {
         self
     }
 
+    /// Run on a clock the test moves.
+    pub fn with_clock(mut self, clock: &prism_messaging::clock::ManualClock) -> Self {
+        self.clock = Arc::new(clock.clone());
+        self
+    }
+
     pub fn unset(mut self, name: &str) -> Self {
         self.vars.remove(name);
         self
