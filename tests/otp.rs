@@ -587,6 +587,33 @@ async fn live_mode_sends_through_twilio(backend: Backend) {
     assert_eq!(r.status(), 503);
     let m = &app.state.store.user_messages("u3", 1).await.unwrap()[0];
     assert_eq!((m.status.as_str(), m.error_code), ("failed", Some(20500)));
+    // Refused for good: the patient is told, not asked to retry. Rate-limited: try again later.
+    fake.fail(
+        "+14155552674",
+        vec![Failure {
+            http_status: 400,
+            code: 21612,
+            retry_after: None,
+        }],
+    );
+    let r = send(&app, "u4", "+14155552674", "login").await;
+    assert_eq!(
+        (r.status().as_u16(), error_code(r).await.as_str()),
+        (400, "undeliverable")
+    );
+    fake.fail(
+        "+14155552675",
+        vec![Failure {
+            http_status: 429,
+            code: 20429,
+            retry_after: Some(1),
+        }],
+    );
+    let r = send(&app, "u5", "+14155552675", "login").await;
+    assert_eq!(
+        (r.status().as_u16(), error_code(r).await.as_str()),
+        (503, "unavailable")
+    );
 }
 
 async fn otp_length_is_configurable(backend: Backend) {

@@ -21,11 +21,11 @@ use subtle::ConstantTimeEq;
 use crate::app::AppState;
 use crate::config::Config;
 use crate::error::{AppError, AppResult};
+use crate::outbox::dispatcher::OtpDelivery;
 use crate::outbox::{parse_channel, validate_user_id};
 use crate::phone::PhoneNumber;
-use crate::store::{
-    Channel, DispatchResult, DynStore, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome,
-};
+use crate::provider::twilio::{INVALID_TO_NUMBER, NOT_A_MOBILE_NUMBER, RECIPIENT_UNSUBSCRIBED};
+use crate::store::{Channel, DynStore, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -220,46 +220,36 @@ pub async fn send_otp(
             });
         }
     };
-    let result = state
+    let delivery = state
         .dispatcher()
         .send_otp_now(&message, phone, &code)
         .await?;
-    match result {
-        DispatchResult::Sent { .. } => Ok(SendOtpAnswer {
+    match delivery {
+        OtpDelivery::Sent => Ok(SendOtpAnswer {
             success: true,
             expires_in: config.otp_ttl_seconds,
             mock: config.mock_mode,
         }),
-        DispatchResult::Failed {
-            code: Some(21610), ..
-        } => Err(opted_out_error(state, channel)),
-        DispatchResult::Failed {
-            code: Some(21211 | 21614),
-            ..
-        } => Err(AppError::bad_request(
-            "invalid_phone",
-            "this number cannot receive messages",
+        OtpDelivery::Refused(Some(RECIPIENT_UNSUBSCRIBED)) => Err(opted_out_error(state, channel)),
+        OtpDelivery::Refused(Some(INVALID_TO_NUMBER | NOT_A_MOBILE_NUMBER)) => Err(
+            AppError::bad_request("invalid_phone", "this number cannot receive messages"),
+        ),
+        OtpDelivery::Refused(_) => Err(AppError::bad_request(
+            "undeliverable",
+            "a code cannot be delivered to this number on this channel",
         )),
-        DispatchResult::Skipped { reason } if reason == "whatsapp_window_closed" => {
+        OtpDelivery::Unavailable => Err(AppError::Unavailable(
+            "the code could not be sent right now; try again shortly".into(),
+        )),
+        OtpDelivery::Skipped(reason) if reason == "whatsapp_window_closed" => {
             Err(AppError::bad_request(
                 "whatsapp_window_closed",
                 "a WhatsApp code can only go to a number that wrote to us in the last 24 hours \
                  (or as an approved template); use sms",
             ))
         }
-        DispatchResult::Skipped { .. } => Err(AppError::Unavailable(
+        OtpDelivery::Skipped(_) => Err(AppError::Unavailable(
             "messaging is disabled on this service".into(),
-        )),
-        // No answer, rate limits and Twilio's own faults pass; anything else is about the number.
-        DispatchResult::Failed {
-            code: None | Some(20429 | 20500..=20599),
-            ..
-        } => Err(AppError::Unavailable(
-            "the code could not be sent right now; try again shortly".into(),
-        )),
-        _ => Err(AppError::bad_request(
-            "undeliverable",
-            "a code cannot be delivered to this number on this channel",
         )),
     }
 }

@@ -52,6 +52,18 @@ enum WhatsappRoute {
     Closed,
 }
 
+/// What became of a one-time passcode sent at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OtpDelivery {
+    Sent,
+    /// Not sent, on purpose (`disabled`, `whatsapp_window_closed`).
+    Skipped(String),
+    /// The provider refused it for good, with its error code.
+    Refused(Option<i64>),
+    /// The provider could not take it now; asking again later can work.
+    Unavailable,
+}
+
 /// What one round did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct RoundReport {
@@ -474,7 +486,7 @@ impl Dispatcher {
         message: &MessageRecord,
         to: PhoneNumber,
         code: &str,
-    ) -> AppResult<DispatchResult> {
+    ) -> AppResult<OtpDelivery> {
         let fence = message
             .lease_until
             .ok_or_else(|| anyhow::anyhow!("an OTP message is written claimed"))?;
@@ -482,9 +494,14 @@ impl Dispatcher {
             message: message.clone(),
             fence,
         };
-        let settled = self.send_otp_claimed(&mut claim, to, code).await?;
+        let (settled, temporary) = self.send_otp_claimed(&mut claim, to, code).await?;
         match settled {
-            Settled::Done(result) => Ok(result),
+            Settled::Done(DispatchResult::Sent { .. }) => Ok(OtpDelivery::Sent),
+            Settled::Done(DispatchResult::Skipped { reason }) => Ok(OtpDelivery::Skipped(reason)),
+            Settled::Done(DispatchResult::Failed { .. }) if temporary => {
+                Ok(OtpDelivery::Unavailable)
+            }
+            Settled::Done(DispatchResult::Failed { code, .. }) => Ok(OtpDelivery::Refused(code)),
             _ => Err(anyhow::anyhow!("the OTP message's claim was taken over").into()),
         }
     }
@@ -494,12 +511,12 @@ impl Dispatcher {
         claim: &mut Claim,
         to: PhoneNumber,
         code: &str,
-    ) -> AppResult<Settled> {
+    ) -> AppResult<(Settled, bool)> {
         if !self.config.messaging_enabled {
             let skipped = DispatchResult::Skipped {
                 reason: "disabled".into(),
             };
-            return self.finish(claim, "", skipped, None).await;
+            return Ok((self.finish(claim, "", skipped, None).await?, false));
         }
         let template =
             templates::find("otp").ok_or_else(|| anyhow::anyhow!("the otp template is missing"))?;
@@ -517,7 +534,7 @@ impl Dispatcher {
                     let skipped = DispatchResult::Skipped {
                         reason: "whatsapp_window_closed".into(),
                     };
-                    return self.finish(claim, "", skipped, None).await;
+                    return Ok((self.finish(claim, "", skipped, None).await?, false));
                 }
             }
         }
@@ -534,13 +551,20 @@ impl Dispatcher {
         // queued messages behind it slow down to keep the sender's rate.
         self.take_send_slot(&outbound).await?;
         let Some((result, provider_status)) = self.send(claim, outbound).await? else {
-            return Ok(Settled::Lost);
+            return Ok((Settled::Lost, false));
         };
-        let result = match result {
-            DispatchResult::Retry { code, message, .. } => DispatchResult::Failed { code, message },
-            other => other,
+        // The code cannot wait in the queue: a failure that a retry could fix is recorded as
+        // failed, and reported as temporary so the patient is told to ask again.
+        let (result, temporary) = match result {
+            DispatchResult::Retry { code, message, .. } => {
+                (DispatchResult::Failed { code, message }, true)
+            }
+            other => (other, false),
         };
-        self.finish(claim, &masked, result, provider_status).await
+        Ok((
+            self.finish(claim, &masked, result, provider_status).await?,
+            temporary,
+        ))
     }
 
     /// Mark the message `sending` (renewing the lease for the call), call the provider, and

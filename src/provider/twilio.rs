@@ -24,6 +24,8 @@ const CLOCK_SKEW: chrono::Duration = chrono::Duration::seconds(60);
 /// Twilio error codes that no retry can fix, named for the reader. Every other 4xx is permanent
 /// too; these are the ones worth recognising in logs.
 pub const INVALID_TO_NUMBER: i64 = 21211;
+pub const NOT_A_MOBILE_NUMBER: i64 = 21614;
+/// The recipient opted out at the carrier (replied STOP there).
 pub const RECIPIENT_UNSUBSCRIBED: i64 = 21610;
 pub const TOO_MANY_REQUESTS: i64 = 20429;
 

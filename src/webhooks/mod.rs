@@ -14,8 +14,7 @@ use crate::store::{
 };
 use crate::templates::{self, RenderContext};
 
-/// Twilio's error code for "the recipient has opted out" (replied STOP at the carrier).
-pub const RECIPIENT_OPTED_OUT: i64 = 21610;
+pub use crate::provider::twilio::RECIPIENT_UNSUBSCRIBED as RECIPIENT_OPTED_OUT;
 
 /// Our status for a Twilio `MessageStatus`; `None` for statuses that say nothing about delivery.
 pub fn our_status(twilio_status: &str) -> Option<&'static str> {
@@ -219,7 +218,8 @@ pub async fn handle_incoming(state: &AppState, incoming: Incoming) -> AppResult<
         None => Keyword::parse(&incoming.body),
     };
     let store = &state.store;
-    match keyword {
+    // The users with this number: their consent follows the keyword.
+    let users = match keyword {
         Some(Keyword::Stop) => {
             store
                 .set_opt_out(&from_number, channel, ConsentSource::SmsKeyword, now)
@@ -232,7 +232,7 @@ pub async fn handle_incoming(state: &AppState, incoming: Incoming) -> AppResult<
                 ConsentSource::SmsKeyword,
                 now,
             )
-            .await?;
+            .await?
         }
         Some(Keyword::Start) => {
             store.clear_opt_out(&from_number, channel).await?;
@@ -244,10 +244,10 @@ pub async fn handle_incoming(state: &AppState, incoming: Incoming) -> AppResult<
                 ConsentSource::SmsKeyword,
                 now,
             )
-            .await?;
+            .await?
         }
-        Some(Keyword::Help) | None => {}
-    }
+        Some(Keyword::Help) | None => store.users_with_phone(&from_number).await?,
+    };
     if channel == Channel::Whatsapp {
         store.touch_whatsapp_session(&from_number, now).await?;
     }
@@ -255,11 +255,7 @@ pub async fn handle_incoming(state: &AppState, incoming: Incoming) -> AppResult<
     let reply_template = keyword
         .filter(|_| incoming.opt_out_type.is_none())
         .map(|k| k.reply_template().to_string());
-    let user_id = store
-        .users_with_phone(&from_number)
-        .await?
-        .into_iter()
-        .next();
+    let user_id = users.into_iter().next();
     let record = IncomingMessage {
         id: uuid::Uuid::now_v7().to_string(),
         provider_sid: incoming.message_sid.clone(),
