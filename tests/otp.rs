@@ -131,42 +131,15 @@ async fn send_and_verify_once(backend: Backend) {
 async fn no_clear_code_in_the_database(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let code = send_ok(&app, "u1", PHONE, "verification").await;
-    let rows: Vec<(String, String)> = match backend {
-        Backend::Sqlite => {
-            let pool = sqlx::SqlitePool::connect(&app.db.url).await.unwrap();
-            let mut rows: Vec<(String, String)> =
-                sqlx::query_as("SELECT code_hash, phone_number FROM otp_codes")
-                    .fetch_all(&pool)
-                    .await
-                    .unwrap();
-            rows.extend(
-                sqlx::query_as::<_, (String, String)>(
-                    "SELECT variables, template_name FROM messages",
-                )
-                .fetch_all(&pool)
-                .await
-                .unwrap(),
-            );
-            rows
-        }
-        Backend::Postgres => {
-            let pool = sqlx::PgPool::connect(&app.db.url).await.unwrap();
-            let mut rows: Vec<(String, String)> =
-                sqlx::query_as("SELECT code_hash, phone_number FROM otp_codes")
-                    .fetch_all(&pool)
-                    .await
-                    .unwrap();
-            rows.extend(
-                sqlx::query_as::<_, (String, String)>(
-                    "SELECT variables, template_name FROM messages",
-                )
-                .fetch_all(&pool)
-                .await
-                .unwrap(),
-            );
-            rows
-        }
-    };
+    let mut rows = app
+        .db
+        .text_pairs("SELECT code_hash, phone_number FROM otp_codes")
+        .await;
+    rows.extend(
+        app.db
+            .text_pairs("SELECT variables, template_name FROM messages")
+            .await,
+    );
     assert_eq!(rows.len(), 2);
     let (hash, _) = &rows[0];
     assert_eq!(hash.len(), 64, "an HMAC-SHA256, hex");
@@ -364,16 +337,7 @@ async fn opted_out_numbers_are_not_sent_to(backend: Backend) {
     )
     .await;
     let sql = "INSERT INTO opt_outs (phone_number, channel, source, created_at) VALUES ('+919876543210', 'sms', 'sms_keyword', '2027-01-01T00:00:00Z')";
-    match backend {
-        Backend::Sqlite => {
-            let pool = sqlx::SqlitePool::connect(&app.db.url).await.unwrap();
-            sqlx::query(sql).execute(&pool).await.unwrap();
-        }
-        Backend::Postgres => {
-            let pool = sqlx::PgPool::connect(&app.db.url).await.unwrap();
-            sqlx::query(sql).execute(&pool).await.unwrap();
-        }
-    }
+    app.db.execute(sql).await.unwrap();
     let r = send(&app, "u1", PHONE, "login").await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();

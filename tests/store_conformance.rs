@@ -119,16 +119,7 @@ async fn audit_trail_is_append_only(backend: Backend) {
         .await
         .unwrap();
     let sql = "UPDATE consent_audit_trail SET new_value = 'forged'";
-    let result = match backend {
-        Backend::Sqlite => {
-            let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
-            sqlx::query(sql).execute(&pool).await.map(|_| ())
-        }
-        Backend::Postgres => {
-            let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-            sqlx::query(sql).execute(&pool).await.map(|_| ())
-        }
-    };
+    let result = db.execute(sql).await;
     let err = result.expect_err("updating the audit trail must fail");
     assert!(err.to_string().contains("append-only"), "{err}");
 }

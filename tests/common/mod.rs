@@ -108,6 +108,31 @@ impl TestDatabase {
     }
 }
 
+impl TestDatabase {
+    /// Run raw SQL here, outside the `Store`, as an operator (or an attacker) with database
+    /// access would.
+    pub async fn execute(&self, sql: &str) -> Result<u64, sqlx::Error> {
+        if self.pg_name.is_some() {
+            let pool = sqlx::PgPool::connect(&self.url).await?;
+            Ok(sqlx::query(sql).execute(&pool).await?.rows_affected())
+        } else {
+            let pool = sqlx::SqlitePool::connect(&self.url).await?;
+            Ok(sqlx::query(sql).execute(&pool).await?.rows_affected())
+        }
+    }
+
+    /// The rows of a query selecting two text columns.
+    pub async fn text_pairs(&self, sql: &str) -> Vec<(String, String)> {
+        if self.pg_name.is_some() {
+            let pool = sqlx::PgPool::connect(&self.url).await.unwrap();
+            sqlx::query_as(sql).fetch_all(&pool).await.unwrap()
+        } else {
+            let pool = sqlx::SqlitePool::connect(&self.url).await.unwrap();
+            sqlx::query_as(sql).fetch_all(&pool).await.unwrap()
+        }
+    }
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         if let Some((admin, name)) = self.pg_name.take() {
