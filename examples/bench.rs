@@ -11,7 +11,7 @@
 //! queues the messages, starts that many dispatcher processes on the database, and reports how
 //! fast messages reach the fake Twilio and each process's peak memory.
 
-#[path = "../tests/common/fake_twilio.rs"]
+#[path = "../tests/it/common/fake_twilio.rs"]
 mod fake_twilio;
 
 use std::process::Stdio;

@@ -2,10 +2,9 @@
 //! notifications through the dispatcher in mock and live mode, idempotency, consent at send time,
 //! authentication and validation errors.
 
-mod common;
 
-use common::fake_twilio::Failure;
-use common::*;
+use crate::common::fake_twilio::Failure;
+use crate::common::*;
 use serde_json::{json, Value};
 
 both_backends!(
@@ -291,8 +290,8 @@ async fn notification_end_to_end_in_live_mode(backend: Backend) {
 
 /// Every field we send is a property of `CreateMessageRequest` in Twilio's OpenAPI spec, with the
 /// format the spec gives (phone numbers E.164 or channel addresses, SIDs by pattern).
-fn assert_fields_exist_in_twilio_spec(req: &common::fake_twilio::RecordedRequest) {
-    let spec: Value = serde_json::from_str(include_str!("fixtures/twilio_create_message.json"))
+fn assert_fields_exist_in_twilio_spec(req: &crate::common::fake_twilio::RecordedRequest) {
+    let spec: Value = serde_json::from_str(include_str!("../fixtures/twilio_create_message.json"))
         .expect("spec fixture");
     assert_eq!(spec["operationId"], "CreateMessage");
     for required in spec["required"].as_array().unwrap() {

@@ -1,15 +1,14 @@
 //! Delivery that survives faults, crashes and several instances: a fake Twilio with fault
 //! injection, the real binary killed and restarted, and two dispatchers on one PostgreSQL.
 
-mod common;
 
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use common::fake_twilio::{Failure, Fault};
-use common::*;
+use crate::common::fake_twilio::{Failure, Fault};
+use crate::common::*;
 use prism_messaging::app::AppState;
 use prism_messaging::clock::{Clock, ManualClock};
 use prism_messaging::config::Config;

@@ -1,9 +1,8 @@
 //! Appointment and follow-up reminders on both backends, with a controllable clock.
 
-mod common;
 
 use chrono::{DateTime, Duration, Utc};
-use common::*;
+use crate::common::*;
 use prism_messaging::clock::ManualClock;
 use serde_json::{json, Value};
 

@@ -1,12 +1,11 @@
 //! One conformance suite for the `Store` interface, run against SQLite and PostgreSQL alike.
 
-mod common;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use chrono::{Duration, TimeZone, Utc};
-use common::{Backend, TestDatabase};
+use crate::common::{Backend, TestDatabase};
 use prism_messaging::store::{
     self, ChangeContext, Channel, ConsentPatch, ConsentSource, DispatchResult, DynStore,
     NewMessage, SendAttempt,

@@ -1,12 +1,11 @@
 //! The real binary: configuration errors, `health`, `migrate`, `send`, and `serve` with graceful
 //! shutdown on SIGTERM, checking its logs hold no phone number, body or secret.
 
-mod common;
 
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tokio::process::Command;
 

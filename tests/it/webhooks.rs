@@ -1,10 +1,9 @@
 //! Twilio's webhooks on both backends: signatures, delivery status that never goes backwards,
 //! incoming messages and keywords, opt-outs at send time, and the WhatsApp 24-hour window.
 
-mod common;
 
 use chrono::{Duration, Utc};
-use common::*;
+use crate::common::*;
 use prism_messaging::clock::ManualClock;
 use serde_json::{json, Value};
 

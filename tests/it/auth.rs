@@ -1,11 +1,10 @@
 //! Authentication: user JWTs (HS256, ES256 from a JWKS file), the host app's key, and what a
 //! bad credential reveals (nothing).
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use prism_messaging::config::Secret;
 use serde_json::{json, Value};
@@ -24,14 +23,14 @@ fn sign_hs256(secret: &str, claims: Value) -> String {
 fn sign_es256(kid: &str, claims: Value) -> String {
     let mut header = Header::new(Algorithm::ES256);
     header.kid = Some(kid.to_string());
-    let key = EncodingKey::from_ec_pem(include_bytes!("fixtures/test_es256_private.pem")).unwrap();
+    let key = EncodingKey::from_ec_pem(include_bytes!("../fixtures/test_es256_private.pem")).unwrap();
     jsonwebtoken::encode(&header, &claims, &key).unwrap()
 }
 
 fn sign_rs256(kid: &str, claims: Value) -> String {
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some(kid.to_string());
-    let key = EncodingKey::from_rsa_pem(include_bytes!("fixtures/test_rs256_private.pem")).unwrap();
+    let key = EncodingKey::from_rsa_pem(include_bytes!("../fixtures/test_rs256_private.pem")).unwrap();
     jsonwebtoken::encode(&header, &claims, &key).unwrap()
 }
 
@@ -212,7 +211,7 @@ async fn host_app_calls_without_a_key_configured_say_so() {
 async fn es256_tokens_verify_against_a_jwks_url() {
     use std::sync::{Arc, Mutex};
     let jwks: serde_json::Value =
-        serde_json::from_str(include_str!("fixtures/test_jwks.json")).unwrap();
+        serde_json::from_str(include_str!("../fixtures/test_jwks.json")).unwrap();
     let keys: Arc<Mutex<serde_json::Value>> = Arc::new(Mutex::new(jwks));
     let served = keys.clone();
     let jwks_app = axum::Router::new().route(

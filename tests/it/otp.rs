@@ -1,10 +1,9 @@
 //! One-time passcodes over HTTP on both backends: every rule has a test that fails without it.
 
-mod common;
 
 use chrono::{Duration, Utc};
-use common::fake_twilio::Failure;
-use common::*;
+use crate::common::fake_twilio::Failure;
+use crate::common::*;
 use prism_messaging::clock::ManualClock;
 use serde_json::{json, Value};
 

@@ -1,0 +1,14 @@
+//! The integration tests, as one binary (one link instead of one per file): the application on a
+//! loopback port with a fresh database per test, a fake Twilio over HTTP, and the built binary.
+
+#[macro_use]
+mod common;
+
+mod api;
+mod auth;
+mod binary;
+mod delivery;
+mod otp;
+mod reminders;
+mod store_conformance;
+mod webhooks;
