@@ -92,7 +92,8 @@ fn server(
 
 /// Queue `n` notifications for one consenting patient through the library's own path.
 async fn queue(database_url: &str, n: usize) {
-    use prism_messaging::store::{ChangeContext, ConsentPatch, ConsentSource};
+    use prism_messaging::consent::ConsentPatch;
+    use prism_messaging::store::{ChangeContext, ConsentSource};
     let store = prism_messaging::store::connect(database_url).await.unwrap();
     store.migrate().await.unwrap();
     let ctx = ChangeContext {
@@ -106,11 +107,21 @@ async fn queue(database_url: &str, n: usize) {
         sms_consent: Some(true),
         ..Default::default()
     };
-    store.update_consent("bench", &patch, &ctx).await.unwrap();
+    store
+        .update_consent("bench", &|c| patch.apply(c), &ctx)
+        .await
+        .unwrap();
     let render = prism_messaging::templates::RenderContext {
         clinic_name: "PhysiologicPRISM".into(),
         app_url: "http://localhost:8080".into(),
     };
+    // Only the outbox, built from the store alone: no server, no provider.
+    let outbox = prism_messaging::outbox::Outbox::new(
+        store.clone(),
+        std::sync::Arc::new(prism_messaging::clock::SystemClock),
+        render,
+        std::sync::Arc::default(),
+    );
     for i in 0..n {
         let request = prism_messaging::outbox::NotificationRequest {
             user_id: "bench".into(),
@@ -119,9 +130,7 @@ async fn queue(database_url: &str, n: usize) {
             channel: None,
             idempotency_key: None,
         };
-        prism_messaging::outbox::queue_notification(&store, &render, request, chrono::Utc::now())
-            .await
-            .unwrap();
+        outbox.queue_notification(request).await.unwrap();
     }
 }
 

@@ -90,10 +90,10 @@ impl Authenticator {
     /// fetch is retried on first use, so a start never depends on Google being up).
     pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
         let mut jwks = None;
-        if config.auth_jwks_file.is_some() || config.auth_jwks_url.is_some() {
+        if config.auth.jwks_file.is_some() || config.auth.jwks_url.is_some() {
             let mut set = JwkSet { keys: vec![] };
             let mut fetched_at = None;
-            if let Some(path) = &config.auth_jwks_file {
+            if let Some(path) = &config.auth.jwks_file {
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     anyhow::anyhow!("configuration error: AUTH_JWKS_FILE: cannot read {path}: {e}")
                 })?;
@@ -104,7 +104,7 @@ impl Authenticator {
             let client = reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()?;
-            if let Some(url) = &config.auth_jwks_url {
+            if let Some(url) = &config.auth.jwks_url {
                 match fetch_jwks(&client, url).await {
                     Ok(fetched) => {
                         set.keys.extend(fetched.keys);
@@ -116,20 +116,21 @@ impl Authenticator {
                 }
             }
             jwks = Some(JwksKeys {
-                url: config.auth_jwks_url.clone(),
+                url: config.auth.jwks_url.clone(),
                 client,
                 cache: RwLock::new((set, fetched_at)),
             });
         }
         Ok(Authenticator {
             hs256_key: config
-                .auth_jwt_secret
+                .auth
+                .jwt_secret
                 .as_ref()
                 .map(|s| DecodingKey::from_secret(s.expose().as_bytes())),
             jwks,
-            issuer: config.auth_issuer.clone(),
-            audience: config.auth_audience.clone(),
-            user_claim: config.auth_user_claim.clone(),
+            issuer: config.auth.issuer.clone(),
+            audience: config.auth.audience.clone(),
+            user_claim: config.auth.user_claim.clone(),
         })
     }
 

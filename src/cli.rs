@@ -7,9 +7,11 @@ use clap::{Parser, Subcommand};
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{cancel_on_signal, AppState, Application};
+use crate::app::{cancel_on_signal, AppState, Application, Services};
 use crate::config::Config;
-use crate::outbox::{self, NotificationRequest};
+use crate::outbox::NotificationRequest;
+use crate::scheduler::Job;
+use crate::status::MessageStatus;
 
 #[derive(Parser)]
 #[command(
@@ -51,7 +53,8 @@ enum Command {
     Otp(OtpCommand),
     /// Run one scheduled job now and print what it did.
     Job {
-        /// cleanup-expired-otps
+        /// appointment-reminders-24h, appointment-reminders-2h, follow-up-reminders,
+        /// cleanup-expired-otps or prune-unmatched-callbacks
         name: String,
     },
     /// Show a user's consent record and its audit trail.
@@ -104,7 +107,7 @@ pub fn run() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    crate::telemetry::init(config.log_format);
+    crate::telemetry::init(config.server.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -131,8 +134,8 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Health => {
-            let state = AppState::from_config(config).await?;
-            match state.provider.health().await {
+            let services = Services::from_config(config).await?;
+            match services.provider.health().await {
                 Ok(summary) => {
                     println!("ok: {summary}");
                     Ok(ExitCode::SUCCESS)
@@ -151,38 +154,36 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         } => send(config, user, template, vars, channel).await,
         Command::Otp(otp_command) => otp(config, otp_command).await,
         Command::Job { name } => {
-            let Some(job) = crate::scheduler::Job::ALL
-                .into_iter()
-                .find(|j| j.name() == name)
-            else {
-                let names: Vec<&str> = crate::scheduler::Job::ALL
-                    .iter()
-                    .map(|j| j.name())
-                    .collect();
+            let Some(job) = Job::parse(&name) else {
+                let names: Vec<&str> = Job::ALL.iter().map(|j| j.name()).collect();
                 anyhow::bail!("unknown job {name:?}; jobs: {}", names.join(", "));
             };
-            let state = AppState::from_config(config).await?;
-            println!("{}", serde_json::to_string_pretty(&job.run(&state).await?)?);
+            let services = Services::from_config(config).await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&job.run(&services).await?)?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Consent { user } => {
-            let state = AppState::from_config(config).await?;
-            let consent = state.store.get_consent(&user).await?;
-            let audit = state.store.consent_audit(&user).await?;
+            let services = Services::from_config(config).await?;
+            let consent = services.consent.get(&user).await?;
+            let audit = services.consent.audit_trail(&user).await?;
             let out = serde_json::json!({"consent": consent, "audit": audit});
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Token { user, ttl } => {
             let secret = config
-                .auth_jwt_secret
+                .auth
+                .jwt_secret
                 .as_ref()
                 .ok_or_else(|| anyhow::anyhow!("AUTH_JWT_SECRET is not set"))?;
             let mut extra = vec![];
-            if let Some(iss) = &config.auth_issuer {
+            if let Some(iss) = &config.auth.issuer {
                 extra.push(("iss", iss.as_str()));
             }
-            if let Some(aud) = &config.auth_audience {
+            if let Some(aud) = &config.auth.audience {
                 extra.push(("aud", aud.as_str()));
             }
             println!(
@@ -195,7 +196,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
 }
 
 async fn otp(config: Config, command: OtpCommand) -> anyhow::Result<ExitCode> {
-    let state = AppState::from_config(config).await?;
+    let services = Services::from_config(config).await?;
     match command {
         OtpCommand::Send {
             user,
@@ -209,10 +210,10 @@ async fn otp(config: Config, command: OtpCommand) -> anyhow::Result<ExitCode> {
                 purpose,
                 channel: Some(channel),
             };
-            match crate::otp::send_otp(&state, request, None).await {
+            match services.otp.send(request, None).await {
                 Ok(answer) => {
                     println!("sent: expires in {} s", answer.expires_in);
-                    if let Some(entry) = state
+                    if let Some(entry) = services
                         .mock
                         .as_ref()
                         .and_then(|m| m.outbox().into_iter().next())
@@ -237,7 +238,7 @@ async fn otp(config: Config, command: OtpCommand) -> anyhow::Result<ExitCode> {
                 otp_code: code,
                 purpose,
             };
-            match crate::otp::verify_otp(&state, request).await {
+            match services.otp.verify(request).await {
                 Ok(()) => {
                     println!("valid");
                     Ok(ExitCode::SUCCESS)
@@ -252,8 +253,12 @@ async fn otp(config: Config, command: OtpCommand) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
-    let addr = config.bind_addr;
-    let mode = if config.mock_mode { "mock" } else { "twilio" };
+    let addr = config.server.bind_addr;
+    let mode = if config.messaging.mock_mode {
+        "mock"
+    } else {
+        "twilio"
+    };
     let state = AppState::from_config(config).await?;
     let app = Application::bind(state, addr).await?;
     tracing::info!(addr = %app.local_addr()?, provider = mode, "prism-messaging listening");
@@ -278,7 +283,7 @@ async fn send(
             .ok_or_else(|| anyhow::anyhow!("--var takes NAME=VALUE, got {pair:?}"))?;
         variables.insert(name.to_string(), Value::String(value.to_string()));
     }
-    let state = AppState::from_config(config).await?;
+    let services = Services::from_config(config).await?;
     let request = NotificationRequest {
         user_id: user,
         template,
@@ -286,31 +291,29 @@ async fn send(
         channel: Some(channel),
         idempotency_key: None,
     };
-    let render = state.config.render_context();
-    let (message, _) =
-        outbox::queue_notification(&state.store, &render, request, state.clock.now()).await?;
-    let dispatcher = state.dispatcher();
+    let (message, _) = services.outbox.queue_notification(request).await?;
+    let dispatcher = &services.dispatcher;
     // Run rounds until this message leaves `queued` (other queued messages go out too, as they
     // would with the server running).
     for _ in 0..100 {
         dispatcher.run_once().await?;
-        let current = state.store.get_message(&message.id).await?;
-        if let Some(m) = current.filter(|m| m.status != "queued" && m.status != "sending") {
+        let current = services.outbox.get(&message.id).await?;
+        if let Some(m) = current.filter(|m| !m.status.is_pending()) {
             println!("{}", serde_json::to_string_pretty(&m)?);
-            if let Some(mock) = &state.mock {
+            if let Some(mock) = &services.mock {
                 if let Some(entry) = mock.outbox().into_iter().find(|e| e.id == m.id) {
                     println!("[mock] would have sent: {}", entry.body);
                 }
             }
-            return Ok(if m.status == "failed" {
+            return Ok(if m.status == MessageStatus::Failed {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
             });
         }
     }
-    if let Some(m) = state.store.get_message(&message.id).await? {
-        if m.attempts == 0 && m.next_attempt_at > state.clock.now() {
+    if let Some(m) = services.outbox.get(&message.id).await? {
+        if m.attempts == 0 && m.next_attempt_at > services.clock.now() {
             println!(
                 "message {} is held back by quiet hours (QUIET_HOURS) until {}",
                 m.id, m.next_attempt_at

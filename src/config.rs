@@ -7,6 +7,7 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use chrono::NaiveTime;
+use chrono_tz::Tz;
 
 use crate::phone::PhoneNumber;
 use crate::templates;
@@ -53,56 +54,109 @@ pub struct QuietHours {
     pub end: NaiveTime,
 }
 
+/// Everything the service reads from its environment, grouped by who uses it, parsed once.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub bind_addr: SocketAddr,
+    pub server: ServerSettings,
+    /// `sqlite://PATH` or `postgres://...`.
     pub database_url: String,
-    pub messaging_enabled: bool,
+    pub messaging: MessagingSettings,
+    pub twilio: TwilioSettings,
+    pub auth: AuthSettings,
+    pub otp: OtpSettings,
+    /// Beyond the contract: how the dispatcher sends (`DISPATCH_*`).
+    pub dispatch: DispatchSettings,
+}
+
+/// How this process serves.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub bind_addr: SocketAddr,
+    /// Beyond the contract: which parts this instance runs (`INSTANCE_ROLE`).
+    pub role: Role,
+    /// Not in the contract: take the client IP (for audit records and rate limits) from the last
+    /// `X-Forwarded-For` entry (the one the trusted proxy appended), only behind such a proxy.
+    pub trust_forwarded_for: bool,
+    /// Beyond the contract: how long SIGTERM waits for in-flight sends (`SHUTDOWN_GRACE_SECONDS`).
+    pub shutdown_grace: std::time::Duration,
+    pub log_format: LogFormat,
+}
+
+/// What every message is subject to: on/off, mock, the clinic's name and links, time and quiet
+/// hours.
+#[derive(Debug, Clone)]
+pub struct MessagingSettings {
+    pub enabled: bool,
     pub mock_mode: bool,
-    /// Present whenever any Twilio variable is set; required (and complete) when not in mock mode.
-    pub twilio_account_sid: Option<String>,
-    pub twilio_auth_token: Option<Secret>,
-    pub twilio_phone_number: Option<PhoneNumber>,
-    pub twilio_whatsapp_number: Option<PhoneNumber>,
-    pub twilio_messaging_service_sid: Option<String>,
-    pub twilio_api_base: String,
-    /// Approved WhatsApp templates: template name -> Content SID (`HX...`).
-    pub twilio_content_sids: HashMap<String, String>,
+    pub clinic_name: String,
     /// `APP_URL` without a trailing slash.
     pub app_url: String,
     /// `PUBLIC_URL` (default `APP_URL`) without a trailing slash.
     pub public_url: String,
+    pub default_time_zone: Tz,
+    pub quiet_hours: Option<QuietHours>,
+}
+
+impl MessagingSettings {
+    pub fn render_context(&self) -> templates::RenderContext {
+        templates::RenderContext {
+            clinic_name: self.clinic_name.clone(),
+            app_url: self.app_url.clone(),
+        }
+    }
+}
+
+/// Twilio, as configured: present whenever any variable is set; complete (see
+/// [`TwilioSettings::live`]) when not in mock mode.
+#[derive(Debug, Clone)]
+pub struct TwilioSettings {
+    pub account_sid: Option<String>,
+    pub auth_token: Option<Secret>,
+    pub phone_number: Option<PhoneNumber>,
+    pub whatsapp_number: Option<PhoneNumber>,
+    pub messaging_service_sid: Option<String>,
+    pub api_base: String,
+    /// Approved WhatsApp templates: template name -> Content SID (`HX...`).
+    pub content_sids: HashMap<String, String>,
+    /// Beyond the contract: request timeout (`TWILIO_TIMEOUT_MS`).
+    pub timeout: std::time::Duration,
+}
+
+impl TwilioSettings {
+    /// The sender for a channel, when configured.
+    pub fn sender(&self, whatsapp: bool) -> Option<&PhoneNumber> {
+        if whatsapp {
+            self.whatsapp_number.as_ref()
+        } else {
+            self.phone_number.as_ref()
+        }
+    }
+}
+
+/// Who may call: bearer keys and user-token verification.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
     pub messaging_api_key: Option<Secret>,
     pub cron_secret: Option<Secret>,
-    pub auth_jwt_secret: Option<Secret>,
-    pub auth_jwks_file: Option<String>,
-    pub auth_jwks_url: Option<String>,
-    pub auth_issuer: Option<String>,
-    pub auth_audience: Option<String>,
-    pub auth_user_claim: String,
-    pub clinic_name: String,
-    pub default_time_zone: String,
-    pub quiet_hours: Option<QuietHours>,
-    pub otp_ttl_seconds: u64,
-    pub otp_length: u32,
-    pub otp_max_attempts: u32,
-    pub otp_resend_cooldown_seconds: u64,
-    pub otp_max_sends_per_hour: u32,
-    pub otp_allowed_countries: Vec<String>,
-    /// Not in the contract: the key for hashing OTP codes. Unset: derived from the other secrets.
-    pub otp_secret: Option<Secret>,
-    pub log_format: LogFormat,
-    /// Not in the contract: use the first `X-Forwarded-For` address as the client IP (for audit
-    /// records and rate limits) only when a trusted reverse proxy sets it.
-    pub trust_forwarded_for: bool,
-    /// Beyond the contract: which parts this instance runs (`INSTANCE_ROLE`).
-    pub role: Role,
-    /// Beyond the contract: how the dispatcher sends (`DISPATCH_*`).
-    pub dispatch: DispatchSettings,
-    /// Beyond the contract: how long SIGTERM waits for in-flight sends (`SHUTDOWN_GRACE_SECONDS`).
-    pub shutdown_grace: std::time::Duration,
-    /// Beyond the contract: Twilio request timeout (`TWILIO_TIMEOUT_MS`).
-    pub twilio_timeout: std::time::Duration,
+    pub jwt_secret: Option<Secret>,
+    pub jwks_file: Option<String>,
+    pub jwks_url: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub user_claim: String,
+}
+
+/// One-time passcodes.
+#[derive(Debug, Clone)]
+pub struct OtpSettings {
+    pub ttl: std::time::Duration,
+    pub length: u32,
+    pub max_attempts: u32,
+    pub resend_cooldown: std::time::Duration,
+    pub max_sends_per_hour: u32,
+    pub allowed_countries: Vec<String>,
+    /// Not in the contract: the key for hashing codes. Unset: derived from the other secrets.
+    pub secret: Option<Secret>,
 }
 
 /// `INSTANCE_ROLE`: `all` (default) serves the API and runs the dispatcher and scheduler; `api`
@@ -326,13 +380,15 @@ impl Config {
                 ))
             }
         };
-        let default_time_zone = v.string("DEFAULT_TIME_ZONE", "UTC");
-        if default_time_zone.parse::<chrono_tz::Tz>().is_err() {
-            return Err(err(
-                "DEFAULT_TIME_ZONE",
-                format!("unknown IANA time zone {default_time_zone:?}"),
-            ));
-        }
+        let default_time_zone: Tz = {
+            let raw = v.string("DEFAULT_TIME_ZONE", "UTC");
+            raw.parse().map_err(|_| {
+                err(
+                    "DEFAULT_TIME_ZONE",
+                    format!("unknown IANA time zone {raw:?}"),
+                )
+            })?
+        };
         let otp_allowed_countries = v
             .string("OTP_ALLOWED_COUNTRIES", "")
             .split(',')
@@ -349,43 +405,50 @@ impl Config {
             ));
         }
 
-        let config = Config {
-            bind_addr,
-            database_url,
-            messaging_enabled: v.bool("MESSAGING_ENABLED", true)?,
-            mock_mode: v.bool("MESSAGING_MOCK_MODE", true)?,
-            twilio_account_sid,
-            twilio_auth_token: v.secret("TWILIO_AUTH_TOKEN"),
-            twilio_phone_number: v.phone("TWILIO_PHONE_NUMBER")?,
-            twilio_whatsapp_number: v.phone("TWILIO_WHATSAPP_NUMBER")?,
-            twilio_messaging_service_sid,
-            twilio_api_base: v.url("TWILIO_API_BASE", "https://api.twilio.com")?,
-            twilio_content_sids: parse_content_sids(&v.string("TWILIO_CONTENT_SIDS", ""))?,
-            app_url,
-            public_url,
+        let twilio = TwilioSettings {
+            account_sid: twilio_account_sid,
+            auth_token: v.secret("TWILIO_AUTH_TOKEN"),
+            phone_number: v.phone("TWILIO_PHONE_NUMBER")?,
+            whatsapp_number: v.phone("TWILIO_WHATSAPP_NUMBER")?,
+            messaging_service_sid: twilio_messaging_service_sid,
+            api_base: v.url("TWILIO_API_BASE", "https://api.twilio.com")?,
+            content_sids: parse_content_sids(&v.string("TWILIO_CONTENT_SIDS", ""))?,
+            timeout: std::time::Duration::from_millis(v.number(
+                "TWILIO_TIMEOUT_MS",
+                15_000,
+                100,
+                120_000,
+            )?),
+        };
+        let auth = AuthSettings {
             messaging_api_key: v.secret("MESSAGING_API_KEY"),
             cron_secret: v.secret("CRON_SECRET"),
-            auth_jwt_secret: v.secret("AUTH_JWT_SECRET"),
-            auth_jwks_file: v.get("AUTH_JWKS_FILE"),
-            auth_jwks_url: match v.get("AUTH_JWKS_URL") {
+            jwt_secret: v.secret("AUTH_JWT_SECRET"),
+            jwks_file: v.get("AUTH_JWKS_FILE"),
+            jwks_url: match v.get("AUTH_JWKS_URL") {
                 Some(_) => Some(v.url("AUTH_JWKS_URL", "")?),
                 None => None,
             },
-            auth_issuer: v.get("AUTH_ISSUER"),
-            auth_audience: v.get("AUTH_AUDIENCE"),
-            auth_user_claim: v.string("AUTH_USER_CLAIM", "sub"),
-            clinic_name: v.string("CLINIC_NAME", "PhysiologicPRISM"),
-            default_time_zone,
-            quiet_hours,
-            otp_ttl_seconds: v.number("OTP_TTL_SECONDS", 600, 30, 86_400)?,
-            otp_length: v.number("OTP_LENGTH", 6, 4, 10)?,
-            otp_max_attempts: v.number("OTP_MAX_ATTEMPTS", 5, 1, 100)?,
-            otp_resend_cooldown_seconds: v.number("OTP_RESEND_COOLDOWN_SECONDS", 30, 0, 3_600)?,
-            otp_max_sends_per_hour: v.number("OTP_MAX_SENDS_PER_HOUR", 5, 1, 1_000)?,
-            otp_allowed_countries,
-            otp_secret: v.secret("OTP_SECRET"),
-            log_format,
-            trust_forwarded_for: v.bool("TRUST_FORWARDED_FOR", false)?,
+            issuer: v.get("AUTH_ISSUER"),
+            audience: v.get("AUTH_AUDIENCE"),
+            user_claim: v.string("AUTH_USER_CLAIM", "sub"),
+        };
+        let otp = OtpSettings {
+            ttl: std::time::Duration::from_secs(v.number("OTP_TTL_SECONDS", 600, 30, 86_400)?),
+            length: v.number("OTP_LENGTH", 6, 4, 10)?,
+            max_attempts: v.number("OTP_MAX_ATTEMPTS", 5, 1, 100)?,
+            resend_cooldown: std::time::Duration::from_secs(v.number(
+                "OTP_RESEND_COOLDOWN_SECONDS",
+                30,
+                0,
+                3_600,
+            )?),
+            max_sends_per_hour: v.number("OTP_MAX_SENDS_PER_HOUR", 5, 1, 1_000)?,
+            allowed_countries: otp_allowed_countries,
+            secret: v.secret("OTP_SECRET"),
+        };
+        let server = ServerSettings {
+            bind_addr,
             role: match v.string("INSTANCE_ROLE", "all").as_str() {
                 "all" => Role::All,
                 "api" => Role::Api,
@@ -397,72 +460,83 @@ impl Config {
                     ))
                 }
             },
-            dispatch: DispatchSettings {
-                batch_size: v.number("DISPATCH_BATCH_SIZE", 32, 1, 1_000)?,
-                lease: chrono::Duration::seconds(v.number(
-                    "DISPATCH_LEASE_SECONDS",
-                    120,
-                    1,
-                    3_600,
-                )?),
-                max_attempts: v.number("DISPATCH_MAX_ATTEMPTS", 5, 1, 100)?,
-                max_age: chrono::Duration::seconds(v.number(
-                    "DISPATCH_MAX_AGE_SECONDS",
-                    86_400,
-                    60,
-                    30 * 86_400,
-                )?),
-                rate_per_second: v.number("DISPATCH_RATE_PER_SECOND", 10, 0, 10_000)?,
-            },
+            trust_forwarded_for: v.bool("TRUST_FORWARDED_FOR", false)?,
             shutdown_grace: std::time::Duration::from_secs(v.number(
                 "SHUTDOWN_GRACE_SECONDS",
                 20,
                 0,
                 600,
             )?),
-            twilio_timeout: std::time::Duration::from_millis(v.number(
-                "TWILIO_TIMEOUT_MS",
-                15_000,
-                100,
-                120_000,
-            )?),
+            log_format,
         };
-        if !config.mock_mode {
-            config.twilio()?;
+        let messaging = MessagingSettings {
+            enabled: v.bool("MESSAGING_ENABLED", true)?,
+            mock_mode: v.bool("MESSAGING_MOCK_MODE", true)?,
+            clinic_name: v.string("CLINIC_NAME", "PhysiologicPRISM"),
+            app_url,
+            public_url,
+            default_time_zone,
+            quiet_hours,
+        };
+        let dispatch = DispatchSettings {
+            batch_size: v.number("DISPATCH_BATCH_SIZE", 32, 1, 1_000)?,
+            lease: chrono::Duration::seconds(v.number("DISPATCH_LEASE_SECONDS", 120, 1, 3_600)?),
+            max_attempts: v.number("DISPATCH_MAX_ATTEMPTS", 5, 1, 100)?,
+            max_age: chrono::Duration::seconds(v.number(
+                "DISPATCH_MAX_AGE_SECONDS",
+                86_400,
+                60,
+                30 * 86_400,
+            )?),
+            rate_per_second: v.number("DISPATCH_RATE_PER_SECOND", 10, 0, 10_000)?,
+        };
+        let config = Config {
+            server,
+            database_url,
+            messaging,
+            twilio,
+            auth,
+            otp,
+            dispatch,
+        };
+        if !config.messaging.mock_mode {
+            config.twilio.live()?;
         }
         // A claim must outlive the provider call it covers, or another dispatcher could take the
         // message over while the call is still in flight.
         if config.dispatch.lease.num_milliseconds()
-            < config.twilio_timeout.as_millis() as i64 + 1_000
+            < config.twilio.timeout.as_millis() as i64 + 1_000
         {
             return Err(err(
                 "DISPATCH_LEASE_SECONDS",
                 "must be at least a second longer than TWILIO_TIMEOUT_MS",
             ));
         }
-        if let Some(key) = &config.messaging_api_key {
+        if let Some(key) = &config.auth.messaging_api_key {
             if key.expose().len() < 16 {
                 return Err(err("MESSAGING_API_KEY", "must be at least 16 characters"));
             }
         }
         Ok(config)
     }
+}
 
+impl TwilioSettings {
     /// The Twilio settings live mode needs, or the first one missing.
-    pub fn twilio(&self) -> Result<TwilioConfig, ConfigError> {
-        let account_sid = self.twilio_account_sid.clone().ok_or_else(|| {
+    pub fn live(&self) -> Result<TwilioConfig, ConfigError> {
+        let account_sid = self.account_sid.clone().ok_or_else(|| {
             err(
                 "TWILIO_ACCOUNT_SID",
                 "required when MESSAGING_MOCK_MODE=false",
             )
         })?;
-        let auth_token = self.twilio_auth_token.clone().ok_or_else(|| {
+        let auth_token = self.auth_token.clone().ok_or_else(|| {
             err(
                 "TWILIO_AUTH_TOKEN",
                 "required when MESSAGING_MOCK_MODE=false",
             )
         })?;
-        if self.twilio_phone_number.is_none() && self.twilio_messaging_service_sid.is_none() {
+        if self.phone_number.is_none() && self.messaging_service_sid.is_none() {
             return Err(err(
                 "TWILIO_PHONE_NUMBER",
                 "TWILIO_PHONE_NUMBER or TWILIO_MESSAGING_SERVICE_SID is required when MESSAGING_MOCK_MODE=false",
@@ -471,18 +545,11 @@ impl Config {
         Ok(TwilioConfig {
             account_sid,
             auth_token,
-            phone_number: self.twilio_phone_number.clone(),
-            whatsapp_number: self.twilio_whatsapp_number.clone(),
-            messaging_service_sid: self.twilio_messaging_service_sid.clone(),
-            api_base: self.twilio_api_base.clone(),
+            phone_number: self.phone_number.clone(),
+            whatsapp_number: self.whatsapp_number.clone(),
+            messaging_service_sid: self.messaging_service_sid.clone(),
+            api_base: self.api_base.clone(),
         })
-    }
-
-    pub fn render_context(&self) -> templates::RenderContext {
-        templates::RenderContext {
-            clinic_name: self.clinic_name.clone(),
-            app_url: self.app_url.clone(),
-        }
     }
 }
 
@@ -501,11 +568,12 @@ mod tests {
     #[test]
     fn defaults_start_in_mock_mode_on_sqlite() {
         let c = config(&[]).unwrap();
-        assert!(c.mock_mode && c.messaging_enabled);
+        assert!(c.messaging.mock_mode && c.messaging.enabled);
         assert_eq!(c.database_url, "sqlite://prism-messaging.db");
-        assert_eq!(c.bind_addr.to_string(), "127.0.0.1:8080");
-        assert_eq!(c.public_url, "http://localhost:8080");
-        assert_eq!(c.otp_ttl_seconds, 600);
+        assert_eq!(c.server.bind_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.messaging.public_url, "http://localhost:8080");
+        assert_eq!(c.otp.ttl.as_secs(), 600);
+        assert_eq!(c.messaging.default_time_zone, chrono_tz::UTC);
     }
 
     #[test]

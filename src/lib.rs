@@ -1,14 +1,26 @@
 //! prism-messaging: SMS and WhatsApp messaging for a healthcare practice platform, through
-//! Twilio, safely. See README.md for running it and DESIGN.md for the shape.
+//! Twilio, safely. See README.md for running it and for the shape of the code.
+//!
+//! Dependencies point one way:
+//! - edge: [`http`], [`cli`], [`scheduler`], [`auth`] (callers, command line, periodic jobs);
+//! - wiring: [`app`] builds the services from [`config`] and runs the server;
+//! - domain services: [`consent`], [`outbox`] (with its dispatcher), [`delivery`], [`otp`],
+//!   [`inbound`], [`reminders`], each built from exactly the stores and settings it uses;
+//! - infrastructure: [`store`] (the only SQL) and [`provider`] (the only Twilio);
+//! - base values: [`status`], [`channel`], [`phone`], [`templates`], [`segments`], [`clock`],
+//!   [`error`], [`config`], [`metrics`], [`telemetry`].
 
 pub mod app;
 pub mod auth;
+pub mod channel;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod consent;
+pub mod delivery;
 pub mod error;
 pub mod http;
+pub mod inbound;
 pub mod metrics;
 pub mod otp;
 pub mod outbox;
@@ -17,7 +29,7 @@ pub mod provider;
 pub mod reminders;
 pub mod scheduler;
 pub mod segments;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod templates;
-pub mod webhooks;

@@ -5,8 +5,6 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::outbox::dispatcher::RoundReport;
-
 #[derive(Default)]
 pub struct Metrics {
     dispatch: [AtomicU64; DISPATCH_OUTCOMES.len()],
@@ -23,13 +21,12 @@ const DISPATCH_OUTCOMES: [&str; 9] = [
 ];
 
 impl Metrics {
-    pub fn record_round(&self, r: &RoundReport) {
-        let values = [
-            r.claimed, r.sent, r.skipped, r.failed, r.retried, r.deferred, r.adopted, r.released,
-            r.lost,
-        ];
-        for (counter, value) in self.dispatch.iter().zip(values) {
-            counter.fetch_add(value as u64, Ordering::Relaxed);
+    /// Add one dispatcher round's outcomes, by name (unknown names are ignored).
+    pub fn record_round(&self, counts: &[(&str, usize)]) {
+        for (name, value) in counts {
+            if let Some(i) = DISPATCH_OUTCOMES.iter().position(|o| o == name) {
+                self.dispatch[i].fetch_add(*value as u64, Ordering::Relaxed);
+            }
         }
     }
 

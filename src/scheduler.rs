@@ -6,8 +6,7 @@ use std::time::Duration;
 use tokio::time::{interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::AppState;
-use crate::otp;
+use crate::app::Services;
 use crate::reminders::Reminder;
 
 /// How often the scheduler looks for due jobs.
@@ -53,9 +52,13 @@ impl Job {
         }
     }
 
-    /// Run the job once; errors are logged by the caller.
-    pub async fn run(self, state: &AppState) -> anyhow::Result<serde_json::Value> {
-        let sweep = |reminder| crate::reminders::sweep(state, reminder);
+    pub fn parse(name: &str) -> Option<Job> {
+        Job::ALL.into_iter().find(|j| j.name() == name)
+    }
+
+    /// Run one round of the job and report what it did; errors are logged by the caller.
+    pub async fn run(self, services: &Services) -> anyhow::Result<serde_json::Value> {
+        let sweep = |reminder| services.reminders.sweep(reminder);
         match self {
             Job::AppointmentReminders24h => Ok(serde_json::to_value(
                 sweep(Reminder::Appointment24h).await?,
@@ -64,13 +67,12 @@ impl Job {
                 Ok(serde_json::to_value(sweep(Reminder::Appointment2h).await?)?)
             }
             Job::FollowUpReminders => Ok(serde_json::to_value(sweep(Reminder::FollowUp).await?)?),
-            Job::CleanupExpiredOtps => {
-                let report = otp::cleanup(&state.store, state.clock.now()).await?;
-                Ok(serde_json::to_value(report)?)
-            }
+            Job::CleanupExpiredOtps => Ok(serde_json::to_value(services.otp.cleanup().await?)?),
             Job::PruneUnmatchedCallbacks => {
-                let before = state.clock.now() - chrono::Duration::days(1);
-                let pruned = state.store.prune_unmatched_statuses(before).await?;
+                let pruned = services
+                    .delivery
+                    .prune_unmatched(services.clock.now())
+                    .await?;
                 Ok(serde_json::json!({ "pruned": pruned }))
             }
         }
@@ -78,7 +80,7 @@ impl Job {
 }
 
 /// Run each job when its period has passed, until `shutdown`.
-pub async fn run(state: AppState, shutdown: CancellationToken) {
+pub async fn run(services: Services, shutdown: CancellationToken) {
     let mut ticker = interval(TICK);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_run: Vec<Option<tokio::time::Instant>> = vec![None; Job::ALL.len()];
@@ -92,7 +94,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
                 continue;
             }
             last_run[i] = Some(tokio::time::Instant::now());
-            if let Err(e) = job.run(&state).await {
+            if let Err(e) = job.run(&services).await {
                 tracing::error!(job = job.name(), error = %e, "scheduled job failed");
             }
         }

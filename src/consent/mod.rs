@@ -1,11 +1,75 @@
 //! Consent: per user, a phone number and three separate consents (SMS, WhatsApp, marketing).
-//! Marketing consent is never implied by the others. Every change is audited by the store.
+//! Marketing consent is never implied by the others. Every change is audited by the store, in the
+//! same transaction as the change.
+//!
+//! [`ConsentService`] is the one way consent changes: the patient's own settings, their STOP and
+//! START keywords, and the carrier's opt-out report.
 
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
+use crate::channel::Channel;
+use crate::clock::DynClock;
 use crate::error::{AppError, AppResult};
-use crate::phone::PhoneNumber;
-use crate::store::{ChangeContext, Consent, ConsentPatch, ConsentSource, DynStore};
+use crate::phone::{self, PhoneNumber};
+use crate::store::{
+    ChangeContext, Consent, ConsentAuditRecord, ConsentSource, ConsentStore, InboundStore,
+};
+
+/// A requested change: `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct ConsentPatch {
+    pub phone_number: Option<String>,
+    /// Remove the stored number (refused while SMS or WhatsApp consent stays on).
+    pub clear_phone_number: bool,
+    pub sms_consent: Option<bool>,
+    pub whatsapp_consent: Option<bool>,
+    pub marketing_consent: Option<bool>,
+}
+
+impl ConsentPatch {
+    /// `current` after this patch, or an error when the result would be inconsistent (consent to
+    /// be messaged with no number to message).
+    pub fn apply(&self, current: &Consent) -> AppResult<Consent> {
+        let next = Consent {
+            user_id: current.user_id.clone(),
+            phone_number: if self.clear_phone_number {
+                None
+            } else {
+                self.phone_number
+                    .clone()
+                    .or_else(|| current.phone_number.clone())
+            },
+            sms_consent: self.sms_consent.unwrap_or(current.sms_consent),
+            whatsapp_consent: self.whatsapp_consent.unwrap_or(current.whatsapp_consent),
+            marketing_consent: self.marketing_consent.unwrap_or(current.marketing_consent),
+            updated_at: current.updated_at,
+        };
+        if next.phone_number.is_none() && (next.sms_consent || next.whatsapp_consent) {
+            return Err(AppError::bad_request(
+                "phone_required",
+                "a phone_number is needed to consent to SMS or WhatsApp messages",
+            ));
+        }
+        Ok(next)
+    }
+
+    /// One channel's consent, on or off.
+    pub fn channel(channel: Channel, consent: bool) -> ConsentPatch {
+        match channel {
+            Channel::Sms => ConsentPatch {
+                sms_consent: Some(consent),
+                ..ConsentPatch::default()
+            },
+            Channel::Whatsapp => ConsentPatch {
+                whatsapp_consent: Some(consent),
+                ..ConsentPatch::default()
+            },
+        }
+    }
+}
 
 /// The body of `PUT /api/messaging/preferences` (and the settings form). A field left out keeps
 /// its current value; `"phone_number": null` removes the number.
@@ -74,27 +138,128 @@ impl PreferencesUpdate {
     }
 }
 
-pub async fn update_preferences(
-    store: &DynStore,
-    user_id: &str,
-    update: PreferencesUpdate,
-    mut ctx: ChangeContext,
-) -> AppResult<Consent> {
-    let (patch, source) = update.into_patch(ctx.source)?;
-    ctx.source = source;
-    let consent = store.update_consent(user_id, &patch, &ctx).await?;
-    tracing::info!(
-        user_id,
-        phone = consent
-            .phone_number
-            .as_deref()
-            .map(crate::phone::mask)
-            .unwrap_or_default(),
-        sms = consent.sms_consent,
-        whatsapp = consent.whatsapp_consent,
-        marketing = consent.marketing_consent,
-        source = source.as_str(),
-        "consent updated"
-    );
-    Ok(consent)
+/// Reads and changes consent; records opt-outs that come with a change of consent.
+#[derive(Clone)]
+pub struct ConsentService {
+    consent: Arc<dyn ConsentStore>,
+    opt_outs: Arc<dyn InboundStore>,
+    clock: DynClock,
+}
+
+impl ConsentService {
+    pub fn new(
+        consent: Arc<dyn ConsentStore>,
+        opt_outs: Arc<dyn InboundStore>,
+        clock: DynClock,
+    ) -> Self {
+        ConsentService {
+            consent,
+            opt_outs,
+            clock,
+        }
+    }
+
+    pub async fn get(&self, user_id: &str) -> AppResult<Option<Consent>> {
+        self.consent.get_consent(user_id).await
+    }
+
+    pub async fn audit_trail(&self, user_id: &str) -> AppResult<Vec<ConsentAuditRecord>> {
+        self.consent.consent_audit(user_id).await
+    }
+
+    /// The user's own change (app or web settings, or the API), audited with where it came from.
+    pub async fn update_preferences(
+        &self,
+        user_id: &str,
+        update: PreferencesUpdate,
+        mut ctx: ChangeContext,
+    ) -> AppResult<Consent> {
+        let (patch, source) = update.into_patch(ctx.source)?;
+        ctx.source = source;
+        let consent = self
+            .consent
+            .update_consent(user_id, &|current| patch.apply(current), &ctx)
+            .await?;
+        tracing::info!(
+            user_id,
+            phone = consent
+                .phone_number
+                .as_deref()
+                .map(phone::mask)
+                .unwrap_or_default(),
+            sms = consent.sms_consent,
+            whatsapp = consent.whatsapp_consent,
+            marketing = consent.marketing_consent,
+            source = source.as_str(),
+            "consent updated"
+        );
+        Ok(consent)
+    }
+
+    /// Set one channel's consent for every user with this number, audited with `source`. The
+    /// users changed.
+    pub async fn set_channel_consent_for_number(
+        &self,
+        number: &str,
+        channel: Channel,
+        consent: bool,
+        source: ConsentSource,
+        at: DateTime<Utc>,
+    ) -> AppResult<Vec<String>> {
+        let users = self.consent.users_with_phone(number).await?;
+        let patch = ConsentPatch::channel(channel, consent);
+        let ctx = ChangeContext {
+            source,
+            ip: None,
+            user_agent: Some("twilio".into()),
+            at,
+        };
+        for user in &users {
+            self.consent
+                .update_consent(user, &|current| patch.apply(current), &ctx)
+                .await?;
+        }
+        Ok(users)
+    }
+
+    /// The patient texted STOP: record the number's opt-out and revoke that channel's consent for
+    /// every user with the number. The users with the number.
+    pub async fn keyword_stop(&self, number: &str, channel: Channel) -> AppResult<Vec<String>> {
+        let now = self.clock.now();
+        self.opt_outs
+            .set_opt_out(number, channel, ConsentSource::SmsKeyword, now)
+            .await?;
+        self.set_channel_consent_for_number(number, channel, false, ConsentSource::SmsKeyword, now)
+            .await
+    }
+
+    /// The patient texted START: lift the opt-out and give that channel's consent back.
+    pub async fn keyword_start(&self, number: &str, channel: Channel) -> AppResult<Vec<String>> {
+        let now = self.clock.now();
+        self.opt_outs.clear_opt_out(number, channel).await?;
+        self.set_channel_consent_for_number(number, channel, true, ConsentSource::SmsKeyword, now)
+            .await
+    }
+
+    /// The carrier reports the patient opted out (Twilio 21610): record the number's opt-out and
+    /// revoke that channel's consent for every user with the number, source `provider`.
+    pub async fn carrier_opt_out(
+        &self,
+        number: &str,
+        channel: Channel,
+        at: DateTime<Utc>,
+    ) -> AppResult<()> {
+        self.opt_outs
+            .set_opt_out(number, channel, ConsentSource::Provider, at)
+            .await?;
+        self.set_channel_consent_for_number(number, channel, false, ConsentSource::Provider, at)
+            .await?;
+        tracing::info!(to = %phone::mask(number), channel = channel.as_str(), "recipient opted out at the carrier: consent revoked");
+        Ok(())
+    }
+
+    /// Users whose stored number is this one.
+    pub async fn users_with_phone(&self, number: &str) -> AppResult<Vec<String>> {
+        self.consent.users_with_phone(number).await
+    }
 }

@@ -9,7 +9,6 @@ use serde_json::{json, Value};
 use super::Cron;
 use crate::app::AppState;
 use crate::error::AppResult;
-use crate::otp;
 use crate::reminders::Reminder;
 
 pub fn router() -> Router<AppState> {
@@ -34,14 +33,14 @@ async fn sweep(
     _: Cron,
     reminder: Reminder,
 ) -> AppResult<Json<Value>> {
-    let report = crate::reminders::sweep(&state, reminder).await?;
+    let report = state.reminders.sweep(reminder).await?;
     Ok(Json(
         json!({"success": true, "due": report.due, "queued": report.queued}),
     ))
 }
 
 async fn cleanup_expired_otps(State(state): State<AppState>, _: Cron) -> AppResult<Json<Value>> {
-    let report = otp::cleanup(&state.store, state.clock.now()).await?;
+    let report = state.otp.cleanup().await?;
     Ok(Json(json!({
         "success": true,
         "expired_deleted": report.expired_deleted,

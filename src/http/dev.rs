@@ -47,7 +47,7 @@ async fn outbox_page(State(state): State<AppState>) -> AppResult<Html<String>> {
         .get_template("outbox.html")
         .and_then(|t| {
             t.render(context! {
-                clinic => state.config.clinic_name,
+                clinic => state.config.messaging.clinic_name,
                 capacity => crate::provider::mock::OUTBOX_CAPACITY,
                 messages => messages,
             })

@@ -24,12 +24,7 @@ async fn create_notification(
     _: HostApp,
     JsonBody(request): JsonBody<NotificationRequest>,
 ) -> AppResult<(StatusCode, Json<Value>)> {
-    let render = state.config.render_context();
-    let (message, created) =
-        outbox::queue_notification(&state.store, &render, request, state.clock.now()).await?;
-    if created {
-        state.dispatch_wakeup.notify_one();
-    }
+    let (message, _) = state.outbox.queue_notification(request).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"success": true, "message": {"id": message.id, "status": message.status}})),
@@ -41,12 +36,11 @@ async fn get_message(
     _: HostApp,
     Path(id): Path<String>,
 ) -> AppResult<Json<Value>> {
-    let message = state
-        .store
-        .get_message(&id)
+    let (message, events) = state
+        .outbox
+        .message_with_events(&id)
         .await?
         .ok_or(AppError::NotFound("message"))?;
-    let events = state.store.message_events(&id).await?;
     let mut body = serde_json::to_value(&message).map_err(anyhow::Error::from)?;
     body["events"] = serde_json::to_value(&events).map_err(anyhow::Error::from)?;
     Ok(Json(json!({"success": true, "message": body})))
@@ -59,7 +53,7 @@ async fn list_templates(State(state): State<AppState>, _: HostApp) -> Json<Value
         .map(|t| {
             let mut item =
                 json!({"name": t.name, "category": t.category, "variables": t.variables});
-            if let Some(sid) = state.config.twilio_content_sids.get(t.name) {
+            if let Some(sid) = state.config.twilio.content_sids.get(t.name) {
                 item["whatsapp_content_sid"] = json!(sid);
             }
             item

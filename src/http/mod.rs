@@ -117,7 +117,7 @@ impl FromRequestParts<AppState> for HostApp {
     ) -> Result<Self, Self::Rejection> {
         require_key(
             parts,
-            state.config.messaging_api_key.as_ref(),
+            state.config.auth.messaging_api_key.as_ref(),
             "MESSAGING_API_KEY",
         )?;
         Ok(HostApp)
@@ -134,7 +134,7 @@ impl FromRequestParts<AppState> for Cron {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        require_key(parts, state.config.cron_secret.as_ref(), "CRON_SECRET")?;
+        require_key(parts, state.config.auth.cron_secret.as_ref(), "CRON_SECRET")?;
         Ok(Cron)
     }
 }
@@ -156,6 +156,7 @@ impl FromRequestParts<AppState> for ClientMeta {
         // client and can be forged. So with one trusted proxy the last entry is the client.
         let forwarded = state
             .config
+            .server
             .trust_forwarded_for
             .then(|| parts.headers.get("x-forwarded-for")?.to_str().ok())
             .flatten()

@@ -56,7 +56,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             "status": if ok { "ready" } else { "not_ready" },
             "database": if ok { "ok" } else { "unavailable" },
             "provider": state.provider.name(),
-            "messaging_enabled": state.config.messaging_enabled,
+            "messaging_enabled": state.config.messaging.enabled,
         })),
     )
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 use super::{ClientMeta, JsonBody};
 use crate::app::AppState;
 use crate::error::{AppError, AppResult};
-use crate::otp::{self, SendOtpAnswer, SendOtpRequest, VerifyOtpRequest};
+use crate::otp::{SendOtpAnswer, SendOtpRequest, VerifyOtpRequest};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -24,7 +24,7 @@ async fn send_otp(
     meta: ClientMeta,
     JsonBody(request): JsonBody<SendOtpRequest>,
 ) -> AppResult<Json<SendOtpAnswer>> {
-    let result = otp::send_otp(&state, request, meta.ip).await;
+    let result = state.otp.send(request, meta.ip).await;
     state.metrics.otp_send(result.is_ok());
     Ok(Json(result?))
 }
@@ -35,7 +35,7 @@ async fn verify_otp(
     body: Result<JsonBody<VerifyOtpRequest>, AppError>,
 ) -> Response {
     let result = match body {
-        Ok(JsonBody(request)) => otp::verify_otp(&state, request).await,
+        Ok(JsonBody(request)) => state.otp.verify(request).await,
         Err(e) => Err(e),
     };
     state.metrics.otp_verify(result.is_ok());

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::{AuthUser, ClientMeta, JsonBody};
 use crate::app::AppState;
-use crate::consent::{self, PreferencesUpdate};
+use crate::consent::PreferencesUpdate;
 use crate::error::{AppError, AppResult};
 use crate::store::{ChangeContext, Consent, ConsentSource, MessageRecord};
 
@@ -35,7 +35,7 @@ async fn get_preferences(
     State(state): State<AppState>,
     AuthUser(user_id): AuthUser,
 ) -> AppResult<Json<Value>> {
-    let consent = state.store.get_consent(&user_id).await?;
+    let consent = state.consent.get(&user_id).await?;
     let preferences = consent
         .as_ref()
         .map(preferences_json)
@@ -55,7 +55,10 @@ async fn put_preferences(
         user_agent: meta.user_agent,
         at: state.clock.now(),
     };
-    let consent = consent::update_preferences(&state.store, &user_id, update, ctx).await?;
+    let consent = state
+        .consent
+        .update_preferences(&user_id, update, ctx)
+        .await?;
     Ok(Json(
         json!({"success": true, "preferences": preferences_json(&consent)}),
     ))
@@ -95,7 +98,7 @@ async fn history(
             "limit must be a number from 1 to 200",
         ));
     }
-    let messages = state.store.user_messages(&user_id, limit).await?;
+    let messages = state.outbox.history(&user_id, limit).await?;
     let items: Vec<Value> = messages.iter().map(history_item).collect();
     Ok(Json(json!({"success": true, "messages": items})))
 }

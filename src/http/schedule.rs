@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::{HostApp, JsonBody};
 use crate::app::AppState;
 use crate::error::AppResult;
-use crate::reminders::{self, AppointmentRequest, FollowUpRequest};
+use crate::reminders::{AppointmentRequest, FollowUpRequest};
 use crate::store::{ScheduledItem, SubjectType};
 
 pub fn router() -> Router<AppState> {
@@ -37,7 +37,7 @@ async fn put_appointment(
     Path(id): Path<String>,
     JsonBody(request): JsonBody<AppointmentRequest>,
 ) -> AppResult<Json<Value>> {
-    let item = reminders::put_appointment(&state, &id, request).await?;
+    let item = state.reminders.put_appointment(&id, request).await?;
     Ok(Json(
         json!({"success": true, "appointment": item_json(&item, "starts_at")}),
     ))
@@ -48,7 +48,10 @@ async fn delete_appointment(
     _: HostApp,
     Path(id): Path<String>,
 ) -> AppResult<Json<Value>> {
-    let skipped = reminders::cancel(&state, SubjectType::Appointment, &id).await?;
+    let skipped = state
+        .reminders
+        .cancel(SubjectType::Appointment, &id)
+        .await?;
     Ok(Json(json!({"success": true, "reminders_skipped": skipped})))
 }
 
@@ -58,7 +61,7 @@ async fn put_follow_up(
     Path(id): Path<String>,
     JsonBody(request): JsonBody<FollowUpRequest>,
 ) -> AppResult<Json<Value>> {
-    let item = reminders::put_follow_up(&state, &id, request).await?;
+    let item = state.reminders.put_follow_up(&id, request).await?;
     Ok(Json(
         json!({"success": true, "follow_up": item_json(&item, "due_at")}),
     ))
@@ -69,6 +72,6 @@ async fn delete_follow_up(
     _: HostApp,
     Path(id): Path<String>,
 ) -> AppResult<Json<Value>> {
-    let skipped = reminders::cancel(&state, SubjectType::FollowUp, &id).await?;
+    let skipped = state.reminders.cancel(SubjectType::FollowUp, &id).await?;
     Ok(Json(json!({"success": true, "reminders_skipped": skipped})))
 }

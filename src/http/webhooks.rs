@@ -16,8 +16,9 @@ use serde_json::{json, Value};
 use super::{HostApp, JsonBody};
 use crate::app::AppState;
 use crate::error::{AppError, AppResult};
+use crate::inbound::Incoming;
 use crate::phone::PhoneNumber;
-use crate::webhooks::{self, signature, Incoming};
+use crate::provider::signature;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -27,12 +28,6 @@ pub fn router() -> Router<AppState> {
         .route("/dev/inbound", post(dev_inbound))
 }
 
-/// At most this many messages received at one same microsecond are returned together.
-const MAX_SAME_INSTANT: i64 = 10_000;
-
-/// `/api/inbound` lists messages received at least this long ago.
-const INBOX_SETTLE_SECONDS: i64 = 2;
-
 /// The form parameters of a request whose `X-Twilio-Signature` is right, or why not.
 fn verified_form(
     state: &AppState,
@@ -40,7 +35,7 @@ fn verified_form(
     headers: &HeaderMap,
     body: &[u8],
 ) -> AppResult<Vec<(String, String)>> {
-    let token = state.config.twilio_auth_token.as_ref().ok_or_else(|| {
+    let token = state.config.twilio.auth_token.as_ref().ok_or_else(|| {
         AppError::NotConfigured("TWILIO_AUTH_TOKEN is not set: webhooks cannot be verified".into())
     })?;
     let presented = headers
@@ -51,7 +46,7 @@ fn verified_form(
     let params: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
         .map_err(|_| AppError::Forbidden("invalid X-Twilio-Signature".into()))?;
     // The URL Twilio called: our public base URL, this path, and the query string as sent.
-    let mut url = format!("{}{}", state.config.public_url, uri.path());
+    let mut url = format!("{}{}", state.config.messaging.public_url, uri.path());
     if let Some(query) = uri.query() {
         url.push('?');
         url.push_str(query);
@@ -100,7 +95,10 @@ async fn status_callback(
         ));
     };
     let error_code = field(&params, "ErrorCode").and_then(|c| c.trim().parse::<i64>().ok());
-    webhooks::apply_status(&state.store, sid, status, error_code, state.clock.now()).await?;
+    state
+        .delivery
+        .apply_status(sid, status, error_code, state.clock.now())
+        .await?;
     Ok(())
 }
 
@@ -130,9 +128,7 @@ async fn incoming(
             .filter(|t| !t.is_empty())
             .map(String::from),
     };
-    Ok(twiml_response(
-        webhooks::handle_incoming(&state, message).await?,
-    ))
+    Ok(twiml_response(state.inbound.handle(message).await?))
 }
 
 #[derive(Deserialize)]
@@ -168,29 +164,7 @@ async fn list_inbound(
             "limit must be a number from 1 to 200",
         ));
     }
-    // Messages being written right now are left for the next call, so that a reader moving
-    // `since` forward never skips one that commits after a later one.
-    let until = state.clock.now() - chrono::Duration::seconds(INBOX_SETTLE_SECONDS);
-    let mut messages = state.store.list_incoming(since, until, limit + 1).await?;
-    // A page never ends inside a group of messages received at the same instant, or the reader's
-    // next `since` would skip the rest of the group.
-    if messages.len() as i64 > limit {
-        let boundary = messages[limit as usize].received_at;
-        let keep = messages
-            .iter()
-            .take(limit as usize)
-            .filter(|m| m.received_at < boundary)
-            .count();
-        if keep > 0 {
-            messages.truncate(keep);
-        } else {
-            // The whole page is one instant: return all of it, even past `limit`.
-            messages = state
-                .store
-                .list_incoming(since, boundary, MAX_SAME_INSTANT)
-                .await?;
-        }
-    }
+    let messages = state.inbound.inbox_page(since, limit).await?;
     let next_since = messages.last().map(|m| m.received_at);
     let items: Vec<Value> = messages
         .iter()
@@ -236,7 +210,5 @@ async fn dev_inbound(
         body: request.body,
         opt_out_type: None,
     };
-    Ok(twiml_response(
-        webhooks::handle_incoming(&state, message).await?,
-    ))
+    Ok(twiml_response(state.inbound.handle(message).await?))
 }

@@ -18,14 +18,19 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::app::AppState;
-use crate::config::Config;
+use std::sync::Arc;
+
+use crate::clock::DynClock;
+use crate::config::{Config, OtpSettings};
 use crate::error::{AppError, AppResult};
-use crate::outbox::dispatcher::OtpDelivery;
+use crate::outbox::dispatcher::{Dispatcher, OtpDelivery};
 use crate::outbox::{parse_channel, validate_user_id};
 use crate::phone::PhoneNumber;
 use crate::provider::twilio::{INVALID_TO_NUMBER, NOT_A_MOBILE_NUMBER, RECIPIENT_UNSUBSCRIBED};
-use crate::store::{Channel, DynStore, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome};
+use crate::status::SkipReason;
+use crate::store::{
+    Channel, InboundStore, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome, OtpStore,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,13 +67,13 @@ impl CodeHasher {
     pub fn from_config(config: &Config) -> CodeHasher {
         let mut digest = Sha256::new();
         digest.update(b"prism-messaging otp key v1");
-        let secrets: Vec<&str> = match &config.otp_secret {
+        let secrets: Vec<&str> = match &config.otp.secret {
             Some(secret) => vec![secret.expose()],
             None => [
-                &config.auth_jwt_secret,
-                &config.messaging_api_key,
-                &config.twilio_auth_token,
-                &config.cron_secret,
+                &config.auth.jwt_secret,
+                &config.auth.messaging_api_key,
+                &config.twilio.auth_token,
+                &config.auth.cron_secret,
             ]
             .into_iter()
             .flatten()
@@ -130,127 +135,232 @@ fn validate_purpose(purpose: &str) -> AppResult<()> {
     }
 }
 
-fn opted_out_error(state: &AppState, channel: Channel) -> AppError {
-    let sender = match channel {
-        Channel::Sms => state.config.twilio_phone_number.as_ref(),
-        Channel::Whatsapp => state.config.twilio_whatsapp_number.as_ref(),
-    };
-    let to = sender
-        .map(|n| format!(" to {}", n.as_str()))
-        .unwrap_or_default();
-    AppError::bad_request(
-        "opted_out",
-        format!(
-            "this number has opted out of {} messages from {}; text START{to} to opt back in",
-            channel.as_str(),
-            state.config.clinic_name
-        ),
-    )
+/// What the OTP service needs besides its stores: its settings and the facts it reports.
+#[derive(Debug, Clone)]
+pub struct OtpContext {
+    pub settings: OtpSettings,
+    pub messaging_enabled: bool,
+    pub mock_mode: bool,
+    pub clinic_name: String,
+    /// The SMS and WhatsApp senders, named in the opted-out answer ("text START to ...").
+    pub sms_sender: Option<String>,
+    pub whatsapp_sender: Option<String>,
+    /// How long the code's message stays claimed while it is sent (`DISPATCH_LEASE_SECONDS`).
+    pub lease: Duration,
 }
 
-/// Issue and send a code. Nothing is sent (and nothing written) when a check fails.
-pub async fn send_otp(
-    state: &AppState,
-    request: SendOtpRequest,
-    ip: Option<String>,
-) -> AppResult<SendOtpAnswer> {
-    validate_user_id(&request.user_id)?;
-    validate_purpose(&request.purpose)?;
-    let channel = parse_channel(request.channel.as_deref())?;
-    let phone = PhoneNumber::parse(&request.phone_number)?;
-    let config = &state.config;
-    if !config.otp_allowed_countries.is_empty() {
-        let allowed = phone
-            .country()
-            .is_some_and(|c| config.otp_allowed_countries.contains(&c));
-        if !allowed {
-            return Err(AppError::bad_request(
-                "country_not_allowed",
-                "codes cannot be sent to numbers in this country",
-            ));
+/// Sends and verifies one-time passcodes.
+#[derive(Clone)]
+pub struct Otp {
+    codes: Arc<dyn OtpStore>,
+    opt_outs: Arc<dyn InboundStore>,
+    dispatcher: Dispatcher,
+    hasher: Arc<CodeHasher>,
+    clock: DynClock,
+    context: Arc<OtpContext>,
+}
+
+impl Otp {
+    pub fn new(
+        codes: Arc<dyn OtpStore>,
+        opt_outs: Arc<dyn InboundStore>,
+        dispatcher: Dispatcher,
+        hasher: CodeHasher,
+        clock: DynClock,
+        context: OtpContext,
+    ) -> Self {
+        Otp {
+            codes,
+            opt_outs,
+            dispatcher,
+            hasher: Arc::new(hasher),
+            clock,
+            context: Arc::new(context),
         }
-    }
-    // A refusal for an opted-out number still counts against the limits (below), or anyone
-    // could probe, without limit, which numbers texted STOP to this clinic.
-    let opted_out = state.store.is_opted_out(phone.as_str(), channel).await?;
-    if !config.messaging_enabled {
-        return Err(AppError::Unavailable(
-            "messaging is disabled on this service".into(),
-        ));
     }
 
-    let code = generate_code(config.otp_length);
-    let now = state.clock.now();
-    let issue = OtpIssue {
-        user_id: request.user_id.clone(),
-        purpose: request.purpose.clone(),
-        phone_number: phone.as_str().to_string(),
-        channel,
-        code_hash: state
-            .otp_hasher
-            .hash(&request.user_id, &request.purpose, &code),
-        ip,
-        expires_at: now + Duration::seconds(config.otp_ttl_seconds as i64),
-        now,
-        cooldown_seconds: config.otp_resend_cooldown_seconds as i64,
-        max_sends_per_hour: i64::from(config.otp_max_sends_per_hour),
-        message: (!opted_out).then(|| NewMessage {
-            id: uuid::Uuid::now_v7().to_string(),
-            user_id: request.user_id.clone(),
-            template_name: "otp".into(),
-            // The code is never stored: the message records only that a code was sent.
-            variables: "{}".into(),
-            channel,
-            idempotency_key: None,
-            created_at: now,
-            claimed_until: Some(now + state.config.dispatch.lease),
-        }),
-    };
-    let message = match state.store.issue_otp(&issue).await? {
-        OtpIssueOutcome::Issued(message) => message,
-        OtpIssueOutcome::Logged => return Err(opted_out_error(state, channel)),
-        OtpIssueOutcome::RateLimited {
-            retry_after_seconds,
-        } => {
-            tracing::info!(to = %phone.masked(), purpose = %request.purpose, retry_after_seconds, "OTP send refused: rate limited");
-            return Err(AppError::TooManyRequests {
-                code: "rate_limited",
-                message: "too many codes requested; try again later".into(),
-                retry_after_secs: Some(retry_after_seconds.max(1) as u64),
-            });
+    fn opted_out_error(&self, channel: Channel) -> AppError {
+        let sender = match channel {
+            Channel::Sms => self.context.sms_sender.as_ref(),
+            Channel::Whatsapp => self.context.whatsapp_sender.as_ref(),
+        };
+        let to = sender.map(|n| format!(" to {n}")).unwrap_or_default();
+        AppError::bad_request(
+            "opted_out",
+            format!(
+                "this number has opted out of {} messages from {}; text START{to} to opt back in",
+                channel.as_str(),
+                self.context.clinic_name
+            ),
+        )
+    }
+
+    /// Issue and send a code. Nothing is sent (and nothing written) when a check fails.
+    pub async fn send(
+        &self,
+        request: SendOtpRequest,
+        ip: Option<String>,
+    ) -> AppResult<SendOtpAnswer> {
+        validate_user_id(&request.user_id)?;
+        validate_purpose(&request.purpose)?;
+        let channel = parse_channel(request.channel.as_deref())?;
+        let phone = PhoneNumber::parse(&request.phone_number)?;
+        let context = &self.context;
+        let settings = &context.settings;
+        if !settings.allowed_countries.is_empty() {
+            let allowed = phone
+                .country()
+                .is_some_and(|c| settings.allowed_countries.contains(&c));
+            if !allowed {
+                return Err(AppError::bad_request(
+                    "country_not_allowed",
+                    "codes cannot be sent to numbers in this country",
+                ));
+            }
         }
-    };
-    let delivery = state
-        .dispatcher()
-        .send_otp_now(&message, phone, &code)
-        .await?;
-    match delivery {
-        OtpDelivery::Sent => Ok(SendOtpAnswer {
-            success: true,
-            expires_in: config.otp_ttl_seconds,
-            mock: config.mock_mode,
-        }),
-        OtpDelivery::Refused(Some(RECIPIENT_UNSUBSCRIBED)) => Err(opted_out_error(state, channel)),
-        OtpDelivery::Refused(Some(INVALID_TO_NUMBER | NOT_A_MOBILE_NUMBER)) => Err(
-            AppError::bad_request("invalid_phone", "this number cannot receive messages"),
-        ),
-        OtpDelivery::Refused(_) => Err(AppError::bad_request(
-            "undeliverable",
-            "a code cannot be delivered to this number on this channel",
-        )),
-        OtpDelivery::Unavailable => Err(AppError::Unavailable(
-            "the code could not be sent right now; try again shortly".into(),
-        )),
-        OtpDelivery::Skipped(reason) if reason == "whatsapp_window_closed" => {
-            Err(AppError::bad_request(
+        // A refusal for an opted-out number still counts against the limits (below), or anyone
+        // could probe, without limit, which numbers texted STOP to this clinic.
+        let opted_out = self.opt_outs.is_opted_out(phone.as_str(), channel).await?;
+        if !context.messaging_enabled {
+            return Err(AppError::Unavailable(
+                "messaging is disabled on this service".into(),
+            ));
+        }
+
+        let code = generate_code(settings.length);
+        let now = self.clock.now();
+        let issue = OtpIssue {
+            user_id: request.user_id.clone(),
+            purpose: request.purpose.clone(),
+            phone_number: phone.as_str().to_string(),
+            channel,
+            code_hash: self.hasher.hash(&request.user_id, &request.purpose, &code),
+            ip,
+            expires_at: now + Duration::seconds(settings.ttl.as_secs() as i64),
+            now,
+            cooldown_seconds: settings.resend_cooldown.as_secs() as i64,
+            max_sends_per_hour: i64::from(settings.max_sends_per_hour),
+            message: (!opted_out).then(|| NewMessage {
+                id: uuid::Uuid::now_v7().to_string(),
+                user_id: request.user_id.clone(),
+                template_name: "otp".into(),
+                // The code is never stored: the message records only that a code was sent.
+                variables: "{}".into(),
+                channel,
+                idempotency_key: None,
+                created_at: now,
+                claimed_until: Some(now + context.lease),
+            }),
+        };
+        let message = match self.codes.issue_otp(&issue).await? {
+            OtpIssueOutcome::Issued(message) => message,
+            OtpIssueOutcome::Logged => return Err(self.opted_out_error(channel)),
+            OtpIssueOutcome::RateLimited {
+                retry_after_seconds,
+            } => {
+                tracing::info!(to = %phone.masked(), purpose = %request.purpose, retry_after_seconds, "OTP send refused: rate limited");
+                return Err(AppError::TooManyRequests {
+                    code: "rate_limited",
+                    message: "too many codes requested; try again later".into(),
+                    retry_after_secs: Some(retry_after_seconds.max(1) as u64),
+                });
+            }
+        };
+        let delivery = self.dispatcher.send_otp_now(&message, phone, &code).await?;
+        match delivery {
+            OtpDelivery::Sent => Ok(SendOtpAnswer {
+                success: true,
+                expires_in: settings.ttl.as_secs(),
+                mock: context.mock_mode,
+            }),
+            OtpDelivery::Refused(Some(RECIPIENT_UNSUBSCRIBED)) => {
+                Err(self.opted_out_error(channel))
+            }
+            OtpDelivery::Refused(Some(INVALID_TO_NUMBER | NOT_A_MOBILE_NUMBER)) => Err(
+                AppError::bad_request("invalid_phone", "this number cannot receive messages"),
+            ),
+            OtpDelivery::Refused(_) => Err(AppError::bad_request(
+                "undeliverable",
+                "a code cannot be delivered to this number on this channel",
+            )),
+            OtpDelivery::Unavailable => Err(AppError::Unavailable(
+                "the code could not be sent right now; try again shortly".into(),
+            )),
+            OtpDelivery::Skipped(SkipReason::WhatsappWindowClosed) => Err(AppError::bad_request(
                 "whatsapp_window_closed",
                 "a WhatsApp code can only go to a number that wrote to us in the last 24 hours \
                  (or as an approved template); use sms",
-            ))
+            )),
+            OtpDelivery::Skipped(_) => Err(AppError::Unavailable(
+                "messaging is disabled on this service".into(),
+            )),
         }
-        OtpDelivery::Skipped(_) => Err(AppError::Unavailable(
-            "messaging is disabled on this service".into(),
-        )),
+    }
+
+    /// Verify a code. `Ok(())` exactly once for the right, live code.
+    pub async fn verify(&self, request: VerifyOtpRequest) -> AppResult<()> {
+        validate_user_id(&request.user_id)?;
+        validate_purpose(&request.purpose)?;
+        let code = request.otp_code.trim();
+        let max_attempts = i64::from(self.context.settings.max_attempts);
+        let Some(record) = self
+            .codes
+            .get_otp(&request.user_id, &request.purpose)
+            .await?
+        else {
+            return Err(invalid_code());
+        };
+        if record.attempts >= max_attempts {
+            return Err(too_many_attempts());
+        }
+        let now = self.clock.now();
+        if record.used_at.is_some() || record.expires_at <= now {
+            return Err(invalid_code());
+        }
+        let presented = self.hasher.hash(&request.user_id, &request.purpose, code);
+        let matches: bool = presented
+            .as_bytes()
+            .ct_eq(record.code_hash.as_bytes())
+            .into();
+        if matches {
+            // The conditional update lets exactly one of several simultaneous verifies win.
+            if self
+                .codes
+                .consume_otp(
+                    &request.user_id,
+                    &request.purpose,
+                    &record.code_hash,
+                    max_attempts,
+                    now,
+                )
+                .await?
+            {
+                tracing::info!(user_id = %request.user_id, purpose = %request.purpose, "OTP verified");
+                return Ok(());
+            }
+            return Err(invalid_code());
+        }
+        let attempts = self
+            .codes
+            .record_otp_failure(&request.user_id, &request.purpose, &record.code_hash)
+            .await?;
+        tracing::info!(user_id = %request.user_id, purpose = %request.purpose, attempts, "OTP verify failed");
+        match attempts {
+            Some(n) if n > max_attempts => Err(too_many_attempts()),
+            _ => Err(invalid_code()),
+        }
+    }
+
+    /// The cleanup job: delete used and expired codes and old rate-limit records.
+    pub async fn cleanup(&self) -> AppResult<OtpCleanup> {
+        let report = self.codes.cleanup_otps(self.clock.now()).await?;
+        tracing::info!(
+            expired = report.expired_deleted,
+            used = report.used_deleted,
+            send_log = report.send_log_pruned,
+            "OTP cleanup"
+        );
+        Ok(report)
     }
 }
 
@@ -267,77 +377,6 @@ fn too_many_attempts() -> AppError {
         message: "too many wrong codes; request a new code".into(),
         retry_after_secs: None,
     }
-}
-
-/// Verify a code. `Ok(())` exactly once for the right, live code.
-pub async fn verify_otp(state: &AppState, request: VerifyOtpRequest) -> AppResult<()> {
-    validate_user_id(&request.user_id)?;
-    validate_purpose(&request.purpose)?;
-    let code = request.otp_code.trim();
-    let max_attempts = i64::from(state.config.otp_max_attempts);
-    let Some(record) = state
-        .store
-        .get_otp(&request.user_id, &request.purpose)
-        .await?
-    else {
-        return Err(invalid_code());
-    };
-    if record.attempts >= max_attempts {
-        return Err(too_many_attempts());
-    }
-    let now = state.clock.now();
-    if record.used_at.is_some() || record.expires_at <= now {
-        return Err(invalid_code());
-    }
-    let presented = state
-        .otp_hasher
-        .hash(&request.user_id, &request.purpose, code);
-    let matches: bool = presented
-        .as_bytes()
-        .ct_eq(record.code_hash.as_bytes())
-        .into();
-    if matches {
-        // The conditional update lets exactly one of several simultaneous verifies win.
-        if state
-            .store
-            .consume_otp(
-                &request.user_id,
-                &request.purpose,
-                &record.code_hash,
-                max_attempts,
-                now,
-            )
-            .await?
-        {
-            tracing::info!(user_id = %request.user_id, purpose = %request.purpose, "OTP verified");
-            return Ok(());
-        }
-        return Err(invalid_code());
-    }
-    let attempts = state
-        .store
-        .record_otp_failure(&request.user_id, &request.purpose, &record.code_hash)
-        .await?;
-    tracing::info!(user_id = %request.user_id, purpose = %request.purpose, attempts, "OTP verify failed");
-    match attempts {
-        Some(n) if n > max_attempts => Err(too_many_attempts()),
-        _ => Err(invalid_code()),
-    }
-}
-
-/// The cleanup job: delete used and expired codes and old rate-limit records.
-pub async fn cleanup(
-    store: &DynStore,
-    now: chrono::DateTime<chrono::Utc>,
-) -> AppResult<OtpCleanup> {
-    let report = store.cleanup_otps(now).await?;
-    tracing::info!(
-        expired = report.expired_deleted,
-        used = report.used_deleted,
-        send_log = report.send_log_pruned,
-        "OTP cleanup"
-    );
-    Ok(report)
 }
 
 #[cfg(test)]

@@ -19,45 +19,43 @@ use chrono::{DateTime, Utc};
 use rand::Rng;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::quiet_hours;
+use super::policy::{self, PolicySettings, QuietHoursRule, WhatsappRoute};
+use super::DispatchWakeup;
 
 mod pacing;
 mod recovery;
 
+use crate::channel::Channel;
 use crate::clock::DynClock;
-use crate::config::Config;
+use crate::config::{DispatchSettings, MessagingSettings, TwilioSettings};
+use crate::consent::ConsentService;
+use crate::delivery::Delivery;
 use crate::error::AppResult;
 use crate::metrics::Metrics;
 use crate::phone::PhoneNumber;
+use crate::provider::twilio::RECIPIENT_UNSUBSCRIBED;
 use crate::provider::{DynProvider, OutboundMessage, ProviderError};
-use crate::store::{Channel, DispatchResult, DynStore, MessageRecord, SendAttempt, SubjectType};
-use crate::templates::{self, Category, RenderContext, Template, ValidVariables};
-use crate::webhooks;
+use crate::status::{MessageStatus, SkipReason};
+use crate::store::{
+    ConsentStore, DispatchResult, InboundStore, MessageRecord, MessageStore, ScheduleStore,
+    SendAttempt, SubjectType,
+};
+use crate::templates::{self, RenderContext, Template, ValidVariables};
 use recovery::outcome_unknown;
 
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// The longest a provider's `Retry-After` may hold a message back.
 const MAX_RETRY_AFTER: chrono::Duration = chrono::Duration::hours(1);
-/// WhatsApp allows free-form messages for 24 hours after the patient's last message.
-const WHATSAPP_WINDOW: chrono::Duration = chrono::Duration::hours(24);
-
-/// How a WhatsApp message may go (see [`Dispatcher::whatsapp_route`]).
-enum WhatsappRoute {
-    FreeText,
-    Template(String),
-    Closed,
-}
 
 /// What became of a one-time passcode sent at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OtpDelivery {
     Sent,
     /// Not sent, on purpose (`disabled`, `whatsapp_window_closed`).
-    Skipped(String),
+    Skipped(SkipReason),
     /// The provider refused it for good, with its error code.
     Refused(Option<i64>),
     /// The provider could not take it now; asking again later can work.
@@ -82,13 +80,55 @@ pub struct RoundReport {
     pub lost: usize,
 }
 
+impl RoundReport {
+    /// Each outcome with its name, for `/metrics`.
+    pub fn counts(&self) -> [(&'static str, usize); 9] {
+        [
+            ("claimed", self.claimed),
+            ("sent", self.sent),
+            ("skipped", self.skipped),
+            ("failed", self.failed),
+            ("retried", self.retried),
+            ("deferred", self.deferred),
+            ("adopted", self.adopted),
+            ("released", self.released),
+            ("lost", self.lost),
+        ]
+    }
+}
+
+/// The parts of the application a dispatcher works with.
+#[derive(Clone)]
+pub struct DispatcherParts {
+    pub messages: Arc<dyn MessageStore>,
+    pub consent_records: Arc<dyn ConsentStore>,
+    pub inbound: Arc<dyn InboundStore>,
+    pub schedule: Arc<dyn ScheduleStore>,
+    pub provider: DynProvider,
+    pub delivery: Delivery,
+    pub consent: ConsentService,
+    pub clock: DynClock,
+    pub settings: DispatchSettings,
+    pub messaging: MessagingSettings,
+    pub twilio: TwilioSettings,
+    pub metrics: Option<Arc<Metrics>>,
+}
+
 #[derive(Clone)]
 pub struct Dispatcher {
-    store: DynStore,
+    messages: Arc<dyn MessageStore>,
+    consent_records: Arc<dyn ConsentStore>,
+    inbound: Arc<dyn InboundStore>,
+    schedule: Arc<dyn ScheduleStore>,
     provider: DynProvider,
-    config: Arc<Config>,
-    render: Arc<RenderContext>,
+    delivery: Delivery,
+    consent: ConsentService,
     clock: DynClock,
+    settings: DispatchSettings,
+    policy: Arc<PolicySettings>,
+    /// Sender keys for pacing, per channel.
+    senders: Arc<pacing::Senders>,
+    render: Arc<RenderContext>,
     /// Once cancelled, claimed messages not yet on the wire are given back.
     shutdown: CancellationToken,
     metrics: Option<Arc<Metrics>>,
@@ -110,29 +150,54 @@ enum Settled {
     Lost,
 }
 
-impl Dispatcher {
-    pub fn new(
-        store: DynStore,
-        provider: DynProvider,
-        config: Arc<Config>,
-        clock: DynClock,
-    ) -> Self {
-        let render = Arc::new(config.render_context());
-        Dispatcher {
-            store,
-            provider,
-            config,
-            render,
-            clock,
-            shutdown: CancellationToken::new(),
-            metrics: None,
-        }
-    }
+/// The send-time check's answer: a message ready for the provider, or what to record instead.
+enum Prepared {
+    Ready(OutboundMessage),
+    NotSent(DispatchResult),
+}
 
-    /// Count each round's outcomes for `/metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = Some(metrics);
-        self
+/// What a provider call came to.
+enum Attempt {
+    /// The provider answered (or failed to): the result to record, with the provider's own status
+    /// word when it accepted the message.
+    Answered {
+        result: DispatchResult,
+        provider_status: Option<String>,
+    },
+    /// The claim was taken over before the call: nothing was sent.
+    ClaimLost,
+}
+
+/// A one-time passcode's send, and whether a failure was only temporary.
+struct OtpAttempt {
+    settled: Settled,
+    temporary: bool,
+}
+
+impl Dispatcher {
+    pub fn new(parts: DispatcherParts) -> Self {
+        let policy = PolicySettings {
+            messaging_enabled: parts.messaging.enabled,
+            quiet_hours: parts.messaging.quiet_hours,
+            time_zone: parts.messaging.default_time_zone,
+            content_sids: parts.twilio.content_sids.clone(),
+        };
+        Dispatcher {
+            messages: parts.messages,
+            consent_records: parts.consent_records,
+            inbound: parts.inbound,
+            schedule: parts.schedule,
+            provider: parts.provider,
+            delivery: parts.delivery,
+            consent: parts.consent,
+            clock: parts.clock,
+            settings: parts.settings,
+            policy: Arc::new(policy),
+            senders: Arc::new(pacing::Senders::new(&parts.twilio)),
+            render: Arc::new(parts.messaging.render_context()),
+            shutdown: CancellationToken::new(),
+            metrics: parts.metrics,
+        }
     }
 
     /// Give claimed-but-unsent messages back when `shutdown` is cancelled.
@@ -144,9 +209,9 @@ impl Dispatcher {
     /// Claim one batch of due messages and settle each of them.
     pub async fn run_once(&self) -> AppResult<RoundReport> {
         let now = self.clock.now();
-        let settings = self.config.dispatch;
+        let settings = self.settings;
         let claimed = self
-            .store
+            .messages
             .claim_due_messages(now, now + settings.lease, settings.batch_size)
             .await?;
         let mut report = RoundReport {
@@ -176,13 +241,13 @@ impl Dispatcher {
             }
         }
         if let Some(metrics) = &self.metrics {
-            metrics.record_round(&report);
+            metrics.record_round(&report.counts());
         }
         Ok(report)
     }
 
     /// Run rounds until `shutdown`; an idle dispatcher sleeps until `wakeup` or the poll interval.
-    pub async fn run(self, wakeup: Arc<Notify>, shutdown: CancellationToken) {
+    pub async fn run(self, wakeup: DispatchWakeup, shutdown: CancellationToken) {
         let this = self.with_shutdown(shutdown.clone());
         tracing::info!(provider = this.provider.name(), "dispatcher started");
         while !shutdown.is_cancelled() {
@@ -215,28 +280,29 @@ impl Dispatcher {
         // First what an earlier attempt may have done, whatever policy says now: a message that
         // already reached the patient is recorded as sent, not skipped.
         if outcome_unknown(&claim.message) {
-            if let Some(settled) = self.recover(&claim).await? {
+            if let recovery::Recovery::Settled(settled) = self.recover(&claim).await? {
                 return Ok(settled);
             }
         }
         let outbound = match self.prepare(&claim.message).await? {
-            Ok(outbound) => outbound,
-            Err(not_sent) => return self.finish(&claim, "", not_sent, None).await,
+            Prepared::Ready(outbound) => outbound,
+            Prepared::NotSent(result) => return self.finish(&claim, "", result, None).await,
         };
         if !self.wait_for_send_slot(&outbound).await? {
             return self.release(&claim).await;
         }
         let to = outbound.to.masked();
         match self.send(&mut claim, outbound).await? {
-            Some((result, provider_status)) => {
-                self.finish(&claim, &to, result, provider_status).await
-            }
-            None => Ok(Settled::Lost),
+            Attempt::Answered {
+                result,
+                provider_status,
+            } => self.finish(&claim, &to, result, provider_status).await,
+            Attempt::ClaimLost => Ok(Settled::Lost),
         }
     }
 
     async fn release(&self, claim: &Claim) -> AppResult<Settled> {
-        self.store
+        self.messages
             .release_claim(&claim.message.id, self.clock.now(), claim.fence)
             .await?;
         Ok(Settled::Released)
@@ -255,7 +321,7 @@ impl Dispatcher {
         let message = &claim.message;
         let now = self.clock.now();
         if !self
-            .store
+            .messages
             .record_dispatch(&message.id, &result, now, claim.fence)
             .await?
         {
@@ -266,57 +332,49 @@ impl Dispatcher {
         match &result {
             // The carrier says the patient opted out: stop messaging that number on that channel.
             DispatchResult::Failed {
-                code: Some(webhooks::RECIPIENT_OPTED_OUT),
+                code: Some(RECIPIENT_UNSUBSCRIBED),
                 ..
             } => {
-                if let Some(sent) = self.store.get_message(&message.id).await? {
+                if let Some(sent) = self.messages.get_message(&message.id).await? {
                     if let (Some(number), Some(channel)) =
                         (sent.to_number.as_deref(), Channel::parse(&sent.channel))
                     {
-                        webhooks::carrier_opt_out(&self.store, number, channel, now).await?;
+                        self.consent.carrier_opt_out(number, channel, now).await?;
                     }
                 }
             }
             DispatchResult::Sent { provider_sid, .. } => {
                 // Only news beyond `sent` (Twilio answers `queued` at creation, which says nothing).
-                let mut statuses: Vec<(String, Option<i64>)> = provider_status
-                    .filter(|s| {
-                        webhooks::our_status(s)
-                            .is_some_and(|ours| webhooks::allowed_from(ours).contains(&"sent"))
-                    })
-                    .map(|s| (s, None))
-                    .into_iter()
-                    .collect();
-                statuses.extend(self.store.take_unmatched_statuses(provider_sid).await?);
-                for (status, error_code) in statuses {
-                    webhooks::apply_status(&self.store, provider_sid, &status, error_code, now)
+                let news = provider_status.filter(|s| {
+                    MessageStatus::from_twilio(s)
+                        .is_some_and(|ours| ours.may_follow(MessageStatus::Sent))
+                });
+                if let Some(status) = news {
+                    self.delivery
+                        .apply_status(provider_sid, &status, None, now)
                         .await?;
                 }
+                self.delivery
+                    .apply_early_statuses(provider_sid, now)
+                    .await?;
             }
             _ => {}
         }
         Ok(Settled::Done(result))
     }
 
-    /// The send-time policy check and rendering: either a message ready for the provider, or the
-    /// reason it will not be sent now.
-    async fn prepare(
-        &self,
-        message: &MessageRecord,
-    ) -> AppResult<Result<OutboundMessage, DispatchResult>> {
-        let skip = |reason: &str| {
-            Ok(Err(DispatchResult::Skipped {
-                reason: reason.into(),
-            }))
-        };
+    /// The send-time policy check (see [`policy`]) and rendering: either a message ready for the
+    /// provider, or what to record instead.
+    async fn prepare(&self, message: &MessageRecord) -> AppResult<Prepared> {
+        let skip = |reason: SkipReason| Ok(Prepared::NotSent(DispatchResult::Skipped { reason }));
         let fail = |why: String| {
-            Ok(Err(DispatchResult::Failed {
+            Ok(Prepared::NotSent(DispatchResult::Failed {
                 code: None,
                 message: why,
             }))
         };
-        if !self.config.messaging_enabled {
-            return skip("disabled");
+        if !self.policy.messaging_enabled {
+            return skip(SkipReason::Disabled);
         }
         let Some(template) = templates::find(&message.template_name) else {
             return fail(format!("unknown template {}", message.template_name));
@@ -324,51 +382,44 @@ impl Dispatcher {
         let Some(mut channel) = Channel::parse(&message.channel) else {
             return fail(format!("unknown channel {}", message.channel));
         };
-        let Some(consent) = self.store.get_consent(&message.user_id).await? else {
-            return skip("no_consent");
+        let consent = self.consent_records.get_consent(&message.user_id).await?;
+        let to = match policy::recipient(consent.as_ref()) {
+            Ok(to) => to,
+            Err(reason) => return skip(reason),
         };
-        let Some(to) = consent
-            .phone_number
-            .as_deref()
-            .and_then(|p| PhoneNumber::parse(p).ok())
-        else {
-            return skip("no_consent");
+        let Some(consent) = consent else {
+            return skip(SkipReason::NoConsent);
         };
         // The number texted STOP on this channel: nothing goes there until START.
-        if self.store.is_opted_out(to.as_str(), channel).await? {
-            return skip("opted_out");
+        if self.inbound.is_opted_out(to.as_str(), channel).await? {
+            return skip(SkipReason::OptedOut);
         }
-        let channel_consent = match channel {
-            Channel::Sms => consent.sms_consent,
-            Channel::Whatsapp => consent.whatsapp_consent,
-        };
-        let marketing_ok = template.category != Category::Marketing || consent.marketing_consent;
-        if !channel_consent || !marketing_ok {
-            return skip("no_consent");
+        if !policy::consented(&consent, template, channel) {
+            return skip(SkipReason::NoConsent);
         }
         // A reminder goes only while its appointment or follow-up is still on, at that time.
-        let subject = match template.name {
-            "appointment_reminder_24h" | "appointment_reminder_2h" | "follow_up_reminder" => {
-                self.store.reminder_subject(&message.id).await?
-            }
-            _ => None,
+        let subject = match policy::is_reminder(template) {
+            true => self.schedule.reminder_subject(&message.id).await?,
+            false => None,
         };
         if let Some((kind, id, at)) = &subject {
-            if let Some(reason) = self.reminder_obsolete(*kind, id, *at).await? {
-                return skip(&reason);
+            let item = self.schedule.get_scheduled(*kind, id).await?;
+            if let Some(reason) =
+                policy::reminder_obsolete(*kind, *at, item.as_ref(), self.clock.now())
+            {
+                return skip(reason);
             }
         }
-        if let Some(until) = self.quiet_until(template) {
-            // Held past the appointment itself, a reminder is pointless.
-            if let Some((SubjectType::Appointment, _, at)) = &subject {
-                if until >= *at {
-                    return skip("quiet_hours_passed");
-                }
+        let appointment_at = match &subject {
+            Some((SubjectType::Appointment, _, at)) => Some(*at),
+            _ => None,
+        };
+        match policy::quiet_hours_rule(template, &self.policy, self.clock.now(), appointment_at) {
+            QuietHoursRule::SendNow => {}
+            QuietHoursRule::HoldUntil(until) => {
+                return Ok(Prepared::NotSent(DispatchResult::Deferred { until }))
             }
-            return Ok(Err(DispatchResult::Deferred {
-                until,
-                reason: "quiet_hours".into(),
-            }));
+            QuietHoursRule::Skip(reason) => return skip(reason),
         }
         let variables: Value = serde_json::from_str(&message.variables).unwrap_or(Value::Null);
         let valid = match template.validate(&variables, &self.render) {
@@ -384,16 +435,16 @@ impl Dispatcher {
                 }
                 // Outside the window with no approved template: SMS if the patient takes SMS.
                 WhatsappRoute::Closed => {
-                    let sms_ok = consent.sms_consent
-                        && !self.store.is_opted_out(to.as_str(), Channel::Sms).await?;
-                    if !sms_ok {
-                        return skip("whatsapp_window_closed");
+                    let sms_opted_out = consent.sms_consent
+                        && self.inbound.is_opted_out(to.as_str(), Channel::Sms).await?;
+                    match policy::whatsapp_fallback(&consent, sms_opted_out) {
+                        Ok(fallback) => channel = fallback,
+                        Err(reason) => return skip(reason),
                     }
-                    channel = Channel::Sms;
                 }
             }
         }
-        Ok(Ok(self.outbound(
+        Ok(Prepared::Ready(self.outbound(
             message,
             template,
             channel,
@@ -403,59 +454,19 @@ impl Dispatcher {
         )))
     }
 
-    /// Why a reminder for `kind` `id` at `at` should no longer go, if it should not.
-    async fn reminder_obsolete(
-        &self,
-        kind: SubjectType,
-        id: &str,
-        at: DateTime<Utc>,
-    ) -> AppResult<Option<String>> {
-        let item = self.store.get_scheduled(kind, id).await?;
-        Ok(match item {
-            None => Some(format!("{}_cancelled", kind.as_str())),
-            Some(item) if item.status == "cancelled" => {
-                Some(format!("{}_cancelled", kind.as_str()))
-            }
-            Some(item) if item.scheduled_at != at => Some(format!("{}_rescheduled", kind.as_str())),
-            Some(_) if kind == SubjectType::Appointment && self.clock.now() >= at => {
-                Some("appointment_passed".to_string())
-            }
-            Some(_) => None,
-        })
-    }
-
-    /// When quiet hours hold this template back now, the moment they end. Users have no stored
-    /// time zone yet, so theirs is `DEFAULT_TIME_ZONE`. OTPs and keyword replies answer the
-    /// patient and are never held back.
-    fn quiet_until(&self, template: &Template) -> Option<DateTime<Utc>> {
-        if !matches!(
-            template.category,
-            Category::Transactional | Category::Marketing
-        ) || template.name == "otp"
-        {
-            return None;
-        }
-        let quiet = self.config.quiet_hours?;
-        let tz: chrono_tz::Tz = self.config.default_time_zone.parse().ok()?;
-        quiet_hours::quiet_until(self.clock.now(), tz, quiet)
-    }
-
-    /// How a WhatsApp message may go: free text inside 24 hours of the patient's last WhatsApp
-    /// message; outside it only as an approved template (`TWILIO_CONTENT_SIDS`).
+    /// How a WhatsApp message to `to` may go now.
     async fn whatsapp_route(
         &self,
         to: &PhoneNumber,
         template: &Template,
     ) -> AppResult<WhatsappRoute> {
-        let last = self.store.last_whatsapp_inbound(to.as_str()).await?;
-        let open = last.is_some_and(|at| self.clock.now() - at < WHATSAPP_WINDOW);
-        Ok(if open {
-            WhatsappRoute::FreeText
-        } else if let Some(sid) = self.config.twilio_content_sids.get(template.name) {
-            WhatsappRoute::Template(sid.clone())
-        } else {
-            WhatsappRoute::Closed
-        })
+        let last = self.inbound.last_whatsapp_inbound(to.as_str()).await?;
+        Ok(policy::whatsapp_route(
+            last,
+            self.clock.now(),
+            template,
+            &self.policy,
+        ))
     }
 
     /// The wire form of a message.
@@ -494,7 +505,7 @@ impl Dispatcher {
             message: message.clone(),
             fence,
         };
-        let (settled, temporary) = self.send_otp_claimed(&mut claim, to, code).await?;
+        let OtpAttempt { settled, temporary } = self.send_otp_claimed(&mut claim, to, code).await?;
         match settled {
             Settled::Done(DispatchResult::Sent { .. }) => Ok(OtpDelivery::Sent),
             Settled::Done(DispatchResult::Skipped { reason }) => Ok(OtpDelivery::Skipped(reason)),
@@ -511,12 +522,16 @@ impl Dispatcher {
         claim: &mut Claim,
         to: PhoneNumber,
         code: &str,
-    ) -> AppResult<(Settled, bool)> {
-        if !self.config.messaging_enabled {
-            let skipped = DispatchResult::Skipped {
-                reason: "disabled".into(),
+    ) -> AppResult<OtpAttempt> {
+        let skipped = |settled| OtpAttempt {
+            settled,
+            temporary: false,
+        };
+        if !self.policy.messaging_enabled {
+            let result = DispatchResult::Skipped {
+                reason: SkipReason::Disabled,
             };
-            return Ok((self.finish(claim, "", skipped, None).await?, false));
+            return Ok(skipped(self.finish(claim, "", result, None).await?));
         }
         let template =
             templates::find("otp").ok_or_else(|| anyhow::anyhow!("the otp template is missing"))?;
@@ -531,10 +546,10 @@ impl Dispatcher {
                     whatsapp_template = Some((sid, valid.content_variables_json()))
                 }
                 WhatsappRoute::Closed => {
-                    let skipped = DispatchResult::Skipped {
-                        reason: "whatsapp_window_closed".into(),
+                    let result = DispatchResult::Skipped {
+                        reason: SkipReason::WhatsappWindowClosed,
                     };
-                    return Ok((self.finish(claim, "", skipped, None).await?, false));
+                    return Ok(skipped(self.finish(claim, "", result, None).await?));
                 }
             }
         }
@@ -550,8 +565,12 @@ impl Dispatcher {
         // A patient is waiting for this code: it goes now, taking the sender's next slot so the
         // queued messages behind it slow down to keep the sender's rate.
         self.take_send_slot(&outbound).await?;
-        let Some((result, provider_status)) = self.send(claim, outbound).await? else {
-            return Ok((Settled::Lost, false));
+        let Attempt::Answered {
+            result,
+            provider_status,
+        } = self.send(claim, outbound).await?
+        else {
+            return Ok(skipped(Settled::Lost));
         };
         // The code cannot wait in the queue: a failure that a retry could fix is recorded as
         // failed, and reported as temporary so the patient is told to ask again.
@@ -561,20 +580,15 @@ impl Dispatcher {
             }
             other => (other, false),
         };
-        Ok((
-            self.finish(claim, &masked, result, provider_status).await?,
+        Ok(OtpAttempt {
+            settled: self.finish(claim, &masked, result, provider_status).await?,
             temporary,
-        ))
+        })
     }
 
     /// Mark the message `sending` (renewing the lease for the call), call the provider, and
-    /// classify the answer, with the provider's own status word when it accepted the message.
-    /// `None` when the claim was taken over before the call: nothing is sent.
-    async fn send(
-        &self,
-        claim: &mut Claim,
-        outbound: OutboundMessage,
-    ) -> AppResult<Option<(DispatchResult, Option<String>)>> {
+    /// classify the answer.
+    async fn send(&self, claim: &mut Claim, outbound: OutboundMessage) -> AppResult<Attempt> {
         let info = crate::segments::analyze(&outbound.body);
         let attempt = SendAttempt {
             to_number: outbound.to.as_str().to_string(),
@@ -583,27 +597,30 @@ impl Dispatcher {
             segments: i64::from(info.segments),
         };
         let now = self.clock.now();
-        let renewed = now + self.config.dispatch.lease;
+        let renewed = now + self.settings.lease;
         if !self
-            .store
+            .messages
             .mark_sending(&claim.message.id, &attempt, now, claim.fence, renewed)
             .await?
         {
             tracing::warn!(message_id = %claim.message.id, "claim taken over before sending; not sending");
-            return Ok(None);
+            return Ok(Attempt::ClaimLost);
         }
         claim.fence = renewed;
         let attempts_made = claim.message.attempts + 1;
-        Ok(Some(match self.provider.send(&outbound).await {
-            Ok(accepted) => (
-                DispatchResult::Sent {
+        Ok(match self.provider.send(&outbound).await {
+            Ok(accepted) => Attempt::Answered {
+                result: DispatchResult::Sent {
                     provider_sid: accepted.sid,
-                    status: "sent".into(),
+                    status: MessageStatus::Sent,
                 },
-                Some(accepted.status),
-            ),
-            Err(e) => (self.retry_or_fail(&claim.message, attempts_made, &e), None),
-        }))
+                provider_status: Some(accepted.status),
+            },
+            Err(e) => Attempt::Answered {
+                result: self.retry_or_fail(&claim.message, attempts_made, &e),
+                provider_status: None,
+            },
+        })
     }
 
     /// After a provider error: queue again with backoff while attempts and age allow, else fail
@@ -614,7 +631,7 @@ impl Dispatcher {
         attempts_made: i64,
         error: &ProviderError,
     ) -> DispatchResult {
-        let settings = self.config.dispatch;
+        let settings = self.settings;
         let too_old = self.clock.now() - message.created_at > settings.max_age;
         if error.is_retryable() && attempts_made < settings.max_attempts && !too_old {
             return DispatchResult::Retry {
@@ -674,15 +691,20 @@ fn log_result(message: &MessageRecord, to: &str, result: &DispatchResult) {
                 template,
                 to,
                 provider_sid,
-                status,
+                status = status.as_str(),
                 "message sent"
             )
         }
         DispatchResult::Skipped { reason } => {
-            tracing::info!(message_id = id, template, reason, "message skipped")
+            tracing::info!(
+                message_id = id,
+                template,
+                reason = reason.as_str(),
+                "message skipped"
+            )
         }
-        DispatchResult::Deferred { until, reason } => {
-            tracing::info!(message_id = id, template, reason, %until, "message held back")
+        DispatchResult::Deferred { until } => {
+            tracing::info!(message_id = id, template, reason = "quiet_hours", %until, "message held back")
         }
         DispatchResult::Failed { code, message } => {
             tracing::warn!(

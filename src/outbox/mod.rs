@@ -1,14 +1,20 @@
 //! The outbox: every outbound message is first a `queued` row in `messages`; the
-//! [`dispatcher`] sends it. This module queues host-app notifications.
+//! [`dispatcher`] sends it. [`Outbox`] queues host-app notifications (waking the dispatcher) and
+//! reads messages back: one with its status history, or a user's history.
 
 pub mod dispatcher;
+pub mod policy;
 pub mod quiet_hours;
+
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use tokio::sync::Notify;
 
+use crate::clock::DynClock;
 use crate::error::{AppError, AppResult};
-use crate::store::{Channel, DynStore, MessageRecord, NewMessage};
+use crate::store::{Channel, MessageEvent, MessageRecord, MessageStore, NewMessage};
 use crate::templates::{self, Category, RenderContext, Template};
 
 const MAX_USER_ID_LEN: usize = 128;
@@ -54,82 +60,137 @@ pub fn parse_channel(channel: Option<&str>) -> AppResult<Channel> {
     }
 }
 
-/// Validate and queue a notification. Returns the message and whether it was created now
-/// (`false`: the idempotency key named an existing message with the same content).
-pub async fn queue_notification(
-    store: &DynStore,
-    ctx: &RenderContext,
-    request: NotificationRequest,
-    now: chrono::DateTime<chrono::Utc>,
-) -> AppResult<(MessageRecord, bool)> {
-    validate_user_id(&request.user_id)?;
-    let template = templates::find(&request.template)
-        .filter(|t| host_app_may_send(t))
-        .ok_or_else(|| {
-            AppError::bad_request(
-                "unknown_template",
-                format!(
-                    "no template named {:?}; GET /api/templates lists them",
-                    request.template
-                ),
-            )
-        })?;
-    let channel = parse_channel(request.channel.as_deref())?;
-    let valid = template.validate(&request.variables, ctx)?;
-    if let Some(key) = &request.idempotency_key {
-        if key.is_empty()
-            || key.len() > MAX_IDEMPOTENCY_KEY_LEN
-            || key.chars().any(char::is_control)
-        {
-            return Err(AppError::bad_request(
-                "invalid_idempotency_key",
-                format!(
-                    "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable characters"
-                ),
-            ));
+/// Wakes the dispatcher when a message is queued, so it goes without waiting for the next poll.
+pub type DispatchWakeup = Arc<Notify>;
+
+#[derive(Clone)]
+pub struct Outbox {
+    messages: Arc<dyn MessageStore>,
+    clock: DynClock,
+    render: Arc<RenderContext>,
+    wakeup: DispatchWakeup,
+}
+
+impl Outbox {
+    pub fn new(
+        messages: Arc<dyn MessageStore>,
+        clock: DynClock,
+        render: RenderContext,
+        wakeup: DispatchWakeup,
+    ) -> Self {
+        Outbox {
+            messages,
+            clock,
+            render: Arc::new(render),
+            wakeup,
         }
     }
-    // Keep the caller's values (validated, trimmed), in declared order; rendering happens at send
-    // time, so a message always shows the current clinic name and app URL.
-    let variables: Map<String, Value> = template
-        .variables
-        .iter()
-        .filter_map(|spec| {
-            Some((
-                spec.name.to_string(),
-                request.variables.get(spec.name)?.clone(),
-            ))
-        })
-        .collect();
-    debug_assert_eq!(variables.len(), valid.0.len());
-    let new = NewMessage {
-        id: uuid::Uuid::now_v7().to_string(),
-        user_id: request.user_id,
-        template_name: template.name.to_string(),
-        variables: Value::Object(variables).to_string(),
-        channel,
-        idempotency_key: request.idempotency_key,
-        created_at: now,
-        claimed_until: None,
-    };
-    let (record, created) = store.insert_message(&new).await?;
-    if !created
-        && (record.user_id != new.user_id
-            || record.template_name != new.template_name
-            || record
-                .requested_channel
-                .as_deref()
-                .unwrap_or(&record.channel)
-                != new.channel.as_str()
-            || record.variables != new.variables)
-    {
-        return Err(AppError::Conflict {
-            code: "idempotency_key_reused",
-            message: "this idempotency_key was already used for a different notification".into(),
-        });
+
+    /// Tell the dispatcher there is something to send.
+    pub fn wake_dispatcher(&self) {
+        self.wakeup.notify_one();
     }
-    if created {
-        tracing::info!(message_id = %record.id, template = %record.template_name, channel = %record.channel, "notification queued");
+
+    /// One message and its status history, oldest event first.
+    pub async fn message_with_events(
+        &self,
+        id: &str,
+    ) -> AppResult<Option<(MessageRecord, Vec<MessageEvent>)>> {
+        let Some(message) = self.messages.get_message(id).await? else {
+            return Ok(None);
+        };
+        let events = self.messages.message_events(id).await?;
+        Ok(Some((message, events)))
     }
-    Ok((record, created))
+
+    pub async fn get(&self, id: &str) -> AppResult<Option<MessageRecord>> {
+        self.messages.get_message(id).await
+    }
+
+    /// A user's messages, newest first.
+    pub async fn history(&self, user_id: &str, limit: i64) -> AppResult<Vec<MessageRecord>> {
+        self.messages.user_messages(user_id, limit).await
+    }
+
+    /// Validate and queue a notification. Returns the message and whether it was created now
+    /// (`false`: the idempotency key named an existing message with the same content).
+    pub async fn queue_notification(
+        &self,
+        request: NotificationRequest,
+    ) -> AppResult<(MessageRecord, bool)> {
+        let ctx = &*self.render;
+        let now = self.clock.now();
+        validate_user_id(&request.user_id)?;
+        let template = templates::find(&request.template)
+            .filter(|t| host_app_may_send(t))
+            .ok_or_else(|| {
+                AppError::bad_request(
+                    "unknown_template",
+                    format!(
+                        "no template named {:?}; GET /api/templates lists them",
+                        request.template
+                    ),
+                )
+            })?;
+        let channel = parse_channel(request.channel.as_deref())?;
+        let valid = template.validate(&request.variables, ctx)?;
+        if let Some(key) = &request.idempotency_key {
+            if key.is_empty()
+                || key.len() > MAX_IDEMPOTENCY_KEY_LEN
+                || key.chars().any(char::is_control)
+            {
+                return Err(AppError::bad_request(
+                    "invalid_idempotency_key",
+                    format!(
+                        "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable characters"
+                    ),
+                ));
+            }
+        }
+        // Keep the caller's values (validated, trimmed), in declared order; rendering happens at send
+        // time, so a message always shows the current clinic name and app URL.
+        let variables: Map<String, Value> = template
+            .variables
+            .iter()
+            .filter_map(|spec| {
+                Some((
+                    spec.name.to_string(),
+                    request.variables.get(spec.name)?.clone(),
+                ))
+            })
+            .collect();
+        debug_assert_eq!(variables.len(), valid.0.len());
+        let new = NewMessage {
+            id: uuid::Uuid::now_v7().to_string(),
+            user_id: request.user_id,
+            template_name: template.name.to_string(),
+            variables: Value::Object(variables).to_string(),
+            channel,
+            idempotency_key: request.idempotency_key,
+            created_at: now,
+            claimed_until: None,
+        };
+        let (record, created) = self.messages.insert_message(&new).await?;
+        if !created
+            && (record.user_id != new.user_id
+                || record.template_name != new.template_name
+                || record
+                    .requested_channel
+                    .as_deref()
+                    .unwrap_or(&record.channel)
+                    != new.channel.as_str()
+                || record.variables != new.variables)
+        {
+            return Err(AppError::Conflict {
+                code: "idempotency_key_reused",
+                message: "this idempotency_key was already used for a different notification"
+                    .into(),
+            });
+        }
+        if created {
+            tracing::info!(message_id = %record.id, template = %record.template_name, channel = %record.channel, "notification queued");
+            self.wake_dispatcher();
+        }
+        Ok((record, created))
+    }
 }

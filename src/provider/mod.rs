@@ -3,6 +3,7 @@
 //! API. Errors say whether trying again can help.
 
 pub mod mock;
+pub mod signature;
 pub mod twilio;
 
 use std::sync::Arc;

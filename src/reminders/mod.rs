@@ -6,15 +6,18 @@
 //! reminders while the old ones are skipped at send time (the dispatcher checks the item is still
 //! on, still at that time, and not already past).
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Duration, SubsecRound, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::app::AppState;
+use crate::clock::DynClock;
 use crate::error::{AppError, AppResult};
-use crate::outbox::validate_user_id;
-use crate::store::{Channel, NewMessage, ScheduledItem, SubjectType};
+use crate::outbox::{validate_user_id, DispatchWakeup};
+use crate::status::ItemStatus;
+use crate::store::{Channel, ConsentStore, NewMessage, ScheduleStore, ScheduledItem, SubjectType};
 use crate::templates;
 
 /// The sweeps, each a job the scheduler and `/cron/*` run.
@@ -111,181 +114,212 @@ fn parse_time(field: &'static str, value: &str) -> AppResult<DateTime<Utc>> {
         })
 }
 
-fn time_zone(state: &AppState, requested: Option<&str>) -> AppResult<String> {
-    let zone = requested.unwrap_or(&state.config.default_time_zone);
-    zone.parse::<Tz>().map(|_| zone.to_string()).map_err(|_| {
-        AppError::bad_request(
-            "invalid_time_zone",
-            "time_zone must be an IANA zone such as Asia/Kolkata",
-        )
-    })
+/// Keeps the host app's appointments and follow-ups and queues their reminders.
+#[derive(Clone)]
+pub struct Reminders {
+    schedule: Arc<dyn ScheduleStore>,
+    consent: Arc<dyn ConsentStore>,
+    clock: DynClock,
+    default_time_zone: Tz,
+    render: Arc<templates::RenderContext>,
+    wakeup: DispatchWakeup,
 }
 
-pub async fn put_appointment(
-    state: &AppState,
-    id: &str,
-    request: AppointmentRequest,
-) -> AppResult<ScheduledItem> {
-    validate_id(id)?;
-    validate_user_id(&request.user_id)?;
-    let status = match request.status.as_deref() {
-        None | Some("scheduled") => "scheduled",
-        Some("cancelled") => "cancelled",
-        Some(_) => {
-            return Err(AppError::bad_request(
-                "invalid_status",
-                "status must be scheduled or cancelled",
-            ))
+impl Reminders {
+    pub fn new(
+        schedule: Arc<dyn ScheduleStore>,
+        consent: Arc<dyn ConsentStore>,
+        clock: DynClock,
+        default_time_zone: Tz,
+        render: templates::RenderContext,
+        wakeup: DispatchWakeup,
+    ) -> Self {
+        Reminders {
+            schedule,
+            consent,
+            clock,
+            default_time_zone,
+            render: Arc::new(render),
+            wakeup,
         }
-    };
-    let item = ScheduledItem {
-        id: id.to_string(),
-        user_id: request.user_id,
-        scheduled_at: parse_time("starts_at", &request.starts_at)?,
-        time_zone: time_zone(state, request.time_zone.as_deref())?,
-        status: status.to_string(),
-    };
-    let now = state.clock.now();
-    if status == "cancelled" {
-        // Record it, then cancel it, so its unsent reminders are skipped as with DELETE.
-        let scheduled = ScheduledItem {
-            status: "scheduled".into(),
-            ..item.clone()
-        };
-        state
-            .store
-            .upsert_scheduled(SubjectType::Appointment, &scheduled, now)
-            .await?;
-        state
-            .store
-            .cancel_scheduled(SubjectType::Appointment, id, now)
-            .await?;
-        return Ok(item);
     }
-    state
-        .store
-        .upsert_scheduled(SubjectType::Appointment, &item, now)
-        .await
-}
 
-pub async fn put_follow_up(
-    state: &AppState,
-    id: &str,
-    request: FollowUpRequest,
-) -> AppResult<ScheduledItem> {
-    validate_id(id)?;
-    validate_user_id(&request.user_id)?;
-    let item = ScheduledItem {
-        id: id.to_string(),
-        user_id: request.user_id,
-        scheduled_at: parse_time("due_at", &request.due_at)?,
-        time_zone: time_zone(state, request.time_zone.as_deref())?,
-        status: "scheduled".into(),
-    };
-    state
-        .store
-        .upsert_scheduled(SubjectType::FollowUp, &item, state.clock.now())
-        .await
-}
+    fn time_zone(&self, requested: Option<&str>) -> AppResult<String> {
+        match requested {
+            None => Ok(self.default_time_zone.name().to_string()),
+            Some(zone) => zone.parse::<Tz>().map(|_| zone.to_string()).map_err(|_| {
+                AppError::bad_request(
+                    "invalid_time_zone",
+                    "time_zone must be an IANA zone such as Asia/Kolkata",
+                )
+            }),
+        }
+    }
 
-/// Cancel an item and skip its unsent reminders; the number skipped.
-pub async fn cancel(state: &AppState, kind: SubjectType, id: &str) -> AppResult<u64> {
-    state
-        .store
-        .cancel_scheduled(kind, id, state.clock.now())
-        .await?
-        .ok_or(AppError::NotFound(match kind {
-            SubjectType::Appointment => "appointment",
-            SubjectType::FollowUp => "follow-up",
-        }))
-}
-
-/// Queue every reminder of this kind that is due now and not yet queued.
-pub async fn sweep(state: &AppState, reminder: Reminder) -> AppResult<SweepReport> {
-    let now = state.clock.now();
-    let (from, to) = reminder.window(now);
-    let due = state
-        .store
-        .due_without_reminder(reminder.subject(), reminder.kind(), from, to, 1_000)
-        .await?;
-    let mut report = SweepReport {
-        due: due.len(),
-        queued: 0,
-    };
-    let render = state.config.render_context();
-    for item in due {
-        let Some(message) = reminder_message(state, reminder, &item, &render, now).await? else {
-            continue;
+    pub async fn put_appointment(
+        &self,
+        id: &str,
+        request: AppointmentRequest,
+    ) -> AppResult<ScheduledItem> {
+        validate_id(id)?;
+        validate_user_id(&request.user_id)?;
+        let status = match request.status.as_deref() {
+            None | Some("scheduled") => ItemStatus::Scheduled,
+            Some("cancelled") => ItemStatus::Cancelled,
+            Some(_) => {
+                return Err(AppError::bad_request(
+                    "invalid_status",
+                    "status must be scheduled or cancelled",
+                ))
+            }
         };
-        if state
-            .store
-            .queue_reminder(reminder.subject(), &item, reminder.kind(), &message)
+        let item = ScheduledItem {
+            id: id.to_string(),
+            user_id: request.user_id,
+            scheduled_at: parse_time("starts_at", &request.starts_at)?,
+            time_zone: self.time_zone(request.time_zone.as_deref())?,
+            status,
+        };
+        let now = self.clock.now();
+        if status == ItemStatus::Cancelled {
+            // Record it, then cancel it, so its unsent reminders are skipped as with DELETE.
+            let scheduled = ScheduledItem {
+                status: ItemStatus::Scheduled,
+                ..item.clone()
+            };
+            self.schedule
+                .upsert_scheduled(SubjectType::Appointment, &scheduled, now)
+                .await?;
+            self.schedule
+                .cancel_scheduled(SubjectType::Appointment, id, now)
+                .await?;
+            return Ok(item);
+        }
+        self.schedule
+            .upsert_scheduled(SubjectType::Appointment, &item, now)
+            .await
+    }
+
+    pub async fn put_follow_up(
+        &self,
+        id: &str,
+        request: FollowUpRequest,
+    ) -> AppResult<ScheduledItem> {
+        validate_id(id)?;
+        validate_user_id(&request.user_id)?;
+        let item = ScheduledItem {
+            id: id.to_string(),
+            user_id: request.user_id,
+            scheduled_at: parse_time("due_at", &request.due_at)?,
+            time_zone: self.time_zone(request.time_zone.as_deref())?,
+            status: ItemStatus::Scheduled,
+        };
+        self.schedule
+            .upsert_scheduled(SubjectType::FollowUp, &item, self.clock.now())
+            .await
+    }
+
+    /// Cancel an item and skip its unsent reminders; the number skipped.
+    pub async fn cancel(&self, kind: SubjectType, id: &str) -> AppResult<u64> {
+        self.schedule
+            .cancel_scheduled(kind, id, self.clock.now())
             .await?
-        {
-            report.queued += 1;
-        }
+            .ok_or(AppError::NotFound(match kind {
+                SubjectType::Appointment => "appointment",
+                SubjectType::FollowUp => "follow-up",
+            }))
     }
-    if report.queued > 0 {
-        state.dispatch_wakeup.notify_one();
-        tracing::info!(
-            reminder = reminder.template(),
-            queued = report.queued,
-            "reminders queued"
-        );
-    }
-    Ok(report)
-}
 
-/// The reminder's message: the item's date and time in its own time zone, and a link to it.
-async fn reminder_message(
-    state: &AppState,
-    reminder: Reminder,
-    item: &ScheduledItem,
-    render: &templates::RenderContext,
-    now: DateTime<Utc>,
-) -> AppResult<Option<NewMessage>> {
-    let tz: Tz = item.time_zone.parse().unwrap_or(chrono_tz::UTC);
-    let local = item.scheduled_at.with_timezone(&tz);
-    let link = match reminder.subject() {
-        SubjectType::Appointment => format!("/appointments/{}", item.id),
-        SubjectType::FollowUp => format!("/follow-ups/{}", item.id),
-    };
-    let variables = match reminder {
-        Reminder::Appointment24h => json!({
-            "date": local.format("%Y-%m-%d").to_string(),
-            "time": local.format("%H:%M").to_string(),
-            "link": link,
-        }),
-        Reminder::Appointment2h => json!({"time": local.format("%H:%M").to_string(), "link": link}),
-        Reminder::FollowUp => json!({"date": local.format("%Y-%m-%d").to_string(), "link": link}),
-    };
-    let template =
-        templates::find(reminder.template()).ok_or_else(|| anyhow::anyhow!("missing template"))?;
-    if let Err(e) = template.validate(&variables, render) {
-        tracing::warn!(item = %item.id, error = %e, "reminder not queued: its variables are invalid");
-        return Ok(None);
+    /// One round of a sweep: queue every reminder of this kind that is due now and not yet
+    /// queued, and say what it did.
+    pub async fn sweep(&self, reminder: Reminder) -> AppResult<SweepReport> {
+        let now = self.clock.now();
+        let (from, to) = reminder.window(now);
+        let due = self
+            .schedule
+            .due_without_reminder(reminder.subject(), reminder.kind(), from, to, 1_000)
+            .await?;
+        let mut report = SweepReport {
+            due: due.len(),
+            queued: 0,
+        };
+        for item in due {
+            let Some(message) = self.reminder_message(reminder, &item, now).await? else {
+                continue;
+            };
+            if self
+                .schedule
+                .queue_reminder(reminder.subject(), &item, reminder.kind(), &message)
+                .await?
+            {
+                report.queued += 1;
+            }
+        }
+        if report.queued > 0 {
+            self.wakeup.notify_one();
+            tracing::info!(
+                reminder = reminder.template(),
+                queued = report.queued,
+                "reminders queued"
+            );
+        }
+        Ok(report)
     }
-    // The patient's SMS consent decides the channel, else WhatsApp; consent is checked again when
-    // the message is sent.
-    let consent = state.store.get_consent(&item.user_id).await?;
-    let channel = match consent {
-        Some(c) if !c.sms_consent && c.whatsapp_consent => Channel::Whatsapp,
-        _ => Channel::Sms,
-    };
-    Ok(Some(NewMessage {
-        id: uuid::Uuid::now_v7().to_string(),
-        user_id: item.user_id.clone(),
-        template_name: template.name.to_string(),
-        variables: variables.to_string(),
-        channel,
-        idempotency_key: Some(format!(
-            "reminder:{}:{}:{}:{}",
-            reminder.subject().as_str(),
-            item.id,
-            reminder.kind(),
-            item.scheduled_at.timestamp_micros()
-        )),
-        created_at: now,
-        claimed_until: None,
-    }))
+
+    /// The reminder's message: the item's date and time in its own time zone, and a link to it.
+    async fn reminder_message(
+        &self,
+        reminder: Reminder,
+        item: &ScheduledItem,
+        now: DateTime<Utc>,
+    ) -> AppResult<Option<NewMessage>> {
+        let tz: Tz = item.time_zone.parse().unwrap_or(chrono_tz::UTC);
+        let local = item.scheduled_at.with_timezone(&tz);
+        let link = match reminder.subject() {
+            SubjectType::Appointment => format!("/appointments/{}", item.id),
+            SubjectType::FollowUp => format!("/follow-ups/{}", item.id),
+        };
+        let variables = match reminder {
+            Reminder::Appointment24h => json!({
+                "date": local.format("%Y-%m-%d").to_string(),
+                "time": local.format("%H:%M").to_string(),
+                "link": link,
+            }),
+            Reminder::Appointment2h => {
+                json!({"time": local.format("%H:%M").to_string(), "link": link})
+            }
+            Reminder::FollowUp => {
+                json!({"date": local.format("%Y-%m-%d").to_string(), "link": link})
+            }
+        };
+        let template = templates::find(reminder.template())
+            .ok_or_else(|| anyhow::anyhow!("missing template"))?;
+        if let Err(e) = template.validate(&variables, &self.render) {
+            tracing::warn!(item = %item.id, error = %e, "reminder not queued: its variables are invalid");
+            return Ok(None);
+        }
+        // The patient's SMS consent decides the channel, else WhatsApp; consent is checked again
+        // when the message is sent.
+        let consent = self.consent.get_consent(&item.user_id).await?;
+        let channel = match consent {
+            Some(c) if !c.sms_consent && c.whatsapp_consent => Channel::Whatsapp,
+            _ => Channel::Sms,
+        };
+        Ok(Some(NewMessage {
+            id: uuid::Uuid::now_v7().to_string(),
+            user_id: item.user_id.clone(),
+            template_name: template.name.to_string(),
+            variables: variables.to_string(),
+            channel,
+            idempotency_key: Some(format!(
+                "reminder:{}:{}:{}:{}",
+                reminder.subject().as_str(),
+                item.id,
+                reminder.kind(),
+                item.scheduled_at.timestamp_micros()
+            )),
+            created_at: now,
+            claimed_until: None,
+        }))
+    }
 }

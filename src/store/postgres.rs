@@ -54,5 +54,22 @@ mod portable {
     /// Rows another instance is claiming right now are skipped, not waited for.
     const SKIP_LOCKED: &str = " FOR UPDATE SKIP LOCKED";
     const LOCK_FOR_UPDATE: &str = " FOR UPDATE";
-    include!("portable.rs");
+    mod admin {
+        include!("portable/admin.rs");
+    }
+    mod consent {
+        include!("portable/consent.rs");
+    }
+    mod inbound {
+        include!("portable/inbound.rs");
+    }
+    mod messages {
+        include!("portable/messages.rs");
+    }
+    mod otp {
+        include!("portable/otp.rs");
+    }
+    mod schedule {
+        include!("portable/schedule.rs");
+    }
 }

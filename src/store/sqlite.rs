@@ -53,5 +53,22 @@ mod portable {
     /// One process owns a SQLite queue: nothing to skip.
     const SKIP_LOCKED: &str = "";
     const LOCK_FOR_UPDATE: &str = "";
-    include!("portable.rs");
+    mod admin {
+        include!("portable/admin.rs");
+    }
+    mod consent {
+        include!("portable/consent.rs");
+    }
+    mod inbound {
+        include!("portable/inbound.rs");
+    }
+    mod messages {
+        include!("portable/messages.rs");
+    }
+    mod otp {
+        include!("portable/otp.rs");
+    }
+    mod schedule {
+        include!("portable/schedule.rs");
+    }
 }

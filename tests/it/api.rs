@@ -2,7 +2,6 @@
 //! notifications through the dispatcher in mock and live mode, idempotency, consent at send time,
 //! authentication and validation errors.
 
-
 use crate::common::fake_twilio::Failure;
 use crate::common::*;
 use serde_json::{json, Value};

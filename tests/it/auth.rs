@@ -1,7 +1,6 @@
 //! Authentication: user JWTs (HS256, ES256 from a JWKS file), the host app's key, and what a
 //! bad credential reveals (nothing).
 
-
 use std::time::Duration;
 
 use crate::common::*;
@@ -23,14 +22,16 @@ fn sign_hs256(secret: &str, claims: Value) -> String {
 fn sign_es256(kid: &str, claims: Value) -> String {
     let mut header = Header::new(Algorithm::ES256);
     header.kid = Some(kid.to_string());
-    let key = EncodingKey::from_ec_pem(include_bytes!("../fixtures/test_es256_private.pem")).unwrap();
+    let key =
+        EncodingKey::from_ec_pem(include_bytes!("../fixtures/test_es256_private.pem")).unwrap();
     jsonwebtoken::encode(&header, &claims, &key).unwrap()
 }
 
 fn sign_rs256(kid: &str, claims: Value) -> String {
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some(kid.to_string());
-    let key = EncodingKey::from_rsa_pem(include_bytes!("../fixtures/test_rs256_private.pem")).unwrap();
+    let key =
+        EncodingKey::from_rsa_pem(include_bytes!("../fixtures/test_rs256_private.pem")).unwrap();
     jsonwebtoken::encode(&header, &claims, &key).unwrap()
 }
 

@@ -1,7 +1,6 @@
 //! The real binary: configuration errors, `health`, `migrate`, `send`, and `serve` with graceful
 //! shutdown on SIGTERM, checking its logs hold no phone number, body or secret.
 
-
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -107,7 +106,7 @@ async fn migrate_and_send_in_mock_mode() {
         dir.path().join("prism-messaging.db").display()
     );
     let store = prism_messaging::store::connect(&url).await.unwrap();
-    let patch = prism_messaging::store::ConsentPatch {
+    let patch = prism_messaging::consent::ConsentPatch {
         phone_number: Some("+14155552671".into()),
         sms_consent: Some(true),
         ..Default::default()
@@ -119,7 +118,7 @@ async fn migrate_and_send_in_mock_mode() {
         at: chrono::Utc::now(),
     };
     store
-        .update_consent("cli-user", &patch, &ctx)
+        .update_consent("cli-user", &|c| patch.apply(c), &ctx)
         .await
         .unwrap();
 

@@ -1,20 +1,18 @@
 //! Delivery that survives faults, crashes and several instances: a fake Twilio with fault
 //! injection, the real binary killed and restarted, and two dispatchers on one PostgreSQL.
 
-
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use crate::common::fake_twilio::{Failure, Fault};
 use crate::common::*;
+use chrono::Utc;
 use prism_messaging::app::AppState;
 use prism_messaging::clock::{Clock, ManualClock};
 use prism_messaging::config::Config;
-use prism_messaging::store::{
-    ChangeContext, Channel, ConsentPatch, ConsentSource, DynStore, NewMessage,
-};
+use prism_messaging::consent::ConsentPatch;
+use prism_messaging::store::{ChangeContext, Channel, ConsentSource, DynStore, NewMessage};
 use serde_json::json;
 
 both_backends!(
@@ -192,7 +190,10 @@ async fn queue_bulk(store: &DynStore, user: &str, phone: &str, n: usize) {
         sms_consent: Some(true),
         ..Default::default()
     };
-    store.update_consent(user, &patch, &ctx).await.unwrap();
+    store
+        .update_consent(user, &|c| patch.apply(c), &ctx)
+        .await
+        .unwrap();
     for i in 0..n {
         let message = NewMessage {
             id: uuid::Uuid::now_v7().to_string(),
@@ -426,7 +427,7 @@ async fn drain(states: &[AppState], user: &str) -> Vec<usize> {
         let state = state.clone();
         let user = user.to_string();
         tasks.spawn(async move {
-            let dispatcher = state.dispatcher();
+            let dispatcher = state.dispatcher.clone();
             let mut sent = 0;
             loop {
                 let report = dispatcher.run_once().await.unwrap();
@@ -598,7 +599,7 @@ async fn an_otp_does_not_wait_behind_paced_messages(backend: Backend) {
     // Six reminders at 2/s take about three seconds; an OTP asked for meanwhile goes at once.
     let round = {
         let state = app.state.clone();
-        tokio::spawn(async move { state.dispatcher().run_once().await.unwrap() })
+        tokio::spawn(async move { state.dispatcher.run_once().await.unwrap() })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
@@ -685,7 +686,7 @@ async fn a_status_callback_that_beats_the_sid_is_applied_when_the_sid_is_recorde
     let id = app.notify_ok(reminder("p1")).await;
     let round = {
         let state = app.state.clone();
-        tokio::spawn(async move { state.dispatcher().run_once().await.unwrap() })
+        tokio::spawn(async move { state.dispatcher.run_once().await.unwrap() })
     };
     wait_until("Twilio creates it", Duration::from_secs(5), async || {
         fake.created_count() == 1

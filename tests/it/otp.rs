@@ -1,9 +1,8 @@
 //! One-time passcodes over HTTP on both backends: every rule has a test that fails without it.
 
-
-use chrono::{Duration, Utc};
 use crate::common::fake_twilio::Failure;
 use crate::common::*;
+use chrono::{Duration, Utc};
 use prism_messaging::clock::ManualClock;
 use serde_json::{json, Value};
 
@@ -462,9 +461,7 @@ async fn cleanup_needs_the_cron_secret_and_deletes(backend: Backend) {
         .unwrap()
         .is_none());
     // The same job as a function, as the scheduler calls it: nothing left to do.
-    let report = prism_messaging::otp::cleanup(&app.state.store, app.state.clock.now())
-        .await
-        .unwrap();
+    let report = app.state.otp.cleanup().await.unwrap();
     assert_eq!((report.used_deleted, report.expired_deleted), (0, 0));
 }
 

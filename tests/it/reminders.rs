@@ -1,8 +1,7 @@
 //! Appointment and follow-up reminders on both backends, with a controllable clock.
 
-
-use chrono::{DateTime, Duration, Utc};
 use crate::common::*;
+use chrono::{DateTime, Duration, Utc};
 use prism_messaging::clock::ManualClock;
 use serde_json::{json, Value};
 
@@ -65,7 +64,13 @@ async fn statuses(app: &TestApp) -> Vec<(String, String, Option<String>)> {
         .await
         .unwrap()
         .into_iter()
-        .map(|m| (m.template_name, m.status, m.reason))
+        .map(|m| {
+            (
+                m.template_name,
+                m.status.to_string(),
+                m.reason.map(|r| r.to_string()),
+            )
+        })
         .collect();
     all.sort();
     all

@@ -1,14 +1,14 @@
 //! One conformance suite for the `Store` interface, run against SQLite and PostgreSQL alike.
 
-
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use chrono::{Duration, TimeZone, Utc};
 use crate::common::{Backend, TestDatabase};
+use chrono::{Duration, TimeZone, Utc};
+use prism_messaging::consent::ConsentPatch;
+use prism_messaging::status::{MessageStatus, SkipReason};
 use prism_messaging::store::{
-    self, ChangeContext, Channel, ConsentPatch, ConsentSource, DispatchResult, DynStore,
-    NewMessage, SendAttempt,
+    self, ChangeContext, Channel, ConsentSource, DispatchResult, DynStore, NewMessage, SendAttempt,
 };
 
 both_backends!(
@@ -65,7 +65,7 @@ async fn consent_changes_are_audited_per_field(backend: Backend) {
         ..Default::default()
     };
     let c = store
-        .update_consent("u1", &patch, &ctx(ConsentSource::Api))
+        .update_consent("u1", &|c| patch.apply(c), &ctx(ConsentSource::Api))
         .await
         .unwrap();
     assert!(c.sms_consent && !c.whatsapp_consent && !c.marketing_consent);
@@ -78,7 +78,7 @@ async fn consent_changes_are_audited_per_field(backend: Backend) {
         ..Default::default()
     };
     store
-        .update_consent("u1", &revoke, &ctx(ConsentSource::SmsKeyword))
+        .update_consent("u1", &|c| revoke.apply(c), &ctx(ConsentSource::SmsKeyword))
         .await
         .unwrap();
     let audit = store.consent_audit("u1").await.unwrap();
@@ -99,7 +99,7 @@ async fn consent_changes_are_audited_per_field(backend: Backend) {
         ..Default::default()
     };
     let err = store
-        .update_consent("u2", &bad, &ctx(ConsentSource::Api))
+        .update_consent("u2", &|c| bad.apply(c), &ctx(ConsentSource::Api))
         .await
         .unwrap_err();
     assert_eq!(err.code(), "phone_required");
@@ -114,7 +114,7 @@ async fn audit_trail_is_append_only(backend: Backend) {
         ..Default::default()
     };
     store
-        .update_consent("u1", &patch, &ctx(ConsentSource::Api))
+        .update_consent("u1", &|c| patch.apply(c), &ctx(ConsentSource::Api))
         .await
         .unwrap();
     let sql = "UPDATE consent_audit_trail SET new_value = 'forged'";
@@ -185,7 +185,7 @@ async fn claiming_leases_due_messages_once(backend: Backend) {
     assert_eq!(again.len(), 1);
     // The first claim's lease no longer fences anything: the second claim owns the message.
     let skipped = DispatchResult::Skipped {
-        reason: "no_consent".into(),
+        reason: SkipReason::NoConsent,
     };
     assert!(!store
         .record_dispatch("due", &skipped, t0(), lease)
@@ -278,7 +278,7 @@ async fn dispatch_results_and_events(backend: Backend) {
         .unwrap());
     let sent = DispatchResult::Sent {
         provider_sid: "SM0001".into(),
-        status: "sent".into(),
+        status: MessageStatus::Sent,
     };
     assert!(
         !store
@@ -310,7 +310,7 @@ async fn dispatch_results_and_events(backend: Backend) {
         .await
         .unwrap()
         .into_iter()
-        .map(|e| e.status)
+        .map(|e| e.status.to_string())
         .collect();
     assert_eq!(events, ["sending", "sent"]);
     assert_eq!(
@@ -385,24 +385,12 @@ async fn dispatch_results_and_events(backend: Backend) {
 async fn unmatched_status_callbacks_wait_for_their_sid(backend: Backend) {
     let (store, _db) = open(backend).await;
     let applied = store
-        .apply_status(
-            "SMearly",
-            "delivered",
-            &["queued", "sending", "sent"],
-            None,
-            t0(),
-        )
+        .apply_status("SMearly", MessageStatus::Delivered, None, t0())
         .await
         .unwrap();
     assert!(applied.message.is_none());
     store
-        .apply_status(
-            "SMearly",
-            "delivered",
-            &["queued", "sending", "sent"],
-            None,
-            t0(),
-        )
+        .apply_status("SMearly", MessageStatus::Delivered, None, t0())
         .await
         .unwrap();
     let taken = store.take_unmatched_statuses("SMearly").await.unwrap();
@@ -416,7 +404,7 @@ async fn unmatched_status_callbacks_wait_for_their_sid(backend: Backend) {
         "taken once"
     );
     store
-        .apply_status("SMold", "failed", &["queued"], Some(30003), t0())
+        .apply_status("SMold", MessageStatus::Failed, Some(30003), t0())
         .await
         .unwrap();
     assert_eq!(

@@ -1,9 +1,8 @@
 //! Twilio's webhooks on both backends: signatures, delivery status that never goes backwards,
 //! incoming messages and keywords, opt-outs at send time, and the WhatsApp 24-hour window.
 
-
-use chrono::{Duration, Utc};
 use crate::common::*;
+use chrono::{Duration, Utc};
 use prism_messaging::clock::ManualClock;
 use serde_json::{json, Value};
 
@@ -66,7 +65,7 @@ async fn signatures_are_required_and_checked(backend: Backend) {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let sign = |url: &str| prism_messaging::webhooks::signature::compute(AUTH_TOKEN, url, &owned);
+    let sign = |url: &str| prism_messaging::provider::signature::compute(AUTH_TOKEN, url, &owned);
 
     // Missing, wrong URL, wrong token, and a tampered parameter: 403, nothing changes.
     assert_eq!(
@@ -80,7 +79,7 @@ async fn signatures_are_required_and_checked(backend: Backend) {
             .status(),
         403
     );
-    let wrong_token = prism_messaging::webhooks::signature::compute(
+    let wrong_token = prism_messaging::provider::signature::compute(
         "another-token",
         &format!("{PUBLIC_URL}{path}"),
         &owned,

@@ -6,23 +6,61 @@ use std::time::Duration;
 use chrono::Utc;
 
 use super::Dispatcher;
+use crate::channel::Channel;
+use crate::config::TwilioSettings;
 use crate::error::AppResult;
 use crate::provider::OutboundMessage;
-use crate::store::Channel;
+
+/// The pacing key of each channel's sender: the unit Twilio rate-limits.
+pub(super) struct Senders {
+    sms: String,
+    whatsapp: String,
+}
+
+impl Senders {
+    pub(super) fn new(twilio: &TwilioSettings) -> Self {
+        let sms = twilio
+            .messaging_service_sid
+            .clone()
+            .or_else(|| twilio.phone_number.as_ref().map(|n| n.as_str().to_string()));
+        let whatsapp = twilio
+            .whatsapp_number
+            .as_ref()
+            .map(|n| n.as_str().to_string());
+        let key = |channel: Channel, sender: Option<String>| {
+            format!(
+                "{}:{}",
+                channel.as_str(),
+                sender.unwrap_or_else(|| "default".into())
+            )
+        };
+        Senders {
+            sms: key(Channel::Sms, sms),
+            whatsapp: key(Channel::Whatsapp, whatsapp),
+        }
+    }
+
+    fn key(&self, channel: Channel) -> &str {
+        match channel {
+            Channel::Sms => &self.sms,
+            Channel::Whatsapp => &self.whatsapp,
+        }
+    }
+}
 
 impl Dispatcher {
     /// Wait for this sender's next send slot (deployment-wide pacing). `false` when shutdown
     /// began while waiting.
     pub(super) async fn wait_for_send_slot(&self, outbound: &OutboundMessage) -> AppResult<bool> {
-        let rate = self.config.dispatch.rate_per_second;
+        let rate = self.settings.rate_per_second;
         if rate == 0 {
             return Ok(true);
         }
         // Pacing is about real time, whatever the (test) clock says.
         let slot = self
-            .store
+            .messages
             .reserve_send_slot(
-                &self.sender_key(outbound),
+                self.senders.key(outbound.channel),
                 Utc::now().timestamp_micros(),
                 slot_interval_us(rate),
             )
@@ -39,38 +77,17 @@ impl Dispatcher {
 
     /// Reserve a send slot without waiting for it (for one-time passcodes).
     pub(super) async fn take_send_slot(&self, outbound: &OutboundMessage) -> AppResult<()> {
-        let rate = self.config.dispatch.rate_per_second;
+        let rate = self.settings.rate_per_second;
         if rate > 0 {
-            self.store
+            self.messages
                 .reserve_send_slot(
-                    &self.sender_key(outbound),
+                    self.senders.key(outbound.channel),
                     Utc::now().timestamp_micros(),
                     slot_interval_us(rate),
                 )
                 .await?;
         }
         Ok(())
-    }
-
-    /// The sender a message goes out from: the unit Twilio rate-limits.
-    fn sender_key(&self, outbound: &OutboundMessage) -> String {
-        let c = &self.config;
-        let sender = match outbound.channel {
-            Channel::Sms => c.twilio_messaging_service_sid.clone().or_else(|| {
-                c.twilio_phone_number
-                    .as_ref()
-                    .map(|n| n.as_str().to_string())
-            }),
-            Channel::Whatsapp => c
-                .twilio_whatsapp_number
-                .as_ref()
-                .map(|n| n.as_str().to_string()),
-        };
-        format!(
-            "{}:{}",
-            outbound.channel.as_str(),
-            sender.unwrap_or_else(|| "default".into())
-        )
     }
 }
 

@@ -6,14 +6,21 @@ use serde_json::Value;
 use super::{Claim, Dispatcher, Settled};
 use crate::error::AppResult;
 use crate::phone::PhoneNumber;
+use crate::status::MessageStatus;
 use crate::store::{Channel, DispatchResult, MessageRecord};
 use crate::templates;
 
+/// What looking for an earlier attempt came to.
+pub(super) enum Recovery {
+    /// The message is settled here: adopted, given up, or to be looked up again later.
+    Settled(Settled),
+    /// Nothing reached the provider: send it.
+    SendAgain,
+}
+
 impl Dispatcher {
     /// An earlier attempt may have reached the provider: look for it there before sending again.
-    /// `Some` when the message is settled here (adopted, or given up, or to be looked up again
-    /// later), `None` to send it.
-    pub(super) async fn recover(&self, claim: &Claim) -> AppResult<Option<Settled>> {
+    pub(super) async fn recover(&self, claim: &Claim) -> AppResult<Recovery> {
         let message = &claim.message;
         let channel = Channel::parse(&message.channel).unwrap_or(Channel::Sms);
         let Some(to) = message
@@ -53,20 +60,27 @@ impl Dispatcher {
                     },
                     other => other,
                 };
-                return Ok(Some(self.finish(claim, &masked, result, None).await?));
+                return Ok(Recovery::Settled(
+                    self.finish(claim, &masked, result, None).await?,
+                ));
             }
         };
         for candidate in candidates {
             // A SID already recorded belongs to another message (two identical bodies).
-            if self.store.message_by_sid(&candidate.sid).await?.is_some() {
+            if self
+                .messages
+                .message_by_sid(&candidate.sid)
+                .await?
+                .is_some()
+            {
                 continue;
             }
             tracing::info!(message_id = %message.id, provider_sid = %candidate.sid, "found at the provider: adopting instead of sending again");
             let adopted = DispatchResult::Sent {
                 provider_sid: candidate.sid,
-                status: "sent".into(),
+                status: MessageStatus::Sent,
             };
-            return Ok(Some(
+            return Ok(Recovery::Settled(
                 match self
                     .finish(claim, &masked, adopted, Some(candidate.status))
                     .await?
@@ -81,9 +95,9 @@ impl Dispatcher {
 
     /// An OTP whose outcome is unknown and which the provider does not hold: its code lived only
     /// in the memory of the request that died, so it cannot be sent again.
-    async fn unrecoverable_otp(&self, claim: &Claim) -> AppResult<Option<Settled>> {
+    async fn unrecoverable_otp(&self, claim: &Claim) -> AppResult<Recovery> {
         if claim.message.template_name != "otp" {
-            return Ok(None);
+            return Ok(Recovery::SendAgain);
         }
         let failed = DispatchResult::Failed {
             code: None,
@@ -91,7 +105,9 @@ impl Dispatcher {
                 "the process stopped while sending this code; the patient must ask for a new one"
                     .into(),
         };
-        Ok(Some(self.finish(claim, "", failed, None).await?))
+        Ok(Recovery::Settled(
+            self.finish(claim, "", failed, None).await?,
+        ))
     }
 
     /// The message's body as it was sent, when it can be rebuilt.
@@ -107,5 +123,6 @@ impl Dispatcher {
 /// died while the message was `sending`, or the last attempt ended without an answer from the
 /// provider (a timeout or a dropped connection leaves no provider error code).
 pub(super) fn outcome_unknown(message: &MessageRecord) -> bool {
-    message.status == "sending" || (message.attempts > 0 && message.error_code.is_none())
+    message.status == MessageStatus::Sending
+        || (message.attempts > 0 && message.error_code.is_none())
 }

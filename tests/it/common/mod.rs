@@ -306,7 +306,7 @@ impl TestApp {
     /// One dispatcher round, as the background loop would run it.
     pub async fn dispatch(&self) -> RoundReport {
         self.state
-            .dispatcher()
+            .dispatcher
             .run_once()
             .await
             .expect("dispatch round")
@@ -335,7 +335,7 @@ impl TestApp {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let computed = prism_messaging::webhooks::signature::compute(
+        let computed = prism_messaging::provider::signature::compute(
             AUTH_TOKEN,
             &format!("{PUBLIC_URL}{path}"),
             &owned,

@@ -1,0 +1,272 @@
+//! Patients' messages to us: replies and the STOP / START / HELP keywords, from Twilio's incoming
+//! webhook (signature checked by the HTTP layer) or mock mode's `/dev/inbound`. Keywords change
+//! consent for every user with the number; each message is stored once (a repeat of its
+//! `MessageSid` changes nothing and gets the same answer), and the host app reads them from
+//! `/api/inbound`.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use crate::channel::Channel;
+use crate::clock::DynClock;
+use crate::consent::ConsentService;
+use crate::error::AppResult;
+use crate::phone::{self, PhoneNumber};
+use crate::store::{InboundStore, IncomingMessage};
+use crate::templates::{self, RenderContext};
+
+/// A patient's keyword, one word in any case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keyword {
+    Stop,
+    Start,
+    Help,
+}
+
+impl Keyword {
+    pub fn parse(body: &str) -> Option<Keyword> {
+        let word = body.trim();
+        if word.is_empty() || word.contains(char::is_whitespace) {
+            return None;
+        }
+        match word.to_ascii_uppercase().as_str() {
+            "STOP" | "STOPALL" | "UNSUBSCRIBE" | "CANCEL" | "END" | "QUIT" | "REVOKE"
+            | "OPTOUT" => Some(Keyword::Stop),
+            "START" | "YES" | "UNSTOP" => Some(Keyword::Start),
+            "HELP" | "INFO" => Some(Keyword::Help),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Keyword::Stop => "stop",
+            Keyword::Start => "start",
+            Keyword::Help => "help",
+        }
+    }
+
+    fn reply_template(self) -> &'static str {
+        match self {
+            Keyword::Stop => "opt_out_confirmation",
+            Keyword::Start => "opt_in_confirmation",
+            Keyword::Help => "help",
+        }
+    }
+}
+
+/// An incoming message as Twilio posts it.
+#[derive(Debug, Clone, Default)]
+pub struct Incoming {
+    pub message_sid: String,
+    /// `+E164` or `whatsapp:+E164`.
+    pub from: String,
+    pub to: Option<String>,
+    pub body: String,
+    /// Set when Twilio's Advanced Opt-Out already handled (and answered) a keyword.
+    pub opt_out_type: Option<String>,
+}
+
+/// At most this many messages received at one same microsecond are returned together.
+const MAX_SAME_INSTANT: i64 = 10_000;
+
+/// The inbox lists messages received at least this long ago.
+const INBOX_SETTLE_SECONDS: i64 = 2;
+
+#[derive(Clone)]
+pub struct Inbound {
+    store: Arc<dyn InboundStore>,
+    consent: ConsentService,
+    clock: DynClock,
+    render: Arc<RenderContext>,
+}
+
+impl Inbound {
+    pub fn new(
+        store: Arc<dyn InboundStore>,
+        consent: ConsentService,
+        clock: DynClock,
+        render: RenderContext,
+    ) -> Self {
+        Inbound {
+            store,
+            consent,
+            clock,
+            render: Arc::new(render),
+        }
+    }
+
+    /// Handle an incoming message once and answer with TwiML. A repeat of a `MessageSid` changes
+    /// nothing and gets the same answer.
+    pub async fn handle(&self, incoming: Incoming) -> AppResult<String> {
+        let render = &self.render;
+        if let Some(seen) = self.store.incoming_by_sid(&incoming.message_sid).await? {
+            return Ok(twiml(seen.reply_template.as_deref(), render));
+        }
+        let (channel, raw) = match incoming.from.strip_prefix("whatsapp:") {
+            Some(rest) => (Channel::Whatsapp, rest),
+            None => (Channel::Sms, incoming.from.as_str()),
+        };
+        let from_number = PhoneNumber::parse(raw)
+            .map(String::from)
+            .unwrap_or_else(|_| raw.trim().to_string());
+        let now = self.clock.now();
+        // Advanced Opt-Out names the keyword it matched (it may be one configured in Twilio).
+        let keyword = match incoming.opt_out_type.as_deref() {
+            Some(t) => Keyword::parse(t),
+            None => Keyword::parse(&incoming.body),
+        };
+        // The users with this number: their consent follows the keyword.
+        let users = match keyword {
+            Some(Keyword::Stop) => self.consent.keyword_stop(&from_number, channel).await?,
+            Some(Keyword::Start) => self.consent.keyword_start(&from_number, channel).await?,
+            Some(Keyword::Help) | None => self.consent.users_with_phone(&from_number).await?,
+        };
+        if channel == Channel::Whatsapp {
+            self.store.touch_whatsapp_session(&from_number, now).await?;
+        }
+        // When Twilio already replied, answer empty so the patient gets one reply, not two.
+        let reply_template = keyword
+            .filter(|_| incoming.opt_out_type.is_none())
+            .map(|k| k.reply_template().to_string());
+        let user_id = users.into_iter().next();
+        let record = IncomingMessage {
+            id: uuid::Uuid::now_v7().to_string(),
+            provider_sid: incoming.message_sid.clone(),
+            channel: channel.as_str().into(),
+            from_number: from_number.clone(),
+            to_number: incoming.to.clone(),
+            user_id,
+            body: incoming.body.clone(),
+            keyword: keyword.map(|k| k.as_str().to_string()),
+            reply_template,
+            opt_out_type: incoming.opt_out_type.clone(),
+            // Taken just before the insert, so rows commit close to their time order (the inbox
+            // pages by it).
+            received_at: self.clock.now(),
+        };
+        if !self.store.insert_incoming(&record).await? {
+            // A concurrent retry stored it first: answer as it did.
+            let seen = self.store.incoming_by_sid(&incoming.message_sid).await?;
+            return Ok(twiml(
+                seen.and_then(|s| s.reply_template).as_deref(),
+                render,
+            ));
+        }
+        tracing::info!(
+            provider_sid = %record.provider_sid,
+            from = %phone::mask(&from_number),
+            channel = channel.as_str(),
+            keyword = record.keyword.as_deref().unwrap_or("none"),
+            matched_user = record.user_id.is_some(),
+            "incoming message"
+        );
+        Ok(twiml(record.reply_template.as_deref(), render))
+    }
+
+    /// One page of the host app's inbox: messages received after `since`, oldest first, up to
+    /// `limit` (more only when one instant holds more).
+    pub async fn inbox_page(
+        &self,
+        since: Option<DateTime<Utc>>,
+        limit: i64,
+    ) -> AppResult<Vec<IncomingMessage>> {
+        // Messages being written right now are left for the next call, so that a reader moving
+        // `since` forward never skips one that commits after a later one.
+        let until = self.clock.now() - chrono::Duration::seconds(INBOX_SETTLE_SECONDS);
+        let mut messages = self.store.list_incoming(since, until, limit + 1).await?;
+        // A page never ends inside a group of messages received at the same instant, or the
+        // reader's next `since` would skip the rest of the group.
+        if messages.len() as i64 > limit {
+            let boundary = messages[limit as usize].received_at;
+            let keep = messages
+                .iter()
+                .take(limit as usize)
+                .filter(|m| m.received_at < boundary)
+                .count();
+            if keep > 0 {
+                messages.truncate(keep);
+            } else {
+                // The whole page is one instant: return all of it, even past `limit`.
+                messages = self
+                    .store
+                    .list_incoming(since, boundary, MAX_SAME_INSTANT)
+                    .await?;
+            }
+        }
+        Ok(messages)
+    }
+}
+
+/// TwiML answering with one message from `template`, or an empty `<Response/>`.
+pub fn twiml(template: Option<&str>, render: &RenderContext) -> String {
+    let body = template.and_then(templates::find).map(|t| {
+        let vars = templates::ValidVariables(vec![]);
+        t.render(&vars, render).body
+    });
+    match body {
+        Some(text) => format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Message>{}</Message></Response>",
+            xml_escape(&text)
+        ),
+        None => "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>".to_string(),
+    }
+}
+
+fn xml_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&apos;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keywords_in_any_case_with_spaces() {
+        for word in [
+            "STOP",
+            "stop",
+            " Stop ",
+            "StopAll",
+            "unsubscribe",
+            "CANCEL",
+            "end",
+            "quit",
+            "Revoke",
+            "optout",
+        ] {
+            assert_eq!(Keyword::parse(word), Some(Keyword::Stop), "{word}");
+        }
+        for word in ["START", "yes", "Unstop"] {
+            assert_eq!(Keyword::parse(word), Some(Keyword::Start), "{word}");
+        }
+        for word in ["HELP", "info\n"] {
+            assert_eq!(Keyword::parse(word), Some(Keyword::Help), "{word}");
+        }
+        for text in ["stop it", "please stop", "", "STOPP", "yes please"] {
+            assert_eq!(Keyword::parse(text), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn twiml_escapes() {
+        let render = RenderContext {
+            clinic_name: "A & B <Clinic>".into(),
+            app_url: "https://x".into(),
+        };
+        let xml = twiml(Some("help"), &render);
+        assert!(
+            xml.contains("<Message>A &amp; B &lt;Clinic&gt;: messages"),
+            "{xml}"
+        );
+        assert_eq!(
+            twiml(None, &render),
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>"
+        );
+    }
+}

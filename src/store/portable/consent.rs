@@ -1,0 +1,111 @@
+// `ConsentStore` for both backends: included by `sqlite.rs` and `postgres.rs` inside a module that
+// has `Db`, `ThisStore`, `LOCK_FOR_UPDATE` and `SKIP_LOCKED` in scope (see `store/mod.rs`).
+
+use async_trait::async_trait;
+#[allow(unused_imports)]
+use chrono::{DateTime, Utc};
+
+use super::*;
+use crate::error::AppResult;
+#[allow(unused_imports)]
+use crate::store::*;
+
+const CONSENT_COLUMNS: &str =
+    "user_id, phone_number, sms_consent, whatsapp_consent, marketing_consent, updated_at";
+
+#[async_trait]
+impl ConsentStore for ThisStore {
+    async fn get_consent(&self, user_id: &str) -> AppResult<Option<Consent>> {
+        let sql = format!("SELECT {CONSENT_COLUMNS} FROM messaging_consent WHERE user_id = $1");
+        Ok(sqlx::query_as::<Db, Consent>(&sql)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn update_consent(
+        &self,
+        user_id: &str,
+        edit: ConsentEdit<'_>,
+        ctx: &ChangeContext,
+    ) -> AppResult<Consent> {
+        let mut tx = self.pool.begin().await?;
+        // Create the row if missing (this write also takes SQLite's lock), then read it locked so
+        // concurrent changes audit the true old values.
+        let created = sqlx::query(
+            "INSERT INTO messaging_consent (user_id, created_at, updated_at) VALUES ($1, $2, $2) \
+             ON CONFLICT (user_id) DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(ctx.at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        let sql = format!(
+            "SELECT {CONSENT_COLUMNS} FROM messaging_consent WHERE user_id = $1{LOCK_FOR_UPDATE}"
+        );
+        let current = sqlx::query_as::<Db, Consent>(&sql)
+            .bind(user_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut next = edit(&current)?;
+        let changes = current.changes_to(&next, created);
+        if changes.is_empty() {
+            tx.commit().await?;
+            return Ok(current);
+        }
+        next.updated_at = ctx.at;
+        sqlx::query(
+            "UPDATE messaging_consent SET phone_number = $2, sms_consent = $3, whatsapp_consent \
+             = $4, \
+             marketing_consent = $5, updated_at = $6 WHERE user_id = $1",
+        )
+        .bind(user_id)
+        .bind(&next.phone_number)
+        .bind(next.sms_consent)
+        .bind(next.whatsapp_consent)
+        .bind(next.marketing_consent)
+        .bind(next.updated_at)
+        .execute(&mut *tx)
+        .await?;
+        for (field, old_value, new_value) in changes {
+            sqlx::query(
+                "INSERT INTO consent_audit_trail \
+                 (user_id, field, old_value, new_value, source, ip, user_agent, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(user_id)
+            .bind(field)
+            .bind(old_value)
+            .bind(new_value)
+            .bind(ctx.source.as_str())
+            .bind(&ctx.ip)
+            .bind(&ctx.user_agent)
+            .bind(ctx.at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(next)
+    }
+
+    async fn consent_audit(&self, user_id: &str) -> AppResult<Vec<ConsentAuditRecord>> {
+        Ok(sqlx::query_as::<Db, ConsentAuditRecord>(
+            "SELECT id, user_id, field, old_value, new_value, source, ip, user_agent, created_at \
+             FROM consent_audit_trail WHERE user_id = $1 ORDER BY id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn users_with_phone(&self, phone_number: &str) -> AppResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT user_id FROM messaging_consent WHERE phone_number = $1 ORDER BY user_id",
+        )
+        .bind(phone_number)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}

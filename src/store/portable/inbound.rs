@@ -1,0 +1,135 @@
+// `InboundStore` for both backends: included by `sqlite.rs` and `postgres.rs` inside a module that
+// has `Db`, `ThisStore`, `LOCK_FOR_UPDATE` and `SKIP_LOCKED` in scope (see `store/mod.rs`).
+
+use async_trait::async_trait;
+#[allow(unused_imports)]
+use chrono::{DateTime, Utc};
+
+use super::*;
+use crate::error::AppResult;
+#[allow(unused_imports)]
+use crate::store::*;
+
+const INCOMING_COLUMNS: &str =
+    "id, provider_sid, channel, from_number, to_number, user_id, body, keyword, \
+     reply_template, opt_out_type, received_at";
+
+#[async_trait]
+impl InboundStore for ThisStore {
+    async fn is_opted_out(&self, phone_number: &str, channel: Channel) -> AppResult<bool> {
+        // COUNT(*) is a 64-bit integer on both backends (a bare `1` is 32-bit on PostgreSQL).
+        let found: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM opt_outs WHERE phone_number = $1 AND channel = $2",
+        )
+        .bind(phone_number)
+        .bind(channel.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(found > 0)
+    }
+
+    async fn set_opt_out(
+        &self,
+        phone_number: &str,
+        channel: Channel,
+        source: ConsentSource,
+        at: DateTime<Utc>,
+    ) -> AppResult<()> {
+        sqlx::query(
+            "INSERT INTO opt_outs (phone_number, channel, source, created_at) VALUES ($1, $2, \
+             $3, $4) \
+             ON CONFLICT (phone_number, channel) DO NOTHING",
+        )
+        .bind(phone_number)
+        .bind(channel.as_str())
+        .bind(source.as_str())
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn clear_opt_out(&self, phone_number: &str, channel: Channel) -> AppResult<()> {
+        sqlx::query("DELETE FROM opt_outs WHERE phone_number = $1 AND channel = $2")
+            .bind(phone_number)
+            .bind(channel.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn insert_incoming(&self, m: &IncomingMessage) -> AppResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO incoming_messages (id, provider_sid, channel, from_number, to_number, \
+             user_id, body, \
+             keyword, reply_template, opt_out_type, received_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (provider_sid) \
+             DO NOTHING",
+        )
+        .bind(&m.id)
+        .bind(&m.provider_sid)
+        .bind(&m.channel)
+        .bind(&m.from_number)
+        .bind(&m.to_number)
+        .bind(&m.user_id)
+        .bind(&m.body)
+        .bind(&m.keyword)
+        .bind(&m.reply_template)
+        .bind(&m.opt_out_type)
+        .bind(m.received_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn incoming_by_sid(&self, provider_sid: &str) -> AppResult<Option<IncomingMessage>> {
+        let sql =
+            format!("SELECT {INCOMING_COLUMNS} FROM incoming_messages WHERE provider_sid = $1");
+        Ok(sqlx::query_as::<Db, IncomingMessage>(&sql)
+            .bind(provider_sid)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn list_incoming(
+        &self,
+        since: Option<DateTime<Utc>>,
+        until: DateTime<Utc>,
+        limit: i64,
+    ) -> AppResult<Vec<IncomingMessage>> {
+        let sql = format!(
+            "SELECT {INCOMING_COLUMNS} FROM incoming_messages WHERE received_at > $1 AND \
+             received_at <= $3 \
+             ORDER BY received_at, id LIMIT $2"
+        );
+        let since = since.unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
+        Ok(sqlx::query_as::<Db, IncomingMessage>(&sql)
+            .bind(since)
+            .bind(limit)
+            .bind(until)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn touch_whatsapp_session(&self, phone_number: &str, at: DateTime<Utc>) -> AppResult<()> {
+        sqlx::query(
+            "INSERT INTO whatsapp_sessions (phone_number, last_inbound_at) VALUES ($1, $2) \
+             ON CONFLICT (phone_number) DO UPDATE SET last_inbound_at = excluded.last_inbound_at \
+             WHERE whatsapp_sessions.last_inbound_at < excluded.last_inbound_at",
+        )
+        .bind(phone_number)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn last_whatsapp_inbound(&self, phone_number: &str) -> AppResult<Option<DateTime<Utc>>> {
+        Ok(sqlx::query_scalar(
+            "SELECT last_inbound_at FROM whatsapp_sessions WHERE phone_number = $1",
+        )
+        .bind(phone_number)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+}

@@ -1,0 +1,434 @@
+// `MessageStore` for both backends: included by `sqlite.rs` and `postgres.rs` inside a module that
+// has `Db`, `ThisStore`, `LOCK_FOR_UPDATE` and `SKIP_LOCKED` in scope (see `store/mod.rs`).
+
+use async_trait::async_trait;
+#[allow(unused_imports)]
+use chrono::{DateTime, Utc};
+
+use super::*;
+use crate::error::AppResult;
+#[allow(unused_imports)]
+use crate::store::*;
+
+#[async_trait]
+impl MessageStore for ThisStore {
+    async fn insert_message(&self, m: &NewMessage) -> AppResult<(MessageRecord, bool)> {
+        let mut conn = self.pool.acquire().await?;
+        if let Some(record) = insert_message_row(&mut conn, m).await? {
+            return Ok((record, true));
+        }
+        // Only a taken idempotency key makes the insert a no-op.
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE idempotency_key = $1");
+        let existing = sqlx::query_as::<Db, MessageRecord>(&sql)
+            .bind(&m.idempotency_key)
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok((existing, false))
+    }
+
+    async fn get_message(&self, id: &str) -> AppResult<Option<MessageRecord>> {
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1");
+        Ok(sqlx::query_as::<Db, MessageRecord>(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn message_events(&self, id: &str) -> AppResult<Vec<MessageEvent>> {
+        Ok(sqlx::query_as::<Db, MessageEvent>(
+            "SELECT status, error_code, detail, occurred_at FROM message_events \
+             WHERE message_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn message_status_counts(&self) -> AppResult<Vec<(String, i64)>> {
+        Ok(
+            sqlx::query_as("SELECT status, COUNT(*) FROM messages GROUP BY status ORDER BY status")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn message_by_sid(&self, provider_sid: &str) -> AppResult<Option<MessageRecord>> {
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE provider_sid = $1");
+        Ok(sqlx::query_as::<Db, MessageRecord>(&sql)
+            .bind(provider_sid)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn user_messages(&self, user_id: &str, limit: i64) -> AppResult<Vec<MessageRecord>> {
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE user_id = $1 \
+             ORDER BY created_at DESC, id DESC LIMIT $2"
+        );
+        Ok(sqlx::query_as::<Db, MessageRecord>(&sql)
+            .bind(user_id)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn claim_due_messages(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+    ) -> AppResult<Vec<MessageRecord>> {
+        let sql = format!(
+            "UPDATE messages SET lease_until = $1 WHERE id IN ( \
+                SELECT id FROM messages \
+                WHERE (status = 'queued' AND next_attempt_at <= $2 AND (lease_until IS NULL OR \
+                lease_until < $2)) \
+                OR (status = 'sending' AND provider_sid IS NULL AND lease_until < $2) \
+                ORDER BY next_attempt_at LIMIT $3{SKIP_LOCKED}) \
+             RETURNING {MESSAGE_COLUMNS}"
+        );
+        let mut claimed = sqlx::query_as::<Db, MessageRecord>(&sql)
+            .bind(lease_until)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        claimed.sort_by(|a, b| {
+            a.next_attempt_at
+                .cmp(&b.next_attempt_at)
+                .then(a.id.cmp(&b.id))
+        });
+        Ok(claimed)
+    }
+
+    async fn release_claim(
+        &self,
+        id: &str,
+        now: DateTime<Utc>,
+        fence: DateTime<Utc>,
+    ) -> AppResult<()> {
+        sqlx::query(
+            "UPDATE messages SET lease_until = $2 WHERE id = $1 AND lease_until = $3 \
+             AND status IN ('queued', 'sending')",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(fence)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn reserve_send_slot(
+        &self,
+        sender: &str,
+        now_us: i64,
+        interval_us: i64,
+    ) -> AppResult<i64> {
+        sqlx::query(
+            "INSERT INTO send_rate (sender, next_slot_us) VALUES ($1, 0) ON CONFLICT \
+                     (sender) DO NOTHING",
+        )
+        .bind(sender)
+        .execute(&self.pool)
+        .await?;
+        // One statement: atomic under PostgreSQL's row lock and SQLite's write lock alike.
+        Ok(sqlx::query_scalar(
+            "UPDATE send_rate SET next_slot_us = \
+             (CASE WHEN next_slot_us > $2 THEN next_slot_us ELSE $2 END) + $3 \
+             WHERE sender = $1 RETURNING next_slot_us - $3",
+        )
+        .bind(sender)
+        .bind(now_us)
+        .bind(interval_us)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn mark_sending(
+        &self,
+        id: &str,
+        attempt: &SendAttempt,
+        now: DateTime<Utc>,
+        fence: DateTime<Utc>,
+        new_lease: DateTime<Utc>,
+    ) -> AppResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        // Right-hand sides read the row as it was, so `channel` in the CASE is the old channel.
+        let updated = sqlx::query(
+            "UPDATE messages SET status = 'sending', attempts = attempts + 1, to_number = $2, \
+             encoding = $3, segments = $4, updated_at = $5, \
+             requested_channel = CASE WHEN channel <> $6 THEN COALESCE(requested_channel, channel) \
+             ELSE requested_channel END, channel = $6, lease_until = $8 \
+             WHERE id = $1 AND lease_until = $7 AND status IN ('queued', 'sending')",
+        )
+        .bind(id)
+        .bind(&attempt.to_number)
+        .bind(&attempt.encoding)
+        .bind(attempt.segments)
+        .bind(now)
+        .bind(attempt.channel.as_str())
+        .bind(fence)
+        .bind(new_lease)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !updated {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        insert_event(&mut tx, id, MessageStatus::Sending, None, None, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn record_dispatch(
+        &self,
+        id: &str,
+        result: &DispatchResult,
+        now: DateTime<Utc>,
+        fence: DateTime<Utc>,
+    ) -> AppResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        // Every update is fenced by the claim's lease: a claim that was taken over writes nothing.
+        let (query, event) = match result {
+            DispatchResult::Sent {
+                provider_sid,
+                status,
+            } => (
+                sqlx::query(
+                    "UPDATE messages SET status = $3, provider_sid = $4, reason = NULL, \
+                     error_code = NULL, \
+                     error_message = NULL, lease_until = NULL, updated_at = $5 \
+                     WHERE id = $1 AND lease_until = $2",
+                )
+                .bind(id)
+                .bind(fence)
+                .bind(status)
+                .bind(provider_sid)
+                .bind(now),
+                Some((*status, None, None)),
+            ),
+            DispatchResult::Skipped { reason } => (
+                sqlx::query(
+                    "UPDATE messages SET status = 'skipped', reason = $3, lease_until = NULL, \
+                     updated_at = $4 \
+                     WHERE id = $1 AND lease_until = $2",
+                )
+                .bind(id)
+                .bind(fence)
+                .bind(reason)
+                .bind(now),
+                Some((
+                    MessageStatus::Skipped,
+                    None,
+                    Some(reason.as_str().to_string()),
+                )),
+            ),
+            DispatchResult::Failed { code, message } => (
+                sqlx::query(
+                    "UPDATE messages SET status = 'failed', error_code = $3, error_message = $4, \
+                     lease_until = NULL, updated_at = $5 WHERE id = $1 AND lease_until = $2",
+                )
+                .bind(id)
+                .bind(fence)
+                .bind(code)
+                .bind(message)
+                .bind(now),
+                Some((MessageStatus::Failed, *code, Some(message.clone()))),
+            ),
+            // Retries are visible in the error fields; the event history keeps one row per
+            // status, so a requeue adds none.
+            DispatchResult::Retry {
+                code,
+                message,
+                next_attempt_at,
+            } => (
+                sqlx::query(
+                    "UPDATE messages SET status = 'queued', error_code = $3, error_message = $4, \
+                     next_attempt_at = $5, lease_until = NULL, updated_at = $6 \
+                     WHERE id = $1 AND lease_until = $2",
+                )
+                .bind(id)
+                .bind(fence)
+                .bind(code)
+                .bind(message)
+                .bind(next_attempt_at)
+                .bind(now),
+                None,
+            ),
+            DispatchResult::Deferred { until, .. } => (
+                sqlx::query(
+                    "UPDATE messages SET status = 'queued', next_attempt_at = $3, lease_until = \
+                     NULL, \
+                     updated_at = $4 WHERE id = $1 AND lease_until = $2",
+                )
+                .bind(id)
+                .bind(fence)
+                .bind(until)
+                .bind(now),
+                None,
+            ),
+        };
+        if query.execute(&mut *tx).await?.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        if let Some((status, code, detail)) = event {
+            insert_event(&mut tx, id, status, code, detail.as_deref(), now).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn take_unmatched_statuses(
+        &self,
+        provider_sid: &str,
+    ) -> AppResult<Vec<(String, Option<i64>)>> {
+        Ok(sqlx::query_as(
+            "DELETE FROM unmatched_status_callbacks WHERE provider_sid = $1 RETURNING status, \
+             error_code",
+        )
+        .bind(provider_sid)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn prune_unmatched_statuses(&self, before: DateTime<Utc>) -> AppResult<u64> {
+        Ok(
+            sqlx::query("DELETE FROM unmatched_status_callbacks WHERE received_at < $1")
+                .bind(before)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
+    }
+
+    async fn apply_status(
+        &self,
+        provider_sid: &str,
+        status: MessageStatus,
+        error_code: Option<i64>,
+        at: DateTime<Utc>,
+    ) -> AppResult<StatusApplied> {
+        // Our own status words, never caller input: safe to inline.
+        let from_list = status
+            .allowed_from()
+            .iter()
+            .map(|s| format!("'{s}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut tx = self.pool.begin().await?;
+        // An empty list still runs the UPDATE (matching nothing), so on SQLite the transaction
+        // starts with a write and takes the lock before it reads.
+        let from_list = if from_list.is_empty() {
+            "'-'".to_string()
+        } else {
+            from_list
+        };
+        let changed = {
+            sqlx::query(&format!(
+                "UPDATE messages SET status = $2, error_code = COALESCE($3, error_code), \
+                 updated_at = $4 \
+                 WHERE provider_sid = $1 AND status IN ({from_list})"
+            ))
+            .bind(provider_sid)
+            .bind(status)
+            .bind(error_code)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1
+        };
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE provider_sid = $1");
+        let message = sqlx::query_as::<Db, MessageRecord>(&sql)
+            .bind(provider_sid)
+            .fetch_optional(&mut *tx)
+            .await?;
+        match &message {
+            Some(m) => {
+                insert_event(
+                    &mut tx,
+                    &m.id,
+                    status,
+                    error_code,
+                    Some("status callback"),
+                    at,
+                )
+                .await?
+            }
+            // Twilio may call back before the send that created the message has recorded the SID:
+            // keep the event until it is (see `take_unmatched_statuses`).
+            None => {
+                sqlx::query(
+                    "INSERT INTO unmatched_status_callbacks (provider_sid, status, error_code, \
+                     received_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (provider_sid, status) DO NOTHING",
+                )
+                .bind(provider_sid)
+                .bind(status)
+                .bind(error_code)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(StatusApplied { message, changed })
+    }
+}
+
+/// Insert a message row; `None` when its idempotency key is already taken.
+pub(super) async fn insert_message_row(
+    conn: &mut <Db as sqlx::Database>::Connection,
+    m: &NewMessage,
+) -> AppResult<Option<MessageRecord>> {
+    let status = if m.claimed_until.is_some() {
+        MessageStatus::Sending
+    } else {
+        MessageStatus::Queued
+    };
+    let sql = format!(
+        "INSERT INTO messages (id, user_id, template_name, variables, channel, status, attempts, \
+         idempotency_key, next_attempt_at, lease_until, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9, $8, $8) \
+         ON CONFLICT (idempotency_key) DO NOTHING RETURNING {MESSAGE_COLUMNS}"
+    );
+    Ok(sqlx::query_as::<Db, MessageRecord>(&sql)
+        .bind(&m.id)
+        .bind(&m.user_id)
+        .bind(&m.template_name)
+        .bind(&m.variables)
+        .bind(m.channel.as_str())
+        .bind(status)
+        .bind(&m.idempotency_key)
+        .bind(m.created_at)
+        .bind(m.claimed_until)
+        .fetch_optional(&mut *conn)
+        .await?)
+}
+
+/// Append a status event; a repeat of the same status is a no-op (`UNIQUE (message_id, status)`).
+pub(super) async fn insert_event(
+    tx: &mut sqlx::Transaction<'_, Db>,
+    message_id: &str,
+    status: MessageStatus,
+    error_code: Option<i64>,
+    detail: Option<&str>,
+    at: DateTime<Utc>,
+) -> AppResult<()> {
+    sqlx::query(
+        "INSERT INTO message_events (message_id, status, error_code, detail, occurred_at) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (message_id, status) DO NOTHING",
+    )
+    .bind(message_id)
+    .bind(status)
+    .bind(error_code)
+    .bind(detail)
+    .bind(at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,356 @@
+//! The rows and inputs the store reads and writes: plain values, no SQL and no business rules.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+pub use crate::channel::Channel;
+use crate::error::AppResult;
+use crate::status::{ItemStatus, MessageStatus, SkipReason};
+
+/// A change to a user's consent record, decided by the caller from the current record (read
+/// inside the write's transaction, so concurrent changes each see the other's result). An error
+/// aborts the change: nothing is written.
+pub type ConsentEdit<'a> = &'a (dyn Fn(&Consent) -> AppResult<Consent> + Send + Sync);
+
+/// How a consent change came about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsentSource {
+    AppSettings,
+    WebSettings,
+    SmsKeyword,
+    Api,
+    Provider,
+}
+
+impl ConsentSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsentSource::AppSettings => "app_settings",
+            ConsentSource::WebSettings => "web_settings",
+            ConsentSource::SmsKeyword => "sms_keyword",
+            ConsentSource::Api => "api",
+            ConsentSource::Provider => "provider",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        [
+            ConsentSource::AppSettings,
+            ConsentSource::WebSettings,
+            ConsentSource::SmsKeyword,
+            ConsentSource::Api,
+            ConsentSource::Provider,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == value)
+    }
+}
+
+/// A user's consent record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Consent {
+    pub user_id: String,
+    /// E.164.
+    pub phone_number: Option<String>,
+    pub sms_consent: bool,
+    pub whatsapp_consent: bool,
+    pub marketing_consent: bool,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Who made a change and from where: recorded with every audit row.
+#[derive(Debug, Clone)]
+pub struct ChangeContext {
+    pub source: ConsentSource,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct ConsentAuditRecord {
+    pub id: i64,
+    pub user_id: String,
+    /// `phone_number`, `sms_consent`, `whatsapp_consent` or `marketing_consent`.
+    pub field: String,
+    pub old_value: Option<String>,
+    pub new_value: Option<String>,
+    pub source: String,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Consent {
+    /// The audit rows (field, old, new) that turn `self` into `next`.
+    pub(crate) fn changes_to(
+        &self,
+        next: &Consent,
+        is_new: bool,
+    ) -> Vec<(&'static str, Option<String>, Option<String>)> {
+        let old = |v: String| if is_new { None } else { Some(v) };
+        let mut rows = Vec::new();
+        if is_new || self.phone_number != next.phone_number {
+            rows.push((
+                "phone_number",
+                if is_new {
+                    None
+                } else {
+                    self.phone_number.clone()
+                },
+                next.phone_number.clone(),
+            ));
+        }
+        for (field, before, after) in [
+            ("sms_consent", self.sms_consent, next.sms_consent),
+            (
+                "whatsapp_consent",
+                self.whatsapp_consent,
+                next.whatsapp_consent,
+            ),
+            (
+                "marketing_consent",
+                self.marketing_consent,
+                next.marketing_consent,
+            ),
+        ] {
+            if is_new || before != after {
+                rows.push((field, old(before.to_string()), Some(after.to_string())));
+            }
+        }
+        rows
+    }
+}
+
+/// A message to queue.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub id: String,
+    pub user_id: String,
+    pub template_name: String,
+    /// The validated variables as a JSON object.
+    pub variables: String,
+    pub channel: Channel,
+    pub idempotency_key: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// `Some(lease)`: written already claimed (`sending`, leased until then) for a caller that
+    /// sends it at once itself (OTP codes, which never rest in the database); `None`: `queued`
+    /// for the dispatcher.
+    pub claimed_until: Option<DateTime<Utc>>,
+}
+
+/// A row of `messages`: the outbox and the message log in one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct MessageRecord {
+    pub id: String,
+    pub user_id: String,
+    pub template_name: String,
+    #[serde(skip)]
+    pub variables: String,
+    pub channel: String,
+    pub status: MessageStatus,
+    pub reason: Option<SkipReason>,
+    #[serde(skip)]
+    pub to_number: Option<String>,
+    pub provider_sid: Option<String>,
+    pub error_code: Option<i64>,
+    pub error_message: Option<String>,
+    pub encoding: Option<String>,
+    pub segments: Option<i64>,
+    pub attempts: i64,
+    #[serde(skip)]
+    pub idempotency_key: Option<String>,
+    #[serde(skip)]
+    pub next_attempt_at: DateTime<Utc>,
+    /// Also the claim's fencing token: writes for a claimed message require the value its claim
+    /// set, so a dispatcher whose claim was taken over cannot overwrite the new owner's work.
+    #[serde(skip)]
+    pub lease_until: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// The channel the host app asked for, when the message went by another (WhatsApp fell back
+    /// to SMS).
+    pub requested_channel: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct MessageEvent {
+    pub status: MessageStatus,
+    pub error_code: Option<i64>,
+    pub detail: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// What the dispatcher learned about one message; each becomes a status and an event.
+#[derive(Debug, Clone)]
+pub enum DispatchResult {
+    /// The provider accepted it. `status` is ours (`sent`, `delivered`, ...).
+    Sent {
+        provider_sid: String,
+        status: MessageStatus,
+    },
+    /// Not sent, on purpose.
+    Skipped { reason: SkipReason },
+    /// Not sent and never will be.
+    Failed { code: Option<i64>, message: String },
+    /// Not sent this time; queued again for `next_attempt_at`.
+    Retry {
+        code: Option<i64>,
+        message: String,
+        next_attempt_at: DateTime<Utc>,
+    },
+    /// Not tried: held back until `until` (quiet hours). No attempt is counted.
+    Deferred { until: DateTime<Utc> },
+}
+
+/// Details fixed when a send is attempted: where to, and what it costs.
+#[derive(Debug, Clone)]
+pub struct SendAttempt {
+    pub to_number: String,
+    /// The channel it goes by (a WhatsApp message may fall back to SMS).
+    pub channel: Channel,
+    pub encoding: String,
+    pub segments: i64,
+}
+
+/// What a reminder is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubjectType {
+    Appointment,
+    FollowUp,
+}
+
+impl SubjectType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubjectType::Appointment => "appointment",
+            SubjectType::FollowUp => "follow_up",
+        }
+    }
+    pub fn parse(value: &str) -> Option<SubjectType> {
+        match value {
+            "appointment" => Some(SubjectType::Appointment),
+            "follow_up" => Some(SubjectType::FollowUp),
+            _ => None,
+        }
+    }
+    /// Why its reminder is skipped once the item is cancelled.
+    pub fn cancelled_reason(self) -> SkipReason {
+        match self {
+            SubjectType::Appointment => SkipReason::AppointmentCancelled,
+            SubjectType::FollowUp => SkipReason::FollowUpCancelled,
+        }
+    }
+
+    /// Why its reminder is skipped once the item moved to another time.
+    pub fn rescheduled_reason(self) -> SkipReason {
+        match self {
+            SubjectType::Appointment => SkipReason::AppointmentRescheduled,
+            SubjectType::FollowUp => SkipReason::FollowUpRescheduled,
+        }
+    }
+
+    /// Its table and time column (fixed strings, safe to put in SQL).
+    pub(crate) fn table(self) -> (&'static str, &'static str) {
+        match self {
+            SubjectType::Appointment => ("appointments", "starts_at"),
+            SubjectType::FollowUp => ("follow_ups", "due_at"),
+        }
+    }
+}
+
+/// An appointment (`scheduled_at` = its start) or a follow-up (`scheduled_at` = when it is due),
+/// as the host app pushed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct ScheduledItem {
+    pub id: String,
+    pub user_id: String,
+    pub scheduled_at: DateTime<Utc>,
+    pub time_zone: String,
+    pub status: ItemStatus,
+}
+
+/// A message from a patient (a reply or a keyword), as received from Twilio.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct IncomingMessage {
+    pub id: String,
+    pub provider_sid: String,
+    pub channel: String,
+    /// The sender, E.164 (the `whatsapp:` prefix removed).
+    pub from_number: String,
+    pub to_number: Option<String>,
+    /// The user whose stored number matches, if any.
+    pub user_id: Option<String>,
+    pub body: String,
+    /// `stop`, `start` or `help` when the body was a keyword.
+    pub keyword: Option<String>,
+    /// The template the reply used, if one was sent.
+    pub reply_template: Option<String>,
+    /// Twilio's `OptOutType` when its Advanced Opt-Out handled the keyword.
+    pub opt_out_type: Option<String>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// What a status callback did to its message.
+#[derive(Debug, Clone)]
+pub struct StatusApplied {
+    /// The message after the callback; `None` when no message has that SID.
+    pub message: Option<MessageRecord>,
+    /// Whether its status moved.
+    pub changed: bool,
+}
+
+/// A new one-time passcode, written with its message and its rate-limit record in one
+/// transaction.
+#[derive(Debug, Clone)]
+pub struct OtpIssue {
+    pub user_id: String,
+    pub purpose: String,
+    pub phone_number: String,
+    pub channel: Channel,
+    /// Keyed hash of the code; the code itself never reaches the database.
+    pub code_hash: String,
+    pub ip: Option<String>,
+    pub expires_at: DateTime<Utc>,
+    pub now: DateTime<Utc>,
+    pub cooldown_seconds: i64,
+    pub max_sends_per_hour: i64,
+    /// The message that carries the code (written claimed: the caller sends it at once). `None`
+    /// logs the request against the limits only (a refused request must still count, or the
+    /// refusal could be probed without limit).
+    pub message: Option<NewMessage>,
+}
+
+#[derive(Debug, Clone)]
+pub enum OtpIssueOutcome {
+    Issued(Box<MessageRecord>),
+    /// Within the limits and logged against them, with no code and no message (`message: None`).
+    Logged,
+    /// A limit was hit; nothing was written.
+    RateLimited {
+        retry_after_seconds: i64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct OtpRecord {
+    pub user_id: String,
+    pub purpose: String,
+    pub phone_number: String,
+    pub channel: String,
+    pub code_hash: String,
+    pub attempts: i64,
+    pub expires_at: DateTime<Utc>,
+    pub used_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What an OTP cleanup removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct OtpCleanup {
+    pub expired_deleted: u64,
+    pub used_deleted: u64,
+    pub send_log_pruned: u64,
+}
