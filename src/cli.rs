@@ -7,10 +7,12 @@ use clap::{Parser, Subcommand};
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{cancel_on_signal, AppState, Application, Services};
+use crate::app::Services;
 use crate::config::Config;
+use crate::http::AppState;
 use crate::outbox::NotificationRequest;
 use crate::scheduler::Job;
+use crate::server::{cancel_on_signal, Application};
 use crate::status::MessageStatus;
 
 #[derive(Parser)]

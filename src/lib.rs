@@ -2,7 +2,8 @@
 //! Twilio, safely. See README.md for running it and for the shape of the code.
 //!
 //! Dependencies point one way:
-//! - edge: [`http`], [`cli`], [`scheduler`], [`auth`] (callers, command line, periodic jobs);
+//! - edge: [`http`], [`cli`], [`scheduler`], [`server`], [`auth`] (callers, command line,
+//!   periodic jobs, running the server);
 //! - wiring: [`app`] builds the services from [`config`] and runs the server;
 //! - domain services: [`consent`], [`outbox`] (with its dispatcher), [`delivery`], [`otp`],
 //!   [`inbound`], [`reminders`], each built from exactly the stores and settings it uses;
@@ -29,6 +30,7 @@ pub mod provider;
 pub mod reminders;
 pub mod scheduler;
 pub mod segments;
+pub mod server;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -7,8 +7,8 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::Cron;
-use crate::app::AppState;
 use crate::error::AppResult;
+use crate::http::AppState;
 use crate::reminders::Reminder;
 
 pub fn router() -> Router<AppState> {

@@ -10,8 +10,8 @@ use axum::{Json, Router};
 use minijinja::{context, Environment};
 use serde_json::{json, Value};
 
-use crate::app::AppState;
 use crate::error::{AppError, AppResult};
+use crate::http::AppState;
 use crate::provider::mock::MockProvider;
 
 pub fn router() -> Router<AppState> {

@@ -7,8 +7,8 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::{HostApp, JsonBody};
-use crate::app::AppState;
 use crate::error::{AppError, AppResult};
+use crate::http::AppState;
 use crate::outbox::{self, NotificationRequest};
 use crate::templates::TEMPLATES;
 

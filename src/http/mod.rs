@@ -8,6 +8,7 @@ mod ops;
 mod otp;
 mod preferences;
 mod schedule;
+mod state;
 mod webhooks;
 
 use std::net::SocketAddr;
@@ -20,10 +21,10 @@ use axum::http::StatusCode;
 use axum::Router;
 use serde::de::DeserializeOwned;
 
-use crate::app::AppState;
 use crate::auth::{bearer_token, key_matches};
 use crate::config::Secret;
 use crate::error::AppError;
+pub use state::AppState;
 
 /// JSON bodies are small; anything bigger is refused before it is read.
 const BODY_LIMIT_BYTES: usize = 64 * 1024;

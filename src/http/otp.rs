@@ -9,8 +9,8 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use super::{ClientMeta, JsonBody};
-use crate::app::AppState;
 use crate::error::{AppError, AppResult};
+use crate::http::AppState;
 use crate::otp::{SendOtpAnswer, SendOtpRequest, VerifyOtpRequest};
 
 pub fn router() -> Router<AppState> {

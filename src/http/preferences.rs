@@ -7,9 +7,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{AuthUser, ClientMeta, JsonBody};
-use crate::app::AppState;
 use crate::consent::PreferencesUpdate;
 use crate::error::{AppError, AppResult};
+use crate::http::AppState;
 use crate::store::{ChangeContext, Consent, ConsentSource, MessageRecord};
 
 pub fn router() -> Router<AppState> {

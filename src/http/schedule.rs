@@ -6,8 +6,8 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::{HostApp, JsonBody};
-use crate::app::AppState;
 use crate::error::AppResult;
+use crate::http::AppState;
 use crate::reminders::{AppointmentRequest, FollowUpRequest};
 use crate::store::{ScheduledItem, SubjectType};
 

@@ -14,8 +14,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{HostApp, JsonBody};
-use crate::app::AppState;
 use crate::error::{AppError, AppResult};
+use crate::http::AppState;
 use crate::inbound::Incoming;
 use crate::phone::PhoneNumber;
 use crate::provider::signature;

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use crate::common::fake_twilio::{Failure, Fault};
 use crate::common::*;
 use chrono::Utc;
-use prism_messaging::app::AppState;
 use prism_messaging::clock::{Clock, ManualClock};
 use prism_messaging::config::Config;
 use prism_messaging::consent::ConsentPatch;
+use prism_messaging::http::AppState;
 use prism_messaging::store::{ChangeContext, Channel, ConsentSource, DynStore, NewMessage};
 use serde_json::json;
 
@@ -533,7 +533,7 @@ async fn instance_roles_split_the_work(backend: Backend) {
     let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
     let state = AppState::from_config(config).await.unwrap();
     let app =
-        prism_messaging::app::Application::bind(state.clone(), "127.0.0.1:0".parse().unwrap())
+        prism_messaging::server::Application::bind(state.clone(), "127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
     let base = format!("http://{}", app.local_addr().unwrap());

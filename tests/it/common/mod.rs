@@ -12,10 +12,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prism_messaging::app::{AppState, Application};
 use prism_messaging::clock::{DynClock, SystemClock};
 use prism_messaging::config::{Config, Secret};
+use prism_messaging::http::AppState;
 use prism_messaging::outbox::dispatcher::RoundReport;
+use prism_messaging::server::Application;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
