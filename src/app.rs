@@ -99,6 +99,7 @@ impl Services {
         let otp = Otp::new(
             store.clone(),
             store.clone(),
+            consent.clone(),
             dispatcher.clone(),
             CodeHasher::from_config(&config),
             clock.clone(),
@@ -121,6 +122,7 @@ impl Services {
             },
         );
         let inbound = Inbound::new(
+            store.clone(),
             store.clone(),
             consent.clone(),
             clock.clone(),

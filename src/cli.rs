@@ -239,10 +239,11 @@ async fn otp(config: Config, command: OtpCommand) -> anyhow::Result<ExitCode> {
                 user_id: user,
                 otp_code: code,
                 purpose,
+                phone_number: None,
             };
             match services.otp.verify(request).await {
-                Ok(()) => {
-                    println!("valid");
+                Ok(verified) => {
+                    println!("valid: the code went to {}", verified.phone_number);
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {

@@ -153,7 +153,10 @@ pub struct OtpSettings {
     pub length: u32,
     pub max_attempts: u32,
     pub resend_cooldown: std::time::Duration,
+    /// Per number and per user.
     pub max_sends_per_hour: u32,
+    /// Per client address, an IPv6 client's /64 (`OTP_MAX_SENDS_PER_IP_PER_HOUR`, 30).
+    pub max_sends_per_ip_per_hour: u32,
     pub allowed_countries: Vec<String>,
     /// Not in the contract: the key for hashing codes. Unset: derived from the other secrets.
     pub secret: Option<Secret>,
@@ -444,6 +447,12 @@ impl Config {
                 3_600,
             )?),
             max_sends_per_hour: v.number("OTP_MAX_SENDS_PER_HOUR", 5, 1, 1_000)?,
+            max_sends_per_ip_per_hour: v.number(
+                "OTP_MAX_SENDS_PER_IP_PER_HOUR",
+                30,
+                1,
+                1_000_000,
+            )?,
             allowed_countries: otp_allowed_countries,
             secret: v.secret("OTP_SECRET"),
         };

@@ -17,6 +17,10 @@ impl PhoneNumber {
     /// Parse a number written in international form (a leading `+` and country code; spaces,
     /// dashes, dots and brackets allowed). Numbers that libphonenumber does not consider valid for
     /// their country are refused, so nothing unroutable is ever stored or sent.
+    ///
+    /// Letters are refused before libphonenumber sees them: it reads them as vanity letters
+    /// (`+1 800 FLOWERS`) and would turn a typed `O` for a `0` into a 6, a stranger's number. A
+    /// patient's mobile number has no letters and no extension.
     pub fn parse(input: &str) -> Result<Self, AppError> {
         let trimmed = input.trim();
         let invalid = || {
@@ -26,6 +30,10 @@ impl PhoneNumber {
             )
         };
         if !trimmed.starts_with('+') || trimmed.len() > 32 {
+            return Err(invalid());
+        }
+        let allowed = |c: char| c.is_ascii_digit() || " +-.()".contains(c);
+        if !trimmed.chars().all(allowed) || trimmed[1..].contains('+') {
             return Err(invalid());
         }
         let parsed = phonenumber::parse(None, trimmed).map_err(|_| invalid())?;
@@ -138,6 +146,24 @@ mod tests {
             "+91987654321099999",
             "hello",
             "+1 555 0100",
+        ] {
+            let err = PhoneNumber::parse(bad).unwrap_err();
+            assert_eq!(err.code(), "invalid_phone", "{bad} should be invalid");
+        }
+    }
+
+    #[test]
+    fn refuses_letters_vanity_numbers_and_extensions() {
+        // A letter O typed for a zero must never become another digit (a stranger's number).
+        assert!(PhoneNumber::parse("+919876543210").is_ok());
+        for bad in [
+            "+91987654321O",
+            "+1 800 FLOWERS",
+            "+14155552671 ext. 12",
+            "+14155552671 x12",
+            "+14155552671;ext=12",
+            "+1415555267１",
+            "+91+9876543210",
         ] {
             let err = PhoneNumber::parse(bad).unwrap_err();
             assert_eq!(err.code(), "invalid_phone", "{bad} should be invalid");

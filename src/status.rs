@@ -171,6 +171,9 @@ pub enum SkipReason {
     FollowUpCancelled,
     AppointmentRescheduled,
     FollowUpRescheduled,
+    /// The item now belongs to another patient (whose own reminder is planned).
+    AppointmentReassigned,
+    FollowUpReassigned,
     /// The appointment's start passed before the reminder could go.
     AppointmentPassed,
     /// Quiet hours would hold a reminder past its appointment.
@@ -186,9 +189,29 @@ text_enum!(SkipReason {
     FollowUpCancelled => "follow_up_cancelled",
     AppointmentRescheduled => "appointment_rescheduled",
     FollowUpRescheduled => "follow_up_rescheduled",
+    AppointmentReassigned => "appointment_reassigned",
+    FollowUpReassigned => "follow_up_reassigned",
     AppointmentPassed => "appointment_passed",
     QuietHoursPassed => "quiet_hours_passed",
 });
+
+impl SkipReason {
+    /// Whether the reason is about the reminder's item (cancelled, moved, given to another
+    /// patient) rather than the patient: such a reminder no longer counts as the item's reminder,
+    /// so an item that comes back gets a new one.
+    pub fn frees_reminder(self) -> bool {
+        use SkipReason::*;
+        matches!(
+            self,
+            AppointmentCancelled
+                | FollowUpCancelled
+                | AppointmentRescheduled
+                | FollowUpRescheduled
+                | AppointmentReassigned
+                | FollowUpReassigned
+        )
+    }
+}
 
 /// An appointment or follow-up as the host app last pushed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -46,7 +46,13 @@ impl ConsentPatch {
             whatsapp_consent: self.whatsapp_consent.unwrap_or(current.whatsapp_consent),
             marketing_consent: self.marketing_consent.unwrap_or(current.marketing_consent),
             updated_at: current.updated_at,
+            phone_verified_at: current.phone_verified_at,
         };
+        let mut next = next;
+        // A verification proves one number: a new number is not verified.
+        if next.phone_number != current.phone_number {
+            next.phone_verified_at = None;
+        }
         if next.phone_number.is_none() && (next.sms_consent || next.whatsapp_consent) {
             return Err(AppError::bad_request(
                 "phone_required",
@@ -255,6 +261,37 @@ impl ConsentService {
         self.set_channel_consent_for_number(number, channel, false, ConsentSource::Provider, at)
             .await?;
         tracing::info!(to = %phone::mask(number), channel = channel.as_str(), "recipient opted out at the carrier: consent revoked");
+        Ok(())
+    }
+
+    /// A right `verification` code proved `number`: when it is still the user's number on file,
+    /// record when (audited, source `otp`). Never writes a number, and never creates a record.
+    pub async fn mark_number_verified(
+        &self,
+        user_id: &str,
+        number: &str,
+        at: DateTime<Utc>,
+    ) -> AppResult<()> {
+        let on_file = self.consent.get_consent(user_id).await?;
+        if on_file.and_then(|c| c.phone_number).as_deref() != Some(number) {
+            return Ok(());
+        }
+        let ctx = ChangeContext {
+            source: ConsentSource::Otp,
+            ip: None,
+            user_agent: None,
+            at,
+        };
+        // Checked again inside the write: the number may have changed since the read.
+        let verify = |current: &Consent| {
+            let mut next = current.clone();
+            if current.phone_number.as_deref() == Some(number) {
+                next.phone_verified_at = Some(at);
+            }
+            Ok(next)
+        };
+        self.consent.update_consent(user_id, &verify, &ctx).await?;
+        tracing::info!(user_id, "phone number verified");
         Ok(())
     }
 

@@ -64,7 +64,9 @@ impl Delivery {
             return Ok(StatusOutcome::UnknownMessage);
         };
         tracing::info!(message_id = %message.id, provider_sid, status = status.as_str(), changed = applied.changed, error_code, "delivery status");
-        if error_code == Some(RECIPIENT_UNSUBSCRIBED) {
+        // Only the first time this (message, status, error code) is seen: a replayed callback
+        // must not revoke consent the patient has given again since.
+        if error_code == Some(RECIPIENT_UNSUBSCRIBED) && applied.first_seen {
             if let (Some(channel), Some(number)) = (
                 Channel::parse(&message.channel),
                 message.to_number.as_deref(),

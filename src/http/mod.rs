@@ -154,16 +154,14 @@ impl FromRequestParts<AppState> for ClientMeta {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         // The proxy appends the address it saw to X-Forwarded-For; earlier entries come from the
-        // client and can be forged. So with one trusted proxy the last entry is the client.
+        // client and can be forged (also as separate header lines). So with one trusted proxy the
+        // last entry of the last line is the client.
         let forwarded = state
             .config
             .server
             .trust_forwarded_for
-            .then(|| parts.headers.get("x-forwarded-for")?.to_str().ok())
-            .flatten()
-            .and_then(|v| v.rsplit(',').next())
-            .map(|v| v.trim().to_string())
-            .filter(|v| v.parse::<std::net::IpAddr>().is_ok());
+            .then(|| last_forwarded_hop(&parts.headers))
+            .flatten();
         let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
@@ -178,6 +176,22 @@ impl FromRequestParts<AppState> for ClientMeta {
             user_agent,
         })
     }
+}
+
+/// The client address a trusted proxy appended to `X-Forwarded-For`: the last entry over every
+/// header line, with any port removed (`1.2.3.4:5678`, `[2001:db8::1]:443`). `None` when it is
+/// not an address.
+fn last_forwarded_hop(headers: &axum::http::HeaderMap) -> Option<String> {
+    let last_line = headers.get_all("x-forwarded-for").iter().next_back()?;
+    let entry = last_line.to_str().ok()?.rsplit(',').next()?.trim();
+    parse_ip_maybe_with_port(entry).map(|ip| ip.to_string())
+}
+
+fn parse_ip_maybe_with_port(entry: &str) -> Option<std::net::IpAddr> {
+    if let Ok(ip) = entry.parse::<std::net::IpAddr>() {
+        return Some(ip);
+    }
+    entry.parse::<SocketAddr>().ok().map(|addr| addr.ip())
 }
 
 /// `axum::Json`, but a bad body answers with the error envelope.
@@ -202,5 +216,46 @@ fn json_error(rejection: JsonRejection) -> AppError {
             "send JSON with Content-Type: application/json",
         ),
         _ => AppError::bad_request("invalid_json", rejection.body_text()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderMap, HeaderValue};
+
+    fn headers(lines: &[&str]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for line in lines {
+            map.append("x-forwarded-for", HeaderValue::from_str(line).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn the_last_hop_of_the_last_line_is_the_client() {
+        // A client's forged first line loses to the proxy's appended one.
+        assert_eq!(
+            last_forwarded_hop(&headers(&["6.6.6.6", "203.0.113.7"])).as_deref(),
+            Some("203.0.113.7")
+        );
+        assert_eq!(
+            last_forwarded_hop(&headers(&["6.6.6.6, 203.0.113.7"])).as_deref(),
+            Some("203.0.113.7")
+        );
+        assert_eq!(
+            last_forwarded_hop(&headers(&["203.0.113.7:51234"])).as_deref(),
+            Some("203.0.113.7")
+        );
+        assert_eq!(
+            last_forwarded_hop(&headers(&["[2001:db8::1]:443"])).as_deref(),
+            Some("2001:db8::1")
+        );
+        assert_eq!(
+            last_forwarded_hop(&headers(&["2001:db8::1"])).as_deref(),
+            Some("2001:db8::1")
+        );
+        assert_eq!(last_forwarded_hop(&headers(&["unknown"])), None);
+        assert_eq!(last_forwarded_hop(&HeaderMap::new()), None);
     }
 }

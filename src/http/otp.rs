@@ -40,7 +40,14 @@ async fn verify_otp(
     };
     state.metrics.otp_verify(result.is_ok());
     match result {
-        Ok(()) => Json(json!({"success": true, "valid": true})).into_response(),
+        // In full: the caller typed the number or holds the account. A login is proven only when
+        // this is the user's own number.
+        Ok(verified) => Json(json!({
+            "success": true,
+            "valid": true,
+            "phone_number": verified.phone_number,
+        }))
+        .into_response(),
         Err(AppError::Internal(e)) => AppError::Internal(e).into_response(),
         Err(e) => {
             let body = json!({

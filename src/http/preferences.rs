@@ -28,6 +28,7 @@ pub fn preferences_json(consent: &Consent) -> Value {
         "whatsapp_consent": consent.whatsapp_consent,
         "marketing_consent": consent.marketing_consent,
         "updated_at": consent.updated_at,
+        "phone_verified_at": consent.phone_verified_at,
     })
 }
 

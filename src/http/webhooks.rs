@@ -171,7 +171,8 @@ async fn list_inbound(
         .map(|m| {
             json!({
                 "id": m.id, "provider_sid": m.provider_sid, "channel": m.channel, "from": m.from_number,
-                "user_id": m.user_id, "body": m.body, "keyword": m.keyword, "received_at": m.received_at,
+                "user_id": m.user_id, "user_ids": m.user_ids(), "body": m.body, "keyword": m.keyword,
+                "received_at": m.received_at,
             })
         })
         .collect();

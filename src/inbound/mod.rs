@@ -13,7 +13,7 @@ use crate::clock::DynClock;
 use crate::consent::ConsentService;
 use crate::error::AppResult;
 use crate::phone::{self, PhoneNumber};
-use crate::store::{InboundStore, IncomingMessage};
+use crate::store::{InboundStore, IncomingMessage, MessageStore};
 use crate::templates::{self, RenderContext};
 
 /// A patient's keyword, one word in any case.
@@ -77,6 +77,7 @@ const INBOX_SETTLE_SECONDS: i64 = 2;
 #[derive(Clone)]
 pub struct Inbound {
     store: Arc<dyn InboundStore>,
+    messages: Arc<dyn MessageStore>,
     consent: ConsentService,
     clock: DynClock,
     render: Arc<RenderContext>,
@@ -85,12 +86,14 @@ pub struct Inbound {
 impl Inbound {
     pub fn new(
         store: Arc<dyn InboundStore>,
+        messages: Arc<dyn MessageStore>,
         consent: ConsentService,
         clock: DynClock,
         render: RenderContext,
     ) -> Self {
         Inbound {
             store,
+            messages,
             consent,
             clock,
             render: Arc::new(render),
@@ -130,7 +133,8 @@ impl Inbound {
         let reply_template = keyword
             .filter(|_| incoming.opt_out_type.is_none())
             .map(|k| k.reply_template().to_string());
-        let user_id = users.into_iter().next();
+        let user_id = self.attribute(&from_number, &users).await?;
+        let user_ids = serde_json::to_string(&users).map_err(anyhow::Error::from)?;
         let record = IncomingMessage {
             id: uuid::Uuid::now_v7().to_string(),
             provider_sid: incoming.message_sid.clone(),
@@ -138,6 +142,7 @@ impl Inbound {
             from_number: from_number.clone(),
             to_number: incoming.to.clone(),
             user_id,
+            user_ids: Some(user_ids),
             body: incoming.body.clone(),
             keyword: keyword.map(|k| k.as_str().to_string()),
             reply_template,
@@ -163,6 +168,21 @@ impl Inbound {
             "incoming message"
         );
         Ok(twiml(record.reply_template.as_deref(), render))
+    }
+
+    /// Whose reply this is. Two patients may share a number (a family phone): the reply answers
+    /// the last message that went to the number, so it is that patient's; with no such message,
+    /// the only user with the number; otherwise nobody. Never a guess by sort order.
+    async fn attribute(&self, number: &str, users: &[String]) -> AppResult<Option<String>> {
+        if let Some(last) = self.messages.last_recipient(number).await? {
+            if users.contains(&last) {
+                return Ok(Some(last));
+            }
+        }
+        Ok(match users {
+            [only] => Some(only.clone()),
+            _ => None,
+        })
     }
 
     /// One page of the host app's inbox: messages received after `since`, oldest first, up to

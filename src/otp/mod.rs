@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use crate::clock::DynClock;
 use crate::config::{Config, OtpSettings};
+use crate::consent::ConsentService;
 use crate::error::{AppError, AppResult};
 use crate::outbox::dispatcher::{Dispatcher, OtpDelivery};
 use crate::outbox::{parse_channel, validate_user_id};
@@ -47,6 +48,15 @@ pub struct VerifyOtpRequest {
     pub user_id: String,
     pub otp_code: String,
     pub purpose: String,
+    /// When given, the code must have been sent to this number.
+    pub phone_number: Option<String>,
+}
+
+/// A right code: the number it was sent to. A login is proven only when this is the user's own
+/// number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub phone_number: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,6 +123,25 @@ impl CodeHasher {
     }
 }
 
+/// The purpose that proves a number (and may mark the number on file verified).
+pub const VERIFICATION: &str = "verification";
+
+/// The key a client address is limited by: the address itself, or for IPv6 its /64 (one
+/// subscriber's network, where a client can pick any of 2^64 addresses).
+pub fn rate_limit_key(ip: &str) -> String {
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Ok(std::net::IpAddr::V6(v6)) => v6
+            .to_ipv4_mapped()
+            .map(|v4| v4.to_string())
+            .unwrap_or_default(),
+        _ => ip.to_string(),
+    }
+}
+
 /// `length` uniformly random digits from the operating system's CSPRNG.
 pub fn generate_code(length: u32) -> String {
     (0..length)
@@ -154,6 +183,7 @@ pub struct OtpContext {
 pub struct Otp {
     codes: Arc<dyn OtpStore>,
     opt_outs: Arc<dyn InboundStore>,
+    consent: ConsentService,
     dispatcher: Dispatcher,
     hasher: Arc<CodeHasher>,
     clock: DynClock,
@@ -164,6 +194,7 @@ impl Otp {
     pub fn new(
         codes: Arc<dyn OtpStore>,
         opt_outs: Arc<dyn InboundStore>,
+        consent: ConsentService,
         dispatcher: Dispatcher,
         hasher: CodeHasher,
         clock: DynClock,
@@ -172,6 +203,7 @@ impl Otp {
         Otp {
             codes,
             opt_outs,
+            consent,
             dispatcher,
             hasher: Arc::new(hasher),
             clock,
@@ -196,6 +228,11 @@ impl Otp {
     }
 
     /// Issue and send a code. Nothing is sent (and nothing written) when a check fails.
+    ///
+    /// A code is bound to the number it goes to. For any purpose but `verification`, a user with a
+    /// number on file gets the code there, whatever number the request names, and the answer is
+    /// the same as for any other send: it never hints at the number on file or whether there is
+    /// one. So naming your own number for someone else's account gets you nothing.
     pub async fn send(
         &self,
         request: SendOtpRequest,
@@ -204,11 +241,11 @@ impl Otp {
         validate_user_id(&request.user_id)?;
         validate_purpose(&request.purpose)?;
         let channel = parse_channel(request.channel.as_deref())?;
-        let phone = PhoneNumber::parse(&request.phone_number)?;
+        let named = PhoneNumber::parse(&request.phone_number)?;
         let context = &self.context;
         let settings = &context.settings;
         if !settings.allowed_countries.is_empty() {
-            let allowed = phone
+            let allowed = named
                 .country()
                 .is_some_and(|c| settings.allowed_countries.contains(&c));
             if !allowed {
@@ -219,28 +256,39 @@ impl Otp {
             }
         }
         // A refusal for an opted-out number still counts against the limits (below), or anyone
-        // could probe, without limit, which numbers texted STOP to this clinic.
-        let opted_out = self.opt_outs.is_opted_out(phone.as_str(), channel).await?;
+        // could probe, without limit, which numbers texted STOP to this clinic. The answer is
+        // about the number named, never the one on file.
+        let named_opted_out = self.opt_outs.is_opted_out(named.as_str(), channel).await?;
         if !context.messaging_enabled {
             return Err(AppError::Unavailable(
                 "messaging is disabled on this service".into(),
             ));
         }
+        let send_to = self.destination(&request, &named).await?;
+        let send_to_opted_out = if send_to == named {
+            named_opted_out
+        } else {
+            self.opt_outs
+                .is_opted_out(send_to.as_str(), channel)
+                .await?
+        };
 
         let code = generate_code(settings.length);
         let now = self.clock.now();
         let issue = OtpIssue {
             user_id: request.user_id.clone(),
             purpose: request.purpose.clone(),
-            phone_number: phone.as_str().to_string(),
+            phone_number: named.as_str().to_string(),
+            send_to: send_to.as_str().to_string(),
             channel,
             code_hash: self.hasher.hash(&request.user_id, &request.purpose, &code),
-            ip,
+            ip: ip.as_deref().map(rate_limit_key),
             expires_at: now + Duration::seconds(settings.ttl.as_secs() as i64),
             now,
             cooldown_seconds: settings.resend_cooldown.as_secs() as i64,
             max_sends_per_hour: i64::from(settings.max_sends_per_hour),
-            message: (!opted_out).then(|| NewMessage {
+            max_sends_per_ip_per_hour: i64::from(settings.max_sends_per_ip_per_hour),
+            message: (!named_opted_out && !send_to_opted_out).then(|| NewMessage {
                 id: uuid::Uuid::now_v7().to_string(),
                 user_id: request.user_id.clone(),
                 template_name: "otp".into(),
@@ -252,13 +300,20 @@ impl Otp {
                 claimed_until: Some(now + context.lease),
             }),
         };
+        let sent = self.sent_answer();
         let message = match self.codes.issue_otp(&issue).await? {
             OtpIssueOutcome::Issued(message) => message,
-            OtpIssueOutcome::Logged => return Err(self.opted_out_error(channel)),
+            OtpIssueOutcome::Logged if named_opted_out => return Err(self.opted_out_error(channel)),
+            OtpIssueOutcome::Logged => {
+                // The number on file opted out of this channel: nothing goes to it, and the
+                // caller, who may not own that number, is told what any other caller is told.
+                tracing::info!(user_id = %request.user_id, purpose = %request.purpose, "OTP not sent: the number on file opted out");
+                return Ok(sent);
+            }
             OtpIssueOutcome::RateLimited {
                 retry_after_seconds,
             } => {
-                tracing::info!(to = %phone.masked(), purpose = %request.purpose, retry_after_seconds, "OTP send refused: rate limited");
+                tracing::info!(to = %named.masked(), purpose = %request.purpose, retry_after_seconds, "OTP send refused: rate limited");
                 return Err(AppError::TooManyRequests {
                     code: "rate_limited",
                     message: "too many codes requested; try again later".into(),
@@ -266,16 +321,23 @@ impl Otp {
                 });
             }
         };
-        let delivery = self.dispatcher.send_otp_now(&message, phone, &code).await?;
-        match delivery {
-            OtpDelivery::Sent => Ok(SendOtpAnswer {
-                success: true,
-                expires_in: settings.ttl.as_secs(),
-                mock: context.mock_mode,
-            }),
-            OtpDelivery::Refused(Some(RECIPIENT_UNSUBSCRIBED)) => {
-                Err(self.opted_out_error(channel))
+        let redirected = send_to != named;
+        let delivery = self
+            .dispatcher
+            .send_otp_now(&message, send_to, &code)
+            .await?;
+        if redirected {
+            // Whatever became of a code sent to the number on file, the caller hears what a
+            // successful send sounds like: anything else would describe that number.
+            if delivery != OtpDelivery::Sent {
+                tracing::info!(user_id = %request.user_id, outcome = ?delivery, "OTP to the number on file not delivered");
             }
+            return Ok(sent);
+        }
+        match delivery {
+            OtpDelivery::Sent => Ok(sent),
+            OtpDelivery::Refused(Some(RECIPIENT_UNSUBSCRIBED))
+            | OtpDelivery::Skipped(SkipReason::OptedOut) => Err(self.opted_out_error(channel)),
             OtpDelivery::Refused(Some(INVALID_TO_NUMBER | NOT_A_MOBILE_NUMBER)) => Err(
                 AppError::bad_request("invalid_phone", "this number cannot receive messages"),
             ),
@@ -297,57 +359,96 @@ impl Otp {
         }
     }
 
-    /// Verify a code. `Ok(())` exactly once for the right, live code.
-    pub async fn verify(&self, request: VerifyOtpRequest) -> AppResult<()> {
+    /// Where a code goes: the number on file, except for `verification` (which proves the number
+    /// named) and users with no number on file.
+    async fn destination(
+        &self,
+        request: &SendOtpRequest,
+        named: &PhoneNumber,
+    ) -> AppResult<PhoneNumber> {
+        if request.purpose == VERIFICATION {
+            return Ok(named.clone());
+        }
+        let on_file = self
+            .consent
+            .get(&request.user_id)
+            .await?
+            .and_then(|c| c.phone_number)
+            .and_then(|n| PhoneNumber::parse(&n).ok());
+        Ok(on_file.unwrap_or_else(|| named.clone()))
+    }
+
+    fn sent_answer(&self) -> SendOtpAnswer {
+        SendOtpAnswer {
+            success: true,
+            expires_in: self.context.settings.ttl.as_secs(),
+            mock: self.context.mock_mode,
+        }
+    }
+
+    /// Verify a code: the number it was sent to, exactly once for the right, live code.
+    ///
+    /// Wrong tries are counted per (user, purpose) whether or not a code exists, so an unknown
+    /// user answers exactly like a known one: `invalid_otp` up to `OTP_MAX_ATTEMPTS`, then 429.
+    pub async fn verify(&self, request: VerifyOtpRequest) -> AppResult<Verified> {
         validate_user_id(&request.user_id)?;
         validate_purpose(&request.purpose)?;
+        let expected = request
+            .phone_number
+            .as_deref()
+            .map(PhoneNumber::parse)
+            .transpose()?;
         let code = request.otp_code.trim();
         let max_attempts = i64::from(self.context.settings.max_attempts);
-        let Some(record) = self
-            .codes
-            .get_otp(&request.user_id, &request.purpose)
-            .await?
-        else {
-            return Err(invalid_code());
-        };
-        if record.attempts >= max_attempts {
+        let now = self.clock.now();
+        let (user, purpose) = (request.user_id.as_str(), request.purpose.as_str());
+        if self.codes.otp_failures(user, purpose, now).await? >= max_attempts {
             return Err(too_many_attempts());
         }
-        let now = self.clock.now();
-        if record.used_at.is_some() || record.expires_at <= now {
-            return Err(invalid_code());
-        }
-        let presented = self.hasher.hash(&request.user_id, &request.purpose, code);
-        let matches: bool = presented
-            .as_bytes()
-            .ct_eq(record.code_hash.as_bytes())
-            .into();
-        if matches {
-            // The conditional update lets exactly one of several simultaneous verifies win.
-            if self
-                .codes
-                .consume_otp(
-                    &request.user_id,
-                    &request.purpose,
-                    &record.code_hash,
-                    max_attempts,
-                    now,
-                )
-                .await?
-            {
-                tracing::info!(user_id = %request.user_id, purpose = %request.purpose, "OTP verified");
-                return Ok(());
+        let record = self.codes.get_otp(user, purpose).await?;
+        let live = record
+            .filter(|r| r.used_at.is_none() && r.expires_at > now)
+            .filter(|r| {
+                expected
+                    .as_ref()
+                    .is_none_or(|n| n.as_str() == r.phone_number)
+            });
+        if let Some(record) = live {
+            let presented = self.hasher.hash(user, purpose, code);
+            let matches: bool = presented
+                .as_bytes()
+                .ct_eq(record.code_hash.as_bytes())
+                .into();
+            if matches {
+                // The conditional update lets exactly one of several simultaneous verifies win.
+                if !self
+                    .codes
+                    .consume_otp(user, purpose, &record.code_hash, max_attempts, now)
+                    .await?
+                {
+                    return Err(invalid_code());
+                }
+                tracing::info!(user_id = %user, purpose = %purpose, "OTP verified");
+                if purpose == VERIFICATION {
+                    self.consent
+                        .mark_number_verified(user, &record.phone_number, now)
+                        .await?;
+                }
+                return Ok(Verified {
+                    phone_number: record.phone_number,
+                });
             }
-            return Err(invalid_code());
         }
-        let attempts = self
+        let window_ends_at = now + Duration::seconds(self.context.settings.ttl.as_secs() as i64);
+        let failures = self
             .codes
-            .record_otp_failure(&request.user_id, &request.purpose, &record.code_hash)
+            .record_otp_failure(user, purpose, now, window_ends_at)
             .await?;
-        tracing::info!(user_id = %request.user_id, purpose = %request.purpose, attempts, "OTP verify failed");
-        match attempts {
-            Some(n) if n > max_attempts => Err(too_many_attempts()),
-            _ => Err(invalid_code()),
+        tracing::info!(user_id = %user, purpose = %purpose, failures, "OTP verify failed");
+        if failures > max_attempts {
+            Err(too_many_attempts())
+        } else {
+            Err(invalid_code())
         }
     }
 

@@ -40,10 +40,10 @@ use crate::provider::twilio::RECIPIENT_UNSUBSCRIBED;
 use crate::provider::{DynProvider, OutboundMessage, ProviderError};
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
-    ConsentStore, DispatchResult, InboundStore, MessageRecord, MessageStore, ScheduleStore,
-    SendAttempt, SubjectType,
+    ConsentStore, DispatchResult, InboundStore, MarkSending, MessageRecord, MessageStore,
+    ScheduleStore, SendAttempt, SendGuard, SubjectType,
 };
-use crate::templates::{self, RenderContext, Template, ValidVariables};
+use crate::templates::{self, Category, RenderContext, Template, ValidVariables};
 use recovery::outcome_unknown;
 
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -166,6 +166,8 @@ enum Attempt {
     },
     /// The claim was taken over before the call: nothing was sent.
     ClaimLost,
+    /// The number opted out, or consent changed, after the send-time check: nothing was sent.
+    PolicyChanged,
 }
 
 /// A one-time passcode's send, and whether a failure was only temporary.
@@ -298,6 +300,8 @@ impl Dispatcher {
                 provider_status,
             } => self.finish(&claim, &to, result, provider_status).await,
             Attempt::ClaimLost => Ok(Settled::Lost),
+            // Give it back to be checked again at once: the next round skips it with the reason.
+            Attempt::PolicyChanged => self.release(&claim).await,
         }
     }
 
@@ -404,9 +408,13 @@ impl Dispatcher {
         };
         if let Some((kind, id, at)) = &subject {
             let item = self.schedule.get_scheduled(*kind, id).await?;
-            if let Some(reason) =
-                policy::reminder_obsolete(*kind, *at, item.as_ref(), self.clock.now())
-            {
+            if let Some(reason) = policy::reminder_obsolete(
+                *kind,
+                *at,
+                &message.user_id,
+                item.as_ref(),
+                self.clock.now(),
+            ) {
                 return skip(reason);
             }
         }
@@ -565,12 +573,19 @@ impl Dispatcher {
         // A patient is waiting for this code: it goes now, taking the sender's next slot so the
         // queued messages behind it slow down to keep the sender's rate.
         self.take_send_slot(&outbound).await?;
-        let Attempt::Answered {
-            result,
-            provider_status,
-        } = self.send(claim, outbound).await?
-        else {
-            return Ok(skipped(Settled::Lost));
+        let (result, provider_status) = match self.send(claim, outbound).await? {
+            Attempt::Answered {
+                result,
+                provider_status,
+            } => (result, provider_status),
+            Attempt::ClaimLost => return Ok(skipped(Settled::Lost)),
+            // The number opted out between the request's check and the send.
+            Attempt::PolicyChanged => {
+                let result = DispatchResult::Skipped {
+                    reason: SkipReason::OptedOut,
+                };
+                return Ok(skipped(self.finish(claim, "", result, None).await?));
+            }
         };
         // The code cannot wait in the queue: a failure that a retry could fix is recorded as
         // failed, and reported as temporary so the patient is told to ask again.
@@ -598,13 +613,35 @@ impl Dispatcher {
         };
         let now = self.clock.now();
         let renewed = now + self.settings.lease;
-        if !self
+        // Consent and opt-out again, in the statement that marks the message `sending`: a STOP
+        // that lands after the send-time check still stops the send. OTPs go to the number
+        // named, with or without consent, but never to one that opted out.
+        let template = templates::find(&outbound.template_name);
+        let guard = SendGuard {
+            consent: outbound.template_name != "otp",
+            marketing: template.is_some_and(|t| t.category == Category::Marketing),
+        };
+        match self
             .messages
-            .mark_sending(&claim.message.id, &attempt, now, claim.fence, renewed)
+            .mark_sending(
+                &claim.message.id,
+                &attempt,
+                guard,
+                now,
+                claim.fence,
+                renewed,
+            )
             .await?
         {
-            tracing::warn!(message_id = %claim.message.id, "claim taken over before sending; not sending");
-            return Ok(Attempt::ClaimLost);
+            MarkSending::Marked => {}
+            MarkSending::ClaimLost => {
+                tracing::warn!(message_id = %claim.message.id, "claim taken over before sending; not sending");
+                return Ok(Attempt::ClaimLost);
+            }
+            MarkSending::PolicyChanged => {
+                tracing::info!(message_id = %claim.message.id, "opt-out or consent changed just before sending; not sending");
+                return Ok(Attempt::PolicyChanged);
+            }
         }
         claim.fence = renewed;
         let attempts_made = claim.message.attempts + 1;

@@ -60,11 +60,13 @@ pub fn is_reminder(template: &Template) -> bool {
     )
 }
 
-/// Why a reminder queued for `kind` at `at` should no longer go, if it should not: the item is
-/// gone or cancelled, moved to another time, or (an appointment) already started.
+/// Why a reminder queued for `kind` at `at` for `user_id` should no longer go, if it should not:
+/// the item is gone or cancelled, moved to another time, now another patient's (theirs is planned
+/// for them), or (an appointment) already started.
 pub fn reminder_obsolete(
     kind: SubjectType,
     at: DateTime<Utc>,
+    user_id: &str,
     item: Option<&ScheduledItem>,
     now: DateTime<Utc>,
 ) -> Option<SkipReason> {
@@ -72,6 +74,7 @@ pub fn reminder_obsolete(
         None => Some(kind.cancelled_reason()),
         Some(item) if item.status == ItemStatus::Cancelled => Some(kind.cancelled_reason()),
         Some(item) if item.scheduled_at != at => Some(kind.rescheduled_reason()),
+        Some(item) if item.user_id != user_id => Some(kind.reassigned_reason()),
         Some(_) if kind == SubjectType::Appointment && now >= at => {
             Some(SkipReason::AppointmentPassed)
         }
@@ -173,6 +176,7 @@ mod tests {
             whatsapp_consent: whatsapp,
             marketing_consent: marketing,
             updated_at: at("2027-01-01T00:00:00Z"),
+            phone_verified_at: None,
         }
     }
 
@@ -237,30 +241,50 @@ mod tests {
         let before = at("2027-01-12T08:00:00Z");
         let scheduled = item("2027-01-12T10:30:00Z", ItemStatus::Scheduled);
         assert_eq!(
-            reminder_obsolete(SubjectType::Appointment, when, Some(&scheduled), before),
+            reminder_obsolete(
+                SubjectType::Appointment,
+                when,
+                "u1",
+                Some(&scheduled),
+                before
+            ),
             None
         );
         assert_eq!(
-            reminder_obsolete(SubjectType::Appointment, when, None, before),
+            reminder_obsolete(SubjectType::Appointment, when, "u1", None, before),
             Some(SkipReason::AppointmentCancelled)
         );
         let cancelled = item("2027-01-12T10:30:00Z", ItemStatus::Cancelled);
         assert_eq!(
-            reminder_obsolete(SubjectType::FollowUp, when, Some(&cancelled), before),
+            reminder_obsolete(SubjectType::FollowUp, when, "u1", Some(&cancelled), before),
             Some(SkipReason::FollowUpCancelled)
         );
         let moved = item("2027-01-13T10:30:00Z", ItemStatus::Scheduled);
         assert_eq!(
-            reminder_obsolete(SubjectType::Appointment, when, Some(&moved), before),
+            reminder_obsolete(SubjectType::Appointment, when, "u1", Some(&moved), before),
             Some(SkipReason::AppointmentRescheduled)
         );
         assert_eq!(
-            reminder_obsolete(SubjectType::Appointment, when, Some(&scheduled), when),
+            reminder_obsolete(SubjectType::Appointment, when, "u1", Some(&scheduled), when),
             Some(SkipReason::AppointmentPassed)
+        );
+        assert_eq!(
+            reminder_obsolete(
+                SubjectType::Appointment,
+                when,
+                "u2",
+                Some(&scheduled),
+                before
+            ),
+            Some(SkipReason::AppointmentReassigned)
+        );
+        assert_eq!(
+            reminder_obsolete(SubjectType::FollowUp, when, "u2", Some(&scheduled), before),
+            Some(SkipReason::FollowUpReassigned)
         );
         // A follow-up is reminded on its day, after its time too.
         assert_eq!(
-            reminder_obsolete(SubjectType::FollowUp, when, Some(&scheduled), when),
+            reminder_obsolete(SubjectType::FollowUp, when, "u1", Some(&scheduled), when),
             None
         );
     }

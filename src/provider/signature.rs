@@ -70,6 +70,8 @@ fn equal(a: &str, b: &str) -> bool {
 }
 
 /// The URL without any port, and with its port (the scheme's default when it has none).
+/// The URL exactly as given first (the configured `PUBLIC_URL` as the operator wrote it, which is
+/// what Twilio was told), then its normalised forms without and with the port.
 fn url_variants(url: &str) -> Vec<String> {
     let Ok(parsed) = reqwest::Url::parse(url) else {
         return vec![url.to_string()];
@@ -93,8 +95,12 @@ fn url_variants(url: &str) -> Vec<String> {
         with.push('?');
         with.push_str(query);
     }
-    let mut variants = vec![without.to_string(), with];
-    variants.dedup();
+    let mut variants = vec![url.to_string()];
+    for candidate in [without.to_string(), with] {
+        if !variants.contains(&candidate) {
+            variants.push(candidate);
+        }
+    }
     variants
 }
 
@@ -102,6 +108,18 @@ fn url_variants(url: &str) -> Vec<String> {
 mod tests {
     //! The published vectors from twilio-python's `tests/unit/test_request_validator.py`.
     use super::*;
+
+    #[test]
+    fn the_url_as_configured_is_tried_first() {
+        // Normalising would lower-case the host and drop the default port; Twilio signs what it
+        // was given.
+        let literal = "https://Messaging.Example.com:443/webhooks/twilio/status";
+        let variants = url_variants(literal);
+        assert_eq!(variants[0], literal);
+        let params = vec![("MessageSid".to_string(), "SM1".to_string())];
+        let signed = compute("token", literal, &params);
+        assert!(is_valid("token", literal, &params, &signed));
+    }
 
     const TOKEN: &str = "12345";
     const URI: &str = "https://mycompany.com/myapp.php?foo=1&bar=2";

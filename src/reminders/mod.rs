@@ -311,13 +311,10 @@ impl Reminders {
             template_name: template.name.to_string(),
             variables: variables.to_string(),
             channel,
-            idempotency_key: Some(format!(
-                "reminder:{}:{}:{}:{}",
-                reminder.subject().as_str(),
-                item.id,
-                reminder.kind(),
-                item.scheduled_at.timestamp_micros()
-            )),
+            // Once-only is the reminder log's partial unique key (one pending or delivered
+            // reminder per item, kind, time and patient), not an idempotency key: a reminder
+            // skipped because its item moved must not block the one planned when it moves back.
+            idempotency_key: None,
             created_at: now,
             claimed_until: None,
         }))

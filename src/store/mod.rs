@@ -53,6 +53,8 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn message_by_sid(&self, provider_sid: &str) -> AppResult<Option<MessageRecord>>;
     /// How many messages are in each status (for `/metrics`).
     async fn message_status_counts(&self) -> AppResult<Vec<(String, i64)>>;
+    /// The user the most recent message to this number was for (sent or being sent).
+    async fn last_recipient(&self, to_number: &str) -> AppResult<Option<String>>;
     /// The user's messages, newest first.
     async fn user_messages(&self, user_id: &str, limit: i64) -> AppResult<Vec<MessageRecord>>;
     /// Claim up to `limit` messages: queued ones that are due, and `sending` ones without a
@@ -80,17 +82,18 @@ pub trait MessageStore: Send + Sync + 'static {
         now_us: i64,
         interval_us: i64,
     ) -> AppResult<i64>;
-    /// Mark a claimed message `sending` (one more attempt) just before the provider call.
-    /// `fence` is the lease the claim set; the lease is renewed to `new_lease` for the provider
-    /// call. `false` (and nothing written) when the claim is no longer ours.
+    /// Mark a claimed message `sending` (one more attempt) just before the provider call, if
+    /// `guard` still holds (the number has not opted out of the channel; consent as asked).
+    /// `fence` is the lease the claim set; the lease is renewed to `new_lease` for the call.
     async fn mark_sending(
         &self,
         id: &str,
         attempt: &SendAttempt,
+        guard: SendGuard,
         now: DateTime<Utc>,
         fence: DateTime<Utc>,
         new_lease: DateTime<Utc>,
-    ) -> AppResult<bool>;
+    ) -> AppResult<MarkSending>;
     /// Record what happened to a claimed message and release its lease, if the claim (`fence`,
     /// the current lease) is still ours; `false` and nothing written otherwise.
     async fn record_dispatch(
@@ -127,8 +130,9 @@ pub trait OtpStore: Send + Sync + 'static {
     /// number, user and IP, so concurrent requests cannot slip past them together.
     async fn issue_otp(&self, issue: &OtpIssue) -> AppResult<OtpIssueOutcome>;
     async fn get_otp(&self, user_id: &str, purpose: &str) -> AppResult<Option<OtpRecord>>;
-    /// Mark the code used if it is still the live one (same hash), unused, unexpired and not out
-    /// of attempts. `true` for exactly one caller.
+    /// Mark the code used if it is still the live one (same hash), unused, unexpired, and the
+    /// (user, purpose) has fewer than `max_attempts` wrong tries in its window. `true` for
+    /// exactly one caller.
     async fn consume_otp(
         &self,
         user_id: &str,
@@ -137,13 +141,22 @@ pub trait OtpStore: Send + Sync + 'static {
         max_attempts: i64,
         now: DateTime<Utc>,
     ) -> AppResult<bool>;
-    /// Count a wrong try against the live code (`code_hash` is the stored one); the new count.
+    /// Wrong tries for (user, purpose) in the current window, whether or not a code exists.
+    async fn otp_failures(
+        &self,
+        user_id: &str,
+        purpose: &str,
+        now: DateTime<Utc>,
+    ) -> AppResult<i64>;
+    /// Count one wrong try; a new window (ending at `window_ends_at`) starts when the last one
+    /// ended. The new count.
     async fn record_otp_failure(
         &self,
         user_id: &str,
         purpose: &str,
-        code_hash: &str,
-    ) -> AppResult<Option<i64>>;
+        now: DateTime<Utc>,
+        window_ends_at: DateTime<Utc>,
+    ) -> AppResult<i64>;
     /// Delete used and expired codes and rate-limit records older than an hour.
     async fn cleanup_otps(&self, now: DateTime<Utc>) -> AppResult<OtpCleanup>;
 }

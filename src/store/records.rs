@@ -21,6 +21,8 @@ pub enum ConsentSource {
     SmsKeyword,
     Api,
     Provider,
+    /// A right `verification` code proved the number on file.
+    Otp,
 }
 
 impl ConsentSource {
@@ -31,6 +33,7 @@ impl ConsentSource {
             ConsentSource::SmsKeyword => "sms_keyword",
             ConsentSource::Api => "api",
             ConsentSource::Provider => "provider",
+            ConsentSource::Otp => "otp",
         }
     }
 
@@ -41,6 +44,7 @@ impl ConsentSource {
             ConsentSource::SmsKeyword,
             ConsentSource::Api,
             ConsentSource::Provider,
+            ConsentSource::Otp,
         ]
         .into_iter()
         .find(|s| s.as_str() == value)
@@ -57,6 +61,9 @@ pub struct Consent {
     pub whatsapp_consent: bool,
     pub marketing_consent: bool,
     pub updated_at: DateTime<Utc>,
+    /// When a `verification` code sent to `phone_number` was entered; cleared when the number
+    /// changes.
+    pub phone_verified_at: Option<DateTime<Utc>>,
 }
 
 /// Who made a change and from where: recorded with every audit row.
@@ -118,6 +125,14 @@ impl Consent {
             if is_new || before != after {
                 rows.push((field, old(before.to_string()), Some(after.to_string())));
             }
+        }
+        if self.phone_verified_at != next.phone_verified_at {
+            let text = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339());
+            rows.push((
+                "phone_verified_at",
+                text(self.phone_verified_at),
+                text(next.phone_verified_at),
+            ));
         }
         rows
     }
@@ -214,6 +229,29 @@ pub struct SendAttempt {
     pub segments: i64,
 }
 
+/// What must still hold when a message is marked `sending`, checked in the same statement, so a
+/// STOP or a withdrawn consent that lands after the send-time check still stops the send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendGuard {
+    /// The user still has this number on file with consent for the channel (not for OTPs, which
+    /// go to the number named).
+    pub consent: bool,
+    /// ... and marketing consent.
+    pub marketing: bool,
+}
+
+/// What marking a message `sending` came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkSending {
+    /// Marked, one more attempt counted: call the provider.
+    Marked,
+    /// The claim is no longer ours: nothing written.
+    ClaimLost,
+    /// The claim is ours but the number opted out or consent changed since the check: nothing
+    /// written; check again.
+    PolicyChanged,
+}
+
 /// What a reminder is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -252,6 +290,14 @@ impl SubjectType {
         }
     }
 
+    /// Why its reminder is skipped once the item belongs to another patient.
+    pub fn reassigned_reason(self) -> SkipReason {
+        match self {
+            SubjectType::Appointment => SkipReason::AppointmentReassigned,
+            SubjectType::FollowUp => SkipReason::FollowUpReassigned,
+        }
+    }
+
     /// Its table and time column (fixed strings, safe to put in SQL).
     pub(crate) fn table(self) -> (&'static str, &'static str) {
         match self {
@@ -281,8 +327,12 @@ pub struct IncomingMessage {
     /// The sender, E.164 (the `whatsapp:` prefix removed).
     pub from_number: String,
     pub to_number: Option<String>,
-    /// The user whose stored number matches, if any.
+    /// The user the reply is attributed to: the one the last message to this number went to, or
+    /// the only user with the number. `None` rather than a guess.
     pub user_id: Option<String>,
+    /// Every user whose stored number is this one (a family may share a phone), as a JSON array.
+    #[serde(skip)]
+    pub user_ids: Option<String>,
     pub body: String,
     /// `stop`, `start` or `help` when the body was a keyword.
     pub keyword: Option<String>,
@@ -293,6 +343,17 @@ pub struct IncomingMessage {
     pub received_at: DateTime<Utc>,
 }
 
+impl IncomingMessage {
+    /// Every user with the sender's number when the message arrived (for messages stored before
+    /// this was kept, the attributed user).
+    pub fn user_ids(&self) -> Vec<String> {
+        match self.user_ids.as_deref() {
+            Some(json) => serde_json::from_str(json).unwrap_or_default(),
+            None => self.user_id.iter().cloned().collect(),
+        }
+    }
+}
+
 /// What a status callback did to its message.
 #[derive(Debug, Clone)]
 pub struct StatusApplied {
@@ -300,6 +361,8 @@ pub struct StatusApplied {
     pub message: Option<MessageRecord>,
     /// Whether its status moved.
     pub changed: bool,
+    /// Whether this (message, status) was seen for the first time (a replayed callback is not).
+    pub first_seen: bool,
 }
 
 /// A new one-time passcode, written with its message and its rate-limit record in one
@@ -308,7 +371,10 @@ pub struct StatusApplied {
 pub struct OtpIssue {
     pub user_id: String,
     pub purpose: String,
+    /// The number the request named: the per-number limits count it.
     pub phone_number: String,
+    /// Where the code goes (the number on file, or the one named); the code is bound to it.
+    pub send_to: String,
     pub channel: Channel,
     /// Keyed hash of the code; the code itself never reaches the database.
     pub code_hash: String,
@@ -316,7 +382,10 @@ pub struct OtpIssue {
     pub expires_at: DateTime<Utc>,
     pub now: DateTime<Utc>,
     pub cooldown_seconds: i64,
+    /// Per number and per user.
     pub max_sends_per_hour: i64,
+    /// Per client address (an IPv6 client's /64).
+    pub max_sends_per_ip_per_hour: i64,
     /// The message that carries the code (written claimed: the caller sends it at once). `None`
     /// logs the request against the limits only (a refused request must still count, or the
     /// refusal could be probed without limit).
@@ -350,6 +419,8 @@ pub struct OtpRecord {
 /// What an OTP cleanup removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct OtpCleanup {
+    /// Counts of wrong tries whose window ended.
+    pub failures_pruned: u64,
     pub expired_deleted: u64,
     pub used_deleted: u64,
     pub send_log_pruned: u64,

@@ -9,6 +9,7 @@ mod auth;
 mod binary;
 mod delivery;
 mod otp;
+mod recipients;
 mod reminders;
 mod store_conformance;
 mod webhooks;

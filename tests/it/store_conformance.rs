@@ -7,9 +7,16 @@ use crate::common::{Backend, TestDatabase};
 use chrono::{Duration, TimeZone, Utc};
 use prism_messaging::consent::ConsentPatch;
 use prism_messaging::status::{MessageStatus, SkipReason};
+/// Mark without the consent re-check (as for an OTP); opt-outs still apply.
+const NO_GUARD: SendGuard = SendGuard {
+    consent: false,
+    marketing: false,
+};
+
 use prism_messaging::store::{
     self, ChangeContext, Channel, ConsentSource, DispatchResult, DynStore, NewMessage, SendAttempt,
 };
+use prism_messaging::store::{MarkSending, SendGuard};
 
 both_backends!(
     consent_changes_are_audited_per_field,
@@ -20,6 +27,7 @@ both_backends!(
     dispatch_results_and_events,
     user_messages_newest_first,
     unmatched_status_callbacks_wait_for_their_sid,
+    marking_sending_checks_opt_out_and_consent_in_the_same_statement,
 );
 
 fn t0() -> chrono::DateTime<Utc> {
@@ -268,14 +276,20 @@ async fn dispatch_results_and_events(backend: Backend) {
     };
     let renewed = t0() + Duration::minutes(3);
     // A stale fence cannot mark a message sending; the claim's own can, renewing the lease.
-    assert!(!store
-        .mark_sending("m1", &attempt, t0(), t0(), renewed)
-        .await
-        .unwrap());
-    assert!(store
-        .mark_sending("m1", &attempt, t0(), lease, renewed)
-        .await
-        .unwrap());
+    assert_eq!(
+        store
+            .mark_sending("m1", &attempt, NO_GUARD, t0(), t0(), renewed)
+            .await
+            .unwrap(),
+        MarkSending::ClaimLost
+    );
+    assert_eq!(
+        store
+            .mark_sending("m1", &attempt, NO_GUARD, t0(), lease, renewed)
+            .await
+            .unwrap(),
+        MarkSending::Marked
+    );
     let sent = DispatchResult::Sent {
         provider_sid: "SM0001".into(),
         status: MessageStatus::Sent,
@@ -319,10 +333,13 @@ async fn dispatch_results_and_events(backend: Backend) {
     );
 
     // A provider SID belongs to one message only.
-    assert!(store
-        .mark_sending("m2", &attempt, t0(), lease, renewed)
-        .await
-        .unwrap());
+    assert_eq!(
+        store
+            .mark_sending("m2", &attempt, NO_GUARD, t0(), lease, renewed)
+            .await
+            .unwrap(),
+        MarkSending::Marked
+    );
     assert!(store
         .record_dispatch("m2", &sent, t0(), renewed)
         .await
@@ -350,10 +367,13 @@ async fn dispatch_results_and_events(backend: Backend) {
         .unwrap()[0]
         .lease_until
         .unwrap();
-    assert!(store
-        .mark_sending("m4", &attempt, t0(), l4, renewed)
-        .await
-        .unwrap());
+    assert_eq!(
+        store
+            .mark_sending("m4", &attempt, NO_GUARD, t0(), l4, renewed)
+            .await
+            .unwrap(),
+        MarkSending::Marked
+    );
     let m = store.get_message("m4").await.unwrap().unwrap();
     assert_eq!(
         (m.channel.as_str(), m.requested_channel.as_deref()),
@@ -434,4 +454,101 @@ async fn user_messages_newest_first(backend: Backend) {
         ["m4", "m3", "m2"]
     );
     assert!(store.user_messages("nobody", 3).await.unwrap().is_empty());
+}
+
+async fn marking_sending_checks_opt_out_and_consent_in_the_same_statement(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    let patch = ConsentPatch {
+        phone_number: Some("+14155552671".into()),
+        sms_consent: Some(true),
+        ..Default::default()
+    };
+    store
+        .update_consent("u1", &|c| patch.apply(c), &ctx(ConsentSource::Api))
+        .await
+        .unwrap();
+    for id in ["m1", "m2", "m3"] {
+        store
+            .insert_message(&message(id, None, t0()))
+            .await
+            .unwrap();
+    }
+    let lease = t0() + Duration::minutes(2);
+    store.claim_due_messages(t0(), lease, 10).await.unwrap();
+    let attempt = |to: &str| SendAttempt {
+        to_number: to.into(),
+        channel: Channel::Sms,
+        encoding: "GSM-7".into(),
+        segments: 1,
+    };
+    let renewed = t0() + Duration::minutes(3);
+    let guard = SendGuard {
+        consent: true,
+        marketing: false,
+    };
+    let mark = |id: &'static str, to: &'static str, guard: SendGuard| {
+        let store = store.clone();
+        let attempt = attempt(to);
+        async move {
+            store
+                .mark_sending(id, &attempt, guard, t0(), lease, renewed)
+                .await
+                .unwrap()
+        }
+    };
+    // Another number than the one on file, or marketing without its consent: not sent.
+    assert_eq!(
+        mark("m1", "+14155550000", guard).await,
+        MarkSending::PolicyChanged
+    );
+    let marketing = SendGuard {
+        marketing: true,
+        ..guard
+    };
+    assert_eq!(
+        mark("m1", "+14155552671", marketing).await,
+        MarkSending::PolicyChanged
+    );
+    // A STOP that landed after the check: not sent, even without the consent check (an OTP).
+    store
+        .set_opt_out(
+            "+14155552671",
+            Channel::Sms,
+            ConsentSource::SmsKeyword,
+            t0(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        mark("m1", "+14155552671", guard).await,
+        MarkSending::PolicyChanged
+    );
+    assert_eq!(
+        mark("m2", "+14155552671", NO_GUARD).await,
+        MarkSending::PolicyChanged
+    );
+    let m = store.get_message("m1").await.unwrap().unwrap();
+    assert_eq!(
+        (m.status.as_str(), m.attempts),
+        ("queued", 0),
+        "nothing written"
+    );
+    store
+        .clear_opt_out("+14155552671", Channel::Sms)
+        .await
+        .unwrap();
+    assert_eq!(mark("m1", "+14155552671", guard).await, MarkSending::Marked);
+    // Consent withdrawn after the check.
+    let revoke = ConsentPatch {
+        sms_consent: Some(false),
+        ..Default::default()
+    };
+    store
+        .update_consent("u1", &|c| revoke.apply(c), &ctx(ConsentSource::Api))
+        .await
+        .unwrap();
+    assert_eq!(
+        mark("m3", "+14155552671", guard).await,
+        MarkSending::PolicyChanged
+    );
 }

@@ -11,7 +11,8 @@ use crate::error::AppResult;
 use crate::store::*;
 
 const CONSENT_COLUMNS: &str =
-    "user_id, phone_number, sms_consent, whatsapp_consent, marketing_consent, updated_at";
+    "user_id, phone_number, sms_consent, whatsapp_consent, marketing_consent, updated_at, \
+     phone_verified_at";
 
 #[async_trait]
 impl ConsentStore for ThisStore {
@@ -57,9 +58,9 @@ impl ConsentStore for ThisStore {
         }
         next.updated_at = ctx.at;
         sqlx::query(
-            "UPDATE messaging_consent SET phone_number = $2, sms_consent = $3, whatsapp_consent \
-             = $4, \
-             marketing_consent = $5, updated_at = $6 WHERE user_id = $1",
+            "UPDATE messaging_consent SET phone_number = $2, sms_consent = $3, \
+             whatsapp_consent = $4, marketing_consent = $5, updated_at = $6, \
+             phone_verified_at = $7 WHERE user_id = $1",
         )
         .bind(user_id)
         .bind(&next.phone_number)
@@ -67,6 +68,7 @@ impl ConsentStore for ThisStore {
         .bind(next.whatsapp_consent)
         .bind(next.marketing_consent)
         .bind(next.updated_at)
+        .bind(next.phone_verified_at)
         .execute(&mut *tx)
         .await?;
         for (field, old_value, new_value) in changes {

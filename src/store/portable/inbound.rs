@@ -12,7 +12,7 @@ use crate::store::*;
 
 const INCOMING_COLUMNS: &str =
     "id, provider_sid, channel, from_number, to_number, user_id, body, keyword, \
-     reply_template, opt_out_type, received_at";
+     reply_template, opt_out_type, received_at, user_ids";
 
 #[async_trait]
 impl InboundStore for ThisStore {
@@ -61,10 +61,9 @@ impl InboundStore for ThisStore {
     async fn insert_incoming(&self, m: &IncomingMessage) -> AppResult<bool> {
         let done = sqlx::query(
             "INSERT INTO incoming_messages (id, provider_sid, channel, from_number, to_number, \
-             user_id, body, \
-             keyword, reply_template, opt_out_type, received_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (provider_sid) \
-             DO NOTHING",
+             user_id, body, keyword, reply_template, opt_out_type, received_at, user_ids) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (provider_sid) DO NOTHING",
         )
         .bind(&m.id)
         .bind(&m.provider_sid)
@@ -77,6 +76,7 @@ impl InboundStore for ThisStore {
         .bind(&m.reply_template)
         .bind(&m.opt_out_type)
         .bind(m.received_at)
+        .bind(&m.user_ids)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)

@@ -60,6 +60,16 @@ impl MessageStore for ThisStore {
             .await?)
     }
 
+    async fn last_recipient(&self, to_number: &str) -> AppResult<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT user_id FROM messages WHERE to_number = $1 \
+             ORDER BY created_at DESC, id DESC LIMIT 1",
+        )
+        .bind(to_number)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     async fn user_messages(&self, user_id: &str, limit: i64) -> AppResult<Vec<MessageRecord>> {
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE user_id = $1 \
@@ -149,19 +159,40 @@ impl MessageStore for ThisStore {
         &self,
         id: &str,
         attempt: &SendAttempt,
+        guard: SendGuard,
         now: DateTime<Utc>,
         fence: DateTime<Utc>,
         new_lease: DateTime<Utc>,
-    ) -> AppResult<bool> {
+    ) -> AppResult<MarkSending> {
+        // The consent column is chosen here from the channel, never from input.
+        let consent = match (guard.consent, attempt.channel) {
+            (false, _) => String::new(),
+            (true, channel) => format!(
+                " AND EXISTS (SELECT 1 FROM messaging_consent c WHERE c.user_id = messages.user_id \
+                 AND c.phone_number = $2 AND c.{}{})",
+                match channel {
+                    Channel::Sms => "sms_consent",
+                    Channel::Whatsapp => "whatsapp_consent",
+                },
+                if guard.marketing {
+                    " AND c.marketing_consent"
+                } else {
+                    ""
+                }
+            ),
+        };
         let mut tx = self.pool.begin().await?;
         // Right-hand sides read the row as it was, so `channel` in the CASE is the old channel.
-        let updated = sqlx::query(
+        let updated = sqlx::query(&format!(
             "UPDATE messages SET status = 'sending', attempts = attempts + 1, to_number = $2, \
              encoding = $3, segments = $4, updated_at = $5, \
-             requested_channel = CASE WHEN channel <> $6 THEN COALESCE(requested_channel, channel) \
-             ELSE requested_channel END, channel = $6, lease_until = $8 \
-             WHERE id = $1 AND lease_until = $7 AND status IN ('queued', 'sending')",
-        )
+             requested_channel = CASE WHEN channel <> $6 \
+             THEN COALESCE(requested_channel, channel) ELSE requested_channel END, \
+             channel = $6, lease_until = $8 \
+             WHERE id = $1 AND lease_until = $7 AND status IN ('queued', 'sending') \
+             AND NOT EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_number = $2 \
+             AND o.channel = $6){consent}"
+        ))
         .bind(id)
         .bind(&attempt.to_number)
         .bind(&attempt.encoding)
@@ -175,12 +206,25 @@ impl MessageStore for ThisStore {
         .rows_affected()
             == 1;
         if !updated {
+            // Ours still (the guard failed), or taken over?
+            let still_ours: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM messages WHERE id = $1 AND lease_until = $2 \
+                 AND status IN ('queued', 'sending')",
+            )
+            .bind(id)
+            .bind(fence)
+            .fetch_one(&mut *tx)
+            .await?;
             tx.rollback().await?;
-            return Ok(false);
+            return Ok(if still_ours == 1 {
+                MarkSending::PolicyChanged
+            } else {
+                MarkSending::ClaimLost
+            });
         }
         insert_event(&mut tx, id, MessageStatus::Sending, None, None, now).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(MarkSending::Marked)
     }
 
     async fn record_dispatch(
@@ -278,6 +322,11 @@ impl MessageStore for ThisStore {
         if let Some((status, code, detail)) = event {
             insert_event(&mut tx, id, status, code, detail.as_deref(), now).await?;
         }
+        if let DispatchResult::Skipped { reason } = result {
+            if reason.frees_reminder() {
+                release_reminder(&mut tx, id).await?;
+            }
+        }
         tx.commit().await?;
         Ok(true)
     }
@@ -347,8 +396,21 @@ impl MessageStore for ThisStore {
             .bind(provider_sid)
             .fetch_optional(&mut *tx)
             .await?;
+        let mut first_seen = false;
         match &message {
             Some(m) => {
+                // Twilio retries and replays callbacks: only the first of each (status, error
+                // code) may have effects beyond the status (a carrier opt-out).
+                let seen: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM message_events WHERE message_id = $1 AND status = $2 \
+                     AND (error_code = $3 OR (error_code IS NULL AND $3 IS NULL))",
+                )
+                .bind(&m.id)
+                .bind(status)
+                .bind(error_code)
+                .fetch_one(&mut *tx)
+                .await?;
+                first_seen = seen == 0;
                 insert_event(
                     &mut tx,
                     &m.id,
@@ -376,7 +438,11 @@ impl MessageStore for ThisStore {
             }
         }
         tx.commit().await?;
-        Ok(StatusApplied { message, changed })
+        Ok(StatusApplied {
+            message,
+            changed,
+            first_seen,
+        })
     }
 }
 
@@ -408,6 +474,19 @@ pub(super) async fn insert_message_row(
         .bind(m.claimed_until)
         .fetch_optional(&mut *conn)
         .await?)
+}
+
+/// A reminder skipped because its item was cancelled, moved or reassigned no longer counts as
+/// that item's reminder: if the item comes back, it gets a new one.
+pub(super) async fn release_reminder(
+    tx: &mut sqlx::Transaction<'_, Db>,
+    message_id: &str,
+) -> AppResult<()> {
+    sqlx::query("UPDATE reminder_log SET active = FALSE WHERE message_id = $1")
+        .bind(message_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// Append a status event; a repeat of the same status is a no-op (`UNIQUE (message_id, status)`).

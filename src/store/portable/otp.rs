@@ -59,7 +59,7 @@ impl OtpStore for ThisStore {
         )
         .bind(&issue.user_id)
         .bind(&issue.purpose)
-        .bind(&issue.phone_number)
+        .bind(&issue.send_to)
         .bind(issue.channel.as_str())
         .bind(&issue.code_hash)
         .bind(issue.expires_at)
@@ -67,6 +67,12 @@ impl OtpStore for ThisStore {
         .bind(issue.now)
         .execute(&mut *tx)
         .await?;
+        // A new code starts a new count of wrong tries.
+        sqlx::query("DELETE FROM otp_failures WHERE user_id = $1 AND purpose = $2")
+            .bind(&issue.user_id)
+            .bind(&issue.purpose)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(OtpIssueOutcome::Issued(Box::new(message)))
     }
@@ -91,10 +97,13 @@ impl OtpStore for ThisStore {
         max_attempts: i64,
         now: DateTime<Utc>,
     ) -> AppResult<bool> {
+        // The wrong-try count is checked in the same statement, so a right guess racing many
+        // wrong ones cannot slip in after the limit.
         let done = sqlx::query(
-            "UPDATE otp_codes SET used_at = $4 WHERE user_id = $1 AND purpose = $2 AND \
-             code_hash = $3 \
-             AND used_at IS NULL AND expires_at > $4 AND attempts < $5",
+            "UPDATE otp_codes SET used_at = $4 WHERE user_id = $1 AND purpose = $2 \
+             AND code_hash = $3 AND used_at IS NULL AND expires_at > $4 \
+             AND COALESCE((SELECT f.failures FROM otp_failures f WHERE f.user_id = $1 \
+             AND f.purpose = $2 AND f.window_ends_at > $4), 0) < $5",
         )
         .bind(user_id)
         .bind(purpose)
@@ -106,20 +115,47 @@ impl OtpStore for ThisStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn otp_failures(
+        &self,
+        user_id: &str,
+        purpose: &str,
+        now: DateTime<Utc>,
+    ) -> AppResult<i64> {
+        let failures: Option<i64> = sqlx::query_scalar(
+            "SELECT failures FROM otp_failures WHERE user_id = $1 AND purpose = $2 \
+             AND window_ends_at > $3",
+        )
+        .bind(user_id)
+        .bind(purpose)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(failures.unwrap_or(0))
+    }
+
     async fn record_otp_failure(
         &self,
         user_id: &str,
         purpose: &str,
-        code_hash: &str,
-    ) -> AppResult<Option<i64>> {
+        now: DateTime<Utc>,
+        window_ends_at: DateTime<Utc>,
+    ) -> AppResult<i64> {
+        // One statement: concurrent wrong tries each get their own count. A window that has
+        // ended starts again at one.
         Ok(sqlx::query_scalar(
-            "UPDATE otp_codes SET attempts = attempts + 1 WHERE user_id = $1 AND purpose = $2 \
-             AND code_hash = $3 AND used_at IS NULL RETURNING attempts",
+            "INSERT INTO otp_failures (user_id, purpose, failures, window_ends_at) \
+             VALUES ($1, $2, 1, $4) ON CONFLICT (user_id, purpose) DO UPDATE SET \
+             failures = CASE WHEN otp_failures.window_ends_at > $3 \
+             THEN otp_failures.failures + 1 ELSE 1 END, \
+             window_ends_at = CASE WHEN otp_failures.window_ends_at > $3 \
+             THEN otp_failures.window_ends_at ELSE excluded.window_ends_at END \
+             RETURNING failures",
         )
         .bind(user_id)
         .bind(purpose)
-        .bind(code_hash)
-        .fetch_optional(&self.pool)
+        .bind(now)
+        .bind(window_ends_at)
+        .fetch_one(&self.pool)
         .await?)
     }
 
@@ -138,7 +174,13 @@ impl OtpStore for ThisStore {
             .execute(&self.pool)
             .await?
             .rows_affected();
+        let failures_pruned = sqlx::query("DELETE FROM otp_failures WHERE window_ends_at <= $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
         Ok(OtpCleanup {
+            failures_pruned,
             expired_deleted,
             used_deleted,
             send_log_pruned,
@@ -173,12 +215,20 @@ pub(super) async fn otp_retry_after(
     // The hourly limits, per number, per user and per client IP. When over, the wait is until
     // enough of the window's sends have aged out.
     let window_start = now - chrono::Duration::hours(1);
-    let limits: [(&str, Option<&str>); 3] = [
-        ("phone_number", Some(issue.phone_number.as_str())),
-        ("user_id", Some(issue.user_id.as_str())),
-        ("ip", issue.ip.as_deref()),
+    let limits: [(&str, Option<&str>, i64); 3] = [
+        (
+            "phone_number",
+            Some(issue.phone_number.as_str()),
+            issue.max_sends_per_hour,
+        ),
+        (
+            "user_id",
+            Some(issue.user_id.as_str()),
+            issue.max_sends_per_hour,
+        ),
+        ("ip", issue.ip.as_deref(), issue.max_sends_per_ip_per_hour),
     ];
-    for (column, value) in limits {
+    for (column, value, max) in limits {
         let Some(value) = value else { continue };
         let sql = format!(
             "SELECT created_at FROM otp_send_log WHERE {column} = $1 AND id <> $2 AND \
@@ -194,12 +244,12 @@ pub(super) async fn otp_retry_after(
         .bind(window_start)
         .fetch_one(&mut **tx)
         .await?;
-        if count >= issue.max_sends_per_hour {
+        if count >= max {
             let oldest_blocking: Option<DateTime<Utc>> = sqlx::query_scalar(&sql)
                 .bind(value)
                 .bind(log_id)
                 .bind(window_start)
-                .bind(count - issue.max_sends_per_hour)
+                .bind(count - max)
                 .fetch_optional(&mut **tx)
                 .await?;
             let until = oldest_blocking

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 #[allow(unused_imports)]
 use chrono::{DateTime, Utc};
 
-use super::messages::{insert_event, insert_message_row};
+use super::messages::{insert_event, insert_message_row, release_reminder};
 use super::*;
 use crate::error::AppResult;
 #[allow(unused_imports)]
@@ -87,6 +87,7 @@ impl ScheduleStore for ThisStore {
         .fetch_all(&mut *tx)
         .await?;
         for message_id in &skipped {
+            release_reminder(&mut tx, message_id).await?;
             insert_event(
                 &mut tx,
                 message_id,
@@ -111,12 +112,12 @@ impl ScheduleStore for ThisStore {
     ) -> AppResult<Vec<ScheduledItem>> {
         let (table, column) = kind.table();
         Ok(sqlx::query_as::<Db, ScheduledItem>(&format!(
-            "SELECT t.id, t.user_id, t.{column} AS scheduled_at, t.time_zone, t.status FROM \
-             {table} t \
-             WHERE t.status = 'scheduled' AND t.{column} >= $1 AND t.{column} <= $2 AND NOT \
-             EXISTS ( \
-               SELECT 1 FROM reminder_log r WHERE r.subject_type = $3 AND r.subject_id = t.id \
-               AND r.kind = $4 AND r.starts_at = t.{column}) \
+            "SELECT t.id, t.user_id, t.{column} AS scheduled_at, t.time_zone, t.status \
+             FROM {table} t \
+             WHERE t.status = 'scheduled' AND t.{column} >= $1 AND t.{column} <= $2 \
+             AND NOT EXISTS (SELECT 1 FROM reminder_log r WHERE r.subject_type = $3 \
+             AND r.subject_id = t.id AND r.kind = $4 AND r.starts_at = t.{column} \
+             AND r.user_id = t.user_id AND r.active) \
              ORDER BY t.{column} LIMIT $5"
         ))
         .bind(from)
@@ -140,16 +141,19 @@ impl ScheduleStore for ThisStore {
             tx.rollback().await?;
             return Ok(false);
         }
+        // At most one pending or delivered reminder per (item, kind, time, patient): the partial
+        // unique index (`WHERE active`) refuses a second one, also from another instance.
         let logged = sqlx::query(
-            "INSERT INTO reminder_log (subject_type, subject_id, kind, starts_at, message_id, \
-             created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (subject_type, subject_id, kind, \
-             starts_at) DO NOTHING",
+            "INSERT INTO reminder_log (subject_type, subject_id, kind, starts_at, user_id, \
+             active, message_id, created_at) VALUES ($1, $2, $3, $4, $5, TRUE, $6, $7) \
+             ON CONFLICT (subject_type, subject_id, kind, starts_at, user_id) WHERE active \
+             DO NOTHING",
         )
         .bind(kind.as_str())
         .bind(&item.id)
         .bind(reminder)
         .bind(item.scheduled_at)
+        .bind(&item.user_id)
         .bind(&message.id)
         .bind(message.created_at)
         .execute(&mut *tx)
