@@ -64,6 +64,9 @@ pub struct SendOtpAnswer {
     pub success: bool,
     pub expires_in: u64,
     pub mock: bool,
+    /// The number the request named, masked (`+44******3456`), so the user can check what they
+    /// typed. Never the number on file: the answer must not describe it.
+    pub sent_to: String,
 }
 
 /// Keyed hashing of codes. The key is `OTP_SECRET` when set; otherwise it is derived from the
@@ -300,7 +303,7 @@ impl Otp {
                 claimed_until: Some(now + context.lease),
             }),
         };
-        let sent = self.sent_answer();
+        let sent = self.sent_answer(&named);
         let message = match self.codes.issue_otp(&issue).await? {
             OtpIssueOutcome::Issued(message) => message,
             OtpIssueOutcome::Logged if named_opted_out => return Err(self.opted_out_error(channel)),
@@ -378,11 +381,12 @@ impl Otp {
         Ok(on_file.unwrap_or_else(|| named.clone()))
     }
 
-    fn sent_answer(&self) -> SendOtpAnswer {
+    fn sent_answer(&self, named: &PhoneNumber) -> SendOtpAnswer {
         SendOtpAnswer {
             success: true,
             expires_in: self.context.settings.ttl.as_secs(),
             mock: self.context.mock_mode,
+            sent_to: named.masked(),
         }
     }
 

@@ -100,7 +100,7 @@ async fn send_and_verify_once(backend: Backend) {
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.json::<Value>().await.unwrap(),
-        json!({"success": true, "expires_in": 600, "mock": true})
+        json!({"success": true, "expires_in": 600, "mock": true, "sent_to": "+91******3210"})
     );
     let code = latest_code(&app, PHONE).await;
     let (status, body) = verify(&app, "u1", "verification", &code).await;

@@ -69,14 +69,22 @@ fn code_in(body: &str) -> String {
 }
 
 async fn a_code_for_someone_elses_account_goes_to_their_number(backend: Backend) {
-    let app = TestApp::spawn(backend).await;
+    let app = TestApp::spawn_with(
+        backend,
+        TestConfig::new().set("OTP_RESEND_COOLDOWN_SECONDS", "0"),
+    )
+    .await;
     app.consent("victim", VICTIM).await;
     // The attacker names their own number for the victim's account.
     let (status, answer) = send_otp(&app, "victim", ATTACKER, "login").await;
     assert_eq!(status, 200);
     // Exactly what any send answers: no hint of the number on file.
-    let (_, plain) = send_otp(&app, "nobody-on-file", "+447911123457", "login").await;
+    let (_, plain) = send_otp(&app, "nobody-on-file", ATTACKER, "login").await;
     assert_eq!(answer, plain);
+    assert_eq!(
+        answer["sent_to"], "+44******3456",
+        "the number named, never the one on file"
+    );
     let sent = outbox(&app).await;
     assert_eq!(sent.len(), 2);
     let (to, body) = &sent[1];
