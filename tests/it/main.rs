@@ -8,6 +8,7 @@ mod api;
 mod auth;
 mod binary;
 mod delivery;
+mod ops;
 mod otp;
 mod reminders;
 mod store_conformance;
