@@ -73,3 +73,83 @@ async fn dev_endpoints_are_served_on_loopback_only_unless_asked() {
         }
     }
 }
+
+async fn scrape(app: &TestApp, bearer: Option<&str>) -> reqwest::Response {
+    let mut request = app.client.get(app.url("/metrics"));
+    if let Some(token) = bearer {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap()
+}
+
+fn gauge(text: &str, status: &str) -> Option<i64> {
+    let prefix = format!("prism_messages{{status=\"{status}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.parse().unwrap())
+}
+
+async fn metrics_gauges_are_cached_and_shared(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.consent("p1", "+14155552671").await;
+    app.notify_ok(reminder("p1")).await;
+    app.dispatch().await;
+    // Parallel scrapes all answer, with the same count.
+    let mut scrapes = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (client, url) = (app.client.clone(), app.url("/metrics"));
+        scrapes.spawn(async move {
+            let r = client.get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.text().await.unwrap()
+        });
+    }
+    let texts = scrapes.join_all().await;
+    for text in &texts {
+        assert_eq!(gauge(text, "delivered"), Some(1), "{text}");
+        assert!(text.contains("prism_database_up 1"), "{text}");
+    }
+    // A message queued now does not show until the count is taken again (15 s later): a scrape
+    // does not count the table each time.
+    app.notify_ok(reminder("p1")).await;
+    let text = scrape(&app, None).await.text().await.unwrap();
+    assert_eq!(gauge(&text, "queued"), None, "{text}");
+    assert_eq!(gauge(&text, "delivered"), Some(1), "{text}");
+}
+
+both_backends!(metrics_gauges_are_cached_and_shared);
+
+#[tokio::test]
+async fn metrics_token_protects_metrics() {
+    let token = "metrics-token-0123456789";
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        TestConfig::new().set("METRICS_TOKEN", token),
+    )
+    .await;
+    for bearer in [None, Some("wrong-metrics-token-0123"), Some(API_KEY)] {
+        let r = scrape(&app, bearer).await;
+        assert_eq!(r.status(), 401, "{bearer:?}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            body,
+            json!({"success": false, "error": {"code": "unauthorized", "message": "authentication required"}})
+        );
+    }
+    let r = app
+        .client
+        .get(app.url("/metrics"))
+        .header("authorization", format!("Basic {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "only as a bearer token");
+    let r = scrape(&app, Some(token)).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("prism_info{"));
+    // The other operations routes stay open for probes.
+    for path in ["/healthz", "/readyz"] {
+        let r = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+}
