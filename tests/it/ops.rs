@@ -153,3 +153,87 @@ async fn metrics_token_protects_metrics() {
         assert_eq!(r.status(), 200, "{path}");
     }
 }
+
+#[tokio::test]
+async fn a_half_sent_request_is_closed_after_the_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        TestConfig::new().set("HEADER_READ_TIMEOUT_SECONDS", "1"),
+    )
+    .await;
+    let addr = app.base_url.trim_start_matches("http://").to_string();
+    // Whole requests are served as before, with the peer's address known to handlers.
+    let r = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    for partial in [
+        "",
+        "GET /healthz HTT",
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nUser-Agent: slow",
+    ] {
+        let started = std::time::Instant::now();
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(partial.as_bytes()).await.unwrap();
+        // The bound only turns a connection left open into a failure; the server's timeout is
+        // 1 s.
+        let mut answer = Vec::new();
+        let closed = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            stream.read_to_end(&mut answer),
+        )
+        .await;
+        assert!(
+            closed.is_ok(),
+            "{partial:?}: the server still holds the connection open"
+        );
+        assert!(
+            started.elapsed() >= std::time::Duration::from_secs(1),
+            "{partial:?}: closed by the timeout, not at once"
+        );
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(!answer.contains(" 200 "), "{partial:?}: {answer}");
+    }
+}
+
+#[tokio::test]
+async fn shutdown_finishes_the_request_in_flight_and_takes_no_new_ones() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let addr = app.base_url.trim_start_matches("http://").to_string();
+    let body = serde_json::to_string(&reminder("p1")).unwrap();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /api/notifications HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // "100 Continue" comes when the handler starts reading the body: the request is in flight.
+    let mut buf = [0u8; 256];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 100"));
+
+    app.shut_down();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the answer, then the connection closes")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+
+    // The listener is closed: new connections are refused (once the accept loop has seen the
+    // cancellation; bounded, not timed).
+    let mut refused = false;
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(&addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(refused, "still accepting after shutdown");
+}

@@ -280,6 +280,11 @@ impl TestApp {
         format!("{}{path}", self.base_url)
     }
 
+    /// Begin the shutdown `serve` begins on SIGTERM.
+    pub fn shut_down(&self) {
+        self.shutdown.cancel();
+    }
+
     pub fn user_token(&self, user_id: &str) -> String {
         prism_messaging::auth::mint_hs256(
             &Secret::new(JWT_SECRET),
