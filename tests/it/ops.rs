@@ -237,3 +237,145 @@ async fn shutdown_finishes_the_request_in_flight_and_takes_no_new_ones() {
     }
     assert!(refused, "still accepting after shutdown");
 }
+
+/// The security headers every answer carries; the content security policy is returned.
+fn assert_secured(what: &str, r: &reqwest::Response) -> String {
+    let header = |name: &str| {
+        r.headers()
+            .get(name)
+            .unwrap_or_else(|| panic!("{what}: no {name}"))
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(header("cache-control"), "no-store", "{what}");
+    assert_eq!(header("x-content-type-options"), "nosniff", "{what}");
+    assert_eq!(header("x-frame-options"), "DENY", "{what}");
+    let csp = header("content-security-policy");
+    assert!(csp.contains("frame-ancestors 'none'"), "{what}: {csp}");
+    csp
+}
+
+const API_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
+
+#[tokio::test]
+async fn every_answer_carries_the_security_headers() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.consent("p1", "+14155552671").await;
+
+    // JSON with personal data.
+    let token = app.user_token("p1");
+    for path in ["/api/messaging/preferences", "/api/messaging/history"] {
+        let r = app
+            .client
+            .get(app.url(path))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(assert_secured(path, &r), API_CSP);
+    }
+    let r = app
+        .client
+        .get(app.url("/dev/outbox.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(assert_secured("/dev/outbox.json", &r), API_CSP);
+
+    // Error envelopes: from a handler, an unknown route, a wrong method, a refused /dev path.
+    let not_dev = TestApp::spawn_with(
+        Backend::Sqlite,
+        TestConfig::new().set("BIND_ADDR", "0.0.0.0:8080"),
+    )
+    .await;
+    for (what, r, status) in [
+        (
+            "401",
+            app.client
+                .get(app.url("/api/messaging/preferences"))
+                .send()
+                .await
+                .unwrap(),
+            401,
+        ),
+        (
+            "404",
+            app.client.get(app.url("/no/such")).send().await.unwrap(),
+            404,
+        ),
+        (
+            "405",
+            app.client
+                .delete(app.url("/api/notifications"))
+                .send()
+                .await
+                .unwrap(),
+            405,
+        ),
+        (
+            "dev 404",
+            not_dev
+                .client
+                .get(not_dev.url("/dev/outbox"))
+                .send()
+                .await
+                .unwrap(),
+            404,
+        ),
+    ] {
+        assert_eq!(r.status(), status, "{what}");
+        assert_eq!(assert_secured(what, &r), API_CSP, "{what}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["success"], false, "{what}");
+    }
+
+    // Other answers: metrics text, the OpenAPI document, liveness, TwiML.
+    for path in ["/metrics", "/openapi.json", "/healthz"] {
+        let r = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(assert_secured(path, &r), API_CSP, "{path}");
+    }
+    let r = app
+        .client
+        .post(app.url("/dev/inbound"))
+        .json(&json!({"from": "+14155552671", "body": "HELP"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/xml"));
+    assert_eq!(assert_secured("TwiML", &r), API_CSP);
+
+    // The HTML page: no script at all, styles only its own, no framing.
+    let r = app.client.get(app.url("/dev/outbox")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let csp = assert_secured("/dev/outbox", &r);
+    let directives: Vec<&str> = csp.split(';').map(str::trim).collect();
+    assert!(directives.contains(&"default-src 'none'"), "{csp}");
+    assert!(
+        !directives.iter().any(|d| d.starts_with("script-src")),
+        "scripts fall back to default-src 'none': {csp}"
+    );
+    assert!(!csp.contains("unsafe-eval"), "{csp}");
+    for d in &directives {
+        if d.contains("'unsafe-inline'") {
+            assert!(
+                d.starts_with("style-src "),
+                "inline allowed for styles only: {csp}"
+            );
+        }
+    }
+    let page = r.text().await.unwrap();
+    assert!(page.contains("Dev outbox"));
+    assert!(!page.to_ascii_lowercase().contains("<script"), "{page}");
+}
