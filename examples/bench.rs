@@ -212,7 +212,7 @@ async fn main() {
         .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
         .env("TWILIO_PHONE_NUMBER", "+14155550100")
         .env("TWILIO_API_BASE", &fake.base_url)
-        .env("OTP_SECRET", "bench-otp-secret")
+        .env("OTP_SECRET", "bench-otp-secret-0123456789abcdef")
         .env("OTP_RESEND_COOLDOWN_SECONDS", "0")
         .env("OTP_MAX_SENDS_PER_HOUR", "1000")
         .env("TRUST_FORWARDED_FOR", "true")

@@ -80,6 +80,12 @@ pub struct ServerSettings {
     /// Beyond the contract: how long SIGTERM waits for in-flight sends (`SHUTDOWN_GRACE_SECONDS`).
     pub shutdown_grace: std::time::Duration,
     pub log_format: LogFormat,
+    /// Whether `/dev/*` may be served (mock mode only, still): `DEV_ENDPOINTS=true`, or a loopback
+    /// `BIND_ADDR`.
+    pub dev_endpoints: bool,
+    /// Beyond the contract: a connection that has not sent a whole request head within this is
+    /// closed (`HEADER_READ_TIMEOUT_SECONDS`, 10).
+    pub header_read_timeout: std::time::Duration,
 }
 
 /// What every message is subject to: on/off, mock, the clinic's name and links, time and quiet
@@ -144,6 +150,8 @@ pub struct AuthSettings {
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub user_claim: String,
+    /// Bearer key for `/metrics`; unset, `/metrics` is open.
+    pub metrics_token: Option<Secret>,
 }
 
 /// One-time passcodes.
@@ -435,6 +443,7 @@ impl Config {
             issuer: v.get("AUTH_ISSUER"),
             audience: v.get("AUTH_AUDIENCE"),
             user_claim: v.string("AUTH_USER_CLAIM", "sub"),
+            metrics_token: v.secret("METRICS_TOKEN"),
         };
         let otp = OtpSettings {
             ttl: std::time::Duration::from_secs(v.number("OTP_TTL_SECONDS", 600, 30, 86_400)?),
@@ -477,6 +486,13 @@ impl Config {
                 600,
             )?),
             log_format,
+            dev_endpoints: v.bool("DEV_ENDPOINTS", false)? || is_loopback(&bind_addr),
+            header_read_timeout: std::time::Duration::from_secs(v.number(
+                "HEADER_READ_TIMEOUT_SECONDS",
+                10,
+                1,
+                300,
+            )?),
         };
         let messaging = MessagingSettings {
             enabled: v.bool("MESSAGING_ENABLED", true)?,
@@ -521,13 +537,66 @@ impl Config {
                 "must be at least a second longer than TWILIO_TIMEOUT_MS",
             ));
         }
-        if let Some(key) = &config.auth.messaging_api_key {
-            if key.expose().len() < 16 {
-                return Err(err("MESSAGING_API_KEY", "must be at least 16 characters"));
-            }
-        }
+        refuse_unsafe_settings(&v, &config)?;
         Ok(config)
     }
+}
+
+fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
+}
+
+/// Minimum lengths of the keys and secrets: a short one can be guessed or brute-forced offline
+/// (an HS256 token is an offline oracle for its secret).
+const SECRET_MIN_CHARS: [(&str, usize); 5] = [
+    ("AUTH_JWT_SECRET", 32),
+    ("CRON_SECRET", 32),
+    ("OTP_SECRET", 32),
+    ("MESSAGING_API_KEY", 16),
+    ("METRICS_TOKEN", 16),
+];
+
+/// Settings that parse but would run the service unsafely: refused at start.
+fn refuse_unsafe_settings<F: Fn(&str) -> Option<String>>(
+    v: &Vars<F>,
+    config: &Config,
+) -> Result<(), ConfigError> {
+    // Credentials present but the mode left to its default: the operator most likely meant to go
+    // live, and mock mode would answer OTPs with success and show the codes on /dev/outbox.
+    if config.twilio.account_sid.is_some() && v.get("MESSAGING_MOCK_MODE").is_none() {
+        return Err(err(
+            "MESSAGING_MOCK_MODE",
+            "TWILIO_ACCOUNT_SID is set, so set MESSAGING_MOCK_MODE explicitly: false to send through Twilio, or true to keep the mock provider",
+        ));
+    }
+    // A key set (Firebase's is shared by every Firebase project) proves only who signed a token,
+    // not that it was issued for this project.
+    let auth = &config.auth;
+    if auth.jwks_file.is_some() || auth.jwks_url.is_some() {
+        for (variable, value) in [
+            ("AUTH_ISSUER", &auth.issuer),
+            ("AUTH_AUDIENCE", &auth.audience),
+        ] {
+            if value.is_none() {
+                return Err(err(
+                    variable,
+                    "required when AUTH_JWKS_FILE or AUTH_JWKS_URL is set: without AUTH_ISSUER and AUTH_AUDIENCE any project signed by the same keys could call this service",
+                ));
+            }
+        }
+    }
+    for (variable, min) in SECRET_MIN_CHARS {
+        let Some(value) = v.get(variable) else {
+            continue;
+        };
+        if value.chars().count() < min {
+            return Err(err(
+                variable,
+                format!("must be at least {min} characters (a long random value, e.g. from `openssl rand -hex 32`)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl TwilioSettings {
@@ -615,6 +684,123 @@ mod tests {
             let e = config(pairs).unwrap_err();
             assert_eq!(e.variable, *variable, "{e}");
         }
+    }
+
+    const SID: &str = "AC0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn twilio_credentials_need_an_explicit_mode() {
+        for pairs in [
+            vec![("TWILIO_ACCOUNT_SID", SID)],
+            vec![("TWILIO_ACCOUNT_SID", SID), ("MESSAGING_MOCK_MODE", " ")],
+        ] {
+            let e = config(&pairs).unwrap_err();
+            assert_eq!(e.variable, "MESSAGING_MOCK_MODE", "{pairs:?}");
+            let text = e.to_string();
+            assert!(
+                text.contains("false")
+                    && text.contains("true")
+                    && text.contains("TWILIO_ACCOUNT_SID"),
+                "{text}"
+            );
+        }
+        // Said explicitly, the mock is kept.
+        let c = config(&[("TWILIO_ACCOUNT_SID", SID), ("MESSAGING_MOCK_MODE", "true")]).unwrap();
+        assert!(c.messaging.mock_mode);
+        // Without credentials the default stays mock mode.
+        assert!(config(&[]).unwrap().messaging.mock_mode);
+    }
+
+    #[test]
+    fn a_key_set_needs_issuer_and_audience() {
+        for source in ["AUTH_JWKS_FILE", "AUTH_JWKS_URL"] {
+            let value = if source == "AUTH_JWKS_URL" {
+                "https://keys.example.com/jwks"
+            } else {
+                "/etc/prism/jwks.json"
+            };
+            let e = config(&[(source, value)]).unwrap_err();
+            assert_eq!(e.variable, "AUTH_ISSUER", "{source}");
+            let e =
+                config(&[(source, value), ("AUTH_ISSUER", "https://issuer.example")]).unwrap_err();
+            assert_eq!(e.variable, "AUTH_AUDIENCE", "{source}");
+            let e = config(&[(source, value), ("AUTH_AUDIENCE", "prism")]).unwrap_err();
+            assert_eq!(e.variable, "AUTH_ISSUER", "{source}");
+            config(&[
+                (source, value),
+                ("AUTH_ISSUER", "https://issuer.example"),
+                ("AUTH_AUDIENCE", "prism"),
+            ])
+            .unwrap();
+        }
+        // HS256 alone needs neither.
+        config(&[("AUTH_JWT_SECRET", &"s".repeat(32))]).unwrap();
+    }
+
+    #[test]
+    fn short_secrets_are_refused_naming_the_variable() {
+        for (variable, min) in [
+            ("AUTH_JWT_SECRET", 32),
+            ("CRON_SECRET", 32),
+            ("OTP_SECRET", 32),
+            ("MESSAGING_API_KEY", 16),
+            ("METRICS_TOKEN", 16),
+        ] {
+            let short = "k".repeat(min - 1);
+            let e = config(&[(variable, short.as_str())]).unwrap_err();
+            assert_eq!(e.variable, variable);
+            assert!(e.to_string().contains(&format!("at least {min}")), "{e}");
+            assert!(
+                !e.to_string().contains(&short),
+                "the value is not echoed: {e}"
+            );
+            // Characters, not bytes: 31 two-byte characters are still too short.
+            if min == 32 {
+                let e = config(&[(variable, "é".repeat(31).as_str())]).unwrap_err();
+                assert_eq!(e.variable, variable);
+            }
+            config(&[(variable, "k".repeat(min).as_str())]).unwrap();
+        }
+    }
+
+    #[test]
+    fn dev_endpoints_only_on_loopback_unless_asked() {
+        let dev = |pairs: &[(&str, &str)]| config(pairs).unwrap().server.dev_endpoints;
+        assert!(dev(&[]));
+        assert!(dev(&[("BIND_ADDR", "127.0.0.1:9000")]));
+        assert!(dev(&[("BIND_ADDR", "[::1]:9000")]));
+        assert!(dev(&[("BIND_ADDR", "[::ffff:127.0.0.1]:9000")]));
+        assert!(!dev(&[("BIND_ADDR", "0.0.0.0:8080")]));
+        assert!(!dev(&[("BIND_ADDR", "[::]:8080")]));
+        assert!(!dev(&[("BIND_ADDR", "10.0.0.5:8080")]));
+        assert!(!dev(&[
+            ("BIND_ADDR", "0.0.0.0:8080"),
+            ("DEV_ENDPOINTS", "false")
+        ]));
+        assert!(dev(&[
+            ("BIND_ADDR", "0.0.0.0:8080"),
+            ("DEV_ENDPOINTS", "true")
+        ]));
+        let e = config(&[("DEV_ENDPOINTS", "sometimes")]).unwrap_err();
+        assert_eq!(e.variable, "DEV_ENDPOINTS");
+    }
+
+    #[test]
+    fn header_read_timeout_defaults_to_ten_seconds() {
+        assert_eq!(
+            config(&[]).unwrap().server.header_read_timeout.as_secs(),
+            10
+        );
+        assert_eq!(
+            config(&[("HEADER_READ_TIMEOUT_SECONDS", "2")])
+                .unwrap()
+                .server
+                .header_read_timeout
+                .as_secs(),
+            2
+        );
+        let e = config(&[("HEADER_READ_TIMEOUT_SECONDS", "0")]).unwrap_err();
+        assert_eq!(e.variable, "HEADER_READ_TIMEOUT_SECONDS");
     }
 
     #[test]

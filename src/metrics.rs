@@ -1,12 +1,68 @@
 //! Counters for `/metrics` (Prometheus text format). In-process counters count what this
-//! instance did since it started; message totals by status come from the database at scrape
-//! time, so they agree across instances.
+//! instance did since it started; message totals by status come from the database, so they agree
+//! across instances, through a short cache ([`StatusCounts`]) so that scrapes stay cheap.
 
 use std::fmt::Write;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+/// How long a count of messages by status serves scrapes before it is taken again.
+pub const STATUS_COUNTS_TTL: Duration = Duration::from_secs(15);
+
+/// Message counts by status, `(status, count)`.
+pub type Counts = Arc<Vec<(String, i64)>>;
+
+/// The message counts by status, kept for a TTL, taken by one query at a time: scrapes that
+/// arrive while a count is being taken wait for it and share it instead of each running its own
+/// (counting a large `messages` table is the expensive part of a scrape). A failed count is not
+/// kept, so the next scrape tries again.
+pub struct StatusCounts {
+    ttl: Duration,
+    last: Mutex<Option<(Instant, Counts)>>,
+}
+
+impl Default for StatusCounts {
+    fn default() -> Self {
+        StatusCounts::new(STATUS_COUNTS_TTL)
+    }
+}
+
+impl StatusCounts {
+    pub fn new(ttl: Duration) -> Self {
+        StatusCounts {
+            ttl,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// The cached counts while fresh, else the result of `count` (run at most once at a time).
+    pub async fn get<F, Fut, E>(&self, count: F) -> Result<Counts, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Vec<(String, i64)>, E>>,
+    {
+        // Held across the query: that is what makes concurrent scrapes share one.
+        let mut last = self.last.lock().await;
+        if let Some((at, counts)) = last.as_ref() {
+            if at.elapsed() < self.ttl {
+                return Ok(counts.clone());
+            }
+        }
+        let counts: Counts = Arc::new(count().await?);
+        *last = Some((Instant::now(), counts.clone()));
+        Ok(counts)
+    }
+}
 
 #[derive(Default)]
 pub struct Metrics {
+    /// `prism_messages{status}`, cached.
+    pub status_counts: StatusCounts,
     dispatch: [AtomicU64; DISPATCH_OUTCOMES.len()],
     otp_sent: AtomicU64,
     otp_refused: AtomicU64,
@@ -122,5 +178,69 @@ impl Metrics {
             get(&self.webhooks_forbidden)
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    fn sample() -> Vec<(String, i64)> {
+        vec![("delivered".into(), 3), ("queued".into(), 1)]
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_scrapes_share_one_count() {
+        const SCRAPES: usize = 8;
+        let cache = Arc::new(StatusCounts::default());
+        let queries = Arc::new(AtomicUsize::new(0));
+        let started = Arc::new(AtomicUsize::new(0));
+        let mut tasks = vec![];
+        for _ in 0..SCRAPES {
+            let (cache, queries, started) = (cache.clone(), queries.clone(), started.clone());
+            tasks.push(tokio::spawn(async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                cache
+                    .get(|| async {
+                        queries.fetch_add(1, Ordering::SeqCst);
+                        // The count stays in flight until every scrape has asked for it.
+                        while started.load(Ordering::SeqCst) < SCRAPES {
+                            tokio::task::yield_now().await;
+                        }
+                        Ok::<_, ()>(sample())
+                    })
+                    .await
+            }));
+        }
+        for task in tasks {
+            assert_eq!(*task.await.unwrap().unwrap(), sample());
+        }
+        assert_eq!(queries.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_count_is_kept_for_its_ttl_and_a_failure_is_not_kept() {
+        let cache = StatusCounts::default();
+        let first = cache.get(|| async { Ok::<_, ()>(sample()) }).await.unwrap();
+        let again = cache.get(|| async { Ok::<_, ()>(vec![]) }).await.unwrap();
+        assert_eq!(first, again, "within the TTL the first count answers");
+
+        let expiring = StatusCounts::new(Duration::ZERO);
+        assert!(expiring
+            .get(|| async { Err::<Vec<_>, _>("down") })
+            .await
+            .is_err());
+        let counts = expiring
+            .get(|| async { Ok::<_, ()>(sample()) })
+            .await
+            .unwrap();
+        assert_eq!(*counts, sample(), "a failure is retried at the next scrape");
+        let counts = expiring
+            .get(|| async { Ok::<_, ()>(vec![]) })
+            .await
+            .unwrap();
+        assert!(counts.is_empty(), "an expired count is taken again");
     }
 }

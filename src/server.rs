@@ -1,11 +1,22 @@
 //! Running the service: binds the HTTP server and runs it with the dispatcher and the scheduler
 //! until SIGTERM or Ctrl-C, then drains in-flight work.
+//!
+//! The HTTP server is an accept loop over hyper's HTTP/1.1 connections with a header read timeout
+//! (`HEADER_READ_TIMEOUT_SECONDS`): a connection that has not sent a whole request head in time is
+//! closed, so half-sent requests cannot hold connections (and file descriptors) open forever.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context;
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
 use crate::http::AppState;
 
@@ -63,11 +74,13 @@ impl Application {
         } else {
             crate::http::ops_router(self.state.clone())
         };
-        let service = router.into_make_service_with_connect_info::<SocketAddr>();
-        let stop = shutdown.clone();
-        axum::serve(self.listener, service)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await?;
+        serve_http(
+            self.listener,
+            router,
+            config.server.header_read_timeout,
+            shutdown.clone(),
+        )
+        .await;
         // In-flight sends finish within the grace period; anything still claimed after it keeps
         // its lease and is recovered (looked up, then sent) by the next dispatcher.
         let background_tasks = async {
@@ -86,6 +99,66 @@ impl Application {
         }
         Ok(())
     }
+}
+
+/// Accept connections and serve `router` on each until `shutdown` is cancelled; then stop
+/// accepting, let requests in flight finish (idle connections close at once) and return.
+///
+/// HTTP/1.1 only: hyper's header read timeout is an HTTP/1 setting, and the protocol sniffing
+/// that serves HTTP/2 too waits for a client's first bytes with no timeout at all. Every request
+/// carries `ConnectInfo<SocketAddr>`, the peer's address, as axum's own server would give it.
+async fn serve_http(
+    listener: TcpListener,
+    router: Router,
+    header_read_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    // Out of file descriptors, typically: pause rather than spin.
+                    tracing::warn!(error = %e, "cannot accept connections; retrying in a second");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(request.map(axum::body::Body::new))
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            // Timeouts, resets and malformed requests end here; they are the client's business.
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection closed with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Accept errors that concern one connection only (the peer gave up before it was accepted).
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
 }
 
 /// Cancel `token` on SIGTERM or Ctrl-C.

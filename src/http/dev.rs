@@ -1,10 +1,13 @@
 //! Mock mode only: the dev outbox, where a developer reads what would have been sent (bodies
-//! included). Every route here answers 404 outside mock mode.
+//! included). Every route here answers 404 outside mock mode, and every `/dev/` path (this
+//! router's and `POST /dev/inbound`) answers 404 unless `/dev/*` may be served here: a loopback
+//! `BIND_ADDR`, or `DEV_ENDPOINTS=true` (see [`only_where_allowed`]).
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::response::Html;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use minijinja::{context, Environment};
@@ -18,6 +21,26 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/dev/outbox", get(outbox_page))
         .route("/dev/outbox.json", get(outbox_json))
+}
+
+/// Whether `/dev/*` is served: mock mode, and a loopback `BIND_ADDR` or `DEV_ENDPOINTS=true`.
+fn dev_endpoints_served(state: &AppState) -> bool {
+    state.mock.is_some() && state.config.server.dev_endpoints
+}
+
+/// Middleware over the whole router: any `/dev/` path answers the 404 envelope unless
+/// [`dev_endpoints_served`], before its handler (or body parsing) runs. The outbox shows message
+/// bodies, one-time codes included, and `/dev/inbound` takes unsigned replies: neither may be
+/// reachable from another machine by accident.
+pub(super) async fn only_where_allowed(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.uri().path().starts_with("/dev/") && !dev_endpoints_served(&state) {
+        return AppError::NotFound("page").into_response();
+    }
+    next.run(request).await
 }
 
 fn mock(state: &AppState) -> AppResult<&Arc<MockProvider>> {

@@ -3,6 +3,7 @@
 
 mod cron;
 mod dev;
+mod headers;
 mod messages;
 mod ops;
 mod otp;
@@ -30,7 +31,7 @@ pub use state::AppState;
 const BODY_LIMIT_BYTES: usize = 64 * 1024;
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/openapi.json", axum::routing::get(openapi))
         .merge(preferences::router())
         .merge(messages::router())
@@ -43,7 +44,12 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            dev::only_where_allowed,
+        ))
+        .with_state(state);
+    headers::secure(router)
 }
 
 /// This API as OpenAPI 3.1.
@@ -65,11 +71,12 @@ async fn method_not_allowed() -> AppError {
 
 /// Only the operations routes: for instances that run as dispatchers (`INSTANCE_ROLE=dispatcher`).
 pub fn ops_router(state: AppState) -> Router {
-    Router::new()
+    let router = Router::new()
         .merge(ops::router())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
-        .with_state(state)
+        .with_state(state);
+    headers::secure(router)
 }
 
 /// A user proven by a bearer JWT; holds the user id.

@@ -1,11 +1,15 @@
-//! Operations: liveness and readiness.
+//! Operations: liveness, readiness and metrics.
 
-use axum::extract::State;
+use axum::extract::{FromRequestParts, State};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use crate::auth::{bearer_token, key_matches};
+use crate::error::AppError;
 use crate::http::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -15,17 +19,54 @@ pub fn router() -> Router<AppState> {
         .route("/metrics", get(metrics))
 }
 
-/// Prometheus text format.
+/// A scraper allowed to read `/metrics`: anyone when `METRICS_TOKEN` is unset, else the bearer of
+/// that token (401 otherwise).
+pub struct Scraper;
+
+impl FromRequestParts<AppState> for Scraper {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(expected) = &state.config.auth.metrics_token else {
+            return Ok(Scraper);
+        };
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        match bearer_token(header) {
+            Some(token) if key_matches(token, expected) => Ok(Scraper),
+            _ => Err(AppError::Unauthorized),
+        }
+    }
+}
+
+/// Prometheus text format. The message gauges come from a count at most
+/// [`crate::metrics::STATUS_COUNTS_TTL`] old, taken by one query however many scrapes arrive.
 async fn metrics(
+    _: Scraper,
     State(state): State<AppState>,
 ) -> crate::error::AppResult<impl axum::response::IntoResponse> {
     // Counters still answer when the database does not; `prism_database_up` says which.
-    let messages = state.store.message_status_counts().await;
-    let database_up = messages.is_ok();
-    let mut body = state
+    let store = state.store.clone();
+    let messages = state
         .metrics
-        .render(state.provider.name(), &messages.unwrap_or_default());
-    body.push_str("# HELP prism_database_up Whether the database answered this scrape.\n# TYPE prism_database_up gauge\n");
+        .status_counts
+        .get(|| async move { store.message_status_counts().await })
+        .await;
+    if let Err(e) = &messages {
+        tracing::warn!(error = %e, "metrics: counting messages failed");
+    }
+    let database_up = messages.is_ok();
+    let messages = messages.unwrap_or_default();
+    let mut body = state.metrics.render(state.provider.name(), &messages);
+    body.push_str(&format!(
+        "# HELP prism_database_up Whether the database answered the last count of messages (at most {} s old).\n# TYPE prism_database_up gauge\n",
+        crate::metrics::STATUS_COUNTS_TTL.as_secs()
+    ));
     body.push_str(&format!("prism_database_up {}\n", u8::from(database_up)));
     let content_type = "text/plain; version=0.0.4; charset=utf-8";
     Ok(([(axum::http::header::CONTENT_TYPE, content_type)], body))

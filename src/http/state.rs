@@ -25,7 +25,7 @@ impl std::ops::Deref for AppState {
 impl AppState {
     /// The services plus authentication (which may fetch a key set).
     pub async fn build(config: Config, clock: DynClock) -> anyhow::Result<AppState> {
-        let auth = Authenticator::from_config(&config).await?;
+        let auth = Authenticator::from_config(&config, clock.clone()).await?;
         let services = Services::build(config, clock).await?;
         Ok(AppState {
             services,

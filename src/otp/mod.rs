@@ -500,9 +500,8 @@ mod tests {
 
     #[test]
     fn hashes_bind_user_purpose_and_key() {
-        let config =
-            Config::from_lookup(|n| (n == "OTP_SECRET").then(|| "k1".to_string())).unwrap();
-        let other = Config::from_lookup(|n| (n == "OTP_SECRET").then(|| "k2".to_string())).unwrap();
+        let config = Config::from_lookup(|n| (n == "OTP_SECRET").then(|| "k1".repeat(16))).unwrap();
+        let other = Config::from_lookup(|n| (n == "OTP_SECRET").then(|| "k2".repeat(16))).unwrap();
         let h = CodeHasher::from_config(&config);
         let a = h.hash("u1", "login", "123456");
         assert_eq!(a.len(), 64);

@@ -58,6 +58,11 @@ async fn bad_user_tokens_answer_a_bare_401(backend: Backend) {
     let wrong_secret = sign_hs256("another-secret", json!({"sub": "u", "exp": in_an_hour()}));
     let no_exp = sign_hs256(JWT_SECRET, json!({"sub": "u"}));
     let no_sub = sign_hs256(JWT_SECRET, json!({"uid": "u", "exp": in_an_hour()}));
+    // Not valid for another hour (`nbf`), though signed and unexpired.
+    let not_yet = sign_hs256(
+        JWT_SECRET,
+        json!({"sub": "u", "exp": in_an_hour() + 3600, "nbf": in_an_hour()}),
+    );
     // alg "none": header {"alg":"none","typ":"JWT"}, no signature.
     let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1IiwiZXhwIjo0MTAyNDQ0ODAwfQ.";
     let cases = [
@@ -69,6 +74,7 @@ async fn bad_user_tokens_answer_a_bare_401(backend: Backend) {
         Some(format!("Bearer {wrong_secret}")),
         Some(format!("Bearer {no_exp}")),
         Some(format!("Bearer {no_sub}")),
+        Some(format!("Bearer {not_yet}")),
         Some(format!("Bearer {none}")),
         // An ES256 token when no JWKS is configured.
         Some(format!(
@@ -226,19 +232,25 @@ async fn es256_tokens_verify_against_a_jwks_url() {
     let url = format!("http://{}/jwks", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, jwks_app).await });
 
+    let issuer = "https://securetoken.google.com/prism-test";
     let config = TestConfig::new()
         .unset("AUTH_JWT_SECRET")
-        .set("AUTH_JWKS_URL", &url);
+        .set("AUTH_JWKS_URL", &url)
+        .set("AUTH_ISSUER", issuer)
+        .set("AUTH_AUDIENCE", "prism-test");
     let app = TestApp::spawn_with(Backend::Sqlite, config).await;
     // The keys were fetched at start: the endpoint going away changes nothing.
     *keys.lock().unwrap() = json!({"keys": []});
     let token = sign_es256(
         "test-es256",
-        json!({"sub": "firebase-uid-2", "exp": in_an_hour()}),
+        json!({"sub": "firebase-uid-2", "iss": issuer, "aud": "prism-test", "exp": in_an_hour()}),
     );
     let (status, _) = get_preferences(&app, Some(&format!("Bearer {token}"))).await;
     assert_eq!(status, 200);
-    let forged = sign_es256("other-kid", json!({"sub": "x", "exp": in_an_hour()}));
+    let forged = sign_es256(
+        "other-kid",
+        json!({"sub": "x", "iss": issuer, "aud": "prism-test", "exp": in_an_hour()}),
+    );
     assert_eq!(
         get_preferences(&app, Some(&format!("Bearer {forged}")))
             .await

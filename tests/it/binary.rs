@@ -34,6 +34,16 @@ async fn a_bad_setting_stops_the_start_naming_the_variable() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         (vec![("MESSAGING_MOCK_MODE", "false")], "TWILIO_ACCOUNT_SID"),
+        // Credentials with the mode left to its default: refused, not silently mocked.
+        (
+            vec![("TWILIO_ACCOUNT_SID", ACCOUNT_SID)],
+            "MESSAGING_MOCK_MODE",
+        ),
+        (
+            vec![("AUTH_JWKS_URL", "https://keys.example.com/jwks")],
+            "AUTH_ISSUER",
+        ),
+        (vec![("CRON_SECRET", "too-short")], "CRON_SECRET"),
         (vec![("BIND_ADDR", "somewhere")], "BIND_ADDR"),
         (vec![("OTP_TTL_SECONDS", "-5")], "OTP_TTL_SECONDS"),
         (
@@ -293,7 +303,11 @@ async fn serve_sends_through_twilio_logs_nothing_private_and_stops_on_sigterm() 
 async fn otp_send_and_verify_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     // Separate processes hash codes alike only with a configured secret.
-    std::fs::write(dir.path().join(".env"), "OTP_SECRET=cli-test-secret\n").unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "OTP_SECRET=cli-test-secret-0123456789abcdefghij\n",
+    )
+    .unwrap();
     let out = binary(dir.path())
         .args([
             "otp",

@@ -8,6 +8,7 @@ mod api;
 mod auth;
 mod binary;
 mod delivery;
+mod ops;
 mod otp;
 mod recipients;
 mod reminders;

@@ -24,7 +24,7 @@ pub use fake_twilio::FakeTwilio;
 
 pub const API_KEY: &str = "test-host-app-key-0123456789";
 pub const JWT_SECRET: &str = "test-jwt-secret-for-hs256-tokens";
-pub const CRON_SECRET: &str = "test-cron-secret-0123456789";
+pub const CRON_SECRET: &str = "test-cron-secret-0123456789abcdef";
 pub const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
 pub const AUTH_TOKEN: &str = "test-twilio-auth-token";
 pub const SMS_SENDER: &str = "+14155550100";
@@ -278,6 +278,11 @@ impl TestApp {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url)
+    }
+
+    /// Begin the shutdown `serve` begins on SIGTERM.
+    pub fn shut_down(&self) {
+        self.shutdown.cancel();
     }
 
     pub fn user_token(&self, user_id: &str) -> String {
