@@ -4,6 +4,7 @@
 mod cron;
 mod dev;
 mod messages;
+mod openapi;
 mod ops;
 mod otp;
 mod preferences;
@@ -45,12 +46,20 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// This API as OpenAPI 3.1.
-async fn openapi() -> impl axum::response::IntoResponse {
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        include_str!("openapi.json"),
-    )
+/// This API as OpenAPI 3.1, generated from the handlers and types (see `openapi.rs`).
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "ops",
+    operation_id = "openapi",
+    summary = "This document",
+    security(()),
+    responses((status = 200, description = "OpenAPI 3.1.", body = Object))
+)]
+async fn openapi(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(openapi::document(&state.config))
 }
 
 /// Unknown paths and methods answer with the error envelope too.

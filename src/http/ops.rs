@@ -6,6 +6,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use super::openapi::{Health, Readiness};
 use crate::app::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -16,6 +17,26 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "ops",
+    operation_id = "metrics",
+    summary = "Prometheus metrics",
+    security(()),
+    responses(
+        (
+            status = 200,
+            description = "Text exposition format 0.0.4: `prism_info`, `prism_messages{status}` \
+                (from the database), `prism_database_up`, and this instance's \
+                `prism_dispatch_total{outcome}`, `prism_otp_sends_total{result}`, \
+                `prism_otp_verifies_total{result}`, `prism_webhooks_total{result}`. Answers even \
+                when the database does not.",
+            body = String,
+            content_type = "text/plain",
+        ),
+    )
+)]
 async fn metrics(
     State(state): State<AppState>,
 ) -> crate::error::AppResult<impl axum::response::IntoResponse> {
@@ -32,6 +53,15 @@ async fn metrics(
 }
 
 /// Alive: no I/O.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "ops",
+    operation_id = "healthz",
+    summary = "Liveness (no I/O)",
+    security(()),
+    responses((status = 200, description = "Alive.", body = Health))
+)]
 async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
@@ -39,6 +69,23 @@ async fn healthz() -> Json<Value> {
 /// Ready: the database answers (the provider's settings were validated at start). Its remote check
 /// (`prism-messaging health`) is not repeated here: a Twilio hiccup must not take every instance
 /// out of a load balancer, and readiness probes would otherwise spend API calls.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "ops",
+    operation_id = "readyz",
+    summary = "Readiness: the database answers",
+    security(()),
+    responses(
+        (status = 200, description = "Ready.", body = Readiness),
+        (
+            status = 503,
+            description = "The database does not answer (`status` `not_ready`, `database` \
+                `unavailable`).",
+            body = Readiness,
+        ),
+    )
+)]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let database = state.store.ping().await;
     let ok = database.is_ok();

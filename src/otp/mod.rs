@@ -27,7 +27,7 @@ use crate::phone::PhoneNumber;
 use crate::provider::twilio::{INVALID_TO_NUMBER, NOT_A_MOBILE_NUMBER, RECIPIENT_UNSUBSCRIBED};
 use crate::store::{Channel, DynStore, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SendOtpRequest {
     pub user_id: String,
@@ -36,7 +36,7 @@ pub struct SendOtpRequest {
     pub channel: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyOtpRequest {
     pub user_id: String,
@@ -44,7 +44,7 @@ pub struct VerifyOtpRequest {
     pub purpose: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SendOtpAnswer {
     pub success: bool,
     pub expires_in: u64,
