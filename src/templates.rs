@@ -15,7 +15,7 @@ use crate::error::AppError;
 use crate::segments::{self, Encoding};
 
 /// What a variable may hold. Each type has a strict format; anything else is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VarType {
     /// 4 to 10 digits.
@@ -44,7 +44,7 @@ pub enum Category {
     KeywordReply,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct VarSpec {
     pub name: &'static str,
     #[serde(rename = "type")]

@@ -79,7 +79,7 @@ impl ConsentPatch {
 
 /// The body of `PUT /api/messaging/preferences` (and the settings form). A field left out keeps
 /// its current value; `"phone_number": null` removes the number.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PreferencesUpdate {
     #[serde(default, deserialize_with = "present")]

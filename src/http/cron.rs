@@ -6,6 +6,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use super::openapi::{CleanupAnswer, CronNotConfigured, InternalError, Unauthorized};
 use super::Cron;
 use crate::error::AppResult;
 use crate::http::AppState;
@@ -39,6 +40,21 @@ async fn sweep(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/cron/cleanup-expired-otps",
+    tag = "cron",
+    operation_id = "cleanupExpiredOtps",
+    summary = "Delete used and expired codes and old rate-limit records",
+    description = "The embedded scheduler also runs it every 10 minutes. No request body.",
+    security(("cronSecret" = [])),
+    responses(
+        (status = 200, description = "OK", body = CleanupAnswer),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = InternalError),
+        (status = 503, response = CronNotConfigured),
+    )
+)]
 async fn cleanup_expired_otps(State(state): State<AppState>, _: Cron) -> AppResult<Json<Value>> {
     let report = state.otp.cleanup().await?;
     Ok(Json(json!({

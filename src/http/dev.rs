@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use minijinja::{context, Environment};
 use serde_json::{json, Value};
 
+use super::openapi::{DevOutbox, InternalError, NotMockMode};
 use crate::error::{AppError, AppResult};
 use crate::http::AppState;
 use crate::provider::mock::MockProvider;
@@ -47,6 +48,22 @@ fn mock(state: &AppState) -> AppResult<&Arc<MockProvider>> {
     state.mock.as_ref().ok_or(AppError::NotFound("page"))
 }
 
+#[utoipa::path(
+    get,
+    path = "/dev/outbox.json",
+    tag = "dev",
+    operation_id = "devOutboxJson",
+    summary = "Mock mode: the outbox as JSON",
+    security(()),
+    responses(
+        (
+            status = 200,
+            description = "The last 500 messages, newest first, in memory (no `success` field).",
+            body = DevOutbox,
+        ),
+        (status = 404, response = NotMockMode),
+    )
+)]
 async fn outbox_json(State(state): State<AppState>) -> AppResult<Json<Value>> {
     let messages: Vec<Value> = mock(&state)?
         .outbox()
@@ -61,6 +78,24 @@ async fn outbox_json(State(state): State<AppState>) -> AppResult<Json<Value>> {
     Ok(Json(json!({"messages": messages})))
 }
 
+#[utoipa::path(
+    get,
+    path = "/dev/outbox",
+    tag = "dev",
+    operation_id = "devOutboxPage",
+    summary = "Mock mode: the outbox page",
+    security(()),
+    responses(
+        (
+            status = 200,
+            description = "An HTML page of what would have been sent.",
+            body = String,
+            content_type = "text/html",
+        ),
+        (status = 404, response = NotMockMode),
+        (status = 500, response = InternalError),
+    )
+)]
 async fn outbox_page(State(state): State<AppState>) -> AppResult<Html<String>> {
     let messages = mock(&state)?.outbox();
     let mut env = Environment::new();

@@ -1,12 +1,16 @@
 //! The host app's calls: queue notifications, read a message's status, list templates.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::{HostApp, JsonBody};
+use super::openapi::{
+    ApiKeyNotConfigured, ErrorEnvelope, InternalError, MessageAnswer, MessageId,
+    NotificationAnswer, PayloadTooLarge, TemplatesAnswer, Unauthorized,
+};
+use super::{HostApp, JsonBody, PathId};
 use crate::error::{AppError, AppResult};
 use crate::http::AppState;
 use crate::outbox::{self, NotificationRequest};
@@ -19,6 +23,42 @@ pub fn router() -> Router<AppState> {
         .route("/api/templates", get(list_templates))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/notifications",
+    tag = "host-app",
+    operation_id = "createNotification",
+    summary = "Queue a notification from a template",
+    description = "Consent, opt-outs, quiet hours and the WhatsApp window are checked at send \
+        time; the outcome shows in `GET /api/messages/{id}`.",
+    security(("hostAppKey" = [])),
+    request_body = NotificationRequest,
+    responses(
+        (
+            status = 202,
+            description = "Queued (or, for a repeated idempotency_key, the existing message with \
+                its current status).",
+            body = NotificationAnswer,
+        ),
+        (
+            status = 400,
+            description = "Error envelope; `error.code` is one of: `invalid_user_id`, \
+                `unknown_template`, `invalid_channel`, `invalid_template_variables`, \
+                `invalid_idempotency_key`, `invalid_json`, `invalid_content_type`.",
+            body = ErrorEnvelope,
+        ),
+        (status = 401, response = Unauthorized),
+        (
+            status = 409,
+            description = "`idempotency_key_reused`: the key was used for a different \
+                notification.",
+            body = ErrorEnvelope,
+        ),
+        (status = 413, response = PayloadTooLarge),
+        (status = 500, response = InternalError),
+        (status = 503, response = ApiKeyNotConfigured),
+    )
+)]
 async fn create_notification(
     State(state): State<AppState>,
     _: HostApp,
@@ -31,10 +71,30 @@ async fn create_notification(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/messages/{id}",
+    tag = "host-app",
+    operation_id = "getMessage",
+    summary = "A message, with its status history",
+    security(("hostAppKey" = [])),
+    params((
+        "id" = MessageId,
+        Path,
+        description = "The message's id, as `POST /api/notifications` answered it."
+    )),
+    responses(
+        (status = 200, description = "OK", body = MessageAnswer),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "`not_found`: no message with this id.", body = ErrorEnvelope),
+        (status = 500, response = InternalError),
+        (status = 503, response = ApiKeyNotConfigured),
+    )
+)]
 async fn get_message(
     State(state): State<AppState>,
     _: HostApp,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> AppResult<Json<Value>> {
     let (message, events) = state
         .outbox
@@ -46,6 +106,20 @@ async fn get_message(
     Ok(Json(json!({"success": true, "message": body})))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/templates",
+    tag = "host-app",
+    operation_id = "listTemplates",
+    summary = "Templates the host app may send",
+    description = "What `POST /api/notifications` accepts; excludes `otp` and the keyword replies.",
+    security(("hostAppKey" = [])),
+    responses(
+        (status = 200, description = "OK", body = TemplatesAnswer),
+        (status = 401, response = Unauthorized),
+        (status = 503, response = ApiKeyNotConfigured),
+    )
+)]
 async fn list_templates(State(state): State<AppState>, _: HostApp) -> Json<Value> {
     let templates: Vec<Value> = TEMPLATES
         .iter()

@@ -5,6 +5,7 @@ mod cron;
 mod dev;
 mod headers;
 mod messages;
+mod openapi;
 mod ops;
 mod otp;
 mod preferences;
@@ -52,12 +53,20 @@ pub fn router(state: AppState) -> Router {
     headers::secure(router)
 }
 
-/// This API as OpenAPI 3.1.
-async fn openapi() -> impl axum::response::IntoResponse {
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        include_str!("openapi.json"),
-    )
+/// This API as OpenAPI 3.1, generated from the handlers and types (see `openapi.rs`).
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "ops",
+    operation_id = "openapi",
+    summary = "This document",
+    security(()),
+    responses((status = 200, description = "OpenAPI 3.1.", body = Object))
+)]
+async fn openapi(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(openapi::document(&state.config))
 }
 
 /// Unknown paths and methods answer with the error envelope too.
@@ -199,6 +208,24 @@ fn parse_ip_maybe_with_port(entry: &str) -> Option<std::net::IpAddr> {
         return Some(ip);
     }
     entry.parse::<SocketAddr>().ok().map(|addr| addr.ip())
+}
+
+/// A path segment (`/api/messages/{id}`), where one that is not valid UTF-8 answers with the error
+/// envelope instead of axum's plain-text 400.
+pub struct PathId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(id)) => Ok(PathId(id)),
+            Err(_) => Err(AppError::bad_request(
+                "invalid_id",
+                "the id in the path is not valid text",
+            )),
+        }
+    }
 }
 
 /// `axum::Json`, but a bad body answers with the error envelope.

@@ -8,6 +8,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use super::openapi::{Health, Readiness};
 use crate::auth::{bearer_token, key_matches};
 use crate::error::AppError;
 use crate::http::AppState;
@@ -46,6 +47,27 @@ impl FromRequestParts<AppState> for Scraper {
 
 /// Prometheus text format. The message gauges come from a count at most
 /// [`crate::metrics::STATUS_COUNTS_TTL`] old, taken by one query however many scrapes arrive.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "ops",
+    operation_id = "metrics",
+    summary = "Prometheus metrics",
+    security((), ("metricsToken" = [])),
+    responses(
+        (
+            status = 200,
+            description = "Text exposition format 0.0.4: `prism_info`, `prism_messages{status}` \
+                (from the database), `prism_database_up`, and this instance's \
+                `prism_dispatch_total{outcome}`, `prism_otp_sends_total{result}`, \
+                `prism_otp_verifies_total{result}`, `prism_webhooks_total{result}`. Answers even \
+                when the database does not.",
+            body = String,
+            content_type = "text/plain",
+        ),
+        (status = 401, response = super::openapi::Unauthorized),
+    )
+)]
 async fn metrics(
     _: Scraper,
     State(state): State<AppState>,
@@ -73,6 +95,15 @@ async fn metrics(
 }
 
 /// Alive: no I/O.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "ops",
+    operation_id = "healthz",
+    summary = "Liveness (no I/O)",
+    security(()),
+    responses((status = 200, description = "Alive.", body = Health))
+)]
 async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
@@ -80,6 +111,23 @@ async fn healthz() -> Json<Value> {
 /// Ready: the database answers (the provider's settings were validated at start). Its remote check
 /// (`prism-messaging health`) is not repeated here: a Twilio hiccup must not take every instance
 /// out of a load balancer, and readiness probes would otherwise spend API calls.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "ops",
+    operation_id = "readyz",
+    summary = "Readiness: the database answers",
+    security(()),
+    responses(
+        (status = 200, description = "Ready.", body = Readiness),
+        (
+            status = 503,
+            description = "The database does not answer (`status` `not_ready`, `database` \
+                `unavailable`).",
+            body = Readiness,
+        ),
+    )
+)]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let database = state.store.ping().await;
     let ok = database.is_ok();

@@ -8,6 +8,9 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
 
+use super::openapi::{
+    ErrorEnvelope, InternalError, PayloadTooLarge, VerifyOtpAnswer, VerifyOtpError,
+};
 use super::{ClientMeta, JsonBody};
 use crate::error::{AppError, AppResult};
 use crate::http::AppState;
@@ -19,6 +22,44 @@ pub fn router() -> Router<AppState> {
         .route("/api/messaging/verify-otp", post(verify_otp))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/messaging/send-otp",
+    tag = "otp",
+    operation_id = "sendOtp",
+    summary = "Send a one-time passcode",
+    description = "Public and rate-limited. The code is sent at once, never queued; a new send \
+        replaces the live code for (user_id, purpose). A refusal for an opted-out number counts \
+        against the limits.",
+    security(()),
+    request_body = SendOtpRequest,
+    responses(
+        (status = 200, description = "Sent.", body = SendOtpAnswer),
+        (
+            status = 400,
+            description = "Error envelope; `error.code` is one of: `invalid_user_id`, \
+                `invalid_purpose`, `invalid_channel`, `invalid_phone`, `country_not_allowed`, \
+                `opted_out`, `undeliverable`, `whatsapp_window_closed`, `invalid_json`, \
+                `invalid_content_type`.",
+            body = ErrorEnvelope,
+        ),
+        (status = 413, response = PayloadTooLarge),
+        (
+            status = 429,
+            description = "`rate_limited`: resend cooldown or hourly cap per number, user id or \
+                client IP. Nothing sent or written.",
+            body = ErrorEnvelope,
+            headers(("Retry-After" = u64, description = "Seconds to wait (at least 1).")),
+        ),
+        (status = 500, response = InternalError),
+        (
+            status = 503,
+            description = "`unavailable`: messaging is disabled, or the provider could not take \
+                the code now (ask again).",
+            body = ErrorEnvelope,
+        ),
+    )
+)]
 async fn send_otp(
     State(state): State<AppState>,
     meta: ClientMeta,
@@ -30,6 +71,37 @@ async fn send_otp(
 }
 
 /// The mobile client reads `valid`, so errors carry `"valid": false` beside the usual envelope.
+#[utoipa::path(
+    post,
+    path = "/api/messaging/verify-otp",
+    tag = "otp",
+    operation_id = "verifyOtp",
+    summary = "Verify a one-time passcode",
+    description = "Public. Every error except 500 carries `\"valid\": false` beside the envelope.",
+    security(()),
+    request_body = VerifyOtpRequest,
+    responses(
+        (
+            status = 200,
+            description = "The right, live code; it verifies once.",
+            body = VerifyOtpAnswer,
+        ),
+        (
+            status = 400,
+            description = "`invalid_otp` (no code, wrong, used or expired: indistinguishable), \
+                `invalid_user_id`, `invalid_purpose`, `invalid_json`, `invalid_content_type`.",
+            body = VerifyOtpError,
+        ),
+        (status = 413, description = "`payload_too_large`.", body = VerifyOtpError),
+        (
+            status = 429,
+            description = "`too_many_attempts`: OTP_MAX_ATTEMPTS wrong tries killed the code; \
+                request a new one.",
+            body = VerifyOtpError,
+        ),
+        (status = 500, response = InternalError),
+    )
+)]
 async fn verify_otp(
     State(state): State<AppState>,
     body: Result<JsonBody<VerifyOtpRequest>, AppError>,

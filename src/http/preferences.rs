@@ -6,6 +6,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::openapi::{
+    ErrorEnvelope, HistoryAnswer, InternalError, PayloadTooLarge, PreferencesAnswer, Unauthorized,
+    UserAuthNotConfigured,
+};
 use super::{AuthUser, ClientMeta, JsonBody};
 use crate::consent::PreferencesUpdate;
 use crate::error::{AppError, AppResult};
@@ -32,6 +36,20 @@ pub fn preferences_json(consent: &Consent) -> Value {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/messaging/preferences",
+    tag = "user",
+    operation_id = "getPreferences",
+    summary = "The caller's messaging preferences",
+    security(("userJwt" = [])),
+    responses(
+        (status = 200, description = "OK", body = PreferencesAnswer),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = InternalError),
+        (status = 503, response = UserAuthNotConfigured),
+    )
+)]
 async fn get_preferences(
     State(state): State<AppState>,
     AuthUser(user_id): AuthUser,
@@ -44,6 +62,32 @@ async fn get_preferences(
     Ok(Json(json!({"success": true, "preferences": preferences})))
 }
 
+#[utoipa::path(
+    put,
+    path = "/api/messaging/preferences",
+    tag = "user",
+    operation_id = "putPreferences",
+    summary = "Update the caller's preferences",
+    security(("userJwt" = [])),
+    request_body = PreferencesUpdate,
+    responses(
+        (
+            status = 200,
+            description = "The record after the change; each changed field is audited.",
+            body = PreferencesAnswer,
+        ),
+        (
+            status = 400,
+            description = "Error envelope; `error.code` is one of: `invalid_phone`, \
+                `phone_required`, `invalid_source`, `invalid_json`, `invalid_content_type`.",
+            body = ErrorEnvelope,
+        ),
+        (status = 401, response = Unauthorized),
+        (status = 413, response = PayloadTooLarge),
+        (status = 500, response = InternalError),
+        (status = 503, response = UserAuthNotConfigured),
+    )
+)]
 async fn put_preferences(
     State(state): State<AppState>,
     AuthUser(user_id): AuthUser,
@@ -65,8 +109,11 @@ async fn put_preferences(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct HistoryQuery {
+    /// How many, newest first; otherwise 400 `invalid_limit`.
+    #[param(minimum = 1, maximum = 200, default = 50, nullable = false)]
     limit: Option<i64>,
 }
 
@@ -81,6 +128,26 @@ pub fn history_item(m: &MessageRecord) -> Value {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/messaging/history",
+    tag = "user",
+    operation_id = "getHistory",
+    summary = "The caller's messages, newest first",
+    security(("userJwt" = [])),
+    params(HistoryQuery),
+    responses(
+        (status = 200, description = "OK", body = HistoryAnswer),
+        (
+            status = 400,
+            description = "Error envelope; `error.code` is one of: `invalid_limit`.",
+            body = ErrorEnvelope,
+        ),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = InternalError),
+        (status = 503, response = UserAuthNotConfigured),
+    )
+)]
 async fn history(
     State(state): State<AppState>,
     AuthUser(user_id): AuthUser,

@@ -1,11 +1,15 @@
 //! The host app's appointments and follow-ups, which the reminder sweeps read.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::put;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::{HostApp, JsonBody};
+use super::openapi::{
+    ApiKeyNotConfigured, AppointmentAnswer, CancelAnswer, ErrorEnvelope, FollowUpAnswer, HostId,
+    InternalError, PayloadTooLarge, Unauthorized,
+};
+use super::{HostApp, JsonBody, PathId};
 use crate::error::AppResult;
 use crate::http::AppState;
 use crate::reminders::{AppointmentRequest, FollowUpRequest};
@@ -31,10 +35,39 @@ fn item_json(item: &ScheduledItem, time_field: &str) -> Value {
     value
 }
 
+#[utoipa::path(
+    put,
+    path = "/api/appointments/{id}",
+    tag = "host-app",
+    operation_id = "putAppointment",
+    summary = "Create or update an appointment",
+    security(("hostAppKey" = [])),
+    params(("id" = HostId, Path, description = "The host app's id.")),
+    request_body = AppointmentRequest,
+    responses(
+        (status = 200, description = "OK", body = AppointmentAnswer),
+        (
+            status = 400,
+            description = "Error envelope; `error.code` is one of: `invalid_id`, \
+                `invalid_user_id`, `invalid_time`, `invalid_time_zone`, `invalid_status`, \
+                `invalid_json`, `invalid_content_type`.",
+            body = ErrorEnvelope,
+        ),
+        (status = 401, response = Unauthorized),
+        (
+            status = 404,
+            description = "`not_found`: an empty id (no such route).",
+            body = ErrorEnvelope,
+        ),
+        (status = 413, response = PayloadTooLarge),
+        (status = 500, response = InternalError),
+        (status = 503, response = ApiKeyNotConfigured),
+    )
+)]
 async fn put_appointment(
     State(state): State<AppState>,
     _: HostApp,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     JsonBody(request): JsonBody<AppointmentRequest>,
 ) -> AppResult<Json<Value>> {
     let item = state.reminders.put_appointment(&id, request).await?;
@@ -43,10 +76,26 @@ async fn put_appointment(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/appointments/{id}",
+    tag = "host-app",
+    operation_id = "deleteAppointment",
+    summary = "Cancel an appointment and skip its reminders not yet sent",
+    security(("hostAppKey" = [])),
+    params(("id" = HostId, Path, description = "The host app's id.")),
+    responses(
+        (status = 200, description = "OK", body = CancelAnswer),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "`not_found`: no such appointment.", body = ErrorEnvelope),
+        (status = 500, response = InternalError),
+        (status = 503, response = ApiKeyNotConfigured),
+    )
+)]
 async fn delete_appointment(
     State(state): State<AppState>,
     _: HostApp,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> AppResult<Json<Value>> {
     let skipped = state
         .reminders
@@ -55,10 +104,39 @@ async fn delete_appointment(
     Ok(Json(json!({"success": true, "reminders_skipped": skipped})))
 }
 
+#[utoipa::path(
+    put,
+    path = "/api/follow-ups/{id}",
+    tag = "host-app",
+    operation_id = "putFollowUp",
+    summary = "Create or update a follow-up",
+    security(("hostAppKey" = [])),
+    params(("id" = HostId, Path, description = "The host app's id.")),
+    request_body = FollowUpRequest,
+    responses(
+        (status = 200, description = "OK", body = FollowUpAnswer),
+        (
+            status = 400,
+            description = "Error envelope; `error.code` is one of: `invalid_id`, \
+                `invalid_user_id`, `invalid_time`, `invalid_time_zone`, `invalid_json`, \
+                `invalid_content_type`.",
+            body = ErrorEnvelope,
+        ),
+        (status = 401, response = Unauthorized),
+        (
+            status = 404,
+            description = "`not_found`: an empty id (no such route).",
+            body = ErrorEnvelope,
+        ),
+        (status = 413, response = PayloadTooLarge),
+        (status = 500, response = InternalError),
+        (status = 503, response = ApiKeyNotConfigured),
+    )
+)]
 async fn put_follow_up(
     State(state): State<AppState>,
     _: HostApp,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     JsonBody(request): JsonBody<FollowUpRequest>,
 ) -> AppResult<Json<Value>> {
     let item = state.reminders.put_follow_up(&id, request).await?;
@@ -67,10 +145,26 @@ async fn put_follow_up(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/follow-ups/{id}",
+    tag = "host-app",
+    operation_id = "deleteFollowUp",
+    summary = "Cancel a follow-up and skip its reminders not yet sent",
+    security(("hostAppKey" = [])),
+    params(("id" = HostId, Path, description = "The host app's id.")),
+    responses(
+        (status = 200, description = "OK", body = CancelAnswer),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "`not_found`: no such follow-up.", body = ErrorEnvelope),
+        (status = 500, response = InternalError),
+        (status = 503, response = ApiKeyNotConfigured),
+    )
+)]
 async fn delete_follow_up(
     State(state): State<AppState>,
     _: HostApp,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> AppResult<Json<Value>> {
     let skipped = state.reminders.cancel(SubjectType::FollowUp, &id).await?;
     Ok(Json(json!({"success": true, "reminders_skipped": skipped})))

@@ -13,6 +13,10 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::openapi::{
+    ApiKeyNotConfigured, BadSignature, ErrorEnvelope, InboundAnswer, InternalError, NotMockMode,
+    PayloadTooLarge, TwilioIncomingForm, TwilioStatusForm, Unauthorized, WebhooksNotConfigured,
+};
 use super::{HostApp, JsonBody};
 use crate::error::{AppError, AppResult};
 use crate::http::AppState;
@@ -78,6 +82,39 @@ fn raw_body(body: Result<Bytes, BytesRejection>) -> AppResult<Bytes> {
     })
 }
 
+#[utoipa::path(
+    post,
+    path = "/webhooks/twilio/status",
+    tag = "webhooks",
+    operation_id = "twilioStatus",
+    summary = "Twilio: a delivery status callback",
+    description = "Statuses only move forward (queued < sending < sent < delivered < read); \
+        undelivered and failed are final unless already delivered or read.",
+    security(("twilioSignature" = [])),
+    params((
+        "X-Twilio-Signature" = String,
+        Header,
+        description = "HMAC-SHA1 (TWILIO_AUTH_TOKEN) over PUBLIC_URL + path + query and the \
+            sorted form parameters, base64."
+    )),
+    request_body(content = TwilioStatusForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (
+            status = 200,
+            description = "Recorded, ignored (late, repeated or not a delivery status) or unknown \
+                MessageSid; empty body.",
+        ),
+        (
+            status = 400,
+            description = "`invalid_form`: MessageSid or MessageStatus missing.",
+            body = ErrorEnvelope,
+        ),
+        (status = 403, response = BadSignature),
+        (status = 413, response = PayloadTooLarge),
+        (status = 500, response = InternalError),
+        (status = 503, response = WebhooksNotConfigured),
+    )
+)]
 async fn status_callback(
     State(state): State<AppState>,
     OriginalUri(uri): OriginalUri,
@@ -106,6 +143,42 @@ fn twiml_response(xml: String) -> Response {
     ([(CONTENT_TYPE, "text/xml; charset=utf-8")], xml).into_response()
 }
 
+#[utoipa::path(
+    post,
+    path = "/webhooks/twilio/incoming",
+    tag = "webhooks",
+    operation_id = "twilioIncoming",
+    summary = "Twilio: a message came in",
+    description = "Stored once per MessageSid. STOP/START/HELP keywords (any case) change consent \
+        for the channel and are answered; other text is readable at `GET /api/inbound`.",
+    security(("twilioSignature" = [])),
+    params((
+        "X-Twilio-Signature" = String,
+        Header,
+        description = "HMAC-SHA1 (TWILIO_AUTH_TOKEN) over PUBLIC_URL + path + query and the \
+            sorted form parameters, base64."
+    )),
+    request_body(content = TwilioIncomingForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (
+            status = 200,
+            description = "TwiML: a `<Message>` with the keyword reply, or an empty \
+                `<Response/>`. A repeated `MessageSid` gets the same answer and changes nothing.",
+            body = String,
+            content_type = "text/xml",
+            example = json!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>"),
+        ),
+        (
+            status = 400,
+            description = "`invalid_form`: MessageSid or From missing.",
+            body = ErrorEnvelope,
+        ),
+        (status = 403, response = BadSignature),
+        (status = 413, response = PayloadTooLarge),
+        (status = 500, response = InternalError),
+        (status = 503, response = WebhooksNotConfigured),
+    )
+)]
 async fn incoming(
     State(state): State<AppState>,
     OriginalUri(uri): OriginalUri,
@@ -131,13 +204,43 @@ async fn incoming(
     Ok(twiml_response(state.inbound.handle(message).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct InboundQuery {
+    /// RFC 3339, exclusive; percent-encode a `+` offset. Omitted: from the beginning. Otherwise
+    /// 400 `invalid_since`.
+    #[param(format = DateTime, nullable = false)]
     since: Option<String>,
+    /// At most this many (a page never splits messages received at the same instant, so it may
+    /// hold more); otherwise 400 `invalid_limit`.
+    #[param(minimum = 1, maximum = 200, default = 50, nullable = false)]
     limit: Option<i64>,
 }
 
 /// Patient replies and keywords for the host app, oldest first after `since` (RFC 3339).
+#[utoipa::path(
+    get,
+    path = "/api/inbound",
+    tag = "host-app",
+    operation_id = "listInbound",
+    summary = "Patient replies and keywords, oldest first",
+    description = "Messages received after `since` and at least two seconds ago, so a reader \
+        moving `since` forward never skips one still being written.",
+    security(("hostAppKey" = [])),
+    params(InboundQuery),
+    responses(
+        (status = 200, description = "OK", body = InboundAnswer),
+        (
+            status = 400,
+            description = "Error envelope; `error.code` is one of: `invalid_query`, \
+                `invalid_since`, `invalid_limit`.",
+            body = ErrorEnvelope,
+        ),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = InternalError),
+        (status = 503, response = ApiKeyNotConfigured),
+    )
+)]
 async fn list_inbound(
     State(state): State<AppState>,
     _: HostApp,
@@ -181,7 +284,7 @@ async fn list_inbound(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct DevInbound {
     from: String,
@@ -190,6 +293,36 @@ struct DevInbound {
 }
 
 /// Mock mode only: a patient's message without Twilio, through the same handling.
+#[utoipa::path(
+    post,
+    path = "/dev/inbound",
+    tag = "dev",
+    operation_id = "devInbound",
+    summary = "Mock mode: simulate a patient's message",
+    description = "The incoming-webhook handling without a signature. The body is parsed before \
+        the mock-mode check, so outside mock mode a bad body answers 400, not 404.",
+    security(()),
+    request_body = DevInbound,
+    responses(
+        (
+            status = 200,
+            description = "TwiML: a `<Message>` with the keyword reply, or an empty \
+                `<Response/>`. A repeated `MessageSid` gets the same answer and changes nothing.",
+            body = String,
+            content_type = "text/xml",
+            example = json!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>"),
+        ),
+        (
+            status = 400,
+            description = "Error envelope; `error.code` is one of: `invalid_phone`, \
+                `invalid_channel`, `invalid_json`, `invalid_content_type`.",
+            body = ErrorEnvelope,
+        ),
+        (status = 404, response = NotMockMode),
+        (status = 413, response = PayloadTooLarge),
+        (status = 500, response = InternalError),
+    )
+)]
 async fn dev_inbound(
     State(state): State<AppState>,
     body: Result<JsonBody<DevInbound>, AppError>,

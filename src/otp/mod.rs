@@ -33,7 +33,7 @@ use crate::store::{
     Channel, InboundStore, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome, OtpStore,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SendOtpRequest {
     pub user_id: String,
@@ -42,7 +42,7 @@ pub struct SendOtpRequest {
     pub channel: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyOtpRequest {
     pub user_id: String,
@@ -59,7 +59,7 @@ pub struct Verified {
     pub phone_number: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SendOtpAnswer {
     pub success: bool,
     pub expires_in: u64,

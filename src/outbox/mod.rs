@@ -21,7 +21,7 @@ const MAX_USER_ID_LEN: usize = 128;
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
 
 /// The body of `POST /api/notifications`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NotificationRequest {
     pub user_id: String,

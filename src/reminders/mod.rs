@@ -66,7 +66,7 @@ impl Reminder {
 }
 
 /// `PUT /api/appointments/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AppointmentRequest {
     pub user_id: String,
@@ -76,7 +76,7 @@ pub struct AppointmentRequest {
 }
 
 /// `PUT /api/follow-ups/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FollowUpRequest {
     pub user_id: String,

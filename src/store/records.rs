@@ -156,7 +156,7 @@ pub struct NewMessage {
 }
 
 /// A row of `messages`: the outbox and the message log in one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct MessageRecord {
     pub id: String,
     pub user_id: String,
@@ -189,7 +189,7 @@ pub struct MessageRecord {
     pub requested_channel: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct MessageEvent {
     pub status: MessageStatus,
     pub error_code: Option<i64>,

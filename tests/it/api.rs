@@ -7,6 +7,7 @@ use crate::common::*;
 use serde_json::{json, Value};
 
 both_backends!(
+    path_ids_that_are_not_text_answer_the_envelope,
     preferences_round_trip_with_audit,
     invalid_phone_stores_nothing,
     notification_end_to_end_in_mock_mode,
@@ -784,4 +785,212 @@ async fn openapi_and_unknown_routes(backend: Backend) {
         .unwrap();
     assert_eq!(r.status(), 405);
     assert_eq!(error_code(r).await, "method_not_allowed");
+}
+
+async fn openapi_document(app: &TestApp) -> Value {
+    let r = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+/// The paths the routers register: every `.route("...")` in `src/http`. Routers are only merged
+/// (never nested), so each literal is a whole path.
+fn routes_in_source() -> std::collections::BTreeSet<String> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/http");
+    let mut paths = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for other in [
+            ".nest(",
+            ".nest_service(",
+            ".route_service(",
+            "routing::any(",
+        ] {
+            assert!(
+                !text.contains(other),
+                "{}: {other} is not followed by this test",
+                path.display()
+            );
+        }
+        for (i, _) in text.match_indices(".route(") {
+            let rest = text[i + ".route(".len()..].trim_start();
+            let literal = rest
+                .strip_prefix('"')
+                .unwrap_or_else(|| panic!("{}: .route( without a literal path", path.display()));
+            paths.insert(literal[..literal.find('"').unwrap()].to_string());
+        }
+    }
+    paths
+}
+
+/// Every routed path is documented, every documented operation is routed (it answers, and not
+/// with the router's 404 or 405), and no other method is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_documents_every_route() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let spec = openapi_document(&app).await;
+    let documented: std::collections::BTreeMap<String, Vec<String>> = spec["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(path, item)| {
+            let methods = item.as_object().unwrap().keys().cloned().collect();
+            (path.clone(), methods)
+        })
+        .collect();
+    let routed = routes_in_source();
+    let documented_paths: std::collections::BTreeSet<String> = documented.keys().cloned().collect();
+    assert_eq!(
+        routed, documented_paths,
+        "routed paths (left) and documented paths (right)"
+    );
+
+    for (path, methods) in &documented {
+        let url = app.url(&path.replace("{id}", "x"));
+        for method in ["get", "post", "put", "delete", "patch"] {
+            let r = app
+                .client
+                .request(method.to_uppercase().parse().unwrap(), &url)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            if methods.iter().any(|m| m == method) {
+                assert_ne!(status, 405, "{method} {path} is documented but not routed");
+                assert!(
+                    !(status == 404 && body["error"]["message"] == "route not found"),
+                    "{method} {path} is documented but not routed"
+                );
+            } else {
+                assert_eq!(status, 405, "{method} {path} is routed but not documented");
+            }
+        }
+    }
+}
+
+/// The document is OpenAPI 3.1 by the specification's own JSON Schema (`schema-base`, which
+/// also checks every schema in it against the OpenAPI dialect of JSON Schema 2020-12), every
+/// `$ref` points at something, every schema compiles (its patterns are regular expressions)
+/// and every example in a schema matches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_validates() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let spec = openapi_document(&app).await;
+
+    let fixtures =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/openapi-3.1");
+    let load = |name: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join(name)).unwrap()).unwrap()
+    };
+    let registry = jsonschema::Registry::new()
+        .add(
+            "https://spec.openapis.org/oas/3.1/schema/2022-10-07",
+            load("schema.json"),
+        )
+        .unwrap()
+        .add(
+            "https://spec.openapis.org/oas/3.1/dialect/base",
+            load("dialect/base.schema.json"),
+        )
+        .unwrap()
+        .add(
+            "https://spec.openapis.org/oas/3.1/meta/base",
+            load("meta/base.schema.json"),
+        )
+        .unwrap()
+        .prepare()
+        .unwrap();
+    let validator = jsonschema::options()
+        .with_registry(&registry)
+        .build(&load("schema-base.json"))
+        .expect("the OpenAPI 3.1 schema builds");
+    let errors: Vec<String> = validator
+        .iter_errors(&spec)
+        .map(|e| format!("{e} (at {})", e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "the document is not valid OpenAPI 3.1:\n{}",
+        errors.join("\n")
+    );
+    // The check is real: a broken document fails it.
+    let mut broken = spec.clone();
+    broken["paths"]["/healthz"]["get"]["responses"]["200"] = json!({"content": {}});
+    assert!(!validator.is_valid(&broken));
+
+    fn refs<'a>(value: &'a Value, out: &mut Vec<&'a str>) {
+        match value {
+            Value::Object(map) => {
+                if let Some(Value::String(r)) = map.get("$ref") {
+                    out.push(r);
+                }
+                map.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(items) => items.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut all = vec![];
+    refs(&spec, &mut all);
+    assert!(!all.is_empty());
+    for r in all {
+        let pointer = r
+            .strip_prefix('#')
+            .unwrap_or_else(|| panic!("{r} is not local"));
+        assert!(spec.pointer(pointer).is_some(), "{r} points at nothing");
+    }
+
+    let documents = jsonschema::Registry::new()
+        .add("urn:prism-messaging:openapi", spec.clone())
+        .unwrap()
+        .prepare()
+        .unwrap();
+    for (name, schema) in spec["components"]["schemas"].as_object().unwrap() {
+        let validator = jsonschema::options()
+            .with_draft(jsonschema::Draft::Draft202012)
+            .with_registry(&documents)
+            .build(
+                &json!({"$ref": format!("urn:prism-messaging:openapi#/components/schemas/{name}")}),
+            )
+            .unwrap_or_else(|e| panic!("schema {name} does not compile: {e}"));
+        for example in schema["examples"].as_array().into_iter().flatten() {
+            assert!(
+                validator.is_valid(example),
+                "{name}: example {example} does not match"
+            );
+        }
+    }
+}
+
+async fn path_ids_that_are_not_text_answer_the_envelope(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    for (method, path) in [
+        (reqwest::Method::GET, "/api/messages/%FF"),
+        (reqwest::Method::DELETE, "/api/appointments/%FF%FE"),
+        (reqwest::Method::DELETE, "/api/follow-ups/%C3"),
+    ] {
+        let r = app
+            .client
+            .request(method, app.url(path))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"));
+        assert_eq!(error_code(r).await, "invalid_id", "{path}");
+    }
 }
