@@ -17,7 +17,7 @@ use crate::outbox::dispatcher::{Dispatcher, DispatcherParts};
 use crate::outbox::{DispatchWakeup, Outbox};
 use crate::provider::mock::MockProvider;
 use crate::provider::twilio::TwilioProvider;
-use crate::provider::DynProvider;
+use crate::provider::{DynProvider, ProviderHealth};
 use crate::reminders::Reminders;
 use crate::store::{self, DynStore};
 
@@ -33,6 +33,8 @@ pub struct Services {
     pub mock: Option<Arc<MockProvider>>,
     pub clock: DynClock,
     pub metrics: Arc<Metrics>,
+    /// Whether the provider currently refuses our credentials (`/readyz` reports it).
+    pub provider_health: Arc<ProviderHealth>,
     pub consent: ConsentService,
     pub delivery: Delivery,
     pub outbox: Outbox,
@@ -76,6 +78,7 @@ impl Services {
         clock: DynClock,
     ) -> Services {
         let metrics = Arc::new(Metrics::default());
+        let provider_health = Arc::new(ProviderHealth::default());
         let wakeup: DispatchWakeup = Arc::new(Notify::new());
         let messaging = &config.messaging;
         let render = messaging.render_context();
@@ -95,6 +98,7 @@ impl Services {
             messaging: messaging.clone(),
             twilio: config.twilio.clone(),
             metrics: Some(metrics.clone()),
+            provider_health: provider_health.clone(),
         });
         let otp = Otp::new(
             store.clone(),
@@ -143,6 +147,7 @@ impl Services {
             mock,
             clock,
             metrics,
+            provider_health,
             consent,
             delivery,
             outbox,

@@ -72,8 +72,9 @@ pub struct Metrics {
     webhooks_forbidden: AtomicU64,
 }
 
-const DISPATCH_OUTCOMES: [&str; 9] = [
+const DISPATCH_OUTCOMES: [&str; 11] = [
     "claimed", "sent", "skipped", "failed", "retried", "deferred", "adopted", "released", "lost",
+    "unknown", "held",
 ];
 
 impl Metrics {

@@ -98,6 +98,8 @@ pub enum MessageStatus {
     Read,
     Undelivered,
     Failed,
+    /// Twilio may or may not hold it and no lookup could tell: never resent by the service.
+    Unknown,
     /// Not sent, on purpose, with a [`SkipReason`].
     Skipped,
 }
@@ -110,6 +112,7 @@ text_enum!(MessageStatus {
     Read => "read",
     Undelivered => "undelivered",
     Failed => "failed",
+    Unknown => "unknown",
     Skipped => "skipped",
 });
 
@@ -140,7 +143,7 @@ impl MessageStatus {
             Delivered => &[Queued, Sending, Sent],
             Read => &[Queued, Sending, Sent, Delivered],
             Undelivered | Failed => &[Queued, Sending, Sent],
-            Queued | Skipped => &[],
+            Queued | Unknown | Skipped => &[],
         }
     }
 

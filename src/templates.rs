@@ -256,7 +256,9 @@ fn type_description(t: VarType) -> &'static str {
         VarType::Date => "date (YYYY-MM-DD)",
         VarType::Amount => "amount (e.g. 499.00 or INR 499.00)",
         VarType::Link => "link (a path like /appointments/123 or a URL under APP_URL)",
-        VarType::ShortName => "short name (letters only, at most 30 characters)",
+        VarType::ShortName => {
+            "short name (letters, spaces, '-' and ', at most 30 characters; no dots)"
+        }
     }
 }
 
@@ -277,13 +279,16 @@ fn check_value(t: VarType, raw: &str, ctx: &RenderContext) -> Option<String> {
             .map(|d| d.format("%-d %b %Y").to_string()),
         VarType::Amount => check_amount(raw),
         VarType::Link => check_link(raw, &ctx.app_url),
+        // No dots, slashes or `@`: phones turn `secure-pay.evil.io` into a link. No run of more
+        // than four spaces: WhatsApp refuses such a template variable.
         VarType::ShortName => {
             let ok = !raw.is_empty()
                 && raw.chars().count() <= 30
                 && raw.chars().any(char::is_alphabetic)
                 && raw
                     .chars()
-                    .all(|c| c.is_alphabetic() || matches!(c, ' ' | '-' | '\'' | '.'));
+                    .all(|c| c.is_alphabetic() || matches!(c, ' ' | '-' | '\''))
+                && !raw.contains("     ");
             ok.then(|| raw.to_string())
         }
     }
@@ -431,6 +436,23 @@ mod tests {
             Some("Anne-Marie")
         );
         assert!(check_value(VarType::ShortName, "has ACL tear 2024", &c).is_none());
+        for smuggled in [
+            "secure-pay.evil.io",
+            "evil.io",
+            "a/b",
+            "me@evil",
+            "Ann     Lee",
+            "St. John",
+        ] {
+            assert!(
+                check_value(VarType::ShortName, smuggled, &c).is_none(),
+                "{smuggled}"
+            );
+        }
+        assert_eq!(
+            check_value(VarType::ShortName, "Ann    Lee", &c).as_deref(),
+            Some("Ann    Lee")
+        );
         assert!(check_value(
             VarType::ShortName,
             "a very long name that goes on and on",

@@ -576,7 +576,17 @@ pub struct Readiness {
     database: String,
     #[schema(schema_with = provider_name)]
     provider: String,
+    /// `refused` while the provider refuses our credentials (sends are held; not ready).
+    #[schema(schema_with = readiness_credentials)]
+    provider_credentials: String,
     messaging_enabled: bool,
+}
+
+fn readiness_credentials() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(["ok", "refused"]))
+        .build()
 }
 
 fn readiness_status() -> Object {
@@ -842,11 +852,12 @@ fn variable_value(var_type: VarType, app_url: &str) -> Schema {
             )
         }
         VarType::ShortName => string(
-            // Letters (any script), spaces, `-`, `'` and `.`: everything else that is ASCII,
-            // and every control character, is refused. At least one letter (not expressed).
-            format!("^{WS}*[^\\u0000-\\u001f!-&(-,/-@\\[-`{{-\\u009f]{{1,30}}{WS}*$"),
-            "A given name: letters, spaces, `-`, `'` and `.`, at least one letter, at most 30 \
-             characters.",
+            // Letters (any script), spaces, `-` and `'`: everything else that is ASCII (a dot,
+            // a slash, `@`: phones make links of them), and every control character, is refused.
+            // At least one letter and no run of five spaces (not expressed).
+            format!("^{WS}*[^\\u0000-\\u001f!-&(-,.-@\\[-`{{-\\u009f]{{1,30}}{WS}*$"),
+            "A given name: letters, spaces, `-` and `'`, at least one letter, at most 30 \
+             characters, no run of more than four spaces. No dots, slashes or `@`.",
         ),
     }
 }

@@ -130,10 +130,13 @@ async fn healthz() -> Json<Value> {
 )]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let database = state.store.ping().await;
-    let ok = database.is_ok();
+    let database_ok = database.is_ok();
     if let Err(e) = &database {
         tracing::warn!(error = %e, "readiness: database check failed");
     }
+    // A provider refusing our credentials holds every send: not ready until it accepts one.
+    let credentials_ok = !state.provider_health.credentials_refused();
+    let ok = database_ok && credentials_ok;
     let status = if ok {
         StatusCode::OK
     } else {
@@ -143,8 +146,9 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         status,
         Json(json!({
             "status": if ok { "ready" } else { "not_ready" },
-            "database": if ok { "ok" } else { "unavailable" },
+            "database": if database_ok { "ok" } else { "unavailable" },
             "provider": state.provider.name(),
+            "provider_credentials": if credentials_ok { "ok" } else { "refused" },
             "messaging_enabled": state.config.messaging.enabled,
         })),
     )

@@ -37,7 +37,7 @@ use crate::error::AppResult;
 use crate::metrics::Metrics;
 use crate::phone::PhoneNumber;
 use crate::provider::twilio::RECIPIENT_UNSUBSCRIBED;
-use crate::provider::{DynProvider, OutboundMessage, ProviderError};
+use crate::provider::{DynProvider, OutboundMessage, ProviderError, ProviderHealth};
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
     ConsentStore, DispatchResult, InboundStore, MarkSending, MessageRecord, MessageStore,
@@ -47,6 +47,11 @@ use crate::templates::{self, Category, RenderContext, Template, ValidVariables};
 use recovery::outcome_unknown;
 
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How long messages wait after the provider refused our credentials (then one is tried again).
+const AUTH_OUTAGE_HOLD: chrono::Duration = chrono::Duration::seconds(60);
+/// A whole lookup of an earlier attempt (all its pages) must finish within this, so a slow one
+/// gives up instead of holding its message's task for minutes.
+const LOOKUP_DEADLINE: Duration = Duration::from_secs(30);
 /// The longest a provider's `Retry-After` may hold a message back.
 const MAX_RETRY_AFTER: chrono::Duration = chrono::Duration::hours(1);
 
@@ -78,11 +83,15 @@ pub struct RoundReport {
     pub released: usize,
     /// Taken over by another dispatcher (our lease ran out); left to it.
     pub lost: usize,
+    /// Ended `unknown`: the provider may hold it and no lookup could tell.
+    pub unknown: usize,
+    /// Held back because the provider refused our credentials (the attempt not counted).
+    pub held: usize,
 }
 
 impl RoundReport {
     /// Each outcome with its name, for `/metrics`.
-    pub fn counts(&self) -> [(&'static str, usize); 9] {
+    pub fn counts(&self) -> [(&'static str, usize); 11] {
         [
             ("claimed", self.claimed),
             ("sent", self.sent),
@@ -93,6 +102,8 @@ impl RoundReport {
             ("adopted", self.adopted),
             ("released", self.released),
             ("lost", self.lost),
+            ("unknown", self.unknown),
+            ("held", self.held),
         ]
     }
 }
@@ -112,6 +123,7 @@ pub struct DispatcherParts {
     pub messaging: MessagingSettings,
     pub twilio: TwilioSettings,
     pub metrics: Option<Arc<Metrics>>,
+    pub provider_health: Arc<ProviderHealth>,
 }
 
 #[derive(Clone)]
@@ -132,6 +144,7 @@ pub struct Dispatcher {
     /// Once cancelled, claimed messages not yet on the wire are given back.
     shutdown: CancellationToken,
     metrics: Option<Arc<Metrics>>,
+    provider_health: Arc<ProviderHealth>,
 }
 
 /// A claimed message and the lease that proves the claim is still ours. Every write for the
@@ -199,6 +212,7 @@ impl Dispatcher {
             render: Arc::new(parts.messaging.render_context()),
             shutdown: CancellationToken::new(),
             metrics: parts.metrics,
+            provider_health: parts.provider_health,
         }
     }
 
@@ -226,21 +240,7 @@ impl Dispatcher {
             tasks.spawn(async move { this.settle(message).await });
         }
         while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok(Ok(Settled::Done(result))) => match result {
-                    DispatchResult::Sent { .. } => report.sent += 1,
-                    DispatchResult::Skipped { .. } => report.skipped += 1,
-                    DispatchResult::Failed { .. } => report.failed += 1,
-                    DispatchResult::Retry { .. } => report.retried += 1,
-                    DispatchResult::Deferred { .. } => report.deferred += 1,
-                },
-                Ok(Ok(Settled::Adopted)) => report.adopted += 1,
-                Ok(Ok(Settled::Released)) => report.released += 1,
-                Ok(Ok(Settled::Lost)) => report.lost += 1,
-                // The message keeps its lease and is claimed again when it expires.
-                Ok(Err(e)) => tracing::error!(error = %e, "could not settle a message"),
-                Err(e) => tracing::error!(error = %e, "dispatch task panicked"),
-            }
+            tally(&mut report, joined);
         }
         if let Some(metrics) = &self.metrics {
             metrics.record_round(&report.counts());
@@ -248,27 +248,71 @@ impl Dispatcher {
         Ok(report)
     }
 
-    /// Run rounds until `shutdown`; an idle dispatcher sleeps until `wakeup` or the poll interval.
+    /// Send until `shutdown`, with up to `DISPATCH_BATCH_SIZE` messages in flight: as soon as
+    /// one settles, more are claimed, so a slow one (a long lookup, a slow provider call) never
+    /// holds up the rest the way lockstep rounds would. Idle, it sleeps until `wakeup` or the
+    /// poll interval.
     pub async fn run(self, wakeup: DispatchWakeup, shutdown: CancellationToken) {
         let this = self.with_shutdown(shutdown.clone());
         tracing::info!(provider = this.provider.name(), "dispatcher started");
+        let capacity = usize::try_from(this.settings.batch_size)
+            .unwrap_or(1)
+            .max(1);
+        let mut in_flight = JoinSet::new();
         while !shutdown.is_cancelled() {
-            let idle = match this.run_once().await {
-                Ok(report) => report.claimed == 0,
-                Err(e) => {
-                    tracing::error!(error = %e, "dispatcher round failed");
-                    true
-                }
-            };
-            if idle {
-                tokio::select! {
-                    _ = wakeup.notified() => {}
-                    _ = tokio::time::sleep(IDLE_POLL) => {}
-                    _ = shutdown.cancelled() => {}
+            let free = capacity - in_flight.len();
+            let mut claimed_all_free = false;
+            if free > 0 {
+                match this.claim(free as i64).await {
+                    Ok(claimed) => {
+                        claimed_all_free = claimed.len() == free;
+                        if let Some(metrics) = &this.metrics {
+                            metrics.record_round(&[("claimed", claimed.len())]);
+                        }
+                        for message in claimed {
+                            let task = this.clone();
+                            in_flight.spawn(async move { task.settle(message).await });
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "claiming messages failed"),
                 }
             }
+            // More may be due right away when every free slot was filled and a slot is free.
+            if claimed_all_free && in_flight.len() < capacity {
+                continue;
+            }
+            tokio::select! {
+                Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    this.record_settled(joined);
+                }
+                _ = wakeup.notified() => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+        // Messages waiting for a send slot are given back; those on the wire finish.
+        while let Some(joined) = in_flight.join_next().await {
+            this.record_settled(joined);
         }
         tracing::info!("dispatcher stopped");
+    }
+
+    async fn claim(&self, limit: i64) -> AppResult<Vec<MessageRecord>> {
+        let now = self.clock.now();
+        self.messages
+            .claim_due_messages(now, now + self.settings.lease, limit)
+            .await
+    }
+
+    /// Count one settled message for `/metrics` (the background loop's equivalent of a round).
+    fn record_settled(&self, joined: Result<AppResult<Settled>, tokio::task::JoinError>) {
+        let mut report = RoundReport::default();
+        tally(&mut report, joined);
+        if let Some(metrics) = &self.metrics {
+            let counts = report.counts();
+            // `claimed` was counted when claiming.
+            metrics.record_round(&counts[1..]);
+        }
     }
 
     async fn settle(&self, message: MessageRecord) -> AppResult<Settled> {
@@ -521,6 +565,7 @@ impl Dispatcher {
                 Ok(OtpDelivery::Unavailable)
             }
             Settled::Done(DispatchResult::Failed { code, .. }) => Ok(OtpDelivery::Refused(code)),
+            Settled::Done(DispatchResult::Unknown { .. }) => Ok(OtpDelivery::Unavailable),
             _ => Err(anyhow::anyhow!("the OTP message's claim was taken over").into()),
         }
     }
@@ -587,12 +632,27 @@ impl Dispatcher {
                 return Ok(skipped(self.finish(claim, "", result, None).await?));
             }
         };
-        // The code cannot wait in the queue: a failure that a retry could fix is recorded as
-        // failed, and reported as temporary so the patient is told to ask again.
+        // The code cannot wait in the queue, and is never kept, so it cannot be looked up: a
+        // failure that a retry could fix is recorded as failed, one after which the provider may
+        // hold the code as `unknown`; both are reported as temporary, so the patient is told to
+        // ask again.
         let (result, temporary) = match result {
+            DispatchResult::Retry {
+                lookup: true,
+                code,
+                message,
+                ..
+            } => (DispatchResult::Unknown { code, message }, true),
             DispatchResult::Retry { code, message, .. } => {
                 (DispatchResult::Failed { code, message }, true)
             }
+            DispatchResult::Held { message, .. } => (
+                DispatchResult::Failed {
+                    code: None,
+                    message,
+                },
+                true,
+            ),
             other => (other, false),
         };
         Ok(OtpAttempt {
@@ -604,12 +664,24 @@ impl Dispatcher {
     /// Mark the message `sending` (renewing the lease for the call), call the provider, and
     /// classify the answer.
     async fn send(&self, claim: &mut Claim, outbound: OutboundMessage) -> AppResult<Attempt> {
-        let info = crate::segments::analyze(&outbound.body);
+        // Segments are an SMS matter; a WhatsApp message (a ContentSid send above all, whose
+        // body is never transmitted) has none.
+        let (encoding, segments) = match outbound.channel {
+            Channel::Sms => {
+                let info = crate::segments::analyze(&outbound.body);
+                (
+                    Some(info.encoding.as_str().to_string()),
+                    Some(i64::from(info.segments)),
+                )
+            }
+            Channel::Whatsapp => (None, None),
+        };
         let attempt = SendAttempt {
             to_number: outbound.to.as_str().to_string(),
             channel: outbound.channel,
-            encoding: info.encoding.as_str().to_string(),
-            segments: i64::from(info.segments),
+            encoding,
+            segments,
+            body: recoverable_body(&outbound),
         };
         let now = self.clock.now();
         let renewed = now + self.settings.lease;
@@ -646,13 +718,16 @@ impl Dispatcher {
         claim.fence = renewed;
         let attempts_made = claim.message.attempts + 1;
         Ok(match self.provider.send(&outbound).await {
-            Ok(accepted) => Attempt::Answered {
-                result: DispatchResult::Sent {
-                    provider_sid: accepted.sid,
-                    status: MessageStatus::Sent,
-                },
-                provider_status: Some(accepted.status),
-            },
+            Ok(accepted) => {
+                self.provider_health.accepted();
+                Attempt::Answered {
+                    result: DispatchResult::Sent {
+                        provider_sid: accepted.sid,
+                        status: MessageStatus::Sent,
+                    },
+                    provider_status: Some(accepted.status),
+                }
+            }
             Err(e) => Attempt::Answered {
                 result: self.retry_or_fail(&claim.message, attempts_made, &e),
                 provider_status: None,
@@ -661,13 +736,31 @@ impl Dispatcher {
     }
 
     /// After a provider error: queue again with backoff while attempts and age allow, else fail
-    /// with the provider's code.
+    /// with the provider's code. An error after which the provider may hold the message is
+    /// always looked up before anything else, even on the last attempt: giving up blind would
+    /// mark `failed` a message Twilio may well deliver. Refused credentials hold the message
+    /// without spending its attempt.
     fn retry_or_fail(
         &self,
         message: &MessageRecord,
         attempts_made: i64,
         error: &ProviderError,
     ) -> DispatchResult {
+        if let ProviderError::Unauthorized { message: why, .. } = error {
+            self.provider_health.refused(why);
+            return DispatchResult::Held {
+                until: self.clock.now() + AUTH_OUTAGE_HOLD,
+                message: why.clone(),
+            };
+        }
+        if error.outcome_unknown() {
+            return DispatchResult::Retry {
+                code: error.code(),
+                message: error.message().to_string(),
+                next_attempt_at: self.next_attempt(attempts_made, error),
+                lookup: true,
+            };
+        }
         let settings = self.settings;
         let too_old = self.clock.now() - message.created_at > settings.max_age;
         if error.is_retryable() && attempts_made < settings.max_attempts && !too_old {
@@ -675,6 +768,7 @@ impl Dispatcher {
                 code: error.code(),
                 message: error.message().to_string(),
                 next_attempt_at: self.next_attempt(attempts_made, error),
+                lookup: false,
             };
         }
         let why = if too_old && error.is_retryable() {
@@ -689,6 +783,12 @@ impl Dispatcher {
             code: error.code(),
             message: why,
         }
+    }
+
+    /// Whether a message has had all the attempts its age and `DISPATCH_MAX_ATTEMPTS` allow.
+    fn out_of_attempts(&self, message: &MessageRecord) -> bool {
+        message.attempts >= self.settings.max_attempts
+            || self.clock.now() - message.created_at > self.settings.max_age
     }
 
     /// Exponential backoff with jitter (10 s, 20 s, 40 s, ... up to 15 min), or the provider's own
@@ -712,6 +812,37 @@ impl Dispatcher {
         }
         self.clock.now() + wait
     }
+}
+
+/// Add one settled message to a report.
+fn tally(report: &mut RoundReport, joined: Result<AppResult<Settled>, tokio::task::JoinError>) {
+    match joined {
+        Ok(Ok(Settled::Done(result))) => match result {
+            DispatchResult::Sent { .. } => report.sent += 1,
+            DispatchResult::Skipped { .. } => report.skipped += 1,
+            DispatchResult::Failed { .. } => report.failed += 1,
+            DispatchResult::Retry { .. } | DispatchResult::LookupFailed { .. } => {
+                report.retried += 1
+            }
+            DispatchResult::Deferred { .. } => report.deferred += 1,
+            DispatchResult::Unknown { .. } => report.unknown += 1,
+            DispatchResult::Held { .. } => report.held += 1,
+        },
+        Ok(Ok(Settled::Adopted)) => report.adopted += 1,
+        Ok(Ok(Settled::Released)) => report.released += 1,
+        Ok(Ok(Settled::Lost)) => report.lost += 1,
+        // The message keeps its lease and is claimed again when it expires.
+        Ok(Err(e)) => tracing::error!(error = %e, "could not settle a message"),
+        Err(e) => tracing::error!(error = %e, "dispatch task panicked"),
+    }
+}
+
+/// The body a lookup may match an attempt by: the text sent, except where it cannot be kept or
+/// matched (an OTP's code is never stored; a ContentSid send is stored by Twilio in its own
+/// rendering). Such a message is never adopted.
+fn recoverable_body(outbound: &OutboundMessage) -> Option<String> {
+    (outbound.template_name != "otp" && outbound.whatsapp_template.is_none())
+        .then(|| outbound.body.clone())
 }
 
 /// One line per outcome; `to` is already masked (empty when nothing was sent).
@@ -757,8 +888,26 @@ fn log_result(message: &MessageRecord, to: &str, result: &DispatchResult) {
             code,
             message,
             next_attempt_at,
+            lookup,
         } => {
-            tracing::warn!(message_id = id, template, to, code, error = message, %next_attempt_at, "message will be retried")
+            tracing::warn!(message_id = id, template, to, code, error = message, %next_attempt_at, lookup, "message will be retried")
+        }
+        DispatchResult::LookupFailed {
+            message,
+            next_attempt_at,
+        } => {
+            tracing::warn!(message_id = id, template, error = message, %next_attempt_at, "looking up an earlier attempt failed; will look again")
+        }
+        DispatchResult::Unknown { message, .. } => {
+            tracing::error!(
+                message_id = id,
+                template,
+                error = message,
+                "outcome unknown: the provider may or may not hold this message; not resent"
+            )
+        }
+        DispatchResult::Held { until, message } => {
+            tracing::error!(message_id = id, template, error = message, %until, "held: the provider refused our credentials")
         }
     }
 }

@@ -88,7 +88,7 @@ impl Provider for MockProvider {
         &self,
         to: &PhoneNumber,
         channel: Channel,
-        body: Option<&str>,
+        body: &str,
         since: DateTime<Utc>,
     ) -> Result<Vec<Accepted>, ProviderError> {
         Ok(self
@@ -98,7 +98,7 @@ impl Provider for MockProvider {
             .filter(|e| {
                 e.to == to.as_str() && e.channel == channel.as_str() && e.created_at >= since
             })
-            .filter(|e| body.is_none_or(|b| e.body == b))
+            .filter(|e| e.body == body)
             .map(|e| Accepted {
                 sid: e.provider_sid,
                 status: "delivered".to_string(),

@@ -45,10 +45,17 @@ pub enum ProviderError {
         code: Option<i64>,
         message: String,
         retry_after: Option<Duration>,
+        /// The provider may have created the message anyway (a timeout, a dropped connection,
+        /// its own 5xx): look it up before sending again.
+        outcome_unknown: bool,
     },
     /// Trying again cannot help: invalid number, opted out, not allowed, bad request.
     #[error("permanent provider error{}: {message}", code_suffix(*.code))]
     Permanent { code: Option<i64>, message: String },
+    /// The provider refused our credentials (a rotated token): an outage of this deployment, not
+    /// a property of the message. Nothing was created.
+    #[error("the provider refused our credentials{}: {message}", code_suffix(*.code))]
+    Unauthorized { code: Option<i64>, message: String },
 }
 
 fn code_suffix(code: Option<i64>) -> String {
@@ -58,18 +65,30 @@ fn code_suffix(code: Option<i64>) -> String {
 impl ProviderError {
     pub fn code(&self) -> Option<i64> {
         match self {
-            ProviderError::Retryable { code, .. } | ProviderError::Permanent { code, .. } => *code,
+            ProviderError::Retryable { code, .. }
+            | ProviderError::Permanent { code, .. }
+            | ProviderError::Unauthorized { code, .. } => *code,
         }
     }
     pub fn message(&self) -> &str {
         match self {
-            ProviderError::Retryable { message, .. } | ProviderError::Permanent { message, .. } => {
-                message
-            }
+            ProviderError::Retryable { message, .. }
+            | ProviderError::Permanent { message, .. }
+            | ProviderError::Unauthorized { message, .. } => message,
         }
     }
     pub fn is_retryable(&self) -> bool {
         matches!(self, ProviderError::Retryable { .. })
+    }
+    /// Whether the provider may hold the message although it did not say so.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::Retryable {
+                outcome_unknown: true,
+                ..
+            }
+        )
     }
 }
 
@@ -78,16 +97,15 @@ pub trait Provider: Send + Sync + 'static {
     /// `mock` or `twilio`.
     fn name(&self) -> &'static str;
     async fn send(&self, message: &OutboundMessage) -> Result<Accepted, ProviderError>;
-    /// Messages the provider already holds that match `message` and were created at or after
-    /// `since`: used before re-sending a message whose earlier attempt has an unknown outcome
-    /// (a timeout, or a process that died mid-call), so it is adopted instead of sent twice.
-    /// `body` narrows the match when the body can be rebuilt (`None`: match on the number and
-    /// time only).
+    /// Messages this service's API calls created from our sender to `to` on `channel`, at or
+    /// after `since`, with exactly `body`, oldest first: used before re-sending a message whose
+    /// earlier attempt has an unknown outcome (a timeout, or a process that died mid-call), so it
+    /// is adopted instead of sent twice. A message whose body cannot be known is never looked up.
     async fn find_sent(
         &self,
         to: &PhoneNumber,
         channel: Channel,
-        body: Option<&str>,
+        body: &str,
         since: DateTime<Utc>,
     ) -> Result<Vec<Accepted>, ProviderError>;
     /// Whether the provider can be used: credentials accepted, API reachable. A one-line summary.
@@ -95,3 +113,36 @@ pub trait Provider: Send + Sync + 'static {
 }
 
 pub type DynProvider = Arc<dyn Provider>;
+
+/// Whether the provider currently refuses our credentials (a rotated Auth Token): set by the
+/// dispatcher when a send is refused, cleared by the next accepted one; `/readyz` reports it.
+#[derive(Debug, Default)]
+pub struct ProviderHealth {
+    refused: std::sync::atomic::AtomicBool,
+}
+
+impl ProviderHealth {
+    /// The provider refused our credentials: say so loudly, once per outage.
+    pub fn refused(&self, why: &str) {
+        if !self
+            .refused
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::error!(error = why, "the provider refuses our credentials (check TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN): holding the queue");
+        }
+    }
+
+    /// The provider took a message: the credentials work.
+    pub fn accepted(&self) {
+        if self
+            .refused
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!("the provider accepts our credentials again");
+        }
+    }
+
+    pub fn credentials_refused(&self) -> bool {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

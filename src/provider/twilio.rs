@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::SubsecRound;
 use reqwest::header::RETRY_AFTER;
 use reqwest::{Client, Response, StatusCode};
 use serde::Deserialize;
@@ -18,8 +19,8 @@ use crate::phone::PhoneNumber;
 use crate::store::Channel;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Twilio's clocks and ours differ a little: look a minute further back than the attempt.
-const CLOCK_SKEW: chrono::Duration = chrono::Duration::seconds(60);
+/// What a trial account puts before every body.
+const TRIAL_PREFIX: &str = "Sent from your Twilio trial account - ";
 
 /// Twilio error codes that no retry can fix, named for the reader. Every other 4xx is permanent
 /// too; these are the ones worth recognising in logs.
@@ -28,6 +29,13 @@ pub const NOT_A_MOBILE_NUMBER: i64 = 21614;
 /// The recipient opted out at the carrier (replied STOP there).
 pub const RECIPIENT_UNSUBSCRIBED: i64 = 21610;
 pub const TOO_MANY_REQUESTS: i64 = 20429;
+
+/// Who our messages on a channel come from, as Twilio lists them.
+enum Sender {
+    Service(String),
+    Number(String),
+    Unknown,
+}
 
 pub struct TwilioProvider {
     client: Client,
@@ -48,6 +56,10 @@ struct MessageResource {
     date_created: Option<String>,
     #[serde(default)]
     direction: Option<String>,
+    #[serde(default)]
+    from: Option<String>,
+    #[serde(default)]
+    messaging_service_sid: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -94,6 +106,23 @@ impl TwilioProvider {
             return Err(error_from_response(response).await);
         }
         response.json().await.map_err(unreadable)
+    }
+
+    /// The sender `send` uses for a channel (see `create_message_form`).
+    fn sender_for(&self, channel: Channel) -> Sender {
+        let config = &self.config;
+        match channel {
+            Channel::Sms => match (&config.messaging_service_sid, &config.phone_number) {
+                (Some(sid), _) => Sender::Service(sid.clone()),
+                (None, Some(from)) => Sender::Number(from.as_str().to_string()),
+                (None, None) => Sender::Unknown,
+            },
+            Channel::Whatsapp => match (&config.whatsapp_number, &config.messaging_service_sid) {
+                (Some(from), _) => Sender::Number(format!("whatsapp:{}", from.as_str())),
+                (None, Some(sid)) => Sender::Service(sid.clone()),
+                (None, None) => Sender::Unknown,
+            },
+        }
     }
 
     /// `public_url` is this service's public base URL; Twilio posts status callbacks under it.
@@ -176,14 +205,22 @@ async fn error_from_response(response: Response) -> ProviderError {
         .and_then(|b| b.message)
         .map(|m| crate::phone::redact_numbers(&m))
         .unwrap_or_else(|| format!("Twilio answered HTTP {}", status.as_u16()));
-    if status == StatusCode::TOO_MANY_REQUESTS
-        || code == Some(TOO_MANY_REQUESTS)
-        || status.is_server_error()
-    {
+    if status == StatusCode::UNAUTHORIZED {
+        ProviderError::Unauthorized { code, message }
+    } else if status.is_server_error() {
+        // Twilio's own fault, with or without a code (20500): it may have created the message.
         ProviderError::Retryable {
             code,
             message,
             retry_after,
+            outcome_unknown: true,
+        }
+    } else if status == StatusCode::TOO_MANY_REQUESTS || code == Some(TOO_MANY_REQUESTS) {
+        ProviderError::Retryable {
+            code,
+            message,
+            retry_after,
+            outcome_unknown: false,
         }
     } else {
         ProviderError::Permanent { code, message }
@@ -197,6 +234,7 @@ fn unreadable(e: reqwest::Error) -> ProviderError {
         code: None,
         message: format!("unreadable answer from Twilio: {}", e.without_url()),
         retry_after: None,
+        outcome_unknown: true,
     }
 }
 
@@ -213,6 +251,7 @@ fn network_error(err: reqwest::Error) -> ProviderError {
         code: None,
         message: format!("Twilio {kind}: {}", err.without_url()),
         retry_after: None,
+        outcome_unknown: true,
     }
 }
 
@@ -249,14 +288,17 @@ impl Provider for TwilioProvider {
         &self,
         to: &PhoneNumber,
         channel: Channel,
-        body: Option<&str>,
+        body: &str,
         since: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<Accepted>, ProviderError> {
-        let to = match channel {
-            Channel::Sms => to.as_str().to_string(),
-            Channel::Whatsapp => format!("whatsapp:{}", to.as_str()),
+        let address = |number: &str| match channel {
+            Channel::Sms => number.to_string(),
+            Channel::Whatsapp => format!("whatsapp:{number}"),
         };
-        let earliest = since - CLOCK_SKEW;
+        let to = address(to.as_str());
+        // Twilio's times have whole seconds: the attempt's second counts as "at or after".
+        let earliest = since.trunc_subsecs(0);
+        let sender = self.sender_for(channel);
         // Filtered by `To` only, not `DateSent`: a message Twilio has accepted but not yet sent
         // has no send date, and that is exactly the message this lookup is for. The list is
         // newest first, so paging stops at the first message older than the attempt.
@@ -270,7 +312,6 @@ impl Provider for TwilioProvider {
         })?;
         let mut next = Some(first_page.to_string());
         let mut found: Vec<(chrono::DateTime<chrono::FixedOffset>, Accepted)> = Vec::new();
-        // Newest first: page back until the messages are older than the attempt.
         for _ in 0..MAX_LOOKUP_PAGES {
             let Some(url) = next.take() else { break };
             let list: MessageList = self.get_json(&url).await?;
@@ -287,16 +328,20 @@ impl Provider for TwilioProvider {
                     reached_older = true;
                     continue;
                 }
-                let outbound = m
-                    .direction
+                // Only what our own API calls created: never a TwiML reply (`outbound-reply`,
+                // the answers to HELP and STOP) or a message sent by other means.
+                let ours = m.direction.as_deref() == Some("outbound-api")
+                    && match &sender {
+                        Sender::Service(sid) => m.messaging_service_sid.as_deref() == Some(sid),
+                        Sender::Number(from) => m.from.as_deref() == Some(from.as_str()),
+                        Sender::Unknown => false,
+                    };
+                // Exactly the body this attempt sent (a trial account prefixes its own text).
+                let same_body = m
+                    .body
                     .as_deref()
-                    .is_none_or(|d| d.starts_with("outbound"));
-                // A trial account prefixes bodies; a Content template is stored in Twilio's own
-                // rendering (then `body` is `None` and the number and time decide).
-                let same_body =
-                    body.is_none_or(|b| m.body.as_deref().is_some_and(|mb| mb.ends_with(b)));
-                let same = m.to.as_deref() == Some(to.as_str()) && same_body;
-                if outbound && same {
+                    .is_some_and(|b| b == body || b.strip_prefix(TRIAL_PREFIX) == Some(body));
+                if ours && same_body && m.to.as_deref() == Some(to.as_str()) {
                     let status = m.status.unwrap_or_else(|| "queued".into());
                     found.push((created, Accepted { sid: m.sid, status }));
                 }

@@ -53,6 +53,10 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn message_by_sid(&self, provider_sid: &str) -> AppResult<Option<MessageRecord>>;
     /// How many messages are in each status (for `/metrics`).
     async fn message_status_counts(&self) -> AppResult<Vec<(String, i64)>>;
+    /// Whether another message (not `id`) to `to_number` with exactly `body` may be at the provider
+    /// without its SID recorded (being sent, or its last outcome unknown): a lookup cannot tell
+    /// which of the two a match belongs to.
+    async fn sibling_in_flight(&self, id: &str, to_number: &str, body: &str) -> AppResult<bool>;
     /// The user the most recent message to this number was for (sent or being sent).
     async fn last_recipient(&self, to_number: &str) -> AppResult<Option<String>>;
     /// The user's messages, newest first.
@@ -265,4 +269,5 @@ pub async fn connect(database_url: &str) -> AppResult<DynStore> {
 pub(crate) const MESSAGE_COLUMNS: &str =
     "id, user_id, template_name, variables, channel, status, reason, \
      to_number, provider_sid, error_code, error_message, encoding, segments, attempts, \
-     idempotency_key, next_attempt_at, lease_until, created_at, updated_at, requested_channel";
+     idempotency_key, next_attempt_at, lease_until, created_at, updated_at, requested_channel, \
+     attempt_started_at, attempt_body, lookup_needed";

@@ -187,6 +187,18 @@ pub struct MessageRecord {
     /// The channel the host app asked for, when the message went by another (WhatsApp fell back
     /// to SMS).
     pub requested_channel: Option<String>,
+    /// When the last attempt was marked `sending`: a lookup adopts only what Twilio created
+    /// since.
+    #[serde(skip)]
+    pub attempt_started_at: Option<DateTime<Utc>>,
+    /// The body the last attempt sent, exactly: a lookup adopts only that. `None` where it cannot
+    /// be known (an OTP, whose code is never kept; a WhatsApp ContentSid send): never adopted.
+    #[serde(skip)]
+    pub attempt_body: Option<String>,
+    /// The last attempt ended without the provider saying whether it took the message (a
+    /// timeout, a dropped connection, its own 5xx): look it up before sending again.
+    #[serde(skip)]
+    pub lookup_needed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -209,11 +221,27 @@ pub enum DispatchResult {
     Skipped { reason: SkipReason },
     /// Not sent and never will be.
     Failed { code: Option<i64>, message: String },
-    /// Not sent this time; queued again for `next_attempt_at`.
+    /// Not sent this time (as far as we know); queued again for `next_attempt_at`. `lookup`: the
+    /// provider may hold it, so the next attempt looks it up first.
     Retry {
         code: Option<i64>,
         message: String,
         next_attempt_at: DateTime<Utc>,
+        lookup: bool,
+    },
+    /// Looking up an earlier attempt failed: queued again for `next_attempt_at`, the lookup
+    /// counted as an attempt, still to be looked up first.
+    LookupFailed {
+        message: String,
+        next_attempt_at: DateTime<Utc>,
+    },
+    /// The provider may or may not hold it and no lookup could tell: `unknown`, never resent.
+    Unknown { code: Option<i64>, message: String },
+    /// Not sent, for a reason of ours rather than the message's (the provider refused our
+    /// credentials): queued again for `until`, the attempt not counted.
+    Held {
+        until: DateTime<Utc>,
+        message: String,
     },
     /// Not tried: held back until `until` (quiet hours). No attempt is counted.
     Deferred { until: DateTime<Utc> },
@@ -225,8 +253,11 @@ pub struct SendAttempt {
     pub to_number: String,
     /// The channel it goes by (a WhatsApp message may fall back to SMS).
     pub channel: Channel,
-    pub encoding: String,
-    pub segments: i64,
+    /// SMS only: a WhatsApp message has no SMS encoding or segments.
+    pub encoding: Option<String>,
+    pub segments: Option<i64>,
+    /// The exact body sent, when it may be kept and matched (see `MessageRecord::attempt_body`).
+    pub body: Option<String>,
 }
 
 /// What must still hold when a message is marked `sending`, checked in the same statement, so a

@@ -538,7 +538,8 @@ async fn live_mode_sends_through_twilio(backend: Backend) {
     let r = send(&app, "u2", "+14155552672", "login").await;
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "invalid_phone");
-    // Twilio down: 503, and the message is recorded as failed rather than retried without its code.
+    // Twilio down: 503. Twilio may have created it anyway, and a code is never kept, so it cannot
+    // be looked up: the message ends `unknown` (never resent), the patient is told to try again.
     fake.fail(
         "+14155552673",
         vec![Failure {
@@ -550,7 +551,7 @@ async fn live_mode_sends_through_twilio(backend: Backend) {
     let r = send(&app, "u3", "+14155552673", "login").await;
     assert_eq!(r.status(), 503);
     let m = &app.state.store.user_messages("u3", 1).await.unwrap()[0];
-    assert_eq!((m.status.as_str(), m.error_code), ("failed", Some(20500)));
+    assert_eq!((m.status.as_str(), m.error_code), ("unknown", Some(20500)));
     // Refused for good: the patient is told, not asked to retry. Rate-limited: try again later.
     fake.fail(
         "+14155552674",

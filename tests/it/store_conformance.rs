@@ -271,8 +271,9 @@ async fn dispatch_results_and_events(backend: Backend) {
     let attempt = SendAttempt {
         to_number: "+14155552671".into(),
         channel: Channel::Sms,
-        encoding: "GSM-7".into(),
-        segments: 1,
+        encoding: Some("GSM-7".into()),
+        segments: Some(1),
+        body: Some("text".into()),
     };
     let renewed = t0() + Duration::minutes(3);
     // A stale fence cannot mark a message sending; the claim's own can, renewing the lease.
@@ -385,6 +386,7 @@ async fn dispatch_results_and_events(backend: Backend) {
         code: Some(20500),
         message: "busy".into(),
         next_attempt_at: retry_at,
+        lookup: false,
     };
     assert!(store
         .record_dispatch("m3", &retry, t0(), lease)
@@ -478,8 +480,9 @@ async fn marking_sending_checks_opt_out_and_consent_in_the_same_statement(backen
     let attempt = |to: &str| SendAttempt {
         to_number: to.into(),
         channel: Channel::Sms,
-        encoding: "GSM-7".into(),
-        segments: 1,
+        encoding: Some("GSM-7".into()),
+        segments: Some(1),
+        body: Some("text".into()),
     };
     let renewed = t0() + Duration::minutes(3);
     let guard = SendGuard {

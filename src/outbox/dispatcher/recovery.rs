@@ -1,14 +1,18 @@
-//! Recovering messages whose earlier attempt has an unknown outcome: look them up at the provider
-//! and adopt what is found, so a message is not sent twice.
+//! Recovering messages whose earlier attempt has an unknown outcome (the process died while it was
+//! `sending`, or the provider neither took nor refused it: a timeout, a dropped connection, its own
+//! 5xx): look them up at the provider and adopt what is found, so a message is not sent twice.
+//!
+//! Adoption is strict, because adopting the wrong message breaks exactly-once the other way (a
+//! message recorded as sent that never went): only what our own API calls created, from our
+//! sender, at or after this attempt started, with exactly the body this attempt sent, and never a
+//! SID another message holds or may be about to hold. Where the body cannot be known (an OTP, a
+//! WhatsApp ContentSid send) nothing is adopted: the message ends `unknown`.
 
-use serde_json::Value;
-
-use super::{Claim, Dispatcher, Settled};
+use super::{Claim, Dispatcher, Settled, LOOKUP_DEADLINE};
 use crate::error::AppResult;
 use crate::phone::PhoneNumber;
 use crate::status::MessageStatus;
 use crate::store::{Channel, DispatchResult, MessageRecord};
-use crate::templates;
 
 /// What looking for an earlier attempt came to.
 pub(super) enum Recovery {
@@ -18,52 +22,132 @@ pub(super) enum Recovery {
     SendAgain,
 }
 
+/// What a lookup at the provider found.
+enum Lookup {
+    /// This SID, not held by another message, with the provider's status word.
+    Found { sid: String, status: String },
+    /// The provider holds nothing that matches.
+    Nothing,
+    /// The lookup could not tell (it failed, timed out, or a sibling may own the match).
+    Inconclusive(String),
+}
+
 impl Dispatcher {
     /// An earlier attempt may have reached the provider: look for it there before sending again.
     pub(super) async fn recover(&self, claim: &Claim) -> AppResult<Recovery> {
         let message = &claim.message;
-        let channel = Channel::parse(&message.channel).unwrap_or(Channel::Sms);
-        let Some(to) = message
+        let is_otp = message.template_name == "otp";
+        let to = message
             .to_number
             .as_deref()
-            .and_then(|n| PhoneNumber::parse(n).ok())
-        else {
-            // Never marked `sending` with a number (an OTP whose request died first): nothing
-            // reached the provider.
-            return self.unrecoverable_otp(claim).await;
-        };
-        // The body identifies the message, except where it cannot be rebuilt: an OTP's code is
-        // gone, and a WhatsApp template is stored by Twilio in its own rendering.
-        let body = match channel {
-            Channel::Sms => self.render_body(message),
-            Channel::Whatsapp => None,
+            .and_then(|n| PhoneNumber::parse(n).ok());
+        let (Some(to), Some(started)) = (to, message.attempt_started_at) else {
+            // Never marked `sending` with a number: nothing reached the provider. An OTP's code
+            // lived only in the memory of the request that died, so it cannot be sent now.
+            if is_otp {
+                return self.give_up(claim, code_gone()).await;
+            }
+            return Ok(Recovery::SendAgain);
         };
         let masked = to.masked();
-        let candidates = match self
-            .provider
-            .find_sent(&to, channel, body.as_deref(), message.created_at)
-            .await
-        {
-            Ok(candidates) => candidates,
-            Err(e) => {
-                // Never send blind while the outcome is unknown: look again later. The retry
-                // carries no provider code, so the next claim still treats the outcome as unknown.
-                let result = match self.retry_or_fail(message, message.attempts, &e) {
-                    DispatchResult::Retry {
-                        message,
-                        next_attempt_at,
-                        ..
-                    } => DispatchResult::Retry {
-                        code: None,
-                        message: format!("looking up an earlier attempt failed: {message}"),
-                        next_attempt_at,
-                    },
-                    other => other,
+        let Some(body) = message.attempt_body.as_deref() else {
+            // Nothing to match by: never adopt a guess, never resend blind.
+            let why = if is_otp {
+                "the code may or may not have been sent, and cannot be looked up (it is never \
+                 kept); the patient asks for a new one"
+            } else {
+                "the provider may or may not hold this message, and a template send cannot be \
+                 matched by its body"
+            };
+            return self.finish_unknown(claim, &masked, why).await;
+        };
+        match self.look_up(message, &to, body, started).await? {
+            Lookup::Found { sid, status } => {
+                tracing::info!(message_id = %message.id, provider_sid = %sid, "found at the provider: adopting instead of sending again");
+                let adopted = DispatchResult::Sent {
+                    provider_sid: sid,
+                    status: MessageStatus::Sent,
                 };
-                return Ok(Recovery::Settled(
-                    self.finish(claim, &masked, result, None).await?,
-                ));
+                Ok(Recovery::Settled(
+                    match self.finish(claim, &masked, adopted, Some(status)).await? {
+                        Settled::Done(_) => Settled::Adopted,
+                        other => other,
+                    },
+                ))
             }
+            Lookup::Nothing if is_otp => self.give_up(claim, code_gone()).await,
+            Lookup::Nothing if self.out_of_attempts(message) => {
+                // The provider does not hold it: the last attempt's error is final.
+                let limit = if message.attempts >= self.settings.max_attempts {
+                    "after DISPATCH_MAX_ATTEMPTS attempts"
+                } else {
+                    "older than DISPATCH_MAX_AGE_SECONDS"
+                };
+                let why = format!(
+                    "gave up: {limit}; the provider does not hold it; last error: {}",
+                    message.error_message.as_deref().unwrap_or("none")
+                );
+                let failed = DispatchResult::Failed {
+                    code: message.error_code,
+                    message: why,
+                };
+                Ok(Recovery::Settled(
+                    self.finish(claim, "", failed, None).await?,
+                ))
+            }
+            Lookup::Nothing => Ok(Recovery::SendAgain),
+            Lookup::Inconclusive(why) if self.out_of_attempts(message) => {
+                let why = format!("no lookup could tell whether the provider holds it: {why}");
+                self.finish_unknown(claim, &masked, &why).await
+            }
+            Lookup::Inconclusive(why) => {
+                // Counted as an attempt, with its own backoff: a failing lookup must not repeat
+                // every few seconds until the message is too old.
+                let result = DispatchResult::LookupFailed {
+                    message: format!("looking up an earlier attempt: {why}"),
+                    next_attempt_at: self.lookup_backoff(message.attempts + 1),
+                };
+                Ok(Recovery::Settled(
+                    self.finish(claim, &masked, result, None).await?,
+                ))
+            }
+        }
+    }
+
+    /// Look for this attempt at the provider, within one deadline for the whole lookup.
+    async fn look_up(
+        &self,
+        message: &MessageRecord,
+        to: &PhoneNumber,
+        body: &str,
+        started: chrono::DateTime<chrono::Utc>,
+    ) -> AppResult<Lookup> {
+        let channel = Channel::parse(&message.channel).unwrap_or(Channel::Sms);
+        // A sibling with the same body to the same number whose SID is not recorded yet could
+        // own any match: wait until it settles.
+        if self
+            .messages
+            .sibling_in_flight(&message.id, to.as_str(), body)
+            .await?
+        {
+            return Ok(Lookup::Inconclusive(
+                "another message with the same text to the same number is in flight".into(),
+            ));
+        }
+        let found = tokio::time::timeout(
+            LOOKUP_DEADLINE,
+            self.provider.find_sent(to, channel, body, started),
+        )
+        .await;
+        let candidates = match found {
+            Err(_) => {
+                return Ok(Lookup::Inconclusive(format!(
+                    "the lookup took longer than {} s",
+                    LOOKUP_DEADLINE.as_secs()
+                )))
+            }
+            Ok(Err(e)) => return Ok(Lookup::Inconclusive(e.message().to_string())),
+            Ok(Ok(candidates)) => candidates,
         };
         for candidate in candidates {
             // A SID already recorded belongs to another message (two identical bodies).
@@ -75,54 +159,53 @@ impl Dispatcher {
             {
                 continue;
             }
-            tracing::info!(message_id = %message.id, provider_sid = %candidate.sid, "found at the provider: adopting instead of sending again");
-            let adopted = DispatchResult::Sent {
-                provider_sid: candidate.sid,
-                status: MessageStatus::Sent,
-            };
-            return Ok(Recovery::Settled(
-                match self
-                    .finish(claim, &masked, adopted, Some(candidate.status))
-                    .await?
-                {
-                    Settled::Done(_) => Settled::Adopted,
-                    other => other,
-                },
-            ));
+            return Ok(Lookup::Found {
+                sid: candidate.sid,
+                status: candidate.status,
+            });
         }
-        self.unrecoverable_otp(claim).await
+        Ok(Lookup::Nothing)
     }
 
-    /// An OTP whose outcome is unknown and which the provider does not hold: its code lived only
-    /// in the memory of the request that died, so it cannot be sent again.
-    async fn unrecoverable_otp(&self, claim: &Claim) -> AppResult<Recovery> {
-        if claim.message.template_name != "otp" {
-            return Ok(Recovery::SendAgain);
-        }
+    async fn give_up(&self, claim: &Claim, why: String) -> AppResult<Recovery> {
         let failed = DispatchResult::Failed {
             code: None,
-            message:
-                "the process stopped while sending this code; the patient must ask for a new one"
-                    .into(),
+            message: why,
         };
         Ok(Recovery::Settled(
             self.finish(claim, "", failed, None).await?,
         ))
     }
 
-    /// The message's body as it was sent, when it can be rebuilt.
-    fn render_body(&self, message: &MessageRecord) -> Option<String> {
-        let template = templates::find(&message.template_name)?;
-        let variables: Value = serde_json::from_str(&message.variables).ok()?;
-        let valid = template.validate(&variables, &self.render).ok()?;
-        Some(template.render(&valid, &self.render).body)
+    async fn finish_unknown(&self, claim: &Claim, to: &str, why: &str) -> AppResult<Recovery> {
+        let unknown = DispatchResult::Unknown {
+            code: None,
+            message: why.to_string(),
+        };
+        Ok(Recovery::Settled(
+            self.finish(claim, to, unknown, None).await?,
+        ))
     }
+
+    /// When to look again after a failed lookup: the send backoff (10 s, 20 s, ... 15 min).
+    fn lookup_backoff(&self, attempts_made: i64) -> chrono::DateTime<chrono::Utc> {
+        let error = crate::provider::ProviderError::Retryable {
+            code: None,
+            message: String::new(),
+            retry_after: None,
+            outcome_unknown: true,
+        };
+        self.next_attempt(attempts_made, &error)
+    }
+}
+
+fn code_gone() -> String {
+    "the process stopped while sending this code; the patient must ask for a new one".into()
 }
 
 /// Whether an earlier attempt may have reached the provider without our knowing: the process
 /// died while the message was `sending`, or the last attempt ended without an answer from the
-/// provider (a timeout or a dropped connection leaves no provider error code).
+/// provider (a timeout, a dropped connection, its own 5xx).
 pub(super) fn outcome_unknown(message: &MessageRecord) -> bool {
-    message.status == MessageStatus::Sending
-        || (message.attempts > 0 && message.error_code.is_none())
+    message.status == MessageStatus::Sending || message.lookup_needed
 }

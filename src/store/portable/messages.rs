@@ -60,6 +60,20 @@ impl MessageStore for ThisStore {
             .await?)
     }
 
+    async fn sibling_in_flight(&self, id: &str, to_number: &str, body: &str) -> AppResult<bool> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM messages WHERE id <> $1 AND to_number = $2 \
+             AND attempt_body = $3 AND provider_sid IS NULL \
+             AND (status = 'sending' OR lookup_needed)",
+        )
+        .bind(id)
+        .bind(to_number)
+        .bind(body)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(count > 0)
+    }
+
     async fn last_recipient(&self, to_number: &str) -> AppResult<Option<String>> {
         Ok(sqlx::query_scalar(
             "SELECT user_id FROM messages WHERE to_number = $1 \
@@ -94,7 +108,8 @@ impl MessageStore for ThisStore {
                 WHERE (status = 'queued' AND next_attempt_at <= $2 AND (lease_until IS NULL OR \
                 lease_until < $2)) \
                 OR (status = 'sending' AND provider_sid IS NULL AND lease_until < $2) \
-                ORDER BY next_attempt_at LIMIT $3{SKIP_LOCKED}) \
+                ORDER BY CASE WHEN template_name = 'otp' THEN 0 ELSE 1 END, next_attempt_at \
+                LIMIT $3{SKIP_LOCKED}) \
              RETURNING {MESSAGE_COLUMNS}"
         );
         let mut claimed = sqlx::query_as::<Db, MessageRecord>(&sql)
@@ -103,9 +118,11 @@ impl MessageStore for ThisStore {
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
+        // OTPs first (a patient is waiting), then the longest waiting.
         claimed.sort_by(|a, b| {
-            a.next_attempt_at
-                .cmp(&b.next_attempt_at)
+            (a.template_name != "otp")
+                .cmp(&(b.template_name != "otp"))
+                .then(a.next_attempt_at.cmp(&b.next_attempt_at))
                 .then(a.id.cmp(&b.id))
         });
         Ok(claimed)
@@ -185,7 +202,8 @@ impl MessageStore for ThisStore {
         // Right-hand sides read the row as it was, so `channel` in the CASE is the old channel.
         let updated = sqlx::query(&format!(
             "UPDATE messages SET status = 'sending', attempts = attempts + 1, to_number = $2, \
-             encoding = $3, segments = $4, updated_at = $5, \
+             encoding = $3, segments = $4, updated_at = $5, attempt_started_at = $5, \
+             attempt_body = $9, lookup_needed = FALSE, \
              requested_channel = CASE WHEN channel <> $6 \
              THEN COALESCE(requested_channel, channel) ELSE requested_channel END, \
              channel = $6, lease_until = $8 \
@@ -201,6 +219,7 @@ impl MessageStore for ThisStore {
         .bind(attempt.channel.as_str())
         .bind(fence)
         .bind(new_lease)
+        .bind(&attempt.body)
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -235,6 +254,10 @@ impl MessageStore for ThisStore {
         fence: DateTime<Utc>,
     ) -> AppResult<bool> {
         let mut tx = self.pool.begin().await?;
+        if let DispatchResult::Sent { provider_sid, .. } = result {
+            // See `apply_status`: recording a SID and parking a status for it never interleave.
+            ThisStore::lock_keys(&mut tx, &mut [format!("sid:{provider_sid}")]).await?;
+        }
         // Every update is fenced by the claim's lease: a claim that was taken over writes nothing.
         let (query, event) = match result {
             DispatchResult::Sent {
@@ -288,17 +311,63 @@ impl MessageStore for ThisStore {
                 code,
                 message,
                 next_attempt_at,
+                lookup,
             } => (
                 sqlx::query(
                     "UPDATE messages SET status = 'queued', error_code = $3, error_message = $4, \
-                     next_attempt_at = $5, lease_until = NULL, updated_at = $6 \
-                     WHERE id = $1 AND lease_until = $2",
+                     next_attempt_at = $5, lease_until = NULL, updated_at = $6, \
+                     lookup_needed = $7 WHERE id = $1 AND lease_until = $2",
                 )
                 .bind(id)
                 .bind(fence)
                 .bind(code)
                 .bind(message)
                 .bind(next_attempt_at)
+                .bind(now)
+                .bind(lookup),
+                None,
+            ),
+            DispatchResult::LookupFailed {
+                message,
+                next_attempt_at,
+            } => (
+                sqlx::query(
+                    "UPDATE messages SET status = 'queued', error_message = $3, \
+                     attempts = attempts + 1, next_attempt_at = $4, lease_until = NULL, \
+                     lookup_needed = TRUE, updated_at = $5 WHERE id = $1 AND lease_until = $2",
+                )
+                .bind(id)
+                .bind(fence)
+                .bind(message)
+                .bind(next_attempt_at)
+                .bind(now),
+                None,
+            ),
+            DispatchResult::Unknown { code, message } => (
+                sqlx::query(
+                    "UPDATE messages SET status = 'unknown', error_message = $3, \
+                     error_code = COALESCE($5, error_code), lease_until = NULL, \
+                     lookup_needed = FALSE, updated_at = $4 WHERE id = $1 AND lease_until = $2",
+                )
+                .bind(id)
+                .bind(fence)
+                .bind(message)
+                .bind(now)
+                .bind(code),
+                Some((MessageStatus::Unknown, *code, Some(message.clone()))),
+            ),
+            // The attempt is given back: it was never the message's to spend.
+            DispatchResult::Held { until, message } => (
+                sqlx::query(
+                    "UPDATE messages SET status = 'queued', error_message = $3, \
+                     attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
+                     next_attempt_at = $4, lease_until = NULL, updated_at = $5 \
+                     WHERE id = $1 AND lease_until = $2",
+                )
+                .bind(id)
+                .bind(fence)
+                .bind(message)
+                .bind(until)
                 .bind(now),
                 None,
             ),
@@ -369,6 +438,10 @@ impl MessageStore for ThisStore {
             .collect::<Vec<_>>()
             .join(", ");
         let mut tx = self.pool.begin().await?;
+        // The SID's lock (PostgreSQL; SQLite serialises writers anyway), also taken when a send
+        // records the SID: a callback that finds no message cannot park its status after the
+        // send recorded the SID and drained the parked ones, leaving it orphaned.
+        ThisStore::lock_keys(&mut tx, &mut [format!("sid:{provider_sid}")]).await?;
         // An empty list still runs the UPDATE (matching nothing), so on SQLite the transaction
         // starts with a write and takes the lock before it reads.
         let from_list = if from_list.is_empty() {
@@ -411,15 +484,21 @@ impl MessageStore for ThisStore {
                 .fetch_one(&mut *tx)
                 .await?;
                 first_seen = seen == 0;
-                insert_event(
-                    &mut tx,
-                    &m.id,
-                    status,
-                    error_code,
-                    Some("status callback"),
-                    at,
-                )
-                .await?
+                // History records what moved: a callback that changes nothing adds no event,
+                // except a new error code for the status the message is in (the real reason of a
+                // later `failed`).
+                let new_code_for_current = m.status == status && error_code.is_some();
+                if changed || (first_seen && new_code_for_current) {
+                    insert_event(
+                        &mut tx,
+                        &m.id,
+                        status,
+                        error_code,
+                        Some("status callback"),
+                        at,
+                    )
+                    .await?
+                }
             }
             // Twilio may call back before the send that created the message has recorded the SID:
             // keep the event until it is (see `take_unmatched_statuses`).
@@ -489,7 +568,8 @@ pub(super) async fn release_reminder(
     Ok(())
 }
 
-/// Append a status event; a repeat of the same status is a no-op (`UNIQUE (message_id, status)`).
+/// Append a status event; a repeat of the same status and error code is a no-op (the unique index
+/// `message_events_once`).
 pub(super) async fn insert_event(
     tx: &mut sqlx::Transaction<'_, Db>,
     message_id: &str,
@@ -500,7 +580,7 @@ pub(super) async fn insert_event(
 ) -> AppResult<()> {
     sqlx::query(
         "INSERT INTO message_events (message_id, status, error_code, detail, occurred_at) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (message_id, status) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
     )
     .bind(message_id)
     .bind(status)
