@@ -204,6 +204,9 @@ pub struct DispatchSettings {
     /// Messages per second per sender number, across all instances (`DISPATCH_RATE_PER_SECOND`,
     /// 10; 0 = no limit).
     pub rate_per_second: u32,
+    /// The longest one lookup of an earlier attempt may take, all its pages together
+    /// (`DISPATCH_LOOKUP_DEADLINE_SECONDS`, 30); past it the lookup counts as failed.
+    pub lookup_deadline: std::time::Duration,
 }
 
 /// The first configuration problem found, naming the variable.
@@ -514,6 +517,12 @@ impl Config {
                 30 * 86_400,
             )?),
             rate_per_second: v.number("DISPATCH_RATE_PER_SECOND", 10, 0, 10_000)?,
+            lookup_deadline: std::time::Duration::from_secs(v.number(
+                "DISPATCH_LOOKUP_DEADLINE_SECONDS",
+                30,
+                1,
+                600,
+            )?),
         };
         let config = Config {
             server,

@@ -49,9 +49,6 @@ use recovery::outcome_unknown;
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// How long messages wait after the provider refused our credentials (then one is tried again).
 const AUTH_OUTAGE_HOLD: chrono::Duration = chrono::Duration::seconds(60);
-/// A whole lookup of an earlier attempt (all its pages) must finish within this, so a slow one
-/// gives up instead of holding its message's task for minutes.
-const LOOKUP_DEADLINE: Duration = Duration::from_secs(30);
 /// The longest a provider's `Retry-After` may hold a message back.
 const MAX_RETRY_AFTER: chrono::Duration = chrono::Duration::hours(1);
 

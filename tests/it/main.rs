@@ -11,6 +11,7 @@ mod delivery;
 mod ops;
 mod otp;
 mod recipients;
+mod recovery;
 mod reminders;
 mod store_conformance;
 mod webhooks;

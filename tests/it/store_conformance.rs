@@ -28,6 +28,7 @@ both_backends!(
     user_messages_newest_first,
     unmatched_status_callbacks_wait_for_their_sid,
     marking_sending_checks_opt_out_and_consent_in_the_same_statement,
+    otps_are_claimed_first_then_the_oldest,
 );
 
 fn t0() -> chrono::DateTime<Utc> {
@@ -554,4 +555,28 @@ async fn marking_sending_checks_opt_out_and_consent_in_the_same_statement(backen
         mark("m3", "+14155552671", guard).await,
         MarkSending::PolicyChanged
     );
+}
+
+async fn otps_are_claimed_first_then_the_oldest(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    for (id, minutes) in [("newer", 2), ("oldest", 0), ("middle", 1)] {
+        store
+            .insert_message(&message(id, None, t0() + Duration::minutes(minutes)))
+            .await
+            .unwrap();
+    }
+    // An OTP whose request died mid-send (written claimed, the lease long gone): recovered first.
+    let otp = NewMessage {
+        template_name: "otp".into(),
+        claimed_until: Some(t0() + Duration::minutes(3)),
+        ..message("otp", None, t0() + Duration::minutes(3))
+    };
+    store.insert_message(&otp).await.unwrap();
+    let now = t0() + Duration::hours(1);
+    let claimed = store
+        .claim_due_messages(now, now + Duration::minutes(2), 10)
+        .await
+        .unwrap();
+    let order: Vec<&str> = claimed.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(order, ["otp", "oldest", "middle", "newer"]);
 }

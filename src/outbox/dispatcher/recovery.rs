@@ -8,7 +8,7 @@
 //! SID another message holds or may be about to hold. Where the body cannot be known (an OTP, a
 //! WhatsApp ContentSid send) nothing is adopted: the message ends `unknown`.
 
-use super::{Claim, Dispatcher, Settled, LOOKUP_DEADLINE};
+use super::{Claim, Dispatcher, Settled};
 use crate::error::AppResult;
 use crate::phone::PhoneNumber;
 use crate::status::MessageStatus;
@@ -134,8 +134,9 @@ impl Dispatcher {
                 "another message with the same text to the same number is in flight".into(),
             ));
         }
+        let deadline = self.settings.lookup_deadline;
         let found = tokio::time::timeout(
-            LOOKUP_DEADLINE,
+            deadline,
             self.provider.find_sent(to, channel, body, started),
         )
         .await;
@@ -143,7 +144,7 @@ impl Dispatcher {
             Err(_) => {
                 return Ok(Lookup::Inconclusive(format!(
                     "the lookup took longer than {} s",
-                    LOOKUP_DEADLINE.as_secs()
+                    deadline.as_secs()
                 )))
             }
             Ok(Err(e)) => return Ok(Lookup::Inconclusive(e.message().to_string())),

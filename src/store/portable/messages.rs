@@ -488,6 +488,14 @@ impl MessageStore for ThisStore {
                 // except a new error code for the status the message is in (the real reason of a
                 // later `failed`).
                 let new_code_for_current = m.status == status && error_code.is_some();
+                if !changed && first_seen && new_code_for_current {
+                    // The message keeps the latest code it was given for its status.
+                    sqlx::query("UPDATE messages SET error_code = $2 WHERE id = $1")
+                        .bind(&m.id)
+                        .bind(error_code)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 if changed || (first_seen && new_code_for_current) {
                     insert_event(
                         &mut tx,

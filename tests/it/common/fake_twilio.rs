@@ -64,6 +64,9 @@ pub enum Fault {
     Drop,
     /// Create the message and never answer.
     AcceptNoAnswer,
+    /// Create the message, then answer with this error anyway (Twilio's own 5xx after it took
+    /// the message).
+    AcceptThenFail(Failure),
 }
 
 /// A message the fake created, as its list endpoint shows it.
@@ -75,6 +78,9 @@ pub struct Created {
     pub body: String,
     pub date_created: chrono::DateTime<chrono::Utc>,
     pub received_at: Instant,
+    /// `outbound-api` for what the API created; `outbound-reply` for a TwiML answer.
+    pub direction: String,
+    pub messaging_service_sid: Option<String>,
 }
 
 #[derive(Default)]
@@ -85,6 +91,8 @@ struct Shared {
     created: Mutex<Vec<Created>>,
     /// The next this-many `ListMessage` calls answer 500.
     failing_lookups: Mutex<usize>,
+    /// The next this-many `ListMessage` calls never answer.
+    hanging_lookups: Mutex<usize>,
 }
 
 /// Dropping a connection is done by panicking in the handler (the connection's task dies with
@@ -168,6 +176,28 @@ impl FakeTwilio {
     /// Answer the next `n` message-list lookups with a 500.
     pub fn fail_lookups(&self, n: usize) {
         *self.shared.failing_lookups.lock().unwrap() = n;
+    }
+
+    /// The next `n` message-list lookups never answer.
+    pub fn hang_lookups(&self, n: usize) {
+        *self.shared.hanging_lookups.lock().unwrap() = n;
+    }
+
+    /// A message Twilio lists that our API calls did not create (a TwiML reply is
+    /// `outbound-reply`); its SID.
+    pub fn add_listed(&self, to: &str, from: &str, body: &str, direction: &str) -> String {
+        let sid = format!("SM{}", uuid::Uuid::new_v4().simple());
+        self.shared.created.lock().unwrap().push(Created {
+            sid: sid.clone(),
+            to: to.to_string(),
+            from: Some(from.to_string()),
+            body: body.to_string(),
+            date_created: chrono::Utc::now(),
+            received_at: Instant::now(),
+            direction: direction.to_string(),
+            messaging_service_sid: None,
+        });
+        sid
     }
 
     /// The messages created so far, in creation order.
@@ -277,6 +307,10 @@ async fn create_message(
             tokio::time::sleep(delay).await;
             return response;
         }
+        Some(Fault::AcceptThenFail(f)) => {
+            create(&shared, &request, &to);
+            return twilio_error(f.http_status, f.code, "scripted failure after creating");
+        }
         Some(Fault::AcceptNoAnswer) => {
             create(&shared, &request, &to);
             std::future::pending::<()>().await;
@@ -297,13 +331,15 @@ fn create(shared: &Shared, request: &RecordedRequest, to: &str) -> Response {
         body: request.field("Body").unwrap_or_default().to_string(),
         date_created: chrono::Utc::now(),
         received_at: request.received_at,
+        direction: "outbound-api".into(),
+        messaging_service_sid: request.field("MessagingServiceSid").map(String::from),
     };
-    let body = resource(&created, request.field("MessagingServiceSid"));
+    let body = resource(&created);
     shared.created.lock().unwrap().push(created);
     (StatusCode::CREATED, Json(body)).into_response()
 }
 
-fn resource(m: &Created, messaging_service_sid: Option<&str>) -> serde_json::Value {
+fn resource(m: &Created) -> serde_json::Value {
     let date = m.date_created.to_rfc2822();
     json!({
         "account_sid": ACCOUNT_SID,
@@ -312,11 +348,11 @@ fn resource(m: &Created, messaging_service_sid: Option<&str>) -> serde_json::Val
         "date_created": date,
         "date_sent": date,
         "date_updated": date,
-        "direction": "outbound-api",
+        "direction": m.direction,
         "error_code": null,
         "error_message": null,
         "from": m.from,
-        "messaging_service_sid": messaging_service_sid,
+        "messaging_service_sid": m.messaging_service_sid,
         "num_media": "0",
         "num_segments": "1",
         "price": null,
@@ -350,6 +386,17 @@ async fn list_messages(
             return twilio_error(500, 20500, "Internal Server Error");
         }
     }
+    let hang = {
+        let mut hanging = shared.hanging_lookups.lock().unwrap();
+        let hang = *hanging > 0;
+        if hang {
+            *hanging -= 1;
+        }
+        hang
+    };
+    if hang {
+        std::future::pending::<()>().await;
+    }
     let after = query
         .get("DateSent>")
         .and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok());
@@ -369,7 +416,7 @@ async fn list_messages(
         .iter()
         .skip(page * page_size)
         .take(page_size)
-        .map(|m| resource(m, None))
+        .map(|m| resource(m))
         .collect();
     let next_page_uri = (matching.len() > (page + 1) * page_size).then(|| {
         let mut next: Vec<(String, String)> = query

@@ -1,0 +1,588 @@
+//! Recovery that never adopts the wrong message, lookups that count, a dispatcher that never waits
+//! on its slowest task, and a status history that tells the truth. Against the fake Twilio.
+
+use std::time::{Duration as StdDuration, Instant};
+
+use crate::common::fake_twilio::{Failure, Fault};
+use crate::common::*;
+use chrono::{Duration, Utc};
+use prism_messaging::clock::{Clock, ManualClock};
+use prism_messaging::status::MessageStatus;
+use serde_json::{json, Value};
+
+both_backends!(
+    a_twiml_reply_is_never_adopted,
+    a_sibling_in_flight_is_never_adopted_from,
+    an_otp_with_an_unknown_outcome_ends_unknown,
+    a_content_sid_send_is_never_adopted,
+    lookups_count_as_attempts_and_end_unknown,
+    the_last_attempt_is_looked_up_before_giving_up,
+    history_records_only_what_moved,
+    host_keys_never_block_reminders_and_values_are_kept_as_given,
+    whatsapp_records_no_sms_segments,
+    refused_credentials_hold_the_queue,
+    a_slow_lookup_never_stalls_other_sends,
+    an_early_callback_is_never_orphaned,
+    a_server_error_with_a_code_is_looked_up_before_resending,
+);
+
+const PATIENT: &str = "+14155552671";
+
+/// A live app on a manual clock, with the patient consenting to SMS and WhatsApp.
+async fn live(backend: Backend, config: TestConfig) -> (TestApp, ManualClock) {
+    let clock = ManualClock::new(Utc::now());
+    let app = TestApp::spawn_live(
+        backend,
+        config
+            .set("TWILIO_TIMEOUT_MS", "400")
+            .set("DISPATCH_RATE_PER_SECOND", "0")
+            .with_clock(&clock),
+    )
+    .await;
+    app.consent("p1", PATIENT).await;
+    (app, clock)
+}
+
+fn receipt(channel: &str) -> Value {
+    json!({
+        "user_id": "p1",
+        "template": "payment_received",
+        "variables": {"amount": "INR 499.00", "date": "2027-01-12"},
+        "channel": channel,
+    })
+}
+
+async fn a_twiml_reply_is_never_adopted(backend: Backend) {
+    let (app, clock) = live(backend, TestConfig::new()).await;
+    let fake = app.fake.as_ref().unwrap();
+    let wa = format!("whatsapp:{PATIENT}");
+    // The patient texts HELP on WhatsApp; Twilio lists our TwiML answer as `outbound-reply`.
+    app.incoming("SMhelp", &wa, "HELP").await;
+    let reply = fake.add_listed(
+        &wa,
+        &format!("whatsapp:{WHATSAPP_SENDER}"),
+        "PhysiologicPRISM: messages about your care.",
+        "outbound-reply",
+    );
+    // A WhatsApp receipt whose send drops the connection: nothing is created.
+    fake.script(&wa, vec![Fault::Drop]);
+    let id = app.notify_ok(receipt("whatsapp")).await;
+    assert_eq!(app.dispatch().await.retried, 1);
+    clock.advance(Duration::minutes(5));
+    app.dispatch().await;
+    let m = app.message(&id).await;
+    assert_eq!(m["status"], "sent", "{m}");
+    assert_ne!(
+        m["provider_sid"],
+        reply.as_str(),
+        "the HELP reply was adopted"
+    );
+    assert_eq!(
+        fake.created()
+            .iter()
+            .filter(|c| c.to == wa && c.direction == "outbound-api")
+            .count(),
+        1
+    );
+}
+
+async fn a_sibling_in_flight_is_never_adopted_from(backend: Backend) {
+    let (app, clock) = live(backend, TestConfig::new()).await;
+    let fake = app.fake.as_ref().unwrap();
+    // Twilio creates the first receipt but never answers: its outcome is unknown.
+    fake.script(PATIENT, vec![Fault::AcceptNoAnswer]);
+    let first = app.notify_ok(receipt("sms")).await;
+    assert_eq!(app.dispatch().await.retried, 1);
+    let created = fake.created();
+    assert_eq!(created.len(), 1);
+    // A second receipt with the same text is on the wire right now (another task, another
+    // instance), its SID not yet recorded: the match could be its.
+    let second = app
+        .notify_ok(json!({
+            "user_id": "p1",
+            "template": "payment_received",
+            "variables": {"amount": "INR 499.00", "date": "2027-01-12"},
+            "idempotency_key": "second",
+        }))
+        .await;
+    let body = created[0].body.replace('\'', "''");
+    let far = (clock.now() + Duration::days(10)).to_rfc3339();
+    app.db
+        .execute(&format!(
+            "UPDATE messages SET status = 'sending', attempts = 1, to_number = '{PATIENT}', \
+             attempt_body = '{body}', attempt_started_at = '{}', lease_until = '{far}' \
+             WHERE id = '{second}'",
+            clock.now().to_rfc3339()
+        ))
+        .await
+        .unwrap();
+    clock.advance(Duration::minutes(5));
+    let report = app.dispatch().await;
+    assert_eq!((report.adopted, report.retried), (0, 1));
+    let m = app.message(&first).await;
+    assert_eq!(
+        m["status"], "queued",
+        "not adopted while a sibling may own it: {m}"
+    );
+    assert_eq!(m["attempts"], 2, "the lookup counted");
+    // The sibling settles with the SID Twilio created for it.
+    app.db
+        .execute(&format!(
+            "UPDATE messages SET status = 'sent', provider_sid = '{}', lease_until = NULL \
+             WHERE id = '{second}'",
+            created[0].sid
+        ))
+        .await
+        .unwrap();
+    clock.advance(Duration::minutes(30));
+    app.dispatch().await;
+    let m = app.message(&first).await;
+    assert_eq!(m["status"], "sent", "{m}");
+    assert_ne!(
+        m["provider_sid"],
+        created[0].sid.as_str(),
+        "a held SID is never adopted"
+    );
+    assert_eq!(fake.create_calls_to(PATIENT), 2);
+}
+
+async fn an_otp_with_an_unknown_outcome_ends_unknown(backend: Backend) {
+    let (app, clock) = live(backend, TestConfig::new()).await;
+    let fake = app.fake.as_ref().unwrap();
+    fake.script(PATIENT, vec![Fault::AcceptNoAnswer]);
+    let r = app
+        .client
+        .post(app.url("/api/messaging/send-otp"))
+        .json(&json!({"user_id": "p1", "phone_number": PATIENT, "purpose": "login"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "the caller is told to ask again");
+    let m = &app.state.outbox.history("p1", 1).await.unwrap()[0];
+    assert_eq!(m.status, MessageStatus::Unknown);
+    clock.advance(Duration::hours(1));
+    assert_eq!(app.dispatch().await.claimed, 0, "never resent");
+    assert_eq!(fake.create_calls_to(PATIENT), 1);
+}
+
+async fn a_content_sid_send_is_never_adopted(backend: Backend) {
+    let config = TestConfig::new().set(
+        "TWILIO_CONTENT_SIDS",
+        "payment_received=HX0123456789abcdef0123456789abcdef",
+    );
+    let (app, clock) = live(backend, config).await;
+    let fake = app.fake.as_ref().unwrap();
+    let wa = format!("whatsapp:{PATIENT}");
+    // Outside the 24-hour window: the approved template goes, stored by Twilio in its own words.
+    fake.script(&wa, vec![Fault::AcceptNoAnswer]);
+    let id = app.notify_ok(receipt("whatsapp")).await;
+    app.dispatch().await;
+    clock.advance(Duration::minutes(5));
+    let report = app.dispatch().await;
+    assert_eq!((report.adopted, report.unknown), (0, 1));
+    let m = app.message(&id).await;
+    assert_eq!(m["status"], "unknown", "{m}");
+    assert_eq!(fake.create_calls_to(&wa), 1, "never resent blind");
+}
+
+async fn lookups_count_as_attempts_and_end_unknown(backend: Backend) {
+    let (app, clock) = live(backend, TestConfig::new().set("DISPATCH_MAX_ATTEMPTS", "3")).await;
+    let fake = app.fake.as_ref().unwrap();
+    fake.script(PATIENT, vec![Fault::Drop]);
+    fake.fail_lookups(1_000);
+    let id = app.notify_ok(receipt("sms")).await;
+    app.dispatch().await;
+    let mut rounds = 0;
+    loop {
+        clock.advance(Duration::minutes(20));
+        let report = app.dispatch().await;
+        rounds += 1;
+        if report.claimed == 0 || rounds > 10 {
+            break;
+        }
+    }
+    let m = app.message(&id).await;
+    assert_eq!(m["status"], "unknown", "{m}");
+    let lookups = fake.requests().iter().filter(|r| r.method == "GET").count();
+    assert_eq!(
+        lookups, 3,
+        "each lookup counted as an attempt, up to the maximum"
+    );
+    assert_eq!(fake.create_calls_to(PATIENT), 1);
+}
+
+async fn the_last_attempt_is_looked_up_before_giving_up(backend: Backend) {
+    let (app, clock) = live(backend, TestConfig::new().set("DISPATCH_MAX_ATTEMPTS", "1")).await;
+    let fake = app.fake.as_ref().unwrap();
+    // Created at Twilio, but the answer comes after our timeout, on the only attempt.
+    fake.script(PATIENT, vec![Fault::Slow(StdDuration::from_millis(1_500))]);
+    let id = app.notify_ok(receipt("sms")).await;
+    assert_eq!(app.dispatch().await.retried, 1, "not failed blind");
+    clock.advance(Duration::minutes(5));
+    assert_eq!(app.dispatch().await.adopted, 1);
+    let m = app.message(&id).await;
+    let sid = m["provider_sid"].as_str().unwrap().to_string();
+    assert_eq!(sid, fake.created()[0].sid);
+    // Twilio's later callback finds its message.
+    let r = app
+        .twilio_webhook(
+            "/webhooks/twilio/status",
+            &[
+                ("MessageSid", sid.as_str()),
+                ("MessageStatus", "delivered"),
+                ("AccountSid", ACCOUNT_SID),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(app.message(&id).await["status"], "delivered");
+    assert_eq!(fake.create_calls_to(PATIENT), 1);
+}
+
+fn history(message: &Value) -> Vec<(String, Option<i64>)> {
+    message["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["status"].as_str().unwrap().to_string(),
+                e["error_code"].as_i64(),
+            )
+        })
+        .collect()
+}
+
+async fn status_callback(app: &TestApp, sid: &str, status: &str, code: Option<&str>) {
+    let mut params = vec![
+        ("MessageSid", sid),
+        ("MessageStatus", status),
+        ("AccountSid", ACCOUNT_SID),
+    ];
+    if let Some(code) = code {
+        params.push(("ErrorCode", code));
+    }
+    let r = app
+        .twilio_webhook("/webhooks/twilio/status", &params, None)
+        .await;
+    assert_eq!(r.status(), 200);
+}
+
+async fn history_records_only_what_moved(backend: Backend) {
+    let (app, _clock) = live(backend, TestConfig::new()).await;
+    let id = app.notify_ok(receipt("sms")).await;
+    app.dispatch().await;
+    let sid = app.message(&id).await["provider_sid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for status in [
+        "delivered",
+        "accepted",
+        "scheduled",
+        "canceled",
+        "delivered",
+    ] {
+        status_callback(&app, &sid, status, None).await;
+    }
+    let m = app.message(&id).await;
+    assert_eq!(m["status"], "delivered");
+    let statuses: Vec<String> = history(&m).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(statuses, ["sending", "sent", "delivered"], "{m}");
+
+    // A later `failed` with the real error code keeps the code.
+    let id = app.notify_ok(receipt("sms")).await;
+    app.dispatch().await;
+    let sid = app.message(&id).await["provider_sid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    status_callback(&app, &sid, "failed", None).await;
+    status_callback(&app, &sid, "failed", Some("30003")).await;
+    status_callback(&app, &sid, "failed", Some("30003")).await;
+    let m = app.message(&id).await;
+    assert_eq!(
+        history(&m),
+        [
+            ("sending".to_string(), None),
+            ("sent".to_string(), None),
+            ("failed".to_string(), None),
+            ("failed".to_string(), Some(30003)),
+        ],
+        "{m}"
+    );
+    assert_eq!(m["error_code"], 30003);
+}
+
+async fn host_keys_never_block_reminders_and_values_are_kept_as_given(backend: Backend) {
+    let clock = ManualClock::new(
+        chrono::DateTime::parse_from_rfc3339("2027-01-12T04:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc),
+    );
+    let app = TestApp::spawn_with(backend, TestConfig::new().with_clock(&clock)).await;
+    app.consent("p1", PATIENT).await;
+    let starts = clock.now() + Duration::hours(20);
+    let r = app
+        .client
+        .put(app.url("/api/appointments/a1"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"user_id": "p1", "starts_at": starts.to_rfc3339()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The host app happens to use the key the service once used for this reminder.
+    app.notify_ok(json!({
+        "user_id": "p1",
+        "template": "payment_received",
+        "variables": {"amount": "INR 1.00", "date": "2027-01-12"},
+        "idempotency_key": format!("reminder:appointment:a1:24h:{}", starts.timestamp_micros()),
+    }))
+    .await;
+    let sweep: Value = app
+        .client
+        .post(app.url("/cron/appointment-reminders-24h"))
+        .bearer_auth(CRON_SECRET)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (sweep["due"].clone(), sweep["queued"].clone()),
+        (json!(1), json!(1))
+    );
+
+    // Trimmed values are the same request; a number renders exactly as written.
+    let first = app
+        .notify_ok(json!({
+            "user_id": "p1",
+            "template": "payment_received",
+            "variables": {"amount": " INR 499.00 ", "date": "2027-01-12"},
+            "idempotency_key": "pay-1",
+        }))
+        .await;
+    let again = app
+        .notify_ok(json!({
+            "user_id": "p1",
+            "template": "payment_received",
+            "variables": {"amount": "INR 499.00", "date": "2027-01-12"},
+            "idempotency_key": "pay-1",
+        }))
+        .await;
+    assert_eq!(first, again);
+    let raw = r#"{"user_id": "p1", "template": "payment_received",
+        "variables": {"amount": 499.50, "date": "2027-01-12"}}"#;
+    let r = app
+        .client
+        .post(app.url("/api/notifications"))
+        .bearer_auth(API_KEY)
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    app.dispatch().await;
+    let bodies: Vec<String> = app.outbox_json().await["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap().to_string())
+        .collect();
+    assert!(bodies.iter().any(|b| b.contains("499.50")), "{bodies:?}");
+    assert!(!bodies.iter().any(|b| b.contains("499.5 ")), "{bodies:?}");
+}
+
+async fn whatsapp_records_no_sms_segments(backend: Backend) {
+    let (app, _clock) = live(backend, TestConfig::new()).await;
+    app.incoming("SMin", &format!("whatsapp:{PATIENT}"), "hello")
+        .await;
+    let wa = app.notify_ok(receipt("whatsapp")).await;
+    let sms = app.notify_ok(receipt("sms")).await;
+    app.dispatch().await;
+    let wa = app.message(&wa).await;
+    assert_eq!(
+        (wa["channel"].clone(), wa["segments"].clone()),
+        (json!("whatsapp"), Value::Null)
+    );
+    assert_eq!(wa["encoding"], Value::Null);
+    let sms = app.message(&sms).await;
+    assert_eq!(
+        (sms["encoding"].clone(), sms["segments"].clone()),
+        (json!("GSM-7"), json!(1))
+    );
+}
+
+async fn refused_credentials_hold_the_queue(backend: Backend) {
+    // The Auth Token was rotated at Twilio and not here.
+    let fake = FakeTwilio::start().await;
+    let config = TestConfig::new()
+        .live(&fake)
+        .set("TWILIO_AUTH_TOKEN", "a-rotated-token-0123456789")
+        .set("DISPATCH_RATE_PER_SECOND", "0");
+    let app = TestApp::spawn_with(backend, config).await;
+    app.consent("p1", PATIENT).await;
+    let ready: Value = app.get_json("/readyz", None).await;
+    assert_eq!(ready["status"], "ready");
+    let id = app.notify_ok(receipt("sms")).await;
+    let report = app.dispatch().await;
+    assert_eq!((report.held, report.failed), (1, 0));
+    let m = app.message(&id).await;
+    assert_eq!(
+        (m["status"].clone(), m["attempts"].clone()),
+        (json!("queued"), json!(0))
+    );
+    let r = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let ready: Value = r.json().await.unwrap();
+    assert_eq!(ready["provider_credentials"], "refused");
+    // Held for a while: the next round does not burn it.
+    assert_eq!(app.dispatch().await.claimed, 0);
+}
+
+async fn a_slow_lookup_never_stalls_other_sends(backend: Backend) {
+    let clock = ManualClock::new(Utc::now());
+    let mut config = TestConfig::new()
+        .set("TWILIO_TIMEOUT_MS", "400")
+        .set("DISPATCH_RATE_PER_SECOND", "0")
+        .set("DISPATCH_LOOKUP_DEADLINE_SECONDS", "600")
+        .with_clock(&clock);
+    config.background = true;
+    let app = TestApp::spawn_live(backend, config).await;
+    let fake = app.fake.as_ref().unwrap();
+    app.consent("p1", PATIENT).await;
+    app.consent("p2", "+14155552672").await;
+    // p1's receipt drops; its lookup then hangs.
+    fake.script(PATIENT, vec![Fault::Drop]);
+    fake.hang_lookups(1);
+    app.notify_ok(receipt("sms")).await;
+    let waited = Instant::now();
+    while fake.create_calls_to(PATIENT) == 0 {
+        assert!(waited.elapsed() < StdDuration::from_secs(20));
+        tokio::time::sleep(StdDuration::from_millis(10)).await;
+    }
+    // Due again: the lookup starts, and never answers.
+    clock.advance(Duration::hours(1));
+    while !fake.requests().iter().any(|r| r.method == "GET") {
+        assert!(waited.elapsed() < StdDuration::from_secs(20));
+        tokio::time::sleep(StdDuration::from_millis(10)).await;
+    }
+    // Someone else's message goes meanwhile.
+    app.notify_ok(json!({
+        "user_id": "p2",
+        "template": "payment_received",
+        "variables": {"amount": "INR 1.00", "date": "2027-01-12"},
+    }))
+    .await;
+    while fake.created_count() == 0 {
+        assert!(
+            waited.elapsed() < StdDuration::from_secs(20),
+            "a new send waited for a hanging lookup"
+        );
+        tokio::time::sleep(StdDuration::from_millis(10)).await;
+    }
+    assert_eq!(fake.created()[0].to, "+14155552672");
+}
+
+async fn an_early_callback_is_never_orphaned(backend: Backend) {
+    use prism_messaging::store::{DispatchResult, NewMessage, SendAttempt, SendGuard};
+    let db = TestDatabase::new(backend).await;
+    let store = prism_messaging::store::connect(&db.url).await.unwrap();
+    store.migrate().await.unwrap();
+    let now = Utc::now();
+    let lease = now + Duration::minutes(2);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let id = format!("m{i}");
+        store
+            .insert_message(&NewMessage {
+                id: id.clone(),
+                user_id: "u1".into(),
+                template_name: "payment_received".into(),
+                variables: "{}".into(),
+                channel: prism_messaging::store::Channel::Sms,
+                idempotency_key: None,
+                created_at: now,
+                claimed_until: Some(lease),
+            })
+            .await
+            .unwrap();
+        let attempt = SendAttempt {
+            to_number: PATIENT.into(),
+            channel: prism_messaging::store::Channel::Sms,
+            encoding: None,
+            segments: None,
+            body: None,
+        };
+        let guard = SendGuard {
+            consent: false,
+            marketing: false,
+        };
+        store
+            .mark_sending(&id, &attempt, guard, now, lease, lease)
+            .await
+            .unwrap();
+        let sid = format!("SM{i:032}");
+        // The callback races the send that records its SID.
+        let (callbacks, sends) = (store.clone(), store.clone());
+        let (sid_a, sid_b) = (sid.clone(), sid.clone());
+        tasks.spawn(async move {
+            callbacks
+                .apply_status(&sid_a, MessageStatus::Delivered, None, now)
+                .await
+                .unwrap();
+        });
+        tasks.spawn(async move {
+            let sent = DispatchResult::Sent {
+                provider_sid: sid_b.clone(),
+                status: MessageStatus::Sent,
+            };
+            assert!(sends.record_dispatch(&id, &sent, now, lease).await.unwrap());
+            for (status, code) in sends.take_unmatched_statuses(&sid_b).await.unwrap() {
+                let status = MessageStatus::from_twilio(&status).unwrap();
+                sends.apply_status(&sid_b, status, code, now).await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    for i in 0..60 {
+        let m = store.get_message(&format!("m{i}")).await.unwrap().unwrap();
+        assert_eq!(
+            m.status,
+            MessageStatus::Delivered,
+            "m{i}: its callback was orphaned"
+        );
+        assert!(store
+            .take_unmatched_statuses(&format!("SM{i:032}"))
+            .await
+            .unwrap()
+            .is_empty());
+    }
+}
+
+async fn a_server_error_with_a_code_is_looked_up_before_resending(backend: Backend) {
+    let (app, clock) = live(backend, TestConfig::new()).await;
+    let fake = app.fake.as_ref().unwrap();
+    // Twilio took the message, then answered 500 with its code 20500.
+    fake.script(
+        PATIENT,
+        vec![Fault::AcceptThenFail(Failure {
+            http_status: 500,
+            code: 20500,
+            retry_after: None,
+        })],
+    );
+    let id = app.notify_ok(receipt("sms")).await;
+    assert_eq!(app.dispatch().await.retried, 1);
+    clock.advance(Duration::minutes(5));
+    assert_eq!(app.dispatch().await.adopted, 1, "looked up, not resent");
+    let m = app.message(&id).await;
+    assert_eq!(m["provider_sid"], fake.created()[0].sid.as_str());
+    assert_eq!(fake.create_calls_to(PATIENT), 1);
+}
