@@ -19,6 +19,7 @@ use crate::provider::mock::MockProvider;
 use crate::provider::twilio::TwilioProvider;
 use crate::provider::{DynProvider, ProviderHealth};
 use crate::reminders::Reminders;
+use crate::settings::SettingsPages;
 use crate::store::{self, DynStore};
 
 /// The domain services, each built from exactly the stores, settings and collaborators it uses.
@@ -42,6 +43,7 @@ pub struct Services {
     pub otp: Otp,
     pub inbound: Inbound,
     pub reminders: Reminders,
+    pub settings_pages: SettingsPages,
     /// Poked when a message is queued, so the dispatcher sends it without waiting for its poll.
     pub dispatch_wakeup: DispatchWakeup,
 }
@@ -140,6 +142,16 @@ impl Services {
             render,
             wakeup.clone(),
         );
+        let settings_pages = SettingsPages::new(
+            store.clone(),
+            consent.clone(),
+            outbox.clone(),
+            clock.clone(),
+            &config.messaging.app_url,
+            &config.messaging.public_url,
+            config.web.session_ttl,
+            config.messaging.default_time_zone,
+        );
         Services {
             config: Arc::new(config),
             store,
@@ -155,6 +167,7 @@ impl Services {
             otp,
             inbound,
             reminders,
+            settings_pages,
             dispatch_wakeup: wakeup,
         }
     }

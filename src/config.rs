@@ -64,6 +64,7 @@ pub struct Config {
     pub twilio: TwilioSettings,
     pub auth: AuthSettings,
     pub otp: OtpSettings,
+    pub web: WebSettings,
     /// Beyond the contract: how the dispatcher sends (`DISPATCH_*`).
     pub dispatch: DispatchSettings,
 }
@@ -152,6 +153,16 @@ pub struct AuthSettings {
     pub user_claim: String,
     /// Bearer key for `/metrics`; unset, `/metrics` is open.
     pub metrics_token: Option<Secret>,
+}
+
+/// The settings page and browser front ends.
+#[derive(Debug, Clone)]
+pub struct WebSettings {
+    /// How long a settings-page session lasts without use (`SESSION_TTL_SECONDS`, 1800; sliding).
+    pub session_ttl: std::time::Duration,
+    /// Origins whose pages may call the user API and the OTP calls (`CORS_ALLOWED_ORIGINS`,
+    /// comma-separated; empty: no cross-origin access).
+    pub cors_allowed_origins: Vec<String>,
 }
 
 /// One-time passcodes.
@@ -302,6 +313,27 @@ fn parse_quiet_hours(raw: &str) -> Option<QuietHours> {
     let start = NaiveTime::parse_from_str(start.trim(), "%H:%M").ok()?;
     let end = NaiveTime::parse_from_str(end.trim(), "%H:%M").ok()?;
     Some(QuietHours { start, end })
+}
+
+/// `CORS_ALLOWED_ORIGINS`: exact origins (`https://app.example.com`), no paths, no wildcards.
+fn parse_origins(raw: &str) -> Result<Vec<String>, ConfigError> {
+    let name = "CORS_ALLOWED_ORIGINS";
+    raw.split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(|origin| {
+            let url = reqwest::Url::parse(origin)
+                .map_err(|_| err(name, format!("{origin:?} is not an origin")))?;
+            let bare = url.path() == "/" && url.query().is_none() && !origin.ends_with('/');
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() || !bare {
+                return Err(err(
+                    name,
+                    format!("{origin:?} must be an origin such as https://app.example.com"),
+                ));
+            }
+            Ok(origin.to_string())
+        })
+        .collect()
 }
 
 fn parse_content_sids(raw: &str) -> Result<HashMap<String, String>, ConfigError> {
@@ -524,6 +556,15 @@ impl Config {
                 600,
             )?),
         };
+        let web = WebSettings {
+            session_ttl: std::time::Duration::from_secs(v.number(
+                "SESSION_TTL_SECONDS",
+                1800,
+                60,
+                86_400,
+            )?),
+            cors_allowed_origins: parse_origins(&v.string("CORS_ALLOWED_ORIGINS", ""))?,
+        };
         let config = Config {
             server,
             database_url,
@@ -531,6 +572,7 @@ impl Config {
             twilio,
             auth,
             otp,
+            web,
             dispatch,
         };
         if !config.messaging.mock_mode {

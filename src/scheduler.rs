@@ -21,15 +21,18 @@ pub enum Job {
     CleanupExpiredOtps,
     /// Status callbacks for SIDs no message of ours ever recorded (after a day they never will).
     PruneUnmatchedCallbacks,
+    /// Settings-page sessions and links past their expiry.
+    CleanupSettingsSessions,
 }
 
 impl Job {
-    pub const ALL: [Job; 5] = [
+    pub const ALL: [Job; 6] = [
         Job::AppointmentReminders24h,
         Job::AppointmentReminders2h,
         Job::FollowUpReminders,
         Job::CleanupExpiredOtps,
         Job::PruneUnmatchedCallbacks,
+        Job::CleanupSettingsSessions,
     ];
 
     pub fn every(self) -> Duration {
@@ -37,7 +40,7 @@ impl Job {
             Job::AppointmentReminders24h | Job::AppointmentReminders2h | Job::FollowUpReminders => {
                 Duration::from_secs(60)
             }
-            Job::CleanupExpiredOtps => Duration::from_secs(600),
+            Job::CleanupExpiredOtps | Job::CleanupSettingsSessions => Duration::from_secs(600),
             Job::PruneUnmatchedCallbacks => Duration::from_secs(3600),
         }
     }
@@ -49,6 +52,7 @@ impl Job {
             Job::FollowUpReminders => "follow-up-reminders",
             Job::CleanupExpiredOtps => "cleanup-expired-otps",
             Job::PruneUnmatchedCallbacks => "prune-unmatched-callbacks",
+            Job::CleanupSettingsSessions => "cleanup-settings-sessions",
         }
     }
 
@@ -74,6 +78,10 @@ impl Job {
                     .prune_unmatched(services.clock.now())
                     .await?;
                 Ok(serde_json::json!({ "pruned": pruned }))
+            }
+            Job::CleanupSettingsSessions => {
+                let deleted = services.settings_pages.prune().await?;
+                Ok(serde_json::json!({ "deleted": deleted }))
             }
         }
     }

@@ -52,6 +52,7 @@ use crate::templates::{VarSpec, VarType, TEMPLATES};
         (name = "cron", description = "Scheduled jobs for an outside scheduler (CRON_SECRET)."),
         (name = "ops", description = "Health, readiness, metrics, this document."),
         (name = "dev", description = "Mock mode only; 404 otherwise."),
+        (name = "pages", description = "The patient's settings page (HTML, a session cookie)."),
     ),
     paths(
         super::preferences::get_preferences,
@@ -76,6 +77,11 @@ use crate::templates::{VarSpec, VarType, TEMPLATES};
         super::dev::outbox_page,
         super::dev::outbox_json,
         super::webhooks::dev_inbound,
+        super::settings::create_link,
+        super::settings::page,
+        super::settings::save,
+        super::settings::sign_out,
+        super::settings::stylesheet,
         super::schedule::put_appointment,
         super::schedule::delete_appointment,
         super::schedule::put_follow_up,
@@ -303,6 +309,16 @@ fn always_false() -> Object {
 }
 
 // ---- Answers -------------------------------------------------------------------------------
+
+#[derive(ToSchema)]
+pub struct SettingsLinkAnswer {
+    #[schema(schema_with = always_true)]
+    success: bool,
+    /// `PUBLIC_URL/settings/messaging?handoff=...`: opens the page once.
+    url: String,
+    /// Seconds the link may wait to be opened.
+    expires_in: u64,
+}
 
 #[derive(ToSchema)]
 pub struct PreferencesAnswer {

@@ -239,9 +239,42 @@ pub trait ScheduleStore: Send + Sync + 'static {
     ) -> AppResult<Option<(SubjectType, String, DateTime<Utc>)>>;
 }
 
+/// The settings page's one-time links and sessions (only hashes of their secrets).
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    async fn create_settings_link(
+        &self,
+        code_hash: &str,
+        user_id: &str,
+        return_url: Option<&str>,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> AppResult<()>;
+    /// Mark the link used if it is unused and unexpired: its user, for exactly one caller.
+    async fn consume_settings_link(
+        &self,
+        code_hash: &str,
+        now: DateTime<Utc>,
+    ) -> AppResult<Option<OpenedLink>>;
+    async fn create_settings_session(&self, session: &SettingsSession) -> AppResult<()>;
+    /// The live session with this token hash, its expiry slid to `expires_at` (sliding
+    /// sessions); `None` when unknown or expired.
+    async fn touch_settings_session(
+        &self,
+        token_hash: &str,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> AppResult<Option<SettingsSession>>;
+    async fn delete_settings_session(&self, token_hash: &str) -> AppResult<()>;
+    /// Delete expired sessions and links past their expiry (used or not); how many.
+    async fn prune_settings_sessions(&self, now: DateTime<Utc>) -> AppResult<u64>;
+}
+
 /// Every area, plus what the whole database answers for.
 #[async_trait]
-pub trait Store: ConsentStore + MessageStore + OtpStore + InboundStore + ScheduleStore {
+pub trait Store:
+    ConsentStore + MessageStore + OtpStore + InboundStore + ScheduleStore + SessionStore
+{
     /// Apply this backend's pending migrations.
     async fn migrate(&self) -> AppResult<()>;
     /// A cheap round trip, for `/readyz`.

@@ -72,4 +72,7 @@ mod portable {
     mod schedule {
         include!("portable/schedule.rs");
     }
+    mod sessions {
+        include!("portable/sessions.rs");
+    }
 }

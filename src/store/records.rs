@@ -456,3 +456,24 @@ pub struct OtpCleanup {
     pub used_deleted: u64,
     pub send_log_pruned: u64,
 }
+
+/// A settings-page session, as stored (the token itself never is).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct SettingsSession {
+    pub token_hash: String,
+    pub user_id: String,
+    /// Where "Back to the app" goes (under `APP_URL`).
+    pub return_url: Option<String>,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What opening a settings link found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenedLink {
+    pub user_id: String,
+    pub return_url: Option<String>,
+}
