@@ -19,6 +19,7 @@ use crate::provider::mock::MockProvider;
 use crate::provider::twilio::TwilioProvider;
 use crate::provider::{DynProvider, ProviderHealth};
 use crate::reminders::Reminders;
+use crate::retention::Retention;
 use crate::settings::SettingsPages;
 use crate::store::{self, DynStore};
 
@@ -44,6 +45,7 @@ pub struct Services {
     pub inbound: Inbound,
     pub reminders: Reminders,
     pub settings_pages: SettingsPages,
+    pub retention: Retention,
     /// Poked when a message is queued, so the dispatcher sends it without waiting for its poll.
     pub dispatch_wakeup: DispatchWakeup,
 }
@@ -152,6 +154,7 @@ impl Services {
             config.web.session_ttl,
             config.messaging.default_time_zone,
         );
+        let retention = Retention::new(store.clone(), clock.clone(), config.retention);
         Services {
             config: Arc::new(config),
             store,
@@ -168,6 +171,7 @@ impl Services {
             inbound,
             reminders,
             settings_pages,
+            retention,
             dispatch_wakeup: wakeup,
         }
     }

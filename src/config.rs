@@ -65,6 +65,7 @@ pub struct Config {
     pub auth: AuthSettings,
     pub otp: OtpSettings,
     pub web: WebSettings,
+    pub retention: RetentionSettings,
     /// Beyond the contract: how the dispatcher sends (`DISPATCH_*`).
     pub dispatch: DispatchSettings,
 }
@@ -153,6 +154,22 @@ pub struct AuthSettings {
     pub user_claim: String,
     /// Bearer key for `/metrics`; unset, `/metrics` is open.
     pub metrics_token: Option<Secret>,
+}
+
+/// How long each class of personal data is kept (`RETENTION_*_DAYS`; `0` is refused, since an
+/// accident would delete everything).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionSettings {
+    /// Messages and their status events (365).
+    pub messages_days: u32,
+    /// Patients' replies (90).
+    pub inbound_days: u32,
+    /// Reminder log rows, after the item's time (90).
+    pub reminder_log_days: u32,
+    /// The consent audit trail (2555: seven years).
+    pub audit_days: u32,
+    /// Status callbacks no message claimed (1).
+    pub unmatched_callbacks_days: u32,
 }
 
 /// The settings page and browser front ends.
@@ -565,6 +582,18 @@ impl Config {
             )?),
             cors_allowed_origins: parse_origins(&v.string("CORS_ALLOWED_ORIGINS", ""))?,
         };
+        let retention = RetentionSettings {
+            messages_days: v.number("RETENTION_MESSAGES_DAYS", 365, 1, 36_500)?,
+            inbound_days: v.number("RETENTION_INBOUND_DAYS", 90, 1, 36_500)?,
+            reminder_log_days: v.number("RETENTION_REMINDER_LOG_DAYS", 90, 1, 36_500)?,
+            audit_days: v.number("RETENTION_AUDIT_DAYS", 2555, 1, 36_500)?,
+            unmatched_callbacks_days: v.number(
+                "RETENTION_UNMATCHED_CALLBACKS_DAYS",
+                1,
+                1,
+                36_500,
+            )?,
+        };
         let config = Config {
             server,
             database_url,
@@ -573,6 +602,7 @@ impl Config {
             auth,
             otp,
             web,
+            retention,
             dispatch,
         };
         if !config.messaging.mock_mode {
@@ -730,6 +760,12 @@ mod tests {
                 "DISPATCH_LEASE_SECONDS",
             ),
             (&[("INSTANCE_ROLE", "worker")], "INSTANCE_ROLE"),
+            // A zero retention period would delete everything at the next cleanup.
+            (
+                &[("RETENTION_MESSAGES_DAYS", "0")],
+                "RETENTION_MESSAGES_DAYS",
+            ),
+            (&[("RETENTION_AUDIT_DAYS", "0")], "RETENTION_AUDIT_DAYS"),
         ];
         for (pairs, variable) in cases {
             let e = config(pairs).unwrap_err();

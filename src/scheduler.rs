@@ -23,16 +23,19 @@ pub enum Job {
     PruneUnmatchedCallbacks,
     /// Settings-page sessions and links past their expiry.
     CleanupSettingsSessions,
+    /// Everything past its retention period (`RETENTION_*_DAYS`), daily.
+    MessagingCleanup,
 }
 
 impl Job {
-    pub const ALL: [Job; 6] = [
+    pub const ALL: [Job; 7] = [
         Job::AppointmentReminders24h,
         Job::AppointmentReminders2h,
         Job::FollowUpReminders,
         Job::CleanupExpiredOtps,
         Job::PruneUnmatchedCallbacks,
         Job::CleanupSettingsSessions,
+        Job::MessagingCleanup,
     ];
 
     pub fn every(self) -> Duration {
@@ -42,6 +45,7 @@ impl Job {
             }
             Job::CleanupExpiredOtps | Job::CleanupSettingsSessions => Duration::from_secs(600),
             Job::PruneUnmatchedCallbacks => Duration::from_secs(3600),
+            Job::MessagingCleanup => Duration::from_secs(86_400),
         }
     }
 
@@ -53,6 +57,7 @@ impl Job {
             Job::CleanupExpiredOtps => "cleanup-expired-otps",
             Job::PruneUnmatchedCallbacks => "prune-unmatched-callbacks",
             Job::CleanupSettingsSessions => "cleanup-settings-sessions",
+            Job::MessagingCleanup => "messaging-cleanup",
         }
     }
 
@@ -73,12 +78,18 @@ impl Job {
             Job::FollowUpReminders => Ok(serde_json::to_value(sweep(Reminder::FollowUp).await?)?),
             Job::CleanupExpiredOtps => Ok(serde_json::to_value(services.otp.cleanup().await?)?),
             Job::PruneUnmatchedCallbacks => {
+                let period = services
+                    .retention
+                    .period(crate::store::DataClass::UnmatchedCallbacks);
                 let pruned = services
                     .delivery
-                    .prune_unmatched(services.clock.now())
+                    .prune_unmatched(services.clock.now() - period)
                     .await?;
                 Ok(serde_json::json!({ "pruned": pruned }))
             }
+            Job::MessagingCleanup => Ok(serde_json::to_value(
+                services.retention.run(None, false).await?,
+            )?),
             Job::CleanupSettingsSessions => {
                 let deleted = services.settings_pages.prune().await?;
                 Ok(serde_json::json!({ "deleted": deleted }))

@@ -67,6 +67,8 @@ use crate::templates::{VarSpec, VarType, TEMPLATES};
         super::webhooks::incoming,
         super::webhooks::status_callback,
         super::cron::cleanup_expired_otps,
+        super::cron::messaging_cleanup,
+        super::messages::cleanup_runs,
         appointment_reminders_24h,
         appointment_reminders_2h,
         follow_up_reminders,
@@ -503,6 +505,45 @@ pub struct CleanupAnswer {
     used_deleted: u64,
     #[schema(minimum = 0)]
     send_log_pruned: u64,
+}
+
+/// Rows deleted per data class.
+#[derive(ToSchema)]
+pub struct RetentionCounts {
+    #[schema(minimum = 0)]
+    messages: u64,
+    #[schema(minimum = 0)]
+    inbound: u64,
+    #[schema(minimum = 0)]
+    reminder_log: u64,
+    #[schema(minimum = 0)]
+    audit: u64,
+    #[schema(minimum = 0)]
+    unmatched_callbacks: u64,
+}
+
+#[derive(ToSchema)]
+pub struct RetentionAnswer {
+    #[schema(schema_with = always_true)]
+    success: bool,
+    /// The instant the periods were measured from.
+    as_of: DateTime<Utc>,
+    deleted: RetentionCounts,
+}
+
+#[derive(ToSchema)]
+pub struct CleanupRunsAnswer {
+    #[schema(schema_with = always_true)]
+    success: bool,
+    runs: Vec<CleanupRunItem>,
+}
+
+#[derive(ToSchema)]
+pub struct CleanupRunItem {
+    id: i64,
+    ran_at: DateTime<Utc>,
+    as_of: DateTime<Utc>,
+    deleted: RetentionCounts,
 }
 
 #[derive(ToSchema)]

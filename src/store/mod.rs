@@ -270,10 +270,38 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn prune_settings_sessions(&self, now: DateTime<Utc>) -> AppResult<u64>;
 }
 
+/// Retention: deleting what is past its period, in bounded batches, and the receipts.
+#[async_trait]
+pub trait RetentionStore: Send + Sync + 'static {
+    /// Delete up to `limit` rows of `class` older than `before` (never a message still queued or
+    /// sending); how many. With `dry_run`, count them all and delete nothing.
+    async fn expire(
+        &self,
+        class: DataClass,
+        before: DateTime<Utc>,
+        limit: i64,
+        dry_run: bool,
+    ) -> AppResult<u64>;
+    async fn record_cleanup_run(
+        &self,
+        ran_at: DateTime<Utc>,
+        as_of: DateTime<Utc>,
+        counts: &str,
+    ) -> AppResult<()>;
+    /// The latest receipts, newest first.
+    async fn cleanup_runs(&self, limit: i64) -> AppResult<Vec<CleanupRun>>;
+}
+
 /// Every area, plus what the whole database answers for.
 #[async_trait]
 pub trait Store:
-    ConsentStore + MessageStore + OtpStore + InboundStore + ScheduleStore + SessionStore
+    ConsentStore
+    + MessageStore
+    + OtpStore
+    + InboundStore
+    + ScheduleStore
+    + SessionStore
+    + RetentionStore
 {
     /// Apply this backend's pending migrations.
     async fn migrate(&self) -> AppResult<()>;

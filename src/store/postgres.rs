@@ -72,6 +72,9 @@ mod portable {
     mod schedule {
         include!("portable/schedule.rs");
     }
+    mod retention {
+        include!("portable/retention.rs");
+    }
     mod sessions {
         include!("portable/sessions.rs");
     }

@@ -477,3 +477,51 @@ pub struct OpenedLink {
     pub user_id: String,
     pub return_url: Option<String>,
 }
+
+/// The kinds of data kept for a limited time, each with its own retention period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataClass {
+    /// Messages (final ones only) and, with them, their status events and reminder log rows.
+    Messages,
+    /// Patients' replies and keywords.
+    Inbound,
+    /// Reminder log rows, counted from the item's time.
+    ReminderLog,
+    /// The consent audit trail.
+    Audit,
+    /// Status callbacks no message of ours ever claimed.
+    UnmatchedCallbacks,
+}
+
+impl DataClass {
+    pub const ALL: [DataClass; 5] = [
+        DataClass::Messages,
+        DataClass::Inbound,
+        DataClass::ReminderLog,
+        DataClass::Audit,
+        DataClass::UnmatchedCallbacks,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataClass::Messages => "messages",
+            DataClass::Inbound => "inbound",
+            DataClass::ReminderLog => "reminder_log",
+            DataClass::Audit => "audit",
+            DataClass::UnmatchedCallbacks => "unmatched_callbacks",
+        }
+    }
+}
+
+/// A cleanup run's receipt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct CleanupRun {
+    pub id: i64,
+    pub ran_at: DateTime<Utc>,
+    /// The instant the retention periods were measured from.
+    pub as_of: DateTime<Utc>,
+    /// The counts deleted per data class, as a JSON object.
+    #[serde(skip)]
+    pub counts: String,
+}

@@ -14,6 +14,7 @@ mod otp;
 mod recipients;
 mod recovery;
 mod reminders;
+mod retention;
 mod settings_page;
 mod store_conformance;
 mod webhooks;
