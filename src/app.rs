@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::otp::{CodeHasher, Otp, OtpContext};
 use crate::outbox::dispatcher::{Dispatcher, DispatcherParts};
 use crate::outbox::{DispatchWakeup, Outbox};
+use crate::privacy::Privacy;
 use crate::provider::mock::MockProvider;
 use crate::provider::twilio::TwilioProvider;
 use crate::provider::{DynProvider, ProviderHealth};
@@ -46,6 +47,7 @@ pub struct Services {
     pub reminders: Reminders,
     pub settings_pages: SettingsPages,
     pub retention: Retention,
+    pub privacy: Privacy,
     /// Poked when a message is queued, so the dispatcher sends it without waiting for its poll.
     pub dispatch_wakeup: DispatchWakeup,
 }
@@ -155,6 +157,11 @@ impl Services {
             config.messaging.default_time_zone,
         );
         let retention = Retention::new(store.clone(), clock.clone(), config.retention);
+        let privacy = Privacy::new(
+            store.clone(),
+            clock.clone(),
+            Arc::new(CodeHasher::from_config(&config)),
+        );
         Services {
             config: Arc::new(config),
             store,
@@ -172,6 +179,7 @@ impl Services {
             reminders,
             settings_pages,
             retention,
+            privacy,
             dispatch_wakeup: wakeup,
         }
     }

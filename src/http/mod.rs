@@ -9,6 +9,7 @@ mod openapi;
 mod ops;
 mod otp;
 mod preferences;
+mod privacy;
 mod schedule;
 mod settings;
 mod state;
@@ -36,6 +37,8 @@ pub fn router(state: AppState) -> Router {
     let router = Router::new()
         .route("/openapi.json", axum::routing::get(openapi))
         .merge(cross_origin(&state, preferences::router()))
+        .merge(cross_origin(&state, privacy::user_router()))
+        .merge(privacy::host_router())
         .merge(messages::router())
         .merge(ops::router())
         .merge(dev::router())

@@ -58,6 +58,9 @@ use crate::templates::{VarSpec, VarType, TEMPLATES};
         super::preferences::get_preferences,
         super::preferences::put_preferences,
         super::preferences::history,
+        super::privacy::export,
+        super::privacy::erase_me,
+        super::privacy::erase_user,
         super::otp::send_otp,
         super::otp::verify_otp,
         super::messages::create_notification,
@@ -505,6 +508,36 @@ pub struct CleanupAnswer {
     used_deleted: u64,
     #[schema(minimum = 0)]
     send_log_pruned: u64,
+}
+
+#[derive(ToSchema)]
+pub struct ErasureAnswer {
+    #[schema(schema_with = always_true)]
+    success: bool,
+    erased: ErasureCountsSchema,
+}
+
+/// What an erasure removed.
+#[derive(ToSchema)]
+#[schema(as = ErasureCounts)]
+pub struct ErasureCountsSchema {
+    #[schema(minimum = 0)]
+    preferences: u64,
+    #[schema(minimum = 0)]
+    messages: u64,
+    #[schema(minimum = 0)]
+    replies: u64,
+    #[schema(minimum = 0)]
+    appointments: u64,
+    #[schema(minimum = 0)]
+    follow_ups: u64,
+    #[schema(minimum = 0)]
+    otp_records: u64,
+    #[schema(minimum = 0)]
+    sessions: u64,
+    /// Kept as evidence, anonymised.
+    #[schema(minimum = 0)]
+    audit_rows_anonymised: u64,
 }
 
 /// Rows deleted per data class.

@@ -292,6 +292,22 @@ pub trait RetentionStore: Send + Sync + 'static {
     async fn cleanup_runs(&self, limit: i64) -> AppResult<Vec<CleanupRun>>;
 }
 
+/// A user's own data: their copy, and their erasure.
+#[async_trait]
+pub trait PrivacyStore: Send + Sync + 'static {
+    async fn export_user(&self, user_id: &str, now: DateTime<Utc>) -> AppResult<UserData>;
+    /// Erase the user in one transaction: pending messages never go out after it. The consent
+    /// audit rows stay, anonymised (`erased:` + `user_hash`); opt-outs stay (they belong to the
+    /// number). One erasure record. Erasing twice removes nothing more.
+    async fn erase_user(
+        &self,
+        user_id: &str,
+        user_hash: &str,
+        erased_by: &str,
+        now: DateTime<Utc>,
+    ) -> AppResult<ErasureCounts>;
+}
+
 /// Every area, plus what the whole database answers for.
 #[async_trait]
 pub trait Store:
@@ -302,6 +318,7 @@ pub trait Store:
     + ScheduleStore
     + SessionStore
     + RetentionStore
+    + PrivacyStore
 {
     /// Apply this backend's pending migrations.
     async fn migrate(&self) -> AppResult<()>;

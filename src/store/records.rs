@@ -525,3 +525,36 @@ pub struct CleanupRun {
     #[serde(skip)]
     pub counts: String,
 }
+
+/// Everything held about one user, for their copy (GDPR articles 15 and 20).
+#[derive(Debug, Clone, Default)]
+pub struct UserData {
+    pub consent: Option<Consent>,
+    pub audit: Vec<ConsentAuditRecord>,
+    pub messages: Vec<MessageRecord>,
+    /// (message id, event), oldest first.
+    pub events: Vec<(String, MessageEvent)>,
+    /// Replies attributed to the user (on a shared number, never the others').
+    pub replies: Vec<IncomingMessage>,
+    pub appointments: Vec<ScheduledItem>,
+    pub follow_ups: Vec<ScheduledItem>,
+    /// OTP sends logged for the user: (number named, client address, when). Never a code.
+    pub otp_sends: Vec<(String, Option<String>, DateTime<Utc>)>,
+    /// Settings-page sessions still open.
+    pub sessions: Vec<SettingsSession>,
+}
+
+/// What an erasure removed (or anonymised).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ErasureCounts {
+    pub preferences: u64,
+    pub messages: u64,
+    pub replies: u64,
+    pub appointments: u64,
+    pub follow_ups: u64,
+    pub otp_records: u64,
+    pub sessions: u64,
+    /// Audit rows kept as evidence, with the user id replaced by its keyed hash and the number,
+    /// address and browser removed.
+    pub audit_rows_anonymised: u64,
+}

@@ -11,6 +11,7 @@ mod browser;
 mod delivery;
 mod ops;
 mod otp;
+mod privacy;
 mod recipients;
 mod recovery;
 mod reminders;
