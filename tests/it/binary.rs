@@ -406,3 +406,239 @@ async fn ctrl_c_stops_the_server_cleanly() {
     assert!(out.status.success(), "clean exit on Ctrl-C (SIGINT)");
     assert!(String::from_utf8_lossy(&out.stderr).contains("shutdown requested"));
 }
+
+/// Every flow against the real binary, logging at `debug` in both formats: no full phone number,
+/// code, message body, reply body, link code or session cookie in any line.
+#[tokio::test]
+async fn every_flow_at_debug_logs_nothing_private() {
+    for format in ["json", "pretty"] {
+        let logs = run_every_flow(format).await;
+        assert!(
+            logs.lines().count() > 20,
+            "{format}: too few lines to mean anything"
+        );
+        for (private, what) in [
+            ("+14155552671", "a number"),
+            ("4155552671", "a number's digits"),
+            ("7911123456", "another number's digits"),
+            ("reminder of your appointment", "a message body"),
+            ("your verification code", "an OTP message"),
+            ("my knee still hurts", "a reply body"),
+            ("handoff=", "a settings link"),
+            ("prism_settings=", "a session cookie"),
+        ] {
+            assert!(!logs.contains(private), "{format} logs show {what}: {logs}");
+        }
+    }
+}
+
+async fn run_every_flow(format: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeTwilio::start().await;
+    let port = free_port().await;
+    let base = format!("http://127.0.0.1:{port}");
+    let mut cmd = binary(dir.path());
+    live_env(&mut cmd, &fake, AUTH_TOKEN);
+    cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("MESSAGING_API_KEY", API_KEY)
+        .env("AUTH_JWT_SECRET", JWT_SECRET)
+        .env("CRON_SECRET", CRON_SECRET)
+        .env("APP_URL", APP_URL)
+        .env("PUBLIC_URL", PUBLIC_URL)
+        .env("TWILIO_WHATSAPP_NUMBER", WHATSAPP_SENDER)
+        .env("LOG_FORMAT", format)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    // Read the logs as they come: at debug they fill a pipe's buffer, and a full pipe would stall
+    // the server on its next log line.
+    let drain = |stream: Option<tokio::process::ChildStderr>| {
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut text = Vec::new();
+            if let Some(mut stream) = stream {
+                let _ = stream.read_to_end(&mut text).await;
+            }
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stderr = drain(child.stderr.take());
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for _ in 0..100 {
+        if client.get(format!("{base}/healthz")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = prism_messaging::auth::mint_hs256(
+        &prism_messaging::config::Secret::new(JWT_SECRET),
+        "p1",
+        Duration::from_secs(600),
+        &[],
+    )
+    .unwrap();
+    let number = "+14155552671";
+    // Preferences.
+    let r = client
+        .put(format!("{base}/api/messaging/preferences"))
+        .bearer_auth(&token)
+        .json(&json!({"phone_number": number, "sms_consent": true, "whatsapp_consent": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // An OTP, sent and verified.
+    let r = client
+        .post(format!("{base}/api/messaging/send-otp"))
+        .json(&json!({"user_id": "p1", "phone_number": number, "purpose": "login"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let code = fake.last_code_for(number).unwrap();
+    let r = client
+        .post(format!("{base}/api/messaging/verify-otp"))
+        .json(&json!({"user_id": "p1", "otp_code": code, "purpose": "login"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A notification, and a reminder through the sweep.
+    let r = client
+        .post(format!("{base}/api/notifications"))
+        .bearer_auth(API_KEY)
+        .json(&reminder("p1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let starts = (chrono::Utc::now() + chrono::Duration::hours(20)).to_rfc3339();
+    let r = client
+        .put(format!("{base}/api/appointments/a1"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"user_id": "p1", "starts_at": starts}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client
+        .post(format!("{base}/cron/appointment-reminders-24h"))
+        .bearer_auth(CRON_SECRET)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for _ in 0..100 {
+        if fake.created_count() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        fake.created_count() >= 3,
+        "the OTP, the notification and the reminder went: {}",
+        fake.created_count()
+    );
+    // Webhooks: a reply, a STOP from another number, a delivery status.
+    let signed = |path: &str, params: &[(&str, &str)]| {
+        let owned: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let signature = prism_messaging::provider::signature::compute(
+            AUTH_TOKEN,
+            &format!("{PUBLIC_URL}{path}"),
+            &owned,
+        );
+        client
+            .post(format!("{base}{path}"))
+            .header("x-twilio-signature", signature)
+            .form(&owned)
+            .send()
+    };
+    let r = signed(
+        "/webhooks/twilio/incoming",
+        &[
+            ("MessageSid", "SMr1"),
+            ("From", number),
+            ("Body", "my knee still hurts"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = signed(
+        "/webhooks/twilio/incoming",
+        &[
+            ("MessageSid", "SMr2"),
+            ("From", "+447911123456"),
+            ("Body", "STOP"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let sid = fake.created()[0].sid.clone();
+    let r = signed(
+        "/webhooks/twilio/status",
+        &[("MessageSid", sid.as_str()), ("MessageStatus", "delivered")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    // The settings page: a link, opened.
+    let link: Value = client
+        .post(format!("{base}/api/settings-links"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"user_id": "p1"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = link["url"].as_str().unwrap().replace(PUBLIC_URL, &base);
+    let r = client.get(url).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    // Export, erasure, cleanup.
+    let r = client
+        .get(format!("{base}/api/messaging/export"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client
+        .delete(format!("{base}/api/messaging/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client
+        .post(format!("{base}/cron/messaging-cleanup"))
+        .bearer_auth(CRON_SECRET)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
+        .await
+        .expect("stops within 15 s")
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr.await.unwrap()
+    )
+}
