@@ -958,7 +958,14 @@ fn refine(doc: &mut utoipa::openapi::OpenApi, app_url: &str) {
     let rules: Vec<(&str, &str, RefOr<Schema>)> = Vec::from([
         ("SendOtpRequest", "user_id", user_id()),
         ("SendOtpRequest", "phone_number", phone()),
-        ("SendOtpRequest", "purpose", purpose()),
+        (
+            "SendOtpRequest",
+            "purpose",
+            RefOr::Ref(described_ref(
+                Purpose::name(),
+                "`verification` when left out.",
+            )),
+        ),
         ("SendOtpRequest", "channel", channel()),
         ("VerifyOtpRequest", "user_id", user_id()),
         ("VerifyOtpRequest", "purpose", purpose()),
