@@ -12,6 +12,7 @@ mod ops;
 mod otp;
 mod recipients;
 mod recovery;
+mod reminder_times;
 mod reminders;
 mod store_conformance;
 mod webhooks;
