@@ -67,7 +67,7 @@ impl Reminder {
     /// that would come less than [`MIN_24H_LEAD`] before the appointment (a late booking, or a
     /// sweep that was down) is left to the 2-hour one; a follow-up is reminded on the day it
     /// falls due, not later.
-    pub fn window(self, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    fn window(self, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
         match self {
             Reminder::Appointment24h => (now + MIN_24H_LEAD, now + Duration::hours(24)),
             Reminder::Appointment2h => (now + Duration::seconds(1), now + Duration::hours(2)),
@@ -78,7 +78,7 @@ impl Reminder {
     /// How far ahead an item must have been booked (its time, patient or status last set) to
     /// get this reminder: an appointment booked less than two hours ahead gets no 2-hour
     /// reminder, unless `REMINDER_LATE_BOOKING` sends one at once. `None`: no minimum.
-    pub fn min_notice(self, late_booking: bool) -> Option<Duration> {
+    fn min_notice(self, late_booking: bool) -> Option<Duration> {
         match self {
             Reminder::Appointment2h if !late_booking => Some(Duration::hours(2)),
             _ => None,
