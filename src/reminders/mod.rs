@@ -11,10 +11,12 @@
 //! patient's, else `DEFAULT_TIME_ZONE`) when it sends it, so a reminder held back by quiet hours
 //! still reads true.
 //!
-//! Late bookings: a 24-hour reminder goes only for an appointment at least
-//! [`MIN_24H_LEAD`] ahead (nearer ones are left to the 2-hour reminder, so no two reminders come
-//! within two hours of each other), and a 2-hour reminder only for an appointment booked at least
-//! two hours ahead, unless `REMINDER_LATE_BOOKING` asks for one at once.
+//! No two reminders of one appointment come within [`REMINDER_SPACING`] of each other: a 24-hour
+//! reminder goes only for an appointment at least [`MIN_24H_LEAD`] ahead (nearer ones are left to
+//! the 2-hour reminder), and a 2-hour reminder waits while the 24-hour one is pending (held by
+//! quiet hours) or went less than that long ago. Late bookings: a 2-hour reminder only for an
+//! appointment booked at least two hours ahead, unless `REMINDER_LATE_BOOKING` asks for one at
+//! once.
 
 use std::sync::Arc;
 
@@ -27,7 +29,9 @@ use crate::consent::parse_time_zone;
 use crate::error::{AppError, AppResult};
 use crate::outbox::{validate_user_id, DispatchWakeup};
 use crate::status::ItemStatus;
-use crate::store::{Channel, ConsentStore, NewMessage, ScheduleStore, ScheduledItem, SubjectType};
+use crate::store::{
+    Channel, ConsentStore, DueFilter, NewMessage, ScheduleStore, ScheduledItem, SubjectType,
+};
 use crate::templates;
 
 /// The sweeps, each a job the scheduler and `/cron/*` run.
@@ -84,10 +88,36 @@ impl Reminder {
             _ => None,
         }
     }
+
+    /// The reminder this one keeps [`REMINDER_SPACING`] away from: the 2-hour reminder waits
+    /// while the 24-hour one is pending, and is not sent within that long after it (a 24-hour
+    /// reminder held by quiet hours to the morning of the appointment tells the patient alone).
+    fn apart_from(self) -> Option<Reminder> {
+        match self {
+            Reminder::Appointment2h => Some(Reminder::Appointment24h),
+            _ => None,
+        }
+    }
+
+    /// What a sweep at `now` takes.
+    fn due(self, now: DateTime<Utc>, late_booking: bool) -> DueFilter<'static> {
+        let (from, to) = self.window(now);
+        DueFilter {
+            from,
+            to,
+            min_notice_seconds: self.min_notice(late_booking).map(|d| d.num_seconds()),
+            apart_from: self
+                .apart_from()
+                .map(|other| (other.kind(), now - REMINDER_SPACING)),
+        }
+    }
 }
 
+/// The least time between two reminders of one appointment.
+pub const REMINDER_SPACING: Duration = Duration::hours(2);
+
 /// The 24-hour reminder goes only for an appointment at least this far ahead: nearer, the 2-hour
-/// reminder follows within two hours and tells the patient alone.
+/// reminder follows within [`REMINDER_SPACING`] and tells the patient alone.
 pub const MIN_24H_LEAD: Duration = Duration::hours(4);
 
 /// `PUT /api/appointments/{id}`.
@@ -257,18 +287,12 @@ impl Reminders {
     /// queued, and say what it did.
     pub async fn sweep(&self, reminder: Reminder) -> AppResult<SweepReport> {
         let now = self.clock.now();
-        let (from, to) = reminder.window(now);
-        let min_notice = reminder
-            .min_notice(self.late_booking)
-            .map(|notice| notice.num_seconds());
         let due = self
             .schedule
             .due_without_reminder(
                 reminder.subject(),
                 reminder.kind(),
-                from,
-                to,
-                min_notice,
+                &reminder.due(now, self.late_booking),
                 1_000,
             )
             .await?;
@@ -398,6 +422,14 @@ mod tests {
             start,
             h(10)
         ));
+        // The 2-hour reminder keeps two hours away from the 24-hour one; nothing else waits.
+        let now = t(booked);
+        assert_eq!(
+            Reminder::Appointment2h.due(now, false).apart_from,
+            Some(("24h", now - REMINDER_SPACING))
+        );
+        assert_eq!(Reminder::Appointment24h.due(now, true).apart_from, None);
+        assert_eq!(Reminder::FollowUp.due(now, false).apart_from, None);
         // Booked days ahead: the 24-hour reminder a day before, not before that.
         let start = "2027-01-14T04:00:00Z";
         assert!(!due(Reminder::Appointment24h, false, booked, start, h(48)));

@@ -216,15 +216,12 @@ pub trait ScheduleStore: Send + Sync + 'static {
         id: &str,
         now: DateTime<Utc>,
     ) -> AppResult<Option<u64>>;
-    /// Scheduled items whose time lies in `[from, to]`, booked at least `min_notice_seconds`
-    /// before it (when given), and that have no `reminder` for that time.
+    /// Scheduled items that `due` takes and that have no `reminder` for their time.
     async fn due_without_reminder(
         &self,
         kind: SubjectType,
         reminder: &str,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        min_notice_seconds: Option<i64>,
+        due: &DueFilter<'_>,
         limit: i64,
     ) -> AppResult<Vec<ScheduledItem>>;
     /// Write the reminder's message and its `reminder_log` row in one transaction; `false` (and

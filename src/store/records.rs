@@ -358,6 +358,19 @@ pub struct ScheduledItem {
     pub status: ItemStatus,
 }
 
+/// Which scheduled items a reminder sweep takes, besides having no such reminder for their time.
+#[derive(Debug, Clone, Copy)]
+pub struct DueFilter<'a> {
+    /// The item's time lies in `[from, to]`.
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// Booked (time, patient or status last set) at least this many seconds before its time.
+    pub min_notice_seconds: Option<i64>,
+    /// `(kind, since)`: not while the item's `kind` reminder for the same time and patient is
+    /// still pending or was last attempted after `since`, so two reminders never come together.
+    pub apart_from: Option<(&'a str, DateTime<Utc>)>,
+}
+
 /// A message from a patient (a reply or a keyword), as received from Twilio.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct IncomingMessage {

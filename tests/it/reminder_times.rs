@@ -24,6 +24,7 @@ both_backends!(
     quiet_hours_skip_a_2h_reminder_that_would_come_too_late,
     daylight_saving_changes_in_london_and_new_york,
     late_bookings_get_the_reminders_still_worth_sending,
+    a_24h_reminder_held_to_the_morning_is_not_followed_by_another,
     a_late_booking_is_reminded_at_once_when_asked,
     send_otp_purpose_defaults_to_verification,
     rows_written_before_keep_their_zone_and_read_right,
@@ -504,6 +505,8 @@ async fn late_bookings_get_the_reminders_still_worth_sending(backend: Backend) {
     // Only the 10-hour one gets a 24-hour reminder (it reads "today").
     assert_eq!(sweep(&app, "appointment-reminders-24h").await, 1);
     assert_eq!(sweep(&app, "appointment-reminders-2h").await, 0);
+    assert_eq!(app.dispatch().await.sent, 1);
+    assert!(sent(&app).await["/appointments/in-10h"].contains("appointment today at 14:00."));
     set_clock(&clock, "2027-01-12T04:30:00Z");
     appointment(&app, "moved", "p1", "2027-01-12T05:30:00Z", None).await;
     assert_eq!(sweep(&app, "appointment-reminders-2h").await, 0);
@@ -536,6 +539,48 @@ async fn late_bookings_get_the_reminders_still_worth_sending(backend: Backend) {
                 "skipped".into(),
                 Some("appointment_passed".into())
             ),
+        ]
+    );
+}
+
+async fn a_24h_reminder_held_to_the_morning_is_not_followed_by_another(backend: Backend) {
+    // Booked at 22:00 for 09:00 and 11:00 the next morning, and for 14:00.
+    let (app, clock) = app_from(backend, quiet(), "2027-01-12T22:00:00Z").await;
+    appointment(&app, "at-09", "p1", "2027-01-13T09:00:00Z", None).await;
+    appointment(&app, "at-11", "p1", "2027-01-13T11:00:00Z", None).await;
+    appointment(&app, "at-14", "p1", "2027-01-13T14:00:00Z", None).await;
+    assert_eq!(sweep(&app, "appointment-reminders-24h").await, 3);
+    assert_eq!(app.dispatch().await.deferred, 3, "quiet until 08:00");
+    // 07:00: the 09:00 appointment's 2-hour reminder would also wait for 08:00; its 24-hour
+    // reminder is still to go, so none is planned.
+    set_clock(&clock, "2027-01-13T07:00:00Z");
+    assert_eq!(sweep(&app, "appointment-reminders-2h").await, 0);
+    set_clock(&clock, "2027-01-13T08:00:00Z");
+    assert_eq!(app.dispatch().await.sent, 3);
+    let morning = sent(&app).await;
+    assert!(morning["/appointments/at-09"].contains("appointment today at 09:00."));
+    assert!(morning["/appointments/at-11"].contains("appointment today at 11:00."));
+    // Within two hours of those, no second reminder.
+    set_clock(&clock, "2027-01-13T08:01:00Z");
+    assert_eq!(sweep(&app, "appointment-reminders-2h").await, 0);
+    set_clock(&clock, "2027-01-13T09:30:00Z");
+    assert_eq!(sweep(&app, "appointment-reminders-2h").await, 0);
+    // The 14:00 appointment's 2-hour reminder at 12:00 is four hours after its 24-hour one.
+    set_clock(&clock, "2027-01-13T12:00:00Z");
+    assert_eq!(sweep(&app, "appointment-reminders-2h").await, 1);
+    assert_eq!(app.dispatch().await.sent, 1);
+    let templates: Vec<String> = statuses(&app, "p1")
+        .await
+        .into_iter()
+        .map(|(template, status, _)| format!("{template} {status}"))
+        .collect();
+    assert_eq!(
+        templates,
+        [
+            "appointment_reminder_24h delivered",
+            "appointment_reminder_24h delivered",
+            "appointment_reminder_24h delivered",
+            "appointment_reminder_2h delivered",
         ]
     );
 }

@@ -110,12 +110,12 @@ impl ScheduleStore for ThisStore {
         &self,
         kind: SubjectType,
         reminder: &str,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        min_notice_seconds: Option<i64>,
+        due: &DueFilter<'_>,
         limit: i64,
     ) -> AppResult<Vec<ScheduledItem>> {
         let (table, column) = kind.table();
+        // No minimum notice: any. No other reminder to keep apart from: a kind none has.
+        let (apart_kind, apart_since) = due.apart_from.unwrap_or(("", due.from));
         Ok(sqlx::query_as::<Db, ScheduledItem>(&format!(
             "SELECT t.id, t.user_id, t.{column} AS scheduled_at, t.time_zone, t.status \
              FROM {table} t \
@@ -124,14 +124,20 @@ impl ScheduleStore for ThisStore {
              AND NOT EXISTS (SELECT 1 FROM reminder_log r WHERE r.subject_type = $3 \
              AND r.subject_id = t.id AND r.kind = $4 AND r.starts_at = t.{column} \
              AND r.user_id = t.user_id AND r.active) \
+             AND NOT EXISTS (SELECT 1 FROM reminder_log o JOIN messages m ON m.id = o.message_id \
+             WHERE o.subject_type = $3 AND o.subject_id = t.id AND o.kind = $7 \
+             AND o.starts_at = t.{column} AND o.user_id = t.user_id AND o.active \
+             AND (m.status IN ('queued', 'sending') OR m.attempt_started_at > $8)) \
              ORDER BY t.{column} LIMIT $5"
         ))
-        .bind(from)
-        .bind(to)
+        .bind(due.from)
+        .bind(due.to)
         .bind(kind.as_str())
         .bind(reminder)
         .bind(limit)
-        .bind(min_notice_seconds.unwrap_or(i64::MIN))
+        .bind(due.min_notice_seconds.unwrap_or(i64::MIN))
+        .bind(apart_kind)
+        .bind(apart_since)
         .fetch_all(&self.pool)
         .await?)
     }
