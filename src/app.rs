@@ -15,10 +15,13 @@ use crate::metrics::Metrics;
 use crate::otp::{CodeHasher, Otp, OtpContext};
 use crate::outbox::dispatcher::{Dispatcher, DispatcherParts};
 use crate::outbox::{DispatchWakeup, Outbox};
+use crate::privacy::Privacy;
 use crate::provider::mock::MockProvider;
 use crate::provider::twilio::TwilioProvider;
 use crate::provider::{DynProvider, ProviderHealth};
 use crate::reminders::Reminders;
+use crate::retention::Retention;
+use crate::settings::SettingsPages;
 use crate::store::{self, DynStore};
 
 /// The domain services, each built from exactly the stores, settings and collaborators it uses.
@@ -42,6 +45,9 @@ pub struct Services {
     pub otp: Otp,
     pub inbound: Inbound,
     pub reminders: Reminders,
+    pub settings_pages: SettingsPages,
+    pub retention: Retention,
+    pub privacy: Privacy,
     /// Poked when a message is queued, so the dispatcher sends it without waiting for its poll.
     pub dispatch_wakeup: DispatchWakeup,
 }
@@ -140,6 +146,22 @@ impl Services {
             render,
             wakeup.clone(),
         );
+        let settings_pages = SettingsPages::new(
+            store.clone(),
+            consent.clone(),
+            outbox.clone(),
+            clock.clone(),
+            &config.messaging.app_url,
+            &config.messaging.public_url,
+            config.web.session_ttl,
+            config.messaging.default_time_zone,
+        );
+        let retention = Retention::new(store.clone(), clock.clone(), config.retention);
+        let privacy = Privacy::new(
+            store.clone(),
+            clock.clone(),
+            Arc::new(CodeHasher::from_config(&config)),
+        );
         Services {
             config: Arc::new(config),
             store,
@@ -155,6 +177,9 @@ impl Services {
             otp,
             inbound,
             reminders,
+            settings_pages,
+            retention,
+            privacy,
             dispatch_wakeup: wakeup,
         }
     }

@@ -58,6 +58,13 @@ enum Command {
         /// The job to run (the same jobs the embedded scheduler runs and /cron/* calls).
         #[arg(value_parser = job_names())]
         name: String,
+        /// messaging-cleanup only: print what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// messaging-cleanup only: measure the retention periods from this instant (RFC 3339)
+        /// instead of now.
+        #[arg(long, value_name = "RFC3339")]
+        as_of: Option<String>,
     },
     /// Show a user's consent record and its audit trail.
     Consent {
@@ -160,16 +167,32 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             channel,
         } => send(config, user, template, vars, channel).await,
         Command::Otp(otp_command) => otp(config, otp_command).await,
-        Command::Job { name } => {
+        Command::Job {
+            name,
+            dry_run,
+            as_of,
+        } => {
             let Some(job) = Job::parse(&name) else {
                 let names: Vec<&str> = Job::ALL.iter().map(|j| j.name()).collect();
                 anyhow::bail!("unknown job {name:?}; jobs: {}", names.join(", "));
             };
+            let as_of = as_of
+                .map(|t| {
+                    chrono::DateTime::parse_from_rfc3339(&t)
+                        .map(|t| t.with_timezone(&chrono::Utc))
+                        .map_err(|_| anyhow::anyhow!("--as-of must be an RFC 3339 time, got {t:?}"))
+                })
+                .transpose()?;
+            if (dry_run || as_of.is_some()) && job != Job::MessagingCleanup {
+                anyhow::bail!("--dry-run and --as-of apply to messaging-cleanup only");
+            }
             let services = Services::from_config(config).await?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&job.run(&services).await?)?
-            );
+            let output = if job == Job::MessagingCleanup {
+                serde_json::to_value(services.retention.run(as_of, dry_run).await?)?
+            } else {
+                job.run(&services).await?
+            };
+            println!("{}", serde_json::to_string_pretty(&output)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Consent { user } => {

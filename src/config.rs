@@ -64,6 +64,8 @@ pub struct Config {
     pub twilio: TwilioSettings,
     pub auth: AuthSettings,
     pub otp: OtpSettings,
+    pub web: WebSettings,
+    pub retention: RetentionSettings,
     /// Beyond the contract: how the dispatcher sends (`DISPATCH_*`).
     pub dispatch: DispatchSettings,
 }
@@ -155,6 +157,32 @@ pub struct AuthSettings {
     pub user_claim: String,
     /// Bearer key for `/metrics`; unset, `/metrics` is open.
     pub metrics_token: Option<Secret>,
+}
+
+/// How long each class of personal data is kept (`RETENTION_*_DAYS`; `0` is refused, since an
+/// accident would delete everything).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionSettings {
+    /// Messages and their status events (365).
+    pub messages_days: u32,
+    /// Patients' replies (90).
+    pub inbound_days: u32,
+    /// Reminder log rows, after the item's time (90).
+    pub reminder_log_days: u32,
+    /// The consent audit trail (2555: seven years).
+    pub audit_days: u32,
+    /// Status callbacks no message claimed (1).
+    pub unmatched_callbacks_days: u32,
+}
+
+/// The settings page and browser front ends.
+#[derive(Debug, Clone)]
+pub struct WebSettings {
+    /// How long a settings-page session lasts without use (`SESSION_TTL_SECONDS`, 1800; sliding).
+    pub session_ttl: std::time::Duration,
+    /// Origins whose pages may call the user API and the OTP calls (`CORS_ALLOWED_ORIGINS`,
+    /// comma-separated; empty: no cross-origin access).
+    pub cors_allowed_origins: Vec<String>,
 }
 
 /// One-time passcodes.
@@ -305,6 +333,27 @@ fn parse_quiet_hours(raw: &str) -> Option<QuietHours> {
     let start = NaiveTime::parse_from_str(start.trim(), "%H:%M").ok()?;
     let end = NaiveTime::parse_from_str(end.trim(), "%H:%M").ok()?;
     Some(QuietHours { start, end })
+}
+
+/// `CORS_ALLOWED_ORIGINS`: exact origins (`https://app.example.com`), no paths, no wildcards.
+fn parse_origins(raw: &str) -> Result<Vec<String>, ConfigError> {
+    let name = "CORS_ALLOWED_ORIGINS";
+    raw.split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(|origin| {
+            let url = reqwest::Url::parse(origin)
+                .map_err(|_| err(name, format!("{origin:?} is not an origin")))?;
+            let bare = url.path() == "/" && url.query().is_none() && !origin.ends_with('/');
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() || !bare {
+                return Err(err(
+                    name,
+                    format!("{origin:?} must be an origin such as https://app.example.com"),
+                ));
+            }
+            Ok(origin.to_string())
+        })
+        .collect()
 }
 
 fn parse_content_sids(raw: &str) -> Result<HashMap<String, String>, ConfigError> {
@@ -528,6 +577,27 @@ impl Config {
                 600,
             )?),
         };
+        let web = WebSettings {
+            session_ttl: std::time::Duration::from_secs(v.number(
+                "SESSION_TTL_SECONDS",
+                1800,
+                60,
+                86_400,
+            )?),
+            cors_allowed_origins: parse_origins(&v.string("CORS_ALLOWED_ORIGINS", ""))?,
+        };
+        let retention = RetentionSettings {
+            messages_days: v.number("RETENTION_MESSAGES_DAYS", 365, 1, 36_500)?,
+            inbound_days: v.number("RETENTION_INBOUND_DAYS", 90, 1, 36_500)?,
+            reminder_log_days: v.number("RETENTION_REMINDER_LOG_DAYS", 90, 1, 36_500)?,
+            audit_days: v.number("RETENTION_AUDIT_DAYS", 2555, 1, 36_500)?,
+            unmatched_callbacks_days: v.number(
+                "RETENTION_UNMATCHED_CALLBACKS_DAYS",
+                1,
+                1,
+                36_500,
+            )?,
+        };
         let config = Config {
             server,
             database_url,
@@ -535,6 +605,8 @@ impl Config {
             twilio,
             auth,
             otp,
+            web,
+            retention,
             dispatch,
         };
         if !config.messaging.mock_mode {
@@ -699,6 +771,12 @@ mod tests {
                 &[("REMINDER_LATE_BOOKING", "soon")],
                 "REMINDER_LATE_BOOKING",
             ),
+            // A zero retention period would delete everything at the next cleanup.
+            (
+                &[("RETENTION_MESSAGES_DAYS", "0")],
+                "RETENTION_MESSAGES_DAYS",
+            ),
+            (&[("RETENTION_AUDIT_DAYS", "0")], "RETENTION_AUDIT_DAYS"),
         ];
         for (pairs, variable) in cases {
             let e = config(pairs).unwrap_err();

@@ -6,7 +6,7 @@
 //!   periodic jobs, running the server);
 //! - wiring: [`app`] builds the services from [`config`] and runs the server;
 //! - domain services: [`consent`], [`outbox`] (with its dispatcher), [`delivery`], [`otp`],
-//!   [`inbound`], [`reminders`], each built from exactly the stores and settings it uses;
+//!   [`inbound`], [`reminders`], [`settings`] (the settings page), [`retention`], [`privacy`] (export and erasure), each built from exactly the stores and settings it uses;
 //! - infrastructure: [`store`] (the only SQL) and [`provider`] (the only Twilio);
 //! - base values: [`status`], [`channel`], [`phone`], [`templates`], [`segments`], [`clock`],
 //!   [`error`], [`config`], [`metrics`], [`telemetry`].
@@ -26,11 +26,14 @@ pub mod metrics;
 pub mod otp;
 pub mod outbox;
 pub mod phone;
+pub mod privacy;
 pub mod provider;
 pub mod reminders;
+pub mod retention;
 pub mod scheduler;
 pub mod segments;
 pub mod server;
+pub mod settings;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -21,15 +21,21 @@ pub enum Job {
     CleanupExpiredOtps,
     /// Status callbacks for SIDs no message of ours ever recorded (after a day they never will).
     PruneUnmatchedCallbacks,
+    /// Settings-page sessions and links past their expiry.
+    CleanupSettingsSessions,
+    /// Everything past its retention period (`RETENTION_*_DAYS`), daily.
+    MessagingCleanup,
 }
 
 impl Job {
-    pub const ALL: [Job; 5] = [
+    pub const ALL: [Job; 7] = [
         Job::AppointmentReminders24h,
         Job::AppointmentReminders2h,
         Job::FollowUpReminders,
         Job::CleanupExpiredOtps,
         Job::PruneUnmatchedCallbacks,
+        Job::CleanupSettingsSessions,
+        Job::MessagingCleanup,
     ];
 
     pub fn every(self) -> Duration {
@@ -37,8 +43,9 @@ impl Job {
             Job::AppointmentReminders24h | Job::AppointmentReminders2h | Job::FollowUpReminders => {
                 Duration::from_secs(60)
             }
-            Job::CleanupExpiredOtps => Duration::from_secs(600),
+            Job::CleanupExpiredOtps | Job::CleanupSettingsSessions => Duration::from_secs(600),
             Job::PruneUnmatchedCallbacks => Duration::from_secs(3600),
+            Job::MessagingCleanup => Duration::from_secs(86_400),
         }
     }
 
@@ -49,6 +56,8 @@ impl Job {
             Job::FollowUpReminders => "follow-up-reminders",
             Job::CleanupExpiredOtps => "cleanup-expired-otps",
             Job::PruneUnmatchedCallbacks => "prune-unmatched-callbacks",
+            Job::CleanupSettingsSessions => "cleanup-settings-sessions",
+            Job::MessagingCleanup => "messaging-cleanup",
         }
     }
 
@@ -69,11 +78,21 @@ impl Job {
             Job::FollowUpReminders => Ok(serde_json::to_value(sweep(Reminder::FollowUp).await?)?),
             Job::CleanupExpiredOtps => Ok(serde_json::to_value(services.otp.cleanup().await?)?),
             Job::PruneUnmatchedCallbacks => {
+                let period = services
+                    .retention
+                    .period(crate::store::DataClass::UnmatchedCallbacks);
                 let pruned = services
                     .delivery
-                    .prune_unmatched(services.clock.now())
+                    .prune_unmatched(services.clock.now() - period)
                     .await?;
                 Ok(serde_json::json!({ "pruned": pruned }))
+            }
+            Job::MessagingCleanup => Ok(serde_json::to_value(
+                services.retention.run(None, false).await?,
+            )?),
+            Job::CleanupSettingsSessions => {
+                let deleted = services.settings_pages.prune().await?;
+                Ok(serde_json::json!({ "deleted": deleted }))
             }
         }
     }

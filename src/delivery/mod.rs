@@ -92,10 +92,9 @@ impl Delivery {
         Ok(())
     }
 
-    /// Forget callbacks for SIDs no message of ours recorded within a day: they never will.
-    pub async fn prune_unmatched(&self, now: DateTime<Utc>) -> AppResult<u64> {
-        self.messages
-            .prune_unmatched_statuses(now - chrono::Duration::days(1))
-            .await
+    /// Forget callbacks parked before `before` for SIDs no message of ours recorded: they never
+    /// will (`RETENTION_UNMATCHED_CALLBACKS_DAYS`).
+    pub async fn prune_unmatched(&self, before: DateTime<Utc>) -> AppResult<u64> {
+        self.messages.prune_unmatched_statuses(before).await
     }
 }

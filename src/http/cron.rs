@@ -6,7 +6,9 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::openapi::{CleanupAnswer, CronNotConfigured, InternalError, Unauthorized};
+use super::openapi::{
+    CleanupAnswer, CronNotConfigured, InternalError, RetentionAnswer, Unauthorized,
+};
 use super::Cron;
 use crate::error::AppResult;
 use crate::http::AppState;
@@ -15,6 +17,7 @@ use crate::reminders::Reminder;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/cron/cleanup-expired-otps", post(cleanup_expired_otps))
+        .route("/cron/messaging-cleanup", post(messaging_cleanup))
         .route(
             "/cron/appointment-reminders-24h",
             post(|s, c| sweep(s, c, Reminder::Appointment24h)),
@@ -62,5 +65,32 @@ async fn cleanup_expired_otps(State(state): State<AppState>, _: Cron) -> AppResu
         "expired_deleted": report.expired_deleted,
         "used_deleted": report.used_deleted,
         "send_log_pruned": report.send_log_pruned,
+    })))
+}
+
+#[utoipa::path(
+    post,
+    path = "/cron/messaging-cleanup",
+    tag = "cron",
+    operation_id = "messagingCleanup",
+    summary = "Delete what is past its retention period",
+    description = "Messages (final ones) and their events, replies, reminder log rows, the consent \
+        audit trail and unmatched callbacks, each after its `RETENTION_*_DAYS`, in bounded \
+        batches; a receipt is kept (`GET /api/cleanup-runs`). The embedded scheduler runs it \
+        daily. No request body.",
+    security(("cronSecret" = [])),
+    responses(
+        (status = 200, description = "What was deleted, per data class.", body = RetentionAnswer),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = InternalError),
+        (status = 503, response = CronNotConfigured),
+    )
+)]
+async fn messaging_cleanup(State(state): State<AppState>, _: Cron) -> AppResult<Json<Value>> {
+    let report = state.retention.run(None, false).await?;
+    Ok(Json(json!({
+        "success": true,
+        "as_of": report.as_of,
+        "deleted": report.deleted,
     })))
 }

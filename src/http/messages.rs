@@ -21,6 +21,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/notifications", post(create_notification))
         .route("/api/messages/{id}", get(get_message))
         .route("/api/templates", get(list_templates))
+        .route("/api/cleanup-runs", get(cleanup_runs))
 }
 
 #[utoipa::path(
@@ -134,4 +135,31 @@ async fn list_templates(State(state): State<AppState>, _: HostApp) -> Json<Value
         })
         .collect();
     Json(json!({"success": true, "templates": templates}))
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/cleanup-runs",
+    tag = "host-app",
+    operation_id = "cleanupRuns",
+    summary = "Receipts of the retention cleanup runs, newest first",
+    security(("hostAppKey" = [])),
+    responses(
+        (status = 200, description = "The last 100 runs.", body = super::openapi::CleanupRunsAnswer),
+        (status = 401, response = super::openapi::Unauthorized),
+        (status = 503, response = super::openapi::ApiKeyNotConfigured),
+    )
+)]
+async fn cleanup_runs(State(state): State<AppState>, _: HostApp) -> AppResult<Json<Value>> {
+    let runs: Vec<Value> = state
+        .retention
+        .runs(100)
+        .await?
+        .into_iter()
+        .map(|run| {
+            let counts: Value = serde_json::from_str(&run.counts).unwrap_or(Value::Null);
+            json!({"id": run.id, "ran_at": run.ran_at, "as_of": run.as_of, "deleted": counts})
+        })
+        .collect();
+    Ok(Json(json!({"success": true, "runs": runs})))
 }

@@ -9,7 +9,9 @@ mod openapi;
 mod ops;
 mod otp;
 mod preferences;
+mod privacy;
 mod schedule;
+mod settings;
 mod state;
 mod webhooks;
 
@@ -34,14 +36,17 @@ const BODY_LIMIT_BYTES: usize = 64 * 1024;
 pub fn router(state: AppState) -> Router {
     let router = Router::new()
         .route("/openapi.json", axum::routing::get(openapi))
-        .merge(preferences::router())
+        .merge(cross_origin(&state, preferences::router()))
+        .merge(cross_origin(&state, privacy::user_router()))
+        .merge(privacy::host_router())
         .merge(messages::router())
         .merge(ops::router())
         .merge(dev::router())
-        .merge(otp::router())
+        .merge(cross_origin(&state, otp::router()))
         .merge(cron::router())
         .merge(webhooks::router())
         .merge(schedule::router())
+        .merge(settings::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
@@ -67,6 +72,35 @@ async fn openapi(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> axum::Json<utoipa::openapi::OpenApi> {
     axum::Json(openapi::document(&state.config))
+}
+
+/// `router` opened to the browser origins in `CORS_ALLOWED_ORIGINS` (preflights answered): only
+/// for the user-token calls and the public OTP calls. Host-app, cron, webhook and `/settings`
+/// routes never get it, and with no origins configured nothing does.
+fn cross_origin(state: &AppState, router: Router<AppState>) -> Router<AppState> {
+    use axum::http::{header, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins: Vec<HeaderValue> = state
+        .config
+        .web
+        .cors_allowed_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    if origins.is_empty() {
+        return router;
+    }
+    // The routes' own 405 fallback is set before the layer, so a preflight (OPTIONS, which no
+    // route handles) passes through the CORS layer instead of around it.
+    router
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(
+            CorsLayer::new()
+                .allow_origin(AllowOrigin::list(origins))
+                .allow_methods([Method::GET, Method::PUT, Method::POST, Method::DELETE])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+                .max_age(std::time::Duration::from_secs(600)),
+        )
 }
 
 /// Unknown paths and methods answer with the error envelope too.

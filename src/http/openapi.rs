@@ -52,11 +52,15 @@ use crate::templates::{VarSpec, VarType, TEMPLATES};
         (name = "cron", description = "Scheduled jobs for an outside scheduler (CRON_SECRET)."),
         (name = "ops", description = "Health, readiness, metrics, this document."),
         (name = "dev", description = "Mock mode only; 404 otherwise."),
+        (name = "pages", description = "The patient's settings page (HTML, a session cookie)."),
     ),
     paths(
         super::preferences::get_preferences,
         super::preferences::put_preferences,
         super::preferences::history,
+        super::privacy::export,
+        super::privacy::erase_me,
+        super::privacy::erase_user,
         super::otp::send_otp,
         super::otp::verify_otp,
         super::messages::create_notification,
@@ -66,6 +70,8 @@ use crate::templates::{VarSpec, VarType, TEMPLATES};
         super::webhooks::incoming,
         super::webhooks::status_callback,
         super::cron::cleanup_expired_otps,
+        super::cron::messaging_cleanup,
+        super::messages::cleanup_runs,
         appointment_reminders_24h,
         appointment_reminders_2h,
         follow_up_reminders,
@@ -76,6 +82,11 @@ use crate::templates::{VarSpec, VarType, TEMPLATES};
         super::dev::outbox_page,
         super::dev::outbox_json,
         super::webhooks::dev_inbound,
+        super::settings::create_link,
+        super::settings::page,
+        super::settings::save,
+        super::settings::sign_out,
+        super::settings::stylesheet,
         super::schedule::put_appointment,
         super::schedule::delete_appointment,
         super::schedule::put_follow_up,
@@ -305,6 +316,16 @@ fn always_false() -> Object {
 // ---- Answers -------------------------------------------------------------------------------
 
 #[derive(ToSchema)]
+pub struct SettingsLinkAnswer {
+    #[schema(schema_with = always_true)]
+    success: bool,
+    /// `PUBLIC_URL/settings/messaging?handoff=...`: opens the page once.
+    url: String,
+    /// Seconds the link may wait to be opened.
+    expires_in: u64,
+}
+
+#[derive(ToSchema)]
 pub struct PreferencesAnswer {
     #[schema(schema_with = always_true)]
     success: bool,
@@ -507,6 +528,75 @@ pub struct CleanupAnswer {
     used_deleted: u64,
     #[schema(minimum = 0)]
     send_log_pruned: u64,
+}
+
+#[derive(ToSchema)]
+pub struct ErasureAnswer {
+    #[schema(schema_with = always_true)]
+    success: bool,
+    erased: ErasureCountsSchema,
+}
+
+/// What an erasure removed.
+#[derive(ToSchema)]
+#[schema(as = ErasureCounts)]
+pub struct ErasureCountsSchema {
+    #[schema(minimum = 0)]
+    preferences: u64,
+    #[schema(minimum = 0)]
+    messages: u64,
+    #[schema(minimum = 0)]
+    replies: u64,
+    #[schema(minimum = 0)]
+    appointments: u64,
+    #[schema(minimum = 0)]
+    follow_ups: u64,
+    #[schema(minimum = 0)]
+    otp_records: u64,
+    #[schema(minimum = 0)]
+    sessions: u64,
+    /// Kept as evidence, anonymised.
+    #[schema(minimum = 0)]
+    audit_rows_anonymised: u64,
+}
+
+/// Rows deleted per data class.
+#[derive(ToSchema)]
+pub struct RetentionCounts {
+    #[schema(minimum = 0)]
+    messages: u64,
+    #[schema(minimum = 0)]
+    inbound: u64,
+    #[schema(minimum = 0)]
+    reminder_log: u64,
+    #[schema(minimum = 0)]
+    audit: u64,
+    #[schema(minimum = 0)]
+    unmatched_callbacks: u64,
+}
+
+#[derive(ToSchema)]
+pub struct RetentionAnswer {
+    #[schema(schema_with = always_true)]
+    success: bool,
+    /// The instant the periods were measured from.
+    as_of: DateTime<Utc>,
+    deleted: RetentionCounts,
+}
+
+#[derive(ToSchema)]
+pub struct CleanupRunsAnswer {
+    #[schema(schema_with = always_true)]
+    success: bool,
+    runs: Vec<CleanupRunItem>,
+}
+
+#[derive(ToSchema)]
+pub struct CleanupRunItem {
+    id: i64,
+    ran_at: DateTime<Utc>,
+    as_of: DateTime<Utc>,
+    deleted: RetentionCounts,
 }
 
 #[derive(ToSchema)]

@@ -116,6 +116,12 @@ impl CodeHasher {
         }
     }
 
+    /// A keyed hash of a value under a label (an erased user's id in the audit trail): the same
+    /// everywhere this key is, and not reversible without it.
+    pub fn keyed(&self, label: &str, value: &str) -> String {
+        self.hash(value, label, "")
+    }
+
     /// HMAC-SHA256 over user, purpose and code, hex-encoded. Binding the user and purpose means a
     /// hash can never verify a code issued for someone or something else.
     pub fn hash(&self, user_id: &str, purpose: &str, code: &str) -> String {

@@ -240,9 +240,87 @@ pub trait ScheduleStore: Send + Sync + 'static {
     ) -> AppResult<Option<(SubjectType, String, DateTime<Utc>)>>;
 }
 
+/// The settings page's one-time links and sessions (only hashes of their secrets).
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    async fn create_settings_link(
+        &self,
+        code_hash: &str,
+        user_id: &str,
+        return_url: Option<&str>,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> AppResult<()>;
+    /// Mark the link used if it is unused and unexpired: its user, for exactly one caller.
+    async fn consume_settings_link(
+        &self,
+        code_hash: &str,
+        now: DateTime<Utc>,
+    ) -> AppResult<Option<OpenedLink>>;
+    async fn create_settings_session(&self, session: &SettingsSession) -> AppResult<()>;
+    /// The live session with this token hash, its expiry slid to `expires_at` (sliding
+    /// sessions); `None` when unknown or expired.
+    async fn touch_settings_session(
+        &self,
+        token_hash: &str,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> AppResult<Option<SettingsSession>>;
+    async fn delete_settings_session(&self, token_hash: &str) -> AppResult<()>;
+    /// Delete expired sessions and links past their expiry (used or not); how many.
+    async fn prune_settings_sessions(&self, now: DateTime<Utc>) -> AppResult<u64>;
+}
+
+/// Retention: deleting what is past its period, in bounded batches, and the receipts.
+#[async_trait]
+pub trait RetentionStore: Send + Sync + 'static {
+    /// Delete up to `limit` rows of `class` older than `before` (never a message still queued or
+    /// sending); how many. With `dry_run`, count them all and delete nothing.
+    async fn expire(
+        &self,
+        class: DataClass,
+        before: DateTime<Utc>,
+        limit: i64,
+        dry_run: bool,
+    ) -> AppResult<u64>;
+    async fn record_cleanup_run(
+        &self,
+        ran_at: DateTime<Utc>,
+        as_of: DateTime<Utc>,
+        counts: &str,
+    ) -> AppResult<()>;
+    /// The latest receipts, newest first.
+    async fn cleanup_runs(&self, limit: i64) -> AppResult<Vec<CleanupRun>>;
+}
+
+/// A user's own data: their copy, and their erasure.
+#[async_trait]
+pub trait PrivacyStore: Send + Sync + 'static {
+    async fn export_user(&self, user_id: &str, now: DateTime<Utc>) -> AppResult<UserData>;
+    /// Erase the user in one transaction: pending messages never go out after it. The consent
+    /// audit rows stay, anonymised (`erased:` + `user_hash`); opt-outs stay (they belong to the
+    /// number). One erasure record. Erasing twice removes nothing more.
+    async fn erase_user(
+        &self,
+        user_id: &str,
+        user_hash: &str,
+        erased_by: &str,
+        now: DateTime<Utc>,
+    ) -> AppResult<ErasureCounts>;
+}
+
 /// Every area, plus what the whole database answers for.
 #[async_trait]
-pub trait Store: ConsentStore + MessageStore + OtpStore + InboundStore + ScheduleStore {
+pub trait Store:
+    ConsentStore
+    + MessageStore
+    + OtpStore
+    + InboundStore
+    + ScheduleStore
+    + SessionStore
+    + RetentionStore
+    + PrivacyStore
+{
     /// Apply this backend's pending migrations.
     async fn migrate(&self) -> AppResult<()>;
     /// A cheap round trip, for `/readyz`.

@@ -54,6 +54,8 @@ mod portable {
     /// Rows another instance is claiming right now are skipped, not waited for.
     const SKIP_LOCKED: &str = " FOR UPDATE SKIP LOCKED";
     const LOCK_FOR_UPDATE: &str = " FOR UPDATE";
+    /// Nothing to fold: PostgreSQL's own vacuum reclaims deleted rows.
+    const AFTER_ERASURE: &str = "";
     mod admin {
         include!("portable/admin.rs");
     }
@@ -71,5 +73,14 @@ mod portable {
     }
     mod schedule {
         include!("portable/schedule.rs");
+    }
+    mod privacy {
+        include!("portable/privacy.rs");
+    }
+    mod retention {
+        include!("portable/retention.rs");
+    }
+    mod sessions {
+        include!("portable/sessions.rs");
     }
 }

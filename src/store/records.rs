@@ -478,3 +478,105 @@ pub struct OtpCleanup {
     pub used_deleted: u64,
     pub send_log_pruned: u64,
 }
+
+/// A settings-page session, as stored (the token itself never is).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct SettingsSession {
+    pub token_hash: String,
+    pub user_id: String,
+    /// Where "Back to the app" goes (under `APP_URL`).
+    pub return_url: Option<String>,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What opening a settings link found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenedLink {
+    pub user_id: String,
+    pub return_url: Option<String>,
+}
+
+/// The kinds of data kept for a limited time, each with its own retention period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataClass {
+    /// Messages (final ones only) and, with them, their status events and reminder log rows.
+    Messages,
+    /// Patients' replies and keywords.
+    Inbound,
+    /// Reminder log rows, counted from the item's time.
+    ReminderLog,
+    /// The consent audit trail.
+    Audit,
+    /// Status callbacks no message of ours ever claimed.
+    UnmatchedCallbacks,
+}
+
+impl DataClass {
+    pub const ALL: [DataClass; 5] = [
+        DataClass::Messages,
+        DataClass::Inbound,
+        DataClass::ReminderLog,
+        DataClass::Audit,
+        DataClass::UnmatchedCallbacks,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataClass::Messages => "messages",
+            DataClass::Inbound => "inbound",
+            DataClass::ReminderLog => "reminder_log",
+            DataClass::Audit => "audit",
+            DataClass::UnmatchedCallbacks => "unmatched_callbacks",
+        }
+    }
+}
+
+/// A cleanup run's receipt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct CleanupRun {
+    pub id: i64,
+    pub ran_at: DateTime<Utc>,
+    /// The instant the retention periods were measured from.
+    pub as_of: DateTime<Utc>,
+    /// The counts deleted per data class, as a JSON object.
+    #[serde(skip)]
+    pub counts: String,
+}
+
+/// Everything held about one user, for their copy (GDPR articles 15 and 20).
+#[derive(Debug, Clone, Default)]
+pub struct UserData {
+    pub consent: Option<Consent>,
+    pub audit: Vec<ConsentAuditRecord>,
+    pub messages: Vec<MessageRecord>,
+    /// (message id, event), oldest first.
+    pub events: Vec<(String, MessageEvent)>,
+    /// Replies attributed to the user (on a shared number, never the others').
+    pub replies: Vec<IncomingMessage>,
+    pub appointments: Vec<ScheduledItem>,
+    pub follow_ups: Vec<ScheduledItem>,
+    /// OTP sends logged for the user: (number named, client address, when). Never a code.
+    pub otp_sends: Vec<(String, Option<String>, DateTime<Utc>)>,
+    /// Settings-page sessions still open.
+    pub sessions: Vec<SettingsSession>,
+}
+
+/// What an erasure removed (or anonymised).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ErasureCounts {
+    pub preferences: u64,
+    pub messages: u64,
+    pub replies: u64,
+    pub appointments: u64,
+    pub follow_ups: u64,
+    pub otp_records: u64,
+    pub sessions: u64,
+    /// Audit rows kept as evidence, with the user id replaced by its keyed hash and the number,
+    /// address and browser removed.
+    pub audit_rows_anonymised: u64,
+}

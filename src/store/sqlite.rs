@@ -26,6 +26,9 @@ impl SqliteStore {
             // the last commits in WAL mode: a STOP already acknowledged to Twilio, a consent
             // change, a queued message.
             .synchronous(SqliteSynchronous::Full)
+            // Deleted rows are overwritten, not just unlinked: an erased patient's number must
+            // not linger in free pages.
+            .pragma("secure_delete", "ON")
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
@@ -56,6 +59,9 @@ mod portable {
     /// One process owns a SQLite queue: nothing to skip.
     const SKIP_LOCKED: &str = "";
     const LOCK_FOR_UPDATE: &str = "";
+    /// After an erasure, fold the WAL into the database file (and truncate it), so the erased
+    /// rows' old pages do not linger in the log.
+    const AFTER_ERASURE: &str = "PRAGMA wal_checkpoint(TRUNCATE)";
     mod admin {
         include!("portable/admin.rs");
     }
@@ -73,6 +79,15 @@ mod portable {
     }
     mod schedule {
         include!("portable/schedule.rs");
+    }
+    mod privacy {
+        include!("portable/privacy.rs");
+    }
+    mod retention {
+        include!("portable/retention.rs");
+    }
+    mod sessions {
+        include!("portable/sessions.rs");
     }
 }
 

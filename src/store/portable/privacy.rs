@@ -1,0 +1,184 @@
+// `PrivacyStore` for both backends: included by `sqlite.rs` and `postgres.rs` inside a module that
+// has `Db`, `ThisStore`, `LOCK_FOR_UPDATE` and `SKIP_LOCKED` in scope (see `store/mod.rs`).
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::*;
+use crate::error::AppResult;
+#[allow(unused_imports)]
+use crate::store::*;
+
+#[async_trait]
+impl PrivacyStore for ThisStore {
+    async fn export_user(&self, user_id: &str, now: DateTime<Utc>) -> AppResult<UserData> {
+        let consent = self.get_consent(user_id).await?;
+        let audit = self.consent_audit(user_id).await?;
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE user_id = $1 ORDER BY created_at, id"
+        );
+        let messages = sqlx::query_as::<Db, MessageRecord>(&sql)
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?;
+        let rows: Vec<(
+            String,
+            MessageStatus,
+            Option<i64>,
+            Option<String>,
+            DateTime<Utc>,
+        )> = sqlx::query_as(
+            "SELECT e.message_id, e.status, e.error_code, e.detail, e.occurred_at \
+                 FROM message_events e JOIN messages m ON m.id = e.message_id \
+                 WHERE m.user_id = $1 ORDER BY e.id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let events = rows
+            .into_iter()
+            .map(|(id, status, error_code, detail, occurred_at)| {
+                let event = MessageEvent {
+                    status,
+                    error_code,
+                    detail,
+                    occurred_at,
+                };
+                (id, event)
+            })
+            .collect();
+        let replies = sqlx::query_as::<Db, IncomingMessage>(
+            "SELECT id, provider_sid, channel, from_number, to_number, user_id, body, keyword, \
+             reply_template, opt_out_type, received_at, user_ids FROM incoming_messages \
+             WHERE user_id = $1 ORDER BY received_at, id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let items = |table: &str, column: &str| {
+            format!(
+                "SELECT id, user_id, {column} AS scheduled_at, time_zone, status FROM {table} \
+                 WHERE user_id = $1 ORDER BY {column}, id"
+            )
+        };
+        let appointments = sqlx::query_as::<Db, ScheduledItem>(&items("appointments", "starts_at"))
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?;
+        let follow_ups = sqlx::query_as::<Db, ScheduledItem>(&items("follow_ups", "due_at"))
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?;
+        let otp_sends = sqlx::query_as(
+            "SELECT phone_number, ip, created_at FROM otp_send_log WHERE user_id = $1 \
+             ORDER BY created_at, id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let sessions = sqlx::query_as::<Db, SettingsSession>(
+            "SELECT token_hash, user_id, return_url, ip, user_agent, created_at, last_seen_at, \
+             expires_at FROM settings_sessions WHERE user_id = $1 AND expires_at > $2 \
+             ORDER BY created_at",
+        )
+        .bind(user_id)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(UserData {
+            consent,
+            audit,
+            messages,
+            events,
+            replies,
+            appointments,
+            follow_ups,
+            otp_sends,
+            sessions,
+        })
+    }
+
+    async fn erase_user(
+        &self,
+        user_id: &str,
+        user_hash: &str,
+        erased_by: &str,
+        now: DateTime<Utc>,
+    ) -> AppResult<ErasureCounts> {
+        let mut tx = self.pool.begin().await?;
+        let mut counts = ErasureCounts::default();
+        // The number's WhatsApp window goes with the user (while the number is known).
+        sqlx::query(
+            "DELETE FROM whatsapp_sessions WHERE phone_number IN \
+             (SELECT phone_number FROM messaging_consent WHERE user_id = $1)",
+        )
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+        // Messages (pending ones included: deleted, they can never be sent), with their events
+        // and reminder log rows (cascade).
+        counts.messages = sqlx::query("DELETE FROM messages WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        counts.replies = sqlx::query("DELETE FROM incoming_messages WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        counts.appointments = sqlx::query("DELETE FROM appointments WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        counts.follow_ups = sqlx::query("DELETE FROM follow_ups WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        for table in ["otp_codes", "otp_send_log", "otp_failures"] {
+            counts.otp_records += sqlx::query(&format!("DELETE FROM {table} WHERE user_id = $1"))
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        counts.sessions = sqlx::query("DELETE FROM settings_sessions WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("DELETE FROM settings_links WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        counts.audit_rows_anonymised = sqlx::query(
+            "UPDATE consent_audit_trail SET user_id = $2, ip = NULL, user_agent = NULL, \
+             old_value = CASE WHEN field = 'phone_number' THEN NULL ELSE old_value END, \
+             new_value = CASE WHEN field = 'phone_number' THEN NULL ELSE new_value END \
+             WHERE user_id = $1",
+        )
+        .bind(user_id)
+        .bind(format!("erased:{user_hash}"))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        counts.preferences = sqlx::query("DELETE FROM messaging_consent WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("INSERT INTO erasures (user_hash, erased_at, erased_by) VALUES ($1, $2, $3)")
+            .bind(user_hash)
+            .bind(now)
+            .bind(erased_by)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        if !AFTER_ERASURE.is_empty() {
+            sqlx::query(AFTER_ERASURE).execute(&self.pool).await?;
+        }
+        Ok(counts)
+    }
+}

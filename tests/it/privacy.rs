@@ -1,0 +1,249 @@
+//! A patient's copy of their data, and erasure: what goes, what stays (anonymised audit rows,
+//! opt-outs, one erasure record), pending messages never sent after, sessions revoked, and on
+//! SQLite the number gone from the database files' bytes.
+
+use crate::common::*;
+use reqwest::header::{COOKIE, SET_COOKIE};
+use serde_json::{json, Value};
+
+both_backends!(
+    the_export_holds_everything_about_me_and_nothing_of_others,
+    erasure_removes_the_user_keeps_evidence_and_is_harmless_twice,
+);
+
+const FAMILY: &str = "+14155552671";
+
+async fn erase_me(app: &TestApp, user: &str) -> Value {
+    let r = app
+        .client
+        .delete(app.url("/api/messaging/me"))
+        .bearer_auth(app.user_token(user))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+async fn sign_in(app: &TestApp, user: &str) -> String {
+    let r: Value = app
+        .client
+        .post(app.url("/api/settings-links"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"user_id": user}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = r["url"]
+        .as_str()
+        .unwrap()
+        .replace(PUBLIC_URL, &app.base_url);
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(url)
+        .header("user-agent", "privacy-test/1.0")
+        .send()
+        .await
+        .unwrap();
+    r.headers()[SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+async fn the_export_holds_everything_about_me_and_nothing_of_others(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    // A family phone: the parent was messaged last, so the reply is theirs.
+    app.consent("child", FAMILY).await;
+    app.consent("parent", FAMILY).await;
+    app.notify_ok(reminder("child")).await;
+    app.dispatch().await;
+    app.notify_ok(reminder("parent")).await;
+    app.dispatch().await;
+    app.incoming("SMreply", FAMILY, "see you then").await;
+    let r = app
+        .client
+        .put(app.url("/api/appointments/a1"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"user_id": "child", "starts_at": "2030-01-12T10:00:00Z"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app
+        .client
+        .post(app.url("/api/messaging/send-otp"))
+        .json(&json!({"user_id": "child", "phone_number": FAMILY, "purpose": "login"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let code = app.fake.as_ref().unwrap().last_code_for(FAMILY).unwrap();
+    sign_in(&app, "child").await;
+
+    let r = app
+        .client
+        .get(app.url("/api/messaging/export"))
+        .bearer_auth(app.user_token("child"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(doc["success"], true);
+    assert_eq!(doc["preferences"]["phone_number"], FAMILY);
+    assert!(doc["consent_audit_trail"].as_array().unwrap().len() >= 4);
+    let messages = doc["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "the reminder and the code's message");
+    let reminder_sent = messages
+        .iter()
+        .find(|m| m["template_name"] == "appointment_reminder_24h")
+        .unwrap();
+    assert!(reminder_sent["body"].as_str().unwrap().contains("reminder"));
+    assert!(!reminder_sent["events"].as_array().unwrap().is_empty());
+    assert!(!text.contains(&code), "never a code");
+    assert!(
+        doc["replies"].as_array().unwrap().is_empty(),
+        "the parent's reply is not mine"
+    );
+    assert_eq!(doc["appointments"][0]["id"], "a1");
+    assert_eq!(doc["otp_sends"].as_array().unwrap().len(), 1);
+    let sessions = doc["settings_sessions"].as_array().unwrap();
+    assert_eq!(sessions[0]["user_agent"], "privacy-test/1.0");
+    // The parent's copy holds the reply.
+    let parent: Value = app
+        .get_json("/api/messaging/export", Some(&app.user_token("parent")))
+        .await;
+    assert_eq!(parent["replies"][0]["body"], "see you then");
+    // Only with a token.
+    let r = app
+        .client
+        .get(app.url("/api/messaging/export"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+async fn erasure_removes_the_user_keeps_evidence_and_is_harmless_twice(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    app.consent("p1", FAMILY).await;
+    app.notify_ok(reminder("p1")).await;
+    app.dispatch().await;
+    // Queued, not yet sent: it must never go after the erasure.
+    let pending = app.notify_ok(reminder("p1")).await;
+    let cookie = sign_in(&app, "p1").await;
+    // p2 said STOP from another number, then is erased: the opt-out stays.
+    app.consent("p2", "+14155552672").await;
+    app.incoming("SMstop", "+14155552672", "STOP").await;
+
+    let r = erase_me(&app, "p1").await;
+    let erased = &r["erased"];
+    assert_eq!(erased["preferences"], 1);
+    assert_eq!(erased["messages"], 2);
+    assert_eq!(erased["sessions"], 1);
+    assert!(erased["audit_rows_anonymised"].as_u64().unwrap() >= 4);
+    let created_before = app.fake.as_ref().unwrap().created_count();
+    assert_eq!(app.dispatch().await.sent, 0);
+    assert_eq!(app.fake.as_ref().unwrap().created_count(), created_before);
+    let r = app
+        .client
+        .get(app.url(&format!("/api/messages/{pending}")))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let prefs: Value = app
+        .get_json("/api/messaging/preferences", Some(&app.user_token("p1")))
+        .await;
+    assert_eq!(prefs["preferences"], json!({}));
+    // The settings session is revoked.
+    let r = app
+        .client
+        .get(app.url("/settings/messaging"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // The audit rows stay as evidence, anonymised: no user id, number, address or browser.
+    let rows = app
+        .db
+        .text_pairs(
+            "SELECT user_id, COALESCE(old_value, '') || '|' || COALESCE(new_value, '') || '|' || \
+             COALESCE(ip, '') || '|' || COALESCE(user_agent, '') FROM consent_audit_trail \
+             WHERE user_id LIKE 'erased:%'",
+        )
+        .await;
+    assert!(rows.len() >= 4);
+    for (user, rest) in &rows {
+        assert!(user.starts_with("erased:") && !user.contains("p1"));
+        assert!(
+            !rest.contains("4155552671") && !rest.contains("prism-tests"),
+            "{rest}"
+        );
+    }
+    // ... and the trail is still append-only for anything else.
+    let tamper = app
+        .db
+        .execute("UPDATE consent_audit_trail SET new_value = 'false' WHERE field = 'sms_consent'")
+        .await;
+    assert!(tamper.is_err(), "the audit trail accepted an edit");
+    let record = app
+        .db
+        .text_pairs("SELECT user_hash, erased_by FROM erasures")
+        .await;
+    assert_eq!(record.len(), 1);
+    assert_eq!(record[0].1, "user");
+
+    // Twice: harmless.
+    let again = erase_me(&app, "p1").await;
+    assert_eq!(again["erased"]["preferences"], 0);
+    assert_eq!(again["erased"]["messages"], 0);
+
+    // The host app erases p2; their STOP still holds for the number.
+    let r = app
+        .client
+        .delete(app.url("/api/users/p2"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app
+        .client
+        .delete(app.url("/api/users/p2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    app.consent("p3", "+14155552672").await;
+    let id = app.notify_ok(reminder("p3")).await;
+    app.dispatch().await;
+    assert_eq!(app.message(&id).await["reason"], "opted_out");
+
+    // On SQLite the erased number is gone from the files' bytes (secure_delete, WAL folded).
+    if backend == Backend::Sqlite {
+        let path = app.db.url.trim_start_matches("sqlite://").to_string();
+        for file in [path.clone(), format!("{path}-wal")] {
+            let Ok(bytes) = std::fs::read(&file) else {
+                continue;
+            };
+            let needle = b"4155552671";
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "the erased number is still in {file}"
+            );
+        }
+    }
+}
