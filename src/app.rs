@@ -142,7 +142,7 @@ impl Services {
             store.clone(),
             store.clone(),
             clock.clone(),
-            messaging.default_time_zone,
+            messaging.reminder_late_booking,
             render,
             wakeup.clone(),
         );

@@ -55,9 +55,8 @@ enum Command {
     Otp(OtpCommand),
     /// Run one scheduled job now and print what it did.
     Job {
-        /// appointment-reminders-24h, appointment-reminders-2h, follow-up-reminders,
-        /// cleanup-expired-otps, prune-unmatched-callbacks, cleanup-settings-sessions or
-        /// messaging-cleanup
+        /// The job to run (the same jobs the embedded scheduler runs and /cron/* calls).
+        #[arg(value_parser = job_names())]
         name: String,
         /// messaging-cleanup only: print what would be deleted, delete nothing.
         #[arg(long)]
@@ -106,6 +105,11 @@ enum OtpCommand {
         #[arg(long)]
         code: String,
     },
+}
+
+/// Every job's name, so `job --help` lists them all and a wrong name is refused with the list.
+fn job_names() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(Job::ALL.map(|job| job.name()))
 }
 
 pub fn run() -> ExitCode {

@@ -103,6 +103,9 @@ pub struct MessagingSettings {
     pub public_url: String,
     pub default_time_zone: Tz,
     pub quiet_hours: Option<QuietHours>,
+    /// `REMINDER_LATE_BOOKING`: an appointment booked less than two hours ahead gets one
+    /// reminder at once (otherwise none).
+    pub reminder_late_booking: bool,
 }
 
 impl MessagingSettings {
@@ -554,6 +557,7 @@ impl Config {
             public_url,
             default_time_zone,
             quiet_hours,
+            reminder_late_booking: v.bool("REMINDER_LATE_BOOKING", false)?,
         };
         let dispatch = DispatchSettings {
             batch_size: v.number("DISPATCH_BATCH_SIZE", 32, 1, 1_000)?,
@@ -733,6 +737,9 @@ mod tests {
         assert_eq!(c.messaging.public_url, "http://localhost:8080");
         assert_eq!(c.otp.ttl.as_secs(), 600);
         assert_eq!(c.messaging.default_time_zone, chrono_tz::UTC);
+        assert!(!c.messaging.reminder_late_booking);
+        let late = config(&[("REMINDER_LATE_BOOKING", "true")]).unwrap();
+        assert!(late.messaging.reminder_late_booking);
     }
 
     #[test]
@@ -760,6 +767,10 @@ mod tests {
                 "DISPATCH_LEASE_SECONDS",
             ),
             (&[("INSTANCE_ROLE", "worker")], "INSTANCE_ROLE"),
+            (
+                &[("REMINDER_LATE_BOOKING", "soon")],
+                "REMINDER_LATE_BOOKING",
+            ),
             // A zero retention period would delete everything at the next cleanup.
             (
                 &[("RETENTION_MESSAGES_DAYS", "0")],

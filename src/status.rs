@@ -181,6 +181,9 @@ pub enum SkipReason {
     AppointmentPassed,
     /// Quiet hours would hold a reminder past its appointment.
     QuietHoursPassed,
+    /// Quiet hours would hold a 2-hour reminder to less than 30 minutes before its appointment
+    /// (the 24-hour reminder told the patient the day before).
+    QuietHours,
 }
 
 text_enum!(SkipReason {
@@ -196,6 +199,7 @@ text_enum!(SkipReason {
     FollowUpReassigned => "follow_up_reassigned",
     AppointmentPassed => "appointment_passed",
     QuietHoursPassed => "quiet_hours_passed",
+    QuietHours => "quiet_hours",
 });
 
 impl SkipReason {

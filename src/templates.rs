@@ -7,7 +7,8 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{NaiveDate, NaiveTime};
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
+use chrono_tz::Tz;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -30,9 +31,51 @@ pub enum VarType {
     Link,
     /// A given name: letters, spaces, `-`, `'` and `.`, at most 30 characters.
     ShortName,
+    /// An instant, RFC 3339 (`2027-01-12T05:00:00Z`, `2027-01-12T10:30:00+05:30`). Rendered
+    /// when the message is sent, in the patient's time zone: `today at 10:30`, `tomorrow at
+    /// 10:30` or `on Wednesday 13 Jan 2027 at 10:30`, with the zone's abbreviation (`IST`) when
+    /// it is not `DEFAULT_TIME_ZONE`.
+    Datetime,
+    /// A day: an RFC 3339 instant (its day in the patient's time zone) or `YYYY-MM-DD`. Rendered
+    /// when the message is sent: `today`, `tomorrow` or `on Wednesday 13 Jan 2027`.
+    Day,
 }
 
-/// Whether a template needs marketing consent on top of the channel's consent.
+/// What a template is for: it decides whether quiet hours hold it back and whether it needs
+/// marketing consent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Planned by the service or the host app ahead of time (appointment and follow-up
+    /// reminders, subscription reminders): held back by quiet hours.
+    Scheduled,
+    /// Caused by the patient's own action just now (a payment received or failed): goes at once.
+    Transactional,
+    /// Promotional: marketing consent needed, held back by quiet hours.
+    Marketing,
+    /// A one-time passcode the patient asked for: goes at once.
+    Otp,
+    /// A reply to the patient's own keyword (STOP, START, HELP): goes at once; never listed.
+    KeywordReply,
+}
+
+impl Kind {
+    /// Quiet hours hold back what the patient did not just ask for.
+    pub fn held_by_quiet_hours(self) -> bool {
+        matches!(self, Kind::Scheduled | Kind::Marketing)
+    }
+
+    pub fn category(self) -> Category {
+        match self {
+            Kind::Scheduled | Kind::Transactional | Kind::Otp => Category::Transactional,
+            Kind::Marketing => Category::Marketing,
+            Kind::KeywordReply => Category::KeywordReply,
+        }
+    }
+}
+
+/// Whether a template needs marketing consent on top of the channel's consent (follows from its
+/// [`Kind`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Category {
@@ -54,7 +97,7 @@ pub struct VarSpec {
 #[derive(Debug)]
 pub struct Template {
     pub name: &'static str,
-    pub category: Category,
+    pub kind: Kind,
     pub variables: &'static [VarSpec],
     /// `{name}` placeholders for the declared variables, plus `{clinic}` and `{app_url}`.
     pub body: &'static str,
@@ -67,71 +110,73 @@ const fn var(name: &'static str, var_type: VarType) -> VarSpec {
 pub static TEMPLATES: &[Template] = &[
     Template {
         name: "otp",
-        category: Category::Transactional,
+        kind: Kind::Otp,
         variables: &[var("code", VarType::Code)],
         body: "{clinic}: your verification code is {code}. Do not share it with anyone.",
     },
     Template {
         name: "appointment_reminder_24h",
-        category: Category::Transactional,
+        kind: Kind::Scheduled,
         variables: &[
-            var("date", VarType::Date),
-            var("time", VarType::Time),
+            var("starts_at", VarType::Datetime),
             var("link", VarType::Link),
         ],
-        body: "{clinic}: reminder of your appointment tomorrow, {date} at {time}. Details: {link} Reply STOP to opt out.",
+        body: "{clinic}: reminder of your appointment {starts_at}. Details: {link} Reply STOP to opt out.",
     },
     Template {
         name: "appointment_reminder_2h",
-        category: Category::Transactional,
-        variables: &[var("time", VarType::Time), var("link", VarType::Link)],
-        body: "{clinic}: your appointment is today at {time}. Details: {link}",
+        kind: Kind::Scheduled,
+        variables: &[
+            var("starts_at", VarType::Datetime),
+            var("link", VarType::Link),
+        ],
+        body: "{clinic}: your appointment is {starts_at}. Details: {link}",
     },
     Template {
         name: "follow_up_reminder",
-        category: Category::Transactional,
-        variables: &[var("date", VarType::Date), var("link", VarType::Link)],
-        body: "{clinic}: you have a follow-up due on {date}. Details: {link}",
+        kind: Kind::Scheduled,
+        variables: &[var("due_at", VarType::Day), var("link", VarType::Link)],
+        body: "{clinic}: you have a follow-up due {due_at}. Details: {link}",
     },
     Template {
         name: "subscription_renewal",
-        category: Category::Transactional,
+        kind: Kind::Scheduled,
         variables: &[var("date", VarType::Date), var("link", VarType::Link)],
         body: "{clinic}: your subscription renews on {date}. Manage it here: {link}",
     },
     Template {
         name: "payment_received",
-        category: Category::Transactional,
+        kind: Kind::Transactional,
         variables: &[var("amount", VarType::Amount), var("date", VarType::Date)],
         body: "{clinic}: we received your payment of {amount} on {date}. Thank you.",
     },
     Template {
         name: "payment_failed",
-        category: Category::Transactional,
+        kind: Kind::Transactional,
         variables: &[var("amount", VarType::Amount), var("link", VarType::Link)],
         body: "{clinic}: your payment of {amount} did not go through. Update your payment details: {link}",
     },
     Template {
         name: "opt_out_confirmation",
-        category: Category::KeywordReply,
+        kind: Kind::KeywordReply,
         variables: &[],
         body: "{clinic}: you are unsubscribed and will receive no more messages on this number. Reply START to resubscribe.",
     },
     Template {
         name: "opt_in_confirmation",
-        category: Category::KeywordReply,
+        kind: Kind::KeywordReply,
         variables: &[],
         body: "{clinic}: you are subscribed to messages again. Reply STOP to unsubscribe, HELP for help.",
     },
     Template {
         name: "help",
-        category: Category::KeywordReply,
+        kind: Kind::KeywordReply,
         variables: &[],
         body: "{clinic}: messages about your appointments and account. Help: {app_url} Reply STOP to unsubscribe.",
     },
     Template {
         name: "clinic_news",
-        category: Category::Marketing,
+        kind: Kind::Marketing,
         variables: &[var("name", VarType::ShortName), var("link", VarType::Link)],
         body: "{clinic}: hi {name}, there is news from your clinic: {link} Reply STOP to opt out.",
     },
@@ -147,6 +192,49 @@ pub struct RenderContext {
     pub clinic_name: String,
     /// `APP_URL` without a trailing slash.
     pub app_url: String,
+}
+
+/// When and where a message is rendered for sending: `datetime` and `day` values read as
+/// "today", "tomorrow" or a weekday and date in `zone` as of `now`, so a message held back (by
+/// quiet hours, a retry) still tells the truth when it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenderAt {
+    pub now: DateTime<Utc>,
+    /// The message's zone: the item's, else the patient's, else `DEFAULT_TIME_ZONE`.
+    pub zone: Tz,
+    /// `DEFAULT_TIME_ZONE`: times in any other zone carry its abbreviation.
+    pub default_zone: Tz,
+}
+
+impl RenderAt {
+    /// `today`, `tomorrow` or `on Wednesday 13 Jan 2027`: `day` as seen from `now`, both in the
+    /// message's zone.
+    pub fn day_word(&self, day: NaiveDate) -> String {
+        let today = self.now.with_timezone(&self.zone).date_naive();
+        if day == today {
+            "today".to_string()
+        } else if today.succ_opt() == Some(day) {
+            "tomorrow".to_string()
+        } else {
+            day.format("on %A %-d %b %Y").to_string()
+        }
+    }
+
+    /// `today at 10:30`, `tomorrow at 10:30 IST`, `on Wednesday 13 Jan 2027 at 10:30 BST`: the
+    /// abbreviation only when the zone is not `DEFAULT_TIME_ZONE`.
+    pub fn day_and_time(&self, at: DateTime<Utc>) -> String {
+        let local = at.with_timezone(&self.zone);
+        let mut text = format!(
+            "{} at {}",
+            self.day_word(local.date_naive()),
+            local.format("%H:%M")
+        );
+        if self.zone != self.default_zone {
+            text.push(' ');
+            text.push_str(&local.format("%Z").to_string());
+        }
+        text
+    }
 }
 
 /// A rendered body with the encoding and segment count carriers will bill for.
@@ -180,12 +268,37 @@ fn variable_error(message: String) -> AppError {
 }
 
 impl Template {
+    /// Whether it needs marketing consent.
+    pub fn category(&self) -> Category {
+        self.kind.category()
+    }
+
     /// Check `variables` (a JSON object) against the declaration: no unknown, no missing, every
-    /// value a string of the declared type.
+    /// value a string of the declared type. `datetime` and `day` values are kept as checked (they
+    /// are rendered only for sending, see [`Template::validate_at`]).
     pub fn validate(
         &self,
         variables: &Value,
         ctx: &RenderContext,
+    ) -> Result<ValidVariables, AppError> {
+        self.check(variables, ctx, None)
+    }
+
+    /// [`Template::validate`], with `datetime` and `day` values rendered for sending at `at`.
+    pub fn validate_at(
+        &self,
+        variables: &Value,
+        ctx: &RenderContext,
+        at: &RenderAt,
+    ) -> Result<ValidVariables, AppError> {
+        self.check(variables, ctx, Some(at))
+    }
+
+    fn check(
+        &self,
+        variables: &Value,
+        ctx: &RenderContext,
+        at: Option<&RenderAt>,
     ) -> Result<ValidVariables, AppError> {
         let empty = Map::new();
         let object = match variables {
@@ -220,7 +333,7 @@ impl Template {
                     )))
                 }
             };
-            let rendered = check_value(spec.var_type, raw.trim(), ctx).ok_or_else(|| {
+            let rendered = check_value(spec.var_type, raw.trim(), ctx, at).ok_or_else(|| {
                 variable_error(format!(
                     "variable {:?} is not a valid {}",
                     spec.name,
@@ -259,12 +372,96 @@ fn type_description(t: VarType) -> &'static str {
         VarType::ShortName => {
             "short name (letters, spaces, '-' and ', at most 30 characters; no dots)"
         }
+        VarType::Datetime => "time (RFC 3339, e.g. 2027-01-12T10:30:00+05:30)",
+        VarType::Day => "day (YYYY-MM-DD or an RFC 3339 time)",
     }
 }
 
+/// An RFC 3339 instant as this service writes and reads it: `YYYY-MM-DDTHH:MM:SS`, optional
+/// fraction, then `Z` or `+HH:MM`/`-HH:MM`. Stricter than chrono alone (no lower-case `t`, no
+/// space), so the published pattern says exactly what is accepted.
+fn parse_instant(raw: &str) -> Option<DateTime<Utc>> {
+    let b = raw.as_bytes();
+    let digits = |range: std::ops::Range<usize>| {
+        b.get(range.clone())
+            .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+    };
+    let shape = b.len() >= 20
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b'T'
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19);
+    if !shape {
+        return None;
+    }
+    let mut rest = &raw[19..];
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let n = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if n == 0 || n > 9 {
+            return None;
+        }
+        rest = &fraction[n..];
+    }
+    let zone_ok = rest == "Z"
+        || (rest.len() == 6
+            && matches!(rest.as_bytes()[0], b'+' | b'-')
+            && rest.as_bytes()[3] == b':'
+            && rest
+                .bytes()
+                .enumerate()
+                .all(|(i, c)| matches!(i, 0 | 3) || c.is_ascii_digit()));
+    if !zone_ok {
+        return None;
+    }
+    DateTime::parse_from_rfc3339(raw)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// A `datetime` value: rendered for sending, or kept as given (trimmed) when only checked.
+fn check_datetime(raw: &str, at: Option<&RenderAt>) -> Option<String> {
+    let instant = parse_instant(raw)?;
+    Some(match at {
+        Some(at) => at.day_and_time(instant),
+        None => raw.to_string(),
+    })
+}
+
+/// A `day` value: `YYYY-MM-DD` is that day; an instant is its day in the message's zone.
+fn check_day(raw: &str, at: Option<&RenderAt>) -> Option<String> {
+    let day = if raw.len() == 10 {
+        Err(NaiveDate::parse_from_str(raw, "%Y-%m-%d").ok()?)
+    } else {
+        Ok(parse_instant(raw)?)
+    };
+    let Some(at) = at else {
+        return Some(raw.to_string());
+    };
+    let day = match day {
+        Err(date) => date,
+        Ok(instant) => instant.with_timezone(&at.zone).date_naive(),
+    };
+    Some(at.day_word(day))
+}
+
 /// Validate one value and return its rendered form, or `None` when it is not of the type.
-fn check_value(t: VarType, raw: &str, ctx: &RenderContext) -> Option<String> {
+/// `datetime` and `day` values are rendered only with `at` (for sending).
+fn check_value(
+    t: VarType,
+    raw: &str,
+    ctx: &RenderContext,
+    at: Option<&RenderAt>,
+) -> Option<String> {
     match t {
+        VarType::Datetime => check_datetime(raw, at),
+        VarType::Day => check_day(raw, at),
         VarType::Code => {
             let ok = (4..=10).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_digit());
             ok.then(|| raw.to_string())
@@ -373,22 +570,214 @@ mod tests {
         }
     }
 
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn at(now: &str, zone: &str) -> RenderAt {
+        RenderAt {
+            now: utc(now),
+            zone: zone.parse().unwrap(),
+            default_zone: chrono_tz::UTC,
+        }
+    }
+
     #[test]
     fn renders_a_reminder() {
         let t = find("appointment_reminder_24h").unwrap();
+        let variables = json!({"starts_at": "2027-01-13T05:00:00Z", "link": "/appointments/a1"});
         let vars = t
-            .validate(
-                &json!({"date": "2027-01-12", "time": "10:30", "link": "/appointments/a1"}),
-                &ctx(),
-            )
+            .validate_at(&variables, &ctx(), &at("2027-01-12T12:00:00Z", "UTC"))
             .unwrap();
         let r = t.render(&vars, &ctx());
         assert_eq!(
             r.body,
-            "PhysiologicPRISM: reminder of your appointment tomorrow, 12 Jan 2027 at 10:30. Details: https://app.example.com/appointments/a1 Reply STOP to opt out."
+            "PhysiologicPRISM: reminder of your appointment tomorrow at 05:00. Details: https://app.example.com/appointments/a1 Reply STOP to opt out."
         );
         assert_eq!(r.encoding, Encoding::Gsm7);
         assert_eq!(r.segments, 1);
+        // Checked only (when queued), the time is kept as given, not rendered.
+        let kept = t.validate(&variables, &ctx()).unwrap();
+        assert_eq!(kept.0[0], ("starts_at", "2027-01-13T05:00:00Z".to_string()));
+    }
+
+    #[test]
+    fn the_day_word_is_decided_in_the_messages_zone_when_it_is_rendered() {
+        let t = find("appointment_reminder_24h").unwrap();
+        let vars = json!({"starts_at": "2027-01-12T18:00:00Z", "link": "/a"});
+        let body = |now: &str, zone: &str| {
+            let valid = t.validate_at(&vars, &ctx(), &at(now, zone)).unwrap();
+            t.render(&valid, &ctx()).body
+        };
+        // 18:00 UTC on the 12th is 23:30 in Kolkata: "today" seen from 08:00 IST that day,
+        // "tomorrow" from the 11th, a weekday and date from the 10th.
+        assert!(body("2027-01-12T02:30:00Z", "Asia/Kolkata").contains("today at 23:30 IST."));
+        assert!(body("2027-01-11T12:00:00Z", "Asia/Kolkata").contains("tomorrow at 23:30 IST."));
+        assert!(body("2027-01-10T12:00:00Z", "Asia/Kolkata")
+            .contains("on Tuesday 12 Jan 2027 at 23:30 IST."));
+        // In DEFAULT_TIME_ZONE no abbreviation; 18:00 UTC seen from 20:00 UTC the day before.
+        assert!(body("2027-01-11T20:00:00Z", "UTC").contains("tomorrow at 18:00."));
+        // The same instant is "today" in New York as of 13:00 UTC on the 12th (08:00 EST).
+        assert!(body("2027-01-12T13:00:00Z", "America/New_York").contains("today at 13:00 EST."));
+    }
+
+    #[test]
+    fn the_abbreviation_follows_daylight_saving_time() {
+        let render = |now: &str, zone: &str, start: &str| at(now, zone).day_and_time(utc(start));
+        // London: GMT in winter, BST in summer; the wall-clock time moves with it.
+        assert_eq!(
+            render(
+                "2027-03-27T12:00:00Z",
+                "Europe/London",
+                "2027-03-27T18:00:00Z"
+            ),
+            "today at 18:00 GMT"
+        );
+        assert_eq!(
+            render(
+                "2027-03-27T12:00:00Z",
+                "Europe/London",
+                "2027-03-28T18:00:00Z"
+            ),
+            "tomorrow at 19:00 BST"
+        );
+        assert_eq!(
+            render(
+                "2027-10-30T12:00:00Z",
+                "Europe/London",
+                "2027-10-31T18:00:00Z"
+            ),
+            "tomorrow at 18:00 GMT"
+        );
+        assert_eq!(
+            render(
+                "2027-03-13T15:00:00Z",
+                "America/New_York",
+                "2027-03-14T15:00:00Z"
+            ),
+            "tomorrow at 11:00 EDT"
+        );
+        assert_eq!(
+            render(
+                "2027-11-06T15:00:00Z",
+                "America/New_York",
+                "2027-11-07T15:00:00Z"
+            ),
+            "tomorrow at 10:00 EST"
+        );
+        // No abbreviation in DEFAULT_TIME_ZONE itself.
+        let london: Tz = "Europe/London".parse().unwrap();
+        let in_default = RenderAt {
+            default_zone: london,
+            ..at("2027-03-27T12:00:00Z", "Europe/London")
+        };
+        assert_eq!(
+            in_default.day_and_time(utc("2027-03-28T18:00:00Z")),
+            "tomorrow at 19:00"
+        );
+    }
+
+    #[test]
+    fn the_day_word_counts_calendar_days_not_24_hours() {
+        // 23:30 GMT on Saturday 27 Mar 2027; 24 hours on, the clocks have sprung forward: it is
+        // 00:30 BST on Monday, the day after tomorrow.
+        assert_eq!(
+            at("2027-03-27T23:30:00Z", "Europe/London").day_and_time(utc("2027-03-28T23:30:00Z")),
+            "on Monday 29 Mar 2027 at 00:30 BST"
+        );
+        // 23:30 BST on Saturday 30 Oct; 25 hours on it is 23:30 GMT on Sunday: tomorrow.
+        assert_eq!(
+            at("2027-10-30T22:30:00Z", "Europe/London").day_and_time(utc("2027-10-31T23:30:00Z")),
+            "tomorrow at 23:30 GMT"
+        );
+        // New York: 23:30 EST on Saturday 13 Mar; 24 hours on is 00:30 EDT on Monday 15 Mar.
+        assert_eq!(
+            at("2027-03-14T04:30:00Z", "America/New_York")
+                .day_and_time(utc("2027-03-15T04:30:00Z")),
+            "on Monday 15 Mar 2027 at 00:30 EDT"
+        );
+    }
+
+    #[test]
+    fn a_day_is_a_date_or_the_day_of_an_instant() {
+        let t = find("follow_up_reminder").unwrap();
+        let body = |due: &str, now: &str, zone: &str| {
+            let vars = json!({"due_at": due, "link": "/follow-ups/f1"});
+            let valid = t.validate_at(&vars, &ctx(), &at(now, zone)).unwrap();
+            t.render(&valid, &ctx()).body
+        };
+        assert_eq!(
+            body("2027-01-12", "2027-01-12T10:00:00Z", "UTC"),
+            "PhysiologicPRISM: you have a follow-up due today. Details: https://app.example.com/follow-ups/f1"
+        );
+        // 20:00 UTC on the 12th is the 13th in Kolkata; seen from the 12th there: tomorrow.
+        assert!(body(
+            "2027-01-12T20:00:00Z",
+            "2027-01-12T10:00:00Z",
+            "Asia/Kolkata"
+        )
+        .contains("due tomorrow."));
+        assert!(body("2027-01-12T20:00:00Z", "2027-01-12T10:00:00Z", "UTC").contains("due today."));
+        assert!(body("2027-01-10", "2027-01-12T10:00:00Z", "UTC")
+            .contains("due on Sunday 10 Jan 2027."));
+    }
+
+    #[test]
+    fn times_are_strict_rfc_3339() {
+        let c = ctx();
+        for ok in [
+            "2027-01-12T10:30:00Z",
+            "2027-01-12T10:30:00.123456Z",
+            "2027-01-12T10:30:00+05:30",
+            "2027-01-12T10:30:00-05:00",
+        ] {
+            assert!(
+                check_value(VarType::Datetime, ok, &c, None).is_some(),
+                "{ok}"
+            );
+            assert!(check_value(VarType::Day, ok, &c, None).is_some(), "{ok}");
+        }
+        for bad in [
+            "2027-01-12",
+            "2027-01-12 10:30:00Z",
+            "2027-01-12t10:30:00z",
+            "2027-01-12T10:30:00",
+            "2027-01-12T10:30Z",
+            "2027-01-12T25:30:00Z",
+            "2027-02-30T10:30:00Z",
+            "2027-01-12T10:30:00+0530",
+            "tomorrow at ten",
+        ] {
+            assert!(
+                check_value(VarType::Datetime, bad, &c, None).is_none(),
+                "{bad}"
+            );
+        }
+        assert!(check_value(VarType::Day, "2027-01-12", &c, None).is_some());
+        assert!(check_value(VarType::Day, "2027-02-30", &c, None).is_none());
+        assert!(check_value(VarType::Day, "12 Jan 2027", &c, None).is_none());
+    }
+
+    #[test]
+    fn kinds_decide_quiet_hours_and_consent() {
+        let kind = |name: &str| find(name).unwrap().kind;
+        for name in [
+            "appointment_reminder_24h",
+            "appointment_reminder_2h",
+            "follow_up_reminder",
+        ] {
+            assert_eq!(kind(name), Kind::Scheduled, "{name}");
+            assert!(kind(name).held_by_quiet_hours());
+        }
+        for name in ["payment_received", "payment_failed"] {
+            assert_eq!(kind(name), Kind::Transactional, "{name}");
+            assert!(!kind(name).held_by_quiet_hours());
+        }
+        assert_eq!(kind("otp"), Kind::Otp);
+        assert!(!kind("otp").held_by_quiet_hours());
+        assert!(kind("clinic_news").held_by_quiet_hours());
+        assert_eq!(find("clinic_news").unwrap().category(), Category::Marketing);
+        assert!(!kind("help").held_by_quiet_hours());
     }
 
     #[test]
@@ -415,27 +804,27 @@ mod tests {
     fn each_type_accepts_its_format() {
         let c = ctx();
         assert_eq!(
-            check_value(VarType::Code, "123456", &c).as_deref(),
+            check_value(VarType::Code, "123456", &c, None).as_deref(),
             Some("123456")
         );
-        assert!(check_value(VarType::Code, "12a456", &c).is_none());
-        assert!(check_value(VarType::Time, "25:00", &c).is_none());
-        assert!(check_value(VarType::Time, "9:30", &c).is_none());
-        assert!(check_value(VarType::Date, "2027-02-30", &c).is_none());
+        assert!(check_value(VarType::Code, "12a456", &c, None).is_none());
+        assert!(check_value(VarType::Time, "25:00", &c, None).is_none());
+        assert!(check_value(VarType::Time, "9:30", &c, None).is_none());
+        assert!(check_value(VarType::Date, "2027-02-30", &c, None).is_none());
         assert_eq!(
-            check_value(VarType::Amount, "INR 499.50", &c).as_deref(),
+            check_value(VarType::Amount, "INR 499.50", &c, None).as_deref(),
             Some("INR 499.50")
         );
-        assert!(check_value(VarType::Amount, "inr 499", &c).is_none());
+        assert!(check_value(VarType::Amount, "inr 499", &c, None).is_none());
         assert_eq!(
-            check_value(VarType::Link, "https://app.example.com/x?a=1", &c).as_deref(),
+            check_value(VarType::Link, "https://app.example.com/x?a=1", &c, None).as_deref(),
             Some("https://app.example.com/x?a=1")
         );
         assert_eq!(
-            check_value(VarType::ShortName, "Anne-Marie", &c).as_deref(),
+            check_value(VarType::ShortName, "Anne-Marie", &c, None).as_deref(),
             Some("Anne-Marie")
         );
-        assert!(check_value(VarType::ShortName, "has ACL tear 2024", &c).is_none());
+        assert!(check_value(VarType::ShortName, "has ACL tear 2024", &c, None).is_none());
         for smuggled in [
             "secure-pay.evil.io",
             "evil.io",
@@ -445,18 +834,19 @@ mod tests {
             "St. John",
         ] {
             assert!(
-                check_value(VarType::ShortName, smuggled, &c).is_none(),
+                check_value(VarType::ShortName, smuggled, &c, None).is_none(),
                 "{smuggled}"
             );
         }
         assert_eq!(
-            check_value(VarType::ShortName, "Ann    Lee", &c).as_deref(),
+            check_value(VarType::ShortName, "Ann    Lee", &c, None).as_deref(),
             Some("Ann    Lee")
         );
         assert!(check_value(
             VarType::ShortName,
             "a very long name that goes on and on",
-            &c
+            &c,
+            None
         )
         .is_none());
     }
@@ -465,11 +855,15 @@ mod tests {
     fn content_variables_follow_declared_order() {
         let t = find("appointment_reminder_2h").unwrap();
         let vars = t
-            .validate(&json!({"link": "/a", "time": "09:00"}), &ctx())
+            .validate_at(
+                &json!({"link": "/a", "starts_at": "2027-01-12T09:00:00Z"}),
+                &ctx(),
+                &at("2027-01-12T07:00:00Z", "UTC"),
+            )
             .unwrap();
         assert_eq!(
             vars.content_variables_json(),
-            r#"{"1":"09:00","2":"https://app.example.com/a"}"#
+            r#"{"1":"today at 09:00","2":"https://app.example.com/a"}"#
         );
     }
 }

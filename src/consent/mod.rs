@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
 use serde::Deserialize;
 
 use crate::channel::Channel;
@@ -27,6 +28,20 @@ pub struct ConsentPatch {
     pub sms_consent: Option<bool>,
     pub whatsapp_consent: Option<bool>,
     pub marketing_consent: Option<bool>,
+    /// An IANA zone, already checked.
+    pub time_zone: Option<String>,
+    /// Remove the stored zone (the patient's reminders then use `DEFAULT_TIME_ZONE`).
+    pub clear_time_zone: bool,
+}
+
+/// An IANA time zone name as `chrono-tz` knows it (exact case), or 400 `invalid_time_zone`.
+pub fn parse_time_zone(name: &str) -> AppResult<Tz> {
+    name.parse::<Tz>().map_err(|_| {
+        AppError::bad_request(
+            "invalid_time_zone",
+            "time_zone must be an IANA zone such as Asia/Kolkata",
+        )
+    })
 }
 
 impl ConsentPatch {
@@ -47,6 +62,11 @@ impl ConsentPatch {
             marketing_consent: self.marketing_consent.unwrap_or(current.marketing_consent),
             updated_at: current.updated_at,
             phone_verified_at: current.phone_verified_at,
+            time_zone: if self.clear_time_zone {
+                None
+            } else {
+                self.time_zone.clone().or_else(|| current.time_zone.clone())
+            },
         };
         let mut next = next;
         // A verification proves one number: a new number is not verified.
@@ -87,6 +107,9 @@ pub struct PreferencesUpdate {
     pub sms_consent: Option<bool>,
     pub whatsapp_consent: Option<bool>,
     pub marketing_consent: Option<bool>,
+    /// An IANA time zone (`Asia/Kolkata`); `null` removes it.
+    #[serde(default, deserialize_with = "present")]
+    pub time_zone: Option<Option<String>>,
     /// `app_settings` (default for the API), `web_settings` or `api`. Keyword and provider
     /// changes come only from Twilio's webhooks.
     pub source: Option<String>,
@@ -131,6 +154,11 @@ impl PreferencesUpdate {
             .map(PhoneNumber::parse)
             .transpose()?
             .map(String::from);
+        let clear_time_zone = matches!(self.time_zone, Some(None));
+        let time_zone = match self.time_zone.flatten() {
+            Some(name) => Some(parse_time_zone(&name)?.name().to_string()),
+            None => None,
+        };
         Ok((
             ConsentPatch {
                 phone_number,
@@ -138,6 +166,8 @@ impl PreferencesUpdate {
                 sms_consent: self.sms_consent,
                 whatsapp_consent: self.whatsapp_consent,
                 marketing_consent: self.marketing_consent,
+                time_zone,
+                clear_time_zone,
             },
             source,
         ))

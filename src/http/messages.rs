@@ -127,7 +127,7 @@ async fn list_templates(State(state): State<AppState>, _: HostApp) -> Json<Value
         .filter(|t| outbox::host_app_may_send(t))
         .map(|t| {
             let mut item =
-                json!({"name": t.name, "category": t.category, "variables": t.variables});
+                json!({"name": t.name, "kind": t.kind, "category": t.category(), "variables": t.variables});
             if let Some(sid) = state.config.twilio.content_sids.get(t.name) {
                 item["whatsapp_content_sid"] = json!(sid);
             }

@@ -360,6 +360,10 @@ pub struct Preferences {
     /// the number changes.
     #[schema(required = true)]
     phone_verified_at: Option<DateTime<Utc>>,
+    /// The patient's time zone: their reminders (for items without a zone of their own), quiet
+    /// hours and times are in it. Null: DEFAULT_TIME_ZONE.
+    #[schema(value_type = Option<TimeZone>, required = true)]
+    time_zone: Option<String>,
 }
 
 #[derive(ToSchema)]
@@ -436,6 +440,11 @@ pub struct TemplatesAnswer {
 #[derive(ToSchema)]
 pub struct TemplateItem {
     name: String,
+    /// What it is for: `scheduled` (reminders) and `marketing` wait for the end of QUIET_HOURS;
+    /// `transactional` (caused by the patient's own action, such as a payment) and `otp` go at
+    /// once.
+    #[schema(schema_with = template_kind)]
+    kind: String,
     /// `marketing` also needs marketing consent.
     #[schema(schema_with = template_category)]
     category: String,
@@ -444,6 +453,17 @@ pub struct TemplateItem {
     /// Present when TWILIO_CONTENT_SIDS names it.
     #[schema(pattern = "^HX[0-9a-fA-F]{32}$")]
     whatsapp_content_sid: Option<String>,
+}
+
+fn template_kind() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(["scheduled", "transactional", "marketing", "otp"]))
+        .description(Some(
+            "`scheduled` and `marketing` wait for the end of QUIET_HOURS in the patient's zone; \
+             `transactional` and `otp` go at once.",
+        ))
+        .build()
 }
 
 fn template_category() -> Object {
@@ -604,8 +624,9 @@ pub struct Appointment {
     id: String,
     user_id: String,
     starts_at: DateTime<Utc>,
-    #[schema(value_type = TimeZone)]
-    time_zone: String,
+    /// As the host app gave it; null when it gave none.
+    #[schema(value_type = Option<TimeZone>, required = true)]
+    time_zone: Option<String>,
     #[schema(schema_with = item_status)]
     status: String,
 }
@@ -623,8 +644,9 @@ pub struct FollowUp {
     id: String,
     user_id: String,
     due_at: DateTime<Utc>,
-    #[schema(value_type = TimeZone)]
-    time_zone: String,
+    /// As the host app gave it; null when it gave none.
+    #[schema(value_type = Option<TimeZone>, required = true)]
+    time_zone: Option<String>,
     #[schema(schema_with = item_status)]
     status: String,
 }
@@ -757,6 +779,14 @@ const PRINTABLE: &str = r"[^\u0000-\u001f\u007f-\u009f]";
 /// Neither a control character nor white space.
 const VISIBLE: &str =
     r"[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]";
+/// `YYYY-MM-DD` with a month and day that may exist (`Template::validate` checks the calendar).
+const DATE: &str = "[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])";
+/// `templates::parse_instant`: RFC 3339 with `T`, an optional fraction, `Z` or `+HH:MM`.
+const INSTANT: &str = concat!(
+    "[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])",
+    "T(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\\.[0-9]{1,9})?",
+    "(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])",
+);
 /// Separators `PhoneNumber::parse` takes between the digits of an international number.
 const PHONE_SEPARATORS: &str = r"[ ().\-]";
 
@@ -850,7 +880,7 @@ component!(
 );
 
 component!(
-    /// `reminders::time_zone`: the IANA names `chrono-tz` knows.
+    /// `consent::parse_time_zone`: the IANA names `chrono-tz` knows.
     TimeZone,
     ObjectBuilder::new()
         .schema_type(Type::String)
@@ -904,7 +934,7 @@ fn variable_value(var_type: VarType, app_url: &str) -> Schema {
             "HH:MM, 24-hour clock.",
         ),
         VarType::Date => string(
-            format!("^{WS}*[0-9]{{4}}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01]){WS}*$"),
+            format!("^{WS}*{DATE}{WS}*$"),
             "YYYY-MM-DD, a real calendar day (else 400); rendered as `12 Jan 2027`.",
         ),
         VarType::Amount => AnyOfBuilder::new()
@@ -941,6 +971,18 @@ fn variable_value(var_type: VarType, app_url: &str) -> Schema {
                  letters, digits and `/-_.~?=&#`, the path at most 200 characters.",
             )
         }
+        VarType::Datetime => string(
+            format!("^{WS}*{INSTANT}{WS}*$"),
+            "An RFC 3339 time with `T` and `Z` or an offset (`2027-01-12T10:30:00+05:30`), a \
+             real one (else 400). Rendered when sent, in the patient's time zone: `today at \
+             10:30`, `tomorrow at 10:30` or `on Wednesday 13 Jan 2027 at 10:30`, with the zone's \
+             abbreviation when it is not DEFAULT_TIME_ZONE.",
+        ),
+        VarType::Day => string(
+            format!("^{WS}*(?:{DATE}|{INSTANT}){WS}*$"),
+            "`YYYY-MM-DD`, or an RFC 3339 time (its day in the patient's time zone); a real one \
+             (else 400). Rendered when sent: `today`, `tomorrow` or `on Wednesday 13 Jan 2027`.",
+        ),
         VarType::ShortName => string(
             // Letters (any script), spaces, `-` and `'`: everything else that is ASCII (a dot,
             // a slash, `@`: phones make links of them), and every control character, is refused.
@@ -1025,7 +1067,8 @@ fn refine(doc: &mut utoipa::openapi::OpenApi, app_url: &str) {
     let time_zone = || {
         RefOr::Ref(described_ref(
             TimeZone::name(),
-            "DEFAULT_TIME_ZONE when left out or null.",
+            "Stored when given. Left out or null: none stored; its reminders use the patient's \
+             zone, else DEFAULT_TIME_ZONE.",
         ))
     };
     let date_time = |description: &str| -> RefOr<Schema> {
@@ -1048,7 +1091,14 @@ fn refine(doc: &mut utoipa::openapi::OpenApi, app_url: &str) {
     let rules: Vec<(&str, &str, RefOr<Schema>)> = Vec::from([
         ("SendOtpRequest", "user_id", user_id()),
         ("SendOtpRequest", "phone_number", phone()),
-        ("SendOtpRequest", "purpose", purpose()),
+        (
+            "SendOtpRequest",
+            "purpose",
+            RefOr::Ref(described_ref(
+                Purpose::name(),
+                "`verification` when left out.",
+            )),
+        ),
         ("SendOtpRequest", "channel", channel()),
         ("VerifyOtpRequest", "user_id", user_id()),
         ("VerifyOtpRequest", "purpose", purpose()),
@@ -1079,6 +1129,14 @@ fn refine(doc: &mut utoipa::openapi::OpenApi, app_url: &str) {
                 .into();
             RefOr::Ref(phone)
         }),
+        (
+            "PreferencesUpdate",
+            "time_zone",
+            RefOr::Ref(described_ref(
+                TimeZone::name(),
+                "Left out: kept. null: removed (DEFAULT_TIME_ZONE applies). Audited.",
+            )),
+        ),
         (
             "PreferencesUpdate",
             "source",

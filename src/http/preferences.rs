@@ -33,6 +33,7 @@ pub fn preferences_json(consent: &Consent) -> Value {
         "marketing_consent": consent.marketing_consent,
         "updated_at": consent.updated_at,
         "phone_verified_at": consent.phone_verified_at,
+        "time_zone": consent.time_zone,
     })
 }
 
@@ -79,7 +80,8 @@ async fn get_preferences(
         (
             status = 400,
             description = "Error envelope; `error.code` is one of: `invalid_phone`, \
-                `phone_required`, `invalid_source`, `invalid_json`, `invalid_content_type`.",
+                `phone_required`, `invalid_time_zone`, `invalid_source`, `invalid_json`, \
+                `invalid_content_type`. Nothing is written.",
             body = ErrorEnvelope,
         ),
         (status = 401, response = Unauthorized),

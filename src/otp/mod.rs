@@ -38,8 +38,15 @@ use crate::store::{
 pub struct SendOtpRequest {
     pub user_id: String,
     pub phone_number: String,
+    /// `verification` when left out, as the guide's server does.
+    #[serde(default = "default_purpose")]
+    #[schema(default = "verification")]
     pub purpose: String,
     pub channel: Option<String>,
+}
+
+fn default_purpose() -> String {
+    VERIFICATION.to_string()
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

@@ -43,7 +43,7 @@ use crate::store::{
     ConsentStore, DispatchResult, InboundStore, MarkSending, MessageRecord, MessageStore,
     ScheduleStore, SendAttempt, SendGuard, SubjectType,
 };
-use crate::templates::{self, Category, RenderContext, Template, ValidVariables};
+use crate::templates::{self, Category, RenderAt, RenderContext, Template, ValidVariables};
 use recovery::outcome_unknown;
 
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -442,20 +442,18 @@ impl Dispatcher {
         if !policy::consented(&consent, template, channel) {
             return skip(SkipReason::NoConsent);
         }
+        let now = self.clock.now();
         // A reminder goes only while its appointment or follow-up is still on, at that time.
         let subject = match policy::is_reminder(template) {
             true => self.schedule.reminder_subject(&message.id).await?,
             false => None,
         };
+        let mut item = None;
         if let Some((kind, id, at)) = &subject {
-            let item = self.schedule.get_scheduled(*kind, id).await?;
-            if let Some(reason) = policy::reminder_obsolete(
-                *kind,
-                *at,
-                &message.user_id,
-                item.as_ref(),
-                self.clock.now(),
-            ) {
+            item = self.schedule.get_scheduled(*kind, id).await?;
+            if let Some(reason) =
+                policy::reminder_obsolete(*kind, *at, &message.user_id, item.as_ref(), now)
+            {
                 return skip(reason);
             }
         }
@@ -463,7 +461,14 @@ impl Dispatcher {
             Some((SubjectType::Appointment, _, at)) => Some(*at),
             _ => None,
         };
-        match policy::quiet_hours_rule(template, &self.policy, self.clock.now(), appointment_at) {
+        // Quiet hours, the date and time and the day word are in the message's zone: the item's,
+        // else the patient's, else DEFAULT_TIME_ZONE.
+        let zone = policy::message_zone(
+            item.as_ref().and_then(|i| i.time_zone.as_deref()),
+            consent.time_zone.as_deref(),
+            self.policy.time_zone,
+        );
+        match policy::quiet_hours_rule(template, &self.policy, now, zone, appointment_at) {
             QuietHoursRule::SendNow => {}
             QuietHoursRule::HoldUntil(until) => {
                 return Ok(Prepared::NotSent(DispatchResult::Deferred { until }))
@@ -471,7 +476,13 @@ impl Dispatcher {
             QuietHoursRule::Skip(reason) => return skip(reason),
         }
         let variables: Value = serde_json::from_str(&message.variables).unwrap_or(Value::Null);
-        let valid = match template.validate(&variables, &self.render) {
+        // Rendered now, for this send: a reminder held until morning reads "today".
+        let render_at = RenderAt {
+            now,
+            zone,
+            default_zone: self.policy.time_zone,
+        };
+        let valid = match template.validate_at(&variables, &self.render, &render_at) {
             Ok(valid) => valid,
             Err(e) => return fail(format!("variables no longer valid: {e}")),
         };
@@ -688,7 +699,7 @@ impl Dispatcher {
         let template = templates::find(&outbound.template_name);
         let guard = SendGuard {
             consent: outbound.template_name != "otp",
-            marketing: template.is_some_and(|t| t.category == Category::Marketing),
+            marketing: template.is_some_and(|t| t.category() == Category::Marketing),
         };
         match self
             .messages

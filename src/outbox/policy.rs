@@ -16,6 +16,10 @@ use crate::status::{ItemStatus, SkipReason};
 use crate::store::{Consent, ScheduledItem, SubjectType};
 use crate::templates::{Category, Template};
 
+/// A 2-hour reminder that quiet hours would move to less than this before its appointment is
+/// skipped: the 24-hour reminder, sent at a waking hour the day before, has told the patient.
+pub const MIN_LEAD_AFTER_QUIET_HOURS: Duration = Duration::minutes(30);
+
 /// WhatsApp allows free-form messages for 24 hours after the patient's last message.
 pub const WHATSAPP_WINDOW: Duration = Duration::hours(24);
 
@@ -24,7 +28,7 @@ pub const WHATSAPP_WINDOW: Duration = Duration::hours(24);
 pub struct PolicySettings {
     pub messaging_enabled: bool,
     pub quiet_hours: Option<QuietHours>,
-    /// Users have no stored time zone yet, so quiet hours are kept in this one.
+    /// `DEFAULT_TIME_ZONE`: for messages whose item and patient have no zone.
     pub time_zone: Tz,
     /// Approved WhatsApp templates: template name -> Content SID.
     pub content_sids: HashMap<String, String>,
@@ -47,7 +51,7 @@ pub fn consented(consent: &Consent, template: &Template, channel: Channel) -> bo
         Channel::Sms => consent.sms_consent,
         Channel::Whatsapp => consent.whatsapp_consent,
     };
-    let marketing_ok = template.category != Category::Marketing || consent.marketing_consent;
+    let marketing_ok = template.category() != Category::Marketing || consent.marketing_consent;
     channel_consent && marketing_ok
 }
 
@@ -82,6 +86,18 @@ pub fn reminder_obsolete(
     }
 }
 
+/// The zone a message is read in: its item's (an appointment's or follow-up's, when the host app
+/// gave one), else the patient's (preferences), else `DEFAULT_TIME_ZONE`. Quiet hours, the
+/// rendered date and time and the day word all use it. A stored name this build does not know
+/// falls through to the next.
+pub fn message_zone(item_zone: Option<&str>, patient_zone: Option<&str>, default: Tz) -> Tz {
+    [item_zone, patient_zone]
+        .into_iter()
+        .flatten()
+        .find_map(|name| name.parse::<Tz>().ok())
+        .unwrap_or(default)
+}
+
 /// What quiet hours say about sending this template now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuietHoursRule {
@@ -89,31 +105,37 @@ pub enum QuietHoursRule {
     SendNow,
     /// Hold it until the window ends.
     HoldUntil(DateTime<Utc>),
-    /// Held past the appointment itself, a reminder is pointless.
+    /// Held to the window's end, the reminder would come too late.
     Skip(SkipReason),
 }
 
-/// Quiet hours hold back transactional and marketing templates (reminders, notifications);
-/// OTPs and keyword replies answer the patient and are never held back. `appointment_at` is the
-/// start of the appointment a reminder is about.
+/// Quiet hours hold back scheduled messages (reminders) and marketing, in the message's `zone`,
+/// until the window ends; what the patient's own action caused (a payment receipt), OTPs and
+/// keyword replies go at once. `appointment_at` is the start of the appointment a reminder is
+/// about: held to or past it, a reminder is skipped (`quiet_hours_passed`); a 2-hour reminder held
+/// to less than [`MIN_LEAD_AFTER_QUIET_HOURS`] before it is skipped too (`quiet_hours`). A 24-hour
+/// reminder is only moved (and then reads "today" when that is the day).
 pub fn quiet_hours_rule(
     template: &Template,
     settings: &PolicySettings,
     now: DateTime<Utc>,
+    zone: Tz,
     appointment_at: Option<DateTime<Utc>>,
 ) -> QuietHoursRule {
-    let held_back = matches!(
-        template.category,
-        Category::Transactional | Category::Marketing
-    ) && template.name != "otp";
     let until = settings
         .quiet_hours
-        .filter(|_| held_back)
-        .and_then(|quiet| quiet_hours::quiet_until(now, settings.time_zone, quiet));
+        .filter(|_| template.kind.held_by_quiet_hours())
+        .and_then(|quiet| quiet_hours::quiet_until(now, zone, quiet));
     match (until, appointment_at) {
         (None, _) => QuietHoursRule::SendNow,
         (Some(until), Some(at)) if until >= at => {
             QuietHoursRule::Skip(SkipReason::QuietHoursPassed)
+        }
+        (Some(until), Some(at))
+            if template.name == "appointment_reminder_2h"
+                && at - until < MIN_LEAD_AFTER_QUIET_HOURS =>
+        {
+            QuietHoursRule::Skip(SkipReason::QuietHours)
         }
         (Some(until), _) => QuietHoursRule::HoldUntil(until),
     }
@@ -177,6 +199,7 @@ mod tests {
             marketing_consent: marketing,
             updated_at: at("2027-01-01T00:00:00Z"),
             phone_verified_at: None,
+            time_zone: None,
         }
     }
 
@@ -204,7 +227,7 @@ mod tests {
             id: "a1".into(),
             user_id: "u1".into(),
             scheduled_at: at(scheduled_at),
-            time_zone: "UTC".into(),
+            time_zone: None,
             status,
         }
     }
@@ -289,44 +312,181 @@ mod tests {
         );
     }
 
+    const UTC: Tz = chrono_tz::UTC;
+
+    fn zone(name: &str) -> Tz {
+        name.parse().unwrap()
+    }
+
     #[test]
-    fn quiet_hours_hold_reminders_but_never_codes() {
+    fn quiet_hours_hold_scheduled_and_marketing_but_not_the_patients_own() {
         let night = at("2027-01-12T23:00:00Z");
         let morning = at("2027-01-13T08:00:00Z");
         let s = settings(true);
+        let rule = |name: &str| quiet_hours_rule(template(name), &s, night, UTC, None);
+        for held in [
+            "appointment_reminder_24h",
+            "appointment_reminder_2h",
+            "follow_up_reminder",
+            "subscription_renewal",
+            "clinic_news",
+        ] {
+            assert_eq!(rule(held), QuietHoursRule::HoldUntil(morning), "{held}");
+        }
+        // Caused by the patient's own action (a payment), asked for (a code), or an answer to
+        // their keyword: at once.
+        for at_once in [
+            "payment_received",
+            "payment_failed",
+            "otp",
+            "help",
+            "opt_out_confirmation",
+        ] {
+            assert_eq!(rule(at_once), QuietHoursRule::SendNow, "{at_once}");
+        }
         assert_eq!(
-            quiet_hours_rule(template("payment_received"), &s, night, None),
-            QuietHoursRule::HoldUntil(morning)
+            quiet_hours_rule(template("clinic_news"), &settings(false), night, UTC, None),
+            QuietHoursRule::SendNow
         );
+    }
+
+    #[test]
+    fn quiet_hours_are_the_message_zones() {
+        // 02:53 UTC is 08:23 in Kolkata: the window is over there, not in UTC.
+        let now = at("2027-01-12T02:53:00Z");
+        let s = settings(true);
+        let reminder = template("appointment_reminder_24h");
         assert_eq!(
-            quiet_hours_rule(template("otp"), &s, night, None),
+            quiet_hours_rule(reminder, &s, now, zone("Asia/Kolkata"), None),
             QuietHoursRule::SendNow
         );
         assert_eq!(
-            quiet_hours_rule(template("help"), &s, night, None),
-            QuietHoursRule::SendNow
+            quiet_hours_rule(reminder, &s, now, UTC, None),
+            QuietHoursRule::HoldUntil(at("2027-01-12T08:00:00Z"))
         );
+        // The item's zone first, then the patient's, then DEFAULT_TIME_ZONE.
+        let kolkata = zone("Asia/Kolkata");
         assert_eq!(
-            quiet_hours_rule(template("payment_received"), &settings(false), night, None),
-            QuietHoursRule::SendNow
+            message_zone(Some("Europe/London"), Some("Asia/Kolkata"), UTC),
+            zone("Europe/London")
         );
+        assert_eq!(message_zone(None, Some("Asia/Kolkata"), UTC), kolkata);
+        assert_eq!(message_zone(None, None, kolkata), kolkata);
+        assert_eq!(message_zone(Some("Mars/Base"), None, kolkata), kolkata);
+    }
+
+    #[test]
+    fn quiet_hours_move_a_reminder_to_the_windows_end_or_skip_it() {
+        let s = settings(true);
+        let two_hours = template("appointment_reminder_2h");
+        let day_before = template("appointment_reminder_24h");
+        let night = at("2027-01-13T06:00:00Z");
+        let window_end = at("2027-01-13T08:00:00Z");
+        let rule = |t, start: &str| quiet_hours_rule(t, &s, night, UTC, Some(at(start)));
+        // A 2-hour reminder that would arrive 30 minutes or more before the start: moved.
         assert_eq!(
-            quiet_hours_rule(
-                template("appointment_reminder_2h"),
-                &s,
-                night,
-                Some(at("2027-01-13T07:30:00Z"))
-            ),
+            rule(two_hours, "2027-01-13T08:30:00Z"),
+            QuietHoursRule::HoldUntil(window_end)
+        );
+        // Less than 30 minutes before: skipped (the 24-hour reminder told the patient).
+        assert_eq!(
+            rule(two_hours, "2027-01-13T08:29:00Z"),
+            QuietHoursRule::Skip(SkipReason::QuietHours)
+        );
+        // At or after the start: skipped as passed.
+        assert_eq!(
+            rule(two_hours, "2027-01-13T07:59:00Z"),
             QuietHoursRule::Skip(SkipReason::QuietHoursPassed)
         );
         assert_eq!(
+            rule(two_hours, "2027-01-13T08:00:00Z"),
+            QuietHoursRule::Skip(SkipReason::QuietHoursPassed)
+        );
+        // A 24-hour reminder is moved, however near the window's end leaves it.
+        assert_eq!(
+            rule(day_before, "2027-01-13T08:10:00Z"),
+            QuietHoursRule::HoldUntil(window_end)
+        );
+        assert_eq!(
+            rule(day_before, "2027-01-13T07:30:00Z"),
+            QuietHoursRule::Skip(SkipReason::QuietHoursPassed)
+        );
+        // Outside quiet hours nothing is moved or skipped, however near the start.
+        assert_eq!(
             quiet_hours_rule(
-                template("appointment_reminder_24h"),
+                two_hours,
                 &s,
-                night,
-                Some(at("2027-01-13T10:00:00Z"))
+                at("2027-01-13T12:00:00Z"),
+                UTC,
+                Some(at("2027-01-13T12:10:00Z"))
             ),
-            QuietHoursRule::HoldUntil(morning)
+            QuietHoursRule::SendNow
+        );
+    }
+
+    #[test]
+    fn quiet_hour_moves_across_daylight_saving_changes() {
+        let s = settings(true);
+        let two_hours = template("appointment_reminder_2h");
+        let london = zone("Europe/London");
+        let new_york = zone("America/New_York");
+        // London springs forward on 28 Mar 2027: 08:00 BST is 07:00 UTC. A 2-hour reminder at
+        // 05:30 UTC (06:30 BST) for 09:00 BST (08:00 UTC) moves to 07:00 UTC, an hour ahead.
+        assert_eq!(
+            quiet_hours_rule(
+                two_hours,
+                &s,
+                at("2027-03-28T05:30:00Z"),
+                london,
+                Some(at("2027-03-28T08:00:00Z"))
+            ),
+            QuietHoursRule::HoldUntil(at("2027-03-28T07:00:00Z"))
+        );
+        // Read in GMT it would have been held to 08:00 UTC, the start itself.
+        assert_eq!(
+            quiet_hours_rule(
+                two_hours,
+                &s,
+                at("2027-03-28T05:30:00Z"),
+                UTC,
+                Some(at("2027-03-28T08:00:00Z"))
+            ),
+            QuietHoursRule::Skip(SkipReason::QuietHoursPassed)
+        );
+        // London falls back on 31 Oct 2027: 08:00 GMT is 08:00 UTC, so an appointment at 08:20
+        // GMT is 20 minutes after the window's end: its 2-hour reminder is skipped.
+        assert_eq!(
+            quiet_hours_rule(
+                two_hours,
+                &s,
+                at("2027-10-31T06:20:00Z"),
+                london,
+                Some(at("2027-10-31T08:20:00Z"))
+            ),
+            QuietHoursRule::Skip(SkipReason::QuietHours)
+        );
+        // New York springs forward on 14 Mar 2027: 08:00 EDT is 12:00 UTC (not 13:00).
+        assert_eq!(
+            quiet_hours_rule(
+                two_hours,
+                &s,
+                at("2027-03-14T10:00:00Z"),
+                new_york,
+                Some(at("2027-03-14T13:00:00Z"))
+            ),
+            QuietHoursRule::HoldUntil(at("2027-03-14T12:00:00Z"))
+        );
+        // ... and falls back on 7 Nov 2027: 08:00 EST is 13:00 UTC; 12:40 UTC (07:40 EST) is
+        // still quiet, and a start at 13:20 UTC is then under 30 minutes away.
+        assert_eq!(
+            quiet_hours_rule(
+                two_hours,
+                &s,
+                at("2027-11-07T12:40:00Z"),
+                new_york,
+                Some(at("2027-11-07T13:20:00Z"))
+            ),
+            QuietHoursRule::Skip(SkipReason::QuietHours)
         );
     }
 

@@ -1,5 +1,7 @@
-//! Quiet hours (`QUIET_HOURS`): no reminders or notifications inside a daily window in the
-//! patient's time zone. A message that falls inside waits for the window's end.
+//! Quiet hours (`QUIET_HOURS`): no scheduled messages (reminders) or marketing inside a daily
+//! window in the message's time zone (the item's, else the patient's, else `DEFAULT_TIME_ZONE`).
+//! A message that falls inside waits for the window's end, in local wall-clock time: across a
+//! daylight saving change the night is an hour shorter or longer.
 
 use chrono::{DateTime, Duration, NaiveDateTime, TimeZone, Utc};
 use chrono_tz::Tz;
@@ -94,5 +96,58 @@ mod tests {
             Some(utc("2027-01-13T02:30:00Z"))
         );
         assert_eq!(quiet_until(utc("2027-01-12T10:00:00Z"), tz, q), None);
+    }
+
+    #[test]
+    fn across_daylight_saving_changes_the_window_keeps_local_time() {
+        let q = quiet("21:00", "08:00");
+        let london: Tz = "Europe/London".parse().unwrap();
+        let new_york: Tz = "America/New_York".parse().unwrap();
+        // London, 27-28 Mar 2027: 22:00 GMT to 08:00 BST, nine hours.
+        assert_eq!(
+            quiet_until(utc("2027-03-27T22:00:00Z"), london, q),
+            Some(utc("2027-03-28T07:00:00Z"))
+        );
+        // London, 30-31 Oct 2027: 22:00 BST to 08:00 GMT, eleven hours.
+        assert_eq!(
+            quiet_until(utc("2027-10-30T21:00:00Z"), london, q),
+            Some(utc("2027-10-31T08:00:00Z"))
+        );
+        // The hour after the change is still the night's: 07:30 BST is 06:30 UTC.
+        assert_eq!(
+            quiet_until(utc("2027-03-28T06:30:00Z"), london, q),
+            Some(utc("2027-03-28T07:00:00Z"))
+        );
+        assert_eq!(quiet_until(utc("2027-03-28T07:00:00Z"), london, q), None);
+        // 20:30 UTC on 30 Oct is 21:30 BST: inside, though 20:30 GMT would not be.
+        assert!(quiet_until(utc("2027-10-30T20:30:00Z"), london, q).is_some());
+        // New York, 13-14 Mar 2027: 22:00 EST (03:00 UTC) to 08:00 EDT (12:00 UTC).
+        assert_eq!(
+            quiet_until(utc("2027-03-14T03:00:00Z"), new_york, q),
+            Some(utc("2027-03-14T12:00:00Z"))
+        );
+        // New York, 6-7 Nov 2027: 22:00 EDT (02:00 UTC) to 08:00 EST (13:00 UTC).
+        assert_eq!(
+            quiet_until(utc("2027-11-07T02:00:00Z"), new_york, q),
+            Some(utc("2027-11-07T13:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn a_window_ending_in_a_skipped_or_repeated_hour() {
+        let new_york: Tz = "America/New_York".parse().unwrap();
+        // 02:30 does not exist on 14 Mar 2027 in New York: the window ends an hour on, at 03:30
+        // EDT (07:30 UTC).
+        let q = quiet("01:00", "02:30");
+        assert_eq!(
+            quiet_until(utc("2027-03-14T06:30:00Z"), new_york, q),
+            Some(utc("2027-03-14T07:30:00Z"))
+        );
+        // 01:30 happens twice on 7 Nov 2027: the window ends at the first (EDT, 05:30 UTC).
+        let q = quiet("23:00", "01:30");
+        assert_eq!(
+            quiet_until(utc("2027-11-07T04:00:00Z"), new_york, q),
+            Some(utc("2027-11-07T05:30:00Z"))
+        );
     }
 }

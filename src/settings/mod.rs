@@ -234,6 +234,8 @@ impl SettingsPages {
             sms_consent: Some(form.sms_consent),
             whatsapp_consent: Some(form.whatsapp_consent),
             marketing_consent: Some(form.marketing_consent),
+            // The form has no zone field: the patient's zone is kept.
+            time_zone: None,
             source: None,
         };
         let ctx = ChangeContext {

@@ -198,7 +198,9 @@ pub trait InboundStore: Send + Sync + 'static {
 /// Appointments, follow-ups and the reminders queued for them.
 #[async_trait]
 pub trait ScheduleStore: Send + Sync + 'static {
-    /// Create or update an appointment or follow-up (the host app's id is the key).
+    /// Create or update an appointment or follow-up (the host app's id is the key). The time it
+    /// was booked (its notice, how long before its time) is recorded when it is new and whenever
+    /// its time, patient or status changes; a repeated PUT keeps it.
     async fn upsert_scheduled(
         &self,
         kind: SubjectType,
@@ -214,13 +216,12 @@ pub trait ScheduleStore: Send + Sync + 'static {
         id: &str,
         now: DateTime<Utc>,
     ) -> AppResult<Option<u64>>;
-    /// Scheduled items whose time lies in `[from, to]` and that have no `reminder` for that time.
+    /// Scheduled items that `due` takes and that have no `reminder` for their time.
     async fn due_without_reminder(
         &self,
         kind: SubjectType,
         reminder: &str,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
+        due: &DueFilter<'_>,
         limit: i64,
     ) -> AppResult<Vec<ScheduledItem>>;
     /// Write the reminder's message and its `reminder_log` row in one transaction; `false` (and

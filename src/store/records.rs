@@ -64,6 +64,9 @@ pub struct Consent {
     /// When a `verification` code sent to `phone_number` was entered; cleared when the number
     /// changes.
     pub phone_verified_at: Option<DateTime<Utc>>,
+    /// The patient's IANA time zone, when they gave one: their reminders (for items without a
+    /// zone of their own), quiet hours and times are in it.
+    pub time_zone: Option<String>,
 }
 
 /// Who made a change and from where: recorded with every audit row.
@@ -79,7 +82,8 @@ pub struct ChangeContext {
 pub struct ConsentAuditRecord {
     pub id: i64,
     pub user_id: String,
-    /// `phone_number`, `sms_consent`, `whatsapp_consent` or `marketing_consent`.
+    /// `phone_number`, `sms_consent`, `whatsapp_consent`, `marketing_consent`,
+    /// `phone_verified_at` or `time_zone`.
     pub field: String,
     pub old_value: Option<String>,
     pub new_value: Option<String>,
@@ -125,6 +129,9 @@ impl Consent {
             if is_new || before != after {
                 rows.push((field, old(before.to_string()), Some(after.to_string())));
             }
+        }
+        if self.time_zone != next.time_zone {
+            rows.push(("time_zone", self.time_zone.clone(), next.time_zone.clone()));
         }
         if self.phone_verified_at != next.phone_verified_at {
             let text = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339());
@@ -345,8 +352,23 @@ pub struct ScheduledItem {
     pub id: String,
     pub user_id: String,
     pub scheduled_at: DateTime<Utc>,
-    pub time_zone: String,
+    /// The IANA zone the host app gave; `None` when it gave none (the patient's zone, else
+    /// `DEFAULT_TIME_ZONE`, applies when a reminder is sent).
+    pub time_zone: Option<String>,
     pub status: ItemStatus,
+}
+
+/// Which scheduled items a reminder sweep takes, besides having no such reminder for their time.
+#[derive(Debug, Clone, Copy)]
+pub struct DueFilter<'a> {
+    /// The item's time lies in `[from, to]`.
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// Booked (time, patient or status last set) at least this many seconds before its time.
+    pub min_notice_seconds: Option<i64>,
+    /// `(kind, since)`: not while the item's `kind` reminder for the same time and patient is
+    /// still pending or was last attempted after `since`, so two reminders never come together.
+    pub apart_from: Option<(&'a str, DateTime<Utc>)>,
 }
 
 /// A message from a patient (a reply or a keyword), as received from Twilio.

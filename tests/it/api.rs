@@ -240,7 +240,7 @@ async fn notification_end_to_end_in_mock_mode(backend: Backend) {
         .text()
         .await
         .unwrap();
-    assert!(page.contains("reminder of your appointment tomorrow"));
+    assert!(page.contains("reminder of your appointment on Tuesday 12 Jan 2027"));
     // A second round finds nothing left to send.
     assert_eq!(app.dispatch().await.claimed, 0);
 }
@@ -380,7 +380,7 @@ async fn whatsapp_approved_template_uses_content_sid(backend: Backend) {
     let vars: Value = serde_json::from_str(req.field("ContentVariables").unwrap()).unwrap();
     assert_eq!(
         vars,
-        json!({"1": "12 Jan 2027", "2": "10:30", "3": "https://app.example.com/appointments/a1"})
+        json!({"1": "on Tuesday 12 Jan 2027 at 10:30", "2": "https://app.example.com/appointments/a1"})
     );
     assert_fields_exist_in_twilio_spec(req);
 
@@ -394,8 +394,9 @@ async fn whatsapp_approved_template_uses_content_sid(backend: Backend) {
     assert_eq!(reminder["whatsapp_content_sid"], sid);
     assert_eq!(
         reminder["variables"][0],
-        json!({"name": "date", "type": "date"})
+        json!({"name": "starts_at", "type": "datetime"})
     );
+    assert_eq!(reminder["kind"], "scheduled");
 }
 
 async fn messaging_service_replaces_from(backend: Backend) {
@@ -430,7 +431,7 @@ async fn idempotency_key_answers_the_same_message(backend: Backend) {
     let outbox: Value = app.outbox_json().await;
     assert_eq!(outbox["messages"].as_array().unwrap().len(), 1);
     // The same key for different content is a conflict, not a silent success.
-    body["variables"]["time"] = json!("11:30");
+    body["variables"]["starts_at"] = json!("2027-01-12T11:30:00Z");
     let r = app.notify(body).await;
     assert_eq!(r.status(), 409);
     assert_eq!(error_code(r).await, "idempotency_key_reused");

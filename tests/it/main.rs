@@ -14,6 +14,7 @@ mod otp;
 mod privacy;
 mod recipients;
 mod recovery;
+mod reminder_times;
 mod reminders;
 mod retention;
 mod settings_page;

@@ -12,7 +12,7 @@ use crate::store::*;
 
 const CONSENT_COLUMNS: &str =
     "user_id, phone_number, sms_consent, whatsapp_consent, marketing_consent, updated_at, \
-     phone_verified_at";
+     phone_verified_at, time_zone";
 
 #[async_trait]
 impl ConsentStore for ThisStore {
@@ -60,7 +60,7 @@ impl ConsentStore for ThisStore {
         sqlx::query(
             "UPDATE messaging_consent SET phone_number = $2, sms_consent = $3, \
              whatsapp_consent = $4, marketing_consent = $5, updated_at = $6, \
-             phone_verified_at = $7 WHERE user_id = $1",
+             phone_verified_at = $7, time_zone = $8 WHERE user_id = $1",
         )
         .bind(user_id)
         .bind(&next.phone_number)
@@ -69,6 +69,7 @@ impl ConsentStore for ThisStore {
         .bind(next.marketing_consent)
         .bind(next.updated_at)
         .bind(next.phone_verified_at)
+        .bind(&next.time_zone)
         .execute(&mut *tx)
         .await?;
         for (field, old_value, new_value) in changes {

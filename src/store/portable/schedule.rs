@@ -20,20 +20,24 @@ impl ScheduleStore for ThisStore {
         now: DateTime<Utc>,
     ) -> AppResult<ScheduledItem> {
         let (table, column) = kind.table();
+        // The notice (how long before its time it was booked) is kept while the time, the
+        // patient and the status stay as they were: a repeated PUT is not a new booking.
         sqlx::query(&format!(
-            "INSERT INTO {table} (id, user_id, {column}, time_zone, status, created_at, \
-             updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (id) DO UPDATE SET user_id = \
-             excluded.user_id, \
-             {column} = excluded.{column}, time_zone = excluded.time_zone, status = \
-             excluded.status, \
-             updated_at = excluded.updated_at"
+            "INSERT INTO {table} (id, user_id, {column}, time_zone, status, notice_seconds, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) \
+             ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, \
+             {column} = excluded.{column}, time_zone = excluded.time_zone, \
+             status = excluded.status, notice_seconds = CASE \
+             WHEN {table}.{column} = excluded.{column} AND {table}.user_id = excluded.user_id \
+             AND {table}.status = excluded.status THEN {table}.notice_seconds \
+             ELSE excluded.notice_seconds END, updated_at = excluded.updated_at"
         ))
         .bind(&item.id)
         .bind(&item.user_id)
         .bind(item.scheduled_at)
         .bind(&item.time_zone)
         .bind(item.status)
+        .bind((item.scheduled_at - now).num_seconds())
         .bind(now)
         .execute(&self.pool)
         .await?;
@@ -106,25 +110,34 @@ impl ScheduleStore for ThisStore {
         &self,
         kind: SubjectType,
         reminder: &str,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
+        due: &DueFilter<'_>,
         limit: i64,
     ) -> AppResult<Vec<ScheduledItem>> {
         let (table, column) = kind.table();
+        // No minimum notice: any. No other reminder to keep apart from: a kind none has.
+        let (apart_kind, apart_since) = due.apart_from.unwrap_or(("", due.from));
         Ok(sqlx::query_as::<Db, ScheduledItem>(&format!(
             "SELECT t.id, t.user_id, t.{column} AS scheduled_at, t.time_zone, t.status \
              FROM {table} t \
              WHERE t.status = 'scheduled' AND t.{column} >= $1 AND t.{column} <= $2 \
+             AND t.notice_seconds >= $6 \
              AND NOT EXISTS (SELECT 1 FROM reminder_log r WHERE r.subject_type = $3 \
              AND r.subject_id = t.id AND r.kind = $4 AND r.starts_at = t.{column} \
              AND r.user_id = t.user_id AND r.active) \
+             AND NOT EXISTS (SELECT 1 FROM reminder_log o JOIN messages m ON m.id = o.message_id \
+             WHERE o.subject_type = $3 AND o.subject_id = t.id AND o.kind = $7 \
+             AND o.starts_at = t.{column} AND o.user_id = t.user_id AND o.active \
+             AND (m.status IN ('queued', 'sending') OR m.attempt_started_at > $8)) \
              ORDER BY t.{column} LIMIT $5"
         ))
-        .bind(from)
-        .bind(to)
+        .bind(due.from)
+        .bind(due.to)
         .bind(kind.as_str())
         .bind(reminder)
         .bind(limit)
+        .bind(due.min_notice_seconds.unwrap_or(i64::MIN))
+        .bind(apart_kind)
+        .bind(apart_since)
         .fetch_all(&self.pool)
         .await?)
     }

@@ -440,8 +440,9 @@ pub fn reminder(user_id: &str) -> Value {
     serde_json::json!({
         "user_id": user_id,
         "template": "appointment_reminder_24h",
-        "variables": {"date": "2027-01-12", "time": "10:30", "link": "/appointments/a1"},
+        "variables": {"starts_at": "2027-01-12T10:30:00Z", "link": "/appointments/a1"},
     })
 }
 
-pub const REMINDER_BODY: &str = "PhysiologicPRISM: reminder of your appointment tomorrow, 12 Jan 2027 at 10:30. Details: https://app.example.com/appointments/a1 Reply STOP to opt out.";
+/// [`reminder`]'s body, rendered on a day that is neither 11 nor 12 Jan 2027 (UTC).
+pub const REMINDER_BODY: &str = "PhysiologicPRISM: reminder of your appointment on Tuesday 12 Jan 2027 at 10:30. Details: https://app.example.com/appointments/a1 Reply STOP to opt out.";
