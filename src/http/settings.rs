@@ -373,6 +373,7 @@ async fn render_page(
                 verified => verified,
                 history => data.history,
                 time_zone => data.time_zone,
+                patient_time_zone => data.patient_time_zone,
                 return_url => data.return_url,
             })
         })

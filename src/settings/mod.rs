@@ -60,6 +60,8 @@ pub struct PageData {
     pub history: Vec<HistoryRow>,
     /// The zone the dates are in.
     pub time_zone: String,
+    /// The patient's own zone, when their preferences carry one.
+    pub patient_time_zone: Option<String>,
     pub return_url: Option<String>,
 }
 
@@ -195,7 +197,12 @@ impl SettingsPages {
     /// What the page shows for the session's patient.
     pub async fn page(&self, session: &SettingsSession) -> AppResult<PageData> {
         let consent = self.consent.get(&session.user_id).await?;
-        let zone = self.default_time_zone;
+        // The patient's own zone when preferences carry one.
+        let patient_zone = consent
+            .as_ref()
+            .and_then(|c| c.time_zone.as_deref())
+            .and_then(|z| z.parse::<Tz>().ok());
+        let zone = patient_zone.unwrap_or(self.default_time_zone);
         let history = self
             .outbox
             .history(&session.user_id, RECENT_MESSAGES)
@@ -215,6 +222,7 @@ impl SettingsPages {
             consent,
             history,
             time_zone: zone.name().to_string(),
+            patient_time_zone: patient_zone.map(|z| z.name().to_string()),
             return_url: session.return_url.clone(),
         })
     }

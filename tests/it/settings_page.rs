@@ -14,6 +14,7 @@ both_backends!(
     the_form_needs_the_session_token_and_keeps_what_was_typed,
     sessions_slide_expire_and_are_cleaned_up,
     cors_opens_only_the_user_and_otp_calls,
+    dates_are_in_the_patients_zone,
 );
 
 const PATIENT: &str = "+14155552671";
@@ -404,4 +405,42 @@ async fn cors_opens_only_the_user_and_otp_calls(backend: Backend) {
         .await
         .unwrap();
     assert!(!r.headers().contains_key("access-control-allow-origin"));
+}
+
+async fn dates_are_in_the_patients_zone(backend: Backend) {
+    // 04:00 UTC is 09:30 in Kolkata.
+    let clock = ManualClock::new(
+        chrono::DateTime::parse_from_rfc3339("2027-01-12T04:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc),
+    );
+    let app = TestApp::spawn_with(backend, TestConfig::new().with_clock(&clock)).await;
+    let r = app
+        .put_preferences(
+            "p1",
+            json!({"phone_number": PATIENT, "sms_consent": true, "time_zone": "Asia/Kolkata"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    app.notify_ok(json!({
+        "user_id": "p1",
+        "template": "payment_received",
+        "variables": {"amount": "INR 1.00", "date": "2027-01-12"},
+    }))
+    .await;
+    let cookie = sign_in(&app, "p1").await;
+    let page = app
+        .client
+        .get(app.url("/settings/messaging"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // minijinja escapes the slash.
+    assert!(page.contains("Your time zone: Asia&#x2f;Kolkata"), "{page}");
+    assert!(page.contains("Times in Asia&#x2f;Kolkata"), "{page}");
+    assert!(page.contains("12 Jan 2027, 09:30"), "{page}");
 }
