@@ -18,16 +18,19 @@ pub enum Job {
     AppointmentReminders24h,
     AppointmentReminders2h,
     FollowUpReminders,
+    /// A subscription's reminders: 7 days and 1 day before it expires, 3 days before it renews.
+    SubscriptionReminders,
     CleanupExpiredOtps,
     /// Status callbacks for SIDs no message of ours ever recorded (after a day they never will).
     PruneUnmatchedCallbacks,
 }
 
 impl Job {
-    pub const ALL: [Job; 5] = [
+    pub const ALL: [Job; 6] = [
         Job::AppointmentReminders24h,
         Job::AppointmentReminders2h,
         Job::FollowUpReminders,
+        Job::SubscriptionReminders,
         Job::CleanupExpiredOtps,
         Job::PruneUnmatchedCallbacks,
     ];
@@ -37,7 +40,8 @@ impl Job {
             Job::AppointmentReminders24h | Job::AppointmentReminders2h | Job::FollowUpReminders => {
                 Duration::from_secs(60)
             }
-            Job::CleanupExpiredOtps => Duration::from_secs(600),
+            // Days ahead: every ten minutes is soon enough.
+            Job::SubscriptionReminders | Job::CleanupExpiredOtps => Duration::from_secs(600),
             Job::PruneUnmatchedCallbacks => Duration::from_secs(3600),
         }
     }
@@ -47,6 +51,7 @@ impl Job {
             Job::AppointmentReminders24h => "appointment-reminders-24h",
             Job::AppointmentReminders2h => "appointment-reminders-2h",
             Job::FollowUpReminders => "follow-up-reminders",
+            Job::SubscriptionReminders => "subscription-reminders",
             Job::CleanupExpiredOtps => "cleanup-expired-otps",
             Job::PruneUnmatchedCallbacks => "prune-unmatched-callbacks",
         }
@@ -67,6 +72,9 @@ impl Job {
                 Ok(serde_json::to_value(sweep(Reminder::Appointment2h).await?)?)
             }
             Job::FollowUpReminders => Ok(serde_json::to_value(sweep(Reminder::FollowUp).await?)?),
+            Job::SubscriptionReminders => Ok(serde_json::to_value(
+                services.reminders.sweep_subscriptions().await?,
+            )?),
             Job::CleanupExpiredOtps => Ok(serde_json::to_value(services.otp.cleanup().await?)?),
             Job::PruneUnmatchedCallbacks => {
                 let pruned = services

@@ -181,6 +181,14 @@ pub enum SkipReason {
     AppointmentPassed,
     /// Quiet hours would hold a reminder past its appointment.
     QuietHoursPassed,
+    SubscriptionCancelled,
+    /// Its `expires_at` or `renews_at` changed (a new period has its own reminders).
+    SubscriptionRescheduled,
+    SubscriptionReassigned,
+    /// The host app marked the subscription expired.
+    SubscriptionExpired,
+    /// The date the reminder announced (expiry, renewal) came before it could go.
+    SubscriptionPassed,
 }
 
 text_enum!(SkipReason {
@@ -196,6 +204,11 @@ text_enum!(SkipReason {
     FollowUpReassigned => "follow_up_reassigned",
     AppointmentPassed => "appointment_passed",
     QuietHoursPassed => "quiet_hours_passed",
+    SubscriptionCancelled => "subscription_cancelled",
+    SubscriptionRescheduled => "subscription_rescheduled",
+    SubscriptionReassigned => "subscription_reassigned",
+    SubscriptionExpired => "subscription_expired",
+    SubscriptionPassed => "subscription_passed",
 });
 
 impl SkipReason {
@@ -212,22 +225,38 @@ impl SkipReason {
                 | FollowUpRescheduled
                 | AppointmentReassigned
                 | FollowUpReassigned
+                | SubscriptionCancelled
+                | SubscriptionRescheduled
+                | SubscriptionReassigned
+                | SubscriptionExpired
         )
     }
 }
 
-/// An appointment or follow-up as the host app last pushed it.
+/// An appointment, follow-up or subscription as the host app last pushed it: appointments and
+/// follow-ups are `scheduled` or `cancelled`; subscriptions `active`, `cancelled` or `expired`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ItemStatus {
     Scheduled,
     Cancelled,
+    Active,
+    Expired,
 }
 
 text_enum!(ItemStatus {
     Scheduled => "scheduled",
     Cancelled => "cancelled",
+    Active => "active",
+    Expired => "expired",
 });
+
+impl ItemStatus {
+    /// Whether its reminders are due (an appointment still on, a subscription running).
+    pub fn is_on(self) -> bool {
+        matches!(self, ItemStatus::Scheduled | ItemStatus::Active)
+    }
+}
 
 #[cfg(test)]
 mod tests {

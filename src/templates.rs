@@ -93,11 +93,19 @@ pub static TEMPLATES: &[Template] = &[
         variables: &[var("date", VarType::Date), var("link", VarType::Link)],
         body: "{clinic}: you have a follow-up due on {date}. Details: {link}",
     },
+    // Both subscription templates are scheduled messages (the `subscription-reminders` sweep
+    // sends them; quiet hours hold them). The host app may also send them itself.
     Template {
         name: "subscription_renewal",
         category: Category::Transactional,
         variables: &[var("date", VarType::Date), var("link", VarType::Link)],
         body: "{clinic}: your subscription renews on {date}. Manage it here: {link}",
+    },
+    Template {
+        name: "subscription_expiring",
+        category: Category::Transactional,
+        variables: &[var("date", VarType::Date), var("link", VarType::Link)],
+        body: "{clinic}: your subscription expires on {date}. Renew or manage it here: {link}",
     },
     Template {
         name: "payment_received",

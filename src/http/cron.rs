@@ -6,7 +6,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::openapi::{CleanupAnswer, CronNotConfigured, InternalError, Unauthorized};
+use super::openapi::{CleanupAnswer, CronNotConfigured, InternalError, SweepAnswer, Unauthorized};
 use super::Cron;
 use crate::error::AppResult;
 use crate::http::AppState;
@@ -27,6 +27,7 @@ pub fn router() -> Router<AppState> {
             "/cron/follow-up-reminders",
             post(|s, c| sweep(s, c, Reminder::FollowUp)),
         )
+        .route("/cron/subscription-reminders", post(subscription_reminders))
 }
 
 async fn sweep(
@@ -63,4 +64,29 @@ async fn cleanup_expired_otps(State(state): State<AppState>, _: Cron) -> AppResu
         "used_deleted": report.used_deleted,
         "send_log_pruned": report.send_log_pruned,
     })))
+}
+
+#[utoipa::path(
+    post,
+    path = "/cron/subscription-reminders",
+    tag = "cron",
+    operation_id = "subscriptionReminders",
+    summary = "Queue due subscription reminders",
+    description = "`subscription_expiring` 7 days and 1 day before `expires_at`, \
+        `subscription_renewal` 3 days before `renews_at`, once per period; `due` and `queued` \
+        are added up over the three. The embedded scheduler also runs it every 10 minutes. No \
+        request body.",
+    security(("cronSecret" = [])),
+    responses(
+        (status = 200, description = "OK", body = SweepAnswer),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = InternalError),
+        (status = 503, response = CronNotConfigured),
+    )
+)]
+async fn subscription_reminders(State(state): State<AppState>, _: Cron) -> AppResult<Json<Value>> {
+    let report = state.reminders.sweep_subscriptions().await?;
+    Ok(Json(
+        json!({"success": true, "due": report.due, "queued": report.queued}),
+    ))
 }

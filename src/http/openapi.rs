@@ -66,6 +66,7 @@ use crate::templates::{VarSpec, VarType, TEMPLATES};
         super::webhooks::incoming,
         super::webhooks::status_callback,
         super::cron::cleanup_expired_otps,
+        super::cron::subscription_reminders,
         appointment_reminders_24h,
         appointment_reminders_2h,
         follow_up_reminders,
@@ -80,6 +81,8 @@ use crate::templates::{VarSpec, VarType, TEMPLATES};
         super::schedule::delete_appointment,
         super::schedule::put_follow_up,
         super::schedule::delete_follow_up,
+        super::schedule::put_subscription,
+        super::schedule::delete_subscription,
     ),
     components(
         schemas(
@@ -94,6 +97,7 @@ use crate::templates::{VarSpec, VarType, TEMPLATES};
             HostId,
             MessageId,
             Preferences,
+            Plan,
         ),
         responses(
             Unauthorized,
@@ -539,6 +543,36 @@ pub struct FollowUp {
     status: String,
 }
 
+#[derive(ToSchema)]
+pub struct SubscriptionAnswer {
+    #[schema(schema_with = always_true)]
+    success: bool,
+    subscription: SubscriptionItem,
+}
+
+#[derive(ToSchema)]
+#[schema(as = Subscription)]
+pub struct SubscriptionItem {
+    #[schema(value_type = HostId)]
+    id: String,
+    user_id: String,
+    #[schema(value_type = Plan)]
+    plan: String,
+    /// Null when the subscription does not renew.
+    renews_at: Option<DateTime<Utc>>,
+    /// Null when the subscription does not expire.
+    expires_at: Option<DateTime<Utc>>,
+    #[schema(schema_with = subscription_status)]
+    status: String,
+}
+
+fn subscription_status() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(["active", "cancelled", "expired"]))
+        .build()
+}
+
 fn item_status() -> Object {
     ObjectBuilder::new()
         .schema_type(Type::String)
@@ -786,6 +820,21 @@ component!(
 );
 
 component!(
+    /// `reminders::validate_plan`: a product tier, never a description of care.
+    Plan,
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(r"^[A-Za-z0-9][A-Za-z0-9 _+()\-]{0,63}$"))
+        .description(Some(
+            "The plan's name, a product tier (`Pro`, `Family 12 months`): 1-64 ASCII letters, \
+             digits, spaces and `-_+()`, starting with a letter or digit; otherwise 400 \
+             `invalid_plan`. Never part of a message.",
+        ))
+        .examples(["Pro monthly"])
+        .build()
+);
+
+component!(
     /// The id of a message: a UUIDv7 as `uuid` writes it. Any other id is simply not found.
     MessageId,
     ObjectBuilder::new()
@@ -1012,6 +1061,38 @@ fn refine(doc: &mut utoipa::openapi::OpenApi, app_url: &str) {
                 &["scheduled", "cancelled"],
                 "`scheduled` when left out or null; `cancelled` also skips its reminders not \
                  yet sent. Otherwise 400 `invalid_status`.",
+            ),
+        ),
+        ("SubscriptionRequest", "user_id", user_id()),
+        (
+            "SubscriptionRequest",
+            "plan",
+            RefOr::Ref(Ref::from_schema_name(Plan::name())),
+        ),
+        (
+            "SubscriptionRequest",
+            "renews_at",
+            date_time(
+                "When it renews (its `subscription_renewal` reminder goes 3 days before). At \
+                 least one of `renews_at` and `expires_at`, else 400 `invalid_time`.",
+            ),
+        ),
+        (
+            "SubscriptionRequest",
+            "expires_at",
+            date_time(
+                "When it expires (its `subscription_expiring` reminders go 7 days and 1 day \
+                 before). At least one of `renews_at` and `expires_at`, else 400 \
+                 `invalid_time`.",
+            ),
+        ),
+        (
+            "SubscriptionRequest",
+            "status",
+            string_enum(
+                &["active", "cancelled", "expired"],
+                "`active` when left out or null; `cancelled` and `expired` also skip its \
+                 reminders not yet sent. Otherwise 400 `invalid_status`.",
             ),
         ),
         ("FollowUpRequest", "user_id", user_id()),

@@ -1,11 +1,15 @@
-//! Reminders: the host app pushes appointments and follow-ups; sweeps queue their reminders
-//! (appointments 24 h and 2 h before, follow-ups on their due date) through the outbox.
+//! Reminders: the host app pushes appointments, follow-ups and subscriptions; sweeps queue their
+//! reminders (appointments 24 h and 2 h before, follow-ups on their due date, subscriptions 7 days
+//! and 1 day before they expire and 3 days before they renew) through the outbox.
 //!
 //! Each reminder is written with its `reminder_log` row in one transaction, keyed by the item's
 //! time: a sweep that runs twice queues nothing twice, and a rescheduled appointment gets fresh
 //! reminders while the old ones are skipped at send time (the dispatcher checks the item is still
 //! on, still at that time, and not already past).
 
+pub mod import;
+
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, SubsecRound, Utc};
@@ -17,22 +21,40 @@ use crate::clock::DynClock;
 use crate::error::{AppError, AppResult};
 use crate::outbox::{validate_user_id, DispatchWakeup};
 use crate::status::ItemStatus;
-use crate::store::{Channel, ConsentStore, NewMessage, ScheduleStore, ScheduledItem, SubjectType};
+use crate::store::{
+    Channel, Consent, ConsentStore, NewMessage, ScheduleStore, ScheduledItem, SubjectType,
+    Subscription, Upserted,
+};
 use crate::templates;
 
-/// The sweeps, each a job the scheduler and `/cron/*` run.
+/// The sweeps, each a job the scheduler and `/cron/*` run (the three subscription sweeps run as
+/// one job).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reminder {
     Appointment24h,
     Appointment2h,
     FollowUp,
+    SubscriptionExpiring7d,
+    SubscriptionExpiring1d,
+    SubscriptionRenewal3d,
 }
 
 impl Reminder {
+    /// The sweeps of the `subscription-reminders` job.
+    pub const SUBSCRIPTIONS: [Reminder; 3] = [
+        Reminder::SubscriptionExpiring7d,
+        Reminder::SubscriptionExpiring1d,
+        Reminder::SubscriptionRenewal3d,
+    ];
+
     pub fn subject(self) -> SubjectType {
         match self {
             Reminder::Appointment24h | Reminder::Appointment2h => SubjectType::Appointment,
             Reminder::FollowUp => SubjectType::FollowUp,
+            Reminder::SubscriptionExpiring7d | Reminder::SubscriptionExpiring1d => {
+                SubjectType::SubscriptionExpiry
+            }
+            Reminder::SubscriptionRenewal3d => SubjectType::SubscriptionRenewal,
         }
     }
 
@@ -42,6 +64,9 @@ impl Reminder {
             Reminder::Appointment24h => "24h",
             Reminder::Appointment2h => "2h",
             Reminder::FollowUp => "due",
+            Reminder::SubscriptionExpiring7d => "7d",
+            Reminder::SubscriptionExpiring1d => "1d",
+            Reminder::SubscriptionRenewal3d => "3d",
         }
     }
 
@@ -50,20 +75,46 @@ impl Reminder {
             Reminder::Appointment24h => "appointment_reminder_24h",
             Reminder::Appointment2h => "appointment_reminder_2h",
             Reminder::FollowUp => "follow_up_reminder",
+            Reminder::SubscriptionExpiring7d | Reminder::SubscriptionExpiring1d => {
+                "subscription_expiring"
+            }
+            Reminder::SubscriptionRenewal3d => "subscription_renewal",
         }
     }
 
     /// Items whose time falls in this window are due for this reminder now. A 24-hour reminder
     /// that comes too late (under 2 hours before) is left to the 2-hour one; a follow-up is
-    /// reminded on the day it falls due, not later.
+    /// reminded on the day it falls due, not later. A subscription's 7-day reminder is left to
+    /// the 1-day one under 2 days before (no two reminders within a day).
     fn window(self, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
         match self {
             Reminder::Appointment24h => (now + Duration::hours(2), now + Duration::hours(24)),
             Reminder::Appointment2h => (now + Duration::seconds(1), now + Duration::hours(2)),
             Reminder::FollowUp => (now - Duration::hours(24), now),
+            Reminder::SubscriptionExpiring7d => (now + Duration::days(2), now + Duration::days(7)),
+            Reminder::SubscriptionExpiring1d => {
+                (now + Duration::seconds(1), now + Duration::days(1))
+            }
+            Reminder::SubscriptionRenewal3d => {
+                (now + Duration::seconds(1), now + Duration::days(3))
+            }
+        }
+    }
+
+    /// Where the reminder's link points in the app.
+    fn link(self, id: &str) -> String {
+        match self.subject() {
+            SubjectType::Appointment => format!("/appointments/{id}"),
+            SubjectType::FollowUp => format!("/follow-ups/{id}"),
+            SubjectType::SubscriptionExpiry | SubjectType::SubscriptionRenewal => {
+                format!("/subscriptions/{id}")
+            }
         }
     }
 }
+
+/// Due items read and queued per round of a sweep (one query, one transaction).
+const SWEEP_ROUND: i64 = 1_000;
 
 /// `PUT /api/appointments/{id}`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -84,6 +135,17 @@ pub struct FollowUpRequest {
     pub time_zone: Option<String>,
 }
 
+/// `PUT /api/subscriptions/{id}`: at least one of `renews_at` and `expires_at`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionRequest {
+    pub user_id: String,
+    pub plan: String,
+    pub renews_at: Option<String>,
+    pub expires_at: Option<String>,
+    pub status: Option<String>,
+}
+
 /// What a sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct SweepReport {
@@ -101,6 +163,22 @@ fn validate_id(id: &str) -> AppResult<()> {
         AppError::bad_request(
             "invalid_id",
             "ids are 1 to 64 letters, digits, '-', '_' or '.'",
+        )
+    })
+}
+
+/// A plan's name: a product tier ("Pro", "Family plan 12 months"), never a description of care.
+/// 1 to 64 ASCII letters, digits, spaces and `-_+()`, starting with a letter or digit.
+fn validate_plan(plan: &str) -> AppResult<()> {
+    let ok = (1..=64).contains(&plan.len())
+        && plan.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && plan
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b" -_+()".contains(&b));
+    ok.then_some(()).ok_or_else(|| {
+        AppError::bad_request(
+            "invalid_plan",
+            "plan is 1 to 64 letters, digits, spaces or '-_+()', starting with a letter or digit",
         )
     })
 }
@@ -156,7 +234,8 @@ impl Reminders {
         }
     }
 
-    pub async fn put_appointment(
+    /// The appointment a `PUT /api/appointments/{id}` (or an import row) describes, validated.
+    pub fn appointment_item(
         &self,
         id: &str,
         request: AppointmentRequest,
@@ -173,13 +252,22 @@ impl Reminders {
                 ))
             }
         };
-        let item = ScheduledItem {
+        Ok(ScheduledItem {
             id: id.to_string(),
             user_id: request.user_id,
             scheduled_at: parse_time("starts_at", &request.starts_at)?,
             time_zone: self.time_zone(request.time_zone.as_deref())?,
             status,
-        };
+        })
+    }
+
+    pub async fn put_appointment(
+        &self,
+        id: &str,
+        request: AppointmentRequest,
+    ) -> AppResult<ScheduledItem> {
+        let item = self.appointment_item(id, request)?;
+        let status = item.status;
         let now = self.clock.now();
         if status == ItemStatus::Cancelled {
             // Record it, then cancel it, so its unsent reminders are skipped as with DELETE.
@@ -200,26 +288,112 @@ impl Reminders {
             .await
     }
 
-    pub async fn put_follow_up(
-        &self,
-        id: &str,
-        request: FollowUpRequest,
-    ) -> AppResult<ScheduledItem> {
+    /// The follow-up a `PUT /api/follow-ups/{id}` (or an import row) describes, validated.
+    pub fn follow_up_item(&self, id: &str, request: FollowUpRequest) -> AppResult<ScheduledItem> {
         validate_id(id)?;
         validate_user_id(&request.user_id)?;
-        let item = ScheduledItem {
+        Ok(ScheduledItem {
             id: id.to_string(),
             user_id: request.user_id,
             scheduled_at: parse_time("due_at", &request.due_at)?,
             time_zone: self.time_zone(request.time_zone.as_deref())?,
             status: ItemStatus::Scheduled,
-        };
+        })
+    }
+
+    pub async fn put_follow_up(
+        &self,
+        id: &str,
+        request: FollowUpRequest,
+    ) -> AppResult<ScheduledItem> {
+        let item = self.follow_up_item(id, request)?;
         self.schedule
             .upsert_scheduled(SubjectType::FollowUp, &item, self.clock.now())
             .await
     }
 
-    /// Cancel an item and skip its unsent reminders; the number skipped.
+    /// The subscription a `PUT /api/subscriptions/{id}` (or an import row) describes, validated.
+    pub fn subscription_record(
+        &self,
+        id: &str,
+        request: SubscriptionRequest,
+    ) -> AppResult<Subscription> {
+        validate_id(id)?;
+        validate_user_id(&request.user_id)?;
+        validate_plan(&request.plan)?;
+        let status = match request.status.as_deref() {
+            None | Some("active") => ItemStatus::Active,
+            Some("cancelled") => ItemStatus::Cancelled,
+            Some("expired") => ItemStatus::Expired,
+            Some(_) => {
+                return Err(AppError::bad_request(
+                    "invalid_status",
+                    "status must be active, cancelled or expired",
+                ))
+            }
+        };
+        let renews_at = request
+            .renews_at
+            .as_deref()
+            .map(|t| parse_time("renews_at", t))
+            .transpose()?;
+        let expires_at = request
+            .expires_at
+            .as_deref()
+            .map(|t| parse_time("expires_at", t))
+            .transpose()?;
+        if renews_at.is_none() && expires_at.is_none() {
+            return Err(AppError::bad_request(
+                "invalid_time",
+                "renews_at or expires_at is required (RFC 3339)",
+            ));
+        }
+        Ok(Subscription {
+            id: id.to_string(),
+            user_id: request.user_id,
+            plan: request.plan,
+            renews_at,
+            expires_at,
+            status,
+        })
+    }
+
+    /// Create or update a subscription. One that is cancelled or expired has its reminders not
+    /// yet sent skipped at once, in the same transaction; a new `expires_at` or `renews_at` is a
+    /// new period with its own reminders (the old period's are skipped at send time).
+    pub async fn put_subscription(
+        &self,
+        id: &str,
+        request: SubscriptionRequest,
+    ) -> AppResult<Subscription> {
+        let subscription = self.subscription_record(id, request)?;
+        self.schedule
+            .upsert_subscriptions(std::slice::from_ref(&subscription), self.clock.now())
+            .await?;
+        Ok(subscription)
+    }
+
+    /// Write imported appointments or follow-ups (validated with [`Reminders::appointment_item`]
+    /// or [`Reminders::follow_up_item`]) in one transaction.
+    pub async fn import_items(
+        &self,
+        kind: SubjectType,
+        items: &[ScheduledItem],
+    ) -> AppResult<Vec<Upserted>> {
+        self.schedule
+            .upsert_scheduled_many(kind, items, self.clock.now())
+            .await
+    }
+
+    /// Write imported subscriptions in one transaction.
+    pub async fn import_subscriptions(&self, items: &[Subscription]) -> AppResult<Vec<Upserted>> {
+        self.schedule
+            .upsert_subscriptions(items, self.clock.now())
+            .await
+    }
+
+    /// Cancel an item and skip its unsent reminders; the number skipped. A subscription's
+    /// expiry and renewal are one item: either cancels both.
     pub async fn cancel(&self, kind: SubjectType, id: &str) -> AppResult<u64> {
         self.schedule
             .cancel_scheduled(kind, id, self.clock.now())
@@ -227,38 +401,70 @@ impl Reminders {
             .ok_or(AppError::NotFound(match kind {
                 SubjectType::Appointment => "appointment",
                 SubjectType::FollowUp => "follow-up",
+                SubjectType::SubscriptionExpiry | SubjectType::SubscriptionRenewal => {
+                    "subscription"
+                }
             }))
     }
 
-    /// One round of a sweep: queue every reminder of this kind that is due now and not yet
-    /// queued, and say what it did.
+    /// A sweep: queue every reminder of this kind that is due now and not yet queued, and say
+    /// what it did. It pages through the due items in rounds of [`SWEEP_ROUND`], each round one
+    /// query (continuing after the last item of the previous one), one read of the patients'
+    /// consent records and one transaction.
     pub async fn sweep(&self, reminder: Reminder) -> AppResult<SweepReport> {
         let now = self.clock.now();
         let (from, to) = reminder.window(now);
-        let due = self
-            .schedule
-            .due_without_reminder(reminder.subject(), reminder.kind(), from, to, 1_000)
-            .await?;
-        let mut report = SweepReport {
-            due: due.len(),
-            queued: 0,
-        };
-        for item in due {
-            let Some(message) = self.reminder_message(reminder, &item, now).await? else {
-                continue;
-            };
-            if self
+        let template = templates::find(reminder.template())
+            .ok_or_else(|| anyhow::anyhow!("missing template"))?;
+        let mut report = SweepReport::default();
+        let mut after: Option<ScheduledItem> = None;
+        loop {
+            let due = self
                 .schedule
-                .queue_reminder(reminder.subject(), &item, reminder.kind(), &message)
+                .due_without_reminder(
+                    reminder.subject(),
+                    reminder.kind(),
+                    from,
+                    to,
+                    after.as_ref(),
+                    SWEEP_ROUND,
+                )
+                .await?;
+            report.due += due.len();
+            let mut user_ids: Vec<String> = due.iter().map(|i| i.user_id.clone()).collect();
+            user_ids.sort_unstable();
+            user_ids.dedup();
+            let consents: HashMap<String, Consent> = self
+                .consent
+                .get_consents(&user_ids)
                 .await?
-            {
-                report.queued += 1;
+                .into_iter()
+                .map(|c| (c.user_id.clone(), c))
+                .collect();
+            let planned: Vec<(ScheduledItem, NewMessage)> = due
+                .iter()
+                .filter_map(|item| {
+                    let consent = consents.get(&item.user_id);
+                    let message = self.reminder_message(reminder, template, item, consent, now)?;
+                    Some((item.clone(), message))
+                })
+                .collect();
+            if !planned.is_empty() {
+                report.queued += self
+                    .schedule
+                    .queue_reminders(reminder.subject(), reminder.kind(), &planned)
+                    .await?;
             }
+            if (due.len() as i64) < SWEEP_ROUND {
+                break;
+            }
+            after = due.into_iter().last();
         }
         if report.queued > 0 {
             self.wakeup.notify_one();
             tracing::info!(
                 reminder = reminder.template(),
+                kind = reminder.kind(),
                 queued = report.queued,
                 "reminders queued"
             );
@@ -266,19 +472,31 @@ impl Reminders {
         Ok(report)
     }
 
-    /// The reminder's message: the item's date and time in its own time zone, and a link to it.
-    async fn reminder_message(
+    /// The `subscription-reminders` job: its three sweeps, added up.
+    pub async fn sweep_subscriptions(&self) -> AppResult<SweepReport> {
+        let mut total = SweepReport::default();
+        for reminder in Reminder::SUBSCRIPTIONS {
+            let report = self.sweep(reminder).await?;
+            total.due += report.due;
+            total.queued += report.queued;
+        }
+        Ok(total)
+    }
+
+    /// The reminder's message: the item's date and time in its own time zone (a subscription's
+    /// in `DEFAULT_TIME_ZONE`), and a link to it. The patient's SMS consent decides the channel,
+    /// else WhatsApp; consent is checked again when the message is sent.
+    fn reminder_message(
         &self,
         reminder: Reminder,
+        template: &templates::Template,
         item: &ScheduledItem,
+        consent: Option<&Consent>,
         now: DateTime<Utc>,
-    ) -> AppResult<Option<NewMessage>> {
-        let tz: Tz = item.time_zone.parse().unwrap_or(chrono_tz::UTC);
+    ) -> Option<NewMessage> {
+        let tz: Tz = item.time_zone.parse().unwrap_or(self.default_time_zone);
         let local = item.scheduled_at.with_timezone(&tz);
-        let link = match reminder.subject() {
-            SubjectType::Appointment => format!("/appointments/{}", item.id),
-            SubjectType::FollowUp => format!("/follow-ups/{}", item.id),
-        };
+        let link = reminder.link(&item.id);
         let variables = match reminder {
             Reminder::Appointment24h => json!({
                 "date": local.format("%Y-%m-%d").to_string(),
@@ -288,24 +506,22 @@ impl Reminders {
             Reminder::Appointment2h => {
                 json!({"time": local.format("%H:%M").to_string(), "link": link})
             }
-            Reminder::FollowUp => {
+            Reminder::FollowUp
+            | Reminder::SubscriptionExpiring7d
+            | Reminder::SubscriptionExpiring1d
+            | Reminder::SubscriptionRenewal3d => {
                 json!({"date": local.format("%Y-%m-%d").to_string(), "link": link})
             }
         };
-        let template = templates::find(reminder.template())
-            .ok_or_else(|| anyhow::anyhow!("missing template"))?;
         if let Err(e) = template.validate(&variables, &self.render) {
             tracing::warn!(item = %item.id, error = %e, "reminder not queued: its variables are invalid");
-            return Ok(None);
+            return None;
         }
-        // The patient's SMS consent decides the channel, else WhatsApp; consent is checked again
-        // when the message is sent.
-        let consent = self.consent.get_consent(&item.user_id).await?;
         let channel = match consent {
             Some(c) if !c.sms_consent && c.whatsapp_consent => Channel::Whatsapp,
             _ => Channel::Sms,
         };
-        Ok(Some(NewMessage {
+        Some(NewMessage {
             id: uuid::Uuid::now_v7().to_string(),
             user_id: item.user_id.clone(),
             template_name: template.name.to_string(),
@@ -317,6 +533,6 @@ impl Reminders {
             idempotency_key: None,
             created_at: now,
             claimed_until: None,
-        }))
+        })
     }
 }

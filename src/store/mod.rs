@@ -38,6 +38,8 @@ pub trait ConsentStore: Send + Sync + 'static {
         ctx: &ChangeContext,
     ) -> AppResult<Consent>;
     async fn consent_audit(&self, user_id: &str) -> AppResult<Vec<ConsentAuditRecord>>;
+    /// The records of these users (those that have one), in no particular order.
+    async fn get_consents(&self, user_ids: &[String]) -> AppResult<Vec<Consent>>;
     /// Users whose stored number is this one.
     async fn users_with_phone(&self, phone_number: &str) -> AppResult<Vec<String>>;
 }
@@ -214,13 +216,17 @@ pub trait ScheduleStore: Send + Sync + 'static {
         id: &str,
         now: DateTime<Utc>,
     ) -> AppResult<Option<u64>>;
-    /// Scheduled items whose time lies in `[from, to]` and that have no `reminder` for that time.
+    /// Items that are on, whose time lies in `[from, to]` and that have no `reminder` for that
+    /// time: up to `limit`, in (time, id) order, after `after` (the last item of the previous
+    /// page) when given. One range of the `(status, time, id)` index: the cost follows the rows
+    /// in the window, not the rows stored, and paging never reads a row twice.
     async fn due_without_reminder(
         &self,
         kind: SubjectType,
         reminder: &str,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
+        after: Option<&ScheduledItem>,
         limit: i64,
     ) -> AppResult<Vec<ScheduledItem>>;
     /// Write the reminder's message and its `reminder_log` row in one transaction; `false` (and
@@ -231,7 +237,35 @@ pub trait ScheduleStore: Send + Sync + 'static {
         item: &ScheduledItem,
         reminder: &str,
         message: &NewMessage,
-    ) -> AppResult<bool>;
+    ) -> AppResult<bool> {
+        let planned = [(item.clone(), message.clone())];
+        Ok(self.queue_reminders(kind, reminder, &planned).await? == 1)
+    }
+    /// [`ScheduleStore::queue_reminder`] for many items in one transaction: each message with
+    /// its `reminder_log` row, or neither when that reminder of that version was already queued
+    /// (by an earlier sweep or another instance at the same moment). How many were queued.
+    async fn queue_reminders(
+        &self,
+        kind: SubjectType,
+        reminder: &str,
+        planned: &[(ScheduledItem, NewMessage)],
+    ) -> AppResult<usize>;
+    /// Create or update many appointments or follow-ups in one transaction; what happened to
+    /// each, in order. A row stored exactly so is left alone (`Unchanged`). An item written with
+    /// a status that is not on has its reminders not yet sent skipped, in the same transaction.
+    async fn upsert_scheduled_many(
+        &self,
+        kind: SubjectType,
+        items: &[ScheduledItem],
+        now: DateTime<Utc>,
+    ) -> AppResult<Vec<Upserted>>;
+    /// The same for subscriptions.
+    async fn upsert_subscriptions(
+        &self,
+        items: &[Subscription],
+        now: DateTime<Utc>,
+    ) -> AppResult<Vec<Upserted>>;
+    async fn get_subscription(&self, id: &str) -> AppResult<Option<Subscription>>;
     /// What a reminder message is for: its subject and the time it was queued for.
     async fn reminder_subject(
         &self,
@@ -263,6 +297,25 @@ pub async fn connect(database_url: &str) -> AppResult<DynStore> {
             "DATABASE_URL must start with sqlite:// or postgres://"
         )))
     }
+}
+
+/// The sweep's query ([`ScheduleStore::due_without_reminder`]), the same on both backends; public
+/// so that the benchmark can show its plan. Binds: `$1` from, `$2` to, `$3` subject type, `$4`
+/// reminder kind, `$5`/`$6` the (time, id) to page after, `$7` the limit.
+pub fn sweep_sql(kind: SubjectType) -> String {
+    let (table, column) = kind.table();
+    let zone = kind.zone_column();
+    let on = kind.on_status().as_str();
+    format!(
+        "SELECT t.id, t.user_id, t.{column} AS scheduled_at, {zone} AS time_zone, t.status \
+         FROM {table} t \
+         WHERE t.status = '{on}' AND t.{column} >= $1 AND t.{column} <= $2 \
+         AND (t.{column}, t.id) > ($5, $6) \
+         AND NOT EXISTS (SELECT 1 FROM reminder_log r WHERE r.subject_type = $3 \
+         AND r.subject_id = t.id AND r.kind = $4 AND r.starts_at = t.{column} \
+         AND r.user_id = t.user_id AND r.active) \
+         ORDER BY t.{column}, t.id LIMIT $7"
+    )
 }
 
 /// The columns of `messages`, in `MessageRecord` order.

@@ -54,6 +54,8 @@ mod portable {
     /// Rows another instance is claiming right now are skipped, not waited for.
     const SKIP_LOCKED: &str = " FOR UPDATE SKIP LOCKED";
     const LOCK_FOR_UPDATE: &str = " FOR UPDATE";
+    /// Rows read to be written are locked with `LOCK_FOR_UPDATE` instead.
+    const BEGIN_WRITE: &str = "BEGIN";
     mod admin {
         include!("portable/admin.rs");
     }

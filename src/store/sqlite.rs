@@ -56,6 +56,9 @@ mod portable {
     /// One process owns a SQLite queue: nothing to skip.
     const SKIP_LOCKED: &str = "";
     const LOCK_FOR_UPDATE: &str = "";
+    /// A transaction that reads and then writes takes the write lock at once, so no other
+    /// writer can commit between its read and its write (which SQLite would refuse).
+    const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
     mod admin {
         include!("portable/admin.rs");
     }
