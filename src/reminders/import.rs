@@ -2,10 +2,12 @@
 //! subscriptions FILE.csv`).
 //!
 //! Each row is validated by exactly the functions behind the host app's `PUT` calls; a refused
-//! row writes nothing and is reported with its line number and reason. Valid rows are written
+//! row writes nothing and is reported with its line number and reason. An id may appear once per
+//! file (a second row for it is refused: which one would win is only the file's order). Valid rows are written
 //! [`BATCH`] at a time, each batch in one transaction, and a row already stored exactly so is
 //! left alone: importing the same file twice changes nothing the second time.
 
+use std::collections::HashMap;
 use std::io::Read;
 
 use serde::Serialize;
@@ -51,7 +53,8 @@ impl ImportKind {
 pub struct Refusal {
     /// The line the row starts on (the header is line 1).
     pub line: u64,
-    /// The error code the `PUT` call would answer (`invalid_time`, ...), or `invalid_csv`.
+    /// The error code the `PUT` call would answer (`invalid_time`, ...), `duplicate_id` or
+    /// `invalid_csv`.
     pub code: String,
     pub message: String,
 }
@@ -153,6 +156,8 @@ pub async fn import_csv<R: Read>(
         ImportKind::FollowUps => Pending::Items(SubjectType::FollowUp, Vec::new()),
         ImportKind::Subscriptions => Pending::Subscriptions(Vec::new()),
     };
+    // The line each imported id is on.
+    let mut seen: HashMap<String, u64> = HashMap::new();
     let mut record = csv::StringRecord::new();
     loop {
         let line = reader.position().line();
@@ -178,6 +183,17 @@ pub async fn import_csv<R: Read>(
         // Column `i` of the expected ones; an empty cell is a value left out.
         let cell = |i: usize| record.get(index[i]).unwrap_or_default().to_string();
         let optional = |i: usize| Some(cell(i)).filter(|v| !v.is_empty());
+        let id = cell(0);
+        if let Some(first) = seen.get(&id) {
+            // Which row would win is the file's order, not a fact: importing it again would
+            // flip the item back and forth. Each item once per file.
+            summary.refused.push(Refusal {
+                line,
+                code: "duplicate_id".into(),
+                message: format!("id {id:?} is already on line {first}"),
+            });
+            continue;
+        }
         let added: Result<(), AppError> = match &mut pending {
             Pending::Items(SubjectType::Appointment, items) => reminders
                 .appointment_item(
@@ -213,12 +229,15 @@ pub async fn import_csv<R: Read>(
                 )
                 .map(|item| items.push(item)),
         };
-        if let Err(e) = added {
-            summary.refused.push(Refusal {
+        match added {
+            Ok(()) => {
+                seen.insert(id, line);
+            }
+            Err(e) => summary.refused.push(Refusal {
                 line,
                 code: e.code().to_string(),
                 message: e.to_string(),
-            });
+            }),
         }
         if pending.len() >= BATCH {
             let outcomes = pending.flush(reminders).await?;

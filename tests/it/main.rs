@@ -14,4 +14,5 @@ mod recipients;
 mod recovery;
 mod reminders;
 mod store_conformance;
+mod subscriptions;
 mod webhooks;
