@@ -113,7 +113,7 @@ impl Reminder {
     }
 }
 
-/// Due items read and queued per round of a sweep (one query, one transaction).
+/// Items of a sweep's window read per round (one query; the due ones queued in one transaction).
 const SWEEP_ROUND: i64 = 1_000;
 
 /// `PUT /api/appointments/{id}`.
@@ -408,18 +408,18 @@ impl Reminders {
     }
 
     /// A sweep: queue every reminder of this kind that is due now and not yet queued, and say
-    /// what it did. It pages through the due items in rounds of [`SWEEP_ROUND`], each round one
-    /// query (continuing after the last item of the previous one), one read of the patients'
-    /// consent records and one transaction.
+    /// what it did. It pages through the window in rounds of [`SWEEP_ROUND`] items, each round
+    /// one query (continuing after the last item of the previous one), one read of the due
+    /// items' patients' consent records and one transaction.
     pub async fn sweep(&self, reminder: Reminder) -> AppResult<SweepReport> {
         let now = self.clock.now();
         let (from, to) = reminder.window(now);
         let template = templates::find(reminder.template())
             .ok_or_else(|| anyhow::anyhow!("missing template"))?;
         let mut report = SweepReport::default();
-        let mut after: Option<ScheduledItem> = None;
+        let mut after = None;
         loop {
-            let due = self
+            let page = self
                 .schedule
                 .due_without_reminder(
                     reminder.subject(),
@@ -430,35 +430,39 @@ impl Reminders {
                     SWEEP_ROUND,
                 )
                 .await?;
+            let due = page.due;
             report.due += due.len();
-            let mut user_ids: Vec<String> = due.iter().map(|i| i.user_id.clone()).collect();
-            user_ids.sort_unstable();
-            user_ids.dedup();
-            let consents: HashMap<String, Consent> = self
-                .consent
-                .get_consents(&user_ids)
-                .await?
-                .into_iter()
-                .map(|c| (c.user_id.clone(), c))
-                .collect();
-            let planned: Vec<(ScheduledItem, NewMessage)> = due
-                .iter()
-                .filter_map(|item| {
-                    let consent = consents.get(&item.user_id);
-                    let message = self.reminder_message(reminder, template, item, consent, now)?;
-                    Some((item.clone(), message))
-                })
-                .collect();
-            if !planned.is_empty() {
-                report.queued += self
-                    .schedule
-                    .queue_reminders(reminder.subject(), reminder.kind(), &planned)
-                    .await?;
+            if !due.is_empty() {
+                let mut user_ids: Vec<String> = due.iter().map(|i| i.user_id.clone()).collect();
+                user_ids.sort_unstable();
+                user_ids.dedup();
+                let consents: HashMap<String, Consent> = self
+                    .consent
+                    .get_consents(&user_ids)
+                    .await?
+                    .into_iter()
+                    .map(|c| (c.user_id.clone(), c))
+                    .collect();
+                let planned: Vec<(ScheduledItem, NewMessage)> = due
+                    .into_iter()
+                    .filter_map(|item| {
+                        let consent = consents.get(&item.user_id);
+                        let message =
+                            self.reminder_message(reminder, template, &item, consent, now)?;
+                        Some((item, message))
+                    })
+                    .collect();
+                if !planned.is_empty() {
+                    report.queued += self
+                        .schedule
+                        .queue_reminders(reminder.subject(), reminder.kind(), &planned)
+                        .await?;
+                }
             }
-            if (due.len() as i64) < SWEEP_ROUND {
-                break;
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
             }
-            after = due.into_iter().last();
         }
         if report.queued > 0 {
             self.wakeup.notify_one();

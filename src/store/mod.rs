@@ -216,19 +216,20 @@ pub trait ScheduleStore: Send + Sync + 'static {
         id: &str,
         now: DateTime<Utc>,
     ) -> AppResult<Option<u64>>;
-    /// Items that are on, whose time lies in `[from, to]` and that have no `reminder` for that
-    /// time: up to `limit`, in (time, id) order, after `after` (the last item of the previous
-    /// page) when given. One range of the `(status, time, id)` index: the cost follows the rows
-    /// in the window, not the rows stored, and paging never reads a row twice.
+    /// A page of the sweep's window: up to `limit` items that are on and whose time lies in
+    /// `[from, to]`, in (time, id) order, after `after` (the previous page's `next`) when given;
+    /// of those, the ones with no `reminder` for that time. One range of the `(status, time, id)`
+    /// index: the cost follows the rows in the window, not the rows stored, and paging never
+    /// reads a row twice.
     async fn due_without_reminder(
         &self,
         kind: SubjectType,
         reminder: &str,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
-        after: Option<&ScheduledItem>,
+        after: Option<&SweepCursor>,
         limit: i64,
-    ) -> AppResult<Vec<ScheduledItem>>;
+    ) -> AppResult<DuePage>;
     /// Write the reminder's message and its `reminder_log` row in one transaction; `false` (and
     /// nothing written) when that reminder of that version was already queued.
     async fn queue_reminder(
@@ -303,25 +304,30 @@ pub async fn connect(database_url: &str) -> AppResult<DynStore> {
 /// so that the benchmark can show its plan. Binds: `$1` from, `$2` to, `$3` subject type, `$4`
 /// reminder kind, `$5`/`$6` the (time, id) to page after, `$7` the limit.
 ///
-/// It reads the window in (time, id) order from the `(status, time, id)` index and probes
-/// `reminder_log_once` once per row with every column of that index. The probe is a scalar
-/// subquery rather than `NOT EXISTS` on purpose: PostgreSQL turns `NOT EXISTS` into an anti-join
-/// planned from `reminder_log`'s statistics, and right after a sweep has queued thousands of
-/// reminders those still say the log is nearly empty, so it chose to scan the whole log for each
-/// row (in a 1,000,000-appointment benchmark one page of a sweep took over a minute). A scalar
-/// subquery stays a per-row index probe whatever the statistics say.
+/// It reads a page of the window in (time, id) order from the `(status, time, id)` index,
+/// stopping at the limit, and says of each row whether it already has its reminder: a probe of
+/// `reminder_log_once` with every column of that index. How it is written keeps PostgreSQL's plan
+/// to exactly that, whatever its statistics say (right after a sweep queued thousands of
+/// reminders they still say the log is nearly empty):
+/// - not a `NOT EXISTS` filter, which becomes an anti-join planned from the log's statistics: on
+///   stale ones it scanned the whole log for each row (in a 1,000,000-appointment benchmark one
+///   page took over a minute); and a filter whose pass rate the planner cannot tell made it read
+///   the whole rest of the window to sort it, for every page;
+/// - not `EXISTS` in the select list either, which may run as one hashed scan of every
+///   appointment reminder ever logged, for every page;
+/// - but a scalar subquery (`LIMIT 1`): a per-row index probe, always.
 pub fn sweep_sql(kind: SubjectType) -> String {
     let (table, column) = kind.table();
     let zone = kind.zone_column();
     let on = kind.on_status().as_str();
     format!(
-        "SELECT t.id, t.user_id, t.{column} AS scheduled_at, {zone} AS time_zone, t.status \
+        "SELECT t.id, t.user_id, t.{column} AS scheduled_at, {zone} AS time_zone, t.status, \
+         (SELECT 1 FROM reminder_log r WHERE r.subject_type = $3 \
+         AND r.subject_id = t.id AND r.kind = $4 AND r.starts_at = t.{column} \
+         AND r.user_id = t.user_id AND r.active LIMIT 1) IS NOT NULL AS reminded \
          FROM {table} t \
          WHERE t.status = '{on}' AND t.{column} >= $1 AND t.{column} <= $2 \
          AND (t.{column}, t.id) > ($5, $6) \
-         AND (SELECT 1 FROM reminder_log r WHERE r.subject_type = $3 \
-         AND r.subject_id = t.id AND r.kind = $4 AND r.starts_at = t.{column} \
-         AND r.user_id = t.user_id AND r.active LIMIT 1) IS NULL \
          ORDER BY t.{column}, t.id LIMIT $7"
     )
 }

@@ -420,6 +420,22 @@ pub struct ScheduledItem {
     pub status: ItemStatus,
 }
 
+/// Where a sweep's next page starts: after this (time, id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweepCursor {
+    pub at: DateTime<Utc>,
+    pub id: String,
+}
+
+/// A page of a sweep's window.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DuePage {
+    /// The page's items that have no reminder of the kind for their time yet.
+    pub due: Vec<ScheduledItem>,
+    /// Where the next page starts; `None` when this page ended the window.
+    pub next: Option<SweepCursor>,
+}
+
 /// A subscription as the host app pushed it: at least one of `renews_at` and `expires_at`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct Subscription {

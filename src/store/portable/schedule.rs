@@ -89,12 +89,12 @@ impl ScheduleStore for ThisStore {
         reminder: &str,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
-        after: Option<&ScheduledItem>,
+        after: Option<&SweepCursor>,
         limit: i64,
-    ) -> AppResult<Vec<ScheduledItem>> {
+    ) -> AppResult<DuePage> {
         // The first page starts at (from, ''): every id sorts after the empty one.
-        let (after_at, after_id) = after.map_or((from, ""), |a| (a.scheduled_at, a.id.as_str()));
-        Ok(sqlx::query_as::<Db, ScheduledItem>(&sweep_sql(kind))
+        let (after_at, after_id) = after.map_or((from, ""), |c| (c.at, c.id.as_str()));
+        let rows: Vec<WindowRow> = sqlx::query_as::<Db, WindowRow>(&sweep_sql(kind))
             .bind(from)
             .bind(to)
             .bind(kind.as_str())
@@ -103,7 +103,20 @@ impl ScheduleStore for ThisStore {
             .bind(after_id)
             .bind(limit)
             .fetch_all(&self.pool)
-            .await?)
+            .await?;
+        let next = match rows.last() {
+            Some(last) if rows.len() as i64 >= limit => Some(SweepCursor {
+                at: last.item.scheduled_at,
+                id: last.item.id.clone(),
+            }),
+            _ => None,
+        };
+        let due = rows
+            .into_iter()
+            .filter(|row| !row.reminded)
+            .map(|row| row.item)
+            .collect();
+        Ok(DuePage { due, next })
     }
 
     async fn queue_reminders(
@@ -220,6 +233,14 @@ impl ScheduleStore for ThisStore {
         .await?;
         Ok(row.and_then(|(kind, id, at)| Some((SubjectType::parse(&kind)?, id, at))))
     }
+}
+
+/// A row of a sweep's window, and whether it already has its reminder.
+#[derive(sqlx::FromRow)]
+struct WindowRow {
+    #[sqlx(flatten)]
+    item: ScheduledItem,
+    reminded: bool,
 }
 
 /// Rows per multi-row statement: well under SQLite's 32,766 bound parameters.
