@@ -6,7 +6,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::openapi::{
+use super::api_schema::{
     CleanupAnswer, CronNotConfigured, InternalError, RetentionAnswer, Unauthorized,
 };
 use super::Cron;

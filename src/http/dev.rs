@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use minijinja::{context, Environment};
 use serde_json::{json, Value};
 
-use super::openapi::{DevOutbox, InternalError, NotMockMode};
+use super::api_schema::{DevOutbox, InternalError, NotMockMode};
 use crate::error::{AppError, AppResult};
 use crate::http::AppState;
 use crate::provider::mock::MockProvider;

@@ -6,7 +6,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::openapi::{
+use super::api_schema::{
     ApiKeyNotConfigured, ErrorEnvelope, InternalError, MessageAnswer, MessageId,
     NotificationAnswer, PayloadTooLarge, TemplatesAnswer, Unauthorized,
 };
@@ -145,9 +145,9 @@ async fn list_templates(State(state): State<AppState>, _: HostApp) -> Json<Value
     summary = "Receipts of the retention cleanup runs, newest first",
     security(("hostAppKey" = [])),
     responses(
-        (status = 200, description = "The last 100 runs.", body = super::openapi::CleanupRunsAnswer),
-        (status = 401, response = super::openapi::Unauthorized),
-        (status = 503, response = super::openapi::ApiKeyNotConfigured),
+        (status = 200, description = "The last 100 runs.", body = super::api_schema::CleanupRunsAnswer),
+        (status = 401, response = super::api_schema::Unauthorized),
+        (status = 503, response = super::api_schema::ApiKeyNotConfigured),
     )
 )]
 async fn cleanup_runs(State(state): State<AppState>, _: HostApp) -> AppResult<Json<Value>> {

@@ -1,6 +1,7 @@
 //! The HTTP layer: one router per feature, merged here, plus the extractors that authenticate
 //! callers and turn bad JSON into the contract's error envelope.
 
+mod api_schema;
 mod cron;
 mod dev;
 mod headers;

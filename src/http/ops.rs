@@ -8,7 +8,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::openapi::{Health, Readiness};
+use super::api_schema::{Health, Readiness};
 use crate::auth::{bearer_token, key_matches};
 use crate::error::AppError;
 use crate::http::AppState;
@@ -65,7 +65,7 @@ impl FromRequestParts<AppState> for Scraper {
             body = String,
             content_type = "text/plain",
         ),
-        (status = 401, response = super::openapi::Unauthorized),
+        (status = 401, response = super::api_schema::Unauthorized),
     )
 )]
 async fn metrics(

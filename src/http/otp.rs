@@ -8,7 +8,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::openapi::{
+use super::api_schema::{
     ErrorEnvelope, InternalError, PayloadTooLarge, VerifyOtpAnswer, VerifyOtpError,
 };
 use super::{ClientMeta, JsonBody};

@@ -6,7 +6,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::openapi::{
+use super::api_schema::{
     ErrorEnvelope, HistoryAnswer, InternalError, PayloadTooLarge, PreferencesAnswer, Unauthorized,
     UserAuthNotConfigured,
 };

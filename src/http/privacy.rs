@@ -6,7 +6,7 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::openapi::{
+use super::api_schema::{
     ApiKeyNotConfigured, ErasureAnswer, ErrorEnvelope, InternalError, Unauthorized,
     UserAuthNotConfigured,
 };
@@ -87,7 +87,7 @@ async fn erase_me(
     operation_id = "eraseUser",
     summary = "Erase a user",
     description = "As `DELETE /api/messaging/me`, at the host app's request.",
-    params(("id" = super::openapi::UserId, Path, description = "The user id.")),
+    params(("id" = super::api_schema::UserId, Path, description = "The user id.")),
     security(("hostAppKey" = [])),
     responses(
         (status = 200, description = "What was erased.", body = ErasureAnswer),

@@ -5,7 +5,7 @@ use axum::routing::put;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::openapi::{
+use super::api_schema::{
     ApiKeyNotConfigured, AppointmentAnswer, CancelAnswer, ErrorEnvelope, FollowUpAnswer, HostId,
     InternalError, PayloadTooLarge, Unauthorized,
 };

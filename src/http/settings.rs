@@ -13,7 +13,7 @@ use minijinja::{context, Environment};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::openapi::{
+use super::api_schema::{
     ApiKeyNotConfigured, ErrorEnvelope, PayloadTooLarge, SettingsLinkAnswer, Unauthorized,
 };
 use super::{ClientMeta, HostApp, JsonBody};

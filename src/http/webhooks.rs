@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::openapi::{
+use super::api_schema::{
     ApiKeyNotConfigured, BadSignature, ErrorEnvelope, InboundAnswer, InternalError, NotMockMode,
     PayloadTooLarge, TwilioIncomingForm, TwilioStatusForm, Unauthorized, WebhooksNotConfigured,
 };
