@@ -12,6 +12,24 @@
 //! `.ci/run` checks the included files' formatting (`cargo fmt` cannot see them).
 //! Migrations: `migrations/sqlite` and `migrations/postgres`, with matching versions.
 
+/// The portable SQL, one module per area, compiled inside a backend's `portable` module against
+/// the `ThisStore`, `Db` and constants that backend defines there. One list, so a new area
+/// reaches both backends at once.
+macro_rules! include_portable_sql {
+    () => {
+        include_portable_sql!(
+            admin, consent, inbound, messages, otp, schedule, privacy, retention, sessions
+        );
+    };
+    ($($area:ident),+) => {
+        $(
+            mod $area {
+                include!(concat!("portable/", stringify!($area), ".rs"));
+            }
+        )+
+    };
+}
+
 pub mod postgres;
 mod records;
 pub mod sqlite;

@@ -56,31 +56,5 @@ mod portable {
     const LOCK_FOR_UPDATE: &str = " FOR UPDATE";
     /// Nothing to fold: PostgreSQL's own vacuum reclaims deleted rows.
     const AFTER_ERASURE: &str = "";
-    mod admin {
-        include!("portable/admin.rs");
-    }
-    mod consent {
-        include!("portable/consent.rs");
-    }
-    mod inbound {
-        include!("portable/inbound.rs");
-    }
-    mod messages {
-        include!("portable/messages.rs");
-    }
-    mod otp {
-        include!("portable/otp.rs");
-    }
-    mod schedule {
-        include!("portable/schedule.rs");
-    }
-    mod privacy {
-        include!("portable/privacy.rs");
-    }
-    mod retention {
-        include!("portable/retention.rs");
-    }
-    mod sessions {
-        include!("portable/sessions.rs");
-    }
+    include_portable_sql!();
 }

@@ -62,33 +62,7 @@ mod portable {
     /// After an erasure, fold the WAL into the database file (and truncate it), so the erased
     /// rows' old pages do not linger in the log.
     const AFTER_ERASURE: &str = "PRAGMA wal_checkpoint(TRUNCATE)";
-    mod admin {
-        include!("portable/admin.rs");
-    }
-    mod consent {
-        include!("portable/consent.rs");
-    }
-    mod inbound {
-        include!("portable/inbound.rs");
-    }
-    mod messages {
-        include!("portable/messages.rs");
-    }
-    mod otp {
-        include!("portable/otp.rs");
-    }
-    mod schedule {
-        include!("portable/schedule.rs");
-    }
-    mod privacy {
-        include!("portable/privacy.rs");
-    }
-    mod retention {
-        include!("portable/retention.rs");
-    }
-    mod sessions {
-        include!("portable/sessions.rs");
-    }
+    include_portable_sql!();
 }
 
 #[cfg(test)]
