@@ -212,14 +212,9 @@ async fn notification_end_to_end_in_mock_mode(backend: Backend) {
     // The mock's "delivered" goes through the status-callback path, like Twilio's would.
     assert_eq!(statuses, ["sending", "sent", "delivered"]);
 
-    let r = app
-        .client
-        .get(app.url("/api/messaging/history"))
-        .bearer_auth(app.user_token("patient-1"))
-        .send()
-        .await
-        .unwrap();
-    let history: Value = r.json().await.unwrap();
+    let history = app
+        .get_json("/api/messaging/history", Some(&app.user_token("patient-1")))
+        .await;
     assert_eq!(history["messages"][0]["id"], id.as_str());
     assert_eq!(history["messages"][0]["status"], "delivered");
     assert_eq!(
@@ -617,14 +612,12 @@ async fn history_is_newest_first_and_private(backend: Backend) {
     let first = app.notify_ok(reminder("a")).await;
     let second = app.notify_ok(reminder("a")).await;
     app.notify_ok(reminder("b")).await;
-    let r = app
-        .client
-        .get(app.url("/api/messaging/history?limit=10"))
-        .bearer_auth(app.user_token("a"))
-        .send()
-        .await
-        .unwrap();
-    let v: Value = r.json().await.unwrap();
+    let v = app
+        .get_json(
+            "/api/messaging/history?limit=10",
+            Some(&app.user_token("a")),
+        )
+        .await;
     let ids: Vec<&str> = v["messages"]
         .as_array()
         .unwrap()
