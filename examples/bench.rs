@@ -10,6 +10,15 @@
 //! `cargo run --release --example bench -- dispatch <database-url> <messages> <instances>`
 //! queues the messages, starts that many dispatcher processes on the database, and reports how
 //! fast messages reach the fake Twilio and each process's peak memory.
+//!
+//! `cargo run --release --example bench -- sweep <database-url> <appointments>` stores that many
+//! appointments, a tenth of them due for their 24-hour reminder, prints the sweep query's plan,
+//! and times one sweep that queues every due reminder (in as many rounds as that takes), then a
+//! sweep with nothing left to queue.
+//!
+//! `cargo run --release --example bench -- import <database-url> <rows>` writes a CSV of that
+//! many appointments and times `prism-messaging import appointments` on it, twice (the second
+//! time every row is unchanged).
 
 #[path = "../tests/it/common/fake_twilio.rs"]
 mod fake_twilio;
@@ -172,10 +181,257 @@ async fn dispatch(binary: &std::path::Path, database_url: &str, messages: usize,
     }
 }
 
+/// Patients the reminder scenarios spread their appointments over (each with SMS consent).
+const PATIENTS: usize = 1_000;
+
+/// The store, migrated, with `PATIENTS` consenting patients, and the service on a fixed clock.
+async fn reminder_services(
+    database_url: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> prism_messaging::app::Services {
+    use prism_messaging::consent::ConsentPatch;
+    use prism_messaging::store::{ChangeContext, ConsentSource};
+    let vars: std::collections::HashMap<&str, &str> = [
+        ("DATABASE_URL", database_url),
+        ("QUIET_HOURS", "off"),
+        ("RUST_LOG", "warn"),
+        ("OTP_SECRET", "bench-otp-secret-0123456789abcdef"),
+    ]
+    .into_iter()
+    .collect();
+    let config =
+        prism_messaging::config::Config::from_lookup(|name| vars.get(name).map(|v| v.to_string()))
+            .unwrap();
+    let clock = prism_messaging::clock::ManualClock::new(now);
+    let services = prism_messaging::app::Services::build(config, Arc::new(clock))
+        .await
+        .unwrap();
+    let ctx = ChangeContext {
+        source: ConsentSource::Api,
+        ip: None,
+        user_agent: None,
+        at: now,
+    };
+    for p in 0..PATIENTS {
+        let patch = ConsentPatch {
+            phone_number: Some(format!("+9198765{p:05}")),
+            sms_consent: Some(true),
+            ..Default::default()
+        };
+        services
+            .store
+            .update_consent(&format!("patient-{p}"), &|c| patch.apply(c), &ctx)
+            .await
+            .unwrap();
+    }
+    services
+}
+
+/// The sweep query's plan, as the database would run it for the first page.
+async fn sweep_plan(
+    database_url: &str,
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+) -> String {
+    use prism_messaging::store::{sweep_sql, SubjectType};
+    let sql = sweep_sql(SubjectType::Appointment);
+    if database_url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(database_url).await.unwrap();
+        let rows: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .bind(from)
+                .bind(to)
+                .bind("appointment")
+                .bind("24h")
+                .bind(from)
+                .bind("")
+                .bind(1_000_i64)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        rows.into_iter()
+            .map(|(id, parent, _, detail)| format!("  [{id}<-{parent}] {detail}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    } else {
+        let pool = sqlx::PgPool::connect(database_url).await.unwrap();
+        // A fresh bulk load: let the planner see it, as autovacuum soon would.
+        sqlx::query("ANALYZE").execute(&pool).await.unwrap();
+        let rows: Vec<(String,)> = sqlx::query_as(&format!("EXPLAIN (ANALYZE, BUFFERS) {sql}"))
+            .bind(from)
+            .bind(to)
+            .bind("appointment")
+            .bind("24h")
+            .bind(from)
+            .bind("")
+            .bind(1_000_i64)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        rows.into_iter()
+            .map(|(line,)| format!("  {line}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+async fn sweep_bench(database_url: &str, stored: usize) {
+    use chrono::{Duration as Span, Utc};
+    use prism_messaging::reminders::Reminder;
+    use prism_messaging::store::{ItemStatus, ScheduledItem, SubjectType};
+    let now = chrono::DateTime::parse_from_rfc3339("2027-01-12T04:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let services = reminder_services(database_url, now).await;
+    let due = stored / 10;
+    let started = Instant::now();
+    let mut batch = Vec::with_capacity(10_000);
+    for i in 0..stored {
+        // Every tenth is in the 24-hour window (2-24 h ahead); the rest from 30 hours to a year.
+        let at = if i % 10 == 0 {
+            now + Span::hours(3) + Span::milliseconds((i as i64 * 37) % 72_000_000)
+        } else {
+            now + Span::hours(30) + Span::seconds((i as i64 * 7_919) % 31_000_000)
+        };
+        batch.push(ScheduledItem {
+            id: format!("appt-{i:07}"),
+            user_id: format!("patient-{}", i % PATIENTS),
+            scheduled_at: at,
+            time_zone: Some("Asia/Kolkata".into()),
+            status: ItemStatus::Scheduled,
+        });
+        if batch.len() == batch.capacity() || i + 1 == stored {
+            services
+                .store
+                .upsert_scheduled_many(SubjectType::Appointment, &batch, now)
+                .await
+                .unwrap();
+            batch.clear();
+        }
+    }
+    let backend = database_url.split(':').next().unwrap_or("?");
+    eprintln!(
+        "   (stored {stored} appointments on {backend} in {:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+    let plan = sweep_plan(database_url, now + Span::hours(2), now + Span::hours(24)).await;
+    let started = Instant::now();
+    let report = services
+        .reminders
+        .sweep(Reminder::Appointment24h)
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(report.queued, due, "every due reminder queued");
+    let started = Instant::now();
+    let again = services
+        .reminders
+        .sweep(Reminder::Appointment24h)
+        .await
+        .unwrap();
+    let idle = started.elapsed();
+    assert_eq!(again.queued, 0);
+    let idle_plan = sweep_plan(database_url, now + Span::hours(2), now + Span::hours(24)).await;
+    println!(
+        "-- sweep on {backend}: {stored} appointments stored, {due} due: all queued in {:.3} s \
+         ({} rounds, {:.1} us per due reminder); the next sweep, nothing to queue: {:.3} s",
+        elapsed.as_secs_f64(),
+        due.div_ceil(1_000).max(1),
+        elapsed.as_secs_f64() * 1e6 / due.max(1) as f64,
+        idle.as_secs_f64()
+    );
+    println!("   plan of the sweep query, first page:\n{plan}");
+    println!("   plan of the sweep query, every due reminder queued:\n{idle_plan}");
+}
+
+async fn import_bench(binary: &std::path::Path, database_url: &str, rows: usize) {
+    use std::io::Write;
+    let dir = tempfile_dir();
+    let file = dir.join("calendar.csv");
+    let mut csv = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
+    writeln!(csv, "id,user_id,starts_at,time_zone,status").unwrap();
+    let start = chrono::DateTime::parse_from_rfc3339("2027-01-12T04:00:00Z").unwrap();
+    for i in 0..rows {
+        let at = start + chrono::Duration::minutes(15 * i as i64);
+        let status = if i % 50 == 0 { "cancelled" } else { "" };
+        writeln!(
+            csv,
+            "clinic-{i:07},patient-{},{},Asia/Kolkata,{status}",
+            i % PATIENTS,
+            at.to_rfc3339()
+        )
+        .unwrap();
+    }
+    csv.flush().unwrap();
+    drop(csv);
+    let backend = database_url.split(':').next().unwrap_or("?");
+    // Migrations first, so the runs time the import alone (plus the process start).
+    let status = tokio::process::Command::new(binary)
+        .arg("migrate")
+        .env_clear()
+        .env("DATABASE_URL", database_url)
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    for run in ["first import", "same file again"] {
+        let started = Instant::now();
+        let out = tokio::process::Command::new(binary)
+            .args(["import", "appointments"])
+            .arg(&file)
+            .env_clear()
+            .env("DATABASE_URL", database_url)
+            .env("RUST_LOG", "error")
+            .current_dir(&dir)
+            .output()
+            .await
+            .unwrap();
+        let elapsed = started.elapsed();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let summary = String::from_utf8_lossy(&out.stdout);
+        let summary = summary.lines().next().unwrap_or_default();
+        let summary = summary.split_once(": ").map_or(summary, |(_, s)| s);
+        println!(
+            "-- import on {backend}, {run}: {rows} rows in {:.2} s ({:.0} rows/s): {summary}",
+            elapsed.as_secs_f64(),
+            rows as f64 / elapsed.as_secs_f64()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("prism-bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scenario = args.get(1).cloned().unwrap_or_else(|| "otp".into());
+    if scenario == "sweep" {
+        let database_url = args.get(2).cloned().expect("database url");
+        let stored = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(100_000);
+        sweep_bench(&database_url, stored).await;
+        return;
+    }
+    if scenario == "import" {
+        let binary =
+            std::env::var("PRISM_BIN").unwrap_or_else(|_| "target/release/prism-messaging".into());
+        let binary = std::fs::canonicalize(&binary)
+            .expect("the release binary exists (cargo build --release)");
+        let database_url = args.get(2).cloned().expect("database url");
+        let rows = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(100_000);
+        import_bench(&binary, &database_url, rows).await;
+        return;
+    }
     if scenario == "dispatch" {
         let binary =
             std::env::var("PRISM_BIN").unwrap_or_else(|_| "target/release/prism-messaging".into());

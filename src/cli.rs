@@ -1,5 +1,8 @@
-//! The command line: `serve` (the default), `migrate`, `health`, `send`, `consent`, `token`.
+//! The command line: `serve` (the default), `migrate`, `health`, `send`, `otp`, `job`, `import`,
+//! `consent`, `token`.
 
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -11,6 +14,7 @@ use crate::app::Services;
 use crate::config::Config;
 use crate::http::AppState;
 use crate::outbox::NotificationRequest;
+use crate::reminders::import::{import_csv, ImportKind, ImportSummary};
 use crate::scheduler::Job;
 use crate::server::{cancel_on_signal, Application};
 use crate::status::MessageStatus;
@@ -66,6 +70,12 @@ enum Command {
         #[arg(long, value_name = "RFC3339")]
         as_of: Option<String>,
     },
+    /// Import a clinic's calendar from a CSV file with a header row, validated as the host app's
+    /// PUT calls are. Importing the same file again changes nothing. Prints how many rows were
+    /// created, updated, unchanged and refused (each refusal with its line and reason); exit
+    /// code 1 when a row was refused (the others are imported).
+    #[command(subcommand)]
+    Import(ImportCommand),
     /// Show a user's consent record and its audit trail.
     Consent {
         #[arg(long)]
@@ -79,6 +89,17 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum ImportCommand {
+    /// Columns id,user_id,starts_at,time_zone,status (time_zone and status may be empty).
+    Appointments { file: PathBuf },
+    /// Columns id,user_id,due_at,time_zone (time_zone may be empty).
+    FollowUps { file: PathBuf },
+    /// Columns id,user_id,plan,renews_at,expires_at,status (one of the dates may be empty, and
+    /// status).
+    Subscriptions { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -194,6 +215,14 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             };
             println!("{}", serde_json::to_string_pretty(&output)?);
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Import(command) => {
+            let (kind, file) = match command {
+                ImportCommand::Appointments { file } => (ImportKind::Appointments, file),
+                ImportCommand::FollowUps { file } => (ImportKind::FollowUps, file),
+                ImportCommand::Subscriptions { file } => (ImportKind::Subscriptions, file),
+            };
+            import(config, kind, file).await
         }
         Command::Consent { user } => {
             let services = Services::from_config(config).await?;
@@ -357,4 +386,59 @@ async fn send(
         message.id, message.id
     );
     Ok(ExitCode::FAILURE)
+}
+
+async fn import(config: Config, kind: ImportKind, file: PathBuf) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    let input =
+        std::fs::File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
+    let size = input.metadata().map(|m| m.len()).unwrap_or(0);
+    let services = Services::from_config(config).await?;
+    // A bar on a terminal only: a script reading the summary gets the summary alone.
+    let bar = if std::io::stdout().is_terminal() {
+        indicatif::ProgressBar::new(size)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} ({eta} left)",
+        )?
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("importing {}", kind.name()));
+    let reader = std::io::BufReader::with_capacity(1 << 16, input);
+    let result = import_csv(&services.reminders, kind, reader, |bytes| {
+        bar.set_position(bytes)
+    })
+    .await;
+    bar.finish_and_clear();
+    let summary = result.with_context(|| format!("importing {}", file.display()))?;
+    print!("{}", summary_text(kind, &file, &summary));
+    Ok(if summary.refused.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The import's summary, as printed.
+fn summary_text(kind: ImportKind, file: &std::path::Path, summary: &ImportSummary) -> String {
+    let mut text = format!(
+        "{}: {} {} rows: {} created, {} updated, {} unchanged, {} refused\n",
+        file.display(),
+        summary.rows,
+        kind.name(),
+        summary.created,
+        summary.updated,
+        summary.unchanged,
+        summary.refused.len()
+    );
+    for refusal in &summary.refused {
+        text.push_str(&format!(
+            "  line {}: {} ({})\n",
+            refusal.line, refusal.message, refusal.code
+        ));
+    }
+    text
 }

@@ -18,6 +18,8 @@ pub enum Job {
     AppointmentReminders24h,
     AppointmentReminders2h,
     FollowUpReminders,
+    /// A subscription's reminders: 7 days and 1 day before it expires, 3 days before it renews.
+    SubscriptionReminders,
     CleanupExpiredOtps,
     /// Status callbacks for SIDs no message of ours ever recorded (after a day they never will).
     PruneUnmatchedCallbacks,
@@ -28,10 +30,11 @@ pub enum Job {
 }
 
 impl Job {
-    pub const ALL: [Job; 7] = [
+    pub const ALL: [Job; 8] = [
         Job::AppointmentReminders24h,
         Job::AppointmentReminders2h,
         Job::FollowUpReminders,
+        Job::SubscriptionReminders,
         Job::CleanupExpiredOtps,
         Job::PruneUnmatchedCallbacks,
         Job::CleanupSettingsSessions,
@@ -43,7 +46,10 @@ impl Job {
             Job::AppointmentReminders24h | Job::AppointmentReminders2h | Job::FollowUpReminders => {
                 Duration::from_secs(60)
             }
-            Job::CleanupExpiredOtps | Job::CleanupSettingsSessions => Duration::from_secs(600),
+            // Subscription reminders are days ahead: every ten minutes is soon enough.
+            Job::SubscriptionReminders | Job::CleanupExpiredOtps | Job::CleanupSettingsSessions => {
+                Duration::from_secs(600)
+            }
             Job::PruneUnmatchedCallbacks => Duration::from_secs(3600),
             Job::MessagingCleanup => Duration::from_secs(86_400),
         }
@@ -54,6 +60,7 @@ impl Job {
             Job::AppointmentReminders24h => "appointment-reminders-24h",
             Job::AppointmentReminders2h => "appointment-reminders-2h",
             Job::FollowUpReminders => "follow-up-reminders",
+            Job::SubscriptionReminders => "subscription-reminders",
             Job::CleanupExpiredOtps => "cleanup-expired-otps",
             Job::PruneUnmatchedCallbacks => "prune-unmatched-callbacks",
             Job::CleanupSettingsSessions => "cleanup-settings-sessions",
@@ -76,6 +83,9 @@ impl Job {
                 Ok(serde_json::to_value(sweep(Reminder::Appointment2h).await?)?)
             }
             Job::FollowUpReminders => Ok(serde_json::to_value(sweep(Reminder::FollowUp).await?)?),
+            Job::SubscriptionReminders => Ok(serde_json::to_value(
+                services.reminders.sweep_subscriptions().await?,
+            )?),
             Job::CleanupExpiredOtps => Ok(serde_json::to_value(services.otp.cleanup().await?)?),
             Job::PruneUnmatchedCallbacks => {
                 let period = services

@@ -184,6 +184,14 @@ pub enum SkipReason {
     /// Quiet hours would hold a 2-hour reminder to less than 30 minutes before its appointment
     /// (the 24-hour reminder told the patient the day before).
     QuietHours,
+    SubscriptionCancelled,
+    /// Its `expires_at` or `renews_at` changed (a new period has its own reminders).
+    SubscriptionRescheduled,
+    SubscriptionReassigned,
+    /// The host app marked the subscription expired.
+    SubscriptionExpired,
+    /// The date the reminder announced (expiry, renewal) came before it could go.
+    SubscriptionPassed,
 }
 
 text_enum!(SkipReason {
@@ -200,6 +208,11 @@ text_enum!(SkipReason {
     AppointmentPassed => "appointment_passed",
     QuietHoursPassed => "quiet_hours_passed",
     QuietHours => "quiet_hours",
+    SubscriptionCancelled => "subscription_cancelled",
+    SubscriptionRescheduled => "subscription_rescheduled",
+    SubscriptionReassigned => "subscription_reassigned",
+    SubscriptionExpired => "subscription_expired",
+    SubscriptionPassed => "subscription_passed",
 });
 
 impl SkipReason {
@@ -216,22 +229,38 @@ impl SkipReason {
                 | FollowUpRescheduled
                 | AppointmentReassigned
                 | FollowUpReassigned
+                | SubscriptionCancelled
+                | SubscriptionRescheduled
+                | SubscriptionReassigned
+                | SubscriptionExpired
         )
     }
 }
 
-/// An appointment or follow-up as the host app last pushed it.
+/// An appointment, follow-up or subscription as the host app last pushed it: appointments and
+/// follow-ups are `scheduled` or `cancelled`; subscriptions `active`, `cancelled` or `expired`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ItemStatus {
     Scheduled,
     Cancelled,
+    Active,
+    Expired,
 }
 
 text_enum!(ItemStatus {
     Scheduled => "scheduled",
     Cancelled => "cancelled",
+    Active => "active",
+    Expired => "expired",
 });
+
+impl ItemStatus {
+    /// Whether its reminders are due (an appointment still on, a subscription running).
+    pub fn is_on(self) -> bool {
+        matches!(self, ItemStatus::Scheduled | ItemStatus::Active)
+    }
+}
 
 #[cfg(test)]
 mod tests {

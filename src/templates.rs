@@ -138,11 +138,21 @@ pub static TEMPLATES: &[Template] = &[
         variables: &[var("due_at", VarType::Day), var("link", VarType::Link)],
         body: "{clinic}: you have a follow-up due {due_at}. Details: {link}",
     },
+    // Both subscription templates are scheduled messages (the `subscription-reminders` sweep
+    // sends them; quiet hours hold them). The host app may also send them itself.
+    // `date` is a day: the sweep gives the instant, rendered "tomorrow" or "on Wednesday 13 Jan
+    // 2027" in the patient's zone when sent; a host app may give `YYYY-MM-DD`.
     Template {
         name: "subscription_renewal",
         kind: Kind::Scheduled,
-        variables: &[var("date", VarType::Date), var("link", VarType::Link)],
-        body: "{clinic}: your subscription renews on {date}. Manage it here: {link}",
+        variables: &[var("date", VarType::Day), var("link", VarType::Link)],
+        body: "{clinic}: your subscription renews {date}. Manage it here: {link}",
+    },
+    Template {
+        name: "subscription_expiring",
+        kind: Kind::Scheduled,
+        variables: &[var("date", VarType::Day), var("link", VarType::Link)],
+        body: "{clinic}: your subscription expires {date}. Renew or manage it here: {link}",
     },
     Template {
         name: "payment_received",

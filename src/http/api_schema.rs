@@ -342,6 +342,8 @@ pub struct ErasureCountsSchema {
     #[schema(minimum = 0)]
     follow_ups: u64,
     #[schema(minimum = 0)]
+    subscriptions: u64,
+    #[schema(minimum = 0)]
     otp_records: u64,
     #[schema(minimum = 0)]
     sessions: u64,
@@ -439,6 +441,36 @@ pub struct FollowUp {
     time_zone: Option<String>,
     #[schema(schema_with = item_status)]
     status: String,
+}
+
+#[derive(ToSchema)]
+pub struct SubscriptionAnswer {
+    #[schema(schema_with = always_true)]
+    success: bool,
+    subscription: SubscriptionItem,
+}
+
+#[derive(ToSchema)]
+#[schema(as = Subscription)]
+pub struct SubscriptionItem {
+    #[schema(value_type = HostId)]
+    id: String,
+    user_id: String,
+    #[schema(value_type = Plan)]
+    plan: String,
+    /// Null when the subscription does not renew.
+    renews_at: Option<DateTime<Utc>>,
+    /// Null when the subscription does not expire.
+    expires_at: Option<DateTime<Utc>>,
+    #[schema(schema_with = subscription_status)]
+    status: String,
+}
+
+fn subscription_status() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(["active", "cancelled", "expired"]))
+        .build()
 }
 
 pub(super) fn item_status() -> Object {
@@ -692,6 +724,21 @@ component!(
             "The host app's id: 1-64 letters, digits, `-`, `_` or `.` (PUT: otherwise 400 \
              `invalid_id`; DELETE: 404).",
         ))
+        .build()
+);
+
+component!(
+    /// `reminders::validate_plan`: a product tier, never a description of care.
+    Plan,
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(r"^[A-Za-z0-9][A-Za-z0-9 _+()\-]{0,63}$"))
+        .description(Some(
+            "The plan's name, a product tier (`Pro`, `Family 12 months`): 1-64 ASCII letters, \
+             digits, spaces and `-_+()`, starting with a letter or digit; otherwise 400 \
+             `invalid_plan`. Never part of a message.",
+        ))
+        .examples(["Pro monthly"])
         .build()
 );
 

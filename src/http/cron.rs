@@ -7,7 +7,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::api_schema::{
-    CleanupAnswer, CronNotConfigured, InternalError, RetentionAnswer, Unauthorized,
+    CleanupAnswer, CronNotConfigured, InternalError, RetentionAnswer, SweepAnswer, Unauthorized,
 };
 use super::Cron;
 use crate::error::AppResult;
@@ -30,6 +30,7 @@ pub fn router() -> Router<AppState> {
             "/cron/follow-up-reminders",
             post(|s, c| sweep(s, c, Reminder::FollowUp)),
         )
+        .route("/cron/subscription-reminders", post(subscription_reminders))
 }
 
 async fn sweep(
@@ -93,4 +94,29 @@ async fn messaging_cleanup(State(state): State<AppState>, _: Cron) -> AppResult<
         "as_of": report.as_of,
         "deleted": report.deleted,
     })))
+}
+
+#[utoipa::path(
+    post,
+    path = "/cron/subscription-reminders",
+    tag = "cron",
+    operation_id = "subscriptionReminders",
+    summary = "Queue due subscription reminders",
+    description = "`subscription_expiring` 7 days and 1 day before `expires_at`, \
+        `subscription_renewal` 3 days before `renews_at`, once per period; `due` and `queued` \
+        are added up over the three. The embedded scheduler also runs it every 10 minutes. No \
+        request body.",
+    security(("cronSecret" = [])),
+    responses(
+        (status = 200, description = "OK", body = SweepAnswer),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = InternalError),
+        (status = 503, response = CronNotConfigured),
+    )
+)]
+async fn subscription_reminders(State(state): State<AppState>, _: Cron) -> AppResult<Json<Value>> {
+    let report = state.reminders.sweep_subscriptions().await?;
+    Ok(Json(
+        json!({"success": true, "due": report.due, "queued": report.queued}),
+    ))
 }

@@ -70,6 +70,7 @@ use crate::templates::{VarSpec, VarType, TEMPLATES};
         super::cron::cleanup_expired_otps,
         super::cron::messaging_cleanup,
         super::messages::cleanup_runs,
+        super::cron::subscription_reminders,
         appointment_reminders_24h,
         appointment_reminders_2h,
         follow_up_reminders,
@@ -89,6 +90,8 @@ use crate::templates::{VarSpec, VarType, TEMPLATES};
         super::schedule::delete_appointment,
         super::schedule::put_follow_up,
         super::schedule::delete_follow_up,
+        super::schedule::put_subscription,
+        super::schedule::delete_subscription,
     ),
     components(
         schemas(
@@ -103,6 +106,7 @@ use crate::templates::{VarSpec, VarType, TEMPLATES};
             HostId,
             MessageId,
             Preferences,
+            Plan,
         ),
         responses(
             Unauthorized,
@@ -472,6 +476,38 @@ fn refine(doc: &mut utoipa::openapi::OpenApi, app_url: &str) {
                 &["scheduled", "cancelled"],
                 "`scheduled` when left out or null; `cancelled` also skips its reminders not \
                  yet sent. Otherwise 400 `invalid_status`.",
+            ),
+        ),
+        ("SubscriptionRequest", "user_id", user_id()),
+        (
+            "SubscriptionRequest",
+            "plan",
+            RefOr::Ref(Ref::from_schema_name(Plan::name())),
+        ),
+        (
+            "SubscriptionRequest",
+            "renews_at",
+            date_time(
+                "When it renews (its `subscription_renewal` reminder goes 3 days before). At \
+                 least one of `renews_at` and `expires_at`, else 400 `invalid_time`.",
+            ),
+        ),
+        (
+            "SubscriptionRequest",
+            "expires_at",
+            date_time(
+                "When it expires (its `subscription_expiring` reminders go 7 days and 1 day \
+                 before). At least one of `renews_at` and `expires_at`, else 400 \
+                 `invalid_time`.",
+            ),
+        ),
+        (
+            "SubscriptionRequest",
+            "status",
+            string_enum(
+                &["active", "cancelled", "expired"],
+                "`active` when left out or null; `cancelled` and `expired` also skip its \
+                 reminders not yet sent. Otherwise 400 `invalid_status`.",
             ),
         ),
         ("FollowUpRequest", "user_id", user_id()),

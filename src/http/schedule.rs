@@ -1,4 +1,4 @@
-//! The host app's appointments and follow-ups, which the reminder sweeps read.
+//! The host app's appointments, follow-ups and subscriptions, which the reminder sweeps read.
 
 use axum::extract::State;
 use axum::routing::put;
@@ -7,13 +7,13 @@ use serde_json::{json, Value};
 
 use super::api_schema::{
     ApiKeyNotConfigured, AppointmentAnswer, CancelAnswer, ErrorEnvelope, FollowUpAnswer, HostId,
-    InternalError, PayloadTooLarge, Unauthorized,
+    InternalError, PayloadTooLarge, SubscriptionAnswer, Unauthorized,
 };
 use super::{HostApp, JsonBody, PathId};
 use crate::error::AppResult;
 use crate::http::AppState;
-use crate::reminders::{AppointmentRequest, FollowUpRequest};
-use crate::store::{ScheduledItem, SubjectType};
+use crate::reminders::{AppointmentRequest, FollowUpRequest, SubscriptionRequest};
+use crate::store::{ScheduledItem, SubjectType, Subscription};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -24,6 +24,10 @@ pub fn router() -> Router<AppState> {
         .route(
             "/api/follow-ups/{id}",
             put(put_follow_up).delete(delete_follow_up),
+        )
+        .route(
+            "/api/subscriptions/{id}",
+            put(put_subscription).delete(delete_subscription),
         )
 }
 
@@ -167,5 +171,91 @@ async fn delete_follow_up(
     PathId(id): PathId,
 ) -> AppResult<Json<Value>> {
     let skipped = state.reminders.cancel(SubjectType::FollowUp, &id).await?;
+    Ok(Json(json!({"success": true, "reminders_skipped": skipped})))
+}
+
+fn subscription_json(subscription: &Subscription) -> Value {
+    json!({
+        "id": subscription.id,
+        "user_id": subscription.user_id,
+        "plan": subscription.plan,
+        "renews_at": subscription.renews_at,
+        "expires_at": subscription.expires_at,
+        "status": subscription.status,
+    })
+}
+
+#[utoipa::path(
+    put,
+    path = "/api/subscriptions/{id}",
+    tag = "host-app",
+    operation_id = "putSubscription",
+    summary = "Create or update a subscription",
+    description = "Reminders: `subscription_expiring` 7 days and 1 day before `expires_at`, \
+        `subscription_renewal` 3 days before `renews_at`, once per period (a new date is a new \
+        period; the old period's reminders not yet sent are skipped as \
+        `subscription_rescheduled`). `cancelled` or `expired` skips the reminders not yet sent \
+        at once.",
+    security(("hostAppKey" = [])),
+    params(("id" = HostId, Path, description = "The host app's id.")),
+    request_body = SubscriptionRequest,
+    responses(
+        (status = 200, description = "OK", body = SubscriptionAnswer),
+        (
+            status = 400,
+            description = "Error envelope; `error.code` is one of: `invalid_id`, \
+                `invalid_user_id`, `invalid_plan`, `invalid_time` (also when both \
+                `renews_at` and `expires_at` are left out), `invalid_status`, `invalid_json`, \
+                `invalid_content_type`.",
+            body = ErrorEnvelope,
+        ),
+        (status = 401, response = Unauthorized),
+        (
+            status = 404,
+            description = "`not_found`: an empty id (no such route).",
+            body = ErrorEnvelope,
+        ),
+        (status = 413, response = PayloadTooLarge),
+        (status = 500, response = InternalError),
+        (status = 503, response = ApiKeyNotConfigured),
+    )
+)]
+async fn put_subscription(
+    State(state): State<AppState>,
+    _: HostApp,
+    PathId(id): PathId,
+    JsonBody(request): JsonBody<SubscriptionRequest>,
+) -> AppResult<Json<Value>> {
+    let subscription = state.reminders.put_subscription(&id, request).await?;
+    Ok(Json(
+        json!({"success": true, "subscription": subscription_json(&subscription)}),
+    ))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/api/subscriptions/{id}",
+    tag = "host-app",
+    operation_id = "deleteSubscription",
+    summary = "Cancel a subscription and skip its reminders not yet sent",
+    security(("hostAppKey" = [])),
+    params(("id" = HostId, Path, description = "The host app's id.")),
+    responses(
+        (status = 200, description = "OK", body = CancelAnswer),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "`not_found`: no such subscription.", body = ErrorEnvelope),
+        (status = 500, response = InternalError),
+        (status = 503, response = ApiKeyNotConfigured),
+    )
+)]
+async fn delete_subscription(
+    State(state): State<AppState>,
+    _: HostApp,
+    PathId(id): PathId,
+) -> AppResult<Json<Value>> {
+    let skipped = state
+        .reminders
+        .cancel(SubjectType::SubscriptionExpiry, &id)
+        .await?;
     Ok(Json(json!({"success": true, "reminders_skipped": skipped})))
 }

@@ -12,7 +12,7 @@ use super::quiet_hours;
 use crate::channel::Channel;
 use crate::config::QuietHours;
 use crate::phone::PhoneNumber;
-use crate::status::{ItemStatus, SkipReason};
+use crate::status::SkipReason;
 use crate::store::{Consent, ScheduledItem, SubjectType};
 use crate::templates::{Category, Template};
 
@@ -55,12 +55,17 @@ pub fn consented(consent: &Consent, template: &Template, channel: Channel) -> bo
     channel_consent && marketing_ok
 }
 
-/// Whether a template is a reminder about an appointment or follow-up (and so must be checked
-/// against the item's current state).
+/// Whether a template is a reminder about an appointment, follow-up or subscription (and so must
+/// be checked against the item's current state, when a sweep queued it: the host app may send
+/// the subscription templates itself, with no item behind them).
 pub fn is_reminder(template: &Template) -> bool {
     matches!(
         template.name,
-        "appointment_reminder_24h" | "appointment_reminder_2h" | "follow_up_reminder"
+        "appointment_reminder_24h"
+            | "appointment_reminder_2h"
+            | "follow_up_reminder"
+            | "subscription_expiring"
+            | "subscription_renewal"
     )
 }
 
@@ -76,13 +81,10 @@ pub fn reminder_obsolete(
 ) -> Option<SkipReason> {
     match item {
         None => Some(kind.cancelled_reason()),
-        Some(item) if item.status == ItemStatus::Cancelled => Some(kind.cancelled_reason()),
+        Some(item) if !item.status.is_on() => Some(kind.ended_reason(item.status)),
         Some(item) if item.scheduled_at != at => Some(kind.rescheduled_reason()),
         Some(item) if item.user_id != user_id => Some(kind.reassigned_reason()),
-        Some(_) if kind == SubjectType::Appointment && now >= at => {
-            Some(SkipReason::AppointmentPassed)
-        }
-        Some(_) => None,
+        Some(_) => kind.passed_reason().filter(|_| now >= at),
     }
 }
 
@@ -183,6 +185,7 @@ pub fn whatsapp_fallback(consent: &Consent, sms_opted_out: bool) -> Result<Chann
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::status::ItemStatus;
     use crate::templates;
     use chrono::NaiveTime;
 
@@ -522,6 +525,46 @@ mod tests {
         assert_eq!(
             whatsapp_fallback(&consent(false, true, false), false),
             Err(SkipReason::WhatsappWindowClosed)
+        );
+    }
+
+    #[test]
+    fn a_subscription_reminder_goes_only_while_it_runs_until_its_date() {
+        let expires = at("2027-01-19T00:00:00Z");
+        let before = at("2027-01-12T08:00:00Z");
+        let mut sub = item("2027-01-19T00:00:00Z", ItemStatus::Active);
+        let kind = SubjectType::SubscriptionExpiry;
+        assert_eq!(
+            reminder_obsolete(kind, expires, "u1", Some(&sub), before),
+            None
+        );
+        assert_eq!(
+            reminder_obsolete(kind, expires, "u1", Some(&sub), expires),
+            Some(SkipReason::SubscriptionPassed)
+        );
+        assert_eq!(
+            reminder_obsolete(kind, expires - Duration::days(7), "u1", Some(&sub), before),
+            Some(SkipReason::SubscriptionRescheduled)
+        );
+        assert_eq!(
+            reminder_obsolete(
+                SubjectType::SubscriptionRenewal,
+                expires,
+                "u1",
+                None,
+                before
+            ),
+            Some(SkipReason::SubscriptionCancelled)
+        );
+        sub.status = ItemStatus::Expired;
+        assert_eq!(
+            reminder_obsolete(kind, expires, "u1", Some(&sub), before),
+            Some(SkipReason::SubscriptionExpired)
+        );
+        sub.status = ItemStatus::Cancelled;
+        assert_eq!(
+            reminder_obsolete(kind, expires, "u1", Some(&sub), before),
+            Some(SkipReason::SubscriptionCancelled)
         );
     }
 }

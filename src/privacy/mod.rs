@@ -107,6 +107,7 @@ impl Privacy {
             "replies": replies,
             "appointments": data.appointments,
             "follow_ups": data.follow_ups,
+            "subscriptions": data.subscriptions,
             "otp_sends": otp_sends,
             "settings_sessions": sessions,
         }))

@@ -1,5 +1,6 @@
-//! Reminders: the host app pushes appointments and follow-ups; sweeps queue their reminders
-//! (appointments 24 h and 2 h before, follow-ups on their due date) through the outbox.
+//! Reminders: the host app pushes appointments, follow-ups and subscriptions; sweeps queue their
+//! reminders (appointments 24 h and 2 h before, follow-ups on their due date, subscriptions 7 days
+//! and 1 day before they expire and 3 days before they renew) through the outbox.
 //!
 //! Each reminder is written with its `reminder_log` row in one transaction, keyed by the item's
 //! time: a sweep that runs twice queues nothing twice, and a rescheduled appointment gets fresh
@@ -18,6 +19,9 @@
 //! appointment booked at least two hours ahead, unless `REMINDER_LATE_BOOKING` asks for one at
 //! once.
 
+pub mod import;
+
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, SecondsFormat, SubsecRound, Utc};
@@ -30,23 +34,39 @@ use crate::error::{AppError, AppResult};
 use crate::outbox::{validate_user_id, DispatchWakeup};
 use crate::status::ItemStatus;
 use crate::store::{
-    Channel, ConsentStore, DueFilter, NewMessage, ScheduleStore, ScheduledItem, SubjectType,
+    Channel, Consent, ConsentStore, DueFilter, NewMessage, ScheduleStore, ScheduledItem,
+    SubjectType, Subscription, Upserted,
 };
 use crate::templates;
 
-/// The sweeps, each a job the scheduler and `/cron/*` run.
+/// The sweeps, each a job the scheduler and `/cron/*` run (the three subscription sweeps run as
+/// one job).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reminder {
     Appointment24h,
     Appointment2h,
     FollowUp,
+    SubscriptionExpiring7d,
+    SubscriptionExpiring1d,
+    SubscriptionRenewal3d,
 }
 
 impl Reminder {
+    /// The sweeps of the `subscription-reminders` job.
+    pub const SUBSCRIPTIONS: [Reminder; 3] = [
+        Reminder::SubscriptionExpiring7d,
+        Reminder::SubscriptionExpiring1d,
+        Reminder::SubscriptionRenewal3d,
+    ];
+
     pub fn subject(self) -> SubjectType {
         match self {
             Reminder::Appointment24h | Reminder::Appointment2h => SubjectType::Appointment,
             Reminder::FollowUp => SubjectType::FollowUp,
+            Reminder::SubscriptionExpiring7d | Reminder::SubscriptionExpiring1d => {
+                SubjectType::SubscriptionExpiry
+            }
+            Reminder::SubscriptionRenewal3d => SubjectType::SubscriptionRenewal,
         }
     }
 
@@ -56,6 +76,9 @@ impl Reminder {
             Reminder::Appointment24h => "24h",
             Reminder::Appointment2h => "2h",
             Reminder::FollowUp => "due",
+            Reminder::SubscriptionExpiring7d => "7d",
+            Reminder::SubscriptionExpiring1d => "1d",
+            Reminder::SubscriptionRenewal3d => "3d",
         }
     }
 
@@ -64,18 +87,41 @@ impl Reminder {
             Reminder::Appointment24h => "appointment_reminder_24h",
             Reminder::Appointment2h => "appointment_reminder_2h",
             Reminder::FollowUp => "follow_up_reminder",
+            Reminder::SubscriptionExpiring7d | Reminder::SubscriptionExpiring1d => {
+                "subscription_expiring"
+            }
+            Reminder::SubscriptionRenewal3d => "subscription_renewal",
         }
     }
 
     /// Items whose time falls in this window are due for this reminder now. A 24-hour reminder
     /// that would come less than [`MIN_24H_LEAD`] before the appointment (a late booking, or a
     /// sweep that was down) is left to the 2-hour one; a follow-up is reminded on the day it
-    /// falls due, not later.
+    /// falls due, not later. A subscription's 7-day reminder is left to the 1-day one under 2
+    /// days before (no two reminders within a day).
     fn window(self, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
         match self {
             Reminder::Appointment24h => (now + MIN_24H_LEAD, now + Duration::hours(24)),
             Reminder::Appointment2h => (now + Duration::seconds(1), now + Duration::hours(2)),
             Reminder::FollowUp => (now - Duration::hours(24), now),
+            Reminder::SubscriptionExpiring7d => (now + Duration::days(2), now + Duration::days(7)),
+            Reminder::SubscriptionExpiring1d => {
+                (now + Duration::seconds(1), now + Duration::days(1))
+            }
+            Reminder::SubscriptionRenewal3d => {
+                (now + Duration::seconds(1), now + Duration::days(3))
+            }
+        }
+    }
+
+    /// Where the reminder's link points in the app.
+    fn link(self, id: &str) -> String {
+        match self.subject() {
+            SubjectType::Appointment => format!("/appointments/{id}"),
+            SubjectType::FollowUp => format!("/follow-ups/{id}"),
+            SubjectType::SubscriptionExpiry | SubjectType::SubscriptionRenewal => {
+                format!("/subscriptions/{id}")
+            }
         }
     }
 
@@ -120,6 +166,9 @@ pub const REMINDER_SPACING: Duration = Duration::hours(2);
 /// reminder follows within [`REMINDER_SPACING`] and tells the patient alone.
 pub const MIN_24H_LEAD: Duration = Duration::hours(4);
 
+/// Items of a sweep's window read per round (one query; the due ones queued in one transaction).
+const SWEEP_ROUND: i64 = 1_000;
+
 /// `PUT /api/appointments/{id}`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -139,6 +188,17 @@ pub struct FollowUpRequest {
     pub time_zone: Option<String>,
 }
 
+/// `PUT /api/subscriptions/{id}`: at least one of `renews_at` and `expires_at`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionRequest {
+    pub user_id: String,
+    pub plan: String,
+    pub renews_at: Option<String>,
+    pub expires_at: Option<String>,
+    pub status: Option<String>,
+}
+
 /// What a sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct SweepReport {
@@ -156,6 +216,22 @@ fn validate_id(id: &str) -> AppResult<()> {
         AppError::bad_request(
             "invalid_id",
             "ids are 1 to 64 letters, digits, '-', '_' or '.'",
+        )
+    })
+}
+
+/// A plan's name: a product tier ("Pro", "Family plan 12 months"), never a description of care.
+/// 1 to 64 ASCII letters, digits, spaces and `-_+()`, starting with a letter or digit.
+fn validate_plan(plan: &str) -> AppResult<()> {
+    let ok = (1..=64).contains(&plan.len())
+        && plan.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && plan
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b" -_+()".contains(&b));
+    ok.then_some(()).ok_or_else(|| {
+        AppError::bad_request(
+            "invalid_plan",
+            "plan is 1 to 64 letters, digits, spaces or '-_+()', starting with a letter or digit",
         )
     })
 }
@@ -209,7 +285,8 @@ impl Reminders {
             .transpose()
     }
 
-    pub async fn put_appointment(
+    /// The appointment a `PUT /api/appointments/{id}` (or an import row) describes, validated.
+    pub fn appointment_item(
         &self,
         id: &str,
         request: AppointmentRequest,
@@ -226,13 +303,22 @@ impl Reminders {
                 ))
             }
         };
-        let item = ScheduledItem {
+        Ok(ScheduledItem {
             id: id.to_string(),
             user_id: request.user_id,
             scheduled_at: parse_time("starts_at", &request.starts_at)?,
             time_zone: Self::time_zone(request.time_zone.as_deref())?,
             status,
-        };
+        })
+    }
+
+    pub async fn put_appointment(
+        &self,
+        id: &str,
+        request: AppointmentRequest,
+    ) -> AppResult<ScheduledItem> {
+        let item = self.appointment_item(id, request)?;
+        let status = item.status;
         let now = self.clock.now();
         if status == ItemStatus::Cancelled {
             // Record it, then cancel it, so its unsent reminders are skipped as with DELETE.
@@ -253,26 +339,112 @@ impl Reminders {
             .await
     }
 
-    pub async fn put_follow_up(
-        &self,
-        id: &str,
-        request: FollowUpRequest,
-    ) -> AppResult<ScheduledItem> {
+    /// The follow-up a `PUT /api/follow-ups/{id}` (or an import row) describes, validated.
+    pub fn follow_up_item(&self, id: &str, request: FollowUpRequest) -> AppResult<ScheduledItem> {
         validate_id(id)?;
         validate_user_id(&request.user_id)?;
-        let item = ScheduledItem {
+        Ok(ScheduledItem {
             id: id.to_string(),
             user_id: request.user_id,
             scheduled_at: parse_time("due_at", &request.due_at)?,
             time_zone: Self::time_zone(request.time_zone.as_deref())?,
             status: ItemStatus::Scheduled,
-        };
+        })
+    }
+
+    pub async fn put_follow_up(
+        &self,
+        id: &str,
+        request: FollowUpRequest,
+    ) -> AppResult<ScheduledItem> {
+        let item = self.follow_up_item(id, request)?;
         self.schedule
             .upsert_scheduled(SubjectType::FollowUp, &item, self.clock.now())
             .await
     }
 
-    /// Cancel an item and skip its unsent reminders; the number skipped.
+    /// The subscription a `PUT /api/subscriptions/{id}` (or an import row) describes, validated.
+    pub fn subscription_record(
+        &self,
+        id: &str,
+        request: SubscriptionRequest,
+    ) -> AppResult<Subscription> {
+        validate_id(id)?;
+        validate_user_id(&request.user_id)?;
+        validate_plan(&request.plan)?;
+        let status = match request.status.as_deref() {
+            None | Some("active") => ItemStatus::Active,
+            Some("cancelled") => ItemStatus::Cancelled,
+            Some("expired") => ItemStatus::Expired,
+            Some(_) => {
+                return Err(AppError::bad_request(
+                    "invalid_status",
+                    "status must be active, cancelled or expired",
+                ))
+            }
+        };
+        let renews_at = request
+            .renews_at
+            .as_deref()
+            .map(|t| parse_time("renews_at", t))
+            .transpose()?;
+        let expires_at = request
+            .expires_at
+            .as_deref()
+            .map(|t| parse_time("expires_at", t))
+            .transpose()?;
+        if renews_at.is_none() && expires_at.is_none() {
+            return Err(AppError::bad_request(
+                "invalid_time",
+                "renews_at or expires_at is required (RFC 3339)",
+            ));
+        }
+        Ok(Subscription {
+            id: id.to_string(),
+            user_id: request.user_id,
+            plan: request.plan,
+            renews_at,
+            expires_at,
+            status,
+        })
+    }
+
+    /// Create or update a subscription. One that is cancelled or expired has its reminders not
+    /// yet sent skipped at once, in the same transaction; a new `expires_at` or `renews_at` is a
+    /// new period with its own reminders (the old period's are skipped at send time).
+    pub async fn put_subscription(
+        &self,
+        id: &str,
+        request: SubscriptionRequest,
+    ) -> AppResult<Subscription> {
+        let subscription = self.subscription_record(id, request)?;
+        self.schedule
+            .upsert_subscriptions(std::slice::from_ref(&subscription), self.clock.now())
+            .await?;
+        Ok(subscription)
+    }
+
+    /// Write imported appointments or follow-ups (validated with [`Reminders::appointment_item`]
+    /// or [`Reminders::follow_up_item`]) in one transaction.
+    pub async fn import_items(
+        &self,
+        kind: SubjectType,
+        items: &[ScheduledItem],
+    ) -> AppResult<Vec<Upserted>> {
+        self.schedule
+            .upsert_scheduled_many(kind, items, self.clock.now())
+            .await
+    }
+
+    /// Write imported subscriptions in one transaction.
+    pub async fn import_subscriptions(&self, items: &[Subscription]) -> AppResult<Vec<Upserted>> {
+        self.schedule
+            .upsert_subscriptions(items, self.clock.now())
+            .await
+    }
+
+    /// Cancel an item and skip its unsent reminders; the number skipped. A subscription's
+    /// expiry and renewal are one item: either cancels both.
     pub async fn cancel(&self, kind: SubjectType, id: &str) -> AppResult<u64> {
         self.schedule
             .cancel_scheduled(kind, id, self.clock.now())
@@ -280,42 +452,46 @@ impl Reminders {
             .ok_or(AppError::NotFound(match kind {
                 SubjectType::Appointment => "appointment",
                 SubjectType::FollowUp => "follow-up",
+                SubjectType::SubscriptionExpiry | SubjectType::SubscriptionRenewal => {
+                    "subscription"
+                }
             }))
     }
 
-    /// One round of a sweep: queue every reminder of this kind that is due now and not yet
-    /// queued, and say what it did.
+    /// A sweep: queue every reminder of this kind that is due now and not yet queued, and say
+    /// what it did. It pages through the window in rounds of [`SWEEP_ROUND`] items, each round
+    /// one query (continuing after the last item of the previous one), one read of the due
+    /// items' patients' consent records and one transaction.
     pub async fn sweep(&self, reminder: Reminder) -> AppResult<SweepReport> {
         let now = self.clock.now();
-        let due = self
-            .schedule
-            .due_without_reminder(
-                reminder.subject(),
-                reminder.kind(),
-                &reminder.due(now, self.late_booking),
-                1_000,
-            )
-            .await?;
-        let mut report = SweepReport {
-            due: due.len(),
-            queued: 0,
-        };
-        for item in due {
-            let Some(message) = self.reminder_message(reminder, &item, now).await? else {
-                continue;
-            };
-            if self
+        let due = reminder.due(now, self.late_booking);
+        let template = templates::find(reminder.template())
+            .ok_or_else(|| anyhow::anyhow!("missing template"))?;
+        let mut report = SweepReport::default();
+        let mut after = None;
+        loop {
+            let page = self
                 .schedule
-                .queue_reminder(reminder.subject(), &item, reminder.kind(), &message)
-                .await?
-            {
-                report.queued += 1;
+                .due_without_reminder(
+                    reminder.subject(),
+                    reminder.kind(),
+                    &due,
+                    after.as_ref(),
+                    SWEEP_ROUND,
+                )
+                .await?;
+            report.due += page.due.len();
+            report.queued += self.queue_page(reminder, template, page.due, now).await?;
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
             }
         }
         if report.queued > 0 {
             self.wakeup.notify_one();
             tracing::info!(
                 reminder = reminder.template(),
+                kind = reminder.kind(),
                 queued = report.queued,
                 "reminders queued"
             );
@@ -323,18 +499,67 @@ impl Reminders {
         Ok(report)
     }
 
-    /// The reminder's message: the item's instant (rendered in the message's zone when it is
-    /// sent) and a link to it.
-    async fn reminder_message(
+    /// Queue the reminders of one page's due items: one read of their patients' consent records
+    /// and one transaction. How many were queued (not those another sweep queued first).
+    async fn queue_page(
         &self,
         reminder: Reminder,
-        item: &ScheduledItem,
+        template: &templates::Template,
+        due: Vec<ScheduledItem>,
         now: DateTime<Utc>,
-    ) -> AppResult<Option<NewMessage>> {
-        let link = match reminder.subject() {
-            SubjectType::Appointment => format!("/appointments/{}", item.id),
-            SubjectType::FollowUp => format!("/follow-ups/{}", item.id),
-        };
+    ) -> AppResult<usize> {
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let mut user_ids: Vec<String> = due.iter().map(|i| i.user_id.clone()).collect();
+        user_ids.sort_unstable();
+        user_ids.dedup();
+        let consents: HashMap<String, Consent> = self
+            .consent
+            .get_consents(&user_ids)
+            .await?
+            .into_iter()
+            .map(|c| (c.user_id.clone(), c))
+            .collect();
+        let planned: Vec<(ScheduledItem, NewMessage)> = due
+            .into_iter()
+            .filter_map(|item| {
+                let consent = consents.get(&item.user_id);
+                let message = self.reminder_message(reminder, template, &item, consent, now)?;
+                Some((item, message))
+            })
+            .collect();
+        if planned.is_empty() {
+            return Ok(0);
+        }
+        self.schedule
+            .queue_reminders(reminder.subject(), reminder.kind(), &planned)
+            .await
+    }
+
+    /// The `subscription-reminders` job: its three sweeps, added up.
+    pub async fn sweep_subscriptions(&self) -> AppResult<SweepReport> {
+        let mut total = SweepReport::default();
+        for reminder in Reminder::SUBSCRIPTIONS {
+            let report = self.sweep(reminder).await?;
+            total.due += report.due;
+            total.queued += report.queued;
+        }
+        Ok(total)
+    }
+
+    /// The reminder's message: the item's instant (rendered in the message's zone when it is
+    /// sent) and a link to it. The patient's SMS consent decides the channel, else WhatsApp;
+    /// consent is checked again when the message is sent.
+    fn reminder_message(
+        &self,
+        reminder: Reminder,
+        template: &templates::Template,
+        item: &ScheduledItem,
+        consent: Option<&Consent>,
+        now: DateTime<Utc>,
+    ) -> Option<NewMessage> {
+        let link = reminder.link(&item.id);
         let instant = item
             .scheduled_at
             .to_rfc3339_opts(SecondsFormat::AutoSi, true);
@@ -343,21 +568,19 @@ impl Reminders {
                 json!({"starts_at": instant, "link": link})
             }
             Reminder::FollowUp => json!({"due_at": instant, "link": link}),
+            Reminder::SubscriptionExpiring7d
+            | Reminder::SubscriptionExpiring1d
+            | Reminder::SubscriptionRenewal3d => json!({"date": instant, "link": link}),
         };
-        let template = templates::find(reminder.template())
-            .ok_or_else(|| anyhow::anyhow!("missing template"))?;
         if let Err(e) = template.validate(&variables, &self.render) {
             tracing::warn!(item = %item.id, error = %e, "reminder not queued: its variables are invalid");
-            return Ok(None);
+            return None;
         }
-        // The patient's SMS consent decides the channel, else WhatsApp; consent is checked again
-        // when the message is sent.
-        let consent = self.consent.get_consent(&item.user_id).await?;
         let channel = match consent {
             Some(c) if !c.sms_consent && c.whatsapp_consent => Channel::Whatsapp,
             _ => Channel::Sms,
         };
-        Ok(Some(NewMessage {
+        Some(NewMessage {
             id: uuid::Uuid::now_v7().to_string(),
             user_id: item.user_id.clone(),
             template_name: template.name.to_string(),
@@ -369,7 +592,7 @@ impl Reminders {
             idempotency_key: None,
             created_at: now,
             claimed_until: None,
-        }))
+        })
     }
 }
 

@@ -56,6 +56,8 @@ pub trait ConsentStore: Send + Sync + 'static {
         ctx: &ChangeContext,
     ) -> AppResult<Consent>;
     async fn consent_audit(&self, user_id: &str) -> AppResult<Vec<ConsentAuditRecord>>;
+    /// The records of these users (those that have one), in no particular order.
+    async fn get_consents(&self, user_ids: &[String]) -> AppResult<Vec<Consent>>;
     /// Users whose stored number is this one.
     async fn users_with_phone(&self, phone_number: &str) -> AppResult<Vec<String>>;
 }
@@ -234,14 +236,19 @@ pub trait ScheduleStore: Send + Sync + 'static {
         id: &str,
         now: DateTime<Utc>,
     ) -> AppResult<Option<u64>>;
-    /// Scheduled items that `due` takes and that have no `reminder` for their time.
+    /// A page of the sweep's window: up to `limit` items that are on and whose time lies in
+    /// `[due.from, due.to]`, in (time, id) order, after `after` (the previous page's `next`) when
+    /// given; of those, the ones `due` takes that have no `reminder` for that time. One range of
+    /// the `(status, time, id)` index: the cost follows the rows in the window, not the rows
+    /// stored, and paging never reads a row twice.
     async fn due_without_reminder(
         &self,
         kind: SubjectType,
         reminder: &str,
         due: &DueFilter<'_>,
+        after: Option<&SweepCursor>,
         limit: i64,
-    ) -> AppResult<Vec<ScheduledItem>>;
+    ) -> AppResult<DuePage>;
     /// Write the reminder's message and its `reminder_log` row in one transaction; `false` (and
     /// nothing written) when that reminder of that version was already queued.
     async fn queue_reminder(
@@ -250,7 +257,35 @@ pub trait ScheduleStore: Send + Sync + 'static {
         item: &ScheduledItem,
         reminder: &str,
         message: &NewMessage,
-    ) -> AppResult<bool>;
+    ) -> AppResult<bool> {
+        let planned = [(item.clone(), message.clone())];
+        Ok(self.queue_reminders(kind, reminder, &planned).await? == 1)
+    }
+    /// [`ScheduleStore::queue_reminder`] for many items in one transaction: each message with
+    /// its `reminder_log` row, or neither when that reminder of that version was already queued
+    /// (by an earlier sweep or another instance at the same moment). How many were queued.
+    async fn queue_reminders(
+        &self,
+        kind: SubjectType,
+        reminder: &str,
+        planned: &[(ScheduledItem, NewMessage)],
+    ) -> AppResult<usize>;
+    /// Create or update many appointments or follow-ups in one transaction; what happened to
+    /// each, in order. A row stored exactly so is left alone (`Unchanged`). An item written with
+    /// a status that is not on has its reminders not yet sent skipped, in the same transaction.
+    async fn upsert_scheduled_many(
+        &self,
+        kind: SubjectType,
+        items: &[ScheduledItem],
+        now: DateTime<Utc>,
+    ) -> AppResult<Vec<Upserted>>;
+    /// The same for subscriptions.
+    async fn upsert_subscriptions(
+        &self,
+        items: &[Subscription],
+        now: DateTime<Utc>,
+    ) -> AppResult<Vec<Upserted>>;
+    async fn get_subscription(&self, id: &str) -> AppResult<Option<Subscription>>;
     /// What a reminder message is for: its subject and the time it was queued for.
     async fn reminder_subject(
         &self,
@@ -360,6 +395,49 @@ pub async fn connect(database_url: &str) -> AppResult<DynStore> {
             "DATABASE_URL must start with sqlite:// or postgres://"
         )))
     }
+}
+
+/// The sweep's query ([`ScheduleStore::due_without_reminder`]), the same on both backends; public
+/// so that the benchmark can show its plan. Binds: `$1` from, `$2` to, `$3` subject type, `$4`
+/// reminder kind, `$5`/`$6` the (time, id) to page after, `$7` the limit, `$8`/`$9` the other
+/// reminder kind to keep apart from and since when ([`DueFilter::apart_from`]).
+///
+/// It reads a page of the window in (time, id) order from the `(status, time, id)` index,
+/// stopping at the limit, and says of each row whether it already has its reminder: a probe of
+/// `reminder_log_once` with every column of that index. How it is written keeps PostgreSQL's plan
+/// to exactly that, whatever its statistics say (right after a sweep queued thousands of
+/// reminders they still say the log is nearly empty):
+/// - not a `NOT EXISTS` filter, which becomes an anti-join planned from the log's statistics: on
+///   stale ones it scanned the whole log for each row (in a 1,000,000-appointment benchmark one
+///   page took over a minute); and a filter whose pass rate the planner cannot tell made it read
+///   the whole rest of the window to sort it, for every page;
+/// - not `EXISTS` in the select list either, which may run as one hashed scan of every
+///   appointment reminder ever logged, for every page;
+/// - but a scalar subquery (`LIMIT 1`): a per-row index probe, always.
+///
+/// The other reminder (`too_close`) is probed the same way, and the minimum notice is a column
+/// read: the sweep filters on them, not the database, so a page stays one index range.
+pub fn sweep_sql(kind: SubjectType) -> String {
+    let (table, column) = kind.table();
+    let zone = kind.zone_column();
+    let notice = kind.notice_column();
+    let on = kind.on_status().as_str();
+    format!(
+        "SELECT t.id, t.user_id, t.{column} AS scheduled_at, {zone} AS time_zone, t.status, \
+         {notice} AS notice_seconds, \
+         (SELECT 1 FROM reminder_log r WHERE r.subject_type = $3 \
+         AND r.subject_id = t.id AND r.kind = $4 AND r.starts_at = t.{column} \
+         AND r.user_id = t.user_id AND r.active LIMIT 1) IS NOT NULL AS reminded, \
+         (SELECT 1 FROM reminder_log o JOIN messages m ON m.id = o.message_id \
+         WHERE o.subject_type = $3 AND o.subject_id = t.id AND o.kind = $8 \
+         AND o.starts_at = t.{column} AND o.user_id = t.user_id AND o.active \
+         AND (m.status IN ('queued', 'sending') OR m.attempt_started_at > $9) LIMIT 1) \
+         IS NOT NULL AS too_close \
+         FROM {table} t \
+         WHERE t.status = '{on}' AND t.{column} >= $1 AND t.{column} <= $2 \
+         AND (t.{column}, t.id) > ($5, $6) \
+         ORDER BY t.{column}, t.id LIMIT $7"
+    )
 }
 
 /// The columns of `messages`, in `MessageRecord` order.

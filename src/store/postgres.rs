@@ -56,5 +56,7 @@ mod portable {
     const LOCK_FOR_UPDATE: &str = " FOR UPDATE";
     /// Nothing to fold: PostgreSQL's own vacuum reclaims deleted rows.
     const AFTER_ERASURE: &str = "";
+    /// Rows read to be written are locked with `LOCK_FOR_UPDATE` instead.
+    const BEGIN_WRITE: &str = "BEGIN";
     include_portable_sql!();
 }

@@ -290,33 +290,62 @@ pub enum MarkSending {
     PolicyChanged,
 }
 
-/// What a reminder is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// What a reminder is about: an item with a time, in a table the host app pushes. A subscription
+/// is two subjects, its expiry and its renewal, each with its own time (and so its own reminders
+/// and its own once-per-period key in `reminder_log`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SubjectType {
     Appointment,
     FollowUp,
+    /// A subscription's `expires_at`.
+    SubscriptionExpiry,
+    /// A subscription's `renews_at`.
+    SubscriptionRenewal,
 }
 
 impl SubjectType {
+    pub const ALL: [SubjectType; 4] = [
+        SubjectType::Appointment,
+        SubjectType::FollowUp,
+        SubjectType::SubscriptionExpiry,
+        SubjectType::SubscriptionRenewal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SubjectType::Appointment => "appointment",
             SubjectType::FollowUp => "follow_up",
+            SubjectType::SubscriptionExpiry => "subscription_expiry",
+            SubjectType::SubscriptionRenewal => "subscription_renewal",
         }
     }
     pub fn parse(value: &str) -> Option<SubjectType> {
-        match value {
-            "appointment" => Some(SubjectType::Appointment),
-            "follow_up" => Some(SubjectType::FollowUp),
-            _ => None,
-        }
+        SubjectType::ALL.into_iter().find(|s| s.as_str() == value)
     }
+
+    fn is_subscription(self) -> bool {
+        matches!(
+            self,
+            SubjectType::SubscriptionExpiry | SubjectType::SubscriptionRenewal
+        )
+    }
+
     /// Why its reminder is skipped once the item is cancelled.
     pub fn cancelled_reason(self) -> SkipReason {
         match self {
             SubjectType::Appointment => SkipReason::AppointmentCancelled,
             SubjectType::FollowUp => SkipReason::FollowUpCancelled,
+            _ => SkipReason::SubscriptionCancelled,
+        }
+    }
+
+    /// Why its reminder is skipped once the item is no longer on (`status` is not
+    /// [`ItemStatus::is_on`]): cancelled, or (a subscription) expired.
+    pub fn ended_reason(self, status: ItemStatus) -> SkipReason {
+        match status {
+            ItemStatus::Expired => SkipReason::SubscriptionExpired,
+            _ => self.cancelled_reason(),
         }
     }
 
@@ -325,6 +354,7 @@ impl SubjectType {
         match self {
             SubjectType::Appointment => SkipReason::AppointmentRescheduled,
             SubjectType::FollowUp => SkipReason::FollowUpRescheduled,
+            _ => SkipReason::SubscriptionRescheduled,
         }
     }
 
@@ -333,6 +363,25 @@ impl SubjectType {
         match self {
             SubjectType::Appointment => SkipReason::AppointmentReassigned,
             SubjectType::FollowUp => SkipReason::FollowUpReassigned,
+            _ => SkipReason::SubscriptionReassigned,
+        }
+    }
+
+    /// Why its reminder is skipped once its time has come: an appointment has begun, a
+    /// subscription has expired or renewed. `None`: a follow-up is reminded after its time too.
+    pub fn passed_reason(self) -> Option<SkipReason> {
+        match self {
+            SubjectType::Appointment => Some(SkipReason::AppointmentPassed),
+            SubjectType::FollowUp => None,
+            _ => Some(SkipReason::SubscriptionPassed),
+        }
+    }
+
+    /// The status an item of this kind has while it is on (and its reminders are due).
+    pub fn on_status(self) -> ItemStatus {
+        match self {
+            SubjectType::Appointment | SubjectType::FollowUp => ItemStatus::Scheduled,
+            _ => ItemStatus::Active,
         }
     }
 
@@ -341,6 +390,38 @@ impl SubjectType {
         match self {
             SubjectType::Appointment => ("appointments", "starts_at"),
             SubjectType::FollowUp => ("follow_ups", "due_at"),
+            SubjectType::SubscriptionExpiry => ("subscriptions", "expires_at"),
+            SubjectType::SubscriptionRenewal => ("subscriptions", "renews_at"),
+        }
+    }
+
+    /// Its time zone as a column of its table aliased `t` (fixed strings, safe to put in SQL).
+    /// Subscriptions carry none: NULL, so the patient's zone applies, else `DEFAULT_TIME_ZONE`.
+    pub(crate) fn zone_column(self) -> &'static str {
+        if self.is_subscription() {
+            "CAST(NULL AS TEXT)"
+        } else {
+            "t.time_zone"
+        }
+    }
+
+    /// How long before its time the item was booked, as a column of its table aliased `t`;
+    /// subscriptions have no late bookings: NULL.
+    pub(crate) fn notice_column(self) -> &'static str {
+        if self.is_subscription() {
+            "CAST(NULL AS BIGINT)"
+        } else {
+            "t.notice_seconds"
+        }
+    }
+
+    /// Every subject kept in the same table (a subscription's expiry and renewal), as an SQL list
+    /// of fixed strings: cancelling the item skips the reminders of each.
+    pub(crate) fn same_table_sql(self) -> &'static str {
+        match self {
+            SubjectType::Appointment => "('appointment')",
+            SubjectType::FollowUp => "('follow_up')",
+            _ => "('subscription_expiry', 'subscription_renewal')",
         }
     }
 }
@@ -369,6 +450,44 @@ pub struct DueFilter<'a> {
     /// `(kind, since)`: not while the item's `kind` reminder for the same time and patient is
     /// still pending or was last attempted after `since`, so two reminders never come together.
     pub apart_from: Option<(&'a str, DateTime<Utc>)>,
+}
+
+/// Where a sweep's next page starts: after this (time, id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweepCursor {
+    pub at: DateTime<Utc>,
+    pub id: String,
+}
+
+/// A page of a sweep's window.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DuePage {
+    /// The page's items that have no reminder of the kind for their time yet.
+    pub due: Vec<ScheduledItem>,
+    /// Where the next page starts; `None` when this page ended the window.
+    pub next: Option<SweepCursor>,
+}
+
+/// A subscription as the host app pushed it: at least one of `renews_at` and `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Subscription {
+    pub id: String,
+    pub user_id: String,
+    pub plan: String,
+    pub renews_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// `active`, `cancelled` or `expired`.
+    pub status: ItemStatus,
+}
+
+/// What writing one pushed item did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Upserted {
+    Created,
+    Updated,
+    /// Already stored exactly so: nothing was written.
+    Unchanged,
 }
 
 /// A message from a patient (a reply or a keyword), as received from Twilio.
@@ -560,6 +679,7 @@ pub struct UserData {
     pub replies: Vec<IncomingMessage>,
     pub appointments: Vec<ScheduledItem>,
     pub follow_ups: Vec<ScheduledItem>,
+    pub subscriptions: Vec<Subscription>,
     /// OTP sends logged for the user: (number named, client address, when). Never a code.
     pub otp_sends: Vec<(String, Option<String>, DateTime<Utc>)>,
     /// Settings-page sessions still open.
@@ -574,6 +694,7 @@ pub struct ErasureCounts {
     pub replies: u64,
     pub appointments: u64,
     pub follow_ups: u64,
+    pub subscriptions: u64,
     pub otp_records: u64,
     pub sessions: u64,
     /// Audit rows kept as evidence, with the user id replaced by its keyed hash and the number,

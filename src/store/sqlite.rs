@@ -62,6 +62,9 @@ mod portable {
     /// After an erasure, fold the WAL into the database file (and truncate it), so the erased
     /// rows' old pages do not linger in the log.
     const AFTER_ERASURE: &str = "PRAGMA wal_checkpoint(TRUNCATE)";
+    /// A transaction that reads and then writes takes the write lock at once, so no other
+    /// writer can commit between its read and its write (which SQLite would refuse).
+    const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
     include_portable_sql!();
 }
 

@@ -19,4 +19,5 @@ mod reminders;
 mod retention;
 mod settings_page;
 mod store_conformance;
+mod subscriptions;
 mod webhooks;

@@ -80,6 +80,15 @@ async fn the_export_holds_everything_about_me_and_nothing_of_others(backend: Bac
     assert_eq!(r.status(), 200);
     let r = app
         .client
+        .put(app.url("/api/subscriptions/s1"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"user_id": "child", "plan": "Pro", "expires_at": "2030-02-01T00:00:00Z"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app
+        .client
         .post(app.url("/api/messaging/send-otp"))
         .json(&json!({"user_id": "child", "phone_number": FAMILY, "purpose": "login"}))
         .send()
@@ -116,6 +125,7 @@ async fn the_export_holds_everything_about_me_and_nothing_of_others(backend: Bac
         "the parent's reply is not mine"
     );
     assert_eq!(doc["appointments"][0]["id"], "a1");
+    assert_eq!(doc["subscriptions"][0]["plan"], "Pro");
     assert_eq!(doc["otp_sends"].as_array().unwrap().len(), 1);
     let sessions = doc["settings_sessions"].as_array().unwrap();
     assert_eq!(sessions[0]["user_agent"], "privacy-test/1.0");
@@ -142,6 +152,15 @@ async fn erasure_removes_the_user_keeps_evidence_and_is_harmless_twice(backend: 
     // Queued, not yet sent: it must never go after the erasure.
     let pending = app.notify_ok(reminder("p1")).await;
     let cookie = sign_in(&app, "p1").await;
+    let r = app
+        .client
+        .put(app.url("/api/subscriptions/s1"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"user_id": "p1", "plan": "Pro", "renews_at": "2030-02-01T00:00:00Z"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     // p2 said STOP from another number, then is erased: the opt-out stays.
     app.consent("p2", "+14155552672").await;
     app.incoming("SMstop", "+14155552672", "STOP").await;
@@ -151,6 +170,7 @@ async fn erasure_removes_the_user_keeps_evidence_and_is_harmless_twice(backend: 
     assert_eq!(erased["preferences"], 1);
     assert_eq!(erased["messages"], 2);
     assert_eq!(erased["sessions"], 1);
+    assert_eq!(erased["subscriptions"], 1);
     assert!(erased["audit_rows_anonymised"].as_u64().unwrap() >= 4);
     let created_before = app.fake.as_ref().unwrap().created_count();
     assert_eq!(app.dispatch().await.sent, 0);

@@ -459,9 +459,15 @@ async fn a_slow_lookup_never_stalls_other_sends(backend: Backend) {
     // p1's receipt drops; its lookup then hangs.
     fake.script(PATIENT, vec![Fault::Drop]);
     fake.hang_lookups(1);
-    app.notify_ok(receipt("sms")).await;
+    let dropped = app.notify_ok(receipt("sms")).await;
     let waited = Instant::now();
     while fake.create_calls_to(PATIENT) == 0 {
+        assert!(waited.elapsed() < StdDuration::from_secs(20));
+        tokio::time::sleep(StdDuration::from_millis(10)).await;
+    }
+    // The dropped send's retry time is written after its 400 ms timeout,
+    // from the clock as it reads then: move the clock only once it is.
+    while app.message(&dropped).await["status"] != "queued" {
         assert!(waited.elapsed() < StdDuration::from_secs(20));
         tokio::time::sleep(StdDuration::from_millis(10)).await;
     }

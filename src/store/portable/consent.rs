@@ -24,6 +24,28 @@ impl ConsentStore for ThisStore {
             .await?)
     }
 
+    async fn get_consents(&self, user_ids: &[String]) -> AppResult<Vec<Consent>> {
+        let mut records = Vec::with_capacity(user_ids.len());
+        // A chunk at a time: well under SQLite's 32,766 bound parameters.
+        for chunk in user_ids.chunks(500) {
+            let mut query = sqlx::QueryBuilder::<Db>::new(format!(
+                "SELECT {CONSENT_COLUMNS} FROM messaging_consent WHERE user_id IN ("
+            ));
+            let mut ids = query.separated(", ");
+            for id in chunk {
+                ids.push_bind(id);
+            }
+            ids.push_unseparated(")");
+            records.extend(
+                query
+                    .build_query_as::<Consent>()
+                    .fetch_all(&self.pool)
+                    .await?,
+            );
+        }
+        Ok(records)
+    }
+
     async fn update_consent(
         &self,
         user_id: &str,

@@ -4,6 +4,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use super::schedule::SUBSCRIPTION_COLUMNS;
 use super::*;
 use crate::error::AppResult;
 #[allow(unused_imports)]
@@ -69,6 +70,12 @@ impl PrivacyStore for ThisStore {
             .bind(user_id)
             .fetch_all(&self.pool)
             .await?;
+        let subscriptions = sqlx::query_as::<Db, Subscription>(&format!(
+            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id = $1 ORDER BY id"
+        ))
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
         let otp_sends = sqlx::query_as(
             "SELECT phone_number, ip, created_at FROM otp_send_log WHERE user_id = $1 \
              ORDER BY created_at, id",
@@ -93,6 +100,7 @@ impl PrivacyStore for ThisStore {
             replies,
             appointments,
             follow_ups,
+            subscriptions,
             otp_sends,
             sessions,
         })
@@ -133,6 +141,11 @@ impl PrivacyStore for ThisStore {
             .await?
             .rows_affected();
         counts.follow_ups = sqlx::query("DELETE FROM follow_ups WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        counts.subscriptions = sqlx::query("DELETE FROM subscriptions WHERE user_id = $1")
             .bind(user_id)
             .execute(&mut *tx)
             .await?
