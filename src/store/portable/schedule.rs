@@ -347,7 +347,10 @@ impl Pushed for ScheduledItem {
     }
     fn update(kind: SubjectType) -> String {
         let (table, column) = kind.table();
-        format!(" ON CONFLICT (id) DO UPDATE SET {}", scheduled_update_sql(table, column))
+        format!(
+            " ON CONFLICT (id) DO UPDATE SET {}",
+            scheduled_update_sql(table, column)
+        )
     }
     fn bind<'a>(&'a self, mut row: Separated<'_, 'a, Db, &'static str>, now: &'a DateTime<Utc>) {
         row.push_bind(&self.id)
