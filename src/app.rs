@@ -55,7 +55,7 @@ pub struct Services {
 impl Services {
     /// Connect the store (applying migrations), set up the provider, and build the services.
     pub async fn build(config: Config, clock: DynClock) -> anyhow::Result<Services> {
-        let store = store::connect(&config.database_url).await?;
+        let store = store::connect(&config.database_url, &config.encryption).await?;
         store.migrate().await?;
         let (provider, mock): (DynProvider, Option<Arc<MockProvider>>) =
             if config.messaging.mock_mode {

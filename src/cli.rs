@@ -36,6 +36,11 @@ enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Re-encrypt every sealed value (numbers, bodies, variables) under DATA_ENCRYPTION_KEY, a
+    /// batch at a time, and print how many rows per table. The old key must be in
+    /// DATA_ENCRYPTION_OLD_KEYS while this runs; if interrupted, run it again: it continues with
+    /// the rows not yet under the current key.
+    RotateKey,
     /// Check the provider: in live mode, that Twilio accepts the credentials; in mock mode, say so.
     Health,
     /// Queue one notification for a user and dispatch it now, printing the outcome. Consent is
@@ -163,11 +168,12 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve => serve(config).await,
         Command::Migrate => {
-            let store = crate::store::connect(&config.database_url).await?;
+            let store = crate::store::connect(&config.database_url, &config.encryption).await?;
             store.migrate().await?;
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
+        Command::RotateKey => rotate_key(config).await,
         Command::Health => {
             let services = Services::from_config(config).await?;
             match services.provider.health().await {
@@ -441,4 +447,28 @@ fn summary_text(kind: ImportKind, file: &std::path::Path, summary: &ImportSummar
         ));
     }
     text
+}
+
+/// `rotate-key`: rounds of re-sealing until one finds nothing left, then the counts.
+async fn rotate_key(config: Config) -> anyhow::Result<ExitCode> {
+    let store = crate::store::connect(&config.database_url, &config.encryption).await?;
+    let mut totals: Vec<(&'static str, u64)> = Vec::new();
+    loop {
+        let round = store.reseal_round(1_000, false).await?;
+        if round.total() == 0 {
+            break;
+        }
+        for (table, n) in round.tables {
+            match totals.iter_mut().find(|(t, _)| *t == table) {
+                Some((_, total)) => *total += n,
+                None => totals.push((table, n)),
+            }
+        }
+    }
+    let total: u64 = totals.iter().map(|(_, n)| n).sum();
+    println!("re-encrypted {total} rows under the current key");
+    for (table, n) in totals.iter().filter(|(_, n)| *n > 0) {
+        println!("  {table}: {n}");
+    }
+    Ok(ExitCode::SUCCESS)
 }

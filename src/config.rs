@@ -66,6 +66,8 @@ pub struct Config {
     pub otp: OtpSettings,
     pub web: WebSettings,
     pub retention: RetentionSettings,
+    /// Encryption at rest (`DATA_ENCRYPTION_KEY`, `DATA_ENCRYPTION_OLD_KEYS`, `BLIND_INDEX_KEY`).
+    pub encryption: crate::vault::KeySettings,
     /// Beyond the contract: how the dispatcher sends (`DISPATCH_*`).
     pub dispatch: DispatchSettings,
 }
@@ -297,6 +299,19 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
             ));
         }
         Ok(value)
+    }
+
+    fn key(&self, name: &'static str) -> Result<Option<crate::vault::Key>, ConfigError> {
+        self.get(name)
+            .map(|raw| {
+                crate::vault::Key::parse(&raw).map_err(|problem| {
+                    err(
+                        name,
+                        format!("{problem} (32 random bytes, base64: `openssl rand -base64 32`)"),
+                    )
+                })
+            })
+            .transpose()
     }
 
     fn secret(&self, name: &'static str) -> Option<Secret> {
@@ -598,6 +613,28 @@ impl Config {
                 36_500,
             )?,
         };
+        let encryption = crate::vault::KeySettings {
+            current: v.key("DATA_ENCRYPTION_KEY")?,
+            old: v
+                .get("DATA_ENCRYPTION_OLD_KEYS")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(|k| {
+                    crate::vault::Key::parse(k).map_err(|problem| {
+                        err("DATA_ENCRYPTION_OLD_KEYS", format!("a key {problem}"))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            blind_index: v.key("BLIND_INDEX_KEY")?,
+        };
+        if encryption.current.is_none() && !encryption.old.is_empty() {
+            return Err(err(
+                "DATA_ENCRYPTION_OLD_KEYS",
+                "old keys need a current DATA_ENCRYPTION_KEY to rotate to",
+            ));
+        }
         let config = Config {
             server,
             database_url,
@@ -607,6 +644,7 @@ impl Config {
             otp,
             web,
             retention,
+            encryption,
             dispatch,
         };
         if !config.messaging.mock_mode {

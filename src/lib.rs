@@ -38,3 +38,4 @@ pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod templates;
+pub mod vault;

@@ -18,12 +18,13 @@
 macro_rules! include_portable_sql {
     () => {
         include_portable_sql!(
-            admin, consent, inbound, messages, otp, schedule, privacy, retention, sessions
+            admin, consent, inbound, messages, otp, schedule, privacy, retention, sessions,
+            sealing
         );
     };
     ($($area:ident),+) => {
         $(
-            mod $area {
+            pub(super) mod $area {
                 include!(concat!("portable/", stringify!($area), ".rs"));
             }
         )+
@@ -38,6 +39,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 
 use crate::error::{AppError, AppResult};
 pub use crate::status::{ItemStatus, MessageStatus, SkipReason};
@@ -362,6 +364,16 @@ pub trait PrivacyStore: Send + Sync + 'static {
     ) -> AppResult<ErasureCounts>;
 }
 
+/// Encryption at rest: sealing clear text and re-sealing under the current key.
+#[async_trait]
+pub trait SealingStore: Send + Sync + 'static {
+    /// One round of re-sealing: up to `limit` rows of each table whose sealed values are not all
+    /// under the current key (or, with `clear_only`, are still clear text), re-sealed and their
+    /// blind indexes set, each table's batch in one transaction. What it did; a round that
+    /// re-sealed nothing means nothing is left. Rows changed meanwhile are left for the next.
+    async fn reseal_round(&self, limit: i64, clear_only: bool) -> AppResult<ResealReport>;
+}
+
 /// Every area, plus what the whole database answers for.
 #[async_trait]
 pub trait Store:
@@ -373,6 +385,7 @@ pub trait Store:
     + SessionStore
     + RetentionStore
     + PrivacyStore
+    + SealingStore
 {
     /// Apply this backend's pending migrations.
     async fn migrate(&self) -> AppResult<()>;
@@ -382,13 +395,31 @@ pub trait Store:
 
 pub type DynStore = Arc<dyn Store>;
 
-/// Open the store named by `database_url` (`sqlite://...` or `postgres://...`).
-pub async fn connect(database_url: &str) -> AppResult<DynStore> {
+pub use crate::vault::KeySettings;
+
+/// What a round of re-sealing did: rows re-sealed per table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ResealReport {
+    pub tables: Vec<(&'static str, u64)>,
+}
+
+impl ResealReport {
+    pub fn total(&self) -> u64 {
+        self.tables.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// Open the store named by `database_url` (`sqlite://...` or `postgres://...`): connect, apply
+/// the migrations, set up the keys (see [`crate::vault`]) and seal any clear text left from
+/// before encryption.
+pub async fn connect(database_url: &str, keys: &KeySettings) -> AppResult<DynStore> {
     if database_url.starts_with("sqlite:") {
-        Ok(Arc::new(sqlite::SqliteStore::connect(database_url).await?))
+        Ok(Arc::new(
+            sqlite::SqliteStore::connect(database_url, keys).await?,
+        ))
     } else if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
         Ok(Arc::new(
-            postgres::PostgresStore::connect(database_url).await?,
+            postgres::PostgresStore::connect(database_url, keys).await?,
         ))
     } else {
         Err(AppError::Internal(anyhow::anyhow!(

@@ -1,6 +1,7 @@
 //! The PostgreSQL backend, for deployments with several instances sharing one queue: claiming
 //! uses `FOR UPDATE SKIP LOCKED`, so two dispatchers never take the same message.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
@@ -8,22 +9,32 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{Pool, Postgres};
 
 use crate::error::AppResult;
+use crate::vault::{KeySettings, Vault};
 
 pub struct PostgresStore {
     pool: Pool<Postgres>,
+    /// Seals and opens the encrypted columns, and computes blind indexes.
+    vault: Arc<Vault>,
 }
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
 impl PostgresStore {
-    pub async fn connect(database_url: &str) -> AppResult<Self> {
+    pub async fn connect(database_url: &str, keys: &KeySettings) -> AppResult<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
             .connect(database_url)
             .await
             .map_err(|e| anyhow::Error::new(e).context("connecting to PostgreSQL"))?;
-        Ok(PostgresStore { pool })
+        Self::migrator()
+            .run(&pool)
+            .await
+            .map_err(|e| anyhow::Error::new(e).context("applying migrations"))?;
+        let vault = portable::sealing::open_vault(&pool, database_url, keys).await?;
+        let store = PostgresStore { pool, vault };
+        portable::sealing::seal_clear_text(&store).await?;
+        Ok(store)
     }
 
     fn migrator() -> &'static Migrator {

@@ -2,6 +2,7 @@
 //! the queue (SQLite serialises writers), so claiming needs no row locks.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
@@ -9,15 +10,18 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Pool, Sqlite};
 
 use crate::error::AppResult;
+use crate::vault::{KeySettings, Vault};
 
 pub struct SqliteStore {
     pool: Pool<Sqlite>,
+    /// Seals and opens the encrypted columns, and computes blind indexes.
+    vault: Arc<Vault>,
 }
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 
 impl SqliteStore {
-    pub async fn connect(database_url: &str) -> AppResult<Self> {
+    pub async fn connect(database_url: &str, keys: &KeySettings) -> AppResult<Self> {
         let options = SqliteConnectOptions::from_str(database_url)
             .map_err(|e| anyhow::Error::new(e).context("parsing DATABASE_URL"))?
             .create_if_missing(true)
@@ -36,7 +40,19 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(|e| anyhow::Error::new(e).context("opening the SQLite database"))?;
-        Ok(SqliteStore { pool })
+        Self::ready(pool, database_url, keys).await
+    }
+
+    /// Migrate, set up the keys and seal clear text left from before encryption.
+    async fn ready(pool: Pool<Sqlite>, database_url: &str, keys: &KeySettings) -> AppResult<Self> {
+        Self::migrator()
+            .run(&pool)
+            .await
+            .map_err(|e| anyhow::Error::new(e).context("applying migrations"))?;
+        let vault = portable::sealing::open_vault(&pool, database_url, keys).await?;
+        let store = SqliteStore { pool, vault };
+        portable::sealing::seal_clear_text(&store).await?;
+        Ok(store)
     }
 
     fn migrator() -> &'static Migrator {
@@ -76,7 +92,9 @@ mod tests {
     async fn commits_are_durable_when_acknowledged() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let store = SqliteStore::connect(&url).await.unwrap();
+        let store = SqliteStore::connect(&url, &KeySettings::default())
+            .await
+            .unwrap();
         // 2 = FULL: every commit is synced before it returns (NORMAL, 1, may lose the last ones
         // on power loss in WAL mode).
         let level: i64 = sqlx::query_scalar("PRAGMA synchronous")

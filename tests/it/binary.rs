@@ -115,7 +115,9 @@ async fn migrate_and_send_in_mock_mode() {
         "sqlite://{}",
         dir.path().join("prism-messaging.db").display()
     );
-    let store = prism_messaging::store::connect(&url).await.unwrap();
+    let store = prism_messaging::store::connect(&url, &Default::default())
+        .await
+        .unwrap();
     let patch = prism_messaging::consent::ConsentPatch {
         phone_number: Some("+14155552671".into()),
         sms_consent: Some(true),

@@ -237,6 +237,7 @@ fn spawn_server(
         .current_dir(dir)
         .env("BIND_ADDR", "127.0.0.1:0")
         .env("DATABASE_URL", database_url)
+        .env("DATA_ENCRYPTION_KEY", DATA_KEY)
         .env("MESSAGING_MOCK_MODE", "false")
         .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
         .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
@@ -276,7 +277,9 @@ async fn sigkill_mid_dispatch_then_restart_delivers_every_message() {
     const BATCH: &str = "32";
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("kill.db").display());
-    let store = prism_messaging::store::connect(&url).await.unwrap();
+    let store = prism_messaging::store::connect(&url, &test_keys())
+        .await
+        .unwrap();
     store.migrate().await.unwrap();
     queue_bulk(&store, "bulk", "+14155552671", N).await;
     let fake = FakeTwilio::start().await;
@@ -344,7 +347,9 @@ async fn sigkill_mid_dispatch_then_restart_delivers_every_message() {
 async fn sigterm_finishes_in_flight_sends_and_gives_back_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("term.db").display());
-    let store = prism_messaging::store::connect(&url).await.unwrap();
+    let store = prism_messaging::store::connect(&url, &test_keys())
+        .await
+        .unwrap();
     store.migrate().await.unwrap();
     queue_bulk(&store, "term", "+14155552671", 12).await;
     let fake = FakeTwilio::start().await;

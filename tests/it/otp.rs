@@ -146,10 +146,12 @@ async fn no_clear_code_in_the_database(backend: Backend) {
     assert_eq!(hash.len(), 64, "an HMAC-SHA256, hex");
     assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()));
     assert_eq!(
-        rows[1],
+        (test_vault().open(&rows[1].0).unwrap(), rows[1].1.clone()),
         ("{}".to_string(), "otp".to_string()),
         "the message keeps no variables"
     );
+    assert!(rows[1].0.starts_with("enc1:"), "variables are sealed");
+    assert!(rows[0].1.starts_with("enc1:"), "the number is sealed");
     for (a, b) in &rows {
         assert!(
             !a.contains(&code) && !b.contains(&code),
@@ -338,8 +340,12 @@ async fn opted_out_numbers_are_not_sent_to(backend: Backend) {
         ),
     )
     .await;
-    let sql = "INSERT INTO opt_outs (phone_number, channel, source, created_at) VALUES ('+919876543210', 'sms', 'sms_keyword', '2027-01-01T00:00:00Z')";
-    app.db.execute(sql).await.unwrap();
+    let sql = format!(
+        "INSERT INTO opt_outs (phone_index, channel, source, created_at) VALUES ('{}', 'sms', \
+         'sms_keyword', '2027-01-01T00:00:00Z')",
+        test_vault().blind("+919876543210")
+    );
+    app.db.execute(&sql).await.unwrap();
     let r = send(&app, "u1", PHONE, "login").await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();

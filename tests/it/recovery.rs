@@ -109,9 +109,12 @@ async fn a_sibling_in_flight_is_never_adopted_from(backend: Backend) {
     let far = (clock.now() + Duration::days(10)).to_rfc3339();
     app.db
         .execute(&format!(
-            "UPDATE messages SET status = 'sending', attempts = 1, to_number = '{PATIENT}', \
-             attempt_body = '{body}', attempt_started_at = '{}', lease_until = '{far}' \
-             WHERE id = '{second}'",
+            "UPDATE messages SET status = 'sending', attempts = 1, to_number = '{}', \
+             to_index = '{}', attempt_body = '{}', attempt_started_at = '{}', \
+             lease_until = '{far}' WHERE id = '{second}'",
+            test_vault().seal(PATIENT),
+            test_vault().blind(PATIENT),
+            test_vault().seal(&body),
             clock.now().to_rfc3339()
         ))
         .await
@@ -497,7 +500,9 @@ async fn a_slow_lookup_never_stalls_other_sends(backend: Backend) {
 async fn an_early_callback_is_never_orphaned(backend: Backend) {
     use prism_messaging::store::{DispatchResult, NewMessage, SendAttempt, SendGuard};
     let db = TestDatabase::new(backend).await;
-    let store = prism_messaging::store::connect(&db.url).await.unwrap();
+    let store = prism_messaging::store::connect(&db.url, &test_keys())
+        .await
+        .unwrap();
     store.migrate().await.unwrap();
     let now = Utc::now();
     let lease = now + Duration::minutes(2);

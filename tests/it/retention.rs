@@ -123,6 +123,7 @@ async fn the_command_line_previews_without_deleting(backend: Backend) {
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("DATABASE_URL", &app.db.url)
+            .env("DATA_ENCRYPTION_KEY", DATA_KEY)
             .env("LOG_FORMAT", "json")
             .current_dir(dir.path())
             .stdin(Stdio::null())

@@ -37,7 +37,9 @@ fn t0() -> chrono::DateTime<Utc> {
 
 async fn open(backend: Backend) -> (DynStore, TestDatabase) {
     let db = TestDatabase::new(backend).await;
-    let store = store::connect(&db.url).await.unwrap();
+    let store = store::connect(&db.url, &crate::common::test_keys())
+        .await
+        .unwrap();
     store.migrate().await.unwrap();
     // Migrations are idempotent.
     store.migrate().await.unwrap();

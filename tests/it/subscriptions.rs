@@ -435,6 +435,7 @@ fn binary(dir: &std::path::Path, database_url: &str) -> tokio::process::Command 
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("QUIET_HOURS", "off")
         .env("DATABASE_URL", database_url)
+        .env("DATA_ENCRYPTION_KEY", DATA_KEY)
         .current_dir(dir)
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -500,7 +501,9 @@ async fn an_appointment_import_is_idempotent_and_refuses_rows_by_line(backend: B
             "FILE: 8 appointments rows: 3 created, 0 updated, 0 unchanged, 5 refused\n{refusals}"
         )
     );
-    let store = prism_messaging::store::connect(&db.url).await.unwrap();
+    let store = prism_messaging::store::connect(&db.url, &test_keys())
+        .await
+        .unwrap();
     // Nothing half-written for a refused row.
     for id in ["a3", "a4", "a 6", "a7", "a8"] {
         assert!(store
@@ -629,7 +632,9 @@ async fn follow_up_and_subscription_imports(backend: Backend) {
         )
     );
     assert_eq!(updated_at(&db, "subscriptions").await, before);
-    let store = prism_messaging::store::connect(&db.url).await.unwrap();
+    let store = prism_messaging::store::connect(&db.url, &test_keys())
+        .await
+        .unwrap();
     let s2 = store.get_subscription("s2").await.unwrap().unwrap();
     assert_eq!((s2.plan.as_str(), s2.status), ("Basic", ItemStatus::Active));
     assert!(s2.renews_at.is_none());

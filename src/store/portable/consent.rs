@@ -18,10 +18,12 @@ const CONSENT_COLUMNS: &str =
 impl ConsentStore for ThisStore {
     async fn get_consent(&self, user_id: &str) -> AppResult<Option<Consent>> {
         let sql = format!("SELECT {CONSENT_COLUMNS} FROM messaging_consent WHERE user_id = $1");
-        Ok(sqlx::query_as::<Db, Consent>(&sql)
+        sqlx::query_as::<Db, Consent>(&sql)
             .bind(user_id)
             .fetch_optional(&self.pool)
-            .await?)
+            .await?
+            .map(|c| open_consent(&self.vault, c))
+            .transpose()
     }
 
     async fn get_consents(&self, user_ids: &[String]) -> AppResult<Vec<Consent>> {
@@ -36,12 +38,13 @@ impl ConsentStore for ThisStore {
                 ids.push_bind(id);
             }
             ids.push_unseparated(")");
-            records.extend(
-                query
-                    .build_query_as::<Consent>()
-                    .fetch_all(&self.pool)
-                    .await?,
-            );
+            for record in query
+                .build_query_as::<Consent>()
+                .fetch_all(&self.pool)
+                .await?
+            {
+                records.push(open_consent(&self.vault, record)?);
+            }
         }
         Ok(records)
     }
@@ -72,6 +75,7 @@ impl ConsentStore for ThisStore {
             .bind(user_id)
             .fetch_one(&mut *tx)
             .await?;
+        let current = open_consent(&self.vault, current)?;
         let mut next = edit(&current)?;
         let changes = current.changes_to(&next, created);
         if changes.is_empty() {
@@ -82,19 +86,29 @@ impl ConsentStore for ThisStore {
         sqlx::query(
             "UPDATE messaging_consent SET phone_number = $2, sms_consent = $3, \
              whatsapp_consent = $4, marketing_consent = $5, updated_at = $6, \
-             phone_verified_at = $7, time_zone = $8 WHERE user_id = $1",
+             phone_verified_at = $7, time_zone = $8, phone_index = $9 WHERE user_id = $1",
         )
         .bind(user_id)
-        .bind(&next.phone_number)
+        .bind(self.vault.seal_opt(next.phone_number.as_deref()))
         .bind(next.sms_consent)
         .bind(next.whatsapp_consent)
         .bind(next.marketing_consent)
         .bind(next.updated_at)
         .bind(next.phone_verified_at)
         .bind(&next.time_zone)
+        .bind(self.vault.blind_opt(next.phone_number.as_deref()))
         .execute(&mut *tx)
         .await?;
         for (field, old_value, new_value) in changes {
+            // A number in the trail is sealed like the number itself.
+            let (old_value, new_value) = if field == "phone_number" {
+                (
+                    self.vault.seal_opt(old_value.as_deref()),
+                    self.vault.seal_opt(new_value.as_deref()),
+                )
+            } else {
+                (old_value, new_value)
+            };
             sqlx::query(
                 "INSERT INTO consent_audit_trail \
                  (user_id, field, old_value, new_value, source, ip, user_agent, created_at) \
@@ -116,21 +130,40 @@ impl ConsentStore for ThisStore {
     }
 
     async fn consent_audit(&self, user_id: &str) -> AppResult<Vec<ConsentAuditRecord>> {
-        Ok(sqlx::query_as::<Db, ConsentAuditRecord>(
+        sqlx::query_as::<Db, ConsentAuditRecord>(
             "SELECT id, user_id, field, old_value, new_value, source, ip, user_agent, created_at \
              FROM consent_audit_trail WHERE user_id = $1 ORDER BY id",
         )
         .bind(user_id)
         .fetch_all(&self.pool)
-        .await?)
+        .await?
+        .into_iter()
+        .map(|r| open_audit(&self.vault, r))
+        .collect()
     }
 
     async fn users_with_phone(&self, phone_number: &str) -> AppResult<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT user_id FROM messaging_consent WHERE phone_number = $1 ORDER BY user_id",
+            "SELECT user_id FROM messaging_consent WHERE phone_index = $1 ORDER BY user_id",
         )
-        .bind(phone_number)
+        .bind(self.vault.blind(phone_number))
         .fetch_all(&self.pool)
         .await?)
     }
+}
+
+/// A consent record as stored, with its number opened.
+pub(super) fn open_consent(vault: &crate::vault::Vault, mut c: Consent) -> AppResult<Consent> {
+    c.phone_number = vault.open_opt(c.phone_number.as_deref())?;
+    Ok(c)
+}
+
+/// An audit row as stored, with its values opened (only a number's are sealed).
+pub(super) fn open_audit(
+    vault: &crate::vault::Vault,
+    mut r: ConsentAuditRecord,
+) -> AppResult<ConsentAuditRecord> {
+    r.old_value = vault.open_opt(r.old_value.as_deref())?;
+    r.new_value = vault.open_opt(r.new_value.as_deref())?;
+    Ok(r)
 }

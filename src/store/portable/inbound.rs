@@ -10,7 +10,7 @@ use crate::error::AppResult;
 #[allow(unused_imports)]
 use crate::store::*;
 
-const INCOMING_COLUMNS: &str =
+pub(super) const INCOMING_COLUMNS: &str =
     "id, provider_sid, channel, from_number, to_number, user_id, body, keyword, \
      reply_template, opt_out_type, received_at, user_ids";
 
@@ -19,9 +19,9 @@ impl InboundStore for ThisStore {
     async fn is_opted_out(&self, phone_number: &str, channel: Channel) -> AppResult<bool> {
         // COUNT(*) is a 64-bit integer on both backends (a bare `1` is 32-bit on PostgreSQL).
         let found: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM opt_outs WHERE phone_number = $1 AND channel = $2",
+            "SELECT COUNT(*) FROM opt_outs WHERE phone_index = $1 AND channel = $2",
         )
-        .bind(phone_number)
+        .bind(self.vault.blind(phone_number))
         .bind(channel.as_str())
         .fetch_one(&self.pool)
         .await?;
@@ -36,11 +36,11 @@ impl InboundStore for ThisStore {
         at: DateTime<Utc>,
     ) -> AppResult<()> {
         sqlx::query(
-            "INSERT INTO opt_outs (phone_number, channel, source, created_at) VALUES ($1, $2, \
+            "INSERT INTO opt_outs (phone_index, channel, source, created_at) VALUES ($1, $2, \
              $3, $4) \
-             ON CONFLICT (phone_number, channel) DO NOTHING",
+             ON CONFLICT (phone_index, channel) DO NOTHING",
         )
-        .bind(phone_number)
+        .bind(self.vault.blind(phone_number))
         .bind(channel.as_str())
         .bind(source.as_str())
         .bind(at)
@@ -50,8 +50,8 @@ impl InboundStore for ThisStore {
     }
 
     async fn clear_opt_out(&self, phone_number: &str, channel: Channel) -> AppResult<()> {
-        sqlx::query("DELETE FROM opt_outs WHERE phone_number = $1 AND channel = $2")
-            .bind(phone_number)
+        sqlx::query("DELETE FROM opt_outs WHERE phone_index = $1 AND channel = $2")
+            .bind(self.vault.blind(phone_number))
             .bind(channel.as_str())
             .execute(&self.pool)
             .await?;
@@ -68,10 +68,10 @@ impl InboundStore for ThisStore {
         .bind(&m.id)
         .bind(&m.provider_sid)
         .bind(&m.channel)
-        .bind(&m.from_number)
+        .bind(self.vault.seal(&m.from_number))
         .bind(&m.to_number)
         .bind(&m.user_id)
-        .bind(&m.body)
+        .bind(self.vault.seal(&m.body))
         .bind(&m.keyword)
         .bind(&m.reply_template)
         .bind(&m.opt_out_type)
@@ -85,10 +85,12 @@ impl InboundStore for ThisStore {
     async fn incoming_by_sid(&self, provider_sid: &str) -> AppResult<Option<IncomingMessage>> {
         let sql =
             format!("SELECT {INCOMING_COLUMNS} FROM incoming_messages WHERE provider_sid = $1");
-        Ok(sqlx::query_as::<Db, IncomingMessage>(&sql)
+        sqlx::query_as::<Db, IncomingMessage>(&sql)
             .bind(provider_sid)
             .fetch_optional(&self.pool)
-            .await?)
+            .await?
+            .map(|m| open_incoming(&self.vault, m))
+            .transpose()
     }
 
     async fn list_incoming(
@@ -103,21 +105,24 @@ impl InboundStore for ThisStore {
              ORDER BY received_at, id LIMIT $2"
         );
         let since = since.unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
-        Ok(sqlx::query_as::<Db, IncomingMessage>(&sql)
+        sqlx::query_as::<Db, IncomingMessage>(&sql)
             .bind(since)
             .bind(limit)
             .bind(until)
             .fetch_all(&self.pool)
-            .await?)
+            .await?
+            .into_iter()
+            .map(|m| open_incoming(&self.vault, m))
+            .collect()
     }
 
     async fn touch_whatsapp_session(&self, phone_number: &str, at: DateTime<Utc>) -> AppResult<()> {
         sqlx::query(
-            "INSERT INTO whatsapp_sessions (phone_number, last_inbound_at) VALUES ($1, $2) \
-             ON CONFLICT (phone_number) DO UPDATE SET last_inbound_at = excluded.last_inbound_at \
+            "INSERT INTO whatsapp_sessions (phone_index, last_inbound_at) VALUES ($1, $2) \
+             ON CONFLICT (phone_index) DO UPDATE SET last_inbound_at = excluded.last_inbound_at \
              WHERE whatsapp_sessions.last_inbound_at < excluded.last_inbound_at",
         )
-        .bind(phone_number)
+        .bind(self.vault.blind(phone_number))
         .bind(at)
         .execute(&self.pool)
         .await?;
@@ -126,10 +131,20 @@ impl InboundStore for ThisStore {
 
     async fn last_whatsapp_inbound(&self, phone_number: &str) -> AppResult<Option<DateTime<Utc>>> {
         Ok(sqlx::query_scalar(
-            "SELECT last_inbound_at FROM whatsapp_sessions WHERE phone_number = $1",
+            "SELECT last_inbound_at FROM whatsapp_sessions WHERE phone_index = $1",
         )
-        .bind(phone_number)
+        .bind(self.vault.blind(phone_number))
         .fetch_optional(&self.pool)
         .await?)
     }
+}
+
+/// A reply as stored, with its sender and body opened.
+pub(super) fn open_incoming(
+    vault: &crate::vault::Vault,
+    mut m: IncomingMessage,
+) -> AppResult<IncomingMessage> {
+    m.from_number = vault.open(&m.from_number)?;
+    m.body = vault.open(&m.body)?;
+    Ok(m)
 }

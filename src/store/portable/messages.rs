@@ -14,7 +14,7 @@ use crate::store::*;
 impl MessageStore for ThisStore {
     async fn insert_message(&self, m: &NewMessage) -> AppResult<(MessageRecord, bool)> {
         let mut conn = self.pool.acquire().await?;
-        if let Some(record) = insert_message_row(&mut conn, m).await? {
+        if let Some(record) = insert_message_row(&mut conn, &self.vault, m).await? {
             return Ok((record, true));
         }
         // Only a taken idempotency key makes the insert a no-op.
@@ -23,15 +23,17 @@ impl MessageStore for ThisStore {
             .bind(&m.idempotency_key)
             .fetch_one(&mut *conn)
             .await?;
-        Ok((existing, false))
+        Ok((open_message(&self.vault, existing)?, false))
     }
 
     async fn get_message(&self, id: &str) -> AppResult<Option<MessageRecord>> {
         let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1");
-        Ok(sqlx::query_as::<Db, MessageRecord>(&sql)
+        sqlx::query_as::<Db, MessageRecord>(&sql)
             .bind(id)
             .fetch_optional(&self.pool)
-            .await?)
+            .await?
+            .map(|m| open_message(&self.vault, m))
+            .transpose()
     }
 
     async fn message_events(&self, id: &str) -> AppResult<Vec<MessageEvent>> {
@@ -54,32 +56,38 @@ impl MessageStore for ThisStore {
 
     async fn message_by_sid(&self, provider_sid: &str) -> AppResult<Option<MessageRecord>> {
         let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE provider_sid = $1");
-        Ok(sqlx::query_as::<Db, MessageRecord>(&sql)
+        sqlx::query_as::<Db, MessageRecord>(&sql)
             .bind(provider_sid)
             .fetch_optional(&self.pool)
-            .await?)
+            .await?
+            .map(|m| open_message(&self.vault, m))
+            .transpose()
     }
 
     async fn sibling_in_flight(&self, id: &str, to_number: &str, body: &str) -> AppResult<bool> {
-        let count: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM messages WHERE id <> $1 AND to_number = $2 \
-             AND attempt_body = $3 AND provider_sid IS NULL \
-             AND (status = 'sending' OR lookup_needed)",
+        // Bodies are sealed with a fresh nonce each: compare them opened.
+        let bodies: Vec<Option<String>> = sqlx::query_scalar(
+            "SELECT attempt_body FROM messages WHERE id <> $1 AND to_index = $2 \
+             AND provider_sid IS NULL AND (status = 'sending' OR lookup_needed)",
         )
         .bind(id)
-        .bind(to_number)
-        .bind(body)
-        .fetch_one(&self.pool)
+        .bind(self.vault.blind(to_number))
+        .fetch_all(&self.pool)
         .await?;
-        Ok(count > 0)
+        for sealed in bodies.iter().flatten() {
+            if self.vault.open(sealed)? == body {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     async fn last_recipient(&self, to_number: &str) -> AppResult<Option<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT user_id FROM messages WHERE to_number = $1 \
+            "SELECT user_id FROM messages WHERE to_index = $1 \
              ORDER BY created_at DESC, id DESC LIMIT 1",
         )
-        .bind(to_number)
+        .bind(self.vault.blind(to_number))
         .fetch_optional(&self.pool)
         .await?)
     }
@@ -89,11 +97,14 @@ impl MessageStore for ThisStore {
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE user_id = $1 \
              ORDER BY created_at DESC, id DESC LIMIT $2"
         );
-        Ok(sqlx::query_as::<Db, MessageRecord>(&sql)
+        sqlx::query_as::<Db, MessageRecord>(&sql)
             .bind(user_id)
             .bind(limit)
             .fetch_all(&self.pool)
-            .await?)
+            .await?
+            .into_iter()
+            .map(|m| open_message(&self.vault, m))
+            .collect()
     }
 
     async fn claim_due_messages(
@@ -117,7 +128,10 @@ impl MessageStore for ThisStore {
             .bind(now)
             .bind(limit)
             .fetch_all(&self.pool)
-            .await?;
+            .await?
+            .into_iter()
+            .map(|m| open_message(&self.vault, m))
+            .collect::<AppResult<Vec<_>>>()?;
         // OTPs first (a patient is waiting), then the longest waiting.
         claimed.sort_by(|a, b| {
             (a.template_name != "otp")
@@ -186,7 +200,7 @@ impl MessageStore for ThisStore {
             (false, _) => String::new(),
             (true, channel) => format!(
                 " AND EXISTS (SELECT 1 FROM messaging_consent c WHERE c.user_id = messages.user_id \
-                 AND c.phone_number = $2 AND c.{}{})",
+                 AND c.phone_index = $10 AND c.{}{})",
                 match channel {
                     Channel::Sms => "sms_consent",
                     Channel::Whatsapp => "whatsapp_consent",
@@ -202,24 +216,26 @@ impl MessageStore for ThisStore {
         // Right-hand sides read the row as it was, so `channel` in the CASE is the old channel.
         let updated = sqlx::query(&format!(
             "UPDATE messages SET status = 'sending', attempts = attempts + 1, to_number = $2, \
+             to_index = $10, \
              encoding = $3, segments = $4, updated_at = $5, attempt_started_at = $5, \
              attempt_body = $9, lookup_needed = FALSE, \
              requested_channel = CASE WHEN channel <> $6 \
              THEN COALESCE(requested_channel, channel) ELSE requested_channel END, \
              channel = $6, lease_until = $8 \
              WHERE id = $1 AND lease_until = $7 AND status IN ('queued', 'sending') \
-             AND NOT EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_number = $2 \
+             AND NOT EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = $10 \
              AND o.channel = $6){consent}"
         ))
         .bind(id)
-        .bind(&attempt.to_number)
+        .bind(self.vault.seal(&attempt.to_number))
         .bind(&attempt.encoding)
         .bind(attempt.segments)
         .bind(now)
         .bind(attempt.channel.as_str())
         .bind(fence)
         .bind(new_lease)
-        .bind(&attempt.body)
+        .bind(self.vault.seal_opt(attempt.body.as_deref()))
+        .bind(self.vault.blind(&attempt.to_number))
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -468,7 +484,9 @@ impl MessageStore for ThisStore {
         let message = sqlx::query_as::<Db, MessageRecord>(&sql)
             .bind(provider_sid)
             .fetch_optional(&mut *tx)
-            .await?;
+            .await?
+            .map(|m| open_message(&self.vault, m))
+            .transpose()?;
         let mut first_seen = false;
         match &message {
             Some(m) => {
@@ -536,6 +554,7 @@ impl MessageStore for ThisStore {
 /// Insert a message row; `None` when its idempotency key is already taken.
 pub(super) async fn insert_message_row(
     conn: &mut <Db as sqlx::Database>::Connection,
+    vault: &crate::vault::Vault,
     m: &NewMessage,
 ) -> AppResult<Option<MessageRecord>> {
     let status = if m.claimed_until.is_some() {
@@ -549,18 +568,31 @@ pub(super) async fn insert_message_row(
          VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9, $8, $8) \
          ON CONFLICT (idempotency_key) DO NOTHING RETURNING {MESSAGE_COLUMNS}"
     );
-    Ok(sqlx::query_as::<Db, MessageRecord>(&sql)
+    sqlx::query_as::<Db, MessageRecord>(&sql)
         .bind(&m.id)
         .bind(&m.user_id)
         .bind(&m.template_name)
-        .bind(&m.variables)
+        .bind(vault.seal(&m.variables))
         .bind(m.channel.as_str())
         .bind(status)
         .bind(&m.idempotency_key)
         .bind(m.created_at)
         .bind(m.claimed_until)
         .fetch_optional(&mut *conn)
-        .await?)
+        .await?
+        .map(|record| open_message(vault, record))
+        .transpose()
+}
+
+/// A message as stored, with its number, variables and last attempt's body opened.
+pub(super) fn open_message(
+    vault: &crate::vault::Vault,
+    mut m: MessageRecord,
+) -> AppResult<MessageRecord> {
+    m.to_number = vault.open_opt(m.to_number.as_deref())?;
+    m.variables = vault.open(&m.variables)?;
+    m.attempt_body = vault.open_opt(m.attempt_body.as_deref())?;
+    Ok(m)
 }
 
 /// A reminder skipped because its item was cancelled, moved or reassigned no longer counts as

@@ -15,8 +15,9 @@ use crate::store::*;
 impl OtpStore for ThisStore {
     async fn issue_otp(&self, issue: &OtpIssue) -> AppResult<OtpIssueOutcome> {
         let mut tx = self.pool.begin().await?;
+        let phone_index = self.vault.blind(&issue.phone_number);
         let mut keys = vec![
-            format!("otp:phone:{}", issue.phone_number),
+            format!("otp:phone:{phone_index}"),
             format!("otp:user:{}", issue.user_id),
         ];
         if let Some(ip) = &issue.ip {
@@ -26,16 +27,17 @@ impl OtpStore for ThisStore {
         // Log this send first: on SQLite the write takes the database's write lock, serialising
         // concurrent requests before they read the counts.
         let log_id: i64 = sqlx::query_scalar(
-            "INSERT INTO otp_send_log (phone_number, user_id, ip, created_at) VALUES ($1, $2, \
-             $3, $4) RETURNING id",
+            "INSERT INTO otp_send_log (phone_number, user_id, ip, created_at, phone_index) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
         )
-        .bind(&issue.phone_number)
+        .bind(self.vault.seal(&issue.phone_number))
         .bind(&issue.user_id)
         .bind(&issue.ip)
         .bind(issue.now)
+        .bind(&phone_index)
         .fetch_one(&mut *tx)
         .await?;
-        if let Some(wait) = otp_retry_after(&mut tx, issue, log_id).await? {
+        if let Some(wait) = otp_retry_after(&mut tx, issue, &phone_index, log_id).await? {
             tx.rollback().await?;
             return Ok(OtpIssueOutcome::RateLimited {
                 retry_after_seconds: wait,
@@ -45,7 +47,7 @@ impl OtpStore for ThisStore {
             tx.commit().await?;
             return Ok(OtpIssueOutcome::Logged);
         };
-        let message = insert_message_row(&mut tx, new_message)
+        let message = insert_message_row(&mut tx, &self.vault, new_message)
             .await?
             .ok_or_else(|| anyhow::anyhow!("OTP message id collided"))?;
         sqlx::query(
@@ -59,7 +61,7 @@ impl OtpStore for ThisStore {
         )
         .bind(&issue.user_id)
         .bind(&issue.purpose)
-        .bind(&issue.send_to)
+        .bind(self.vault.seal(&issue.send_to))
         .bind(issue.channel.as_str())
         .bind(&issue.code_hash)
         .bind(issue.expires_at)
@@ -78,7 +80,7 @@ impl OtpStore for ThisStore {
     }
 
     async fn get_otp(&self, user_id: &str, purpose: &str) -> AppResult<Option<OtpRecord>> {
-        Ok(sqlx::query_as::<Db, OtpRecord>(
+        let record = sqlx::query_as::<Db, OtpRecord>(
             "SELECT user_id, purpose, phone_number, channel, code_hash, attempts, expires_at, \
              used_at, created_at \
              FROM otp_codes WHERE user_id = $1 AND purpose = $2",
@@ -86,7 +88,13 @@ impl OtpStore for ThisStore {
         .bind(user_id)
         .bind(purpose)
         .fetch_optional(&self.pool)
-        .await?)
+        .await?;
+        record
+            .map(|mut r| {
+                r.phone_number = self.vault.open(&r.phone_number)?;
+                Ok(r)
+            })
+            .transpose()
     }
 
     async fn consume_otp(
@@ -193,15 +201,16 @@ impl OtpStore for ThisStore {
 pub(super) async fn otp_retry_after(
     tx: &mut sqlx::Transaction<'_, Db>,
     issue: &OtpIssue,
+    phone_index: &str,
     log_id: i64,
 ) -> AppResult<Option<i64>> {
     let now = issue.now;
     // The cooldown, per number.
     let last: Option<DateTime<Utc>> = sqlx::query_scalar(
-        "SELECT created_at FROM otp_send_log WHERE phone_number = $1 AND id <> $2 \
+        "SELECT created_at FROM otp_send_log WHERE phone_index = $1 AND id <> $2 \
          ORDER BY created_at DESC LIMIT 1",
     )
-    .bind(&issue.phone_number)
+    .bind(phone_index)
     .bind(log_id)
     .fetch_optional(&mut **tx)
     .await?;
@@ -216,11 +225,7 @@ pub(super) async fn otp_retry_after(
     // enough of the window's sends have aged out.
     let window_start = now - chrono::Duration::hours(1);
     let limits: [(&str, Option<&str>, i64); 3] = [
-        (
-            "phone_number",
-            Some(issue.phone_number.as_str()),
-            issue.max_sends_per_hour,
-        ),
+        ("phone_index", Some(phone_index), issue.max_sends_per_hour),
         (
             "user_id",
             Some(issue.user_id.as_str()),

@@ -21,7 +21,10 @@ impl PrivacyStore for ThisStore {
         let messages = sqlx::query_as::<Db, MessageRecord>(&sql)
             .bind(user_id)
             .fetch_all(&self.pool)
-            .await?;
+            .await?
+            .into_iter()
+            .map(|m| super::messages::open_message(&self.vault, m))
+            .collect::<AppResult<Vec<_>>>()?;
         let rows: Vec<(
             String,
             MessageStatus,
@@ -48,14 +51,16 @@ impl PrivacyStore for ThisStore {
                 (id, event)
             })
             .collect();
-        let replies = sqlx::query_as::<Db, IncomingMessage>(
-            "SELECT id, provider_sid, channel, from_number, to_number, user_id, body, keyword, \
-             reply_template, opt_out_type, received_at, user_ids FROM incoming_messages \
-             WHERE user_id = $1 ORDER BY received_at, id",
-        )
+        let replies = sqlx::query_as::<Db, IncomingMessage>(&format!(
+            "SELECT {} FROM incoming_messages WHERE user_id = $1 ORDER BY received_at, id",
+            super::inbound::INCOMING_COLUMNS
+        ))
         .bind(user_id)
         .fetch_all(&self.pool)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|m| super::inbound::open_incoming(&self.vault, m))
+        .collect::<AppResult<Vec<_>>>()?;
         let items = |table: &str, column: &str| {
             format!(
                 "SELECT id, user_id, {column} AS scheduled_at, time_zone, status FROM {table} \
@@ -76,13 +81,16 @@ impl PrivacyStore for ThisStore {
         .bind(user_id)
         .fetch_all(&self.pool)
         .await?;
-        let otp_sends = sqlx::query_as(
+        let otp_sends = sqlx::query_as::<Db, (String, Option<String>, DateTime<Utc>)>(
             "SELECT phone_number, ip, created_at FROM otp_send_log WHERE user_id = $1 \
              ORDER BY created_at, id",
         )
         .bind(user_id)
         .fetch_all(&self.pool)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|(number, ip, at)| Ok((self.vault.open(&number)?, ip, at)))
+        .collect::<AppResult<Vec<_>>>()?;
         let sessions = sqlx::query_as::<Db, SettingsSession>(
             "SELECT token_hash, user_id, return_url, ip, user_agent, created_at, last_seen_at, \
              expires_at FROM settings_sessions WHERE user_id = $1 AND expires_at > $2 \
@@ -117,8 +125,8 @@ impl PrivacyStore for ThisStore {
         let mut counts = ErasureCounts::default();
         // The number's WhatsApp window goes with the user (while the number is known).
         sqlx::query(
-            "DELETE FROM whatsapp_sessions WHERE phone_number IN \
-             (SELECT phone_number FROM messaging_consent WHERE user_id = $1)",
+            "DELETE FROM whatsapp_sessions WHERE phone_index IN \
+             (SELECT phone_index FROM messaging_consent WHERE user_id = $1)",
         )
         .bind(user_id)
         .execute(&mut *tx)

@@ -139,7 +139,7 @@ impl ScheduleStore for ThisStore {
                 row.push_bind(&m.id)
                     .push_bind(&m.user_id)
                     .push_bind(&m.template_name)
-                    .push_bind(&m.variables)
+                    .push_bind(self.vault.seal(&m.variables))
                     .push_bind(m.channel.as_str())
                     .push_bind(MessageStatus::Queued)
                     .push_bind(0_i64)

@@ -167,6 +167,24 @@ pub struct TestConfig {
     pub background: bool,
 }
 
+/// The data encryption key every test app and test store shares (so a test may open the store an
+/// app writes, on either backend).
+pub const DATA_KEY: &str = "dGVzdC1rZXktdGVzdC1rZXktdGVzdC1rZXktMDEyMzQ=";
+
+/// The keys of [`DATA_KEY`], for tests that open a store themselves.
+pub fn test_keys() -> prism_messaging::store::KeySettings {
+    prism_messaging::store::KeySettings {
+        current: Some(prism_messaging::vault::Key::parse(DATA_KEY).unwrap()),
+        ..Default::default()
+    }
+}
+
+/// A vault with [`DATA_KEY`]: opens what test apps seal and computes their blind indexes.
+pub fn test_vault() -> prism_messaging::vault::Vault {
+    let keys = test_keys();
+    prism_messaging::vault::Vault::new(keys.current.clone().unwrap(), &keys, None).unwrap()
+}
+
 impl TestConfig {
     pub fn new() -> Self {
         let vars = [
@@ -177,6 +195,7 @@ impl TestConfig {
             ("APP_URL", APP_URL),
             ("PUBLIC_URL", PUBLIC_URL),
             ("QUIET_HOURS", "off"),
+            ("DATA_ENCRYPTION_KEY", DATA_KEY),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
