@@ -169,11 +169,13 @@ fn write_key_file(path: &Path, key: &Key) -> AppResult<()> {
         })
 }
 
-/// What the database records about its blind index, so that it never changes under it: the id
-/// of the data key it was derived from (when derived), and a fingerprint of the index key.
+/// What the database records about its blind index, so that it never changes under it: the
+/// index key itself when it was derived (sealed under the data key, so it follows rotation and
+/// never sits in the database in clear: numbers are few enough to try them all against a known
+/// index key), and a fingerprint of the index key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlindIndexRecord {
-    pub derived_from: Option<String>,
+    pub sealed_key: Option<String>,
     pub fingerprint: String,
 }
 
@@ -197,9 +199,9 @@ impl std::fmt::Debug for Vault {
 
 impl Vault {
     /// The vault for a database: `current` seals; `settings.old` stay readable. The blind index
-    /// key is `BLIND_INDEX_KEY`, else derived from the key the database recorded (the first key it
-    /// was ever opened with), else from `current` (a new database). A database whose recorded
-    /// index key does not match is refused: every lookup by number would miss.
+    /// key is `BLIND_INDEX_KEY`, else the one the database recorded (derived from the first key
+    /// it was ever opened with), else derived from `current` (a new database). A database whose
+    /// recorded index key does not match is refused: every lookup by number would miss.
     pub fn new(
         current: Key,
         settings: &KeySettings,
@@ -211,33 +213,34 @@ impl Vault {
             .iter()
             .map(|k| (k.id(), Aes256Gcm::new((&k.0).into())))
             .collect();
-        let (blind_index_key, derived_from) = match (&settings.blind_index, recorded) {
-            (Some(key), _) => (key.clone(), None),
-            (
-                None,
-                Some(BlindIndexRecord {
-                    derived_from: Some(id),
-                    ..
-                }),
-            ) => {
-                let source = keys.iter().find(|k| &k.id() == id).ok_or_else(|| {
+        let mut vault = Vault {
+            current_id: current.id(),
+            ciphers,
+            blind_index_key: current.derive_blind_index_key(),
+            record: BlindIndexRecord {
+                sealed_key: None,
+                fingerprint: String::new(),
+            },
+        };
+        let recorded_key = recorded.and_then(|r| r.sealed_key.as_deref());
+        match (&settings.blind_index, recorded_key) {
+            (Some(key), _) => vault.blind_index_key = key.clone(),
+            (None, Some(sealed)) => {
+                let text = vault.open(sealed).map_err(|_| {
                     AppError::Internal(anyhow::anyhow!(
-                        "the blind index of this database is derived from key {id}, which is \
-                         neither DATA_ENCRYPTION_KEY nor in DATA_ENCRYPTION_OLD_KEYS: keep that \
-                         key in DATA_ENCRYPTION_OLD_KEYS (or set BLIND_INDEX_KEY to the index \
-                         key)"
+                        "the blind index key recorded in this database is sealed with a key \
+                         that is neither DATA_ENCRYPTION_KEY nor in DATA_ENCRYPTION_OLD_KEYS"
                     ))
                 })?;
-                (source.derive_blind_index_key(), Some(id.clone()))
+                vault.blind_index_key = Key::parse(&text).map_err(|e| {
+                    AppError::Internal(anyhow::anyhow!("the recorded blind index key {e}"))
+                })?;
             }
-            (None, _) => (current.derive_blind_index_key(), Some(current.id())),
-        };
-        let record = BlindIndexRecord {
-            derived_from,
-            fingerprint: fingerprint(&blind_index_key),
-        };
+            (None, None) => {}
+        }
+        let fingerprint = fingerprint(&vault.blind_index_key);
         if let Some(recorded) = recorded {
-            if recorded.fingerprint != record.fingerprint {
+            if recorded.fingerprint != fingerprint {
                 return Err(AppError::Internal(anyhow::anyhow!(
                     "the blind index key differs from the one this database was indexed with \
                      (BLIND_INDEX_KEY changed, or was set or unset after the first start): \
@@ -245,14 +248,15 @@ impl Vault {
                 )));
             }
         }
-        Ok(Vault {
-            current_id: current.id(),
-            ciphers,
-            blind_index_key,
-            record,
-        })
+        vault.record = BlindIndexRecord {
+            sealed_key: settings
+                .blind_index
+                .is_none()
+                .then(|| vault.seal(&vault.blind_index_key.to_base64())),
+            fingerprint,
+        };
+        Ok(vault)
     }
-
     /// A vault with one random key, for tests and tools that need one.
     pub fn ephemeral() -> Vault {
         Vault::new(Key::generate(), &KeySettings::default(), None)
@@ -396,7 +400,11 @@ mod tests {
         let first = Key::generate();
         let v1 = vault_with(&first, &[]);
         let record = v1.blind_index_record().clone();
-        assert_eq!(record.derived_from.as_deref(), Some(first.id().as_str()));
+        let sealed = record.sealed_key.clone().unwrap();
+        assert!(
+            sealed.starts_with(&format!("enc1:{}:", first.id())),
+            "sealed, never clear"
+        );
         let second = Key::generate();
         let settings = KeySettings {
             current: Some(second.clone()),
@@ -406,12 +414,17 @@ mod tests {
         let v2 = Vault::new(second.clone(), &settings, Some(&record)).unwrap();
         assert_eq!(v1.blind("+14155552671"), v2.blind("+14155552671"));
         assert_ne!(v1.blind("+14155552671"), v1.blind("+14155552672"));
-        // The first key dropped from the old keys: refused, with what to do.
-        let dropped = KeySettings {
+        // Once the record is re-sealed under the second key, the first may go.
+        let resealed = v2.blind_index_record().clone();
+        assert!(resealed.sealed_key.unwrap().contains(&second.id()));
+        let alone = KeySettings {
             old: vec![],
             ..settings.clone()
         };
-        let err = Vault::new(second.clone(), &dropped, Some(&record)).unwrap_err();
+        let v3 = Vault::new(second.clone(), &alone, Some(v2.blind_index_record())).unwrap();
+        assert_eq!(v3.blind("+14155552671"), v1.blind("+14155552671"));
+        // ... but not before: the record cannot be opened, and the error says what to do.
+        let err = Vault::new(second.clone(), &alone, Some(&record)).unwrap_err();
         assert!(format!("{err:?}").contains("DATA_ENCRYPTION_OLD_KEYS"));
         // A BLIND_INDEX_KEY set later would change every index: refused.
         let explicit = KeySettings {

@@ -27,6 +27,8 @@ impl PostgresStore {
             .connect(database_url)
             .await
             .map_err(|e| anyhow::Error::new(e).context("connecting to PostgreSQL"))?;
+        // No key, no start, before anything is written.
+        keys.current_key(database_url, false)?;
         Self::migrator()
             .run(&pool)
             .await
@@ -67,6 +69,8 @@ mod portable {
     const LOCK_FOR_UPDATE: &str = " FOR UPDATE";
     /// Nothing to fold: PostgreSQL's own vacuum reclaims deleted rows.
     const AFTER_ERASURE: &str = "";
+    /// Nothing to rebuild: PostgreSQL's vacuum reclaims the old row versions.
+    const AFTER_SEALING: &[&str] = &[];
     /// Rows read to be written are locked with `LOCK_FOR_UPDATE` instead.
     const BEGIN_WRITE: &str = "BEGIN";
     include_portable_sql!();

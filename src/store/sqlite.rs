@@ -78,6 +78,9 @@ mod portable {
     /// After an erasure, fold the WAL into the database file (and truncate it), so the erased
     /// rows' old pages do not linger in the log.
     const AFTER_ERASURE: &str = "PRAGMA wal_checkpoint(TRUNCATE)";
+    /// After clear text was sealed (once, when encryption came): rebuild the file, so the clear
+    /// values' old pages leave it and the log.
+    const AFTER_SEALING: &[&str] = &["PRAGMA wal_checkpoint(TRUNCATE)", "VACUUM"];
     /// A transaction that reads and then writes takes the write lock at once, so no other
     /// writer can commit between its read and its write (which SQLite would refuse).
     const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";

@@ -9,6 +9,7 @@ mod auth;
 mod binary;
 mod browser;
 mod delivery;
+mod encryption;
 mod ops;
 mod otp;
 mod privacy;

@@ -27,7 +27,16 @@ struct Sealed {
     index: Option<&'static str>,
 }
 
-const SEALED: [Sealed; 6] = [
+const SEALED: [Sealed; 7] = [
+    // The derived blind index key, sealed: it follows rotation, so the first key may go.
+    Sealed {
+        table: "vault_meta",
+        key: "name",
+        key_match: "name = $1",
+        only: " AND name = 'blind_index_key'",
+        columns: &["value"],
+        index: None,
+    },
     Sealed {
         table: "messaging_consent",
         key: "user_id",
@@ -113,7 +122,7 @@ pub(in super::super) async fn open_vault(
     let current = keys.current_key(database_url, rows.is_empty())?;
     let value = |name: &str| rows.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
     let recorded = value("blind_index_fingerprint").map(|fingerprint| BlindIndexRecord {
-        derived_from: value("blind_index_derived_from"),
+        sealed_key: value("blind_index_key"),
         fingerprint,
     });
     let vault = Vault::new(current, keys, recorded.as_ref())?;
@@ -122,7 +131,7 @@ pub(in super::super) async fn open_vault(
         let mut tx = pool.begin().await?;
         let entries = [
             ("blind_index_fingerprint", Some(record.fingerprint.clone())),
-            ("blind_index_derived_from", record.derived_from.clone()),
+            ("blind_index_key", record.sealed_key.clone()),
         ];
         for (name, value) in entries {
             let Some(value) = value else { continue };
@@ -152,6 +161,9 @@ pub(in super::super) async fn seal_clear_text(store: &ThisStore) -> AppResult<u6
         total += done;
     }
     if total > 0 {
+        for statement in AFTER_SEALING {
+            sqlx::query(statement).execute(&store.pool).await?;
+        }
         tracing::info!(
             rows = total,
             "sealed clear-text rows written before encryption"
@@ -203,7 +215,8 @@ async fn reseal_table(
         .chain(t.index.map(|ix| format!("{ix} = ${}", t.columns.len() + 2)))
         .collect::<Vec<_>>()
         .join(", ");
-    let first_old = t.columns.len() + 3;
+    // $1 the key, then the new values, the index (if any), and the values as read.
+    let first_old = t.columns.len() + 2 + usize::from(t.index.is_some());
     let unchanged = t
         .columns
         .iter()
