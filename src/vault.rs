@@ -108,13 +108,22 @@ impl KeySettings {
 
 /// `<database file>.key` for a SQLite file database; `None` for memory or other backends.
 pub fn sqlite_key_file(database_url: &str) -> Option<PathBuf> {
+    sqlite_file(database_url).map(|path| {
+        let mut key = path.into_os_string();
+        key.push(".key");
+        PathBuf::from(key)
+    })
+}
+
+/// The file of a SQLite database URL; `None` for memory or other backends.
+pub fn sqlite_file(database_url: &str) -> Option<PathBuf> {
     let rest = database_url.strip_prefix("sqlite:")?;
     let rest = rest.strip_prefix("//").unwrap_or(rest);
     let path = rest.split('?').next().unwrap_or(rest);
     if path.is_empty() || path == ":memory:" || rest.contains("mode=memory") {
         return None;
     }
-    Some(PathBuf::from(format!("{path}.key")))
+    Some(PathBuf::from(path))
 }
 
 fn load_or_create_key_file(path: &Path, may_create: bool) -> AppResult<Key> {

@@ -55,8 +55,31 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             dev::only_where_allowed,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            durable_writes,
+        ))
         .with_state(state);
     headers::secure(router)
+}
+
+/// A request that may have written is answered only once its writes are durable: on SQLite the
+/// group fsync after its commits (shared with every request that finished meanwhile); on
+/// PostgreSQL its commits already were.
+async fn durable_writes(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let may_write = !request.method().is_safe();
+    let response = next.run(request).await;
+    if may_write {
+        if let Err(e) = state.store.durable().await {
+            return e.into_response();
+        }
+    }
+    response
 }
 
 /// This API as OpenAPI 3.1, generated from the handlers and types (see `openapi.rs`).

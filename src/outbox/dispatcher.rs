@@ -724,6 +724,9 @@ impl Dispatcher {
             }
         }
         claim.fence = renewed;
+        // `sending` is on disk before the provider hears of the message: after a power cut the
+        // attempt is looked up, never blindly sent again.
+        self.messages.durable().await?;
         let attempts_made = claim.message.attempts + 1;
         Ok(match self.provider.send(&outbound).await {
             Ok(accepted) => {

@@ -31,6 +31,7 @@ macro_rules! include_portable_sql {
     };
 }
 
+pub mod group_sync;
 pub mod postgres;
 mod records;
 pub mod sqlite;
@@ -67,6 +68,10 @@ pub trait ConsentStore: Send + Sync + 'static {
 /// The outbox and message log: queueing, claiming, dispatch outcomes, delivery statuses.
 #[async_trait]
 pub trait MessageStore: Send + Sync + 'static {
+    /// Return once every commit made before the call is durable (SQLite: a group fsync of the
+    /// log; PostgreSQL: already). Whatever is acknowledged to a caller, or sent to the provider
+    /// as marked `sending`, waits for this first.
+    async fn durable(&self) -> AppResult<()>;
     /// Queue a message. With an idempotency key that is already taken, nothing is written and the
     /// existing message is returned with `false`.
     async fn insert_message(&self, message: &NewMessage) -> AppResult<(MessageRecord, bool)>;

@@ -12,6 +12,10 @@ use crate::store::*;
 
 #[async_trait]
 impl MessageStore for ThisStore {
+    async fn durable(&self) -> AppResult<()> {
+        self.sync_commits().await
+    }
+
     async fn insert_message(&self, m: &NewMessage) -> AppResult<(MessageRecord, bool)> {
         let mut conn = self.pool.acquire().await?;
         if let Some(record) = insert_message_row(&mut conn, &self.vault, m).await? {
