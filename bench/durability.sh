@@ -8,11 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 users="${1:-200}"
 command -v strace >/dev/null || { echo "needs strace (apt-get install strace)"; exit 1; }
-cargo build --release --quiet --bin prism-messaging
-bin="$(pwd)/${CARGO_TARGET_DIR:-target}/release/prism-messaging"
+[ -n "${NO_BUILD:-}" ] || cargo build --release --quiet --bin prism-messaging
+target="${CARGO_TARGET_DIR:-target}"; [[ "$target" = /* ]] || target="$(pwd)/$target"
+bin="$target/release/prism-messaging"
 work=$(mktemp -d)
 pid=
-trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$work"' EXIT
+trap '[ -n "$pid" ] && pkill -P "$pid" 2>/dev/null; rm -rf "$work"' EXIT
 port=$((20000 + RANDOM % 20000))
 key="prism-durability-key-0123456789abcdef"
 
@@ -27,17 +28,20 @@ serve() {
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
 }
 
-stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; }
+# strace forwards no signal to its child: stop the server itself, then strace ends.
+stop() { pkill -TERM -P "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=; }
 
-# Writes a caller is told about: a consent change and an OTP send per user.
+# Writes a caller is told about: an appointment pushed by the host app and an OTP send, per user.
 load() {
   seq "$2" | xargs -P "$1" -I{} sh -c "
-    curl -fs -o /dev/null -X PUT http://127.0.0.1:$port/api/messaging/preferences/u{} \
+    n=\$(printf %05d {})
+    curl -fs -o /dev/null -X PUT http://127.0.0.1:$port/api/appointments/a{} \
       -H 'Authorization: Bearer $key' -H 'Content-Type: application/json' \
-      -d '{\"phone_number\": \"+919876{}0\", \"sms_consent\": true}' || true
+      -d '{\"user_id\": \"u{}\", \"starts_at\": \"2030-01-01T10:00:00Z\"}' || echo refused
     curl -fs -o /dev/null -X POST http://127.0.0.1:$port/api/messaging/send-otp \
       -H 'Content-Type: application/json' -H 'X-Forwarded-For: 198.18.0.{}' \
-      -d '{\"user_id\": \"u{}\", \"phone_number\": \"+919876{}0\", \"purpose\": \"login\"}' || true"
+      -d '{\"user_id\": \"u{}\", \"phone_number\": \"+9198765'\$n'\", \"purpose\": \"login\"}' \
+      || echo refused"
 }
 
 # One request at a time: every answer must follow an fsync of everything written before it.

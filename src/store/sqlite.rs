@@ -62,6 +62,8 @@ impl SqliteStore {
             group_sync,
         };
         portable::sealing::seal_clear_text(&store).await?;
+        // Migrations and sealing reach the disk before the first answer.
+        store.sync_commits().await?;
         Ok(store)
     }
 

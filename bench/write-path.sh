@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The write path (issue 14), side by side in one run: /healthz, send-otp (SQLite and PostgreSQL),
+# a refused send-otp, signed status callbacks, against the guide's own stack (Flask + SQLite,
+# ../shared/bench/seed-stack) under the same wrk load, with this service's resident memory.
+#   bench/write-path.sh [seconds] [connections]     (needs wrk; builds the release binary)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${1:-8}"
+connections="${2:-16}"
+admin="${BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
+seed="${SEED_STACK:-../shared/bench/seed-stack}"
+command -v wrk >/dev/null || { echo "needs wrk (apt-get install wrk)"; exit 1; }
+cargo build --release --quiet --bin prism-messaging
+target="${CARGO_TARGET_DIR:-target}"; [[ "$target" = /* ]] || target="$(pwd)/$target"
+bin="$target/release/prism-messaging"
+work=$(mktemp -d)
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
+token="bench-twilio-auth-token-0123456789"
+key=$(head -c 32 /dev/urandom | base64)
+
+# wrk NAME URL [SCRIPT]: one line of figures; the requests/s also go to $work/NAME.
+measure() {
+  local out rps p50 p99 non2xx
+  out=$(wrk -t2 -c"$connections" -d"${seconds}s" --latency ${3:+-s "$3"} "$2")
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  non2xx=$(awk '/Non-2xx/ {print $5}' <<<"$out")
+  echo "$rps" >"$work/$1"
+  printf '%-34s %10s req/s   p50 %8s   p99 %8s   non-2xx %s\n' "$1" "$rps" "$p50" "$p99" "${non2xx:-0}"
+}
+
+ratio() { python3 -c "print(f'{float(\"$(cat "$work/$1")\") / float(\"$(cat "$work/$2")\"):.2f}')"; }
+
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+peak_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+
+# The service in mock mode on DATABASE_URL, on PORT.
+serve() {
+  (cd "$work" && exec env BIND_ADDR="127.0.0.1:$2" DATABASE_URL="$1" DATA_ENCRYPTION_KEY="$key" \
+    TWILIO_AUTH_TOKEN="$token" PUBLIC_URL="http://127.0.0.1:$2" RUST_LOG=warn \
+    OTP_RESEND_COOLDOWN_SECONDS=0 TRUST_FORWARDED_FOR=true QUIET_HOURS=off "$bin" serve \
+    >"$work/serve-$2.log" 2>&1) &
+  pids+=($!)
+  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$2/healthz" >/dev/null && return; sleep 0.1; done
+  echo "the service did not start"; exit 1
+}
+
+echo "== write path, ${seconds}s per run, $connections connections, wrk -t2, $(nproc) cores"
+"$seed/run.sh" 8777 >"$work/seed.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 300); do curl -fs -o /dev/null http://127.0.0.1:8777/ 2>/dev/null && break
+  grep -q "Listening at" "$work/seed.log" 2>/dev/null && break; sleep 0.2; done
+sleep 1
+
+serve "sqlite://$work/bench.db" 8780
+# `exec env ... serve` in the subshell: its PID is the server's.
+server_pid=${pids[-1]}
+sleep 1
+idle=$(rss_kib "$server_pid")
+
+# Signed status callbacks for SIDs no message has (each stored durably as unmatched): a wrk
+# script with a few thousand requests signed in advance.
+python3 - "$token" "http://127.0.0.1:8780/webhooks/twilio/status" >"$work/status.lua" <<'EOF'
+import base64, hashlib, hmac, sys, urllib.parse
+token, url = sys.argv[1], sys.argv[2]
+print("local reqs = {}")
+for i in range(5000):
+    params = {"MessageSid": f"SM{i:032x}", "MessageStatus": "delivered"}
+    data = url + "".join(k + params[k] for k in sorted(params))
+    sig = base64.b64encode(hmac.new(token.encode(), data.encode(), hashlib.sha1).digest()).decode()
+    body = urllib.parse.urlencode(params)
+    print(f'reqs[{i + 1}] = wrk.format("POST", "/webhooks/twilio/status", '
+          f'{{["Content-Type"] = "application/x-www-form-urlencoded", '
+          f'["X-Twilio-Signature"] = "{sig}"}}, "{body}")')
+print("local n = 0")
+print("request = function() n = n + 1; return reqs[(n % #reqs) + 1] end")
+EOF
+
+measure "healthz (this service)" http://127.0.0.1:8780/healthz
+measure "send-otp, guide's stack (SQLite)" http://127.0.0.1:8777 ../shared/bench/send-otp.lua
+measure "send-otp, SQLite" http://127.0.0.1:8780 ../shared/bench/send-otp.lua
+measure "send-otp refused (429), SQLite" http://127.0.0.1:8780 bench/send-otp-refused.lua
+measure "status callbacks, SQLite" http://127.0.0.1:8780 "$work/status.lua"
+peak=$(peak_kib "$server_pid")
+
+pg="prism_bench_$(date +%s%N)"
+psql "$admin" -qAtc "CREATE DATABASE $pg" >/dev/null
+serve "${admin%/*}/$pg" 8781
+measure "send-otp, PostgreSQL" http://127.0.0.1:8781 ../shared/bench/send-otp.lua
+for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+sleep 1
+psql "$admin" -qAtc "DROP DATABASE IF EXISTS $pg WITH (FORCE)" >/dev/null
+
+echo "-- ratios (same run)"
+echo "send-otp SQLite / guide's stack:      $(ratio "send-otp, SQLite" "send-otp, guide's stack (SQLite)")  (goal >= 10)"
+echo "refused send-otp / healthz:           $(ratio "send-otp refused (429), SQLite" "healthz (this service)")  (goal >= 0.25)"
+echo "send-otp SQLite / healthz:            $(ratio "send-otp, SQLite" "healthz (this service)")  (aim 0.33)"
+echo "status callbacks / healthz:           $(ratio "status callbacks, SQLite" "healthz (this service)")  (goal >= 0.25)"
+echo "send-otp PostgreSQL:                  $(cat "$work/send-otp, PostgreSQL") req/s  (goal >= 5000)"
+echo "-- memory (SQLite run): idle $((idle / 1024)) MiB resident, peak under load $((peak / 1024)) MiB  (goals < 30, < 100)"
