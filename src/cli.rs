@@ -219,6 +219,8 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             } else {
                 job.run(&services).await?
             };
+            // What is printed as done is on disk first (SQLite's group fsync).
+            services.store.durable().await?;
             println!("{}", serde_json::to_string_pretty(&output)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -358,6 +360,7 @@ async fn send(
         idempotency_key: None,
     };
     let (message, _) = services.outbox.queue_notification(request).await?;
+    services.store.durable().await?;
     let dispatcher = &services.dispatcher;
     // Run rounds until this message leaves `queued` (other queued messages go out too, as they
     // would with the server running).
@@ -420,6 +423,8 @@ async fn import(config: Config, kind: ImportKind, file: PathBuf) -> anyhow::Resu
     .await;
     bar.finish_and_clear();
     let summary = result.with_context(|| format!("importing {}", file.display()))?;
+    // The summary is printed once what it counts is on disk (SQLite's group fsync).
+    services.store.durable().await?;
     print!("{}", summary_text(kind, &file, &summary));
     Ok(if summary.refused.is_empty() {
         ExitCode::SUCCESS
