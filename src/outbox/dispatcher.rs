@@ -255,11 +255,15 @@ impl Dispatcher {
         let capacity = usize::try_from(this.settings.batch_size)
             .unwrap_or(1)
             .max(1);
+        // Claim when a quarter of the slots are free (or none is busy), not for every message
+        // that settles: a claim sorts the due messages (OTPs first, then the oldest), so claiming
+        // one at a time made a long queue cost a sort per message.
+        let claim_at = (capacity / 4).max(1);
         let mut in_flight = JoinSet::new();
         while !shutdown.is_cancelled() {
             let free = capacity - in_flight.len();
             let mut claimed_all_free = false;
-            if free > 0 {
+            if free >= claim_at || in_flight.is_empty() {
                 match this.claim(free as i64).await {
                     Ok(claimed) => {
                         claimed_all_free = claimed.len() == free;
