@@ -59,7 +59,7 @@ impl Key {
     /// seals without revealing it.
     pub fn id(&self) -> String {
         let digest = Sha256::digest(self.0);
-        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(&digest[..8])
     }
 
     /// The blind-index key derived from this one (when `BLIND_INDEX_KEY` is not set).
@@ -336,7 +336,7 @@ impl Vault {
     /// be recovered from it without the index key.
     pub fn blind(&self, phone_number: &str) -> String {
         let mac = hmac_sha256(&self.blind_index_key.0, phone_number.as_bytes());
-        mac.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(mac)
     }
 
     pub fn blind_opt(&self, phone_number: Option<&str>) -> Option<String> {
@@ -345,10 +345,7 @@ impl Vault {
 }
 
 fn fingerprint(key: &Key) -> String {
-    hmac_sha256(&key.0, b"prism-messaging blind index fingerprint")[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(&hmac_sha256(&key.0, b"prism-messaging blind index fingerprint")[..8])
 }
 
 fn corrupt(why: &str) -> AppError {

@@ -59,10 +59,7 @@ pub fn is_valid_with_body(auth_token: &str, url: &str, body: &[u8], signature: &
 
 /// Hex SHA-256 of a request body.
 pub fn body_hash(body: &[u8]) -> String {
-    Sha256::digest(body)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(body))
 }
 
 fn equal(a: &str, b: &str) -> bool {

@@ -184,7 +184,7 @@ impl SettingsPages {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(token.as_bytes())
             .expect("HMAC takes any key length");
         mac.update(b"prism-messaging settings csrf v1");
-        hex(&mac.finalize().into_bytes())
+        hex::encode(mac.finalize().into_bytes())
     }
 
     pub fn csrf_ok(&self, token: &str, presented: &str) -> bool {
@@ -281,11 +281,7 @@ fn random_token() -> String {
 
 /// What is stored for a code or token: its SHA-256 (they are 256 random bits: no key needed).
 fn hash(secret: &str) -> String {
-    hex(&Sha256::digest(secret.as_bytes()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
 fn local_date(at: DateTime<Utc>, zone: Tz) -> String {

@@ -22,48 +22,6 @@ const DIGITS: &str = "9812345678";
 const AMOUNT: &str = "INR 4321.77";
 const REPLY: &str = "knee still swollen after session 7731";
 
-/// Everything the database holds, as bytes: SQLite's files (database and write-ahead log, as
-/// they are on disk), or every row of every PostgreSQL table as text (what a dump of the tables
-/// would hold).
-async fn database_bytes(db: &TestDatabase) -> Vec<u8> {
-    if let Some(path) = db.url.strip_prefix("sqlite://") {
-        let mut bytes = Vec::new();
-        for file in [path.to_string(), format!("{path}-wal")] {
-            if let Ok(b) = std::fs::read(&file) {
-                bytes.extend(b);
-            }
-        }
-        return bytes;
-    }
-    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT table_name::text FROM information_schema.tables \
-         WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    assert!(tables.len() > 10, "{tables:?}");
-    let mut bytes = Vec::new();
-    for table in tables {
-        let rows: Vec<String> = sqlx::query_scalar(&format!("SELECT t::text FROM {table} t"))
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-        for row in rows {
-            bytes.extend(row.into_bytes());
-            bytes.push(b'\n');
-        }
-    }
-    bytes
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
-}
-
 /// A patient with a number, a sent receipt, an OTP and a reply: every sealed column written.
 async fn patient_with_history(app: &TestApp) -> String {
     app.consent("p1", NUMBER).await;
