@@ -90,6 +90,12 @@ impl From<sqlx::Error> for AppError {
     }
 }
 
+impl From<rusqlite::Error> for AppError {
+    fn from(err: rusqlite::Error) -> Self {
+        AppError::Internal(anyhow::Error::new(err).context("database error"))
+    }
+}
+
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let message = match &self {

@@ -482,3 +482,68 @@ pub(crate) const MESSAGE_COLUMNS: &str =
      to_number, provider_sid, error_code, error_message, encoding, segments, attempts, \
      idempotency_key, next_attempt_at, lease_until, created_at, updated_at, requested_channel, \
      attempt_started_at, attempt_body, lookup_needed";
+
+/// Take a sender's next send slot (microseconds since the epoch) in one statement: atomic under
+/// PostgreSQL's row lock and SQLite's write lock alike. `$1` sender, `$2` now, `$3` interval.
+pub(crate) const RESERVE_SEND_SLOT: &str =
+    "INSERT INTO send_rate (sender, next_slot_us) VALUES ($1, $2 + $3) \
+     ON CONFLICT (sender) DO UPDATE SET next_slot_us = \
+     (CASE WHEN send_rate.next_slot_us > $2 THEN send_rate.next_slot_us ELSE $2 END) + $3 \
+     RETURNING next_slot_us - $3";
+
+/// Mark a claimed message `sending` for an attempt, only while the number has not opted out of
+/// the channel (and, with `guard.consent`, the user still consents to it there). Parameters:
+/// `$1` id, `$2` sealed number, `$3` encoding, `$4` segments, `$5` now, `$6` channel, `$7` the
+/// claim's fence, `$8` the new lease, `$9` sealed body, `$10` the number's blind index.
+pub(crate) fn mark_sending_sql(guard: SendGuard, channel: Channel) -> String {
+    // The consent column is chosen here from the channel, never from input.
+    let consent = match guard.consent {
+        false => String::new(),
+        true => format!(
+            " AND EXISTS (SELECT 1 FROM messaging_consent c WHERE c.user_id = messages.user_id \
+             AND c.phone_index = $10 AND c.{}{})",
+            match channel {
+                Channel::Sms => "sms_consent",
+                Channel::Whatsapp => "whatsapp_consent",
+            },
+            if guard.marketing {
+                " AND c.marketing_consent"
+            } else {
+                ""
+            }
+        ),
+    };
+    // Right-hand sides read the row as it was, so `channel` in the CASE is the old channel.
+    format!(
+        "UPDATE messages SET status = 'sending', attempts = attempts + 1, to_number = $2, \
+         to_index = $10, \
+         encoding = $3, segments = $4, updated_at = $5, attempt_started_at = $5, \
+         attempt_body = $9, lookup_needed = FALSE, \
+         requested_channel = CASE WHEN channel <> $6 \
+         THEN COALESCE(requested_channel, channel) ELSE requested_channel END, \
+         channel = $6, lease_until = $8 \
+         WHERE id = $1 AND lease_until = $7 AND status IN ('queued', 'sending') \
+         AND NOT EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = $10 \
+         AND o.channel = $6){consent}"
+    )
+}
+
+/// Move the message with SID `$1` to status `$2` if the move is forward from where it is
+/// (`MessageStatus::allowed_from`), keeping the latest error code `$3`; `$4` the time.
+pub(crate) fn apply_status_sql(status: MessageStatus) -> String {
+    // Our own status words, never caller input: safe to inline. An empty list still runs the
+    // UPDATE (matching nothing), so on SQLite the transaction starts with a write and takes the
+    // lock before it reads.
+    let from_list = match status.allowed_from() {
+        [] => "'-'".to_string(),
+        from => from
+            .iter()
+            .map(|s| format!("'{s}'"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    format!(
+        "UPDATE messages SET status = $2, error_code = COALESCE($3, error_code), updated_at = $4 \
+         WHERE provider_sid = $1 AND status IN ({from_list})"
+    )
+}

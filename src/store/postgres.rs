@@ -51,6 +51,11 @@ impl PostgresStore {
 
     /// Transaction-scoped advisory locks on each key, taken in sorted order so two transactions
     /// locking overlapping keys cannot deadlock.
+    /// The SQLite writer thread has no counterpart here: PostgreSQL runs its writes concurrently.
+    fn writer(&self) -> Option<&super::sqlite::SqliteWriter> {
+        None
+    }
+
     async fn lock_keys(
         tx: &mut sqlx::Transaction<'_, Postgres>,
         keys: &mut [String],

@@ -10,6 +10,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Pool, Sqlite};
 
 use super::group_sync::GroupSync;
+pub use writer::SqliteWriter;
+
+mod hot_writes;
+mod writer;
 use crate::error::AppResult;
 use crate::vault::{KeySettings, Vault};
 
@@ -19,6 +23,9 @@ pub struct SqliteStore {
     vault: Arc<Vault>,
     /// Makes commits durable before they are acknowledged; `None` for a database in memory.
     group_sync: Option<Arc<GroupSync>>,
+    /// Runs the hot writes of many requests in one transaction (`writer.rs`); `None` for a
+    /// database in memory, which only the pool's connections can reach.
+    writer: Option<SqliteWriter>,
 }
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -56,14 +63,18 @@ impl SqliteStore {
         let vault = portable::sealing::open_vault(&pool, database_url, keys).await?;
         let group_sync =
             crate::vault::sqlite_file(database_url).map(|file| Arc::new(GroupSync::new(file)));
-        let store = SqliteStore {
+        let mut store = SqliteStore {
             pool,
             vault,
             group_sync,
+            writer: None,
         };
         portable::sealing::seal_clear_text(&store).await?;
         // Migrations and sealing reach the disk before the first answer.
         store.sync_commits().await?;
+        if let Some(file) = crate::vault::sqlite_file(database_url) {
+            store.writer = Some(SqliteWriter::start(&file, store.group_sync.clone())?);
+        }
         Ok(store)
     }
 
@@ -83,6 +94,11 @@ impl SqliteStore {
     /// fsyncs of the log so far (group commits).
     pub fn group_syncs(&self) -> u64 {
         self.group_sync.as_ref().map_or(0, |s| s.syncs())
+    }
+
+    /// The writer thread for the hot writes, when the database is a file.
+    fn writer(&self) -> Option<&SqliteWriter> {
+        self.writer.as_ref()
     }
 
     /// SQLite serialises writers: the transaction's first write holds the lock. Nothing to do.

@@ -170,19 +170,10 @@ impl MessageStore for ThisStore {
         now_us: i64,
         interval_us: i64,
     ) -> AppResult<i64> {
-        sqlx::query(
-            "INSERT INTO send_rate (sender, next_slot_us) VALUES ($1, 0) ON CONFLICT \
-                     (sender) DO NOTHING",
-        )
-        .bind(sender)
-        .execute(&self.pool)
-        .await?;
-        // One statement: atomic under PostgreSQL's row lock and SQLite's write lock alike.
-        Ok(sqlx::query_scalar(
-            "UPDATE send_rate SET next_slot_us = \
-             (CASE WHEN next_slot_us > $2 THEN next_slot_us ELSE $2 END) + $3 \
-             WHERE sender = $1 RETURNING next_slot_us - $3",
-        )
+        if let Some(writer) = self.writer() {
+            return writer.reserve_send_slot(sender, now_us, interval_us).await;
+        }
+        Ok(sqlx::query_scalar(RESERVE_SEND_SLOT)
         .bind(sender)
         .bind(now_us)
         .bind(interval_us)
@@ -199,37 +190,13 @@ impl MessageStore for ThisStore {
         fence: DateTime<Utc>,
         new_lease: DateTime<Utc>,
     ) -> AppResult<MarkSending> {
-        // The consent column is chosen here from the channel, never from input.
-        let consent = match (guard.consent, attempt.channel) {
-            (false, _) => String::new(),
-            (true, channel) => format!(
-                " AND EXISTS (SELECT 1 FROM messaging_consent c WHERE c.user_id = messages.user_id \
-                 AND c.phone_index = $10 AND c.{}{})",
-                match channel {
-                    Channel::Sms => "sms_consent",
-                    Channel::Whatsapp => "whatsapp_consent",
-                },
-                if guard.marketing {
-                    " AND c.marketing_consent"
-                } else {
-                    ""
-                }
-            ),
-        };
+        if let Some(writer) = self.writer() {
+            return writer
+                .mark_sending(&self.vault, id, attempt, guard, now, fence, new_lease)
+                .await;
+        }
         let mut tx = self.pool.begin().await?;
-        // Right-hand sides read the row as it was, so `channel` in the CASE is the old channel.
-        let updated = sqlx::query(&format!(
-            "UPDATE messages SET status = 'sending', attempts = attempts + 1, to_number = $2, \
-             to_index = $10, \
-             encoding = $3, segments = $4, updated_at = $5, attempt_started_at = $5, \
-             attempt_body = $9, lookup_needed = FALSE, \
-             requested_channel = CASE WHEN channel <> $6 \
-             THEN COALESCE(requested_channel, channel) ELSE requested_channel END, \
-             channel = $6, lease_until = $8 \
-             WHERE id = $1 AND lease_until = $7 AND status IN ('queued', 'sending') \
-             AND NOT EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = $10 \
-             AND o.channel = $6){consent}"
-        ))
+        let updated = sqlx::query(&mark_sending_sql(guard, attempt.channel))
         .bind(id)
         .bind(self.vault.seal(&attempt.to_number))
         .bind(&attempt.encoding)
@@ -273,6 +240,9 @@ impl MessageStore for ThisStore {
         now: DateTime<Utc>,
         fence: DateTime<Utc>,
     ) -> AppResult<bool> {
+        if let Some(writer) = self.writer() {
+            return writer.record_dispatch(id, result, now, fence).await;
+        }
         let mut tx = self.pool.begin().await?;
         if let DispatchResult::Sent { provider_sid, .. } = result {
             // See `apply_status`: recording a SID and parking a status for it never interleave.
@@ -424,6 +394,9 @@ impl MessageStore for ThisStore {
         &self,
         provider_sid: &str,
     ) -> AppResult<Vec<(String, Option<i64>)>> {
+        if let Some(writer) = self.writer() {
+            return writer.take_unmatched_statuses(provider_sid).await;
+        }
         Ok(sqlx::query_as(
             "DELETE FROM unmatched_status_callbacks WHERE provider_sid = $1 RETURNING status, \
              error_code",
@@ -450,31 +423,18 @@ impl MessageStore for ThisStore {
         error_code: Option<i64>,
         at: DateTime<Utc>,
     ) -> AppResult<StatusApplied> {
-        // Our own status words, never caller input: safe to inline.
-        let from_list = status
-            .allowed_from()
-            .iter()
-            .map(|s| format!("'{s}'"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        if let Some(writer) = self.writer() {
+            return writer
+                .apply_status(&self.vault, provider_sid, status, error_code, at)
+                .await;
+        }
         let mut tx = self.pool.begin().await?;
         // The SID's lock (PostgreSQL; SQLite serialises writers anyway), also taken when a send
         // records the SID: a callback that finds no message cannot park its status after the
         // send recorded the SID and drained the parked ones, leaving it orphaned.
         ThisStore::lock_keys(&mut tx, &mut [format!("sid:{provider_sid}")]).await?;
-        // An empty list still runs the UPDATE (matching nothing), so on SQLite the transaction
-        // starts with a write and takes the lock before it reads.
-        let from_list = if from_list.is_empty() {
-            "'-'".to_string()
-        } else {
-            from_list
-        };
         let changed = {
-            sqlx::query(&format!(
-                "UPDATE messages SET status = $2, error_code = COALESCE($3, error_code), \
-                 updated_at = $4 \
-                 WHERE provider_sid = $1 AND status IN ({from_list})"
-            ))
+            sqlx::query(&apply_status_sql(status))
             .bind(provider_sid)
             .bind(status)
             .bind(error_code)

@@ -14,6 +14,9 @@ use crate::store::*;
 #[async_trait]
 impl OtpStore for ThisStore {
     async fn issue_otp(&self, issue: &OtpIssue) -> AppResult<OtpIssueOutcome> {
+        if let Some(writer) = self.writer() {
+            return writer.issue_otp(&self.vault, issue).await;
+        }
         let mut tx = self.pool.begin().await?;
         let phone_index = self.vault.blind(&issue.phone_number);
         let mut keys = vec![
@@ -221,8 +224,7 @@ pub(super) async fn otp_retry_after(
             wait = wait.max((ready - now).num_seconds().max(1));
         }
     }
-    // The hourly limits, per number, per user and per client IP. When over, the wait is until
-    // enough of the window's sends have aged out.
+    // The hourly limits, per number, per user and per client IP.
     let window_start = now - chrono::Duration::hours(1);
     let limits: [(&str, Option<&str>, i64); 3] = [
         ("phone_index", Some(phone_index), issue.max_sends_per_hour),
@@ -235,31 +237,24 @@ pub(super) async fn otp_retry_after(
     ];
     for (column, value, max) in limits {
         let Some(value) = value else { continue };
-        let sql = format!(
-            "SELECT created_at FROM otp_send_log WHERE {column} = $1 AND id <> $2 AND \
-             created_at > $3 \
-             ORDER BY created_at LIMIT 1 OFFSET $4"
-        );
-        // With `max` sends already in the window, the (count - max + 1)-th oldest must age out.
-        let count: i64 = sqlx::query_scalar(&format!(
-            "SELECT COUNT(*) FROM otp_send_log WHERE {column} = $1 AND id <> $2 AND created_at > $3"
+        if max <= 0 {
+            wait = wait.max(1);
+            continue;
+        }
+        // The `max`-th newest other send in the window: while it is there the window is full,
+        // and the next send may go when it ages out.
+        let blocking: Option<DateTime<Utc>> = sqlx::query_scalar(&format!(
+            "SELECT created_at FROM otp_send_log WHERE {column} = $1 AND id <> $2 \
+             AND created_at > $3 ORDER BY created_at DESC LIMIT 1 OFFSET $4"
         ))
         .bind(value)
         .bind(log_id)
         .bind(window_start)
-        .fetch_one(&mut **tx)
+        .bind(max - 1)
+        .fetch_optional(&mut **tx)
         .await?;
-        if count >= max {
-            let oldest_blocking: Option<DateTime<Utc>> = sqlx::query_scalar(&sql)
-                .bind(value)
-                .bind(log_id)
-                .bind(window_start)
-                .bind(count - max)
-                .fetch_optional(&mut **tx)
-                .await?;
-            let until = oldest_blocking
-                .map(|t| t + chrono::Duration::hours(1))
-                .unwrap_or(now);
+        if let Some(blocking) = blocking {
+            let until = blocking + chrono::Duration::hours(1);
             wait = wait.max((until - now).num_seconds().max(1));
         }
     }

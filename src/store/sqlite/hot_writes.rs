@@ -1,0 +1,547 @@
+//! The hot writes on the SQLite writer thread (see `writer.rs`): what every OTP, every dispatched
+//! message and every status callback writes. Each is the same statements, in the same order, as
+//! its twin in `store/portable/` (which PostgreSQL and an in-memory SQLite run), on prepared
+//! statements in the writer's shared transaction. The writer holds the write lock for the whole
+//! batch, so what a job reads cannot change before it writes; no key locks are needed.
+//!
+//! `store_conformance` runs every one of these against both backends.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, Row, ToSql};
+
+use super::writer::{execute, parse_ts, prepare, scalar, ts, SqliteWriter};
+use crate::error::AppResult;
+use crate::status::{MessageStatus, SkipReason};
+use crate::store::{
+    DispatchResult, MarkSending, MessageRecord, OtpIssue, OtpIssueOutcome, SendAttempt,
+    SendGuard, StatusApplied, MESSAGE_COLUMNS,
+};
+use crate::vault::Vault;
+
+impl SqliteWriter {
+    pub async fn issue_otp(&self, vault: &Arc<Vault>, issue: &OtpIssue) -> AppResult<OtpIssueOutcome> {
+        let (vault, issue) = (vault.clone(), issue.clone());
+        self.write(move |conn| issue_otp(conn, &vault, &issue)).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn mark_sending(
+        &self,
+        vault: &Arc<Vault>,
+        id: &str,
+        attempt: &SendAttempt,
+        guard: SendGuard,
+        now: DateTime<Utc>,
+        fence: DateTime<Utc>,
+        new_lease: DateTime<Utc>,
+    ) -> AppResult<MarkSending> {
+        let sealed = SealedAttempt {
+            to_number: vault.seal(&attempt.to_number),
+            to_index: vault.blind(&attempt.to_number),
+            body: vault.seal_opt(attempt.body.as_deref()),
+        };
+        let (id, attempt) = (id.to_string(), attempt.clone());
+        self.write(move |conn| {
+            mark_sending(conn, &id, &attempt, &sealed, guard, now, fence, new_lease)
+        })
+        .await
+    }
+
+    pub async fn record_dispatch(
+        &self,
+        id: &str,
+        result: &DispatchResult,
+        now: DateTime<Utc>,
+        fence: DateTime<Utc>,
+    ) -> AppResult<bool> {
+        let (id, result) = (id.to_string(), result.clone());
+        self.write(move |conn| record_dispatch(conn, &id, &result, now, fence))
+            .await
+    }
+
+    pub async fn apply_status(
+        &self,
+        vault: &Arc<Vault>,
+        provider_sid: &str,
+        status: MessageStatus,
+        error_code: Option<i64>,
+        at: DateTime<Utc>,
+    ) -> AppResult<StatusApplied> {
+        let (vault, sid) = (vault.clone(), provider_sid.to_string());
+        self.write(move |conn| apply_status(conn, &vault, &sid, status, error_code, at))
+            .await
+    }
+
+    pub async fn take_unmatched_statuses(
+        &self,
+        provider_sid: &str,
+    ) -> AppResult<Vec<(String, Option<i64>)>> {
+        let sid = provider_sid.to_string();
+        self.write(move |conn| {
+            let mut statement = prepare(
+                conn,
+                "DELETE FROM unmatched_status_callbacks WHERE provider_sid = $1 \
+                 RETURNING status, error_code",
+                &[&sid],
+            )?;
+            let mut rows = statement.raw_query();
+            let mut taken = Vec::new();
+            while let Some(row) = rows.next()? {
+                taken.push((row.get(0)?, row.get(1)?));
+            }
+            Ok(taken)
+        })
+        .await
+    }
+
+    pub async fn reserve_send_slot(
+        &self,
+        sender: &str,
+        now_us: i64,
+        interval_us: i64,
+    ) -> AppResult<i64> {
+        let sender = sender.to_string();
+        self.write(move |conn| {
+            scalar(conn, crate::store::RESERVE_SEND_SLOT, &[&sender, &now_us, &interval_us])?
+                .ok_or_else(|| anyhow::anyhow!("reserving a send slot returned no row").into())
+        })
+        .await
+    }
+}
+
+fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<OtpIssueOutcome> {
+    let phone_index = vault.blind(&issue.phone_number);
+    // The writer holds the write lock: the counts cannot move before this send is logged, so
+    // it is logged only once it may go (a refused send writes nothing).
+    if let Some(wait) = otp_retry_after(conn, issue, &phone_index)? {
+        return Ok(OtpIssueOutcome::RateLimited {
+            retry_after_seconds: wait,
+        });
+    }
+    execute(
+        conn,
+        "INSERT INTO otp_send_log (phone_number, user_id, ip, created_at, phone_index) \
+         VALUES ($1, $2, $3, $4, $5)",
+        &[
+            &vault.seal(&issue.phone_number),
+            &issue.user_id,
+            &issue.ip,
+            &ts(&issue.now),
+            &phone_index,
+        ],
+    )?;
+    let Some(m) = &issue.message else {
+        return Ok(OtpIssueOutcome::Logged);
+    };
+    let status = MessageStatus::Sending;
+    let inserted = execute(
+        conn,
+        "INSERT INTO messages (id, user_id, template_name, variables, channel, status, \
+         attempts, idempotency_key, next_attempt_at, lease_until, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9, $8, $8) \
+         ON CONFLICT (idempotency_key) DO NOTHING",
+        &[
+            &m.id,
+            &m.user_id,
+            &m.template_name,
+            &vault.seal(&m.variables),
+            &m.channel.as_str(),
+            &status.as_str(),
+            &m.idempotency_key,
+            &ts(&m.created_at),
+            &m.claimed_until.as_ref().map(ts),
+        ],
+    )?;
+    if inserted != 1 {
+        return Err(anyhow::anyhow!("OTP message id collided").into());
+    }
+    execute(
+        conn,
+        "INSERT INTO otp_codes (user_id, purpose, phone_number, channel, code_hash, attempts, \
+         expires_at, used_at, message_id, created_at) \
+         VALUES ($1, $2, $3, $4, $5, 0, $6, NULL, $7, $8) \
+         ON CONFLICT (user_id, purpose) DO UPDATE SET phone_number = excluded.phone_number, \
+         channel = excluded.channel, code_hash = excluded.code_hash, attempts = 0, \
+         expires_at = excluded.expires_at, used_at = NULL, message_id = excluded.message_id, \
+         created_at = excluded.created_at",
+        &[
+            &issue.user_id,
+            &issue.purpose,
+            &vault.seal(&issue.send_to),
+            &issue.channel.as_str(),
+            &issue.code_hash,
+            &ts(&issue.expires_at),
+            &m.id,
+            &ts(&issue.now),
+        ],
+    )?;
+    // A new code starts a new count of wrong tries.
+    execute(
+        conn,
+        "DELETE FROM otp_failures WHERE user_id = $1 AND purpose = $2",
+        &[&issue.user_id, &issue.purpose],
+    )?;
+    Ok(OtpIssueOutcome::Issued(Box::new(MessageRecord {
+        id: m.id.clone(),
+        user_id: m.user_id.clone(),
+        template_name: m.template_name.clone(),
+        variables: m.variables.clone(),
+        channel: m.channel.as_str().to_string(),
+        status,
+        reason: None,
+        to_number: None,
+        provider_sid: None,
+        error_code: None,
+        error_message: None,
+        encoding: None,
+        segments: None,
+        attempts: 0,
+        idempotency_key: m.idempotency_key.clone(),
+        next_attempt_at: m.created_at,
+        lease_until: m.claimed_until,
+        created_at: m.created_at,
+        updated_at: m.created_at,
+        requested_channel: None,
+        attempt_started_at: None,
+        attempt_body: None,
+        lookup_needed: false,
+    })))
+}
+
+/// Seconds until the send limits allow another OTP, or `None` when this one may go: the
+/// cooldown per number, then the hourly limits per number, per user and per client address.
+fn otp_retry_after(
+    conn: &Connection,
+    issue: &OtpIssue,
+    phone_index: &str,
+) -> AppResult<Option<i64>> {
+    let now = issue.now;
+    let mut wait = 0i64;
+    let last: Option<String> = scalar(
+        conn,
+        "SELECT created_at FROM otp_send_log WHERE phone_index = $1 \
+         ORDER BY created_at DESC LIMIT 1",
+        &[&phone_index],
+    )?;
+    if let Some(last) = last {
+        let ready = parse_ts(&last)? + chrono::Duration::seconds(issue.cooldown_seconds);
+        if ready > now {
+            wait = wait.max((ready - now).num_seconds().max(1));
+        }
+    }
+    let window_start = ts(&(now - chrono::Duration::hours(1)));
+    let limits: [(&str, Option<&str>, i64); 3] = [
+        ("phone_index", Some(phone_index), issue.max_sends_per_hour),
+        ("user_id", Some(&issue.user_id), issue.max_sends_per_hour),
+        ("ip", issue.ip.as_deref(), issue.max_sends_per_ip_per_hour),
+    ];
+    for (column, value, max) in limits {
+        let Some(value) = value else { continue };
+        if max <= 0 {
+            // No sends allowed at all: as the pool's count does, refuse with the shortest wait.
+            wait = wait.max(1);
+            continue;
+        }
+        // The `max`-th newest send in the window: while it is there, the window is full, and
+        // the next send may go when it ages out.
+        let blocking: Option<String> = scalar(
+            conn,
+            &format!(
+                "SELECT created_at FROM otp_send_log WHERE {column} = $1 AND created_at > $2 \
+                 ORDER BY created_at DESC LIMIT 1 OFFSET $3"
+            ),
+            &[&value, &window_start, &(max - 1)],
+        )?;
+        if let Some(blocking) = blocking {
+            let until = parse_ts(&blocking)? + chrono::Duration::hours(1);
+            wait = wait.max((until - now).num_seconds().max(1));
+        }
+    }
+    Ok((wait > 0).then_some(wait))
+}
+
+/// An attempt's number and body as stored: sealed (and the number's blind index) before the
+/// job reaches the writer, so the writer thread spends no time on cryptography.
+struct SealedAttempt {
+    to_number: String,
+    to_index: String,
+    body: Option<String>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mark_sending(
+    conn: &Connection,
+    id: &str,
+    attempt: &SendAttempt,
+    sealed: &SealedAttempt,
+    guard: SendGuard,
+    now: DateTime<Utc>,
+    fence: DateTime<Utc>,
+    new_lease: DateTime<Utc>,
+) -> AppResult<MarkSending> {
+    let sql = crate::store::mark_sending_sql(guard, attempt.channel);
+    let (now, fence) = (ts(&now), ts(&fence));
+    let updated = execute(
+        conn,
+        &sql,
+        &[
+            &id,
+            &sealed.to_number,
+            &attempt.encoding,
+            &attempt.segments,
+            &now,
+            &attempt.channel.as_str(),
+            &fence,
+            &ts(&new_lease),
+            &sealed.body,
+            &sealed.to_index,
+        ],
+    )? == 1;
+    if !updated {
+        let still_ours: Option<i64> = scalar(
+            conn,
+            "SELECT COUNT(*) FROM messages WHERE id = $1 AND lease_until = $2 \
+             AND status IN ('queued', 'sending')",
+            &[&id, &fence],
+        )?;
+        return Ok(if still_ours == Some(1) {
+            MarkSending::PolicyChanged
+        } else {
+            MarkSending::ClaimLost
+        });
+    }
+    insert_event(conn, id, MessageStatus::Sending, None, None, &now)?;
+    Ok(MarkSending::Marked)
+}
+
+fn record_dispatch(
+    conn: &Connection,
+    id: &str,
+    result: &DispatchResult,
+    now: DateTime<Utc>,
+    fence: DateTime<Utc>,
+) -> AppResult<bool> {
+    let (now, fence) = (ts(&now), ts(&fence));
+    let (sql, extra, event): (&str, Vec<Box<dyn ToSql>>, Option<(MessageStatus, Option<i64>, Option<String>)>) =
+        match result {
+            DispatchResult::Sent {
+                provider_sid,
+                status,
+            } => (
+                "UPDATE messages SET status = $3, provider_sid = $4, reason = NULL, \
+                 error_code = NULL, error_message = NULL, lease_until = NULL, updated_at = $5 \
+                 WHERE id = $1 AND lease_until = $2",
+                vec![
+                    Box::new(status.as_str()),
+                    Box::new(provider_sid.clone()),
+                    Box::new(now.clone()),
+                ],
+                Some((*status, None, None)),
+            ),
+            DispatchResult::Skipped { reason } => (
+                "UPDATE messages SET status = 'skipped', reason = $3, lease_until = NULL, \
+                 updated_at = $4 WHERE id = $1 AND lease_until = $2",
+                vec![Box::new(reason.as_str()), Box::new(now.clone())],
+                Some((MessageStatus::Skipped, None, Some(reason.as_str().to_string()))),
+            ),
+            DispatchResult::Failed { code, message } => (
+                "UPDATE messages SET status = 'failed', error_code = $3, error_message = $4, \
+                 lease_until = NULL, updated_at = $5 WHERE id = $1 AND lease_until = $2",
+                vec![Box::new(*code), Box::new(message.clone()), Box::new(now.clone())],
+                Some((MessageStatus::Failed, *code, Some(message.clone()))),
+            ),
+            DispatchResult::Retry {
+                code,
+                message,
+                next_attempt_at,
+                lookup,
+            } => (
+                "UPDATE messages SET status = 'queued', error_code = $3, error_message = $4, \
+                 next_attempt_at = $5, lease_until = NULL, updated_at = $6, \
+                 lookup_needed = $7 WHERE id = $1 AND lease_until = $2",
+                vec![
+                    Box::new(*code),
+                    Box::new(message.clone()),
+                    Box::new(ts(next_attempt_at)),
+                    Box::new(now.clone()),
+                    Box::new(*lookup),
+                ],
+                None,
+            ),
+            DispatchResult::LookupFailed {
+                message,
+                next_attempt_at,
+            } => (
+                "UPDATE messages SET status = 'queued', error_message = $3, \
+                 attempts = attempts + 1, next_attempt_at = $4, lease_until = NULL, \
+                 lookup_needed = TRUE, updated_at = $5 WHERE id = $1 AND lease_until = $2",
+                vec![
+                    Box::new(message.clone()),
+                    Box::new(ts(next_attempt_at)),
+                    Box::new(now.clone()),
+                ],
+                None,
+            ),
+            DispatchResult::Unknown { code, message } => (
+                "UPDATE messages SET status = 'unknown', error_message = $3, \
+                 error_code = COALESCE($5, error_code), lease_until = NULL, \
+                 lookup_needed = FALSE, updated_at = $4 WHERE id = $1 AND lease_until = $2",
+                vec![Box::new(message.clone()), Box::new(now.clone()), Box::new(*code)],
+                Some((MessageStatus::Unknown, *code, Some(message.clone()))),
+            ),
+            DispatchResult::Held { until, message } => (
+                "UPDATE messages SET status = 'queued', error_message = $3, \
+                 attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
+                 next_attempt_at = $4, lease_until = NULL, updated_at = $5 \
+                 WHERE id = $1 AND lease_until = $2",
+                vec![Box::new(message.clone()), Box::new(ts(until)), Box::new(now.clone())],
+                None,
+            ),
+            DispatchResult::Deferred { until, .. } => (
+                "UPDATE messages SET status = 'queued', next_attempt_at = $3, \
+                 lease_until = NULL, updated_at = $4 WHERE id = $1 AND lease_until = $2",
+                vec![Box::new(ts(until)), Box::new(now.clone())],
+                None,
+            ),
+        };
+    let mut params: Vec<&dyn ToSql> = vec![&id, &fence];
+    params.extend(extra.iter().map(|p| p.as_ref()));
+    if execute(conn, sql, &params)? != 1 {
+        return Ok(false);
+    }
+    if let Some((status, code, detail)) = event {
+        insert_event(conn, id, status, code, detail.as_deref(), &now)?;
+    }
+    if let DispatchResult::Skipped { reason } = result {
+        if reason.frees_reminder() {
+            execute(
+                conn,
+                "UPDATE reminder_log SET active = FALSE WHERE message_id = $1",
+                &[&id],
+            )?;
+        }
+    }
+    Ok(true)
+}
+
+fn apply_status(
+    conn: &Connection,
+    vault: &Vault,
+    provider_sid: &str,
+    status: MessageStatus,
+    error_code: Option<i64>,
+    at: DateTime<Utc>,
+) -> AppResult<StatusApplied> {
+    let at = ts(&at);
+    let changed = execute(
+        conn,
+        &crate::store::apply_status_sql(status),
+        &[&provider_sid, &status.as_str(), &error_code, &at],
+    )? == 1;
+    let message = {
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE provider_sid = $1");
+        let mut statement = prepare(conn, &sql, &[&provider_sid])?;
+        let mut rows = statement.raw_query();
+        match rows.next()? {
+            Some(row) => Some(message_from_row(row, vault)?),
+            None => None,
+        }
+    };
+    let mut first_seen = false;
+    match &message {
+        Some(m) => {
+            let seen: Option<i64> = scalar(
+                conn,
+                "SELECT COUNT(*) FROM message_events WHERE message_id = $1 AND status = $2 \
+                 AND (error_code = $3 OR (error_code IS NULL AND $3 IS NULL))",
+                &[&m.id, &status.as_str(), &error_code],
+            )?;
+            first_seen = seen == Some(0);
+            let new_code_for_current = m.status == status && error_code.is_some();
+            if !changed && first_seen && new_code_for_current {
+                execute(
+                    conn,
+                    "UPDATE messages SET error_code = $2 WHERE id = $1",
+                    &[&m.id, &error_code],
+                )?;
+            }
+            if changed || (first_seen && new_code_for_current) {
+                insert_event(conn, &m.id, status, error_code, Some("status callback"), &at)?;
+            }
+        }
+        None => {
+            execute(
+                conn,
+                "INSERT INTO unmatched_status_callbacks (provider_sid, status, error_code, \
+                 received_at) VALUES ($1, $2, $3, $4) ON CONFLICT (provider_sid, status) \
+                 DO NOTHING",
+                &[&provider_sid, &status.as_str(), &error_code, &at],
+            )?;
+        }
+    }
+    Ok(StatusApplied {
+        message,
+        changed,
+        first_seen,
+    })
+}
+
+/// Append a status event; a repeat of the same status and error code is a no-op.
+fn insert_event(
+    conn: &Connection,
+    message_id: &str,
+    status: MessageStatus,
+    error_code: Option<i64>,
+    detail: Option<&str>,
+    at: &str,
+) -> AppResult<()> {
+    execute(
+        conn,
+        "INSERT INTO message_events (message_id, status, error_code, detail, occurred_at) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        &[&message_id, &status.as_str(), &error_code, &detail, &at],
+    )?;
+    Ok(())
+}
+
+/// A `messages` row read with `MESSAGE_COLUMNS`, its sealed columns opened.
+fn message_from_row(row: &Row<'_>, vault: &Vault) -> AppResult<MessageRecord> {
+    let time = |i: usize| -> AppResult<DateTime<Utc>> { parse_ts(&row.get::<_, String>(i)?) };
+    let opt_time = |i: usize| -> AppResult<Option<DateTime<Utc>>> {
+        row.get::<_, Option<String>>(i)?
+            .map(|t| parse_ts(&t))
+            .transpose()
+    };
+    let status: String = row.get(5)?;
+    let reason: Option<String> = row.get(6)?;
+    Ok(MessageRecord {
+        id: row.get(0)?,
+        user_id: row.get(1)?,
+        template_name: row.get(2)?,
+        variables: vault.open(&row.get::<_, String>(3)?)?,
+        channel: row.get(4)?,
+        status: status.parse::<MessageStatus>().map_err(anyhow::Error::msg)?,
+        reason: reason
+            .map(|r| r.parse::<SkipReason>().map_err(anyhow::Error::msg))
+            .transpose()?,
+        to_number: vault.open_opt(row.get::<_, Option<String>>(7)?.as_deref())?,
+        provider_sid: row.get(8)?,
+        error_code: row.get(9)?,
+        error_message: row.get(10)?,
+        encoding: row.get(11)?,
+        segments: row.get(12)?,
+        attempts: row.get(13)?,
+        idempotency_key: row.get(14)?,
+        next_attempt_at: time(15)?,
+        lease_until: opt_time(16)?,
+        created_at: time(17)?,
+        updated_at: time(18)?,
+        requested_channel: row.get(19)?,
+        attempt_started_at: opt_time(20)?,
+        attempt_body: vault.open_opt(row.get::<_, Option<String>>(21)?.as_deref())?,
+        lookup_needed: row.get(22)?,
+    })
+}
+
