@@ -11,7 +11,7 @@ use crate::consent::ConsentService;
 use crate::error::AppResult;
 use crate::provider::twilio::RECIPIENT_UNSUBSCRIBED;
 use crate::status::MessageStatus;
-use crate::store::MessageStore;
+use crate::store::{MessageStore, StatusApplied};
 
 /// What a status callback did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +54,20 @@ impl Delivery {
             .messages
             .apply_status(provider_sid, status, error_code, at)
             .await?;
+        self.react(provider_sid, status, error_code, applied, at)
+            .await
+    }
+
+    /// What follows a status once it is stored: the log line, and for a carrier opt-out
+    /// (21610, the first time it is seen) the number's opt-out.
+    pub async fn react(
+        &self,
+        provider_sid: &str,
+        status: MessageStatus,
+        error_code: Option<i64>,
+        applied: StatusApplied,
+        at: DateTime<Utc>,
+    ) -> AppResult<StatusOutcome> {
         let Some(message) = applied.message else {
             // Never an error: Twilio would retry it forever.
             tracing::warn!(

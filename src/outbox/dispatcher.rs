@@ -359,7 +359,8 @@ impl Dispatcher {
 
     /// Record the outcome, if the claim is still ours. A provider that already reports more
     /// than acceptance (the mock says `delivered`), and callbacks that arrived before the SID was
-    /// recorded, go through the status-callback path: the only one that moves a sent message on.
+    /// recorded, are applied in the same transaction as the send (`record_sent`), by the status
+    /// callbacks' forward-only rule, and then followed up as a callback is (`Delivery::react`).
     async fn finish(
         &self,
         claim: &Claim,
@@ -369,6 +370,32 @@ impl Dispatcher {
     ) -> AppResult<Settled> {
         let message = &claim.message;
         let now = self.clock.now();
+        if let DispatchResult::Sent {
+            provider_sid,
+            status,
+        } = &result
+        {
+            // Only news beyond `sent` (Twilio answers `queued` at creation, which says nothing).
+            let news = provider_status
+                .as_deref()
+                .and_then(MessageStatus::from_twilio)
+                .filter(|ours| ours.may_follow(MessageStatus::Sent));
+            let Some(known) = self
+                .messages
+                .record_sent(&message.id, provider_sid, *status, news, now, claim.fence)
+                .await?
+            else {
+                tracing::warn!(message_id = %message.id, "claim taken over by another dispatcher; leaving the message to it");
+                return Ok(Settled::Lost);
+            };
+            log_result(message, to, &result);
+            for k in known {
+                self.delivery
+                    .react(provider_sid, k.status, k.error_code, k.applied, now)
+                    .await?;
+            }
+            return Ok(Settled::Done(result));
+        }
         if !self
             .messages
             .record_dispatch(&message.id, &result, now, claim.fence)
@@ -378,36 +405,19 @@ impl Dispatcher {
             return Ok(Settled::Lost);
         }
         log_result(message, to, &result);
-        match &result {
-            // The carrier says the patient opted out: stop messaging that number on that channel.
-            DispatchResult::Failed {
-                code: Some(RECIPIENT_UNSUBSCRIBED),
-                ..
-            } => {
-                if let Some(sent) = self.messages.get_message(&message.id).await? {
-                    if let (Some(number), Some(channel)) =
-                        (sent.to_number.as_deref(), Channel::parse(&sent.channel))
-                    {
-                        self.consent.carrier_opt_out(number, channel, now).await?;
-                    }
+        // The carrier says the patient opted out: stop messaging that number on that channel.
+        if let DispatchResult::Failed {
+            code: Some(RECIPIENT_UNSUBSCRIBED),
+            ..
+        } = &result
+        {
+            if let Some(sent) = self.messages.get_message(&message.id).await? {
+                if let (Some(number), Some(channel)) =
+                    (sent.to_number.as_deref(), Channel::parse(&sent.channel))
+                {
+                    self.consent.carrier_opt_out(number, channel, now).await?;
                 }
             }
-            DispatchResult::Sent { provider_sid, .. } => {
-                // Only news beyond `sent` (Twilio answers `queued` at creation, which says nothing).
-                let news = provider_status.filter(|s| {
-                    MessageStatus::from_twilio(s)
-                        .is_some_and(|ours| ours.may_follow(MessageStatus::Sent))
-                });
-                if let Some(status) = news {
-                    self.delivery
-                        .apply_status(provider_sid, &status, None, now)
-                        .await?;
-                }
-                self.delivery
-                    .apply_early_statuses(provider_sid, now)
-                    .await?;
-            }
-            _ => {}
         }
         Ok(Settled::Done(result))
     }

@@ -64,18 +64,6 @@ impl GroupSync {
         Ok(())
     }
 
-    /// fsync now, on this thread (the SQLite writer's, after a commit): everything committed
-    /// before the call is then on disk, and waiters numbered so far need no fsync of their own.
-    pub fn sync_now(&self) {
-        let target = self.requested.load(Ordering::SeqCst);
-        if let Err(e) = sync_file(&self.wal) {
-            tracing::error!(error = %e, "fsync of the SQLite log failed: stopping");
-            std::process::abort();
-        }
-        self.syncs.fetch_add(1, Ordering::Relaxed);
-        self.synced.fetch_max(target, Ordering::SeqCst);
-    }
-
     /// How many fsyncs ran.
     pub fn syncs(&self) -> u64 {
         self.syncs.load(Ordering::Relaxed)

@@ -134,6 +134,21 @@ pub trait MessageStore: Send + Sync + 'static {
         now: DateTime<Utc>,
         fence: DateTime<Utc>,
     ) -> AppResult<bool>;
+    /// Record a send the provider accepted (`record_dispatch` with `Sent`) and, in the same
+    /// transaction, the statuses already known for its SID: `news`, what the provider answered
+    /// beyond `sent` (the mock answers `delivered`), then the callbacks that arrived before the
+    /// SID was recorded, taken as they are applied. `None`, and nothing written, when the claim
+    /// (`fence`) is no longer ours.
+    #[allow(clippy::too_many_arguments)]
+    async fn record_sent(
+        &self,
+        id: &str,
+        provider_sid: &str,
+        status: MessageStatus,
+        news: Option<MessageStatus>,
+        now: DateTime<Utc>,
+        fence: DateTime<Utc>,
+    ) -> AppResult<Option<Vec<KnownStatus>>>;
     /// Status callbacks that arrived before their SID was recorded, removed as they are taken.
     async fn take_unmatched_statuses(
         &self,
@@ -490,6 +505,17 @@ pub(crate) const RESERVE_SEND_SLOT: &str =
      ON CONFLICT (sender) DO UPDATE SET next_slot_us = \
      (CASE WHEN send_rate.next_slot_us > $2 THEN send_rate.next_slot_us ELSE $2 END) + $3 \
      RETURNING next_slot_us - $3";
+
+/// Record a send the provider accepted, if the claim is still ours: `$1` id, `$2` fence, `$3`
+/// status, `$4` SID, `$5` now.
+pub(crate) const RECORD_SENT: &str =
+    "UPDATE messages SET status = $3, provider_sid = $4, reason = NULL, error_code = NULL, \
+     error_message = NULL, lease_until = NULL, updated_at = $5 \
+     WHERE id = $1 AND lease_until = $2";
+
+/// Take the callbacks parked for SID `$1` (see `MessageStore::take_unmatched_statuses`).
+pub(crate) const TAKE_UNMATCHED: &str =
+    "DELETE FROM unmatched_status_callbacks WHERE provider_sid = $1 RETURNING status, error_code";
 
 /// Mark a claimed message `sending` for an attempt, only while the number has not opted out of
 /// the channel (and, with `guard.consent`, the user still consents to it there). Parameters:

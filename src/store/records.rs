@@ -526,6 +526,15 @@ impl IncomingMessage {
     }
 }
 
+/// A status applied with a send's record (`MessageStore::record_sent`): the provider's own
+/// answer, or a callback that came before the SID was recorded.
+#[derive(Debug, Clone)]
+pub struct KnownStatus {
+    pub status: MessageStatus,
+    pub error_code: Option<i64>,
+    pub applied: StatusApplied,
+}
+
 /// What a status callback did to its message.
 #[derive(Debug, Clone)]
 pub struct StatusApplied {

@@ -73,7 +73,7 @@ impl SqliteStore {
         // Migrations and sealing reach the disk before the first answer.
         store.sync_commits().await?;
         if let Some(file) = crate::vault::sqlite_file(database_url) {
-            store.writer = Some(SqliteWriter::start(&file, store.group_sync.clone())?);
+            store.writer = Some(SqliteWriter::start(&file)?);
         }
         Ok(store)
     }

@@ -174,11 +174,11 @@ impl MessageStore for ThisStore {
             return writer.reserve_send_slot(sender, now_us, interval_us).await;
         }
         Ok(sqlx::query_scalar(RESERVE_SEND_SLOT)
-        .bind(sender)
-        .bind(now_us)
-        .bind(interval_us)
-        .fetch_one(&self.pool)
-        .await?)
+            .bind(sender)
+            .bind(now_us)
+            .bind(interval_us)
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     async fn mark_sending(
@@ -197,19 +197,19 @@ impl MessageStore for ThisStore {
         }
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(&mark_sending_sql(guard, attempt.channel))
-        .bind(id)
-        .bind(self.vault.seal(&attempt.to_number))
-        .bind(&attempt.encoding)
-        .bind(attempt.segments)
-        .bind(now)
-        .bind(attempt.channel.as_str())
-        .bind(fence)
-        .bind(new_lease)
-        .bind(self.vault.seal_opt(attempt.body.as_deref()))
-        .bind(self.vault.blind(&attempt.to_number))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
+            .bind(id)
+            .bind(self.vault.seal(&attempt.to_number))
+            .bind(&attempt.encoding)
+            .bind(attempt.segments)
+            .bind(now)
+            .bind(attempt.channel.as_str())
+            .bind(fence)
+            .bind(new_lease)
+            .bind(self.vault.seal_opt(attempt.body.as_deref()))
+            .bind(self.vault.blind(&attempt.to_number))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
             == 1;
         if !updated {
             // Ours still (the guard failed), or taken over?
@@ -254,17 +254,12 @@ impl MessageStore for ThisStore {
                 provider_sid,
                 status,
             } => (
-                sqlx::query(
-                    "UPDATE messages SET status = $3, provider_sid = $4, reason = NULL, \
-                     error_code = NULL, \
-                     error_message = NULL, lease_until = NULL, updated_at = $5 \
-                     WHERE id = $1 AND lease_until = $2",
-                )
-                .bind(id)
-                .bind(fence)
-                .bind(status)
-                .bind(provider_sid)
-                .bind(now),
+                sqlx::query(RECORD_SENT)
+                    .bind(id)
+                    .bind(fence)
+                    .bind(status)
+                    .bind(provider_sid)
+                    .bind(now),
                 Some((*status, None, None)),
             ),
             DispatchResult::Skipped { reason } => (
@@ -397,13 +392,65 @@ impl MessageStore for ThisStore {
         if let Some(writer) = self.writer() {
             return writer.take_unmatched_statuses(provider_sid).await;
         }
-        Ok(sqlx::query_as(
-            "DELETE FROM unmatched_status_callbacks WHERE provider_sid = $1 RETURNING status, \
-             error_code",
-        )
-        .bind(provider_sid)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(sqlx::query_as(TAKE_UNMATCHED)
+            .bind(provider_sid)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn record_sent(
+        &self,
+        id: &str,
+        provider_sid: &str,
+        status: MessageStatus,
+        news: Option<MessageStatus>,
+        now: DateTime<Utc>,
+        fence: DateTime<Utc>,
+    ) -> AppResult<Option<Vec<KnownStatus>>> {
+        if let Some(writer) = self.writer() {
+            return writer
+                .record_sent(&self.vault, id, provider_sid, status, news, now, fence)
+                .await;
+        }
+        let mut tx = self.pool.begin().await?;
+        // See `apply_status`: recording a SID and parking a status for it never interleave.
+        ThisStore::lock_keys(&mut tx, &mut [format!("sid:{provider_sid}")]).await?;
+        let recorded = sqlx::query(RECORD_SENT)
+            .bind(id)
+            .bind(fence)
+            .bind(status)
+            .bind(provider_sid)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        if !recorded {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        insert_event(&mut tx, id, status, None, None, now).await?;
+        let early: Vec<(String, Option<i64>)> = sqlx::query_as(TAKE_UNMATCHED)
+            .bind(provider_sid)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut known = Vec::new();
+        for (status, error_code) in news.map(|s| (s, None)).into_iter().chain(
+            early
+                .iter()
+                .filter_map(|(s, code)| Some((MessageStatus::from_twilio(s)?, *code))),
+        ) {
+            let applied =
+                apply_status_in(&mut tx, &self.vault, provider_sid, status, error_code, now)
+                    .await?;
+            known.push(KnownStatus {
+                status,
+                error_code,
+                applied,
+            });
+        }
+        tx.commit().await?;
+        Ok(Some(known))
     }
 
     async fn prune_unmatched_statuses(&self, before: DateTime<Utc>) -> AppResult<u64> {
@@ -433,86 +480,92 @@ impl MessageStore for ThisStore {
         // records the SID: a callback that finds no message cannot park its status after the
         // send recorded the SID and drained the parked ones, leaving it orphaned.
         ThisStore::lock_keys(&mut tx, &mut [format!("sid:{provider_sid}")]).await?;
-        let changed = {
-            sqlx::query(&apply_status_sql(status))
+        let applied =
+            apply_status_in(&mut tx, &self.vault, provider_sid, status, error_code, at).await?;
+        tx.commit().await?;
+        Ok(applied)
+    }
+}
+
+/// `apply_status` inside a transaction that holds the SID's lock.
+pub(super) async fn apply_status_in(
+    tx: &mut sqlx::Transaction<'_, Db>,
+    vault: &crate::vault::Vault,
+    provider_sid: &str,
+    status: MessageStatus,
+    error_code: Option<i64>,
+    at: DateTime<Utc>,
+) -> AppResult<StatusApplied> {
+    let changed = {
+        sqlx::query(&apply_status_sql(status))
             .bind(provider_sid)
             .bind(status)
             .bind(error_code)
             .bind(at)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?
             .rows_affected()
-                == 1
-        };
-        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE provider_sid = $1");
-        let message = sqlx::query_as::<Db, MessageRecord>(&sql)
-            .bind(provider_sid)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|m| open_message(&self.vault, m))
-            .transpose()?;
-        let mut first_seen = false;
-        match &message {
-            Some(m) => {
-                // Twilio retries and replays callbacks: only the first of each (status, error
-                // code) may have effects beyond the status (a carrier opt-out).
-                let seen: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM message_events WHERE message_id = $1 AND status = $2 \
+            == 1
+    };
+    let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE provider_sid = $1");
+    let message = sqlx::query_as::<Db, MessageRecord>(&sql)
+        .bind(provider_sid)
+        .fetch_optional(&mut **tx)
+        .await?
+        .map(|m| open_message(vault, m))
+        .transpose()?;
+    let mut first_seen = false;
+    match &message {
+        Some(m) => {
+            // Twilio retries and replays callbacks: only the first of each (status, error
+            // code) may have effects beyond the status (a carrier opt-out).
+            let seen: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM message_events WHERE message_id = $1 AND status = $2 \
                      AND (error_code = $3 OR (error_code IS NULL AND $3 IS NULL))",
-                )
-                .bind(&m.id)
-                .bind(status)
-                .bind(error_code)
-                .fetch_one(&mut *tx)
-                .await?;
-                first_seen = seen == 0;
-                // History records what moved: a callback that changes nothing adds no event,
-                // except a new error code for the status the message is in (the real reason of a
-                // later `failed`).
-                let new_code_for_current = m.status == status && error_code.is_some();
-                if !changed && first_seen && new_code_for_current {
-                    // The message keeps the latest code it was given for its status.
-                    sqlx::query("UPDATE messages SET error_code = $2 WHERE id = $1")
-                        .bind(&m.id)
-                        .bind(error_code)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                if changed || (first_seen && new_code_for_current) {
-                    insert_event(
-                        &mut tx,
-                        &m.id,
-                        status,
-                        error_code,
-                        Some("status callback"),
-                        at,
-                    )
-                    .await?
-                }
+            )
+            .bind(&m.id)
+            .bind(status)
+            .bind(error_code)
+            .fetch_one(&mut **tx)
+            .await?;
+            first_seen = seen == 0;
+            // History records what moved: a callback that changes nothing adds no event,
+            // except a new error code for the status the message is in (the real reason of a
+            // later `failed`).
+            let new_code_for_current = m.status == status && error_code.is_some();
+            if !changed && first_seen && new_code_for_current {
+                // The message keeps the latest code it was given for its status.
+                sqlx::query("UPDATE messages SET error_code = $2 WHERE id = $1")
+                    .bind(&m.id)
+                    .bind(error_code)
+                    .execute(&mut **tx)
+                    .await?;
             }
-            // Twilio may call back before the send that created the message has recorded the SID:
-            // keep the event until it is (see `take_unmatched_statuses`).
-            None => {
-                sqlx::query(
-                    "INSERT INTO unmatched_status_callbacks (provider_sid, status, error_code, \
-                     received_at) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (provider_sid, status) DO NOTHING",
-                )
-                .bind(provider_sid)
-                .bind(status)
-                .bind(error_code)
-                .bind(at)
-                .execute(&mut *tx)
-                .await?;
+            if changed || (first_seen && new_code_for_current) {
+                insert_event(tx, &m.id, status, error_code, Some("status callback"), at).await?
             }
         }
-        tx.commit().await?;
-        Ok(StatusApplied {
-            message,
-            changed,
-            first_seen,
-        })
+        // Twilio may call back before the send that created the message has recorded the SID:
+        // keep the event until it is (see `take_unmatched_statuses`).
+        None => {
+            sqlx::query(
+                "INSERT INTO unmatched_status_callbacks (provider_sid, status, error_code, \
+                     received_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (provider_sid, status) DO NOTHING",
+            )
+            .bind(provider_sid)
+            .bind(status)
+            .bind(error_code)
+            .bind(at)
+            .execute(&mut **tx)
+            .await?;
+        }
     }
+    Ok(StatusApplied {
+        message,
+        changed,
+        first_seen,
+    })
 }
 
 /// Insert a message row; `None` when its idempotency key is already taken.

@@ -15,15 +15,20 @@ use super::writer::{execute, parse_ts, prepare, scalar, ts, SqliteWriter};
 use crate::error::AppResult;
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
-    DispatchResult, MarkSending, MessageRecord, OtpIssue, OtpIssueOutcome, SendAttempt,
-    SendGuard, StatusApplied, MESSAGE_COLUMNS,
+    DispatchResult, KnownStatus, MarkSending, MessageRecord, OtpIssue, OtpIssueOutcome,
+    SendAttempt, SendGuard, StatusApplied, MESSAGE_COLUMNS,
 };
 use crate::vault::Vault;
 
 impl SqliteWriter {
-    pub async fn issue_otp(&self, vault: &Arc<Vault>, issue: &OtpIssue) -> AppResult<OtpIssueOutcome> {
+    pub async fn issue_otp(
+        &self,
+        vault: &Arc<Vault>,
+        issue: &OtpIssue,
+    ) -> AppResult<OtpIssueOutcome> {
         let (vault, issue) = (vault.clone(), issue.clone());
-        self.write(move |conn| issue_otp(conn, &vault, &issue)).await
+        self.write(move |conn| issue_otp(conn, &vault, &issue))
+            .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -74,26 +79,28 @@ impl SqliteWriter {
             .await
     }
 
+    #[allow(clippy::too_many_arguments)]
+    pub async fn record_sent(
+        &self,
+        vault: &Arc<Vault>,
+        id: &str,
+        provider_sid: &str,
+        status: MessageStatus,
+        news: Option<MessageStatus>,
+        now: DateTime<Utc>,
+        fence: DateTime<Utc>,
+    ) -> AppResult<Option<Vec<KnownStatus>>> {
+        let (vault, id, sid) = (vault.clone(), id.to_string(), provider_sid.to_string());
+        self.write(move |conn| record_sent(conn, &vault, &id, &sid, status, news, now, fence))
+            .await
+    }
+
     pub async fn take_unmatched_statuses(
         &self,
         provider_sid: &str,
     ) -> AppResult<Vec<(String, Option<i64>)>> {
         let sid = provider_sid.to_string();
-        self.write(move |conn| {
-            let mut statement = prepare(
-                conn,
-                "DELETE FROM unmatched_status_callbacks WHERE provider_sid = $1 \
-                 RETURNING status, error_code",
-                &[&sid],
-            )?;
-            let mut rows = statement.raw_query();
-            let mut taken = Vec::new();
-            while let Some(row) = rows.next()? {
-                taken.push((row.get(0)?, row.get(1)?));
-            }
-            Ok(taken)
-        })
-        .await
+        self.write(move |conn| take_unmatched(conn, &sid)).await
     }
 
     pub async fn reserve_send_slot(
@@ -104,8 +111,12 @@ impl SqliteWriter {
     ) -> AppResult<i64> {
         let sender = sender.to_string();
         self.write(move |conn| {
-            scalar(conn, crate::store::RESERVE_SEND_SLOT, &[&sender, &now_us, &interval_us])?
-                .ok_or_else(|| anyhow::anyhow!("reserving a send slot returned no row").into())
+            scalar(
+                conn,
+                crate::store::RESERVE_SEND_SLOT,
+                &[&sender, &now_us, &interval_us],
+            )?
+            .ok_or_else(|| anyhow::anyhow!("reserving a send slot returned no row").into())
         })
         .await
     }
@@ -316,6 +327,9 @@ fn mark_sending(
     Ok(MarkSending::Marked)
 }
 
+/// An event to record: status, error code, detail.
+type Event = (MessageStatus, Option<i64>, Option<String>);
+
 fn record_dispatch(
     conn: &Connection,
     id: &str,
@@ -324,88 +338,101 @@ fn record_dispatch(
     fence: DateTime<Utc>,
 ) -> AppResult<bool> {
     let (now, fence) = (ts(&now), ts(&fence));
-    let (sql, extra, event): (&str, Vec<Box<dyn ToSql>>, Option<(MessageStatus, Option<i64>, Option<String>)>) =
-        match result {
-            DispatchResult::Sent {
-                provider_sid,
-                status,
-            } => (
-                "UPDATE messages SET status = $3, provider_sid = $4, reason = NULL, \
-                 error_code = NULL, error_message = NULL, lease_until = NULL, updated_at = $5 \
-                 WHERE id = $1 AND lease_until = $2",
-                vec![
-                    Box::new(status.as_str()),
-                    Box::new(provider_sid.clone()),
-                    Box::new(now.clone()),
-                ],
-                Some((*status, None, None)),
-            ),
-            DispatchResult::Skipped { reason } => (
-                "UPDATE messages SET status = 'skipped', reason = $3, lease_until = NULL, \
+    let (sql, extra, event): (&str, Vec<Box<dyn ToSql>>, Option<Event>) = match result {
+        DispatchResult::Sent {
+            provider_sid,
+            status,
+        } => (
+            crate::store::RECORD_SENT,
+            vec![
+                Box::new(status.as_str()),
+                Box::new(provider_sid.clone()),
+                Box::new(now.clone()),
+            ],
+            Some((*status, None, None)),
+        ),
+        DispatchResult::Skipped { reason } => (
+            "UPDATE messages SET status = 'skipped', reason = $3, lease_until = NULL, \
                  updated_at = $4 WHERE id = $1 AND lease_until = $2",
-                vec![Box::new(reason.as_str()), Box::new(now.clone())],
-                Some((MessageStatus::Skipped, None, Some(reason.as_str().to_string()))),
-            ),
-            DispatchResult::Failed { code, message } => (
-                "UPDATE messages SET status = 'failed', error_code = $3, error_message = $4, \
+            vec![Box::new(reason.as_str()), Box::new(now.clone())],
+            Some((
+                MessageStatus::Skipped,
+                None,
+                Some(reason.as_str().to_string()),
+            )),
+        ),
+        DispatchResult::Failed { code, message } => (
+            "UPDATE messages SET status = 'failed', error_code = $3, error_message = $4, \
                  lease_until = NULL, updated_at = $5 WHERE id = $1 AND lease_until = $2",
-                vec![Box::new(*code), Box::new(message.clone()), Box::new(now.clone())],
-                Some((MessageStatus::Failed, *code, Some(message.clone()))),
-            ),
-            DispatchResult::Retry {
-                code,
-                message,
-                next_attempt_at,
-                lookup,
-            } => (
-                "UPDATE messages SET status = 'queued', error_code = $3, error_message = $4, \
+            vec![
+                Box::new(*code),
+                Box::new(message.clone()),
+                Box::new(now.clone()),
+            ],
+            Some((MessageStatus::Failed, *code, Some(message.clone()))),
+        ),
+        DispatchResult::Retry {
+            code,
+            message,
+            next_attempt_at,
+            lookup,
+        } => (
+            "UPDATE messages SET status = 'queued', error_code = $3, error_message = $4, \
                  next_attempt_at = $5, lease_until = NULL, updated_at = $6, \
                  lookup_needed = $7 WHERE id = $1 AND lease_until = $2",
-                vec![
-                    Box::new(*code),
-                    Box::new(message.clone()),
-                    Box::new(ts(next_attempt_at)),
-                    Box::new(now.clone()),
-                    Box::new(*lookup),
-                ],
-                None,
-            ),
-            DispatchResult::LookupFailed {
-                message,
-                next_attempt_at,
-            } => (
-                "UPDATE messages SET status = 'queued', error_message = $3, \
+            vec![
+                Box::new(*code),
+                Box::new(message.clone()),
+                Box::new(ts(next_attempt_at)),
+                Box::new(now.clone()),
+                Box::new(*lookup),
+            ],
+            None,
+        ),
+        DispatchResult::LookupFailed {
+            message,
+            next_attempt_at,
+        } => (
+            "UPDATE messages SET status = 'queued', error_message = $3, \
                  attempts = attempts + 1, next_attempt_at = $4, lease_until = NULL, \
                  lookup_needed = TRUE, updated_at = $5 WHERE id = $1 AND lease_until = $2",
-                vec![
-                    Box::new(message.clone()),
-                    Box::new(ts(next_attempt_at)),
-                    Box::new(now.clone()),
-                ],
-                None,
-            ),
-            DispatchResult::Unknown { code, message } => (
-                "UPDATE messages SET status = 'unknown', error_message = $3, \
+            vec![
+                Box::new(message.clone()),
+                Box::new(ts(next_attempt_at)),
+                Box::new(now.clone()),
+            ],
+            None,
+        ),
+        DispatchResult::Unknown { code, message } => (
+            "UPDATE messages SET status = 'unknown', error_message = $3, \
                  error_code = COALESCE($5, error_code), lease_until = NULL, \
                  lookup_needed = FALSE, updated_at = $4 WHERE id = $1 AND lease_until = $2",
-                vec![Box::new(message.clone()), Box::new(now.clone()), Box::new(*code)],
-                Some((MessageStatus::Unknown, *code, Some(message.clone()))),
-            ),
-            DispatchResult::Held { until, message } => (
-                "UPDATE messages SET status = 'queued', error_message = $3, \
+            vec![
+                Box::new(message.clone()),
+                Box::new(now.clone()),
+                Box::new(*code),
+            ],
+            Some((MessageStatus::Unknown, *code, Some(message.clone()))),
+        ),
+        DispatchResult::Held { until, message } => (
+            "UPDATE messages SET status = 'queued', error_message = $3, \
                  attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
                  next_attempt_at = $4, lease_until = NULL, updated_at = $5 \
                  WHERE id = $1 AND lease_until = $2",
-                vec![Box::new(message.clone()), Box::new(ts(until)), Box::new(now.clone())],
-                None,
-            ),
-            DispatchResult::Deferred { until, .. } => (
-                "UPDATE messages SET status = 'queued', next_attempt_at = $3, \
+            vec![
+                Box::new(message.clone()),
+                Box::new(ts(until)),
+                Box::new(now.clone()),
+            ],
+            None,
+        ),
+        DispatchResult::Deferred { until, .. } => (
+            "UPDATE messages SET status = 'queued', next_attempt_at = $3, \
                  lease_until = NULL, updated_at = $4 WHERE id = $1 AND lease_until = $2",
-                vec![Box::new(ts(until)), Box::new(now.clone())],
-                None,
-            ),
-        };
+            vec![Box::new(ts(until)), Box::new(now.clone())],
+            None,
+        ),
+    };
     let mut params: Vec<&dyn ToSql> = vec![&id, &fence];
     params.extend(extra.iter().map(|p| p.as_ref()));
     if execute(conn, sql, &params)? != 1 {
@@ -424,6 +451,54 @@ fn record_dispatch(
         }
     }
     Ok(true)
+}
+
+fn take_unmatched(conn: &Connection, provider_sid: &str) -> AppResult<Vec<(String, Option<i64>)>> {
+    let mut statement = prepare(conn, crate::store::TAKE_UNMATCHED, &[&provider_sid])?;
+    let mut rows = statement.raw_query();
+    let mut taken = Vec::new();
+    while let Some(row) = rows.next()? {
+        taken.push((row.get(0)?, row.get(1)?));
+    }
+    Ok(taken)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn record_sent(
+    conn: &Connection,
+    vault: &Vault,
+    id: &str,
+    provider_sid: &str,
+    status: MessageStatus,
+    news: Option<MessageStatus>,
+    now: DateTime<Utc>,
+    fence: DateTime<Utc>,
+) -> AppResult<Option<Vec<KnownStatus>>> {
+    let at = ts(&now);
+    let recorded = execute(
+        conn,
+        crate::store::RECORD_SENT,
+        &[&id, &ts(&fence), &status.as_str(), &provider_sid, &at],
+    )? == 1;
+    if !recorded {
+        return Ok(None);
+    }
+    insert_event(conn, id, status, None, None, &at)?;
+    let early = take_unmatched(conn, provider_sid)?;
+    let mut known = Vec::new();
+    for (status, error_code) in news.map(|s| (s, None)).into_iter().chain(
+        early
+            .iter()
+            .filter_map(|(s, code)| Some((MessageStatus::from_twilio(s)?, *code))),
+    ) {
+        let applied = apply_status(conn, vault, provider_sid, status, error_code, now)?;
+        known.push(KnownStatus {
+            status,
+            error_code,
+            applied,
+        });
+    }
+    Ok(Some(known))
 }
 
 fn apply_status(
@@ -468,7 +543,14 @@ fn apply_status(
                 )?;
             }
             if changed || (first_seen && new_code_for_current) {
-                insert_event(conn, &m.id, status, error_code, Some("status callback"), &at)?;
+                insert_event(
+                    conn,
+                    &m.id,
+                    status,
+                    error_code,
+                    Some("status callback"),
+                    &at,
+                )?;
             }
         }
         None => {
@@ -522,7 +604,9 @@ fn message_from_row(row: &Row<'_>, vault: &Vault) -> AppResult<MessageRecord> {
         template_name: row.get(2)?,
         variables: vault.open(&row.get::<_, String>(3)?)?,
         channel: row.get(4)?,
-        status: status.parse::<MessageStatus>().map_err(anyhow::Error::msg)?,
+        status: status
+            .parse::<MessageStatus>()
+            .map_err(anyhow::Error::msg)?,
         reason: reason
             .map(|r| r.parse::<SkipReason>().map_err(anyhow::Error::msg))
             .transpose()?,
@@ -544,4 +628,3 @@ fn message_from_row(row: &Row<'_>, vault: &Vault) -> AppResult<MessageRecord> {
         lookup_needed: row.get(22)?,
     })
 }
-

@@ -1,27 +1,29 @@
 //! The one SQLite writer: a thread that owns a write connection and runs the hot writes (an OTP
 //! issued, a message marked `sending`, a send's outcome, a status callback, a send slot) of many
-//! requests in one transaction, fsyncs the log once for the lot, then answers each request.
+//! requests in one transaction, then answers each request.
 //!
 //! Why: SQLite has one writer at a time. Through the pool, every statement of a request was a
 //! round trip to a connection's worker thread, and concurrent requests queued on the write lock
 //! in SQLite's busy handler, which sleeps for milliseconds. Here a request's whole unit of work
 //! is one hop to this thread, runs on prepared statements, and requests that arrive while a
-//! batch runs share the next batch's commit and fsync (group commit).
+//! batch runs share the next batch's commit.
 //!
 //! Each job runs inside a savepoint: a job that fails is rolled back alone and answered with its
-//! error; the others in the batch still commit. A job is answered only after its batch's commit
-//! is on disk.
+//! error; the others in the batch still commit. A job is answered once its batch commits (with
+//! `synchronous=NORMAL`, in the log, not yet on disk): what is acknowledged to a caller waits for
+//! the group fsync as every other commit does (`group_sync.rs`: the `durable_writes` middleware,
+//! and the dispatcher before it calls the provider). Answering at commit lets a request's several
+//! writes go one after another without an fsync between each.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OpenFlags, Statement, ToSql};
 
 use crate::error::{AppError, AppResult};
-use crate::store::group_sync::GroupSync;
 
 /// The most jobs one transaction takes: enough to share a commit widely, few enough that the
 /// first job's answer does not wait long behind the rest.
@@ -34,18 +36,19 @@ pub struct SqliteWriter {
 impl SqliteWriter {
     /// Open the writer's connection to the database file at `path` (already created and
     /// migrated) and start its thread. The thread ends when the writer is dropped.
-    pub fn start(path: &Path, sync: Option<Arc<GroupSync>>) -> AppResult<SqliteWriter> {
+    pub fn start(path: &Path) -> AppResult<SqliteWriter> {
         let conn = open(path)?;
         let (jobs, queue) = mpsc::channel::<Box<dyn Job>>();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || serve(conn, queue, sync))
+            .spawn(move || serve(conn, queue))
             .map_err(|e| anyhow::anyhow!("starting the SQLite writer thread: {e}"))?;
         Ok(SqliteWriter { jobs })
     }
 
-    /// Run `work` in the writer's next transaction; its answer once the transaction is on disk.
-    /// An `Err` from `work` undoes what it wrote (and only that).
+    /// Run `work` in the writer's next transaction; its answer once the transaction commits.
+    /// An `Err` from `work` undoes what it wrote (and only that). Like any commit here, it is
+    /// on disk once `MessageStore::durable` returns (the group fsync, `group_sync.rs`).
     pub async fn write<T, F>(&self, work: F) -> AppResult<T>
     where
         T: Send + 'static,
@@ -69,11 +72,12 @@ impl SqliteWriter {
 fn open(path: &Path) -> AppResult<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)?;
-    // The pool's settings (see `SqliteStore::connect`): NORMAL, because this thread fsyncs the
-    // log itself after each commit and tells the group sync what that covered.
+    // The pool's settings (see `SqliteStore::connect`): NORMAL, because nothing is acknowledged
+    // before the group fsync that follows its commit.
+    // `temp_store = MEMORY`: each job's savepoint journal stays in memory, not in a temp file.
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA secure_delete = ON; \
-         PRAGMA foreign_keys = ON;",
+         PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;",
     )?;
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.set_prepared_statement_cache_capacity(128);
@@ -126,25 +130,23 @@ where
     }
 }
 
-fn serve(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>, sync: Option<Arc<GroupSync>>) {
+/// The writer thread: take every job waiting (up to `MAX_BATCH`), run them in one transaction,
+/// answer them, and go on with the next batch.
+fn serve(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>) {
     while let Ok(first) = queue.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
             match queue.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) => jobs.push(job),
                 Err(_) => break,
             }
         }
-        let committed = run_batch(&conn, &mut batch).map_err(|e| e.to_string());
-        if committed.is_ok() {
-            if let Some(sync) = &sync {
-                sync.sync_now();
-            }
-        } else if let Err(e) = &committed {
-            tracing::error!(error = %e, jobs = batch.len(), "a SQLite write batch failed");
+        let result = run_batch(&conn, &mut jobs).map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, jobs = jobs.len(), "a SQLite write batch failed");
         }
-        for job in batch {
-            job.answer(committed.clone());
+        for job in jobs {
+            job.answer(result.clone());
         }
     }
 }
@@ -233,12 +235,13 @@ mod tests {
             "PRAGMA journal_mode = WAL; CREATE TABLE t (k TEXT PRIMARY KEY, v INTEGER)",
         )
         .unwrap();
-        let writer = SqliteWriter::start(&path, None).unwrap();
+        let writer = SqliteWriter::start(&path).unwrap();
         (dir, writer)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_job_is_undone_alone() {
+        use std::sync::Arc;
         let (_dir, writer) = writer_on_new_file();
         let writer = Arc::new(writer);
         let mut tasks = tokio::task::JoinSet::new();
