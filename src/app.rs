@@ -108,7 +108,6 @@ impl Services {
         });
         let otp = Otp::new(
             store.clone(),
-            store.clone(),
             consent.clone(),
             dispatcher.clone(),
             CodeHasher::from_config(&config),

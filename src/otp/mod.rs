@@ -29,9 +29,7 @@ use crate::outbox::{parse_channel, validate_user_id};
 use crate::phone::PhoneNumber;
 use crate::provider::twilio::{INVALID_TO_NUMBER, NOT_A_MOBILE_NUMBER, RECIPIENT_UNSUBSCRIBED};
 use crate::status::SkipReason;
-use crate::store::{
-    Channel, InboundStore, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome, OtpStore,
-};
+use crate::store::{Channel, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome, OtpStore};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -194,7 +192,6 @@ pub struct OtpContext {
 #[derive(Clone)]
 pub struct Otp {
     codes: Arc<dyn OtpStore>,
-    opt_outs: Arc<dyn InboundStore>,
     consent: ConsentService,
     dispatcher: Dispatcher,
     hasher: Arc<CodeHasher>,
@@ -205,7 +202,6 @@ pub struct Otp {
 impl Otp {
     pub fn new(
         codes: Arc<dyn OtpStore>,
-        opt_outs: Arc<dyn InboundStore>,
         consent: ConsentService,
         dispatcher: Dispatcher,
         hasher: CodeHasher,
@@ -214,7 +210,6 @@ impl Otp {
     ) -> Self {
         Otp {
             codes,
-            opt_outs,
             consent,
             dispatcher,
             hasher: Arc::new(hasher),
@@ -267,23 +262,12 @@ impl Otp {
                 ));
             }
         }
-        // A refusal for an opted-out number still counts against the limits (below), or anyone
-        // could probe, without limit, which numbers texted STOP to this clinic. The answer is
-        // about the number named, never the one on file.
-        let named_opted_out = self.opt_outs.is_opted_out(named.as_str(), channel).await?;
         if !context.messaging_enabled {
             return Err(AppError::Unavailable(
                 "messaging is disabled on this service".into(),
             ));
         }
         let send_to = self.destination(&request, &named).await?;
-        let send_to_opted_out = if send_to == named {
-            named_opted_out
-        } else {
-            self.opt_outs
-                .is_opted_out(send_to.as_str(), channel)
-                .await?
-        };
 
         let code = generate_code(settings.length);
         let now = self.clock.now();
@@ -300,7 +284,7 @@ impl Otp {
             cooldown_seconds: settings.resend_cooldown.as_secs() as i64,
             max_sends_per_hour: i64::from(settings.max_sends_per_hour),
             max_sends_per_ip_per_hour: i64::from(settings.max_sends_per_ip_per_hour),
-            message: (!named_opted_out && !send_to_opted_out).then(|| NewMessage {
+            message: NewMessage {
                 id: uuid::Uuid::now_v7().to_string(),
                 user_id: request.user_id.clone(),
                 template_name: "otp".into(),
@@ -310,13 +294,16 @@ impl Otp {
                 idempotency_key: None,
                 created_at: now,
                 claimed_until: Some(now + context.lease),
-            }),
+            },
         };
         let sent = self.sent_answer(&named);
         let message = match self.codes.issue_otp(&issue).await? {
             OtpIssueOutcome::Issued(message) => message,
-            OtpIssueOutcome::Logged if named_opted_out => return Err(self.opted_out_error(channel)),
-            OtpIssueOutcome::Logged => {
+            // A refusal for an opted-out number still counted against the limits, or anyone
+            // could probe, without limit, which numbers texted STOP to this clinic. The answer
+            // is about the number named, never the one on file.
+            OtpIssueOutcome::OptedOut { named: true } => return Err(self.opted_out_error(channel)),
+            OtpIssueOutcome::OptedOut { named: false } => {
                 // The number on file opted out of this channel: nothing goes to it, and the
                 // caller, who may not own that number, is told what any other caller is told.
                 tracing::info!(user_id = %request.user_id, purpose = %request.purpose, "OTP not sent: the number on file opted out");

@@ -41,7 +41,7 @@ use crate::provider::{DynProvider, OutboundMessage, ProviderError, ProviderHealt
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
     ConsentStore, DispatchResult, InboundStore, MarkSending, MessageRecord, MessageStore,
-    ScheduleStore, SendAttempt, SendGuard, SubjectType,
+    ScheduleStore, SendAttempt, SendGuard, SendSlot, SubjectType,
 };
 use crate::templates::{self, Category, RenderAt, RenderContext, Template, ValidVariables};
 use recovery::outcome_unknown;
@@ -339,7 +339,7 @@ impl Dispatcher {
             return self.release(&claim).await;
         }
         let to = outbound.to.masked();
-        match self.send(&mut claim, outbound).await? {
+        match self.send(&mut claim, outbound, None).await? {
             Attempt::Answered {
                 result,
                 provider_status,
@@ -639,8 +639,8 @@ impl Dispatcher {
         );
         // A patient is waiting for this code: it goes now, taking the sender's next slot so the
         // queued messages behind it slow down to keep the sender's rate.
-        self.take_send_slot(&outbound).await?;
-        let (result, provider_status) = match self.send(claim, outbound).await? {
+        let slot = self.slot_to_take(&outbound);
+        let (result, provider_status) = match self.send(claim, outbound, slot).await? {
             Attempt::Answered {
                 result,
                 provider_status,
@@ -685,7 +685,12 @@ impl Dispatcher {
 
     /// Mark the message `sending` (renewing the lease for the call), call the provider, and
     /// classify the answer.
-    async fn send(&self, claim: &mut Claim, outbound: OutboundMessage) -> AppResult<Attempt> {
+    async fn send(
+        &self,
+        claim: &mut Claim,
+        outbound: OutboundMessage,
+        take_slot: Option<SendSlot>,
+    ) -> AppResult<Attempt> {
         // Segments are an SMS matter; a WhatsApp message (a ContentSid send above all, whose
         // body is never transmitted) has none.
         let (encoding, segments) = match outbound.channel {
@@ -704,6 +709,7 @@ impl Dispatcher {
             encoding,
             segments,
             body: recoverable_body(&outbound),
+            take_slot,
         };
         let now = self.clock.now();
         let renewed = now + self.settings.lease;

@@ -171,8 +171,9 @@ pub trait MessageStore: Send + Sync + 'static {
 /// One-time passcodes and their send limits.
 #[async_trait]
 pub trait OtpStore: Send + Sync + 'static {
-    /// Check the OTP send limits and, within them, replace the (user, purpose) code, log the send
-    /// and write its message, all in one transaction. Limits are checked under a lock on the
+    /// Check the OTP send limits and, within them, log the send and, unless a number opted out
+    /// (`OtpIssueOutcome::OptedOut`), replace the (user, purpose) code and write its message,
+    /// all in one transaction. Limits are checked under a lock on the
     /// number, user and IP, so concurrent requests cannot slip past them together.
     async fn issue_otp(&self, issue: &OtpIssue) -> AppResult<OtpIssueOutcome>;
     async fn get_otp(&self, user_id: &str, purpose: &str) -> AppResult<Option<OtpRecord>>;
@@ -516,6 +517,11 @@ pub(crate) const RECORD_SENT: &str =
 /// Take the callbacks parked for SID `$1` (see `MessageStore::take_unmatched_statuses`).
 pub(crate) const TAKE_UNMATCHED: &str =
     "DELETE FROM unmatched_status_callbacks WHERE provider_sid = $1 RETURNING status, error_code";
+
+/// Whether number `$1` (its blind index) opted out of channel `$2`: a 64-bit count on both
+/// backends (a bare `1` is 32-bit on PostgreSQL).
+pub(crate) const IS_OPTED_OUT: &str =
+    "SELECT COUNT(*) FROM opt_outs WHERE phone_index = $1 AND channel = $2";
 
 /// Mark a claimed message `sending` for an attempt, only while the number has not opted out of
 /// the channel (and, with `guard.consent`, the user still consents to it there). Parameters:

@@ -265,6 +265,17 @@ pub struct SendAttempt {
     pub segments: Option<i64>,
     /// The exact body sent, when it may be kept and matched (see `MessageRecord::attempt_body`).
     pub body: Option<String>,
+    /// For a message that goes at once instead of waiting its turn (an OTP): the sender's next
+    /// send slot, taken with the mark, so the queued messages behind it slow down.
+    pub take_slot: Option<SendSlot>,
+}
+
+/// A sender's send slot to take (`MessageStore::reserve_send_slot`).
+#[derive(Debug, Clone)]
+pub struct SendSlot {
+    pub sender: String,
+    pub now_us: i64,
+    pub interval_us: i64,
 }
 
 /// What must still hold when a message is marked `sending`, checked in the same statement, so a
@@ -567,17 +578,20 @@ pub struct OtpIssue {
     pub max_sends_per_hour: i64,
     /// Per client address (an IPv6 client's /64).
     pub max_sends_per_ip_per_hour: i64,
-    /// The message that carries the code (written claimed: the caller sends it at once). `None`
-    /// logs the request against the limits only (a refused request must still count, or the
-    /// refusal could be probed without limit).
-    pub message: Option<NewMessage>,
+    /// The message that carries the code (written claimed: the caller sends it at once), unless
+    /// the number named or `send_to` opted out of the channel.
+    pub message: NewMessage,
 }
 
 #[derive(Debug, Clone)]
 pub enum OtpIssueOutcome {
     Issued(Box<MessageRecord>),
-    /// Within the limits and logged against them, with no code and no message (`message: None`).
-    Logged,
+    /// Within the limits and logged against them (a refusal must still count, or it could be
+    /// probed without limit), with no code and no message: the number named (`named`) or the
+    /// one the code would go to opted out of the channel.
+    OptedOut {
+        named: bool,
+    },
     /// A limit was hit; nothing was written.
     RateLimited {
         retry_after_seconds: i64,

@@ -528,6 +528,7 @@ async fn an_early_callback_is_never_orphaned(backend: Backend) {
             encoding: None,
             segments: None,
             body: None,
+            take_slot: None,
         };
         let guard = SendGuard {
             consent: false,

@@ -277,6 +277,7 @@ async fn dispatch_results_and_events(backend: Backend) {
         encoding: Some("GSM-7".into()),
         segments: Some(1),
         body: Some("text".into()),
+        take_slot: None,
     };
     let renewed = t0() + Duration::minutes(3);
     // A stale fence cannot mark a message sending; the claim's own can, renewing the lease.
@@ -486,6 +487,7 @@ async fn marking_sending_checks_opt_out_and_consent_in_the_same_statement(backen
         encoding: Some("GSM-7".into()),
         segments: Some(1),
         body: Some("text".into()),
+        take_slot: None,
     };
     let renewed = t0() + Duration::minutes(3);
     let guard = SendGuard {

@@ -10,6 +10,7 @@ use crate::channel::Channel;
 use crate::config::TwilioSettings;
 use crate::error::AppResult;
 use crate::provider::OutboundMessage;
+use crate::store::SendSlot;
 
 /// The pacing key of each channel's sender: the unit Twilio rate-limits.
 pub(super) struct Senders {
@@ -75,19 +76,15 @@ impl Dispatcher {
         Ok(true)
     }
 
-    /// Reserve a send slot without waiting for it (for one-time passcodes).
-    pub(super) async fn take_send_slot(&self, outbound: &OutboundMessage) -> AppResult<()> {
+    /// The send slot a message that goes at once (a one-time passcode) takes without waiting
+    /// for it, with its `sending` mark; `None` with no rate limit.
+    pub(super) fn slot_to_take(&self, outbound: &OutboundMessage) -> Option<SendSlot> {
         let rate = self.settings.rate_per_second;
-        if rate > 0 {
-            self.messages
-                .reserve_send_slot(
-                    self.senders.key(outbound.channel),
-                    Utc::now().timestamp_micros(),
-                    slot_interval_us(rate),
-                )
-                .await?;
-        }
-        Ok(())
+        (rate > 0).then(|| SendSlot {
+            sender: self.senders.key(outbound.channel).to_string(),
+            now_us: Utc::now().timestamp_micros(),
+            interval_us: slot_interval_us(rate),
+        })
     }
 }
 

@@ -17,14 +17,11 @@ pub(super) const INCOMING_COLUMNS: &str =
 #[async_trait]
 impl InboundStore for ThisStore {
     async fn is_opted_out(&self, phone_number: &str, channel: Channel) -> AppResult<bool> {
-        // COUNT(*) is a 64-bit integer on both backends (a bare `1` is 32-bit on PostgreSQL).
-        let found: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM opt_outs WHERE phone_index = $1 AND channel = $2",
-        )
-        .bind(self.vault.blind(phone_number))
-        .bind(channel.as_str())
-        .fetch_one(&self.pool)
-        .await?;
+        let found: i64 = sqlx::query_scalar(IS_OPTED_OUT)
+            .bind(self.vault.blind(phone_number))
+            .bind(channel.as_str())
+            .fetch_one(&self.pool)
+            .await?;
         Ok(found > 0)
     }
 

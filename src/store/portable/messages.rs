@@ -229,6 +229,14 @@ impl MessageStore for ThisStore {
             });
         }
         insert_event(&mut tx, id, MessageStatus::Sending, None, None, now).await?;
+        if let Some(slot) = &attempt.take_slot {
+            sqlx::query(RESERVE_SEND_SLOT)
+                .bind(&slot.sender)
+                .bind(slot.now_us)
+                .bind(slot.interval_us)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(MarkSending::Marked)
     }

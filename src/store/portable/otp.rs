@@ -46,10 +46,11 @@ impl OtpStore for ThisStore {
                 retry_after_seconds: wait,
             });
         }
-        let Some(new_message) = &issue.message else {
+        if let Some(named) = otp_opt_out(&mut tx, &self.vault, issue).await? {
             tx.commit().await?;
-            return Ok(OtpIssueOutcome::Logged);
-        };
+            return Ok(OtpIssueOutcome::OptedOut { named });
+        }
+        let new_message = &issue.message;
         let message = insert_message_row(&mut tx, &self.vault, new_message)
             .await?
             .ok_or_else(|| anyhow::anyhow!("OTP message id collided"))?;
@@ -197,6 +198,30 @@ impl OtpStore for ThisStore {
             send_log_pruned,
         })
     }
+}
+
+/// `Some(true)` when the number named opted out of the channel, `Some(false)` when the number
+/// the code would go to did, `None` when neither.
+async fn otp_opt_out(
+    tx: &mut sqlx::Transaction<'_, Db>,
+    vault: &crate::vault::Vault,
+    issue: &OtpIssue,
+) -> AppResult<Option<bool>> {
+    let mut numbers = vec![(&issue.phone_number, true)];
+    if issue.send_to != issue.phone_number {
+        numbers.push((&issue.send_to, false));
+    }
+    for (number, named) in numbers {
+        let found: i64 = sqlx::query_scalar(IS_OPTED_OUT)
+            .bind(vault.blind(number))
+            .bind(issue.channel.as_str())
+            .fetch_one(&mut **tx)
+            .await?;
+        if found > 0 {
+            return Ok(Some(named));
+        }
+    }
+    Ok(None)
 }
 
 /// Seconds until the send limits allow another OTP, or `None` when this one may go.

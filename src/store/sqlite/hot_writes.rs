@@ -143,9 +143,26 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
             &phone_index,
         ],
     )?;
-    let Some(m) = &issue.message else {
-        return Ok(OtpIssueOutcome::Logged);
-    };
+    let mut numbers = vec![(&issue.phone_number, true)];
+    if issue.send_to != issue.phone_number {
+        numbers.push((&issue.send_to, false));
+    }
+    for (number, named) in numbers {
+        let index = if named {
+            phone_index.clone()
+        } else {
+            vault.blind(number)
+        };
+        let found: Option<i64> = scalar(
+            conn,
+            crate::store::IS_OPTED_OUT,
+            &[&index, &issue.channel.as_str()],
+        )?;
+        if found.unwrap_or(0) > 0 {
+            return Ok(OtpIssueOutcome::OptedOut { named });
+        }
+    }
+    let m = &issue.message;
     let status = MessageStatus::Sending;
     let inserted = execute(
         conn,
@@ -324,6 +341,13 @@ fn mark_sending(
         });
     }
     insert_event(conn, id, MessageStatus::Sending, None, None, &now)?;
+    if let Some(slot) = &attempt.take_slot {
+        let _next: Option<i64> = scalar(
+            conn,
+            crate::store::RESERVE_SEND_SLOT,
+            &[&slot.sender, &slot.now_us, &slot.interval_us],
+        )?;
+    }
     Ok(MarkSending::Marked)
 }
 
