@@ -518,6 +518,27 @@ pub(crate) const RECORD_SENT: &str =
 pub(crate) const TAKE_UNMATCHED: &str =
     "DELETE FROM unmatched_status_callbacks WHERE provider_sid = $1 RETURNING status, error_code";
 
+/// Use the code for (`$1` user, `$2` purpose) with hash `$3` at `$4`, if it is live and fewer
+/// than `$5` wrong tries were made: the count is checked in the same statement, so a right guess
+/// racing many wrong ones cannot slip in after the limit.
+pub(crate) const CONSUME_OTP: &str =
+    "UPDATE otp_codes SET used_at = $4 WHERE user_id = $1 AND purpose = $2 \
+     AND code_hash = $3 AND used_at IS NULL AND expires_at > $4 \
+     AND COALESCE((SELECT f.failures FROM otp_failures f WHERE f.user_id = $1 \
+     AND f.purpose = $2 AND f.window_ends_at > $4), 0) < $5";
+
+/// Count a wrong try for (`$1` user, `$2` purpose) at `$3`, in a window ending at `$4` if a new
+/// one starts; the count so far. One statement: concurrent wrong tries each get their own count,
+/// and a window that has ended starts again at one.
+pub(crate) const RECORD_OTP_FAILURE: &str =
+    "INSERT INTO otp_failures (user_id, purpose, failures, window_ends_at) \
+     VALUES ($1, $2, 1, $4) ON CONFLICT (user_id, purpose) DO UPDATE SET \
+     failures = CASE WHEN otp_failures.window_ends_at > $3 \
+     THEN otp_failures.failures + 1 ELSE 1 END, \
+     window_ends_at = CASE WHEN otp_failures.window_ends_at > $3 \
+     THEN otp_failures.window_ends_at ELSE excluded.window_ends_at END \
+     RETURNING failures";
+
 /// Whether number `$1` (its blind index) opted out of channel `$2`: a 64-bit count on both
 /// backends (a bare `1` is 32-bit on PostgreSQL).
 pub(crate) const IS_OPTED_OUT: &str =

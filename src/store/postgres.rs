@@ -49,24 +49,27 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Transaction-scoped advisory locks on each key, taken in sorted order so two transactions
-    /// locking overlapping keys cannot deadlock.
     /// The SQLite writer thread has no counterpart here: PostgreSQL runs its writes concurrently.
     fn writer(&self) -> Option<&super::sqlite::SqliteWriter> {
         None
     }
 
+    /// Transaction-scoped advisory locks on each key, taken in sorted order so two transactions
+    /// locking overlapping keys cannot deadlock.
     async fn lock_keys(
         tx: &mut sqlx::Transaction<'_, Postgres>,
         keys: &mut [String],
     ) -> AppResult<()> {
+        // One round trip for all of them, taken in sorted order (volatile functions are
+        // evaluated after the sort), so two transactions never wait on each other in a circle.
         keys.sort();
-        for key in keys.iter() {
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-                .bind(key)
-                .execute(&mut **tx)
-                .await?;
-        }
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) \
+             FROM unnest($1::text[]) WITH ORDINALITY AS t(k, n) ORDER BY n",
+        )
+        .bind(&*keys)
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 }

@@ -109,21 +109,19 @@ impl OtpStore for ThisStore {
         max_attempts: i64,
         now: DateTime<Utc>,
     ) -> AppResult<bool> {
-        // The wrong-try count is checked in the same statement, so a right guess racing many
-        // wrong ones cannot slip in after the limit.
-        let done = sqlx::query(
-            "UPDATE otp_codes SET used_at = $4 WHERE user_id = $1 AND purpose = $2 \
-             AND code_hash = $3 AND used_at IS NULL AND expires_at > $4 \
-             AND COALESCE((SELECT f.failures FROM otp_failures f WHERE f.user_id = $1 \
-             AND f.purpose = $2 AND f.window_ends_at > $4), 0) < $5",
-        )
-        .bind(user_id)
-        .bind(purpose)
-        .bind(code_hash)
-        .bind(now)
-        .bind(max_attempts)
-        .execute(&self.pool)
-        .await?;
+        if let Some(writer) = self.writer() {
+            return writer
+                .consume_otp(user_id, purpose, code_hash, max_attempts, now)
+                .await;
+        }
+        let done = sqlx::query(CONSUME_OTP)
+            .bind(user_id)
+            .bind(purpose)
+            .bind(code_hash)
+            .bind(now)
+            .bind(max_attempts)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -152,23 +150,18 @@ impl OtpStore for ThisStore {
         now: DateTime<Utc>,
         window_ends_at: DateTime<Utc>,
     ) -> AppResult<i64> {
-        // One statement: concurrent wrong tries each get their own count. A window that has
-        // ended starts again at one.
-        Ok(sqlx::query_scalar(
-            "INSERT INTO otp_failures (user_id, purpose, failures, window_ends_at) \
-             VALUES ($1, $2, 1, $4) ON CONFLICT (user_id, purpose) DO UPDATE SET \
-             failures = CASE WHEN otp_failures.window_ends_at > $3 \
-             THEN otp_failures.failures + 1 ELSE 1 END, \
-             window_ends_at = CASE WHEN otp_failures.window_ends_at > $3 \
-             THEN otp_failures.window_ends_at ELSE excluded.window_ends_at END \
-             RETURNING failures",
-        )
-        .bind(user_id)
-        .bind(purpose)
-        .bind(now)
-        .bind(window_ends_at)
-        .fetch_one(&self.pool)
-        .await?)
+        if let Some(writer) = self.writer() {
+            return writer
+                .record_otp_failure(user_id, purpose, now, window_ends_at)
+                .await;
+        }
+        Ok(sqlx::query_scalar(RECORD_OTP_FAILURE)
+            .bind(user_id)
+            .bind(purpose)
+            .bind(now)
+            .bind(window_ends_at)
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     async fn cleanup_otps(&self, now: DateTime<Utc>) -> AppResult<OtpCleanup> {

@@ -31,6 +31,50 @@ impl SqliteWriter {
             .await
     }
 
+    pub async fn consume_otp(
+        &self,
+        user_id: &str,
+        purpose: &str,
+        code_hash: &str,
+        max_attempts: i64,
+        now: DateTime<Utc>,
+    ) -> AppResult<bool> {
+        let params = (
+            user_id.to_string(),
+            purpose.to_string(),
+            code_hash.to_string(),
+        );
+        self.write(move |conn| {
+            let (user_id, purpose, code_hash) = &params;
+            let used = execute(
+                conn,
+                crate::store::CONSUME_OTP,
+                &[user_id, purpose, code_hash, &ts(&now), &max_attempts],
+            )?;
+            Ok(used == 1)
+        })
+        .await
+    }
+
+    pub async fn record_otp_failure(
+        &self,
+        user_id: &str,
+        purpose: &str,
+        now: DateTime<Utc>,
+        window_ends_at: DateTime<Utc>,
+    ) -> AppResult<i64> {
+        let (user_id, purpose) = (user_id.to_string(), purpose.to_string());
+        self.write(move |conn| {
+            scalar(
+                conn,
+                crate::store::RECORD_OTP_FAILURE,
+                &[&user_id, &purpose, &ts(&now), &ts(&window_ends_at)],
+            )?
+            .ok_or_else(|| anyhow::anyhow!("counting a wrong code returned no row").into())
+        })
+        .await
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub async fn mark_sending(
         &self,
