@@ -136,9 +136,10 @@ pub trait MessageStore: Send + Sync + 'static {
     ) -> AppResult<bool>;
     /// Record a send the provider accepted (`record_dispatch` with `Sent`) and, in the same
     /// transaction, the statuses already known for its SID: `news`, what the provider answered
-    /// beyond `sent` (the mock answers `delivered`), then the callbacks that arrived before the
-    /// SID was recorded, taken as they are applied. `None`, and nothing written, when the claim
-    /// (`fence`) is no longer ours.
+    /// beyond `status` (the mock answers `delivered`), written with the send in one update (an
+    /// event for each), then the callbacks that arrived before the SID was recorded, taken and
+    /// applied as callbacks (returned, for what follows them). `None`, and nothing written, when
+    /// the claim (`fence`) is no longer ours.
     #[allow(clippy::too_many_arguments)]
     async fn record_sent(
         &self,
@@ -599,4 +600,93 @@ pub(crate) fn apply_status_sql(status: MessageStatus) -> String {
         "UPDATE messages SET status = $2, error_code = COALESCE($3, error_code), updated_at = $4 \
          WHERE provider_sid = $1 AND status IN ({from_list})"
     )
+}
+
+/// Everything that decides whether an OTP may go, read in one statement: the last send to the
+/// number named (the cooldown); for each hourly limit, the send that keeps its window full (the
+/// `max`-th newest of the last hour, if there are that many); and whether the number named and the
+/// number the code goes to opted out of the channel. `$1` the named number's blind index, `$2`
+/// user, `$3` client address, `$4` the window's start, `$5` and `$6` the per-number-and-user and
+/// per-address limits less one, `$7` a send-log id to leave out (the request's own), `$8`
+/// channel, `$9` the blind index of the number the code goes to.
+pub(crate) const OTP_CHECKS: &str = "SELECT \
+     (SELECT created_at FROM otp_send_log WHERE phone_index = $1 AND id <> $7 \
+      ORDER BY created_at DESC LIMIT 1), \
+     (SELECT created_at FROM otp_send_log WHERE phone_index = $1 AND id <> $7 \
+      AND created_at > $4 ORDER BY created_at DESC LIMIT 1 OFFSET $5), \
+     (SELECT created_at FROM otp_send_log WHERE user_id = $2 AND id <> $7 \
+      AND created_at > $4 ORDER BY created_at DESC LIMIT 1 OFFSET $5), \
+     (SELECT created_at FROM otp_send_log WHERE ip = $3 AND id <> $7 \
+      AND created_at > $4 ORDER BY created_at DESC LIMIT 1 OFFSET $6), \
+     (SELECT COUNT(*) FROM opt_outs WHERE phone_index = $1 AND channel = $8), \
+     (SELECT COUNT(*) FROM opt_outs WHERE phone_index = $9 AND channel = $8)";
+
+/// The row `OTP_CHECKS` reads.
+#[derive(Debug, Clone)]
+pub(crate) struct OtpChecks {
+    pub last_send: Option<DateTime<Utc>>,
+    pub number_full: Option<DateTime<Utc>>,
+    pub user_full: Option<DateTime<Utc>>,
+    pub address_full: Option<DateTime<Utc>>,
+    pub named_opted_out: bool,
+    pub send_to_opted_out: bool,
+}
+
+impl OtpIssue {
+    /// The start of the hourly window and `OTP_CHECKS`' two offsets (`$4`, `$5`, `$6`).
+    pub(crate) fn window(&self) -> (DateTime<Utc>, i64, i64) {
+        (
+            self.now - chrono::Duration::hours(1),
+            (self.max_sends_per_hour - 1).max(0),
+            (self.max_sends_per_ip_per_hour - 1).max(0),
+        )
+    }
+
+    /// Seconds until the limits allow this send, or `None` when it may go: the cooldown per
+    /// number, then the hourly limits per number, per user and per client address, each until
+    /// the send that keeps its window full ages out.
+    pub(crate) fn wait_seconds(&self, checks: &OtpChecks) -> Option<i64> {
+        let now = self.now;
+        let mut wait = 0i64;
+        if let Some(last) = checks.last_send {
+            let ready = last + chrono::Duration::seconds(self.cooldown_seconds);
+            if ready > now {
+                wait = wait.max((ready - now).num_seconds().max(1));
+            }
+        }
+        let limits = [
+            (true, checks.number_full, self.max_sends_per_hour),
+            (true, checks.user_full, self.max_sends_per_hour),
+            (
+                self.ip.is_some(),
+                checks.address_full,
+                self.max_sends_per_ip_per_hour,
+            ),
+        ];
+        for (applies, full, max) in limits {
+            if !applies {
+                continue;
+            }
+            if max <= 0 {
+                // No sends allowed at all: refuse with the shortest wait.
+                wait = wait.max(1);
+            } else if let Some(full) = full {
+                let until = full + chrono::Duration::hours(1);
+                wait = wait.max((until - now).num_seconds().max(1));
+            }
+        }
+        (wait > 0).then_some(wait)
+    }
+
+    /// `Some(true)` when the number named opted out of the channel, `Some(false)` when the number
+    /// the code would go to did, `None` when neither.
+    pub(crate) fn opted_out(&self, checks: &OtpChecks) -> Option<bool> {
+        if checks.named_opted_out {
+            Some(true)
+        } else if checks.send_to_opted_out {
+            Some(false)
+        } else {
+            None
+        }
+    }
 }

@@ -423,10 +423,13 @@ impl MessageStore for ThisStore {
         let mut tx = self.pool.begin().await?;
         // See `apply_status`: recording a SID and parking a status for it never interleave.
         ThisStore::lock_keys(&mut tx, &mut [format!("sid:{provider_sid}")]).await?;
+        // The provider's own news (the mock's `delivered`) goes in with the send: one update
+        // to where the message ends, and an event for each status it passed.
+        let news = news.filter(|n| n.may_follow(status));
         let recorded = sqlx::query(RECORD_SENT)
             .bind(id)
             .bind(fence)
-            .bind(status)
+            .bind(news.unwrap_or(status))
             .bind(provider_sid)
             .bind(now)
             .execute(&mut *tx)
@@ -438,16 +441,18 @@ impl MessageStore for ThisStore {
             return Ok(None);
         }
         insert_event(&mut tx, id, status, None, None, now).await?;
+        if let Some(news) = news {
+            insert_event(&mut tx, id, news, None, Some("provider answer"), now).await?;
+        }
         let early: Vec<(String, Option<i64>)> = sqlx::query_as(TAKE_UNMATCHED)
             .bind(provider_sid)
             .fetch_all(&mut *tx)
             .await?;
         let mut known = Vec::new();
-        for (status, error_code) in news.map(|s| (s, None)).into_iter().chain(
-            early
-                .iter()
-                .filter_map(|(s, code)| Some((MessageStatus::from_twilio(s)?, *code))),
-        ) {
+        for (status, error_code) in early
+            .iter()
+            .filter_map(|(s, code)| Some((MessageStatus::from_twilio(s)?, *code)))
+        {
             let applied =
                 apply_status_in(&mut tx, &self.vault, provider_sid, status, error_code, now)
                     .await?;

@@ -40,13 +40,14 @@ impl OtpStore for ThisStore {
         .bind(&phone_index)
         .fetch_one(&mut *tx)
         .await?;
-        if let Some(wait) = otp_retry_after(&mut tx, issue, &phone_index, log_id).await? {
+        let checks = otp_checks(&mut tx, &self.vault, issue, &phone_index, log_id).await?;
+        if let Some(wait) = issue.wait_seconds(&checks) {
             tx.rollback().await?;
             return Ok(OtpIssueOutcome::RateLimited {
                 retry_after_seconds: wait,
             });
         }
-        if let Some(named) = otp_opt_out(&mut tx, &self.vault, issue).await? {
+        if let Some(named) = issue.opted_out(&checks) {
             tx.commit().await?;
             return Ok(OtpIssueOutcome::OptedOut { named });
         }
@@ -193,88 +194,41 @@ impl OtpStore for ThisStore {
     }
 }
 
-/// `Some(true)` when the number named opted out of the channel, `Some(false)` when the number
-/// the code would go to did, `None` when neither.
-async fn otp_opt_out(
+/// `OTP_CHECKS` for this issue, leaving out its own send-log row (`log_id`).
+async fn otp_checks(
     tx: &mut sqlx::Transaction<'_, Db>,
     vault: &crate::vault::Vault,
     issue: &OtpIssue,
-) -> AppResult<Option<bool>> {
-    let mut numbers = vec![(&issue.phone_number, true)];
-    if issue.send_to != issue.phone_number {
-        numbers.push((&issue.send_to, false));
-    }
-    for (number, named) in numbers {
-        let found: i64 = sqlx::query_scalar(IS_OPTED_OUT)
-            .bind(vault.blind(number))
-            .bind(issue.channel.as_str())
-            .fetch_one(&mut **tx)
-            .await?;
-        if found > 0 {
-            return Ok(Some(named));
-        }
-    }
-    Ok(None)
-}
-
-/// Seconds until the send limits allow another OTP, or `None` when this one may go.
-/// `log_id` is this request's own (already inserted) send-log row, excluded from the counts.
-pub(super) async fn otp_retry_after(
-    tx: &mut sqlx::Transaction<'_, Db>,
-    issue: &OtpIssue,
     phone_index: &str,
     log_id: i64,
-) -> AppResult<Option<i64>> {
-    let now = issue.now;
-    // The cooldown, per number.
-    let last: Option<DateTime<Utc>> = sqlx::query_scalar(
-        "SELECT created_at FROM otp_send_log WHERE phone_index = $1 AND id <> $2 \
-         ORDER BY created_at DESC LIMIT 1",
-    )
-    .bind(phone_index)
-    .bind(log_id)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let mut wait = 0i64;
-    if let Some(last) = last {
-        let ready = last + chrono::Duration::seconds(issue.cooldown_seconds);
-        if ready > now {
-            wait = wait.max((ready - now).num_seconds().max(1));
-        }
-    }
-    // The hourly limits, per number, per user and per client IP.
-    let window_start = now - chrono::Duration::hours(1);
-    let limits: [(&str, Option<&str>, i64); 3] = [
-        ("phone_index", Some(phone_index), issue.max_sends_per_hour),
-        (
-            "user_id",
-            Some(issue.user_id.as_str()),
-            issue.max_sends_per_hour,
-        ),
-        ("ip", issue.ip.as_deref(), issue.max_sends_per_ip_per_hour),
-    ];
-    for (column, value, max) in limits {
-        let Some(value) = value else { continue };
-        if max <= 0 {
-            wait = wait.max(1);
-            continue;
-        }
-        // The `max`-th newest other send in the window: while it is there the window is full,
-        // and the next send may go when it ages out.
-        let blocking: Option<DateTime<Utc>> = sqlx::query_scalar(&format!(
-            "SELECT created_at FROM otp_send_log WHERE {column} = $1 AND id <> $2 \
-             AND created_at > $3 ORDER BY created_at DESC LIMIT 1 OFFSET $4"
-        ))
-        .bind(value)
-        .bind(log_id)
+) -> AppResult<OtpChecks> {
+    let (window_start, per_number, per_address) = issue.window();
+    type Row = (
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+        i64,
+        i64,
+    );
+    let row: Row = sqlx::query_as(OTP_CHECKS)
+        .bind(phone_index)
+        .bind(&issue.user_id)
+        .bind(&issue.ip)
         .bind(window_start)
-        .bind(max - 1)
-        .fetch_optional(&mut **tx)
+        .bind(per_number)
+        .bind(per_address)
+        .bind(log_id)
+        .bind(issue.channel.as_str())
+        .bind(vault.blind(&issue.send_to))
+        .fetch_one(&mut **tx)
         .await?;
-        if let Some(blocking) = blocking {
-            let until = blocking + chrono::Duration::hours(1);
-            wait = wait.max((until - now).num_seconds().max(1));
-        }
-    }
-    Ok((wait > 0).then_some(wait))
+    Ok(OtpChecks {
+        last_send: row.0,
+        number_full: row.1,
+        user_full: row.2,
+        address_full: row.3,
+        named_opted_out: row.4 > 0,
+        send_to_opted_out: row.5 > 0,
+    })
 }

@@ -15,7 +15,7 @@ use super::writer::{execute, parse_ts, prepare, scalar, ts, SqliteWriter};
 use crate::error::AppResult;
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
-    DispatchResult, KnownStatus, MarkSending, MessageRecord, OtpIssue, OtpIssueOutcome,
+    DispatchResult, KnownStatus, MarkSending, MessageRecord, OtpChecks, OtpIssue, OtpIssueOutcome,
     SendAttempt, SendGuard, StatusApplied, MESSAGE_COLUMNS,
 };
 use crate::vault::Vault;
@@ -170,7 +170,8 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
     let phone_index = vault.blind(&issue.phone_number);
     // The writer holds the write lock: the counts cannot move before this send is logged, so
     // it is logged only once it may go (a refused send writes nothing).
-    if let Some(wait) = otp_retry_after(conn, issue, &phone_index)? {
+    let checks = otp_checks(conn, vault, issue, &phone_index)?;
+    if let Some(wait) = issue.wait_seconds(&checks) {
         return Ok(OtpIssueOutcome::RateLimited {
             retry_after_seconds: wait,
         });
@@ -187,24 +188,8 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
             &phone_index,
         ],
     )?;
-    let mut numbers = vec![(&issue.phone_number, true)];
-    if issue.send_to != issue.phone_number {
-        numbers.push((&issue.send_to, false));
-    }
-    for (number, named) in numbers {
-        let index = if named {
-            phone_index.clone()
-        } else {
-            vault.blind(number)
-        };
-        let found: Option<i64> = scalar(
-            conn,
-            crate::store::IS_OPTED_OUT,
-            &[&index, &issue.channel.as_str()],
-        )?;
-        if found.unwrap_or(0) > 0 {
-            return Ok(OtpIssueOutcome::OptedOut { named });
-        }
+    if let Some(named) = issue.opted_out(&checks) {
+        return Ok(OtpIssueOutcome::OptedOut { named });
     }
     let m = &issue.message;
     let status = MessageStatus::Sending;
@@ -282,56 +267,46 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
     })))
 }
 
-/// Seconds until the send limits allow another OTP, or `None` when this one may go: the
-/// cooldown per number, then the hourly limits per number, per user and per client address.
-fn otp_retry_after(
+/// `OTP_CHECKS` for this issue (its send is not logged yet: no id to leave out).
+fn otp_checks(
     conn: &Connection,
+    vault: &Vault,
     issue: &OtpIssue,
     phone_index: &str,
-) -> AppResult<Option<i64>> {
-    let now = issue.now;
-    let mut wait = 0i64;
-    let last: Option<String> = scalar(
+) -> AppResult<OtpChecks> {
+    let (window_start, per_number, per_address) = issue.window();
+    let mut statement = prepare(
         conn,
-        "SELECT created_at FROM otp_send_log WHERE phone_index = $1 \
-         ORDER BY created_at DESC LIMIT 1",
-        &[&phone_index],
+        crate::store::OTP_CHECKS,
+        &[
+            &phone_index,
+            &issue.user_id,
+            &issue.ip,
+            &ts(&window_start),
+            &per_number,
+            &per_address,
+            &0i64,
+            &issue.channel.as_str(),
+            &vault.blind(&issue.send_to),
+        ],
     )?;
-    if let Some(last) = last {
-        let ready = parse_ts(&last)? + chrono::Duration::seconds(issue.cooldown_seconds);
-        if ready > now {
-            wait = wait.max((ready - now).num_seconds().max(1));
-        }
-    }
-    let window_start = ts(&(now - chrono::Duration::hours(1)));
-    let limits: [(&str, Option<&str>, i64); 3] = [
-        ("phone_index", Some(phone_index), issue.max_sends_per_hour),
-        ("user_id", Some(&issue.user_id), issue.max_sends_per_hour),
-        ("ip", issue.ip.as_deref(), issue.max_sends_per_ip_per_hour),
-    ];
-    for (column, value, max) in limits {
-        let Some(value) = value else { continue };
-        if max <= 0 {
-            // No sends allowed at all: as the pool's count does, refuse with the shortest wait.
-            wait = wait.max(1);
-            continue;
-        }
-        // The `max`-th newest send in the window: while it is there, the window is full, and
-        // the next send may go when it ages out.
-        let blocking: Option<String> = scalar(
-            conn,
-            &format!(
-                "SELECT created_at FROM otp_send_log WHERE {column} = $1 AND created_at > $2 \
-                 ORDER BY created_at DESC LIMIT 1 OFFSET $3"
-            ),
-            &[&value, &window_start, &(max - 1)],
-        )?;
-        if let Some(blocking) = blocking {
-            let until = parse_ts(&blocking)? + chrono::Duration::hours(1);
-            wait = wait.max((until - now).num_seconds().max(1));
-        }
-    }
-    Ok((wait > 0).then_some(wait))
+    let mut rows = statement.raw_query();
+    let row = rows
+        .next()?
+        .ok_or_else(|| anyhow::anyhow!("the OTP checks returned no row"))?;
+    let time = |i: usize| -> AppResult<Option<DateTime<Utc>>> {
+        row.get::<_, Option<String>>(i)?
+            .map(|t| parse_ts(&t))
+            .transpose()
+    };
+    Ok(OtpChecks {
+        last_send: time(0)?,
+        number_full: time(1)?,
+        user_full: time(2)?,
+        address_full: time(3)?,
+        named_opted_out: row.get::<_, i64>(4)? > 0,
+        send_to_opted_out: row.get::<_, i64>(5)? > 0,
+    })
 }
 
 /// An attempt's number and body as stored: sealed (and the number's blind index) before the
@@ -543,22 +518,31 @@ fn record_sent(
     fence: DateTime<Utc>,
 ) -> AppResult<Option<Vec<KnownStatus>>> {
     let at = ts(&now);
+    let news = news.filter(|n| n.may_follow(status));
     let recorded = execute(
         conn,
         crate::store::RECORD_SENT,
-        &[&id, &ts(&fence), &status.as_str(), &provider_sid, &at],
+        &[
+            &id,
+            &ts(&fence),
+            &news.unwrap_or(status).as_str(),
+            &provider_sid,
+            &at,
+        ],
     )? == 1;
     if !recorded {
         return Ok(None);
     }
     insert_event(conn, id, status, None, None, &at)?;
+    if let Some(news) = news {
+        insert_event(conn, id, news, None, Some("provider answer"), &at)?;
+    }
     let early = take_unmatched(conn, provider_sid)?;
     let mut known = Vec::new();
-    for (status, error_code) in news.map(|s| (s, None)).into_iter().chain(
-        early
-            .iter()
-            .filter_map(|(s, code)| Some((MessageStatus::from_twilio(s)?, *code))),
-    ) {
+    for (status, error_code) in early
+        .iter()
+        .filter_map(|(s, code)| Some((MessageStatus::from_twilio(s)?, *code)))
+    {
         let applied = apply_status(conn, vault, provider_sid, status, error_code, now)?;
         known.push(KnownStatus {
             status,
