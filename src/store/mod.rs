@@ -690,3 +690,102 @@ impl OtpIssue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration;
+
+    fn issue(now: DateTime<Utc>, ip: Option<&str>) -> OtpIssue {
+        OtpIssue {
+            user_id: "u1".into(),
+            purpose: "login".into(),
+            phone_number: "+447700900123".into(),
+            send_to: "+447700900123".into(),
+            channel: Channel::Sms,
+            code_hash: "h".into(),
+            ip: ip.map(str::to_string),
+            expires_at: now + Duration::minutes(10),
+            now,
+            cooldown_seconds: 60,
+            max_sends_per_hour: 5,
+            max_sends_per_ip_per_hour: 30,
+            message: NewMessage {
+                id: "m1".into(),
+                user_id: "u1".into(),
+                template_name: "otp".into(),
+                variables: "{}".into(),
+                channel: Channel::Sms,
+                idempotency_key: None,
+                created_at: now,
+                claimed_until: Some(now + Duration::minutes(1)),
+            },
+        }
+    }
+
+    fn clear() -> OtpChecks {
+        OtpChecks {
+            last_send: None,
+            number_full: None,
+            user_full: None,
+            address_full: None,
+            named_opted_out: false,
+            send_to_opted_out: false,
+        }
+    }
+
+    #[test]
+    fn the_longest_wait_of_cooldown_and_full_windows_wins() {
+        let now = Utc::now();
+        let issue = issue(now, Some("198.51.100.7"));
+        assert_eq!(
+            issue.window().1,
+            4,
+            "the 5th newest send fills a limit of 5"
+        );
+        assert_eq!(issue.wait_seconds(&clear()), None);
+        let cooling = OtpChecks {
+            last_send: Some(now - Duration::seconds(20)),
+            ..clear()
+        };
+        assert_eq!(issue.wait_seconds(&cooling), Some(40));
+        let full = OtpChecks {
+            last_send: Some(now - Duration::seconds(20)),
+            user_full: Some(now - Duration::minutes(50)),
+            ..clear()
+        };
+        assert_eq!(issue.wait_seconds(&full), Some(600));
+        let address_full = OtpChecks {
+            address_full: Some(now - Duration::minutes(59)),
+            ..clear()
+        };
+        assert_eq!(issue.wait_seconds(&address_full), Some(60));
+    }
+
+    #[test]
+    fn a_limit_of_zero_refuses_and_an_unknown_address_has_no_address_limit() {
+        let now = Utc::now();
+        let mut none_allowed = issue(now, None);
+        none_allowed.max_sends_per_ip_per_hour = 0;
+        assert_eq!(none_allowed.wait_seconds(&clear()), None);
+        none_allowed.ip = Some("198.51.100.7".into());
+        assert_eq!(none_allowed.wait_seconds(&clear()), Some(1));
+    }
+
+    #[test]
+    fn the_number_named_is_reported_before_the_number_on_file() {
+        let issue = issue(Utc::now(), None);
+        let both = OtpChecks {
+            named_opted_out: true,
+            send_to_opted_out: true,
+            ..clear()
+        };
+        assert_eq!(issue.opted_out(&both), Some(true));
+        let on_file = OtpChecks {
+            send_to_opted_out: true,
+            ..clear()
+        };
+        assert_eq!(issue.opted_out(&on_file), Some(false));
+        assert_eq!(issue.opted_out(&clear()), None);
+    }
+}
