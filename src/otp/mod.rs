@@ -271,6 +271,12 @@ impl Otp {
 
         let code = generate_code(settings.length);
         let now = self.clock.now();
+        let message_id = uuid::Uuid::now_v7().to_string();
+        // Decided before anything is written, so the message is written already `sending`.
+        let plan = self
+            .dispatcher
+            .plan_otp(&message_id, channel, send_to.clone(), &code)
+            .await?;
         let issue = OtpIssue {
             user_id: request.user_id.clone(),
             purpose: request.purpose.clone(),
@@ -285,7 +291,7 @@ impl Otp {
             max_sends_per_hour: i64::from(settings.max_sends_per_hour),
             max_sends_per_ip_per_hour: i64::from(settings.max_sends_per_ip_per_hour),
             message: NewMessage {
-                id: uuid::Uuid::now_v7().to_string(),
+                id: message_id,
                 user_id: request.user_id.clone(),
                 template_name: "otp".into(),
                 // The code is never stored: the message records only that a code was sent.
@@ -295,6 +301,7 @@ impl Otp {
                 created_at: now,
                 claimed_until: Some(now + context.lease),
             },
+            attempt: plan.attempt().cloned(),
         };
         let sent = self.sent_answer(&named);
         let message = match self.codes.issue_otp(&issue).await? {
@@ -321,10 +328,7 @@ impl Otp {
             }
         };
         let redirected = send_to != named;
-        let delivery = self
-            .dispatcher
-            .send_otp_now(&message, send_to, &code)
-            .await?;
+        let delivery = self.dispatcher.send_otp_now(&message, plan).await?;
         if redirected {
             // Whatever became of a code sent to the number on file, the caller hears what a
             // successful send sounds like: anything else would describe that number.

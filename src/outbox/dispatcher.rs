@@ -180,6 +180,27 @@ enum Attempt {
     PolicyChanged,
 }
 
+/// How a one-time passcode goes (`Dispatcher::plan_otp`).
+pub enum OtpPlan {
+    /// To the provider as `outbound`; the message is written `sending` for `attempt`.
+    Send {
+        outbound: Box<OutboundMessage>,
+        attempt: SendAttempt,
+    },
+    /// Not sent: the message is written and recorded skipped for this reason.
+    Skip(SkipReason),
+}
+
+impl OtpPlan {
+    /// The attempt to write the message `sending` for, if it goes.
+    pub fn attempt(&self) -> Option<&SendAttempt> {
+        match self {
+            OtpPlan::Send { attempt, .. } => Some(attempt),
+            OtpPlan::Skip(_) => None,
+        }
+    }
+}
+
 /// A one-time passcode's send, and whether a failure was only temporary.
 struct OtpAttempt {
     settled: Settled,
@@ -519,7 +540,7 @@ impl Dispatcher {
             }
         }
         Ok(Prepared::Ready(self.outbound(
-            message,
+            &message.id,
             template,
             channel,
             to,
@@ -546,7 +567,7 @@ impl Dispatcher {
     /// The wire form of a message.
     fn outbound(
         &self,
-        message: &MessageRecord,
+        message_id: &str,
         template: &Template,
         channel: Channel,
         to: PhoneNumber,
@@ -554,7 +575,7 @@ impl Dispatcher {
         whatsapp_template: Option<(String, String)>,
     ) -> OutboundMessage {
         OutboundMessage {
-            message_id: message.id.clone(),
+            message_id: message_id.to_string(),
             to,
             channel,
             template_name: template.name.to_string(),
@@ -563,14 +584,53 @@ impl Dispatcher {
         }
     }
 
-    /// Send a one-time passcode now, for a message written already claimed. The code exists only
-    /// in memory, so this is the only chance to send it: a retryable provider failure is recorded
-    /// as `failed` (the patient asks for a new code) instead of being queued for later.
+    /// How a one-time passcode will go, decided before its message is written, so the message
+    /// can be written already `sending` with this attempt, in the transaction that issues the
+    /// code (`OtpIssue::attempt`).
+    pub async fn plan_otp(
+        &self,
+        message_id: &str,
+        channel: Channel,
+        to: PhoneNumber,
+        code: &str,
+    ) -> AppResult<OtpPlan> {
+        if !self.policy.messaging_enabled {
+            return Ok(OtpPlan::Skip(SkipReason::Disabled));
+        }
+        let template =
+            templates::find("otp").ok_or_else(|| anyhow::anyhow!("the otp template is missing"))?;
+        let valid = template.validate(&serde_json::json!({ "code": code }), &self.render)?;
+        let mut whatsapp_template = None;
+        if channel == Channel::Whatsapp {
+            match self.whatsapp_route(&to, template).await? {
+                WhatsappRoute::FreeText => {}
+                WhatsappRoute::Template(sid) => {
+                    whatsapp_template = Some((sid, valid.content_variables_json()))
+                }
+                WhatsappRoute::Closed => {
+                    return Ok(OtpPlan::Skip(SkipReason::WhatsappWindowClosed));
+                }
+            }
+        }
+        let outbound = self.outbound(message_id, template, channel, to, &valid, whatsapp_template);
+        // A patient is waiting for this code: it goes now, taking the sender's next slot so the
+        // queued messages behind it slow down to keep the sender's rate.
+        let slot = self.slot_to_take(&outbound);
+        let attempt = attempt_for(&outbound, slot);
+        Ok(OtpPlan::Send {
+            outbound: Box::new(outbound),
+            attempt,
+        })
+    }
+
+    /// Send a one-time passcode now, for a message written claimed (and, with `OtpPlan::Send`,
+    /// already marked `sending` with that attempt). The code exists only in memory, so this is
+    /// the only chance to send it: a retryable provider failure is recorded as `failed` (the
+    /// patient asks for a new code) instead of being queued for later.
     pub async fn send_otp_now(
         &self,
         message: &MessageRecord,
-        to: PhoneNumber,
-        code: &str,
+        plan: OtpPlan,
     ) -> AppResult<OtpDelivery> {
         let fence = message
             .lease_until
@@ -579,7 +639,7 @@ impl Dispatcher {
             message: message.clone(),
             fence,
         };
-        let OtpAttempt { settled, temporary } = self.send_otp_claimed(&mut claim, to, code).await?;
+        let OtpAttempt { settled, temporary } = self.send_otp_claimed(&mut claim, plan).await?;
         match settled {
             Settled::Done(DispatchResult::Sent { .. }) => Ok(OtpDelivery::Sent),
             Settled::Done(DispatchResult::Skipped { reason }) => Ok(OtpDelivery::Skipped(reason)),
@@ -592,67 +652,27 @@ impl Dispatcher {
         }
     }
 
-    async fn send_otp_claimed(
-        &self,
-        claim: &mut Claim,
-        to: PhoneNumber,
-        code: &str,
-    ) -> AppResult<OtpAttempt> {
-        let skipped = |settled| OtpAttempt {
-            settled,
-            temporary: false,
+    async fn send_otp_claimed(&self, claim: &mut Claim, plan: OtpPlan) -> AppResult<OtpAttempt> {
+        let outbound = match plan {
+            OtpPlan::Skip(reason) => {
+                let result = DispatchResult::Skipped { reason };
+                return Ok(OtpAttempt {
+                    settled: self.finish(claim, "", result, None).await?,
+                    temporary: false,
+                });
+            }
+            OtpPlan::Send { outbound, .. } => *outbound,
         };
-        if !self.policy.messaging_enabled {
-            let result = DispatchResult::Skipped {
-                reason: SkipReason::Disabled,
-            };
-            return Ok(skipped(self.finish(claim, "", result, None).await?));
-        }
-        let template =
-            templates::find("otp").ok_or_else(|| anyhow::anyhow!("the otp template is missing"))?;
-        let channel = Channel::parse(&claim.message.channel)
-            .ok_or_else(|| anyhow::anyhow!("unknown channel {}", claim.message.channel))?;
-        let valid = template.validate(&serde_json::json!({ "code": code }), &self.render)?;
-        let mut whatsapp_template = None;
-        if channel == Channel::Whatsapp {
-            match self.whatsapp_route(&to, template).await? {
-                WhatsappRoute::FreeText => {}
-                WhatsappRoute::Template(sid) => {
-                    whatsapp_template = Some((sid, valid.content_variables_json()))
-                }
-                WhatsappRoute::Closed => {
-                    let result = DispatchResult::Skipped {
-                        reason: SkipReason::WhatsappWindowClosed,
-                    };
-                    return Ok(skipped(self.finish(claim, "", result, None).await?));
-                }
-            }
-        }
-        let masked = to.masked();
-        let outbound = self.outbound(
-            &claim.message,
-            template,
-            channel,
-            to,
-            &valid,
-            whatsapp_template,
-        );
-        // A patient is waiting for this code: it goes now, taking the sender's next slot so the
-        // queued messages behind it slow down to keep the sender's rate.
-        let slot = self.slot_to_take(&outbound);
-        let (result, provider_status) = match self.send(claim, outbound, slot).await? {
-            Attempt::Answered {
-                result,
-                provider_status,
-            } => (result, provider_status),
-            Attempt::ClaimLost => return Ok(skipped(Settled::Lost)),
-            // The number opted out between the request's check and the send.
-            Attempt::PolicyChanged => {
-                let result = DispatchResult::Skipped {
-                    reason: SkipReason::OptedOut,
-                };
-                return Ok(skipped(self.finish(claim, "", result, None).await?));
-            }
+        let masked = outbound.to.masked();
+        // Marked `sending` when it was written: what is left is the call.
+        let Attempt::Answered {
+            result,
+            provider_status,
+        } = self
+            .call_provider(claim, &outbound, claim.message.attempts)
+            .await?
+        else {
+            return Err(anyhow::anyhow!("a provider call answers").into());
         };
         // The code cannot wait in the queue, and is never kept, so it cannot be looked up: a
         // failure that a retry could fix is recorded as failed, one after which the provider may
@@ -691,26 +711,7 @@ impl Dispatcher {
         outbound: OutboundMessage,
         take_slot: Option<SendSlot>,
     ) -> AppResult<Attempt> {
-        // Segments are an SMS matter; a WhatsApp message (a ContentSid send above all, whose
-        // body is never transmitted) has none.
-        let (encoding, segments) = match outbound.channel {
-            Channel::Sms => {
-                let info = crate::segments::analyze(&outbound.body);
-                (
-                    Some(info.encoding.as_str().to_string()),
-                    Some(i64::from(info.segments)),
-                )
-            }
-            Channel::Whatsapp => (None, None),
-        };
-        let attempt = SendAttempt {
-            to_number: outbound.to.as_str().to_string(),
-            channel: outbound.channel,
-            encoding,
-            segments,
-            body: recoverable_body(&outbound),
-            take_slot,
-        };
+        let attempt = attempt_for(&outbound, take_slot);
         let now = self.clock.now();
         let renewed = now + self.settings.lease;
         // Consent and opt-out again, in the statement that marks the message `sending`: a STOP
@@ -744,11 +745,22 @@ impl Dispatcher {
             }
         }
         claim.fence = renewed;
+        self.call_provider(claim, &outbound, claim.message.attempts + 1)
+            .await
+    }
+
+    /// Call the provider for a message marked `sending` (its `attempts_made`th attempt), and
+    /// classify the answer.
+    async fn call_provider(
+        &self,
+        claim: &Claim,
+        outbound: &OutboundMessage,
+        attempts_made: i64,
+    ) -> AppResult<Attempt> {
         // `sending` is on disk before the provider hears of the message: after a power cut the
         // attempt is looked up, never blindly sent again.
         self.messages.durable().await?;
-        let attempts_made = claim.message.attempts + 1;
-        Ok(match self.provider.send(&outbound).await {
+        Ok(match self.provider.send(outbound).await {
             Ok(accepted) => {
                 self.provider_health.accepted();
                 Attempt::Answered {
@@ -846,6 +858,29 @@ impl Dispatcher {
 }
 
 /// Add one settled message to a report.
+/// The attempt a message is marked `sending` for. Segments are an SMS matter; a WhatsApp message
+/// (a ContentSid send above all, whose body is never transmitted) has none.
+fn attempt_for(outbound: &OutboundMessage, take_slot: Option<SendSlot>) -> SendAttempt {
+    let (encoding, segments) = match outbound.channel {
+        Channel::Sms => {
+            let info = crate::segments::analyze(&outbound.body);
+            (
+                Some(info.encoding.as_str().to_string()),
+                Some(i64::from(info.segments)),
+            )
+        }
+        Channel::Whatsapp => (None, None),
+    };
+    SendAttempt {
+        to_number: outbound.to.as_str().to_string(),
+        channel: outbound.channel,
+        encoding,
+        segments,
+        body: recoverable_body(outbound),
+        take_slot,
+    }
+}
+
 fn tally(report: &mut RoundReport, joined: Result<AppResult<Settled>, tokio::task::JoinError>) {
     match joined {
         Ok(Ok(Settled::Done(result))) => match result {

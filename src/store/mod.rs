@@ -621,6 +621,17 @@ pub(crate) const OTP_CHECKS: &str = "SELECT \
      (SELECT COUNT(*) FROM opt_outs WHERE phone_index = $1 AND channel = $8), \
      (SELECT COUNT(*) FROM opt_outs WHERE phone_index = $9 AND channel = $8)";
 
+/// Write an OTP's message, claimed, and (with an attempt) already marked `sending` for it: `$1`
+/// id, `$2` user, `$3` template, `$4` sealed variables, `$5` channel, `$6` now, `$7` the lease,
+/// `$8` the attempt's start (NULL without one), `$9` sealed number, `$10` its blind index, `$11`
+/// encoding, `$12` segments, `$13` sealed body.
+pub(crate) const INSERT_OTP_MESSAGE: &str =
+    "INSERT INTO messages (id, user_id, template_name, variables, channel, status, attempts, \
+     idempotency_key, next_attempt_at, lease_until, created_at, updated_at, to_number, to_index, \
+     encoding, segments, attempt_started_at, attempt_body, lookup_needed) \
+     VALUES ($1, $2, $3, $4, $5, 'sending', CASE WHEN $8 IS NULL THEN 0 ELSE 1 END, NULL, $6, \
+     $7, $6, $6, $9, $10, $11, $12, $8, $13, FALSE)";
+
 /// The row `OTP_CHECKS` reads.
 #[derive(Debug, Clone)]
 pub(crate) struct OtpChecks {
@@ -633,6 +644,40 @@ pub(crate) struct OtpChecks {
 }
 
 impl OtpIssue {
+    /// The message as `INSERT_OTP_MESSAGE` writes it (clear text where the row is sealed).
+    pub(crate) fn issued_record(&self) -> MessageRecord {
+        let m = &self.message;
+        let attempt = self.attempt.as_ref();
+        MessageRecord {
+            id: m.id.clone(),
+            user_id: m.user_id.clone(),
+            template_name: m.template_name.clone(),
+            variables: m.variables.clone(),
+            channel: attempt
+                .map_or(m.channel, |a| a.channel)
+                .as_str()
+                .to_string(),
+            status: MessageStatus::Sending,
+            reason: None,
+            to_number: attempt.map(|a| a.to_number.clone()),
+            provider_sid: None,
+            error_code: None,
+            error_message: None,
+            encoding: attempt.and_then(|a| a.encoding.clone()),
+            segments: attempt.and_then(|a| a.segments),
+            attempts: i64::from(attempt.is_some()),
+            idempotency_key: None,
+            next_attempt_at: m.created_at,
+            lease_until: m.claimed_until,
+            created_at: m.created_at,
+            updated_at: m.created_at,
+            requested_channel: None,
+            attempt_started_at: attempt.map(|_| m.created_at),
+            attempt_body: attempt.and_then(|a| a.body.clone()),
+            lookup_needed: false,
+        }
+    }
+
     /// The start of the hourly window and `OTP_CHECKS`' two offsets (`$4`, `$5`, `$6`).
     pub(crate) fn window(&self) -> (DateTime<Utc>, i64, i64) {
         (
@@ -720,6 +765,7 @@ mod tests {
                 created_at: now,
                 claimed_until: Some(now + Duration::minutes(1)),
             },
+            attempt: None,
         }
     }
 

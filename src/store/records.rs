@@ -581,6 +581,11 @@ pub struct OtpIssue {
     /// The message that carries the code (written claimed: the caller sends it at once), unless
     /// the number named or `send_to` opted out of the channel.
     pub message: NewMessage,
+    /// The attempt the message goes out for: with it, the message is written already marked
+    /// `sending` (its first attempt, the `sending` event, the sender's slot), as
+    /// `MessageStore::mark_sending` would, in the same transaction. `None`: written claimed, for
+    /// the caller to record as skipped.
+    pub attempt: Option<SendAttempt>,
 }
 
 #[derive(Debug, Clone)]

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 #[allow(unused_imports)]
 use chrono::{DateTime, Utc};
 
-use super::messages::insert_message_row;
+use super::messages::insert_event;
 use super::*;
 use crate::error::AppResult;
 #[allow(unused_imports)]
@@ -51,10 +51,36 @@ impl OtpStore for ThisStore {
             tx.commit().await?;
             return Ok(OtpIssueOutcome::OptedOut { named });
         }
-        let new_message = &issue.message;
-        let message = insert_message_row(&mut tx, &self.vault, new_message)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("OTP message id collided"))?;
+        let message = issue.issued_record();
+        let attempt = issue.attempt.as_ref();
+        sqlx::query(INSERT_OTP_MESSAGE)
+            .bind(&message.id)
+            .bind(&message.user_id)
+            .bind(&message.template_name)
+            .bind(self.vault.seal(&message.variables))
+            .bind(&message.channel)
+            .bind(message.created_at)
+            .bind(message.lease_until)
+            .bind(message.attempt_started_at)
+            .bind(attempt.map(|a| self.vault.seal(&a.to_number)))
+            .bind(attempt.map(|a| self.vault.blind(&a.to_number)))
+            .bind(&message.encoding)
+            .bind(message.segments)
+            .bind(self.vault.seal_opt(message.attempt_body.as_deref()))
+            .execute(&mut *tx)
+            .await?;
+        if let Some(attempt) = attempt {
+            let at = message.created_at;
+            insert_event(&mut tx, &message.id, MessageStatus::Sending, None, None, at).await?;
+            if let Some(slot) = &attempt.take_slot {
+                sqlx::query(RESERVE_SEND_SLOT)
+                    .bind(&slot.sender)
+                    .bind(slot.now_us)
+                    .bind(slot.interval_us)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
         sqlx::query(
             "INSERT INTO otp_codes (user_id, purpose, phone_number, channel, code_hash, \
              attempts, expires_at, \

@@ -192,27 +192,36 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
         return Ok(OtpIssueOutcome::OptedOut { named });
     }
     let m = &issue.message;
-    let status = MessageStatus::Sending;
-    let inserted = execute(
+    let attempt = issue.attempt.as_ref();
+    let at = ts(&m.created_at);
+    execute(
         conn,
-        "INSERT INTO messages (id, user_id, template_name, variables, channel, status, \
-         attempts, idempotency_key, next_attempt_at, lease_until, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9, $8, $8) \
-         ON CONFLICT (idempotency_key) DO NOTHING",
+        crate::store::INSERT_OTP_MESSAGE,
         &[
             &m.id,
             &m.user_id,
             &m.template_name,
             &vault.seal(&m.variables),
-            &m.channel.as_str(),
-            &status.as_str(),
-            &m.idempotency_key,
-            &ts(&m.created_at),
+            &attempt.map_or(m.channel, |a| a.channel).as_str(),
+            &at,
             &m.claimed_until.as_ref().map(ts),
+            &attempt.map(|_| at.clone()),
+            &attempt.map(|a| vault.seal(&a.to_number)),
+            &attempt.map(|a| vault.blind(&a.to_number)),
+            &attempt.and_then(|a| a.encoding.clone()),
+            &attempt.and_then(|a| a.segments),
+            &vault.seal_opt(attempt.and_then(|a| a.body.as_deref())),
         ],
     )?;
-    if inserted != 1 {
-        return Err(anyhow::anyhow!("OTP message id collided").into());
+    if let Some(attempt) = attempt {
+        insert_event(conn, &m.id, MessageStatus::Sending, None, None, &at)?;
+        if let Some(slot) = &attempt.take_slot {
+            let _next: Option<i64> = scalar(
+                conn,
+                crate::store::RESERVE_SEND_SLOT,
+                &[&slot.sender, &slot.now_us, &slot.interval_us],
+            )?;
+        }
     }
     execute(
         conn,
@@ -240,31 +249,7 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
         "DELETE FROM otp_failures WHERE user_id = $1 AND purpose = $2",
         &[&issue.user_id, &issue.purpose],
     )?;
-    Ok(OtpIssueOutcome::Issued(Box::new(MessageRecord {
-        id: m.id.clone(),
-        user_id: m.user_id.clone(),
-        template_name: m.template_name.clone(),
-        variables: m.variables.clone(),
-        channel: m.channel.as_str().to_string(),
-        status,
-        reason: None,
-        to_number: None,
-        provider_sid: None,
-        error_code: None,
-        error_message: None,
-        encoding: None,
-        segments: None,
-        attempts: 0,
-        idempotency_key: m.idempotency_key.clone(),
-        next_attempt_at: m.created_at,
-        lease_until: m.claimed_until,
-        created_at: m.created_at,
-        updated_at: m.created_at,
-        requested_channel: None,
-        attempt_started_at: None,
-        attempt_body: None,
-        lookup_needed: false,
-    })))
+    Ok(OtpIssueOutcome::Issued(Box::new(issue.issued_record())))
 }
 
 /// `OTP_CHECKS` for this issue (its send is not logged yet: no id to leave out).
