@@ -621,6 +621,43 @@ pub(crate) const OTP_CHECKS: &str = "SELECT \
      (SELECT COUNT(*) FROM opt_outs WHERE phone_index = $1 AND channel = $8), \
      (SELECT COUNT(*) FROM opt_outs WHERE phone_index = $9 AND channel = $8)";
 
+/// The dispatcher's claim, in three index-ordered steps (each an UPDATE of up to `$3` rows
+/// leased until `$1`, due at `$2`, returning `MESSAGE_COLUMNS`), so no claim sorts the whole due
+/// queue: OTPs (queued, through `messages_due_otp`, or whose send died mid-way); then any other
+/// message whose send died mid-way (its lease ran out with no SID); then queued messages, oldest
+/// first (`messages_due`). `skip_locked` is the backend's row-lock clause.
+pub(crate) fn claim_sql(skip_locked: &str) -> [String; 3] {
+    let stale = "status = 'sending' AND provider_sid IS NULL AND lease_until < $2";
+    let queued = "status = 'queued' AND next_attempt_at <= $2 \
+                  AND (lease_until IS NULL OR lease_until < $2)";
+    let claim = |filter: String| {
+        format!(
+            "UPDATE messages SET lease_until = $1 WHERE id IN ( \
+             SELECT id FROM messages WHERE {filter} \
+             ORDER BY next_attempt_at LIMIT $3{skip_locked}) \
+             RETURNING {MESSAGE_COLUMNS}"
+        )
+    };
+    [
+        claim(format!(
+            "template_name = 'otp' AND (({queued}) OR ({stale}))"
+        )),
+        claim(format!("template_name <> 'otp' AND {stale}")),
+        claim(format!("template_name <> 'otp' AND {queued}")),
+    ]
+}
+
+/// The order claimed messages are sent in: OTPs first (a patient is waiting), then the longest
+/// waiting.
+pub(crate) fn claim_order(claimed: &mut [MessageRecord]) {
+    claimed.sort_by(|a, b| {
+        (a.template_name != "otp")
+            .cmp(&(b.template_name != "otp"))
+            .then(a.next_attempt_at.cmp(&b.next_attempt_at))
+            .then(a.id.cmp(&b.id))
+    });
+}
+
 /// Write an OTP's message, claimed, and (with an attempt) already marked `sending` for it: `$1`
 /// id, `$2` user, `$3` template, `$4` sealed variables, `$5` channel, `$6` now, `$7` the lease,
 /// `$8` the attempt's start (NULL without one), `$9` sealed number, `$10` its blind index, `$11`

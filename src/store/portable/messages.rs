@@ -117,32 +117,28 @@ impl MessageStore for ThisStore {
         lease_until: DateTime<Utc>,
         limit: i64,
     ) -> AppResult<Vec<MessageRecord>> {
-        let sql = format!(
-            "UPDATE messages SET lease_until = $1 WHERE id IN ( \
-                SELECT id FROM messages \
-                WHERE (status = 'queued' AND next_attempt_at <= $2 AND (lease_until IS NULL OR \
-                lease_until < $2)) \
-                OR (status = 'sending' AND provider_sid IS NULL AND lease_until < $2) \
-                ORDER BY CASE WHEN template_name = 'otp' THEN 0 ELSE 1 END, next_attempt_at \
-                LIMIT $3{SKIP_LOCKED}) \
-             RETURNING {MESSAGE_COLUMNS}"
-        );
-        let mut claimed = sqlx::query_as::<Db, MessageRecord>(&sql)
-            .bind(lease_until)
-            .bind(now)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?
-            .into_iter()
-            .map(|m| open_message(&self.vault, m))
-            .collect::<AppResult<Vec<_>>>()?;
-        // OTPs first (a patient is waiting), then the longest waiting.
-        claimed.sort_by(|a, b| {
-            (a.template_name != "otp")
-                .cmp(&(b.template_name != "otp"))
-                .then(a.next_attempt_at.cmp(&b.next_attempt_at))
-                .then(a.id.cmp(&b.id))
-        });
+        if let Some(writer) = self.writer() {
+            return writer
+                .claim_due_messages(&self.vault, now, lease_until, limit)
+                .await;
+        }
+        let mut claimed = Vec::new();
+        for sql in claim_sql(SKIP_LOCKED) {
+            let left = limit - claimed.len() as i64;
+            if left <= 0 {
+                break;
+            }
+            for m in sqlx::query_as::<Db, MessageRecord>(&sql)
+                .bind(lease_until)
+                .bind(now)
+                .bind(left)
+                .fetch_all(&self.pool)
+                .await?
+            {
+                claimed.push(open_message(&self.vault, m)?);
+            }
+        }
+        claim_order(&mut claimed);
         Ok(claimed)
     }
 

@@ -31,6 +31,36 @@ impl SqliteWriter {
             .await
     }
 
+    pub async fn claim_due_messages(
+        &self,
+        vault: &Arc<Vault>,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+    ) -> AppResult<Vec<MessageRecord>> {
+        let vault = vault.clone();
+        let mut claimed = self
+            .write(move |conn| {
+                let mut claimed = Vec::new();
+                for sql in crate::store::claim_sql("") {
+                    let left = limit - claimed.len() as i64;
+                    if left <= 0 {
+                        break;
+                    }
+                    let mut statement =
+                        prepare(conn, &sql, &[&ts(&lease_until), &ts(&now), &left])?;
+                    let mut rows = statement.raw_query();
+                    while let Some(row) = rows.next()? {
+                        claimed.push(message_from_row(row, &vault)?);
+                    }
+                }
+                Ok(claimed)
+            })
+            .await?;
+        crate::store::claim_order(&mut claimed);
+        Ok(claimed)
+    }
+
     pub async fn consume_otp(
         &self,
         user_id: &str,
