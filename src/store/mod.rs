@@ -627,7 +627,9 @@ pub(crate) const OTP_CHECKS: &str = "SELECT \
 /// message whose send died mid-way (its lease ran out with no SID); then queued messages, oldest
 /// first (`messages_due`). `skip_locked` is the backend's row-lock clause.
 pub(crate) fn claim_sql(skip_locked: &str) -> [String; 3] {
-    let stale = "status = 'sending' AND provider_sid IS NULL AND lease_until < $2";
+    // `COALESCE(...) = ''`, not `IS NULL`: SQLite would otherwise walk the SID index through
+    // every message not yet sent (all the queued ones) instead of the few `sending`.
+    let stale = "status = 'sending' AND COALESCE(provider_sid, '') = '' AND lease_until < $2";
     let queued = "status = 'queued' AND next_attempt_at <= $2 \
                   AND (lease_until IS NULL OR lease_until < $2)";
     let claim = |filter: String| {

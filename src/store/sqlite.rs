@@ -155,4 +155,38 @@ mod tests {
         store.durable().await.unwrap();
         assert_eq!(store.group_syncs(), before + 1);
     }
+
+    #[tokio::test]
+    async fn claims_walk_their_indexes_never_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = SqliteStore::connect(&url, &KeySettings::default())
+            .await
+            .unwrap();
+        // Each step of the claim: the index it must use. Walking the SID index (every message
+        // not yet sent) or scanning the table made dispatch slower the longer the queue.
+        let expected = [
+            "messages_due_otp",
+            "messages_due (status=?)",
+            "messages_due (status=? AND next_attempt_at<?)",
+        ];
+        for (sql, index) in crate::store::claim_sql("").iter().zip(expected) {
+            let plan: Vec<(i64, i64, i64, String)> =
+                sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .bind("2027-01-01T00:00:00+00:00")
+                    .bind("2027-01-01T00:00:00+00:00")
+                    .bind(10i64)
+                    .fetch_all(&store.pool)
+                    .await
+                    .unwrap();
+            let plan: Vec<&str> = plan.iter().map(|row| row.3.as_str()).collect();
+            let plan = plan.join(" | ");
+            assert!(plan.contains(index), "{index} not in {plan}");
+            assert!(
+                !plan.contains("provider_sid"),
+                "walks the SID index: {plan}"
+            );
+            assert!(!plan.contains("SCAN messages"), "scans the table: {plan}");
+        }
+    }
 }
