@@ -224,15 +224,7 @@ impl MessageStore for ThisStore {
                 MarkSending::ClaimLost
             });
         }
-        insert_event(&mut tx, id, MessageStatus::Sending, None, None, now).await?;
-        if let Some(slot) = &attempt.take_slot {
-            sqlx::query(RESERVE_SEND_SLOT)
-                .bind(&slot.sender)
-                .bind(slot.now_us)
-                .bind(slot.interval_us)
-                .execute(&mut *tx)
-                .await?;
-        }
+        marked_sending(&mut tx, id, attempt, now).await?;
         tx.commit().await?;
         Ok(MarkSending::Marked)
     }
@@ -631,6 +623,26 @@ pub(super) async fn release_reminder(
         .bind(message_id)
         .execute(&mut **tx)
         .await?;
+    Ok(())
+}
+
+/// What marking a message `sending` writes besides its row: the event, and the sender's slot
+/// when the attempt takes one.
+pub(super) async fn marked_sending(
+    tx: &mut sqlx::Transaction<'_, Db>,
+    id: &str,
+    attempt: &SendAttempt,
+    at: DateTime<Utc>,
+) -> AppResult<()> {
+    insert_event(tx, id, MessageStatus::Sending, None, None, at).await?;
+    if let Some(slot) = &attempt.take_slot {
+        sqlx::query(RESERVE_SEND_SLOT)
+            .bind(&slot.sender)
+            .bind(slot.now_us)
+            .bind(slot.interval_us)
+            .execute(&mut **tx)
+            .await?;
+    }
     Ok(())
 }
 

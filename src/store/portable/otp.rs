@@ -5,7 +5,7 @@ use async_trait::async_trait;
 #[allow(unused_imports)]
 use chrono::{DateTime, Utc};
 
-use super::messages::insert_event;
+use super::messages::marked_sending;
 use super::*;
 use crate::error::AppResult;
 #[allow(unused_imports)]
@@ -70,16 +70,7 @@ impl OtpStore for ThisStore {
             .execute(&mut *tx)
             .await?;
         if let Some(attempt) = attempt {
-            let at = message.created_at;
-            insert_event(&mut tx, &message.id, MessageStatus::Sending, None, None, at).await?;
-            if let Some(slot) = &attempt.take_slot {
-                sqlx::query(RESERVE_SEND_SLOT)
-                    .bind(&slot.sender)
-                    .bind(slot.now_us)
-                    .bind(slot.interval_us)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            marked_sending(&mut tx, &message.id, attempt, message.created_at).await?;
         }
         sqlx::query(
             "INSERT INTO otp_codes (user_id, purpose, phone_number, channel, code_hash, \

@@ -16,7 +16,7 @@ use crate::error::AppResult;
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
     DispatchResult, KnownStatus, MarkSending, MessageRecord, OtpChecks, OtpIssue, OtpIssueOutcome,
-    SendAttempt, SendGuard, StatusApplied, MESSAGE_COLUMNS,
+    SendAttempt, SendGuard, SendSlot, StatusApplied, MESSAGE_COLUMNS,
 };
 use crate::vault::Vault;
 
@@ -183,16 +183,12 @@ impl SqliteWriter {
         now_us: i64,
         interval_us: i64,
     ) -> AppResult<i64> {
-        let sender = sender.to_string();
-        self.write(move |conn| {
-            scalar(
-                conn,
-                crate::store::RESERVE_SEND_SLOT,
-                &[&sender, &now_us, &interval_us],
-            )?
-            .ok_or_else(|| anyhow::anyhow!("reserving a send slot returned no row").into())
-        })
-        .await
+        let slot = SendSlot {
+            sender: sender.to_string(),
+            now_us,
+            interval_us,
+        };
+        self.write(move |conn| reserve_slot(conn, &slot)).await
     }
 }
 
@@ -244,14 +240,7 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
         ],
     )?;
     if let Some(attempt) = attempt {
-        insert_event(conn, &m.id, MessageStatus::Sending, None, None, &at)?;
-        if let Some(slot) = &attempt.take_slot {
-            let _next: Option<i64> = scalar(
-                conn,
-                crate::store::RESERVE_SEND_SLOT,
-                &[&slot.sender, &slot.now_us, &slot.interval_us],
-            )?;
-        }
+        marked_sending(conn, &m.id, attempt, &at)?;
     }
     execute(
         conn,
@@ -374,15 +363,28 @@ fn mark_sending(
             MarkSending::ClaimLost
         });
     }
-    insert_event(conn, id, MessageStatus::Sending, None, None, &now)?;
-    if let Some(slot) = &attempt.take_slot {
-        let _next: Option<i64> = scalar(
-            conn,
-            crate::store::RESERVE_SEND_SLOT,
-            &[&slot.sender, &slot.now_us, &slot.interval_us],
-        )?;
-    }
+    marked_sending(conn, id, attempt, &now)?;
     Ok(MarkSending::Marked)
+}
+
+/// What marking a message `sending` writes besides its row: the event, and the sender's slot
+/// when the attempt takes one.
+fn marked_sending(conn: &Connection, id: &str, attempt: &SendAttempt, at: &str) -> AppResult<()> {
+    insert_event(conn, id, MessageStatus::Sending, None, None, at)?;
+    if let Some(slot) = &attempt.take_slot {
+        reserve_slot(conn, slot)?;
+    }
+    Ok(())
+}
+
+/// Take the sender's next send slot; its start.
+fn reserve_slot(conn: &Connection, slot: &SendSlot) -> AppResult<i64> {
+    scalar(
+        conn,
+        crate::store::RESERVE_SEND_SLOT,
+        &[&slot.sender, &slot.now_us, &slot.interval_us],
+    )?
+    .ok_or_else(|| anyhow::anyhow!("reserving a send slot returned no row").into())
 }
 
 /// An event to record: status, error code, detail.
