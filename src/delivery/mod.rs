@@ -93,19 +93,6 @@ impl Delivery {
         })
     }
 
-    /// Statuses Twilio reported before the send recorded the SID, applied now that it is.
-    pub async fn apply_early_statuses(
-        &self,
-        provider_sid: &str,
-        at: DateTime<Utc>,
-    ) -> AppResult<()> {
-        for (status, error_code) in self.messages.take_unmatched_statuses(provider_sid).await? {
-            self.apply_status(provider_sid, &status, error_code, at)
-                .await?;
-        }
-        Ok(())
-    }
-
     /// Forget callbacks parked before `before` for SIDs no message of ours recorded: they never
     /// will (`RETENTION_UNMATCHED_CALLBACKS_DAYS`).
     pub async fn prune_unmatched(&self, before: DateTime<Utc>) -> AppResult<u64> {

@@ -150,11 +150,6 @@ pub trait MessageStore: Send + Sync + 'static {
         now: DateTime<Utc>,
         fence: DateTime<Utc>,
     ) -> AppResult<Option<Vec<KnownStatus>>>;
-    /// Status callbacks that arrived before their SID was recorded, removed as they are taken.
-    async fn take_unmatched_statuses(
-        &self,
-        provider_sid: &str,
-    ) -> AppResult<Vec<(String, Option<i64>)>>;
     /// Forget unmatched callbacks older than `before` (their message was never ours).
     async fn prune_unmatched_statuses(&self, before: DateTime<Utc>) -> AppResult<u64>;
     /// Apply a delivery status to the message with this provider SID: record the event (a repeat
@@ -515,7 +510,7 @@ pub(crate) const RECORD_SENT: &str =
      error_message = NULL, lease_until = NULL, updated_at = $5 \
      WHERE id = $1 AND lease_until = $2";
 
-/// Take the callbacks parked for SID `$1` (see `MessageStore::take_unmatched_statuses`).
+/// Take the callbacks parked for SID `$1` (by `apply_status`, for a SID no message has yet).
 pub(crate) const TAKE_UNMATCHED: &str =
     "DELETE FROM unmatched_status_callbacks WHERE provider_sid = $1 RETURNING status, error_code";
 

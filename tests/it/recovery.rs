@@ -498,7 +498,7 @@ async fn a_slow_lookup_never_stalls_other_sends(backend: Backend) {
 }
 
 async fn an_early_callback_is_never_orphaned(backend: Backend) {
-    use prism_messaging::store::{DispatchResult, NewMessage, SendAttempt, SendGuard};
+    use prism_messaging::store::{NewMessage, SendAttempt, SendGuard};
     let db = TestDatabase::new(backend).await;
     let store = prism_messaging::store::connect(&db.url, &test_keys())
         .await
@@ -549,15 +549,12 @@ async fn an_early_callback_is_never_orphaned(backend: Backend) {
                 .unwrap();
         });
         tasks.spawn(async move {
-            let sent = DispatchResult::Sent {
-                provider_sid: sid_b.clone(),
-                status: MessageStatus::Sent,
-            };
-            assert!(sends.record_dispatch(&id, &sent, now, lease).await.unwrap());
-            for (status, code) in sends.take_unmatched_statuses(&sid_b).await.unwrap() {
-                let status = MessageStatus::from_twilio(&status).unwrap();
-                sends.apply_status(&sid_b, status, code, now).await.unwrap();
-            }
+            // As the dispatcher records a send: the SID, and what was parked for it.
+            assert!(sends
+                .record_sent(&id, &sid_b, MessageStatus::Sent, None, now, lease)
+                .await
+                .unwrap()
+                .is_some());
         });
     }
     while let Some(done) = tasks.join_next().await {
@@ -570,12 +567,15 @@ async fn an_early_callback_is_never_orphaned(backend: Backend) {
             MessageStatus::Delivered,
             "m{i}: its callback was orphaned"
         );
-        assert!(store
-            .take_unmatched_statuses(&format!("SM{i:032}"))
-            .await
-            .unwrap()
-            .is_empty());
     }
+    // Nothing left parked: every early callback was taken by its send.
+    assert_eq!(
+        store
+            .prune_unmatched_statuses(now + Duration::days(1))
+            .await
+            .unwrap(),
+        0
+    );
 }
 
 async fn a_server_error_with_a_code_is_looked_up_before_resending(backend: Backend) {

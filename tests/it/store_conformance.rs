@@ -419,14 +419,28 @@ async fn unmatched_status_callbacks_wait_for_their_sid(backend: Backend) {
         .apply_status("SMearly", MessageStatus::Delivered, None, t0())
         .await
         .unwrap();
-    let taken = store.take_unmatched_statuses("SMearly").await.unwrap();
-    assert_eq!(taken, vec![("delivered".to_string(), None)], "kept once");
-    assert!(
+    // The send that records the SID takes what was parked for it, once, and applies it.
+    let fence = t0() + Duration::minutes(1);
+    let claimed = NewMessage {
+        claimed_until: Some(fence),
+        ..message("m1", None, t0())
+    };
+    store.insert_message(&claimed).await.unwrap();
+    let known = store
+        .record_sent("m1", "SMearly", MessageStatus::Sent, None, t0(), fence)
+        .await
+        .unwrap()
+        .expect("the claim is ours");
+    let known: Vec<_> = known.iter().map(|k| (k.status, k.error_code)).collect();
+    assert_eq!(known, vec![(MessageStatus::Delivered, None)], "kept once");
+    let m1 = store.get_message("m1").await.unwrap().unwrap();
+    assert_eq!(m1.status, MessageStatus::Delivered);
+    assert_eq!(
         store
-            .take_unmatched_statuses("SMearly")
+            .prune_unmatched_statuses(t0() + Duration::days(2))
             .await
-            .unwrap()
-            .is_empty(),
+            .unwrap(),
+        0,
         "taken once"
     );
     store

@@ -381,19 +381,6 @@ impl MessageStore for ThisStore {
         Ok(true)
     }
 
-    async fn take_unmatched_statuses(
-        &self,
-        provider_sid: &str,
-    ) -> AppResult<Vec<(String, Option<i64>)>> {
-        if let Some(writer) = self.writer() {
-            return writer.take_unmatched_statuses(provider_sid).await;
-        }
-        Ok(sqlx::query_as(TAKE_UNMATCHED)
-            .bind(provider_sid)
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
     async fn record_sent(
         &self,
         id: &str,
@@ -547,7 +534,7 @@ pub(super) async fn apply_status_in(
             }
         }
         // Twilio may call back before the send that created the message has recorded the SID:
-        // keep the event until it is (see `take_unmatched_statuses`).
+        // keep the event until it is (see `record_sent`).
         None => {
             sqlx::query(
                 "INSERT INTO unmatched_status_callbacks (provider_sid, status, error_code, \

@@ -169,14 +169,6 @@ impl SqliteWriter {
             .await
     }
 
-    pub async fn take_unmatched_statuses(
-        &self,
-        provider_sid: &str,
-    ) -> AppResult<Vec<(String, Option<i64>)>> {
-        let sid = provider_sid.to_string();
-        self.write(move |conn| take_unmatched(conn, &sid)).await
-    }
-
     pub async fn reserve_send_slot(
         &self,
         sender: &str,
