@@ -510,6 +510,109 @@ pub(crate) const RECORD_SENT: &str =
      error_message = NULL, lease_until = NULL, updated_at = $5 \
      WHERE id = $1 AND lease_until = $2";
 
+/// A value bound to a statement, the same for both backends (times bound as each backend's
+/// driver writes them).
+pub(crate) enum SqlArg {
+    Text(String),
+    OptText(Option<String>),
+    OptInt(Option<i64>),
+    Bool(bool),
+    Time(DateTime<Utc>),
+}
+
+/// An event to record with a dispatch result: status, error code, detail.
+pub(crate) type DispatchEvent = (MessageStatus, Option<i64>, Option<String>);
+
+/// How `MessageStore::record_dispatch` records a result: one UPDATE fenced by the claim's lease
+/// (`$1` id, `$2` fence, then `args` from `$3`), and the event it adds, if any. Retries add no
+/// event (the history keeps one row per status; a retry shows in the error fields).
+pub(crate) fn dispatch_write(
+    result: &DispatchResult,
+    now: DateTime<Utc>,
+) -> (&'static str, Vec<SqlArg>, Option<DispatchEvent>) {
+    use SqlArg::*;
+    match result {
+        DispatchResult::Sent {
+            provider_sid,
+            status,
+        } => (
+            RECORD_SENT,
+            vec![
+                Text(status.as_str().into()),
+                Text(provider_sid.clone()),
+                Time(now),
+            ],
+            Some((*status, None, None)),
+        ),
+        DispatchResult::Skipped { reason } => (
+            "UPDATE messages SET status = 'skipped', reason = $3, lease_until = NULL, \
+             updated_at = $4 WHERE id = $1 AND lease_until = $2",
+            vec![Text(reason.as_str().into()), Time(now)],
+            Some((MessageStatus::Skipped, None, Some(reason.as_str().into()))),
+        ),
+        DispatchResult::Failed { code, message } => (
+            "UPDATE messages SET status = 'failed', error_code = $3, error_message = $4, \
+             lease_until = NULL, updated_at = $5 WHERE id = $1 AND lease_until = $2",
+            vec![OptInt(*code), OptText(Some(message.clone())), Time(now)],
+            Some((MessageStatus::Failed, *code, Some(message.clone()))),
+        ),
+        DispatchResult::Retry {
+            code,
+            message,
+            next_attempt_at,
+            lookup,
+        } => (
+            "UPDATE messages SET status = 'queued', error_code = $3, error_message = $4, \
+             next_attempt_at = $5, lease_until = NULL, updated_at = $6, \
+             lookup_needed = $7 WHERE id = $1 AND lease_until = $2",
+            vec![
+                OptInt(*code),
+                OptText(Some(message.clone())),
+                Time(*next_attempt_at),
+                Time(now),
+                Bool(*lookup),
+            ],
+            None,
+        ),
+        DispatchResult::LookupFailed {
+            message,
+            next_attempt_at,
+        } => (
+            "UPDATE messages SET status = 'queued', error_message = $3, \
+             attempts = attempts + 1, next_attempt_at = $4, lease_until = NULL, \
+             lookup_needed = TRUE, updated_at = $5 WHERE id = $1 AND lease_until = $2",
+            vec![
+                OptText(Some(message.clone())),
+                Time(*next_attempt_at),
+                Time(now),
+            ],
+            None,
+        ),
+        DispatchResult::Unknown { code, message } => (
+            "UPDATE messages SET status = 'unknown', error_message = $3, \
+             error_code = COALESCE($5, error_code), lease_until = NULL, \
+             lookup_needed = FALSE, updated_at = $4 WHERE id = $1 AND lease_until = $2",
+            vec![OptText(Some(message.clone())), Time(now), OptInt(*code)],
+            Some((MessageStatus::Unknown, *code, Some(message.clone()))),
+        ),
+        // The attempt is given back: it was never the message's to spend.
+        DispatchResult::Held { until, message } => (
+            "UPDATE messages SET status = 'queued', error_message = $3, \
+             attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
+             next_attempt_at = $4, lease_until = NULL, updated_at = $5 \
+             WHERE id = $1 AND lease_until = $2",
+            vec![OptText(Some(message.clone())), Time(*until), Time(now)],
+            None,
+        ),
+        DispatchResult::Deferred { until, .. } => (
+            "UPDATE messages SET status = 'queued', next_attempt_at = $3, lease_until = NULL, \
+             updated_at = $4 WHERE id = $1 AND lease_until = $2",
+            vec![Time(*until), Time(now)],
+            None,
+        ),
+    }
+}
+
 /// Take the callbacks parked for SID `$1` (by `apply_status`, for a SID no message has yet).
 pub(crate) const TAKE_UNMATCHED: &str =
     "DELETE FROM unmatched_status_callbacks WHERE provider_sid = $1 RETURNING status, error_code";

@@ -245,126 +245,17 @@ impl MessageStore for ThisStore {
             ThisStore::lock_keys(&mut tx, &mut [format!("sid:{provider_sid}")]).await?;
         }
         // Every update is fenced by the claim's lease: a claim that was taken over writes nothing.
-        let (query, event) = match result {
-            DispatchResult::Sent {
-                provider_sid,
-                status,
-            } => (
-                sqlx::query(RECORD_SENT)
-                    .bind(id)
-                    .bind(fence)
-                    .bind(status)
-                    .bind(provider_sid)
-                    .bind(now),
-                Some((*status, None, None)),
-            ),
-            DispatchResult::Skipped { reason } => (
-                sqlx::query(
-                    "UPDATE messages SET status = 'skipped', reason = $3, lease_until = NULL, \
-                     updated_at = $4 \
-                     WHERE id = $1 AND lease_until = $2",
-                )
-                .bind(id)
-                .bind(fence)
-                .bind(reason)
-                .bind(now),
-                Some((
-                    MessageStatus::Skipped,
-                    None,
-                    Some(reason.as_str().to_string()),
-                )),
-            ),
-            DispatchResult::Failed { code, message } => (
-                sqlx::query(
-                    "UPDATE messages SET status = 'failed', error_code = $3, error_message = $4, \
-                     lease_until = NULL, updated_at = $5 WHERE id = $1 AND lease_until = $2",
-                )
-                .bind(id)
-                .bind(fence)
-                .bind(code)
-                .bind(message)
-                .bind(now),
-                Some((MessageStatus::Failed, *code, Some(message.clone()))),
-            ),
-            // Retries are visible in the error fields; the event history keeps one row per
-            // status, so a requeue adds none.
-            DispatchResult::Retry {
-                code,
-                message,
-                next_attempt_at,
-                lookup,
-            } => (
-                sqlx::query(
-                    "UPDATE messages SET status = 'queued', error_code = $3, error_message = $4, \
-                     next_attempt_at = $5, lease_until = NULL, updated_at = $6, \
-                     lookup_needed = $7 WHERE id = $1 AND lease_until = $2",
-                )
-                .bind(id)
-                .bind(fence)
-                .bind(code)
-                .bind(message)
-                .bind(next_attempt_at)
-                .bind(now)
-                .bind(lookup),
-                None,
-            ),
-            DispatchResult::LookupFailed {
-                message,
-                next_attempt_at,
-            } => (
-                sqlx::query(
-                    "UPDATE messages SET status = 'queued', error_message = $3, \
-                     attempts = attempts + 1, next_attempt_at = $4, lease_until = NULL, \
-                     lookup_needed = TRUE, updated_at = $5 WHERE id = $1 AND lease_until = $2",
-                )
-                .bind(id)
-                .bind(fence)
-                .bind(message)
-                .bind(next_attempt_at)
-                .bind(now),
-                None,
-            ),
-            DispatchResult::Unknown { code, message } => (
-                sqlx::query(
-                    "UPDATE messages SET status = 'unknown', error_message = $3, \
-                     error_code = COALESCE($5, error_code), lease_until = NULL, \
-                     lookup_needed = FALSE, updated_at = $4 WHERE id = $1 AND lease_until = $2",
-                )
-                .bind(id)
-                .bind(fence)
-                .bind(message)
-                .bind(now)
-                .bind(code),
-                Some((MessageStatus::Unknown, *code, Some(message.clone()))),
-            ),
-            // The attempt is given back: it was never the message's to spend.
-            DispatchResult::Held { until, message } => (
-                sqlx::query(
-                    "UPDATE messages SET status = 'queued', error_message = $3, \
-                     attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
-                     next_attempt_at = $4, lease_until = NULL, updated_at = $5 \
-                     WHERE id = $1 AND lease_until = $2",
-                )
-                .bind(id)
-                .bind(fence)
-                .bind(message)
-                .bind(until)
-                .bind(now),
-                None,
-            ),
-            DispatchResult::Deferred { until, .. } => (
-                sqlx::query(
-                    "UPDATE messages SET status = 'queued', next_attempt_at = $3, lease_until = \
-                     NULL, \
-                     updated_at = $4 WHERE id = $1 AND lease_until = $2",
-                )
-                .bind(id)
-                .bind(fence)
-                .bind(until)
-                .bind(now),
-                None,
-            ),
-        };
+        let (sql, args, event) = dispatch_write(result, now);
+        let mut query = sqlx::query(sql).bind(id).bind(fence);
+        for arg in args {
+            query = match arg {
+                SqlArg::Text(v) => query.bind(v),
+                SqlArg::OptText(v) => query.bind(v),
+                SqlArg::OptInt(v) => query.bind(v),
+                SqlArg::Bool(v) => query.bind(v),
+                SqlArg::Time(v) => query.bind(v),
+            };
+        }
         if query.execute(&mut *tx).await?.rows_affected() != 1 {
             tx.rollback().await?;
             return Ok(false);

@@ -16,7 +16,7 @@ use crate::error::AppResult;
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
     DispatchResult, KnownStatus, MarkSending, MessageRecord, OtpChecks, OtpIssue, OtpIssueOutcome,
-    SendAttempt, SendGuard, SendSlot, StatusApplied, MESSAGE_COLUMNS,
+    SendAttempt, SendGuard, SendSlot, SqlArg, StatusApplied, MESSAGE_COLUMNS,
 };
 use crate::vault::Vault;
 
@@ -379,9 +379,6 @@ fn reserve_slot(conn: &Connection, slot: &SendSlot) -> AppResult<i64> {
     .ok_or_else(|| anyhow::anyhow!("reserving a send slot returned no row").into())
 }
 
-/// An event to record: status, error code, detail.
-type Event = (MessageStatus, Option<i64>, Option<String>);
-
 fn record_dispatch(
     conn: &Connection,
     id: &str,
@@ -389,102 +386,20 @@ fn record_dispatch(
     now: DateTime<Utc>,
     fence: DateTime<Utc>,
 ) -> AppResult<bool> {
+    let (sql, args, event) = crate::store::dispatch_write(result, now);
     let (now, fence) = (ts(&now), ts(&fence));
-    let (sql, extra, event): (&str, Vec<Box<dyn ToSql>>, Option<Event>) = match result {
-        DispatchResult::Sent {
-            provider_sid,
-            status,
-        } => (
-            crate::store::RECORD_SENT,
-            vec![
-                Box::new(status.as_str()),
-                Box::new(provider_sid.clone()),
-                Box::new(now.clone()),
-            ],
-            Some((*status, None, None)),
-        ),
-        DispatchResult::Skipped { reason } => (
-            "UPDATE messages SET status = 'skipped', reason = $3, lease_until = NULL, \
-                 updated_at = $4 WHERE id = $1 AND lease_until = $2",
-            vec![Box::new(reason.as_str()), Box::new(now.clone())],
-            Some((
-                MessageStatus::Skipped,
-                None,
-                Some(reason.as_str().to_string()),
-            )),
-        ),
-        DispatchResult::Failed { code, message } => (
-            "UPDATE messages SET status = 'failed', error_code = $3, error_message = $4, \
-                 lease_until = NULL, updated_at = $5 WHERE id = $1 AND lease_until = $2",
-            vec![
-                Box::new(*code),
-                Box::new(message.clone()),
-                Box::new(now.clone()),
-            ],
-            Some((MessageStatus::Failed, *code, Some(message.clone()))),
-        ),
-        DispatchResult::Retry {
-            code,
-            message,
-            next_attempt_at,
-            lookup,
-        } => (
-            "UPDATE messages SET status = 'queued', error_code = $3, error_message = $4, \
-                 next_attempt_at = $5, lease_until = NULL, updated_at = $6, \
-                 lookup_needed = $7 WHERE id = $1 AND lease_until = $2",
-            vec![
-                Box::new(*code),
-                Box::new(message.clone()),
-                Box::new(ts(next_attempt_at)),
-                Box::new(now.clone()),
-                Box::new(*lookup),
-            ],
-            None,
-        ),
-        DispatchResult::LookupFailed {
-            message,
-            next_attempt_at,
-        } => (
-            "UPDATE messages SET status = 'queued', error_message = $3, \
-                 attempts = attempts + 1, next_attempt_at = $4, lease_until = NULL, \
-                 lookup_needed = TRUE, updated_at = $5 WHERE id = $1 AND lease_until = $2",
-            vec![
-                Box::new(message.clone()),
-                Box::new(ts(next_attempt_at)),
-                Box::new(now.clone()),
-            ],
-            None,
-        ),
-        DispatchResult::Unknown { code, message } => (
-            "UPDATE messages SET status = 'unknown', error_message = $3, \
-                 error_code = COALESCE($5, error_code), lease_until = NULL, \
-                 lookup_needed = FALSE, updated_at = $4 WHERE id = $1 AND lease_until = $2",
-            vec![
-                Box::new(message.clone()),
-                Box::new(now.clone()),
-                Box::new(*code),
-            ],
-            Some((MessageStatus::Unknown, *code, Some(message.clone()))),
-        ),
-        DispatchResult::Held { until, message } => (
-            "UPDATE messages SET status = 'queued', error_message = $3, \
-                 attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
-                 next_attempt_at = $4, lease_until = NULL, updated_at = $5 \
-                 WHERE id = $1 AND lease_until = $2",
-            vec![
-                Box::new(message.clone()),
-                Box::new(ts(until)),
-                Box::new(now.clone()),
-            ],
-            None,
-        ),
-        DispatchResult::Deferred { until, .. } => (
-            "UPDATE messages SET status = 'queued', next_attempt_at = $3, \
-                 lease_until = NULL, updated_at = $4 WHERE id = $1 AND lease_until = $2",
-            vec![Box::new(ts(until)), Box::new(now.clone())],
-            None,
-        ),
-    };
+    let extra: Vec<Box<dyn ToSql>> = args
+        .into_iter()
+        .map(|arg| -> Box<dyn ToSql> {
+            match arg {
+                SqlArg::Text(v) => Box::new(v),
+                SqlArg::OptText(v) => Box::new(v),
+                SqlArg::OptInt(v) => Box::new(v),
+                SqlArg::Bool(v) => Box::new(v),
+                SqlArg::Time(v) => Box::new(ts(&v)),
+            }
+        })
+        .collect();
     let mut params: Vec<&dyn ToSql> = vec![&id, &fence];
     params.extend(extra.iter().map(|p| p.as_ref()));
     if execute(conn, sql, &params)? != 1 {
