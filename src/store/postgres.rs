@@ -10,11 +10,16 @@ use sqlx::{Pool, Postgres};
 
 use crate::error::AppResult;
 use crate::vault::{KeySettings, Vault};
+pub use functions::{PgFunctions, SentCall};
+
+mod functions;
 
 pub struct PostgresStore {
     pool: Pool<Postgres>,
     /// Seals and opens the encrypted columns, and computes blind indexes.
     vault: Arc<Vault>,
+    /// The hot writes as one call each (`functions.rs`).
+    functions: PgFunctions,
 }
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -34,7 +39,11 @@ impl PostgresStore {
             .await
             .map_err(|e| anyhow::Error::new(e).context("applying migrations"))?;
         let vault = portable::sealing::open_vault(&pool, database_url, keys).await?;
-        let store = PostgresStore { pool, vault };
+        let store = PostgresStore {
+            functions: PgFunctions::new(pool.clone()),
+            pool,
+            vault,
+        };
         portable::sealing::seal_clear_text(&store).await?;
         Ok(store)
     }
@@ -52,6 +61,11 @@ impl PostgresStore {
     /// The SQLite writer thread has no counterpart here: PostgreSQL runs its writes concurrently.
     fn writer(&self) -> Option<&super::sqlite::SqliteWriter> {
         None
+    }
+
+    /// The hot writes as one function call each (one round trip, one commit).
+    fn functions(&self) -> Option<&PgFunctions> {
+        Some(&self.functions)
     }
 
     /// Transaction-scoped advisory locks on each key, taken in sorted order so two transactions

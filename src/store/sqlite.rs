@@ -101,6 +101,12 @@ impl SqliteStore {
         self.writer.as_ref()
     }
 
+    /// PostgreSQL's functions for the hot writes have no counterpart here: the writer thread
+    /// runs them (`writer()`), or the portable transactions for a database in memory.
+    fn functions(&self) -> Option<&super::postgres::PgFunctions> {
+        None
+    }
+
     /// SQLite serialises writers: the transaction's first write holds the lock. Nothing to do.
     async fn lock_keys(
         _tx: &mut sqlx::Transaction<'_, Sqlite>,

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use super::*;
 use crate::error::AppResult;
 #[allow(unused_imports)]
+use crate::store::postgres::SentCall;
 use crate::store::*;
 
 #[async_trait]
@@ -191,6 +192,11 @@ impl MessageStore for ThisStore {
                 .mark_sending(&self.vault, id, attempt, guard, now, fence, new_lease)
                 .await;
         }
+        if let Some(functions) = self.functions() {
+            return functions
+                .mark_sending(&self.vault, id, attempt, guard, now, fence, new_lease)
+                .await;
+        }
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(&mark_sending_sql(guard, attempt.channel))
             .bind(id)
@@ -285,6 +291,18 @@ impl MessageStore for ThisStore {
             return writer
                 .record_sent(&self.vault, id, provider_sid, status, news, now, fence)
                 .await;
+        }
+        if let Some(functions) = self.functions() {
+            let news = news.filter(|n| n.may_follow(status));
+            match functions
+                .record_sent(id, provider_sid, status, news, now, fence)
+                .await?
+            {
+                SentCall::Recorded => return Ok(Some(Vec::new())),
+                SentCall::ClaimLost => return Ok(None),
+                // Callbacks arrived before the send: the transaction below applies them.
+                SentCall::CallbacksParked => {}
+            }
         }
         let mut tx = self.pool.begin().await?;
         // See `apply_status`: recording a SID and parking a status for it never interleave.

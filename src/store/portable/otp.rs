@@ -17,6 +17,9 @@ impl OtpStore for ThisStore {
         if let Some(writer) = self.writer() {
             return writer.issue_otp(&self.vault, issue).await;
         }
+        if let Some(functions) = self.functions() {
+            return functions.issue_otp(&self.vault, issue).await;
+        }
         let mut tx = self.pool.begin().await?;
         let phone_index = self.vault.blind(&issue.phone_number);
         let mut keys = vec![
