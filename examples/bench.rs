@@ -101,6 +101,12 @@ fn server(
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true);
+    // The dispatcher's settings as the operator would set them, for trying other values.
+    for name in ["DISPATCH_BATCH_SIZE", "DISPATCH_RATE_PER_SECOND"] {
+        if let Ok(value) = std::env::var(format!("BENCH_{name}")) {
+            cmd.env(name, value);
+        }
+    }
     cmd
 }
 

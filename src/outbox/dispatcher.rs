@@ -41,12 +41,16 @@ use crate::provider::{DynProvider, OutboundMessage, ProviderError, ProviderHealt
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
     ConsentStore, DispatchResult, InboundStore, MarkSending, MessageRecord, MessageStore,
-    ScheduleStore, SendAttempt, SendGuard, SendSlot, SubjectType,
+    ScheduleStore, SendAttempt, SendGuard, SendSlot, Stale, SubjectType,
 };
 use crate::templates::{self, Category, RenderAt, RenderContext, Template, ValidVariables};
 use recovery::outcome_unknown;
 
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How often the running dispatcher looks for sends that died mid-way (a lease that ran out with
+/// no SID). They are rare and their lease already kept them waiting; every claim looking for
+/// them cost PostgreSQL a walk over every `sending` entry left since the last vacuum.
+const STALE_CHECK: Duration = Duration::from_secs(1);
 /// How long messages wait after the provider refused our credentials (then one is tried again).
 const AUTH_OUTAGE_HOLD: chrono::Duration = chrono::Duration::seconds(60);
 /// The longest a provider's `Retry-After` may hold a message back.
@@ -281,11 +285,21 @@ impl Dispatcher {
         // one at a time made a long queue cost a sort per message.
         let claim_at = (capacity / 4).max(1);
         let mut in_flight = JoinSet::new();
+        // When sends that died mid-way were last looked for (see `Stale`): at the first claim,
+        // then at most once per `STALE_CHECK`.
+        let mut stale_checked: Option<tokio::time::Instant> = None;
         while !shutdown.is_cancelled() {
             let free = capacity - in_flight.len();
             let mut claimed_all_free = false;
             if free >= claim_at || in_flight.is_empty() {
-                match this.claim(free as i64).await {
+                let stale = match stale_checked {
+                    Some(at) if at.elapsed() < STALE_CHECK => Stale::Skip,
+                    _ => {
+                        stale_checked = Some(tokio::time::Instant::now());
+                        Stale::Include
+                    }
+                };
+                match this.claim(free as i64, stale).await {
                     Ok(claimed) => {
                         claimed_all_free = claimed.len() == free;
                         if let Some(metrics) = &this.metrics {
@@ -319,10 +333,10 @@ impl Dispatcher {
         tracing::info!("dispatcher stopped");
     }
 
-    async fn claim(&self, limit: i64) -> AppResult<Vec<MessageRecord>> {
+    async fn claim(&self, limit: i64, stale: Stale) -> AppResult<Vec<MessageRecord>> {
         let now = self.clock.now();
         self.messages
-            .claim_due_messages(now, now + self.settings.lease, limit)
+            .claim_messages(now, now + self.settings.lease, limit, stale)
             .await
     }
 

@@ -97,6 +97,20 @@ pub trait MessageStore: Send + Sync + 'static {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: i64,
+    ) -> AppResult<Vec<MessageRecord>> {
+        self.claim_messages(now, lease_until, limit, Stale::Include)
+            .await
+    }
+    /// `claim_due_messages`, looking for sends that died mid-way only with `Stale::Include`.
+    /// Why: on PostgreSQL every message sent leaves a dead `sending` entry in `messages_due`
+    /// until vacuum, so the search for stale sends costs more the more was sent lately, while
+    /// stale sends are rare (a process died); the dispatcher looks for them once a second.
+    async fn claim_messages(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+        stale: Stale,
     ) -> AppResult<Vec<MessageRecord>>;
     /// Give a claimed message back unsent (shutdown): its lease ends now.
     async fn release_claim(
@@ -719,15 +733,24 @@ pub(crate) const OTP_CHECKS: &str = "SELECT \
      (SELECT COUNT(*) FROM opt_outs WHERE phone_index = $1 AND channel = $8), \
      (SELECT COUNT(*) FROM opt_outs WHERE phone_index = $9 AND channel = $8)";
 
-/// The dispatcher's claim, in three index-ordered steps (each an UPDATE of up to `$3` rows
-/// leased until `$1`, due at `$2`, returning `MESSAGE_COLUMNS`), so no claim sorts the whole due
-/// queue: OTPs (queued, through `messages_due_otp`, or whose send died mid-way); then any other
-/// message whose send died mid-way (its lease ran out with no SID); then queued messages, oldest
-/// first (`messages_due`). `skip_locked` is the backend's row-lock clause.
-pub(crate) fn claim_sql(skip_locked: &str) -> [String; 3] {
+/// Whether a claim also takes `sending` messages whose lease ran out with no SID (their process
+/// died mid-send).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stale {
+    Include,
+    Skip,
+}
+
+/// The dispatcher's claim, in index-ordered steps (each an UPDATE of up to `$3` rows leased
+/// until `$1`, due at `$2`, returning `MESSAGE_COLUMNS`), so no claim sorts the whole due queue:
+/// OTPs (queued, through `messages_due_otp`, or whose send died mid-way); then any other message
+/// whose send died mid-way (its lease ran out with no SID); then queued messages, oldest first
+/// (`messages_due`). With `Stale::Skip`, only the queued. `skip_locked` is the backend's
+/// row-lock clause.
+pub(crate) fn claim_sql(skip_locked: &str, stale: Stale) -> Vec<String> {
     // `COALESCE(...) = ''`, not `IS NULL`: SQLite would otherwise walk the SID index through
     // every message not yet sent (all the queued ones) instead of the few `sending`.
-    let stale = "status = 'sending' AND COALESCE(provider_sid, '') = '' AND lease_until < $2";
+    let stale_send = "status = 'sending' AND COALESCE(provider_sid, '') = '' AND lease_until < $2";
     let queued = "status = 'queued' AND next_attempt_at <= $2 \
                   AND (lease_until IS NULL OR lease_until < $2)";
     let claim = |filter: String| {
@@ -738,13 +761,19 @@ pub(crate) fn claim_sql(skip_locked: &str) -> [String; 3] {
              RETURNING {MESSAGE_COLUMNS}"
         )
     };
-    [
-        claim(format!(
-            "template_name = 'otp' AND (({queued}) OR ({stale}))"
-        )),
-        claim(format!("template_name <> 'otp' AND {stale}")),
-        claim(format!("template_name <> 'otp' AND {queued}")),
-    ]
+    match stale {
+        Stale::Include => vec![
+            claim(format!(
+                "template_name = 'otp' AND (({queued}) OR ({stale_send}))"
+            )),
+            claim(format!("template_name <> 'otp' AND {stale_send}")),
+            claim(format!("template_name <> 'otp' AND {queued}")),
+        ],
+        Stale::Skip => vec![
+            claim(format!("template_name = 'otp' AND {queued}")),
+            claim(format!("template_name <> 'otp' AND {queued}")),
+        ],
+    }
 }
 
 /// The order claimed messages are sent in: OTPs first (a patient is waiting), then the longest

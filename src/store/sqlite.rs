@@ -171,12 +171,19 @@ mod tests {
             .unwrap();
         // Each step of the claim: the index it must use. Walking the SID index (every message
         // not yet sent) or scanning the table made dispatch slower the longer the queue.
-        let expected = [
-            "messages_due_otp",
-            "messages_due (status=?)",
-            "messages_due (status=? AND next_attempt_at<?)",
+        use crate::store::Stale;
+        let otp = "messages_due_otp";
+        let stale = "messages_due (status=?)";
+        let queued = "messages_due (status=? AND next_attempt_at<?)";
+        let steps = [
+            (Stale::Include, vec![otp, stale, queued]),
+            (Stale::Skip, vec![otp, queued]),
         ];
-        for (sql, index) in crate::store::claim_sql("").iter().zip(expected) {
+        for (sql, index) in steps.iter().flat_map(|(stale, expected)| {
+            let sql = crate::store::claim_sql("", *stale);
+            assert_eq!(sql.len(), expected.len());
+            sql.into_iter().zip(expected.clone())
+        }) {
             let plan: Vec<(i64, i64, i64, String)> =
                 sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
                     .bind("2027-01-01T00:00:00+00:00")

@@ -112,19 +112,20 @@ impl MessageStore for ThisStore {
             .collect()
     }
 
-    async fn claim_due_messages(
+    async fn claim_messages(
         &self,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: i64,
+        stale: Stale,
     ) -> AppResult<Vec<MessageRecord>> {
         if let Some(writer) = self.writer() {
             return writer
-                .claim_due_messages(&self.vault, now, lease_until, limit)
+                .claim_messages(&self.vault, now, lease_until, limit, stale)
                 .await;
         }
         let mut claimed = Vec::new();
-        for sql in claim_sql(SKIP_LOCKED) {
+        for sql in claim_sql(SKIP_LOCKED, stale) {
             let left = limit - claimed.len() as i64;
             if left <= 0 {
                 break;

@@ -16,7 +16,7 @@ use crate::error::AppResult;
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
     DispatchResult, KnownStatus, MarkSending, MessageRecord, OtpChecks, OtpIssue, OtpIssueOutcome,
-    SendAttempt, SendGuard, SendSlot, SqlArg, StatusApplied, MESSAGE_COLUMNS,
+    SendAttempt, SendGuard, SendSlot, SqlArg, Stale, StatusApplied, MESSAGE_COLUMNS,
 };
 use crate::vault::Vault;
 
@@ -31,18 +31,19 @@ impl SqliteWriter {
             .await
     }
 
-    pub async fn claim_due_messages(
+    pub async fn claim_messages(
         &self,
         vault: &Arc<Vault>,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: i64,
+        stale: Stale,
     ) -> AppResult<Vec<MessageRecord>> {
         let vault = vault.clone();
         let mut claimed = self
             .write(move |conn| {
                 let mut claimed = Vec::new();
-                for sql in crate::store::claim_sql("") {
+                for sql in crate::store::claim_sql("", stale) {
                     let left = limit - claimed.len() as i64;
                     if left <= 0 {
                         break;
