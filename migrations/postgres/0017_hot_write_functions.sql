@@ -1,54 +1,29 @@
 -- The write path (issue 14): the hot writes as functions, so each is one round trip and one
 -- commit instead of a transaction of five to nine statements, each a round trip of its own. An
--- OTP send went from 17 round trips to 3; a dispatched message from about 12 to 2.
+-- OTP send went from 17 round trips to 3; a dispatched message from about 12 to 4. Each takes a
+-- batch of jobs (a JSON array; `n` numbers them), so the writes of many concurrent requests share
+-- one call and one commit (`src/store/postgres/batch.rs`); the caller runs a batch that fails
+-- again one job at a time, so one bad job fails alone.
+--
+-- Locks: every advisory lock a batch needs is taken first, in sorted order, so two batches
+-- never wait on each other in a circle.
 --
 -- Each does what its twin in `src/store/portable/` does (and the SQLite writer in
 -- `src/store/sqlite/hot_writes.rs`): the same statements, in the same order, under the same
 -- advisory locks. The store conformance tests and the integration suite run all three backends'
 -- versions. A change to one is a change to all: a later migration replaces these functions.
 --
--- Parameters are prefixed `p_` so they never shadow a column. In READ COMMITTED each statement of
--- a (volatile) function sees what committed before it began, as separate statements would.
+-- A job's fields are read as `j.<field>` and parameters are prefixed `p_`, so neither shadows a
+-- column. In READ COMMITTED each statement of a (volatile) function sees what committed before it
+-- began (and what the batch wrote before it), as separate statements would.
 
--- An OTP issued (`OtpStore::issue_otp`): the number's, user's and address's locks; the checks of
--- `store::OTP_CHECKS`; then, unless a limit refuses it (nothing written), the send logged; then,
--- unless either number opted out of the channel, the message (already `sending` with an attempt,
--- its event and the sender's slot), the code, and a fresh count of wrong tries.
--- `p_refuse_all`: a limit of zero applies. The caller decides the wait from the checks returned.
-CREATE FUNCTION otp_issue(
-    p_lock_keys TEXT[],
-    p_phone_index TEXT,
-    p_sealed_phone TEXT,
-    p_user_id TEXT,
-    p_ip TEXT,
-    p_now TIMESTAMPTZ,
-    p_window_start TIMESTAMPTZ,
-    p_per_number BIGINT,
-    p_per_address BIGINT,
-    p_cooldown_after TIMESTAMPTZ,
-    p_refuse_all BOOLEAN,
-    p_channel TEXT,
-    p_send_to_index TEXT,
-    p_message_id TEXT,
-    p_template TEXT,
-    p_variables TEXT,
-    p_message_channel TEXT,
-    p_created_at TIMESTAMPTZ,
-    p_lease TIMESTAMPTZ,
-    p_attempt_started TIMESTAMPTZ,
-    p_to_number TEXT,
-    p_to_index TEXT,
-    p_encoding TEXT,
-    p_segments BIGINT,
-    p_body TEXT,
-    p_slot_sender TEXT,
-    p_slot_now_us BIGINT,
-    p_slot_interval_us BIGINT,
-    p_purpose TEXT,
-    p_code_to TEXT,
-    p_code_hash TEXT,
-    p_expires_at TIMESTAMPTZ
-) RETURNS TABLE (
+-- OTPs issued (`OtpStore::issue_otp`): the numbers', users' and addresses' locks; then per job
+-- the checks of `store::OTP_CHECKS`; then, unless a limit refuses it (nothing written), the send
+-- logged; then, unless either number opted out of the channel, the message (already `sending`
+-- with an attempt, its event and the sender's slot), the code, and a fresh count of wrong tries.
+-- `refuse_all`: a limit of zero applies. The caller decides the wait from the checks returned.
+CREATE FUNCTION otp_issue_batch(p_lock_keys TEXT[], p_jobs JSONB) RETURNS TABLE (
+    n BIGINT,
     outcome TEXT,
     last_send TIMESTAMPTZ,
     number_full TIMESTAMPTZ,
@@ -57,169 +32,235 @@ CREATE FUNCTION otp_issue(
     named_opted_out BOOLEAN,
     send_to_opted_out BOOLEAN
 ) LANGUAGE plpgsql AS $$
+DECLARE
+    j RECORD;
 BEGIN
     -- Keys arrive sorted; locks are taken after the sort, so two calls never wait in a circle.
     PERFORM pg_advisory_xact_lock(hashtextextended(k, 0))
-    FROM unnest(p_lock_keys) WITH ORDINALITY AS t(k, n) ORDER BY n;
+    FROM unnest(p_lock_keys) WITH ORDINALITY AS t(k, o) ORDER BY o;
 
-    SELECT
-        (SELECT l.created_at FROM otp_send_log l WHERE l.phone_index = p_phone_index
-         ORDER BY l.created_at DESC LIMIT 1),
-        (SELECT l.created_at FROM otp_send_log l WHERE l.phone_index = p_phone_index
-         AND l.created_at > p_window_start ORDER BY l.created_at DESC LIMIT 1 OFFSET p_per_number),
-        (SELECT l.created_at FROM otp_send_log l WHERE l.user_id = p_user_id
-         AND l.created_at > p_window_start ORDER BY l.created_at DESC LIMIT 1 OFFSET p_per_number),
-        (SELECT l.created_at FROM otp_send_log l WHERE l.ip = p_ip
-         AND l.created_at > p_window_start ORDER BY l.created_at DESC LIMIT 1 OFFSET p_per_address),
-        EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = p_phone_index
-                AND o.channel = p_channel),
-        EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = p_send_to_index
-                AND o.channel = p_channel)
-    INTO last_send, number_full, user_full, address_full, named_opted_out, send_to_opted_out;
+    FOR j IN SELECT * FROM jsonb_to_recordset(p_jobs) AS x(
+        n BIGINT,
+        phone_index TEXT,
+        sealed_phone TEXT,
+        user_id TEXT,
+        ip TEXT,
+        now TIMESTAMPTZ,
+        window_start TIMESTAMPTZ,
+        per_number BIGINT,
+        per_address BIGINT,
+        cooldown_after TIMESTAMPTZ,
+        refuse_all BOOLEAN,
+        channel TEXT,
+        send_to_index TEXT,
+        message_id TEXT,
+        template TEXT,
+        variables TEXT,
+        message_channel TEXT,
+        created_at TIMESTAMPTZ,
+        lease TIMESTAMPTZ,
+        attempt_started TIMESTAMPTZ,
+        to_number TEXT,
+        to_index TEXT,
+        encoding TEXT,
+        segments BIGINT,
+        body TEXT,
+        slot_sender TEXT,
+        slot_now_us BIGINT,
+        slot_interval_us BIGINT,
+        purpose TEXT,
+        code_to TEXT,
+        code_hash TEXT,
+        expires_at TIMESTAMPTZ
+    ) LOOP
+        n := j.n;
+        SELECT
+            (SELECT l.created_at FROM otp_send_log l WHERE l.phone_index = j.phone_index
+             ORDER BY l.created_at DESC LIMIT 1),
+            (SELECT l.created_at FROM otp_send_log l WHERE l.phone_index = j.phone_index
+             AND l.created_at > j.window_start ORDER BY l.created_at DESC LIMIT 1 OFFSET j.per_number),
+            (SELECT l.created_at FROM otp_send_log l WHERE l.user_id = j.user_id
+             AND l.created_at > j.window_start ORDER BY l.created_at DESC LIMIT 1 OFFSET j.per_number),
+            (SELECT l.created_at FROM otp_send_log l WHERE l.ip = j.ip
+             AND l.created_at > j.window_start ORDER BY l.created_at DESC LIMIT 1 OFFSET j.per_address),
+            EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = j.phone_index
+                    AND o.channel = j.channel),
+            EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = j.send_to_index
+                    AND o.channel = j.channel)
+        INTO last_send, number_full, user_full, address_full, named_opted_out, send_to_opted_out;
 
-    IF p_refuse_all OR last_send > p_cooldown_after OR number_full IS NOT NULL
-       OR user_full IS NOT NULL OR (p_ip IS NOT NULL AND address_full IS NOT NULL) THEN
-        outcome := 'rate_limited';
+        IF j.refuse_all OR last_send > j.cooldown_after OR number_full IS NOT NULL
+           OR user_full IS NOT NULL OR (j.ip IS NOT NULL AND address_full IS NOT NULL) THEN
+            outcome := 'rate_limited';
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+
+        INSERT INTO otp_send_log (phone_number, user_id, ip, created_at, phone_index)
+        VALUES (j.sealed_phone, j.user_id, j.ip, j.now, j.phone_index);
+
+        IF named_opted_out OR send_to_opted_out THEN
+            outcome := 'opted_out';
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+
+        -- `store::INSERT_OTP_MESSAGE`
+        INSERT INTO messages (id, user_id, template_name, variables, channel, status, attempts,
+            idempotency_key, next_attempt_at, lease_until, created_at, updated_at, to_number, to_index,
+            encoding, segments, attempt_started_at, attempt_body, lookup_needed)
+        VALUES (j.message_id, j.user_id, j.template, j.variables, j.message_channel, 'sending',
+            CASE WHEN j.attempt_started IS NULL THEN 0 ELSE 1 END, NULL, j.created_at, j.lease,
+            j.created_at, j.created_at, j.to_number, j.to_index, j.encoding, j.segments,
+            j.attempt_started, j.body, FALSE);
+
+        IF j.attempt_started IS NOT NULL THEN
+            INSERT INTO message_events (message_id, status, error_code, detail, occurred_at)
+            VALUES (j.message_id, 'sending', NULL, NULL, j.created_at) ON CONFLICT DO NOTHING;
+            IF j.slot_sender IS NOT NULL THEN
+                -- `store::RESERVE_SEND_SLOT`
+                INSERT INTO send_rate (sender, next_slot_us)
+                VALUES (j.slot_sender, j.slot_now_us + j.slot_interval_us)
+                ON CONFLICT (sender) DO UPDATE SET next_slot_us =
+                    (CASE WHEN send_rate.next_slot_us > j.slot_now_us THEN send_rate.next_slot_us
+                     ELSE j.slot_now_us END) + j.slot_interval_us;
+            END IF;
+        END IF;
+
+        INSERT INTO otp_codes (user_id, purpose, phone_number, channel, code_hash, attempts,
+            expires_at, used_at, message_id, created_at)
+        VALUES (j.user_id, j.purpose, j.code_to, j.channel, j.code_hash, 0, j.expires_at, NULL,
+            j.message_id, j.now)
+        ON CONFLICT (user_id, purpose) DO UPDATE SET phone_number = excluded.phone_number,
+            channel = excluded.channel, code_hash = excluded.code_hash, attempts = 0,
+            expires_at = excluded.expires_at, used_at = NULL, message_id = excluded.message_id,
+            created_at = excluded.created_at;
+
+        -- A new code starts a new count of wrong tries.
+        DELETE FROM otp_failures f WHERE f.user_id = j.user_id AND f.purpose = j.purpose;
+
+        outcome := 'issued';
         RETURN NEXT;
-        RETURN;
-    END IF;
+    END LOOP;
+END
+$$;
 
-    INSERT INTO otp_send_log (phone_number, user_id, ip, created_at, phone_index)
-    VALUES (p_sealed_phone, p_user_id, p_ip, p_now, p_phone_index);
-
-    IF named_opted_out OR send_to_opted_out THEN
-        outcome := 'opted_out';
-        RETURN NEXT;
-        RETURN;
-    END IF;
-
-    -- `store::INSERT_OTP_MESSAGE`
-    INSERT INTO messages (id, user_id, template_name, variables, channel, status, attempts,
-        idempotency_key, next_attempt_at, lease_until, created_at, updated_at, to_number, to_index,
-        encoding, segments, attempt_started_at, attempt_body, lookup_needed)
-    VALUES (p_message_id, p_user_id, p_template, p_variables, p_message_channel, 'sending',
-        CASE WHEN p_attempt_started IS NULL THEN 0 ELSE 1 END, NULL, p_created_at, p_lease,
-        p_created_at, p_created_at, p_to_number, p_to_index, p_encoding, p_segments,
-        p_attempt_started, p_body, FALSE);
-
-    IF p_attempt_started IS NOT NULL THEN
+-- Claimed messages marked `sending` for an attempt (`MessageStore::mark_sending`): the update of
+-- `store::mark_sending_sql` (the guard's checks in the same statement), then its event and the
+-- sender's slot. Per job: 'marked', 'policy_changed' (ours still, but a STOP or a consent change
+-- stops it; nothing written) or 'claim_lost'.
+CREATE FUNCTION message_mark_sending_batch(p_jobs JSONB) RETURNS TABLE (n BIGINT, outcome TEXT)
+LANGUAGE plpgsql AS $$
+DECLARE
+    j RECORD;
+BEGIN
+    FOR j IN SELECT * FROM jsonb_to_recordset(p_jobs) AS x(
+        n BIGINT,
+        id TEXT,
+        to_number TEXT,
+        encoding TEXT,
+        segments BIGINT,
+        now TIMESTAMPTZ,
+        channel TEXT,
+        fence TIMESTAMPTZ,
+        lease TIMESTAMPTZ,
+        body TEXT,
+        to_index TEXT,
+        consent BOOLEAN,
+        marketing BOOLEAN,
+        slot_sender TEXT,
+        slot_now_us BIGINT,
+        slot_interval_us BIGINT
+    ) LOOP
+        n := j.n;
+        -- Right-hand sides read the row as it was, so `m.channel` in the CASE is the old one.
+        UPDATE messages m SET status = 'sending', attempts = m.attempts + 1,
+            to_number = j.to_number, to_index = j.to_index, encoding = j.encoding,
+            segments = j.segments, updated_at = j.now, attempt_started_at = j.now,
+            attempt_body = j.body, lookup_needed = FALSE,
+            requested_channel = CASE WHEN m.channel <> j.channel
+                THEN COALESCE(m.requested_channel, m.channel) ELSE m.requested_channel END,
+            channel = j.channel, lease_until = j.lease
+        WHERE m.id = j.id AND m.lease_until = j.fence AND m.status IN ('queued', 'sending')
+          AND NOT EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = j.to_index
+                          AND o.channel = j.channel)
+          AND (NOT j.consent OR EXISTS (
+              SELECT 1 FROM messaging_consent c WHERE c.user_id = m.user_id
+              AND c.phone_index = j.to_index
+              AND CASE j.channel WHEN 'sms' THEN c.sms_consent
+                                 WHEN 'whatsapp' THEN c.whatsapp_consent ELSE FALSE END
+              AND (NOT j.marketing OR c.marketing_consent)));
+        IF NOT FOUND THEN
+            IF EXISTS (SELECT 1 FROM messages m WHERE m.id = j.id AND m.lease_until = j.fence
+                       AND m.status IN ('queued', 'sending')) THEN
+                outcome := 'policy_changed';
+            ELSE
+                outcome := 'claim_lost';
+            END IF;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
         INSERT INTO message_events (message_id, status, error_code, detail, occurred_at)
-        VALUES (p_message_id, 'sending', NULL, NULL, p_created_at) ON CONFLICT DO NOTHING;
-        IF p_slot_sender IS NOT NULL THEN
+        VALUES (j.id, 'sending', NULL, NULL, j.now) ON CONFLICT DO NOTHING;
+        IF j.slot_sender IS NOT NULL THEN
             -- `store::RESERVE_SEND_SLOT`
             INSERT INTO send_rate (sender, next_slot_us)
-            VALUES (p_slot_sender, p_slot_now_us + p_slot_interval_us)
+            VALUES (j.slot_sender, j.slot_now_us + j.slot_interval_us)
             ON CONFLICT (sender) DO UPDATE SET next_slot_us =
-                (CASE WHEN send_rate.next_slot_us > p_slot_now_us THEN send_rate.next_slot_us
-                 ELSE p_slot_now_us END) + p_slot_interval_us;
+                (CASE WHEN send_rate.next_slot_us > j.slot_now_us THEN send_rate.next_slot_us
+                 ELSE j.slot_now_us END) + j.slot_interval_us;
         END IF;
-    END IF;
-
-    INSERT INTO otp_codes (user_id, purpose, phone_number, channel, code_hash, attempts,
-        expires_at, used_at, message_id, created_at)
-    VALUES (p_user_id, p_purpose, p_code_to, p_channel, p_code_hash, 0, p_expires_at, NULL,
-        p_message_id, p_now)
-    ON CONFLICT (user_id, purpose) DO UPDATE SET phone_number = excluded.phone_number,
-        channel = excluded.channel, code_hash = excluded.code_hash, attempts = 0,
-        expires_at = excluded.expires_at, used_at = NULL, message_id = excluded.message_id,
-        created_at = excluded.created_at;
-
-    -- A new code starts a new count of wrong tries.
-    DELETE FROM otp_failures f WHERE f.user_id = p_user_id AND f.purpose = p_purpose;
-
-    outcome := 'issued';
-    RETURN NEXT;
+        outcome := 'marked';
+        RETURN NEXT;
+    END LOOP;
 END
 $$;
 
--- A claimed message marked `sending` for an attempt (`MessageStore::mark_sending`): the update of
--- `store::mark_sending_sql` (the guard's checks in the same statement), then its event and the
--- sender's slot. 'marked', 'policy_changed' (ours still, but a STOP or a consent change stops
--- it; nothing written) or 'claim_lost'.
-CREATE FUNCTION message_mark_sending(
-    p_id TEXT,
-    p_to_number TEXT,
-    p_encoding TEXT,
-    p_segments BIGINT,
-    p_now TIMESTAMPTZ,
-    p_channel TEXT,
-    p_fence TIMESTAMPTZ,
-    p_lease TIMESTAMPTZ,
-    p_body TEXT,
-    p_to_index TEXT,
-    p_consent BOOLEAN,
-    p_marketing BOOLEAN,
-    p_slot_sender TEXT,
-    p_slot_now_us BIGINT,
-    p_slot_interval_us BIGINT
-) RETURNS TEXT LANGUAGE plpgsql AS $$
+-- Sends the provider accepted (`MessageStore::record_sent`), under their SIDs' locks (`p_lock_keys`,
+-- 'sid:' and the SID, as `apply_status` takes them): the update of `store::RECORD_SENT` to where
+-- the message ends (`news`, the provider's own news, already checked to follow `status`), and an
+-- event per status. Per job: 'recorded', 'claim_lost', or 'parked': callbacks for this SID arrived
+-- first and wait; nothing was written, and the caller runs the full transaction, which applies
+-- them.
+CREATE FUNCTION message_sent_batch(p_lock_keys TEXT[], p_jobs JSONB)
+RETURNS TABLE (n BIGINT, outcome TEXT) LANGUAGE plpgsql AS $$
+DECLARE
+    j RECORD;
 BEGIN
-    -- Right-hand sides read the row as it was, so `channel` in the CASE is the old channel.
-    UPDATE messages SET status = 'sending', attempts = attempts + 1, to_number = p_to_number,
-        to_index = p_to_index, encoding = p_encoding, segments = p_segments, updated_at = p_now,
-        attempt_started_at = p_now, attempt_body = p_body, lookup_needed = FALSE,
-        requested_channel = CASE WHEN channel <> p_channel
-            THEN COALESCE(requested_channel, channel) ELSE requested_channel END,
-        channel = p_channel, lease_until = p_lease
-    WHERE id = p_id AND lease_until = p_fence AND status IN ('queued', 'sending')
-      AND NOT EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = p_to_index
-                      AND o.channel = p_channel)
-      AND (NOT p_consent OR EXISTS (
-          SELECT 1 FROM messaging_consent c WHERE c.user_id = messages.user_id
-          AND c.phone_index = p_to_index
-          AND CASE p_channel WHEN 'sms' THEN c.sms_consent
-                             WHEN 'whatsapp' THEN c.whatsapp_consent ELSE FALSE END
-          AND (NOT p_marketing OR c.marketing_consent)));
-    IF NOT FOUND THEN
-        IF EXISTS (SELECT 1 FROM messages WHERE id = p_id AND lease_until = p_fence
-                   AND status IN ('queued', 'sending')) THEN
-            RETURN 'policy_changed';
+    PERFORM pg_advisory_xact_lock(hashtextextended(k, 0))
+    FROM unnest(p_lock_keys) WITH ORDINALITY AS t(k, o) ORDER BY o;
+    FOR j IN SELECT * FROM jsonb_to_recordset(p_jobs) AS x(
+        n BIGINT,
+        id TEXT,
+        fence TIMESTAMPTZ,
+        status TEXT,
+        news TEXT,
+        sid TEXT,
+        now TIMESTAMPTZ
+    ) LOOP
+        n := j.n;
+        IF EXISTS (SELECT 1 FROM unmatched_status_callbacks u WHERE u.provider_sid = j.sid) THEN
+            outcome := 'parked';
+            RETURN NEXT;
+            CONTINUE;
         END IF;
-        RETURN 'claim_lost';
-    END IF;
-    INSERT INTO message_events (message_id, status, error_code, detail, occurred_at)
-    VALUES (p_id, 'sending', NULL, NULL, p_now) ON CONFLICT DO NOTHING;
-    IF p_slot_sender IS NOT NULL THEN
-        INSERT INTO send_rate (sender, next_slot_us)
-        VALUES (p_slot_sender, p_slot_now_us + p_slot_interval_us)
-        ON CONFLICT (sender) DO UPDATE SET next_slot_us =
-            (CASE WHEN send_rate.next_slot_us > p_slot_now_us THEN send_rate.next_slot_us
-             ELSE p_slot_now_us END) + p_slot_interval_us;
-    END IF;
-    RETURN 'marked';
-END
-$$;
-
--- A send the provider accepted (`MessageStore::record_sent`), under the SID's lock: the update of
--- `store::RECORD_SENT` to where the message ends (`p_news`, the provider's own news, already
--- checked to follow `p_status`), and an event per status. 'recorded', 'claim_lost', or 'parked':
--- callbacks for this SID arrived first and wait; nothing was written, and the caller runs the
--- full transaction, which applies them.
-CREATE FUNCTION message_sent(
-    p_id TEXT,
-    p_fence TIMESTAMPTZ,
-    p_status TEXT,
-    p_news TEXT,
-    p_sid TEXT,
-    p_now TIMESTAMPTZ
-) RETURNS TEXT LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended('sid:' || p_sid, 0));
-    IF EXISTS (SELECT 1 FROM unmatched_status_callbacks u WHERE u.provider_sid = p_sid) THEN
-        RETURN 'parked';
-    END IF;
-    UPDATE messages SET status = COALESCE(p_news, p_status), provider_sid = p_sid, reason = NULL,
-        error_code = NULL, error_message = NULL, lease_until = NULL, updated_at = p_now
-    WHERE id = p_id AND lease_until = p_fence;
-    IF NOT FOUND THEN
-        RETURN 'claim_lost';
-    END IF;
-    INSERT INTO message_events (message_id, status, error_code, detail, occurred_at)
-    VALUES (p_id, p_status, NULL, NULL, p_now) ON CONFLICT DO NOTHING;
-    IF p_news IS NOT NULL THEN
+        UPDATE messages m SET status = COALESCE(j.news, j.status), provider_sid = j.sid,
+            reason = NULL, error_code = NULL, error_message = NULL, lease_until = NULL,
+            updated_at = j.now
+        WHERE m.id = j.id AND m.lease_until = j.fence;
+        IF NOT FOUND THEN
+            outcome := 'claim_lost';
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
         INSERT INTO message_events (message_id, status, error_code, detail, occurred_at)
-        VALUES (p_id, p_news, NULL, 'provider answer', p_now) ON CONFLICT DO NOTHING;
-    END IF;
-    RETURN 'recorded';
+        VALUES (j.id, j.status, NULL, NULL, j.now) ON CONFLICT DO NOTHING;
+        IF j.news IS NOT NULL THEN
+            INSERT INTO message_events (message_id, status, error_code, detail, occurred_at)
+            VALUES (j.id, j.news, NULL, 'provider answer', j.now) ON CONFLICT DO NOTHING;
+        END IF;
+        outcome := 'recorded';
+        RETURN NEXT;
+    END LOOP;
 END
 $$;

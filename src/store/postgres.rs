@@ -12,6 +12,7 @@ use crate::error::AppResult;
 use crate::vault::{KeySettings, Vault};
 pub use functions::{PgFunctions, SentCall};
 
+mod batch;
 mod functions;
 
 pub struct PostgresStore {

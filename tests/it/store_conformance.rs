@@ -29,6 +29,8 @@ both_backends!(
     unmatched_status_callbacks_wait_for_their_sid,
     marking_sending_checks_opt_out_and_consent_in_the_same_statement,
     otps_are_claimed_first_then_the_oldest,
+    concurrent_otp_issues_keep_every_limit,
+    a_failing_otp_issue_fails_alone,
 );
 
 fn t0() -> chrono::DateTime<Utc> {
@@ -597,4 +599,123 @@ async fn otps_are_claimed_first_then_the_oldest(backend: Backend) {
         .unwrap();
     let order: Vec<&str> = claimed.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(order, ["otp", "oldest", "middle", "newer"]);
+}
+
+/// An OTP for `user` to `number` from `ip`, with its message `id`, sent at once over SMS.
+fn otp_issue(id: &str, user: &str, number: &str, ip: &str) -> store::OtpIssue {
+    store::OtpIssue {
+        user_id: user.into(),
+        purpose: "login".into(),
+        phone_number: number.into(),
+        send_to: number.into(),
+        channel: Channel::Sms,
+        code_hash: format!("hash-{id}"),
+        ip: Some(ip.into()),
+        expires_at: t0() + Duration::minutes(10),
+        now: t0(),
+        cooldown_seconds: 0,
+        max_sends_per_hour: 5,
+        max_sends_per_ip_per_hour: 100,
+        message: NewMessage {
+            id: id.into(),
+            user_id: user.into(),
+            template_name: "otp".into(),
+            variables: r#"{"code":"123456"}"#.into(),
+            channel: Channel::Sms,
+            idempotency_key: None,
+            created_at: t0(),
+            claimed_until: Some(t0() + Duration::minutes(2)),
+        },
+        attempt: Some(SendAttempt {
+            to_number: number.into(),
+            channel: Channel::Sms,
+            encoding: Some("GSM-7".into()),
+            segments: Some(1),
+            body: None,
+            take_slot: None,
+        }),
+    }
+}
+
+/// Thirty requests for one number at once, each from its own user and address: exactly the
+/// hourly limit's five get a code, however the backend groups them (PostgreSQL runs concurrent
+/// issues as batches, SQLite in its writer's transactions).
+async fn concurrent_otp_issues_keep_every_limit(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..30 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let issue = otp_issue(
+                &format!("m{i}"),
+                &format!("u{i}"),
+                "+14155552671",
+                &format!("203.0.113.{i}"),
+            );
+            store.issue_otp(&issue).await.unwrap()
+        });
+    }
+    let (mut issued, mut limited) = (0, 0);
+    while let Some(outcome) = tasks.join_next().await {
+        match outcome.unwrap() {
+            store::OtpIssueOutcome::Issued(_) => issued += 1,
+            store::OtpIssueOutcome::RateLimited {
+                retry_after_seconds,
+            } => {
+                assert!(retry_after_seconds > 0);
+                limited += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((issued, limited), (5, 25));
+    // Each code's message was written `sending`, ready for its provider call.
+    for i in 0..30 {
+        if let Some(m) = store.get_message(&format!("m{i}")).await.unwrap() {
+            assert_eq!(m.status, MessageStatus::Sending);
+            assert_eq!(m.attempts, 1);
+        }
+    }
+}
+
+/// Issues that run together (one PostgreSQL batch, one SQLite writer transaction): one that
+/// fails (its message id is taken) fails alone, and the others are written.
+async fn a_failing_otp_issue_fails_alone(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    store
+        .insert_message(&message("taken", None, t0()))
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let id = if i == 5 {
+                "taken".to_string()
+            } else {
+                format!("m{i}")
+            };
+            let number = format!("+1415555{:04}", 2600 + i);
+            let issue = otp_issue(&id, &format!("u{i}"), &number, "203.0.113.1");
+            (i, store.issue_otp(&issue).await)
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let (i, outcome) = done.unwrap();
+        match (i, outcome) {
+            (5, outcome) => assert!(outcome.is_err(), "{outcome:?}"),
+            (_, Ok(store::OtpIssueOutcome::Issued(m))) => assert_eq!(m.id, format!("m{i}")),
+            (_, other) => panic!("issue {i}: {other:?}"),
+        }
+    }
+    for i in (0..12).filter(|i| *i != 5) {
+        let m = store.get_message(&format!("m{i}")).await.unwrap().unwrap();
+        assert_eq!(m.status, MessageStatus::Sending);
+        let code = store.get_otp(&format!("u{i}"), "login").await.unwrap();
+        assert!(code.is_some(), "u{i} has no code");
+    }
+    // The failed issue left nothing: no code, and the taken id is still the other message.
+    assert!(store.get_otp("u5", "login").await.unwrap().is_none());
+    let taken = store.get_message("taken").await.unwrap().unwrap();
+    assert_eq!(taken.template_name, "payment_received");
 }

@@ -1,26 +1,33 @@
-//! The hot writes on PostgreSQL, each one call of a function that migration 17 installs
-//! (`migrations/postgres/0017_hot_write_functions.sql`): an OTP issued, a message marked
-//! `sending`, a send's outcome recorded.
+//! The hot writes on PostgreSQL, each one call of a batch function that migration 17 installs
+//! (`migrations/postgres/0017_hot_write_functions.sql`): OTPs issued, messages marked `sending`,
+//! sends' outcomes recorded. Concurrent calls of one kind share a batch (`batch.rs`).
 //!
 //! Why: through the portable transactions each statement was a round trip, and PostgreSQL spent
 //! most of an OTP send parsing, binding and answering 17 of them. A function runs the same
 //! statements on cached plans inside the server, and a single statement outside a transaction
-//! block is its own transaction: one round trip, one commit. What the functions write is what the
-//! portable twins write (`store_conformance` runs both backends through the same tests).
+//! block is its own transaction: one round trip, one commit, for a whole batch. What the
+//! functions write is what the portable twins write (`store_conformance` runs both backends
+//! through the same tests).
 
-use chrono::{DateTime, Utc};
+use std::sync::Arc;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
 use sqlx::{Pool, Postgres};
 
+use super::batch::{Batcher, RunBatch};
 use crate::error::AppResult;
 use crate::status::MessageStatus;
 use crate::store::{MarkSending, OtpChecks, OtpIssue, OtpIssueOutcome, SendAttempt, SendGuard};
 use crate::vault::Vault;
 
 pub struct PgFunctions {
-    pool: Pool<Postgres>,
+    issue: Batcher<IssueJob, IssueRow>,
+    mark: Batcher<MarkJob, String>,
+    sent: Batcher<SentJob, String>,
 }
 
-/// What `message_sent` came to.
+/// What recording a send came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SentCall {
     Recorded,
@@ -30,6 +37,91 @@ pub enum SentCall {
     CallbacksParked,
 }
 
+/// A time as PostgreSQL's JSON input reads it, cut to microseconds as sqlx binds one: a lease
+/// written here must equal the fence another path binds later.
+fn micros(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// One job of a batch, as the batch function's JSON array holds it.
+#[derive(Serialize)]
+struct Numbered<'a, T> {
+    n: usize,
+    #[serde(flatten)]
+    job: &'a T,
+}
+
+/// The jobs as the batch function's JSON array.
+fn jobs_json<T: Serialize>(jobs: &[T]) -> AppResult<String> {
+    let numbered: Vec<Numbered<T>> = jobs
+        .iter()
+        .enumerate()
+        .map(|(n, job)| Numbered { n, job })
+        .collect();
+    Ok(serde_json::to_string(&numbered).map_err(anyhow::Error::new)?)
+}
+
+/// Every lock the batch's jobs need, sorted, each once: taken first, in this order, so two
+/// batches never wait on each other in a circle.
+fn batch_locks<T>(jobs: &[T], keys: impl Fn(&T) -> &[String]) -> Vec<String> {
+    let mut all: Vec<String> = jobs.iter().flat_map(|j| keys(j).iter().cloned()).collect();
+    all.sort();
+    all.dedup();
+    all
+}
+
+/// Rows numbered `n` back into job order; an error if any job has no row.
+fn in_job_order<R>(count: usize, rows: Vec<(i64, R)>, what: &str) -> AppResult<Vec<R>> {
+    let mut slots: Vec<Option<R>> = (0..count).map(|_| None).collect();
+    for (n, row) in rows {
+        if let Some(slot) = usize::try_from(n).ok().and_then(|n| slots.get_mut(n)) {
+            *slot = Some(row);
+        }
+    }
+    slots
+        .into_iter()
+        .map(|r| r.ok_or_else(|| anyhow::anyhow!("{what}: a job had no answer").into()))
+        .collect()
+}
+
+#[derive(Clone, Serialize)]
+struct IssueJob {
+    #[serde(skip)]
+    locks: Vec<String>,
+    phone_index: String,
+    sealed_phone: String,
+    user_id: String,
+    ip: Option<String>,
+    now: String,
+    window_start: String,
+    per_number: i64,
+    per_address: i64,
+    cooldown_after: String,
+    refuse_all: bool,
+    channel: &'static str,
+    send_to_index: String,
+    message_id: String,
+    template: String,
+    variables: String,
+    message_channel: String,
+    created_at: String,
+    lease: Option<String>,
+    attempt_started: Option<String>,
+    to_number: Option<String>,
+    to_index: Option<String>,
+    encoding: Option<String>,
+    segments: Option<i64>,
+    body: Option<String>,
+    slot_sender: Option<String>,
+    slot_now_us: Option<i64>,
+    slot_interval_us: Option<i64>,
+    purpose: String,
+    code_to: String,
+    code_hash: String,
+    expires_at: String,
+}
+
+/// `otp_issue_batch`'s row after its number: outcome, then the checks.
 type IssueRow = (
     String,
     Option<DateTime<Utc>>,
@@ -40,69 +132,98 @@ type IssueRow = (
     bool,
 );
 
+#[derive(Clone, Serialize)]
+struct MarkJob {
+    id: String,
+    to_number: String,
+    encoding: Option<String>,
+    segments: Option<i64>,
+    now: String,
+    channel: &'static str,
+    fence: String,
+    lease: String,
+    body: Option<String>,
+    to_index: String,
+    consent: bool,
+    marketing: bool,
+    slot_sender: Option<String>,
+    slot_now_us: Option<i64>,
+    slot_interval_us: Option<i64>,
+}
+
+#[derive(Clone, Serialize)]
+struct SentJob {
+    #[serde(skip)]
+    locks: Vec<String>,
+    id: String,
+    fence: String,
+    status: &'static str,
+    news: Option<&'static str>,
+    sid: String,
+    now: String,
+}
+
 impl PgFunctions {
+    /// Start the batchers (on the current tokio runtime).
     pub fn new(pool: Pool<Postgres>) -> PgFunctions {
-        PgFunctions { pool }
+        PgFunctions {
+            issue: Batcher::start("issuing OTPs", run_issue(pool.clone())),
+            mark: Batcher::start("marking messages sending", run_mark(pool.clone())),
+            sent: Batcher::start("recording sends", run_sent(pool)),
+        }
     }
 
     pub async fn issue_otp(&self, vault: &Vault, issue: &OtpIssue) -> AppResult<OtpIssueOutcome> {
         let phone_index = vault.blind(&issue.phone_number);
-        let mut keys = vec![
+        let mut locks = vec![
             format!("otp:phone:{phone_index}"),
             format!("otp:user:{}", issue.user_id),
         ];
         if let Some(ip) = &issue.ip {
-            keys.push(format!("otp:ip:{ip}"));
+            locks.push(format!("otp:ip:{ip}"));
         }
-        keys.sort();
         let (window_start, per_number, per_address) = issue.window();
-        // The limits `OtpIssue::wait_seconds` applies, as the function's refusal test: a send
-        // within the cooldown, a full window, or a limit of zero.
-        let cooldown_after = issue.now - chrono::Duration::seconds(issue.cooldown_seconds);
-        let refuse_all = issue.max_sends_per_hour <= 0
-            || (issue.ip.is_some() && issue.max_sends_per_ip_per_hour <= 0);
         let message = issue.issued_record();
         let attempt = issue.attempt.as_ref();
         let slot = attempt.and_then(|a| a.take_slot.as_ref());
-        let row: IssueRow = sqlx::query_as(
-            "SELECT * FROM otp_issue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
-             $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, \
-             $30, $31, $32)",
-        )
-        .bind(&keys)
-        .bind(&phone_index)
-        .bind(vault.seal(&issue.phone_number))
-        .bind(&issue.user_id)
-        .bind(&issue.ip)
-        .bind(issue.now)
-        .bind(window_start)
-        .bind(per_number)
-        .bind(per_address)
-        .bind(cooldown_after)
-        .bind(refuse_all)
-        .bind(issue.channel.as_str())
-        .bind(vault.blind(&issue.send_to))
-        .bind(&message.id)
-        .bind(&message.template_name)
-        .bind(vault.seal(&message.variables))
-        .bind(&message.channel)
-        .bind(message.created_at)
-        .bind(message.lease_until)
-        .bind(message.attempt_started_at)
-        .bind(attempt.map(|a| vault.seal(&a.to_number)))
-        .bind(attempt.map(|a| vault.blind(&a.to_number)))
-        .bind(&message.encoding)
-        .bind(message.segments)
-        .bind(vault.seal_opt(message.attempt_body.as_deref()))
-        .bind(slot.map(|s| s.sender.as_str()))
-        .bind(slot.map(|s| s.now_us))
-        .bind(slot.map(|s| s.interval_us))
-        .bind(&issue.purpose)
-        .bind(vault.seal(&issue.send_to))
-        .bind(&issue.code_hash)
-        .bind(issue.expires_at)
-        .fetch_one(&self.pool)
-        .await?;
+        let job = IssueJob {
+            locks,
+            sealed_phone: vault.seal(&issue.phone_number),
+            phone_index,
+            user_id: issue.user_id.clone(),
+            ip: issue.ip.clone(),
+            now: micros(issue.now),
+            window_start: micros(window_start),
+            per_number,
+            per_address,
+            // The limits `OtpIssue::wait_seconds` applies, as the function's refusal test: a
+            // send within the cooldown, a full window, or a limit of zero.
+            cooldown_after: micros(issue.now - chrono::Duration::seconds(issue.cooldown_seconds)),
+            refuse_all: issue.max_sends_per_hour <= 0
+                || (issue.ip.is_some() && issue.max_sends_per_ip_per_hour <= 0),
+            channel: issue.channel.as_str(),
+            send_to_index: vault.blind(&issue.send_to),
+            message_id: message.id.clone(),
+            template: message.template_name.clone(),
+            variables: vault.seal(&message.variables),
+            message_channel: message.channel.clone(),
+            created_at: micros(message.created_at),
+            lease: message.lease_until.map(micros),
+            attempt_started: message.attempt_started_at.map(micros),
+            to_number: attempt.map(|a| vault.seal(&a.to_number)),
+            to_index: attempt.map(|a| vault.blind(&a.to_number)),
+            encoding: message.encoding.clone(),
+            segments: message.segments,
+            body: vault.seal_opt(message.attempt_body.as_deref()),
+            slot_sender: slot.map(|s| s.sender.clone()),
+            slot_now_us: slot.map(|s| s.now_us),
+            slot_interval_us: slot.map(|s| s.interval_us),
+            purpose: issue.purpose.clone(),
+            code_to: vault.seal(&issue.send_to),
+            code_hash: issue.code_hash.clone(),
+            expires_at: micros(issue.expires_at),
+        };
+        let row = self.issue.call(job).await?;
         let checks = OtpChecks {
             last_send: row.1,
             number_full: row.2,
@@ -119,7 +240,7 @@ impl PgFunctions {
                 named: checks.named_opted_out,
             }),
             "issued" => Ok(OtpIssueOutcome::Issued(Box::new(message))),
-            other => Err(anyhow::anyhow!("otp_issue answered {other:?}").into()),
+            other => Err(anyhow::anyhow!("otp_issue_batch answered {other:?}").into()),
         }
     }
 
@@ -135,32 +256,28 @@ impl PgFunctions {
         new_lease: DateTime<Utc>,
     ) -> AppResult<MarkSending> {
         let slot = attempt.take_slot.as_ref();
-        let outcome: String = sqlx::query_scalar(
-            "SELECT message_mark_sending($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
-             $13, $14, $15)",
-        )
-        .bind(id)
-        .bind(vault.seal(&attempt.to_number))
-        .bind(&attempt.encoding)
-        .bind(attempt.segments)
-        .bind(now)
-        .bind(attempt.channel.as_str())
-        .bind(fence)
-        .bind(new_lease)
-        .bind(vault.seal_opt(attempt.body.as_deref()))
-        .bind(vault.blind(&attempt.to_number))
-        .bind(guard.consent)
-        .bind(guard.marketing)
-        .bind(slot.map(|s| s.sender.as_str()))
-        .bind(slot.map(|s| s.now_us))
-        .bind(slot.map(|s| s.interval_us))
-        .fetch_one(&self.pool)
-        .await?;
-        match outcome.as_str() {
+        let job = MarkJob {
+            id: id.to_string(),
+            to_number: vault.seal(&attempt.to_number),
+            encoding: attempt.encoding.clone(),
+            segments: attempt.segments,
+            now: micros(now),
+            channel: attempt.channel.as_str(),
+            fence: micros(fence),
+            lease: micros(new_lease),
+            body: vault.seal_opt(attempt.body.as_deref()),
+            to_index: vault.blind(&attempt.to_number),
+            consent: guard.consent,
+            marketing: guard.marketing,
+            slot_sender: slot.map(|s| s.sender.clone()),
+            slot_now_us: slot.map(|s| s.now_us),
+            slot_interval_us: slot.map(|s| s.interval_us),
+        };
+        match self.mark.call(job).await?.as_str() {
             "marked" => Ok(MarkSending::Marked),
             "policy_changed" => Ok(MarkSending::PolicyChanged),
             "claim_lost" => Ok(MarkSending::ClaimLost),
-            other => Err(anyhow::anyhow!("message_mark_sending answered {other:?}").into()),
+            other => Err(anyhow::anyhow!("message_mark_sending_batch answered {other:?}").into()),
         }
     }
 
@@ -174,20 +291,116 @@ impl PgFunctions {
         now: DateTime<Utc>,
         fence: DateTime<Utc>,
     ) -> AppResult<SentCall> {
-        let outcome: String = sqlx::query_scalar("SELECT message_sent($1, $2, $3, $4, $5, $6)")
-            .bind(id)
-            .bind(fence)
-            .bind(status)
-            .bind(news)
-            .bind(provider_sid)
-            .bind(now)
-            .fetch_one(&self.pool)
-            .await?;
-        match outcome.as_str() {
+        let job = SentJob {
+            // The SID's lock, as `apply_status` takes it: recording a SID and parking a status
+            // for it never interleave.
+            locks: vec![format!("sid:{provider_sid}")],
+            id: id.to_string(),
+            fence: micros(fence),
+            status: status.as_str(),
+            news: news.map(|n| n.as_str()),
+            sid: provider_sid.to_string(),
+            now: micros(now),
+        };
+        match self.sent.call(job).await?.as_str() {
             "recorded" => Ok(SentCall::Recorded),
             "claim_lost" => Ok(SentCall::ClaimLost),
             "parked" => Ok(SentCall::CallbacksParked),
-            other => Err(anyhow::anyhow!("message_sent answered {other:?}").into()),
+            other => Err(anyhow::anyhow!("message_sent_batch answered {other:?}").into()),
         }
+    }
+}
+
+fn run_issue(pool: Pool<Postgres>) -> RunBatch<IssueJob, IssueRow> {
+    Arc::new(move |jobs: Vec<IssueJob>| {
+        let pool = pool.clone();
+        Box::pin(async move {
+            let locks = batch_locks(&jobs, |j| &j.locks);
+            type Row = (
+                i64,
+                String,
+                Option<DateTime<Utc>>,
+                Option<DateTime<Utc>>,
+                Option<DateTime<Utc>>,
+                Option<DateTime<Utc>>,
+                bool,
+                bool,
+            );
+            let rows: Vec<Row> = sqlx::query_as("SELECT * FROM otp_issue_batch($1, $2::jsonb)")
+                .bind(&locks)
+                .bind(jobs_json(&jobs)?)
+                .fetch_all(&pool)
+                .await?;
+            let rows = rows
+                .into_iter()
+                .map(|r| (r.0, (r.1, r.2, r.3, r.4, r.5, r.6, r.7)))
+                .collect();
+            in_job_order(jobs.len(), rows, "otp_issue_batch")
+        })
+    })
+}
+
+fn run_mark(pool: Pool<Postgres>) -> RunBatch<MarkJob, String> {
+    Arc::new(move |jobs: Vec<MarkJob>| {
+        let pool = pool.clone();
+        Box::pin(async move {
+            let rows: Vec<(i64, String)> =
+                sqlx::query_as("SELECT * FROM message_mark_sending_batch($1::jsonb)")
+                    .bind(jobs_json(&jobs)?)
+                    .fetch_all(&pool)
+                    .await?;
+            in_job_order(jobs.len(), rows, "message_mark_sending_batch")
+        })
+    })
+}
+
+fn run_sent(pool: Pool<Postgres>) -> RunBatch<SentJob, String> {
+    Arc::new(move |jobs: Vec<SentJob>| {
+        let pool = pool.clone();
+        Box::pin(async move {
+            let locks = batch_locks(&jobs, |j| &j.locks);
+            let rows: Vec<(i64, String)> =
+                sqlx::query_as("SELECT * FROM message_sent_batch($1, $2::jsonb)")
+                    .bind(&locks)
+                    .bind(jobs_json(&jobs)?)
+                    .fetch_all(&pool)
+                    .await?;
+            in_job_order(jobs.len(), rows, "message_sent_batch")
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_go_to_the_database_cut_to_microseconds_as_sqlx_binds_them() {
+        let t = DateTime::parse_from_rfc3339("2027-01-02T03:04:05.123456789Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(micros(t), "2027-01-02T03:04:05.123456Z");
+    }
+
+    #[test]
+    fn a_batch_takes_each_lock_once_in_sorted_order() {
+        let jobs = vec![
+            vec!["otp:user:b".to_string(), "otp:phone:x".to_string()],
+            vec!["otp:user:a".to_string(), "otp:phone:x".to_string()],
+        ];
+        assert_eq!(
+            batch_locks(&jobs, |j| j.as_slice()),
+            ["otp:phone:x", "otp:user:a", "otp:user:b"]
+        );
+    }
+
+    #[test]
+    fn jobs_are_numbered_in_the_json_array() {
+        #[derive(Serialize)]
+        struct J {
+            id: &'static str,
+        }
+        let json = jobs_json(&[J { id: "a" }, J { id: "b" }]).unwrap();
+        assert_eq!(json, r#"[{"n":0,"id":"a"},{"n":1,"id":"b"}]"#);
     }
 }
