@@ -223,6 +223,8 @@ pub trait OtpStore: Send + Sync + 'static {
 pub trait InboundStore: Send + Sync + 'static {
     /// Whether the number texted STOP on this channel (and not START since).
     async fn is_opted_out(&self, phone_number: &str, channel: Channel) -> AppResult<bool>;
+    /// `is_opted_out` for many numbers in one read: each (number, channel) opted out.
+    async fn opted_out_among(&self, phone_numbers: &[String]) -> AppResult<Vec<(String, Channel)>>;
     async fn set_opt_out(
         &self,
         phone_number: &str,

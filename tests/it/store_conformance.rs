@@ -31,6 +31,7 @@ both_backends!(
     otps_are_claimed_first_then_the_oldest,
     concurrent_otp_issues_keep_every_limit,
     a_failing_otp_issue_fails_alone,
+    opt_outs_are_read_for_many_numbers_at_once,
 );
 
 fn t0() -> chrono::DateTime<Utc> {
@@ -718,4 +719,35 @@ async fn a_failing_otp_issue_fails_alone(backend: Backend) {
     assert!(store.get_otp("u5", "login").await.unwrap().is_none());
     let taken = store.get_message("taken").await.unwrap().unwrap();
     assert_eq!(taken.template_name, "payment_received");
+}
+
+/// The dispatcher reads a claim's opt-outs in one go: each number asked about comes back with
+/// each channel it opted out of, and only those.
+async fn opt_outs_are_read_for_many_numbers_at_once(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    let (a, b, c) = ("+14155550001", "+14155550002", "+14155550003");
+    store
+        .set_opt_out(a, Channel::Sms, ConsentSource::SmsKeyword, t0())
+        .await
+        .unwrap();
+    store
+        .set_opt_out(a, Channel::Whatsapp, ConsentSource::SmsKeyword, t0())
+        .await
+        .unwrap();
+    store
+        .set_opt_out(c, Channel::Whatsapp, ConsentSource::SmsKeyword, t0())
+        .await
+        .unwrap();
+    let numbers: Vec<String> = [a, b, c].iter().map(|n| n.to_string()).collect();
+    let mut found = store.opted_out_among(&numbers).await.unwrap();
+    found.sort_by_key(|(n, ch)| (n.clone(), ch.as_str()));
+    assert_eq!(
+        found,
+        vec![
+            (a.to_string(), Channel::Sms),
+            (a.to_string(), Channel::Whatsapp),
+            (c.to_string(), Channel::Whatsapp),
+        ]
+    );
+    assert!(store.opted_out_among(&[]).await.unwrap().is_empty());
 }

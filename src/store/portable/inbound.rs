@@ -25,6 +25,35 @@ impl InboundStore for ThisStore {
         Ok(found > 0)
     }
 
+    async fn opted_out_among(&self, phone_numbers: &[String]) -> AppResult<Vec<(String, Channel)>> {
+        // The numbers are stored as blind indexes: map each back to the number asked about.
+        let by_index: std::collections::HashMap<String, &String> = phone_numbers
+            .iter()
+            .map(|number| (self.vault.blind(number), number))
+            .collect();
+        let indexes: Vec<&String> = by_index.keys().collect();
+        let mut found = Vec::new();
+        // A chunk at a time: well under SQLite's 32,766 bound parameters.
+        for chunk in indexes.chunks(500) {
+            let mut query = sqlx::QueryBuilder::<Db>::new(
+                "SELECT phone_index, channel FROM opt_outs WHERE phone_index IN (",
+            );
+            let mut bound = query.separated(", ");
+            for index in chunk {
+                bound.push_bind(index.as_str());
+            }
+            bound.push_unseparated(")");
+            let rows: Vec<(String, String)> = query.build_query_as().fetch_all(&self.pool).await?;
+            for (index, channel) in rows {
+                if let (Some(number), Some(channel)) = (by_index.get(&index), Channel::parse(&channel))
+                {
+                    found.push(((*number).clone(), channel));
+                }
+            }
+        }
+        Ok(found)
+    }
+
     async fn set_opt_out(
         &self,
         phone_number: &str,
