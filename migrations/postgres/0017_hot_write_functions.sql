@@ -5,8 +5,9 @@
 -- one call and one commit (`src/store/postgres/batch.rs`); the caller runs a batch that fails
 -- again one job at a time, so one bad job fails alone.
 --
--- Locks: every advisory lock a batch needs is taken first, in sorted order, so two batches
--- never wait on each other in a circle.
+-- Locks: every advisory lock a batch needs is taken first, in sorted order, and jobs that take a
+-- sender's send slot run in the order of their senders, so two batches (of one instance or two)
+-- never wait on each other's locks or `send_rate` rows in a circle.
 --
 -- Each does what its twin in `src/store/portable/` does (and the SQLite writer in
 -- `src/store/sqlite/hot_writes.rs`): the same statements, in the same order, under the same
@@ -16,6 +17,25 @@
 -- A job's fields are read as `j.<field>` and parameters are prefixed `p_`, so neither shadows a
 -- column. In READ COMMITTED each statement of a (volatile) function sees what committed before it
 -- began (and what the batch wrote before it), as separate statements would.
+
+-- The advisory locks of `keys` (sorted by the caller), taken after the sort, so two calls never
+-- wait on each other in a circle; held until the transaction ends.
+-- (PL/pgSQL: `PERFORM` runs the query to its last row; a SQL function would stop at the first.)
+CREATE FUNCTION lock_keys_in_order(p_keys TEXT[]) RETURNS VOID LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(k, 0))
+    FROM unnest(p_keys) WITH ORDINALITY AS t(k, o) ORDER BY o;
+END
+$$;
+
+-- `store::RESERVE_SEND_SLOT`: take the sender's next send slot (microseconds since the epoch).
+CREATE FUNCTION send_rate_take(p_sender TEXT, p_now_us BIGINT, p_interval_us BIGINT)
+RETURNS VOID LANGUAGE sql AS $$
+    INSERT INTO send_rate (sender, next_slot_us) VALUES (p_sender, p_now_us + p_interval_us)
+    ON CONFLICT (sender) DO UPDATE SET next_slot_us =
+        (CASE WHEN send_rate.next_slot_us > p_now_us THEN send_rate.next_slot_us
+         ELSE p_now_us END) + p_interval_us;
+$$;
 
 -- OTPs issued (`OtpStore::issue_otp`): the numbers', users' and addresses' locks; then per job
 -- the checks of `store::OTP_CHECKS`; then, unless a limit refuses it (nothing written), the send
@@ -35,9 +55,7 @@ CREATE FUNCTION otp_issue_batch(p_lock_keys TEXT[], p_jobs JSONB) RETURNS TABLE 
 DECLARE
     j RECORD;
 BEGIN
-    -- Keys arrive sorted; locks are taken after the sort, so two calls never wait in a circle.
-    PERFORM pg_advisory_xact_lock(hashtextextended(k, 0))
-    FROM unnest(p_lock_keys) WITH ORDINALITY AS t(k, o) ORDER BY o;
+    PERFORM lock_keys_in_order(p_lock_keys);
 
     FOR j IN SELECT * FROM jsonb_to_recordset(p_jobs) AS x(
         n BIGINT,
@@ -72,7 +90,7 @@ BEGIN
         code_to TEXT,
         code_hash TEXT,
         expires_at TIMESTAMPTZ
-    ) LOOP
+    ) ORDER BY x.slot_sender NULLS FIRST, x.n LOOP
         n := j.n;
         SELECT
             (SELECT l.created_at FROM otp_send_log l WHERE l.phone_index = j.phone_index
@@ -118,12 +136,7 @@ BEGIN
             INSERT INTO message_events (message_id, status, error_code, detail, occurred_at)
             VALUES (j.message_id, 'sending', NULL, NULL, j.created_at) ON CONFLICT DO NOTHING;
             IF j.slot_sender IS NOT NULL THEN
-                -- `store::RESERVE_SEND_SLOT`
-                INSERT INTO send_rate (sender, next_slot_us)
-                VALUES (j.slot_sender, j.slot_now_us + j.slot_interval_us)
-                ON CONFLICT (sender) DO UPDATE SET next_slot_us =
-                    (CASE WHEN send_rate.next_slot_us > j.slot_now_us THEN send_rate.next_slot_us
-                     ELSE j.slot_now_us END) + j.slot_interval_us;
+                PERFORM send_rate_take(j.slot_sender, j.slot_now_us, j.slot_interval_us);
             END IF;
         END IF;
 
@@ -171,7 +184,7 @@ BEGIN
         slot_sender TEXT,
         slot_now_us BIGINT,
         slot_interval_us BIGINT
-    ) LOOP
+    ) ORDER BY x.slot_sender NULLS FIRST, x.n LOOP
         n := j.n;
         -- Right-hand sides read the row as it was, so `m.channel` in the CASE is the old one.
         UPDATE messages m SET status = 'sending', attempts = m.attempts + 1,
@@ -203,12 +216,7 @@ BEGIN
         INSERT INTO message_events (message_id, status, error_code, detail, occurred_at)
         VALUES (j.id, 'sending', NULL, NULL, j.now) ON CONFLICT DO NOTHING;
         IF j.slot_sender IS NOT NULL THEN
-            -- `store::RESERVE_SEND_SLOT`
-            INSERT INTO send_rate (sender, next_slot_us)
-            VALUES (j.slot_sender, j.slot_now_us + j.slot_interval_us)
-            ON CONFLICT (sender) DO UPDATE SET next_slot_us =
-                (CASE WHEN send_rate.next_slot_us > j.slot_now_us THEN send_rate.next_slot_us
-                 ELSE j.slot_now_us END) + j.slot_interval_us;
+            PERFORM send_rate_take(j.slot_sender, j.slot_now_us, j.slot_interval_us);
         END IF;
         outcome := 'marked';
         RETURN NEXT;
@@ -227,8 +235,7 @@ RETURNS TABLE (n BIGINT, outcome TEXT) LANGUAGE plpgsql AS $$
 DECLARE
     j RECORD;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended(k, 0))
-    FROM unnest(p_lock_keys) WITH ORDINALITY AS t(k, o) ORDER BY o;
+    PERFORM lock_keys_in_order(p_lock_keys);
     FOR j IN SELECT * FROM jsonb_to_recordset(p_jobs) AS x(
         n BIGINT,
         id TEXT,

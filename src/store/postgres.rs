@@ -10,10 +10,10 @@ use sqlx::{Pool, Postgres};
 
 use crate::error::AppResult;
 use crate::vault::{KeySettings, Vault};
-pub use functions::{PgFunctions, SentCall};
+use functions::PgFunctions;
 
 mod batch;
-mod functions;
+pub mod functions;
 
 pub struct PostgresStore {
     pool: Pool<Postgres>,

@@ -103,7 +103,7 @@ impl SqliteStore {
 
     /// PostgreSQL's functions for the hot writes have no counterpart here: the writer thread
     /// runs them (`writer()`), or the portable transactions for a database in memory.
-    fn functions(&self) -> Option<&super::postgres::PgFunctions> {
+    fn functions(&self) -> Option<&super::postgres::functions::PgFunctions> {
         None
     }
 

@@ -45,7 +45,8 @@ impl InboundStore for ThisStore {
             bound.push_unseparated(")");
             let rows: Vec<(String, String)> = query.build_query_as().fetch_all(&self.pool).await?;
             for (index, channel) in rows {
-                if let (Some(number), Some(channel)) = (by_index.get(&index), Channel::parse(&channel))
+                if let (Some(number), Some(channel)) =
+                    (by_index.get(&index), Channel::parse(&channel))
                 {
                     found.push(((*number).clone(), channel));
                 }

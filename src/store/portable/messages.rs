@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use super::*;
 use crate::error::AppResult;
 #[allow(unused_imports)]
-use crate::store::postgres::SentCall;
+use crate::store::postgres::functions::SentCall;
 use crate::store::*;
 
 #[async_trait]

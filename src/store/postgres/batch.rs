@@ -7,9 +7,16 @@
 //! paid once for many jobs. At low load a job goes alone at once: nothing waits for a batch to
 //! fill.
 //!
-//! A batch that fails (a bug, a constraint, a deadlock with another instance) is run again one
-//! job at a time, so a bad job fails alone and the others still commit. Nothing of a failed batch
-//! was written (its transaction rolled back), so running its jobs again is safe.
+//! A batch the server refused (an error with an SQLSTATE: a constraint, a deadlock with another
+//! instance, a bug) is run again one job at a time, so a bad job fails alone and the others still
+//! commit: the server rolled the batch's transaction back, so running its jobs again is safe. Any
+//! other failure (a lost connection, an answer that does not decode) goes to every caller as it
+//! is: the batch may have committed, and running a job twice would answer it wrongly (a second
+//! OTP issue hits the cooldown, a second mark finds the claim moved on).
+//!
+//! With `Abandoned::Skip`, a job whose caller has gone (a request dropped while its job waited)
+//! is left out: as with a transaction dropped before its commit, nothing of it is written. Not for
+//! a send's record: the message has gone out, and recording it beats leaving it to recovery.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,13 +34,43 @@ const MAX_BATCH: usize = 64;
 /// 2,100-2,200 sends/s; four slots made batches of 1.4 and 1,800/s.
 const CONCURRENT_BATCHES: usize = 2;
 
-type BatchFuture<R> = Pin<Box<dyn Future<Output = AppResult<Vec<R>>> + Send>>;
+/// Why a batch failed.
+pub enum BatchError {
+    /// The server refused it and rolled it back: each job may run again alone.
+    Refused(AppError),
+    /// Anything else: the batch may have committed; every caller gets the error.
+    Failed(AppError),
+}
+
+impl From<sqlx::Error> for BatchError {
+    fn from(e: sqlx::Error) -> BatchError {
+        match e {
+            sqlx::Error::Database(_) => BatchError::Refused(e.into()),
+            other => BatchError::Failed(other.into()),
+        }
+    }
+}
+
+impl From<AppError> for BatchError {
+    fn from(e: AppError) -> BatchError {
+        BatchError::Failed(e)
+    }
+}
+
+type BatchFuture<R> = Pin<Box<dyn Future<Output = Result<Vec<R>, BatchError>> + Send>>;
 /// Runs jobs as one database call; answers one result per job, in order.
 pub type RunBatch<J, R> = Arc<dyn Fn(Vec<J>) -> BatchFuture<R> + Send + Sync>;
 
 struct Pending<J, R> {
     job: J,
     reply: oneshot::Sender<AppResult<R>>,
+}
+
+/// What to do with a job whose caller stopped waiting before its batch ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abandoned {
+    Skip,
+    Run,
 }
 
 pub struct Batcher<J, R> {
@@ -47,9 +84,9 @@ where
 {
     /// Start the task that gathers jobs into batches for `run` (it ends with the batcher).
     /// `what` names the kind of job in errors.
-    pub fn start(what: &'static str, run: RunBatch<J, R>) -> Batcher<J, R> {
+    pub fn start(what: &'static str, abandoned: Abandoned, run: RunBatch<J, R>) -> Batcher<J, R> {
         let (jobs, queue) = mpsc::unbounded_channel();
-        tokio::spawn(gather(what, queue, run));
+        tokio::spawn(gather(what, abandoned, queue, run));
         Batcher { jobs }
     }
 
@@ -68,6 +105,7 @@ where
 /// Take the jobs waiting (up to `MAX_BATCH`) once a batch slot is free, and run them.
 async fn gather<J, R>(
     what: &'static str,
+    abandoned: Abandoned,
     mut queue: mpsc::UnboundedReceiver<Pending<J, R>>,
     run: RunBatch<J, R>,
 ) where
@@ -86,6 +124,12 @@ async fn gather<J, R>(
                 Ok(pending) => batch.push(pending),
                 Err(_) => break,
             }
+        }
+        if abandoned == Abandoned::Skip {
+            batch.retain(|pending| !pending.reply.is_closed());
+        }
+        if batch.is_empty() {
+            continue;
         }
         let run = run.clone();
         tokio::spawn(async move {
@@ -117,20 +161,26 @@ where
                     .send(Err(AppError::Internal(anyhow::anyhow!("{e}"))));
             }
         }
-        // One job alone: its own error.
-        Err(e) if count == 1 => {
-            if let Some(pending) = batch.into_iter().next() {
-                let _ = pending.reply.send(Err(e));
+        Err(BatchError::Refused(e)) if count > 1 => {
+            tracing::warn!(error = %e, jobs = count, "{what}: a batch was refused; running its jobs one by one");
+            for pending in batch {
+                let result = match run(vec![pending.job.clone()]).await {
+                    Ok(mut one) => one
+                        .pop()
+                        .ok_or_else(|| anyhow::anyhow!("{what}: no answer").into()),
+                    Err(BatchError::Refused(e) | BatchError::Failed(e)) => Err(e),
+                };
+                let _ = pending.reply.send(result);
             }
         }
-        Err(e) => {
-            tracing::warn!(error = %e, jobs = count, "{what}: a batch failed; running its jobs one by one");
+        // One job alone, or a failure after which the batch may have committed: the error as
+        // it is, to every caller.
+        Err(BatchError::Refused(e) | BatchError::Failed(e)) => {
+            let e = e.to_string();
             for pending in batch {
-                let result = run(vec![pending.job.clone()]).await.and_then(|mut one| {
-                    one.pop()
-                        .ok_or_else(|| anyhow::anyhow!("{what}: no answer").into())
-                });
-                let _ = pending.reply.send(result);
+                let _ = pending
+                    .reply
+                    .send(Err(AppError::Internal(anyhow::anyhow!("{e}"))));
             }
         }
     }
@@ -149,7 +199,12 @@ mod tests {
                 seen.lock().unwrap().push(jobs.clone());
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 if jobs.iter().any(|j| *j < 0) {
-                    return Err(anyhow::anyhow!("bad job").into());
+                    return Err(BatchError::Refused(anyhow::anyhow!("bad job").into()));
+                }
+                if jobs.contains(&1000) {
+                    return Err(BatchError::Failed(
+                        anyhow::anyhow!("connection lost").into(),
+                    ));
                 }
                 Ok(jobs.iter().map(|j| j * 10).collect())
             })
@@ -159,7 +214,11 @@ mod tests {
     #[tokio::test]
     async fn concurrent_calls_share_batches_and_each_gets_its_own_answer() {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let batcher = Arc::new(Batcher::start("test", recording(seen.clone())));
+        let batcher = Arc::new(Batcher::start(
+            "test",
+            Abandoned::Skip,
+            recording(seen.clone()),
+        ));
         let mut tasks = tokio::task::JoinSet::new();
         for j in 0..200i64 {
             let batcher = batcher.clone();
@@ -179,7 +238,11 @@ mod tests {
     #[tokio::test]
     async fn a_failing_batch_is_run_again_job_by_job_so_only_the_bad_job_fails() {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let batcher = Arc::new(Batcher::start("test", recording(seen.clone())));
+        let batcher = Arc::new(Batcher::start(
+            "test",
+            Abandoned::Skip,
+            recording(seen.clone()),
+        ));
         let mut tasks = tokio::task::JoinSet::new();
         for j in [1i64, 2, -3, 4, 5, 6, 7, 8] {
             let batcher = batcher.clone();
@@ -192,5 +255,48 @@ mod tests {
                 _ => assert_eq!(answer.unwrap(), j * 10),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_may_have_committed_is_never_run_again() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let batcher = Arc::new(Batcher::start(
+            "test",
+            Abandoned::Skip,
+            recording(seen.clone()),
+        ));
+        let mut tasks = tokio::task::JoinSet::new();
+        for j in [1000i64, 1, 2, 3] {
+            let batcher = batcher.clone();
+            tasks.spawn(async move { (j, batcher.call(j).await) });
+        }
+        let mut failed = 0;
+        while let Some(done) = tasks.join_next().await {
+            if done.unwrap().1.is_err() {
+                failed += 1;
+            }
+        }
+        assert!(failed >= 1);
+        // Every job ran once: none was run again after the failure.
+        let seen = seen.lock().unwrap();
+        let runs: usize = seen.iter().map(Vec::len).sum();
+        assert_eq!(runs, 4, "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_caller_has_gone_is_not_run() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let batcher = Batcher::start("test", Abandoned::Skip, recording(seen.clone()));
+        // Its reply channel closed before any batch takes it.
+        let (reply, answer) = oneshot::channel();
+        drop(answer);
+        batcher
+            .jobs
+            .send(Pending { job: 7, reply })
+            .map_err(|_| ())
+            .unwrap();
+        assert_eq!(batcher.call(8).await.unwrap(), 80);
+        let seen = seen.lock().unwrap();
+        assert!(seen.iter().flatten().all(|j| *j != 7), "{seen:?}");
     }
 }

@@ -15,7 +15,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use sqlx::{Pool, Postgres};
 
-use super::batch::{Batcher, RunBatch};
+use super::batch::{Abandoned, BatchError, Batcher, RunBatch};
 use crate::error::AppResult;
 use crate::status::MessageStatus;
 use crate::store::{MarkSending, OtpChecks, OtpIssue, OtpIssueOutcome, SendAttempt, SendGuard};
@@ -71,7 +71,7 @@ fn batch_locks<T>(jobs: &[T], keys: impl Fn(&T) -> &[String]) -> Vec<String> {
 }
 
 /// Rows numbered `n` back into job order; an error if any job has no row.
-fn in_job_order<R>(count: usize, rows: Vec<(i64, R)>, what: &str) -> AppResult<Vec<R>> {
+fn in_job_order<R>(count: usize, rows: Vec<(i64, R)>, what: &str) -> Result<Vec<R>, BatchError> {
     let mut slots: Vec<Option<R>> = (0..count).map(|_| None).collect();
     for (n, row) in rows {
         if let Some(slot) = usize::try_from(n).ok().and_then(|n| slots.get_mut(n)) {
@@ -80,7 +80,11 @@ fn in_job_order<R>(count: usize, rows: Vec<(i64, R)>, what: &str) -> AppResult<V
     }
     slots
         .into_iter()
-        .map(|r| r.ok_or_else(|| anyhow::anyhow!("{what}: a job had no answer").into()))
+        .map(|r| {
+            r.ok_or_else(|| {
+                BatchError::Failed(anyhow::anyhow!("{what}: a job had no answer").into())
+            })
+        })
         .collect()
 }
 
@@ -167,9 +171,14 @@ impl PgFunctions {
     /// Start the batchers (on the current tokio runtime).
     pub fn new(pool: Pool<Postgres>) -> PgFunctions {
         PgFunctions {
-            issue: Batcher::start("issuing OTPs", run_issue(pool.clone())),
-            mark: Batcher::start("marking messages sending", run_mark(pool.clone())),
-            sent: Batcher::start("recording sends", run_sent(pool)),
+            issue: Batcher::start("issuing OTPs", Abandoned::Skip, run_issue(pool.clone())),
+            mark: Batcher::start(
+                "marking messages sending",
+                Abandoned::Skip,
+                run_mark(pool.clone()),
+            ),
+            // A send's record runs even for a caller that has gone: the message went out.
+            sent: Batcher::start("recording sends", Abandoned::Run, run_sent(pool)),
         }
     }
 
