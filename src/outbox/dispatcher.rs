@@ -718,6 +718,20 @@ impl Dispatcher {
         message: &MessageRecord,
         plan: OtpPlan,
     ) -> AppResult<OtpDelivery> {
+        // The code is written and about to go out: the send and its record run to the end even
+        // if the request is dropped (a client that hung up while Twilio answered), so the message
+        // is recorded as sent instead of waiting, `sending`, for its lease to run out.
+        let (this, message) = (self.clone(), message.clone());
+        tokio::spawn(async move { this.send_otp_to_the_end(&message, plan).await })
+            .await
+            .map_err(|e| anyhow::anyhow!("the OTP send task failed: {e}"))?
+    }
+
+    async fn send_otp_to_the_end(
+        &self,
+        message: &MessageRecord,
+        plan: OtpPlan,
+    ) -> AppResult<OtpDelivery> {
         let fence = message
             .lease_until
             .ok_or_else(|| anyhow::anyhow!("an OTP message is written claimed"))?;

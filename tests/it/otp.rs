@@ -600,3 +600,41 @@ async fn otp_length_is_configurable(backend: Backend) {
     assert_eq!(code.len(), 8, "{body}");
     assert_eq!(verify(&app, "u1", "login", &code).await.0, 200);
 }
+
+/// A caller that hangs up while Twilio answers does not leave its code's message `sending`: the
+/// send and its record run to the end without the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_whose_caller_hangs_up_is_still_recorded_as_sent() {
+    use crate::common::fake_twilio::Fault;
+    let app = TestApp::spawn_live(Backend::Sqlite, TestConfig::new()).await;
+    let fake = app.fake.as_ref().unwrap().clone();
+    fake.script(
+        PHONE,
+        vec![Fault::Slow(std::time::Duration::from_millis(1500))],
+    );
+    let hung_up = app
+        .client
+        .post(app.url("/api/messaging/send-otp"))
+        .timeout(std::time::Duration::from_millis(300))
+        .json(&json!({"user_id": "u1", "phone_number": PHONE, "purpose": "login"}))
+        .send()
+        .await;
+    assert!(hung_up.is_err(), "the client gave up first");
+    let store = app.state.store.clone();
+    let mut status = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let messages = store.user_messages("u1", 10).await.unwrap();
+        if let Some(m) = messages.first() {
+            status = m.status.as_str().to_string();
+            if m.provider_sid.is_some() {
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        status, "sent",
+        "the code's message after its caller hung up"
+    );
+    assert_eq!(fake.create_calls_to(PHONE), 1);
+}
