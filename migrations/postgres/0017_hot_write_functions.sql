@@ -161,12 +161,15 @@ $$;
 -- Claimed messages marked `sending` for an attempt (`MessageStore::mark_sending`): the update of
 -- `store::mark_sending_sql` (the guard's checks in the same statement), then its event and the
 -- sender's slot. Per job: 'marked', 'policy_changed' (ours still, but a STOP or a consent change
--- stops it; nothing written) or 'claim_lost'.
-CREATE FUNCTION message_mark_sending_batch(p_jobs JSONB) RETURNS TABLE (n BIGINT, outcome TEXT)
+-- stops it; nothing written) or 'claim_lost'. Marks need no advisory lock (each message is
+-- claimed by one dispatcher); `p_lock_keys` keeps the batch functions' one signature.
+CREATE FUNCTION message_mark_sending_batch(p_lock_keys TEXT[], p_jobs JSONB)
+RETURNS TABLE (n BIGINT, outcome TEXT)
 LANGUAGE plpgsql AS $$
 DECLARE
     j RECORD;
 BEGIN
+    PERFORM lock_keys_in_order(p_lock_keys);
     FOR j IN SELECT * FROM jsonb_to_recordset(p_jobs) AS x(
         n BIGINT,
         id TEXT,

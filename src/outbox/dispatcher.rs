@@ -148,11 +148,15 @@ pub struct Dispatcher {
     provider_health: Arc<ProviderHealth>,
 }
 
-/// What `Dispatcher::claim_reads` read for a claim; `consents: None` when it could not.
-#[derive(Default)]
-struct ClaimReads {
-    consents: Option<std::collections::HashMap<String, crate::store::Consent>>,
-    opted_out: std::collections::HashSet<(String, Channel)>,
+/// What `Dispatcher::claim_reads` read for a claim.
+enum ClaimReads {
+    /// The claim's users' consents (by user) and each (number, channel) opted out among them.
+    Read {
+        consents: std::collections::HashMap<String, crate::store::Consent>,
+        opted_out: std::collections::HashSet<(String, Channel)>,
+    },
+    /// Nothing read (an empty claim, or the reads failed): each message reads its own.
+    PerMessage,
 }
 
 /// A claimed message and the lease that proves the claim is still ours. Every write for the
@@ -367,7 +371,7 @@ impl Dispatcher {
     /// reads its own.
     async fn claim_reads(&self, claimed: &[MessageRecord]) -> ClaimReads {
         if claimed.is_empty() {
-            return ClaimReads::default();
+            return ClaimReads::PerMessage;
         }
         let mut users: Vec<String> = claimed.iter().map(|m| m.user_id.clone()).collect();
         users.sort();
@@ -382,18 +386,16 @@ impl Dispatcher {
             AppResult::Ok((consents, opted_out))
         };
         match read.await {
-            Ok((consents, opted_out)) => ClaimReads {
-                consents: Some(
-                    consents
-                        .into_iter()
-                        .map(|c| (c.user_id.clone(), c))
-                        .collect(),
-                ),
+            Ok((consents, opted_out)) => ClaimReads::Read {
+                consents: consents
+                    .into_iter()
+                    .map(|c| (c.user_id.clone(), c))
+                    .collect(),
                 opted_out: opted_out.into_iter().collect(),
             },
             Err(e) => {
                 tracing::warn!(error = %e, "reading a claim's consents failed; reading per message");
-                ClaimReads::default()
+                ClaimReads::PerMessage
             }
         }
     }
@@ -403,9 +405,9 @@ impl Dispatcher {
         user_id: &str,
         reads: &ClaimReads,
     ) -> AppResult<Option<crate::store::Consent>> {
-        match &reads.consents {
-            Some(consents) => Ok(consents.get(user_id).cloned()),
-            None => self.consent_records.get_consent(user_id).await,
+        match reads {
+            ClaimReads::Read { consents, .. } => Ok(consents.get(user_id).cloned()),
+            ClaimReads::PerMessage => self.consent_records.get_consent(user_id).await,
         }
     }
 
@@ -415,11 +417,11 @@ impl Dispatcher {
         channel: Channel,
         reads: &ClaimReads,
     ) -> AppResult<bool> {
-        match &reads.consents {
-            Some(_) => Ok(reads
-                .opted_out
-                .contains(&(to.as_str().to_string(), channel))),
-            None => self.inbound.is_opted_out(to.as_str(), channel).await,
+        match reads {
+            ClaimReads::Read { opted_out, .. } => {
+                Ok(opted_out.contains(&(to.as_str().to_string(), channel)))
+            }
+            ClaimReads::PerMessage => self.inbound.is_opted_out(to.as_str(), channel).await,
         }
     }
 

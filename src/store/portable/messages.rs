@@ -293,8 +293,10 @@ impl MessageStore for ThisStore {
                 .record_sent(&self.vault, id, provider_sid, status, news, now, fence)
                 .await;
         }
+        // The provider's own news (the mock's `delivered`) goes in with the send: one update
+        // to where the message ends, and an event for each status it passed.
+        let news = news.filter(|n| n.may_follow(status));
         if let Some(functions) = self.functions() {
-            let news = news.filter(|n| n.may_follow(status));
             match functions
                 .record_sent(id, provider_sid, status, news, now, fence)
                 .await?
@@ -308,9 +310,6 @@ impl MessageStore for ThisStore {
         let mut tx = self.pool.begin().await?;
         // See `apply_status`: recording a SID and parking a status for it never interleave.
         ThisStore::lock_keys(&mut tx, &mut [format!("sid:{provider_sid}")]).await?;
-        // The provider's own news (the mock's `delivered`) goes in with the send: one update
-        // to where the message ends, and an event for each status it passed.
-        let news = news.filter(|n| n.may_follow(status));
         let recorded = sqlx::query(RECORD_SENT)
             .bind(id)
             .bind(fence)

@@ -58,8 +58,9 @@ impl From<AppError> for BatchError {
 }
 
 type BatchFuture<R> = Pin<Box<dyn Future<Output = Result<Vec<R>, BatchError>> + Send>>;
-/// Runs jobs as one database call; answers one result per job, in order.
-pub type RunBatch<J, R> = Arc<dyn Fn(Vec<J>) -> BatchFuture<R> + Send + Sync>;
+/// Runs jobs as one database call; answers one result per job, in order. The jobs are shared,
+/// not copied: the batcher keeps them only to run them again one by one after a refusal.
+pub type RunBatch<J, R> = Arc<dyn Fn(Arc<[J]>) -> BatchFuture<R> + Send + Sync>;
 
 struct Pending<J, R> {
     job: J,
@@ -79,7 +80,7 @@ pub struct Batcher<J, R> {
 
 impl<J, R> Batcher<J, R>
 where
-    J: Clone + Send + 'static,
+    J: Clone + Send + Sync + 'static,
     R: Send + 'static,
 {
     /// Start the task that gathers jobs into batches for `run` (it ends with the batcher).
@@ -109,7 +110,7 @@ async fn gather<J, R>(
     mut queue: mpsc::UnboundedReceiver<Pending<J, R>>,
     run: RunBatch<J, R>,
 ) where
-    J: Clone + Send + 'static,
+    J: Clone + Send + Sync + 'static,
     R: Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(CONCURRENT_BATCHES));
@@ -141,48 +142,45 @@ async fn gather<J, R>(
 
 async fn run_and_answer<J, R>(what: &'static str, batch: Vec<Pending<J, R>>, run: &RunBatch<J, R>)
 where
-    J: Clone + Send + 'static,
+    J: Clone + Send + Sync + 'static,
     R: Send + 'static,
 {
-    let jobs: Vec<J> = batch.iter().map(|p| p.job.clone()).collect();
+    let (jobs, replies): (Vec<J>, Vec<_>) = batch.into_iter().map(|p| (p.job, p.reply)).unzip();
+    let jobs: Arc<[J]> = jobs.into();
     let count = jobs.len();
-    match run(jobs).await {
+    match run(jobs.clone()).await {
         Ok(results) if results.len() == count => {
-            for (pending, result) in batch.into_iter().zip(results) {
+            for (reply, result) in replies.into_iter().zip(results) {
                 // The caller may have gone (a dropped request): its write stands all the same.
-                let _ = pending.reply.send(Ok(result));
+                let _ = reply.send(Ok(result));
             }
         }
-        Ok(results) => {
-            let e = format!("{what}: {count} jobs, {} answers", results.len());
-            for pending in batch {
-                let _ = pending
-                    .reply
-                    .send(Err(AppError::Internal(anyhow::anyhow!("{e}"))));
-            }
-        }
+        Ok(results) => fail_all(
+            replies,
+            &format!("{what}: {count} jobs, {} answers", results.len()),
+        ),
         Err(BatchError::Refused(e)) if count > 1 => {
             tracing::warn!(error = %e, jobs = count, "{what}: a batch was refused; running its jobs one by one");
-            for pending in batch {
-                let result = match run(vec![pending.job.clone()]).await {
+            for (job, reply) in jobs.iter().zip(replies) {
+                let result = match run(Arc::from([job.clone()])).await {
                     Ok(mut one) => one
                         .pop()
                         .ok_or_else(|| anyhow::anyhow!("{what}: no answer").into()),
                     Err(BatchError::Refused(e) | BatchError::Failed(e)) => Err(e),
                 };
-                let _ = pending.reply.send(result);
+                let _ = reply.send(result);
             }
         }
         // One job alone, or a failure after which the batch may have committed: the error as
         // it is, to every caller.
-        Err(BatchError::Refused(e) | BatchError::Failed(e)) => {
-            let e = e.to_string();
-            for pending in batch {
-                let _ = pending
-                    .reply
-                    .send(Err(AppError::Internal(anyhow::anyhow!("{e}"))));
-            }
-        }
+        Err(BatchError::Refused(e) | BatchError::Failed(e)) => fail_all(replies, &e.to_string()),
+    }
+}
+
+/// Answer every caller with the same error.
+fn fail_all<R>(replies: Vec<oneshot::Sender<AppResult<R>>>, error: &str) {
+    for reply in replies {
+        let _ = reply.send(Err(AppError::Internal(anyhow::anyhow!("{error}"))));
     }
 }
 
@@ -191,12 +189,17 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    /// A runner that records its batches and fails any batch holding a negative job.
-    fn recording(seen: Arc<Mutex<Vec<Vec<i64>>>>) -> RunBatch<i64, i64> {
-        Arc::new(move |jobs: Vec<i64>| {
-            let seen = seen.clone();
+    type Seen = Arc<Mutex<Vec<Vec<i64>>>>;
+
+    /// A batcher whose runner records its batches, refuses any batch holding a negative job and
+    /// fails (as after a lost connection) any batch holding 1000.
+    fn recording() -> (Arc<Batcher<i64, i64>>, Seen) {
+        let seen = Seen::default();
+        let log = seen.clone();
+        let run: RunBatch<i64, i64> = Arc::new(move |jobs: Arc<[i64]>| {
+            let log = log.clone();
             Box::pin(async move {
-                seen.lock().unwrap().push(jobs.clone());
+                log.lock().unwrap().push(jobs.to_vec());
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 if jobs.iter().any(|j| *j < 0) {
                     return Err(BatchError::Refused(anyhow::anyhow!("bad job").into()));
@@ -208,17 +211,28 @@ mod tests {
                 }
                 Ok(jobs.iter().map(|j| j * 10).collect())
             })
-        })
+        });
+        (Arc::new(Batcher::start("test", Abandoned::Skip, run)), seen)
+    }
+
+    /// Queue `jobs` before the batcher's task can run (the test runtime has one thread), so they
+    /// make one batch; their answers.
+    fn queue_together(
+        batcher: &Batcher<i64, i64>,
+        jobs: &[i64],
+    ) -> Vec<oneshot::Receiver<AppResult<i64>>> {
+        jobs.iter()
+            .map(|&job| {
+                let (reply, answer) = oneshot::channel();
+                assert!(batcher.jobs.send(Pending { job, reply }).is_ok());
+                answer
+            })
+            .collect()
     }
 
     #[tokio::test]
     async fn concurrent_calls_share_batches_and_each_gets_its_own_answer() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let batcher = Arc::new(Batcher::start(
-            "test",
-            Abandoned::Skip,
-            recording(seen.clone()),
-        ));
+        let (batcher, seen) = recording();
         let mut tasks = tokio::task::JoinSet::new();
         for j in 0..200i64 {
             let batcher = batcher.clone();
@@ -236,67 +250,41 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failing_batch_is_run_again_job_by_job_so_only_the_bad_job_fails() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let batcher = Arc::new(Batcher::start(
-            "test",
-            Abandoned::Skip,
-            recording(seen.clone()),
-        ));
-        let mut tasks = tokio::task::JoinSet::new();
-        for j in [1i64, 2, -3, 4, 5, 6, 7, 8] {
-            let batcher = batcher.clone();
-            tasks.spawn(async move { (j, batcher.call(j).await) });
-        }
-        while let Some(done) = tasks.join_next().await {
-            let (j, answer) = done.unwrap();
-            match j {
-                -3 => assert!(answer.is_err()),
-                _ => assert_eq!(answer.unwrap(), j * 10),
+    async fn a_refused_batch_is_run_again_job_by_job_so_only_the_bad_job_fails() {
+        let (batcher, seen) = recording();
+        let jobs = [1i64, 2, -3, 4];
+        let answers = queue_together(&batcher, &jobs);
+        for (j, answer) in jobs.iter().zip(answers) {
+            match (j, answer.await.unwrap()) {
+                (-3, answer) => assert!(answer.is_err()),
+                (j, answer) => assert_eq!(answer.unwrap(), j * 10),
             }
         }
+        // The batch, then each job alone.
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            *seen,
+            vec![vec![1, 2, -3, 4], vec![1], vec![2], vec![-3], vec![4]]
+        );
     }
 
     #[tokio::test]
     async fn a_batch_that_may_have_committed_is_never_run_again() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let batcher = Arc::new(Batcher::start(
-            "test",
-            Abandoned::Skip,
-            recording(seen.clone()),
-        ));
-        let mut tasks = tokio::task::JoinSet::new();
-        for j in [1000i64, 1, 2, 3] {
-            let batcher = batcher.clone();
-            tasks.spawn(async move { (j, batcher.call(j).await) });
+        let (batcher, seen) = recording();
+        let answers = queue_together(&batcher, &[1000, 1, 2, 3]);
+        for answer in answers {
+            assert!(answer.await.unwrap().is_err());
         }
-        let mut failed = 0;
-        while let Some(done) = tasks.join_next().await {
-            if done.unwrap().1.is_err() {
-                failed += 1;
-            }
-        }
-        assert!(failed >= 1);
-        // Every job ran once: none was run again after the failure.
-        let seen = seen.lock().unwrap();
-        let runs: usize = seen.iter().map(Vec::len).sum();
-        assert_eq!(runs, 4, "{seen:?}");
+        assert_eq!(*seen.lock().unwrap(), vec![vec![1000, 1, 2, 3]]);
     }
 
     #[tokio::test]
     async fn a_job_whose_caller_has_gone_is_not_run() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let batcher = Batcher::start("test", Abandoned::Skip, recording(seen.clone()));
-        // Its reply channel closed before any batch takes it.
-        let (reply, answer) = oneshot::channel();
-        drop(answer);
-        batcher
-            .jobs
-            .send(Pending { job: 7, reply })
-            .map_err(|_| ())
-            .unwrap();
-        assert_eq!(batcher.call(8).await.unwrap(), 80);
-        let seen = seen.lock().unwrap();
-        assert!(seen.iter().flatten().all(|j| *j != 7), "{seen:?}");
+        let (batcher, seen) = recording();
+        let mut answers = queue_together(&batcher, &[7, 8]);
+        // The caller of 7 stops waiting before any batch takes it.
+        drop(answers.remove(0));
+        assert_eq!(answers.remove(0).await.unwrap().unwrap(), 80);
+        assert_eq!(*seen.lock().unwrap(), vec![vec![8]]);
     }
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
+use sqlx::postgres::PgRow;
 use sqlx::{Pool, Postgres};
 
 use super::batch::{Abandoned, BatchError, Batcher, RunBatch};
@@ -22,9 +23,9 @@ use crate::store::{MarkSending, OtpChecks, OtpIssue, OtpIssueOutcome, SendAttemp
 use crate::vault::Vault;
 
 pub struct PgFunctions {
-    issue: Batcher<IssueJob, IssueRow>,
-    mark: Batcher<MarkJob, String>,
-    sent: Batcher<SentJob, String>,
+    issue: Batcher<IssueJob, IssueAnswer>,
+    mark: Batcher<MarkJob, Outcome>,
+    sent: Batcher<SentJob, Outcome>,
 }
 
 /// What recording a send came to.
@@ -45,7 +46,7 @@ fn micros(t: DateTime<Utc>) -> String {
 
 /// One job of a batch, as the batch function's JSON array holds it.
 #[derive(Serialize)]
-struct Numbered<'a, T> {
+struct NumberedJob<'a, T> {
     n: usize,
     #[serde(flatten)]
     job: &'a T,
@@ -53,28 +54,41 @@ struct Numbered<'a, T> {
 
 /// The jobs as the batch function's JSON array.
 fn jobs_json<T: Serialize>(jobs: &[T]) -> AppResult<String> {
-    let numbered: Vec<Numbered<T>> = jobs
+    let numbered: Vec<NumberedJob<T>> = jobs
         .iter()
         .enumerate()
-        .map(|(n, job)| Numbered { n, job })
+        .map(|(n, job)| NumberedJob { n, job })
         .collect();
     Ok(serde_json::to_string(&numbered).map_err(anyhow::Error::new)?)
 }
 
+/// A job of a batch function: the advisory locks it needs (taken for the whole batch, first).
+trait BatchJob: Serialize + Clone + Send + Sync + 'static {
+    fn locks(&self) -> &[String];
+}
+
+/// A row a batch function answers: the job's number `n`, then its outcome.
+trait Numbered {
+    fn n(&self) -> i64;
+}
+
 /// Every lock the batch's jobs need, sorted, each once: taken first, in this order, so two
 /// batches never wait on each other in a circle.
-fn batch_locks<T>(jobs: &[T], keys: impl Fn(&T) -> &[String]) -> Vec<String> {
-    let mut all: Vec<String> = jobs.iter().flat_map(|j| keys(j).iter().cloned()).collect();
+fn batch_locks<T: BatchJob>(jobs: &[T]) -> Vec<String> {
+    let mut all: Vec<String> = jobs
+        .iter()
+        .flat_map(|j| j.locks().iter().cloned())
+        .collect();
     all.sort();
     all.dedup();
     all
 }
 
 /// Rows numbered `n` back into job order; an error if any job has no row.
-fn in_job_order<R>(count: usize, rows: Vec<(i64, R)>, what: &str) -> Result<Vec<R>, BatchError> {
+fn in_job_order<R: Numbered>(count: usize, rows: Vec<R>, what: &str) -> Result<Vec<R>, BatchError> {
     let mut slots: Vec<Option<R>> = (0..count).map(|_| None).collect();
-    for (n, row) in rows {
-        if let Some(slot) = usize::try_from(n).ok().and_then(|n| slots.get_mut(n)) {
+    for row in rows {
+        if let Some(slot) = usize::try_from(row.n()).ok().and_then(|n| slots.get_mut(n)) {
             *slot = Some(row);
         }
     }
@@ -86,6 +100,58 @@ fn in_job_order<R>(count: usize, rows: Vec<(i64, R)>, what: &str) -> Result<Vec<
             })
         })
         .collect()
+}
+
+/// Run a batch function `function(locks, jobs)` (each of migration 17's takes the batch's sorted
+/// locks and its jobs as a JSON array, and answers one numbered row per job).
+fn batch_runner<J, R>(pool: Pool<Postgres>, function: &'static str) -> RunBatch<J, R>
+where
+    J: BatchJob,
+    R: for<'r> sqlx::FromRow<'r, PgRow> + Numbered + Send + Unpin + 'static,
+{
+    Arc::new(move |jobs: Arc<[J]>| {
+        let pool = pool.clone();
+        Box::pin(async move {
+            let rows: Vec<R> = sqlx::query_as(&format!("SELECT * FROM {function}($1, $2::jsonb)"))
+                .bind(batch_locks(&jobs))
+                .bind(jobs_json(&jobs)?)
+                .fetch_all(&pool)
+                .await?;
+            in_job_order(jobs.len(), rows, function)
+        })
+    })
+}
+
+/// `otp_issue_batch`'s row: the job's outcome and the checks it was decided on.
+#[derive(sqlx::FromRow)]
+struct IssueAnswer {
+    n: i64,
+    outcome: String,
+    last_send: Option<DateTime<Utc>>,
+    number_full: Option<DateTime<Utc>>,
+    user_full: Option<DateTime<Utc>>,
+    address_full: Option<DateTime<Utc>>,
+    named_opted_out: bool,
+    send_to_opted_out: bool,
+}
+
+/// The row of the other batch functions: the job's outcome.
+#[derive(sqlx::FromRow)]
+struct Outcome {
+    n: i64,
+    outcome: String,
+}
+
+impl Numbered for IssueAnswer {
+    fn n(&self) -> i64 {
+        self.n
+    }
+}
+
+impl Numbered for Outcome {
+    fn n(&self) -> i64 {
+        self.n
+    }
 }
 
 #[derive(Clone, Serialize)]
@@ -125,17 +191,6 @@ struct IssueJob {
     expires_at: String,
 }
 
-/// `otp_issue_batch`'s row after its number: outcome, then the checks.
-type IssueRow = (
-    String,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-    bool,
-    bool,
-);
-
 #[derive(Clone, Serialize)]
 struct MarkJob {
     id: String,
@@ -155,6 +210,25 @@ struct MarkJob {
     slot_interval_us: Option<i64>,
 }
 
+impl BatchJob for IssueJob {
+    fn locks(&self) -> &[String] {
+        &self.locks
+    }
+}
+
+/// Marks take no advisory lock: each message is claimed by one dispatcher.
+impl BatchJob for MarkJob {
+    fn locks(&self) -> &[String] {
+        &[]
+    }
+}
+
+impl BatchJob for SentJob {
+    fn locks(&self) -> &[String] {
+        &self.locks
+    }
+}
+
 #[derive(Clone, Serialize)]
 struct SentJob {
     #[serde(skip)]
@@ -171,14 +245,22 @@ impl PgFunctions {
     /// Start the batchers (on the current tokio runtime).
     pub fn new(pool: Pool<Postgres>) -> PgFunctions {
         PgFunctions {
-            issue: Batcher::start("issuing OTPs", Abandoned::Skip, run_issue(pool.clone())),
+            issue: Batcher::start(
+                "issuing OTPs",
+                Abandoned::Skip,
+                batch_runner(pool.clone(), "otp_issue_batch"),
+            ),
             mark: Batcher::start(
                 "marking messages sending",
                 Abandoned::Skip,
-                run_mark(pool.clone()),
+                batch_runner(pool.clone(), "message_mark_sending_batch"),
             ),
             // A send's record runs even for a caller that has gone: the message went out.
-            sent: Batcher::start("recording sends", Abandoned::Run, run_sent(pool)),
+            sent: Batcher::start(
+                "recording sends",
+                Abandoned::Run,
+                batch_runner(pool, "message_sent_batch"),
+            ),
         }
     }
 
@@ -232,16 +314,16 @@ impl PgFunctions {
             code_hash: issue.code_hash.clone(),
             expires_at: micros(issue.expires_at),
         };
-        let row = self.issue.call(job).await?;
+        let answer = self.issue.call(job).await?;
         let checks = OtpChecks {
-            last_send: row.1,
-            number_full: row.2,
-            user_full: row.3,
-            address_full: row.4,
-            named_opted_out: row.5,
-            send_to_opted_out: row.6,
+            last_send: answer.last_send,
+            number_full: answer.number_full,
+            user_full: answer.user_full,
+            address_full: answer.address_full,
+            named_opted_out: answer.named_opted_out,
+            send_to_opted_out: answer.send_to_opted_out,
         };
-        match row.0.as_str() {
+        match answer.outcome.as_str() {
             "rate_limited" => Ok(OtpIssueOutcome::RateLimited {
                 retry_after_seconds: issue.wait_seconds(&checks).unwrap_or(1),
             }),
@@ -282,7 +364,7 @@ impl PgFunctions {
             slot_now_us: slot.map(|s| s.now_us),
             slot_interval_us: slot.map(|s| s.interval_us),
         };
-        match self.mark.call(job).await?.as_str() {
+        match self.mark.call(job).await?.outcome.as_str() {
             "marked" => Ok(MarkSending::Marked),
             "policy_changed" => Ok(MarkSending::PolicyChanged),
             "claim_lost" => Ok(MarkSending::ClaimLost),
@@ -311,72 +393,13 @@ impl PgFunctions {
             sid: provider_sid.to_string(),
             now: micros(now),
         };
-        match self.sent.call(job).await?.as_str() {
+        match self.sent.call(job).await?.outcome.as_str() {
             "recorded" => Ok(SentCall::Recorded),
             "claim_lost" => Ok(SentCall::ClaimLost),
             "parked" => Ok(SentCall::CallbacksParked),
             other => Err(anyhow::anyhow!("message_sent_batch answered {other:?}").into()),
         }
     }
-}
-
-fn run_issue(pool: Pool<Postgres>) -> RunBatch<IssueJob, IssueRow> {
-    Arc::new(move |jobs: Vec<IssueJob>| {
-        let pool = pool.clone();
-        Box::pin(async move {
-            let locks = batch_locks(&jobs, |j| &j.locks);
-            type Row = (
-                i64,
-                String,
-                Option<DateTime<Utc>>,
-                Option<DateTime<Utc>>,
-                Option<DateTime<Utc>>,
-                Option<DateTime<Utc>>,
-                bool,
-                bool,
-            );
-            let rows: Vec<Row> = sqlx::query_as("SELECT * FROM otp_issue_batch($1, $2::jsonb)")
-                .bind(&locks)
-                .bind(jobs_json(&jobs)?)
-                .fetch_all(&pool)
-                .await?;
-            let rows = rows
-                .into_iter()
-                .map(|r| (r.0, (r.1, r.2, r.3, r.4, r.5, r.6, r.7)))
-                .collect();
-            in_job_order(jobs.len(), rows, "otp_issue_batch")
-        })
-    })
-}
-
-fn run_mark(pool: Pool<Postgres>) -> RunBatch<MarkJob, String> {
-    Arc::new(move |jobs: Vec<MarkJob>| {
-        let pool = pool.clone();
-        Box::pin(async move {
-            let rows: Vec<(i64, String)> =
-                sqlx::query_as("SELECT * FROM message_mark_sending_batch($1::jsonb)")
-                    .bind(jobs_json(&jobs)?)
-                    .fetch_all(&pool)
-                    .await?;
-            in_job_order(jobs.len(), rows, "message_mark_sending_batch")
-        })
-    })
-}
-
-fn run_sent(pool: Pool<Postgres>) -> RunBatch<SentJob, String> {
-    Arc::new(move |jobs: Vec<SentJob>| {
-        let pool = pool.clone();
-        Box::pin(async move {
-            let locks = batch_locks(&jobs, |j| &j.locks);
-            let rows: Vec<(i64, String)> =
-                sqlx::query_as("SELECT * FROM message_sent_batch($1, $2::jsonb)")
-                    .bind(&locks)
-                    .bind(jobs_json(&jobs)?)
-                    .fetch_all(&pool)
-                    .await?;
-            in_job_order(jobs.len(), rows, "message_sent_batch")
-        })
-    })
 }
 
 #[cfg(test)]
@@ -393,12 +416,19 @@ mod tests {
 
     #[test]
     fn a_batch_takes_each_lock_once_in_sorted_order() {
-        let jobs = vec![
-            vec!["otp:user:b".to_string(), "otp:phone:x".to_string()],
-            vec!["otp:user:a".to_string(), "otp:phone:x".to_string()],
+        #[derive(Clone, Serialize)]
+        struct Locking(Vec<String>);
+        impl BatchJob for Locking {
+            fn locks(&self) -> &[String] {
+                &self.0
+            }
+        }
+        let jobs = [
+            Locking(vec!["otp:user:b".into(), "otp:phone:x".into()]),
+            Locking(vec!["otp:user:a".into(), "otp:phone:x".into()]),
         ];
         assert_eq!(
-            batch_locks(&jobs, |j| j.as_slice()),
+            batch_locks(&jobs),
             ["otp:phone:x", "otp:user:a", "otp:user:b"]
         );
     }
