@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::app::Services;
 use crate::http::AppState;
 
 /// A bound, not yet serving application. Tests bind port 0 and read `local_addr`.
@@ -65,7 +66,7 @@ impl Application {
         });
         let scheduler = background.then(|| {
             tokio::spawn(crate::scheduler::run(
-                self.state.services.clone(),
+                Services::clone(&self.state.services),
                 shutdown.clone(),
             ))
         });
