@@ -73,9 +73,10 @@ async fn durable_writes(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let may_write = !request.method().is_safe();
+    let mark = state.store.commit_mark();
     let response = next.run(request).await;
     if may_write {
-        if let Err(e) = state.store.durable().await {
+        if let Err(e) = state.store.durable_since(mark).await {
             return e.into_response();
         }
     }

@@ -8,6 +8,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Pool, Postgres};
 
+use super::group_sync::CommitMark;
 use crate::error::AppResult;
 use crate::vault::{KeySettings, Vault};
 use functions::PgFunctions;
@@ -25,11 +26,26 @@ pub struct PostgresStore {
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
+/// A pooled connection idle this long is pinged before it is handed out.
+const IDLE_BEFORE_CHECK: Duration = Duration::from_secs(5);
+
 impl PostgresStore {
     pub async fn connect(database_url: &str, keys: &KeySettings) -> AppResult<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
+            // sqlx pings a connection on every acquire by default: a round trip to the server
+            // per query. Only a connection that sat idle (where a server restart or a dropped
+            // link would show) is checked; one in steady use answers for itself.
+            .test_before_acquire(false)
+            .before_acquire(|connection, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_BEFORE_CHECK {
+                        sqlx::Connection::ping(connection).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect(database_url)
             .await
             .map_err(|e| anyhow::Error::new(e).context("connecting to PostgreSQL"))?;
@@ -59,8 +75,21 @@ impl PostgresStore {
         Ok(())
     }
 
+    fn commit_mark(&self) -> CommitMark {
+        CommitMark::DURABLE
+    }
+
+    async fn sync_commits_since(&self, _mark: CommitMark) -> AppResult<()> {
+        Ok(())
+    }
+
     /// The SQLite writer thread has no counterpart here: PostgreSQL runs its writes concurrently.
     fn writer(&self) -> Option<&super::sqlite::SqliteWriter> {
+        None
+    }
+
+    /// Reads go through the pool: a PostgreSQL query is a round trip to the server either way.
+    fn readers(&self) -> Option<&super::sqlite::SqliteReaders> {
         None
     }
 

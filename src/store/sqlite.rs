@@ -9,10 +9,12 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Pool, Sqlite};
 
-use super::group_sync::GroupSync;
+use super::group_sync::{CommitCounter, CommitMark, GroupSync};
+pub use readers::SqliteReaders;
 pub use writer::SqliteWriter;
 
 mod hot_writes;
+mod readers;
 mod writer;
 use crate::error::AppResult;
 use crate::vault::{KeySettings, Vault};
@@ -26,6 +28,8 @@ pub struct SqliteStore {
     /// Runs the hot writes of many requests in one transaction (`writer.rs`); `None` for a
     /// database in memory, which only the pool's connections can reach.
     writer: Option<SqliteWriter>,
+    /// Inline read connections for the hot reads (`readers.rs`); `None` for a database in memory.
+    readers: Option<SqliteReaders>,
 }
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -46,34 +50,58 @@ impl SqliteStore {
             .pragma("secure_delete", "ON")
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        let commits = CommitCounter::default();
+        let counted = commits.clone();
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            // Each connection counts its commits (`GroupSync::wait_since`).
+            .after_connect(move |connection, _| {
+                let counted = counted.clone();
+                Box::pin(async move {
+                    connection.lock_handle().await?.set_commit_hook(move || {
+                        counted.count();
+                        true
+                    });
+                    Ok(())
+                })
+            })
+            // A connection to a local file does not go stale; sqlx's default check before each
+            // acquire is a round trip to the connection's thread (perf: the largest cost of a
+            // refused send-otp after the fsync).
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(|e| anyhow::Error::new(e).context("opening the SQLite database"))?;
-        Self::ready(pool, database_url, keys).await
+        Self::ready(pool, database_url, keys, commits).await
     }
 
     /// Migrate, set up the keys and seal clear text left from before encryption.
-    async fn ready(pool: Pool<Sqlite>, database_url: &str, keys: &KeySettings) -> AppResult<Self> {
+    async fn ready(
+        pool: Pool<Sqlite>,
+        database_url: &str,
+        keys: &KeySettings,
+        commits: CommitCounter,
+    ) -> AppResult<Self> {
         Self::migrator()
             .run(&pool)
             .await
             .map_err(|e| anyhow::Error::new(e).context("applying migrations"))?;
         let vault = portable::sealing::open_vault(&pool, database_url, keys).await?;
-        let group_sync =
-            crate::vault::sqlite_file(database_url).map(|file| Arc::new(GroupSync::new(file)));
+        let group_sync = crate::vault::sqlite_file(database_url)
+            .map(|file| Arc::new(GroupSync::new(file, commits.clone())));
         let mut store = SqliteStore {
             pool,
             vault,
             group_sync,
             writer: None,
+            readers: None,
         };
         portable::sealing::seal_clear_text(&store).await?;
         // Migrations and sealing reach the disk before the first answer.
         store.sync_commits().await?;
         if let Some(file) = crate::vault::sqlite_file(database_url) {
-            store.writer = Some(SqliteWriter::start(&file)?);
+            store.writer = Some(SqliteWriter::start(&file, commits)?);
+            store.readers = Some(SqliteReaders::new(&file));
         }
         Ok(store)
     }
@@ -91,6 +119,21 @@ impl SqliteStore {
         }
     }
 
+    /// Where the commits stand, for `sync_commits_since`.
+    fn commit_mark(&self) -> CommitMark {
+        self.group_sync
+            .as_ref()
+            .map_or(CommitMark::DURABLE, |sync| sync.mark())
+    }
+
+    /// `sync_commits`, unless nothing was committed since `mark`.
+    async fn sync_commits_since(&self, mark: CommitMark) -> AppResult<()> {
+        match &self.group_sync {
+            Some(sync) => sync.wait_since(mark).await,
+            None => Ok(()),
+        }
+    }
+
     /// fsyncs of the log so far (group commits).
     pub fn group_syncs(&self) -> u64 {
         self.group_sync.as_ref().map_or(0, |s| s.syncs())
@@ -99,6 +142,11 @@ impl SqliteStore {
     /// The writer thread for the hot writes, when the database is a file.
     fn writer(&self) -> Option<&SqliteWriter> {
         self.writer.as_ref()
+    }
+
+    /// The inline read connections, when the database is a file.
+    fn readers(&self) -> Option<&SqliteReaders> {
+        self.readers.as_ref()
     }
 
     /// PostgreSQL's functions for the hot writes have no counterpart here: the writer thread
@@ -160,6 +208,132 @@ mod tests {
             .unwrap();
         store.durable().await.unwrap();
         assert_eq!(store.group_syncs(), before + 1);
+    }
+
+    /// Only a request during which something committed waits for an fsync: pool commits are
+    /// counted by their hook, the writer's batches when they changed a row.
+    #[tokio::test]
+    async fn a_request_that_committed_nothing_waits_for_no_fsync() {
+        use crate::store::MessageStore;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = SqliteStore::connect(&url, &KeySettings::default())
+            .await
+            .unwrap();
+        let syncs = store.group_syncs();
+        let mark = store.commit_mark();
+        // Reads, and a writer batch that changed nothing: no fsync.
+        let _: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM vault_meta")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        let writer = store.writer().unwrap();
+        writer
+            .write(|conn| Ok(conn.execute("DELETE FROM vault_meta WHERE name = 'none'", [])?))
+            .await
+            .unwrap();
+        store.durable_since(mark).await.unwrap();
+        assert_eq!(store.group_syncs(), syncs, "nothing was committed");
+        // A pool commit after the mark: waited for.
+        sqlx::query("INSERT INTO vault_meta (name, value) VALUES ('pool', 'v')")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        store.durable_since(mark).await.unwrap();
+        assert_eq!(store.group_syncs(), syncs + 1);
+        // A writer commit after a new mark: waited for.
+        let mark = store.commit_mark();
+        writer
+            .write(|conn| {
+                Ok(conn.execute("INSERT INTO vault_meta (name, value) VALUES ('w', 'v')", [])?)
+            })
+            .await
+            .unwrap();
+        store.durable_since(mark).await.unwrap();
+        assert_eq!(store.group_syncs(), syncs + 2);
+    }
+
+    /// An OTP refused by a rate limit is answered from a read, never queued for the writer:
+    /// it is answered while the writer is held up, with the wait the limit imposes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rate_limited_otp_is_refused_without_the_writer() {
+        use crate::channel::Channel;
+        use crate::store::{NewMessage, OtpIssue, OtpIssueOutcome, OtpStore};
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = SqliteStore::connect(&url, &KeySettings::default())
+            .await
+            .unwrap();
+        let now = chrono::Utc::now();
+        let issue = |id: &str| OtpIssue {
+            user_id: "u1".into(),
+            purpose: "login".into(),
+            phone_number: "+14155552671".into(),
+            send_to: "+14155552671".into(),
+            channel: Channel::Sms,
+            code_hash: format!("hash-{id}"),
+            ip: Some("198.18.0.1".into()),
+            expires_at: now + chrono::Duration::minutes(10),
+            now,
+            cooldown_seconds: 60,
+            max_sends_per_hour: 5,
+            max_sends_per_ip_per_hour: 100,
+            message: NewMessage {
+                id: id.into(),
+                user_id: "u1".into(),
+                template_name: "otp".into(),
+                variables: "{}".into(),
+                channel: Channel::Sms,
+                idempotency_key: None,
+                created_at: now,
+                claimed_until: Some(now + chrono::Duration::minutes(2)),
+            },
+            attempt: None,
+        };
+        let first = store.issue_otp(&issue("m1")).await.unwrap();
+        assert!(matches!(first, OtpIssueOutcome::Issued(_)));
+        // Hold the writer until told.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (running, started) = std::sync::mpsc::channel::<()>();
+        let store = Arc::new(store);
+        let holding = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let writer = store.writer().unwrap();
+                writer
+                    .write(move |_| {
+                        let _ = running.send(());
+                        let _ = held.recv();
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        tokio::task::spawn_blocking(move || started.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let refused = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            store.issue_otp(&issue("m2")),
+        )
+        .await
+        .expect("a refusal does not wait for the writer")
+        .unwrap();
+        let wait = match refused {
+            OtpIssueOutcome::RateLimited {
+                retry_after_seconds,
+            } => retry_after_seconds,
+            other => panic!("not refused: {other:?}"),
+        };
+        assert!((59..=60).contains(&wait), "the cooldown's wait: {wait}");
+        release.send(()).unwrap();
+        holding.await.unwrap().unwrap();
+        let logged: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM otp_send_log")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(logged, 1, "the refusal logged nothing");
     }
 
     #[tokio::test]

@@ -18,12 +18,16 @@ const CONSENT_COLUMNS: &str =
 impl ConsentStore for ThisStore {
     async fn get_consent(&self, user_id: &str) -> AppResult<Option<Consent>> {
         let sql = format!("SELECT {CONSENT_COLUMNS} FROM messaging_consent WHERE user_id = $1");
-        sqlx::query_as::<Db, Consent>(&sql)
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|c| open_consent(&self.vault, c))
-            .transpose()
+        let stored = match self.readers() {
+            Some(readers) => readers.consent(&sql, user_id)?,
+            None => {
+                sqlx::query_as::<Db, Consent>(&sql)
+                    .bind(user_id)
+                    .fetch_optional(&self.pool)
+                    .await?
+            }
+        };
+        stored.map(|c| open_consent(&self.vault, c)).transpose()
     }
 
     async fn get_consents(&self, user_ids: &[String]) -> AppResult<Vec<Consent>> {

@@ -264,6 +264,17 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
     Ok(OtpIssueOutcome::Issued(Box::new(issue.issued_record())))
 }
 
+/// The wait a rate limit imposes on this issue, read from committed state (`SqliteReaders`):
+/// the send log only grows within its window, so what refuses now refuses in the writer too.
+pub(super) fn otp_refusal(
+    conn: &Connection,
+    vault: &Vault,
+    issue: &OtpIssue,
+) -> AppResult<Option<i64>> {
+    let checks = otp_checks(conn, vault, issue, &vault.blind(&issue.phone_number))?;
+    Ok(issue.wait_seconds(&checks))
+}
+
 /// `OTP_CHECKS` for this issue (its send is not logged yet: no id to leave out).
 fn otp_checks(
     conn: &Connection,
