@@ -3,7 +3,6 @@
 
 use std::fmt;
 
-use phonenumber::Mode;
 use serde::{Deserialize, Serialize};
 
 use crate::error::AppError;
@@ -40,7 +39,14 @@ impl PhoneNumber {
         if !phonenumber::is_valid(&parsed) {
             return Err(invalid());
         }
-        Ok(PhoneNumber(parsed.format().mode(Mode::E164).to_string()))
+        // E.164 is the country code and the national number (leading zeros kept, as for Italy's
+        // fixed lines): written directly, since the crate's formatter first matches the number
+        // against every national format's patterns, which E.164 does not use.
+        Ok(PhoneNumber(format!(
+            "+{}{}",
+            parsed.country().code(),
+            parsed.national()
+        )))
     }
 
     pub fn as_str(&self) -> &str {
@@ -134,6 +140,30 @@ mod tests {
         assert_eq!(n.country().as_deref(), Some("IN"));
         let us = PhoneNumber::parse("+1 (415) 555-2671").unwrap();
         assert_eq!(us.as_str(), "+14155552671");
+    }
+
+    #[test]
+    fn e164_is_what_the_crates_formatter_writes() {
+        use phonenumber::Mode;
+        // Italy keeps its fixed lines' leading zero in E.164.
+        for input in [
+            "+39 06 1234 5678",
+            "+39 312 345 6789",
+            "+44 20 7946 0958",
+            "+91 98765 43210",
+            "+1 415 555 2671",
+            "+49 30 901820",
+            "+225 07 12 34 56 78",
+        ] {
+            let ours = PhoneNumber::parse(input).unwrap();
+            let parsed = phonenumber::parse(None, input).unwrap();
+            let theirs = parsed.format().mode(Mode::E164).to_string();
+            assert_eq!(ours.as_str(), theirs, "{input}");
+        }
+        assert_eq!(
+            PhoneNumber::parse("+39 06 1234 5678").unwrap().as_str(),
+            "+390612345678"
+        );
     }
 
     #[test]

@@ -29,7 +29,9 @@ use crate::outbox::{parse_channel, validate_user_id};
 use crate::phone::PhoneNumber;
 use crate::provider::twilio::{INVALID_TO_NUMBER, NOT_A_MOBILE_NUMBER, RECIPIENT_UNSUBSCRIBED};
 use crate::status::SkipReason;
-use crate::store::{Channel, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome, OtpStore};
+use crate::store::{
+    Channel, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome, OtpLimits, OtpStore,
+};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -138,6 +140,16 @@ pub const VERIFICATION: &str = "verification";
 
 /// The key a client address is limited by: the address itself, or for IPv6 its /64 (one
 /// subscriber's network, where a client can pick any of 2^64 addresses).
+/// The answer to a send a limit refused, logged with the number masked.
+fn rate_limited(named: &PhoneNumber, purpose: &str, retry_after_seconds: i64) -> AppError {
+    tracing::info!(to = %named.masked(), purpose, retry_after_seconds, "OTP send refused: rate limited");
+    AppError::TooManyRequests {
+        code: "rate_limited",
+        message: "too many codes requested; try again later".into(),
+        retry_after_secs: Some(retry_after_seconds.max(1) as u64),
+    }
+}
+
 pub fn rate_limit_key(ip: &str) -> String {
     match ip.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
@@ -267,10 +279,27 @@ impl Otp {
                 "messaging is disabled on this service".into(),
             ));
         }
+        let now = self.clock.now();
+        let ip = ip.as_deref().map(rate_limit_key);
+        let limits = OtpLimits {
+            user_id: &request.user_id,
+            phone_number: named.as_str(),
+            channel,
+            ip: ip.as_deref(),
+            now,
+            cooldown_seconds: settings.resend_cooldown.as_secs() as i64,
+            max_sends_per_hour: i64::from(settings.max_sends_per_hour),
+            max_sends_per_ip_per_hour: i64::from(settings.max_sends_per_ip_per_hour),
+        };
+        // A send the limits refuse is answered before a code is made or its message planned,
+        // where committed state is cheap to read (SQLite: no writer, no fsync); `issue_otp`
+        // checks again under its lock either way.
+        if let Some(wait) = self.codes.otp_refusal(&limits).await? {
+            return Err(rate_limited(&named, &request.purpose, wait));
+        }
         let send_to = self.destination(&request, &named).await?;
 
         let code = generate_code(settings.length);
-        let now = self.clock.now();
         let message_id = uuid::Uuid::now_v7().to_string();
         // Decided before anything is written, so the message is written already `sending`.
         let plan = self
@@ -284,12 +313,12 @@ impl Otp {
             send_to: send_to.as_str().to_string(),
             channel,
             code_hash: self.hasher.hash(&request.user_id, &request.purpose, &code),
-            ip: ip.as_deref().map(rate_limit_key),
+            ip: ip.clone(),
             expires_at: now + Duration::seconds(settings.ttl.as_secs() as i64),
             now,
-            cooldown_seconds: settings.resend_cooldown.as_secs() as i64,
-            max_sends_per_hour: i64::from(settings.max_sends_per_hour),
-            max_sends_per_ip_per_hour: i64::from(settings.max_sends_per_ip_per_hour),
+            cooldown_seconds: limits.cooldown_seconds,
+            max_sends_per_hour: limits.max_sends_per_hour,
+            max_sends_per_ip_per_hour: limits.max_sends_per_ip_per_hour,
             message: NewMessage {
                 id: message_id,
                 user_id: request.user_id.clone(),
@@ -318,14 +347,7 @@ impl Otp {
             }
             OtpIssueOutcome::RateLimited {
                 retry_after_seconds,
-            } => {
-                tracing::info!(to = %named.masked(), purpose = %request.purpose, retry_after_seconds, "OTP send refused: rate limited");
-                return Err(AppError::TooManyRequests {
-                    code: "rate_limited",
-                    message: "too many codes requested; try again later".into(),
-                    retry_after_secs: Some(retry_after_seconds.max(1) as u64),
-                });
-            }
+            } => return Err(rate_limited(&named, &request.purpose, retry_after_seconds)),
         };
         let redirected = send_to != named;
         let delivery = self.dispatcher.send_otp_now(&message, plan).await?;

@@ -192,6 +192,11 @@ pub trait OtpStore: Send + Sync + 'static {
     /// all in one transaction. Limits are checked under a lock on the
     /// number, user and IP, so concurrent requests cannot slip past them together.
     async fn issue_otp(&self, issue: &OtpIssue) -> AppResult<OtpIssueOutcome>;
+    /// The wait a limit imposes, read from committed state without a lock, where such a read is
+    /// cheap (a SQLite file: an inline read); `None` where it is not (`issue_otp` checks
+    /// anyway) or when no limit refuses now. A refusal read here stands: the send log only
+    /// grows within its window, so `issue_otp` at the same `now` would refuse as well.
+    async fn otp_refusal(&self, limits: &OtpLimits<'_>) -> AppResult<Option<i64>>;
     async fn get_otp(&self, user_id: &str, purpose: &str) -> AppResult<Option<OtpRecord>>;
     /// Mark the code used if it is still the live one (same hash), unused, unexpired, and the
     /// (user, purpose) has fewer than `max_attempts` wrong tries in its window. `true` for
@@ -852,6 +857,44 @@ impl OtpIssue {
         }
     }
 
+    /// The limits this issue is checked against.
+    pub(crate) fn limits(&self) -> OtpLimits<'_> {
+        OtpLimits {
+            user_id: &self.user_id,
+            phone_number: &self.phone_number,
+            channel: self.channel,
+            ip: self.ip.as_deref(),
+            now: self.now,
+            cooldown_seconds: self.cooldown_seconds,
+            max_sends_per_hour: self.max_sends_per_hour,
+            max_sends_per_ip_per_hour: self.max_sends_per_ip_per_hour,
+        }
+    }
+
+    /// `OtpLimits::window` for this issue.
+    pub(crate) fn window(&self) -> (DateTime<Utc>, i64, i64) {
+        self.limits().window()
+    }
+
+    /// `OtpLimits::wait_seconds` for this issue.
+    pub(crate) fn wait_seconds(&self, checks: &OtpChecks) -> Option<i64> {
+        self.limits().wait_seconds(checks)
+    }
+
+    /// `Some(true)` when the number named opted out of the channel, `Some(false)` when the number
+    /// the code would go to did, `None` when neither.
+    pub(crate) fn opted_out(&self, checks: &OtpChecks) -> Option<bool> {
+        if checks.named_opted_out {
+            Some(true)
+        } else if checks.send_to_opted_out {
+            Some(false)
+        } else {
+            None
+        }
+    }
+}
+
+impl OtpLimits<'_> {
     /// The start of the hourly window and `OTP_CHECKS`' two offsets (`$4`, `$5`, `$6`).
     pub(crate) fn window(&self) -> (DateTime<Utc>, i64, i64) {
         (
@@ -895,18 +938,6 @@ impl OtpIssue {
             }
         }
         (wait > 0).then_some(wait)
-    }
-
-    /// `Some(true)` when the number named opted out of the channel, `Some(false)` when the number
-    /// the code would go to did, `None` when neither.
-    pub(crate) fn opted_out(&self, checks: &OtpChecks) -> Option<bool> {
-        if checks.named_opted_out {
-            Some(true)
-        } else if checks.send_to_opted_out {
-            Some(false)
-        } else {
-            None
-        }
     }
 }
 

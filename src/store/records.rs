@@ -588,6 +588,21 @@ pub struct OtpIssue {
     pub attempt: Option<SendAttempt>,
 }
 
+/// What a one-time passcode's send limits look at: its cooldown per number, and its hourly
+/// limits per number, per user and per client address (`OtpStore::otp_refusal`).
+#[derive(Debug, Clone, Copy)]
+pub struct OtpLimits<'a> {
+    pub user_id: &'a str,
+    /// The number the request named.
+    pub phone_number: &'a str,
+    pub channel: Channel,
+    pub ip: Option<&'a str>,
+    pub now: DateTime<Utc>,
+    pub cooldown_seconds: i64,
+    pub max_sends_per_hour: i64,
+    pub max_sends_per_ip_per_hour: i64,
+}
+
 #[derive(Debug, Clone)]
 pub enum OtpIssueOutcome {
     Issued(Box<MessageRecord>),

@@ -253,10 +253,10 @@ mod tests {
         assert_eq!(store.group_syncs(), syncs + 2);
     }
 
-    /// An OTP refused by a rate limit is answered from a read, never queued for the writer:
-    /// it is answered while the writer is held up, with the wait the limit imposes.
+    /// An OTP a limit refuses is refused by a read of committed state, never queued for the
+    /// writer: answered while the writer is held up, with the wait the writer would give.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_rate_limited_otp_is_refused_without_the_writer() {
+    async fn a_rate_limited_otp_is_refused_by_a_read_without_the_writer() {
         use crate::channel::Channel;
         use crate::store::{NewMessage, OtpIssue, OtpIssueOutcome, OtpStore};
         let dir = tempfile::tempdir().unwrap();
@@ -313,22 +313,33 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        let second = issue("m2");
         let refused = tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            store.issue_otp(&issue("m2")),
+            store.otp_refusal(&second.limits()),
         )
         .await
         .expect("a refusal does not wait for the writer")
         .unwrap();
-        let wait = match refused {
+        assert!(
+            refused.is_some_and(|wait| (59..=60).contains(&wait)),
+            "the cooldown's wait: {refused:?}"
+        );
+        release.send(()).unwrap();
+        holding.await.unwrap().unwrap();
+        // The writer, checking under its lock, refuses it too; a send within the limits is
+        // not refused by the read.
+        let wait = match store.issue_otp(&second).await.unwrap() {
             OtpIssueOutcome::RateLimited {
                 retry_after_seconds,
             } => retry_after_seconds,
             other => panic!("not refused: {other:?}"),
         };
         assert!((59..=60).contains(&wait), "the cooldown's wait: {wait}");
-        release.send(()).unwrap();
-        holding.await.unwrap().unwrap();
+        let mut other = issue("m3");
+        other.user_id = "u2".into();
+        other.phone_number = "+14155552672".into();
+        assert_eq!(store.otp_refusal(&other.limits()).await.unwrap(), None);
         let logged: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM otp_send_log")
             .fetch_one(&store.pool)
             .await

@@ -13,15 +13,15 @@ use crate::store::*;
 
 #[async_trait]
 impl OtpStore for ThisStore {
+    async fn otp_refusal(&self, limits: &OtpLimits<'_>) -> AppResult<Option<i64>> {
+        match self.readers() {
+            Some(readers) => readers.otp_refusal(&self.vault, limits),
+            None => Ok(None),
+        }
+    }
+
     async fn issue_otp(&self, issue: &OtpIssue) -> AppResult<OtpIssueOutcome> {
         if let Some(writer) = self.writer() {
-            if let Some(readers) = self.readers() {
-                if let Some(wait) = readers.otp_refusal(&self.vault, issue)? {
-                    return Ok(OtpIssueOutcome::RateLimited {
-                        retry_after_seconds: wait,
-                    });
-                }
-            }
             return writer.issue_otp(&self.vault, issue).await;
         }
         if let Some(functions) = self.functions() {

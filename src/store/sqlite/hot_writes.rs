@@ -16,7 +16,7 @@ use crate::error::AppResult;
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
     DispatchResult, KnownStatus, MarkSending, MessageRecord, OtpChecks, OtpIssue, OtpIssueOutcome,
-    SendAttempt, SendGuard, SendSlot, SqlArg, Stale, StatusApplied, MESSAGE_COLUMNS,
+    OtpLimits, SendAttempt, SendGuard, SendSlot, SqlArg, Stale, StatusApplied, MESSAGE_COLUMNS,
 };
 use crate::vault::Vault;
 
@@ -189,7 +189,12 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
     let phone_index = vault.blind(&issue.phone_number);
     // The writer holds the write lock: the counts cannot move before this send is logged, so
     // it is logged only once it may go (a refused send writes nothing).
-    let checks = otp_checks(conn, vault, issue, &phone_index)?;
+    let checks = otp_checks(
+        conn,
+        &issue.limits(),
+        &phone_index,
+        &vault.blind(&issue.send_to),
+    )?;
     if let Some(wait) = issue.wait_seconds(&checks) {
         return Ok(OtpIssueOutcome::RateLimited {
             retry_after_seconds: wait,
@@ -264,38 +269,40 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
     Ok(OtpIssueOutcome::Issued(Box::new(issue.issued_record())))
 }
 
-/// The wait a rate limit imposes on this issue, read from committed state (`SqliteReaders`):
-/// the send log only grows within its window, so what refuses now refuses in the writer too.
+/// The wait a limit imposes, read from committed state (`SqliteReaders::otp_refusal`).
 pub(super) fn otp_refusal(
     conn: &Connection,
     vault: &Vault,
-    issue: &OtpIssue,
+    limits: &OtpLimits<'_>,
 ) -> AppResult<Option<i64>> {
-    let checks = otp_checks(conn, vault, issue, &vault.blind(&issue.phone_number))?;
-    Ok(issue.wait_seconds(&checks))
+    let phone_index = vault.blind(limits.phone_number);
+    // The opt-out columns are not used here: any number will do for the code's destination.
+    let checks = otp_checks(conn, limits, &phone_index, &phone_index)?;
+    Ok(limits.wait_seconds(&checks))
 }
 
-/// `OTP_CHECKS` for this issue (its send is not logged yet: no id to leave out).
+/// `OTP_CHECKS` for a send within `limits` (not logged yet: no id to leave out), whose code
+/// goes to the number with blind index `send_to_index`.
 fn otp_checks(
     conn: &Connection,
-    vault: &Vault,
-    issue: &OtpIssue,
+    limits: &OtpLimits<'_>,
     phone_index: &str,
+    send_to_index: &str,
 ) -> AppResult<OtpChecks> {
-    let (window_start, per_number, per_address) = issue.window();
+    let (window_start, per_number, per_address) = limits.window();
     let mut statement = prepare(
         conn,
         crate::store::OTP_CHECKS,
         &[
             &phone_index,
-            &issue.user_id,
-            &issue.ip,
+            &limits.user_id,
+            &limits.ip,
             &ts(&window_start),
             &per_number,
             &per_address,
             &0i64,
-            &issue.channel.as_str(),
-            &vault.blind(&issue.send_to),
+            &limits.channel.as_str(),
+            &send_to_index,
         ],
     )?;
     let mut rows = statement.raw_query();

@@ -16,7 +16,7 @@ use rusqlite::{Connection, OpenFlags};
 use super::hot_writes::otp_refusal;
 use super::writer::{parse_ts, prepare};
 use crate::error::AppResult;
-use crate::store::{Consent, OtpIssue};
+use crate::store::{Consent, OtpLimits};
 use crate::vault::Vault;
 
 /// Connections kept for reuse; more are opened when more reads run at once, and dropped after.
@@ -51,12 +51,10 @@ impl SqliteReaders {
         answer
     }
 
-    /// The wait (seconds) a rate limit imposes on `issue`, if one refuses it now. A refusal
-    /// needs no writer: the writer reads a superset of these rows, at the same `now`, and
-    /// refuses as well (with a wait at least as long), so abuse of a number never queues
-    /// behind the one writer. `None` decides nothing: the writer checks again under its lock.
-    pub fn otp_refusal(&self, vault: &Vault, issue: &OtpIssue) -> AppResult<Option<i64>> {
-        self.read(|conn| otp_refusal(conn, vault, issue))
+    /// The wait (seconds) a limit imposes now, if one refuses (`OtpStore::otp_refusal`). A
+    /// refusal needs no writer, so abuse of a number never queues behind the one writer.
+    pub fn otp_refusal(&self, vault: &Vault, limits: &OtpLimits<'_>) -> AppResult<Option<i64>> {
+        self.read(|conn| otp_refusal(conn, vault, limits))
     }
 
     /// A user's consent row as stored (sealed), like the pool's `get_consent` reads it.
