@@ -22,6 +22,9 @@ key=$(head -c 32 /dev/urandom | base64)
 # wrk NAME URL [SCRIPT]: one line of figures; the requests/s also go to $work/NAME.
 measure() {
   local out rps p50 p99 non2xx
+  # The previous run's dirty pages (the guide's stack writes with synchronous=normal) go to disk
+  # first, so the kernel's writeback does not land on this run's fsyncs.
+  sync; sleep 1
   out=$(wrk -t2 -c"$connections" -d"${seconds}s" --latency ${3:+-s "$3"} "$2")
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
