@@ -65,7 +65,8 @@ pub fn router(state: AppState) -> Router {
 
 /// A request that may have written is answered only once its writes are durable: on SQLite the
 /// group fsync after its commits (shared with every request that finished meanwhile); on
-/// PostgreSQL its commits already were.
+/// PostgreSQL its commits already were. A handler whose answer confirms no write at all says so
+/// with [`ConfirmsNoWrite`], and that answer leaves at once.
 async fn durable_writes(
     axum::extract::State(state): axum::extract::State<AppState>,
     request: axum::extract::Request,
@@ -73,15 +74,22 @@ async fn durable_writes(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let may_write = !request.method().is_safe();
-    let mark = state.store.commit_mark();
     let response = next.run(request).await;
-    if may_write {
-        if let Err(e) = state.store.durable_since(mark).await {
+    if may_write && response.extensions().get::<ConfirmsNoWrite>().is_none() {
+        if let Err(e) = state.store.durable().await {
             return e.into_response();
         }
     }
     response
 }
+
+/// A response extension for an answer that confirms no write, its request's or anyone else's (a
+/// code the send limits refused): it need not wait for the group fsync. Handlers opt in; the
+/// default is to wait, because an answer can confirm a write another request made and has not
+/// yet made durable (a retried status callback or a repeated idempotent call finds the first
+/// one's rows and changes nothing, yet its 200 tells the caller they are stored).
+#[derive(Clone, Copy, Debug)]
+pub struct ConfirmsNoWrite;
 
 /// This API as OpenAPI 3.1, generated from the handlers and types (see `openapi.rs`).
 #[utoipa::path(

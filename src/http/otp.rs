@@ -12,7 +12,7 @@ use super::api_schema::{
     ErrorEnvelope, InternalError, PayloadTooLarge, VerifyOtpAnswer, VerifyOtpError,
 };
 use super::{ClientMeta, JsonBody};
-use crate::error::{AppError, AppResult};
+use crate::error::AppError;
 use crate::http::AppState;
 use crate::otp::{SendOtpAnswer, SendOtpRequest, VerifyOtpRequest};
 
@@ -64,10 +64,22 @@ async fn send_otp(
     State(state): State<AppState>,
     meta: ClientMeta,
     JsonBody(request): JsonBody<SendOtpRequest>,
-) -> AppResult<Json<SendOtpAnswer>> {
+) -> Response {
     let result = state.otp.send(request, meta.ip).await;
     state.metrics.otp_send(result.is_ok());
-    Ok(Json(result?))
+    match result {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => {
+            // A send the limits refused wrote nothing and confirms nothing written: its 429
+            // need not wait for other requests' commits to reach the disk.
+            let refused = e.code() == "rate_limited";
+            let mut response = e.into_response();
+            if refused {
+                response.extensions_mut().insert(super::ConfirmsNoWrite);
+            }
+            response
+        }
+    }
 }
 
 /// The mobile client reads `valid`, so errors carry `"valid": false` beside the usual envelope.

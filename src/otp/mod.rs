@@ -138,8 +138,6 @@ impl CodeHasher {
 /// The purpose that proves a number (and may mark the number on file verified).
 pub const VERIFICATION: &str = "verification";
 
-/// The key a client address is limited by: the address itself, or for IPv6 its /64 (one
-/// subscriber's network, where a client can pick any of 2^64 addresses).
 /// The answer to a send a limit refused, logged with the number masked.
 fn rate_limited(named: &PhoneNumber, purpose: &str, retry_after_seconds: i64) -> AppError {
     tracing::info!(to = %named.masked(), purpose, retry_after_seconds, "OTP send refused: rate limited");
@@ -150,6 +148,8 @@ fn rate_limited(named: &PhoneNumber, purpose: &str, retry_after_seconds: i64) ->
     }
 }
 
+/// The key a client address is limited by: the address itself, or for IPv6 its /64 (one
+/// subscriber's network, where a client can pick any of 2^64 addresses).
 pub fn rate_limit_key(ip: &str) -> String {
     match ip.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {

@@ -10,40 +10,11 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use crate::error::AppResult;
 
-/// Commits begun on any of the database's connections: the pool's count in their commit hook,
-/// the writer's before its `COMMIT` when its batch changed a row. Counted as a commit starts, so
-/// a count that has not moved since a mark proves that nothing committed meanwhile.
-#[derive(Clone, Default)]
-pub struct CommitCounter(Arc<AtomicU64>);
-
-impl CommitCounter {
-    /// A commit is starting.
-    pub fn count(&self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-
-    pub fn mark(&self) -> CommitMark {
-        CommitMark(self.0.load(Ordering::SeqCst))
-    }
-}
-
-/// Where a database's commits stood at some moment (`MessageStore::commit_mark`); zero where
-/// every commit is durable when it returns (PostgreSQL).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CommitMark(u64);
-
-impl CommitMark {
-    /// The mark of a store whose commits need no wait.
-    pub const DURABLE: CommitMark = CommitMark(0);
-}
-
 pub struct GroupSync {
     wal: PathBuf,
-    commits: CommitCounter,
     /// Waiters so far: each takes the next number once its commit has returned.
     requested: AtomicU64,
     /// Every waiter numbered up to this is covered by a completed fsync.
@@ -55,34 +26,17 @@ pub struct GroupSync {
 }
 
 impl GroupSync {
-    /// For the database file at `database` (its log is `database-wal`), whose connections count
-    /// their commits in `commits`.
-    pub fn new(database: PathBuf, commits: CommitCounter) -> GroupSync {
+    /// For the database file at `database`: its log is `database-wal`.
+    pub fn new(database: PathBuf) -> GroupSync {
         let mut wal = database.into_os_string();
         wal.push("-wal");
         GroupSync {
             wal: PathBuf::from(wal),
-            commits,
             requested: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             leader: tokio::sync::Mutex::new(()),
             syncs: AtomicU64::new(0),
         }
-    }
-
-    /// The commits so far, for `wait_since`.
-    pub fn mark(&self) -> CommitMark {
-        self.commits.mark()
-    }
-
-    /// `wait`, for a caller whose commits (if any) began after `mark`: with no commit at all
-    /// since, it has nothing on the way to disk (a request refused before it wrote), and returns
-    /// at once instead of queueing for an fsync.
-    pub async fn wait_since(&self, mark: CommitMark) -> AppResult<()> {
-        if self.commits.mark() == mark {
-            return Ok(());
-        }
-        self.wait().await
     }
 
     /// Return once everything committed before this call is on disk.
@@ -128,13 +82,14 @@ fn sync_file(path: &std::path::Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn waiters_that_arrive_together_share_an_fsync() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("t.db");
         std::fs::write(dir.path().join("t.db-wal"), b"frames").unwrap();
-        let sync = Arc::new(GroupSync::new(db, CommitCounter::default()));
+        let sync = Arc::new(GroupSync::new(db));
         // Ten commits finish while an fsync is running (the leader lock is held)...
         let running = sync.leader.lock().await;
         let mut tasks = tokio::task::JoinSet::new();
@@ -155,24 +110,5 @@ mod tests {
         // A wait after them all needs an fsync of its own: none started after it yet.
         sync.wait().await.unwrap();
         assert_eq!(sync.syncs(), syncs + 1);
-    }
-
-    #[tokio::test]
-    async fn a_wait_with_no_commit_since_its_mark_needs_no_fsync() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("t.db");
-        std::fs::write(dir.path().join("t.db-wal"), b"frames").unwrap();
-        let commits = CommitCounter::default();
-        let sync = GroupSync::new(db, commits.clone());
-        let mark = sync.mark();
-        sync.wait_since(mark).await.unwrap();
-        assert_eq!(sync.syncs(), 0, "nothing committed since the mark");
-        // A commit after the mark (anyone's) is waited for.
-        commits.count();
-        sync.wait_since(mark).await.unwrap();
-        assert_eq!(sync.syncs(), 1);
-        // A mark taken after it sees nothing new.
-        sync.wait_since(sync.mark()).await.unwrap();
-        assert_eq!(sync.syncs(), 1);
     }
 }

@@ -44,7 +44,6 @@ use serde::Serialize;
 
 use crate::error::{AppError, AppResult};
 pub use crate::status::{ItemStatus, MessageStatus, SkipReason};
-pub use group_sync::CommitMark;
 pub use records::*;
 
 /// Consent records and their audit trail.
@@ -73,11 +72,6 @@ pub trait MessageStore: Send + Sync + 'static {
     /// log; PostgreSQL: already). Whatever is acknowledged to a caller, or sent to the provider
     /// as marked `sending`, waits for this first.
     async fn durable(&self) -> AppResult<()>;
-    /// Where the commits stand now, for `durable_since`.
-    fn commit_mark(&self) -> CommitMark;
-    /// `durable`, for a caller whose writes (if any) all came after `mark`: when nothing at all
-    /// was committed since, it has nothing to wait for (a request refused before it wrote).
-    async fn durable_since(&self, mark: CommitMark) -> AppResult<()>;
     /// Queue a message. With an idempotency key that is already taken, nothing is written and the
     /// existing message is returned with `false`.
     async fn insert_message(&self, message: &NewMessage) -> AppResult<(MessageRecord, bool)>;
@@ -435,6 +429,8 @@ pub trait Store:
     async fn migrate(&self) -> AppResult<()>;
     /// A cheap round trip, for `/readyz`.
     async fn ping(&self) -> AppResult<()>;
+    /// Group fsyncs of the SQLite log so far (0 on PostgreSQL, whose commits need none).
+    fn group_syncs(&self) -> u64;
 }
 
 pub type DynStore = Arc<dyn Store>;

@@ -8,7 +8,6 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Pool, Postgres};
 
-use super::group_sync::CommitMark;
 use crate::error::AppResult;
 use crate::vault::{KeySettings, Vault};
 use functions::PgFunctions;
@@ -75,12 +74,9 @@ impl PostgresStore {
         Ok(())
     }
 
-    fn commit_mark(&self) -> CommitMark {
-        CommitMark::DURABLE
-    }
-
-    async fn sync_commits_since(&self, _mark: CommitMark) -> AppResult<()> {
-        Ok(())
+    /// No group fsyncs here: a PostgreSQL commit is durable when it returns.
+    fn group_syncs(&self) -> u64 {
+        0
     }
 
     /// The SQLite writer thread has no counterpart here: PostgreSQL runs its writes concurrently.

@@ -9,7 +9,7 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Pool, Sqlite};
 
-use super::group_sync::{CommitCounter, CommitMark, GroupSync};
+use super::group_sync::GroupSync;
 pub use readers::SqliteReaders;
 pub use writer::SqliteWriter;
 
@@ -50,21 +50,8 @@ impl SqliteStore {
             .pragma("secure_delete", "ON")
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let commits = CommitCounter::default();
-        let counted = commits.clone();
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
-            // Each connection counts its commits (`GroupSync::wait_since`).
-            .after_connect(move |connection, _| {
-                let counted = counted.clone();
-                Box::pin(async move {
-                    connection.lock_handle().await?.set_commit_hook(move || {
-                        counted.count();
-                        true
-                    });
-                    Ok(())
-                })
-            })
             // A connection to a local file does not go stale; sqlx's default check before each
             // acquire is a round trip to the connection's thread (perf: the largest cost of a
             // refused send-otp after the fsync).
@@ -72,23 +59,18 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(|e| anyhow::Error::new(e).context("opening the SQLite database"))?;
-        Self::ready(pool, database_url, keys, commits).await
+        Self::ready(pool, database_url, keys).await
     }
 
     /// Migrate, set up the keys and seal clear text left from before encryption.
-    async fn ready(
-        pool: Pool<Sqlite>,
-        database_url: &str,
-        keys: &KeySettings,
-        commits: CommitCounter,
-    ) -> AppResult<Self> {
+    async fn ready(pool: Pool<Sqlite>, database_url: &str, keys: &KeySettings) -> AppResult<Self> {
         Self::migrator()
             .run(&pool)
             .await
             .map_err(|e| anyhow::Error::new(e).context("applying migrations"))?;
         let vault = portable::sealing::open_vault(&pool, database_url, keys).await?;
-        let group_sync = crate::vault::sqlite_file(database_url)
-            .map(|file| Arc::new(GroupSync::new(file, commits.clone())));
+        let group_sync =
+            crate::vault::sqlite_file(database_url).map(|file| Arc::new(GroupSync::new(file)));
         let mut store = SqliteStore {
             pool,
             vault,
@@ -100,7 +82,7 @@ impl SqliteStore {
         // Migrations and sealing reach the disk before the first answer.
         store.sync_commits().await?;
         if let Some(file) = crate::vault::sqlite_file(database_url) {
-            store.writer = Some(SqliteWriter::start(&file, commits)?);
+            store.writer = Some(SqliteWriter::start(&file)?);
             store.readers = Some(SqliteReaders::new(&file));
         }
         Ok(store)
@@ -115,21 +97,6 @@ impl SqliteStore {
     async fn sync_commits(&self) -> AppResult<()> {
         match &self.group_sync {
             Some(sync) => sync.wait().await,
-            None => Ok(()),
-        }
-    }
-
-    /// Where the commits stand, for `sync_commits_since`.
-    fn commit_mark(&self) -> CommitMark {
-        self.group_sync
-            .as_ref()
-            .map_or(CommitMark::DURABLE, |sync| sync.mark())
-    }
-
-    /// `sync_commits`, unless nothing was committed since `mark`.
-    async fn sync_commits_since(&self, mark: CommitMark) -> AppResult<()> {
-        match &self.group_sync {
-            Some(sync) => sync.wait_since(mark).await,
             None => Ok(()),
         }
     }
@@ -208,49 +175,6 @@ mod tests {
             .unwrap();
         store.durable().await.unwrap();
         assert_eq!(store.group_syncs(), before + 1);
-    }
-
-    /// Only a request during which something committed waits for an fsync: pool commits are
-    /// counted by their hook, the writer's batches when they changed a row.
-    #[tokio::test]
-    async fn a_request_that_committed_nothing_waits_for_no_fsync() {
-        use crate::store::MessageStore;
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let store = SqliteStore::connect(&url, &KeySettings::default())
-            .await
-            .unwrap();
-        let syncs = store.group_syncs();
-        let mark = store.commit_mark();
-        // Reads, and a writer batch that changed nothing: no fsync.
-        let _: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM vault_meta")
-            .fetch_one(&store.pool)
-            .await
-            .unwrap();
-        let writer = store.writer().unwrap();
-        writer
-            .write(|conn| Ok(conn.execute("DELETE FROM vault_meta WHERE name = 'none'", [])?))
-            .await
-            .unwrap();
-        store.durable_since(mark).await.unwrap();
-        assert_eq!(store.group_syncs(), syncs, "nothing was committed");
-        // A pool commit after the mark: waited for.
-        sqlx::query("INSERT INTO vault_meta (name, value) VALUES ('pool', 'v')")
-            .execute(&store.pool)
-            .await
-            .unwrap();
-        store.durable_since(mark).await.unwrap();
-        assert_eq!(store.group_syncs(), syncs + 1);
-        // A writer commit after a new mark: waited for.
-        let mark = store.commit_mark();
-        writer
-            .write(|conn| {
-                Ok(conn.execute("INSERT INTO vault_meta (name, value) VALUES ('w', 'v')", [])?)
-            })
-            .await
-            .unwrap();
-        store.durable_since(mark).await.unwrap();
-        assert_eq!(store.group_syncs(), syncs + 2);
     }
 
     /// An OTP a limit refuses is refused by a read of committed state, never queued for the

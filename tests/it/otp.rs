@@ -638,3 +638,42 @@ async fn a_code_whose_caller_hangs_up_is_still_recorded_as_sent() {
     );
     assert_eq!(fake.create_calls_to(PHONE), 1);
 }
+
+/// On SQLite an answer that confirms a write waits for the group fsync; a code the limits
+/// refused confirms nothing and leaves without one. A repeated status callback changes nothing
+/// yet tells Twilio the first one is stored, so it waits like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_code_waits_for_no_fsync_and_a_repeated_callback_does() {
+    let (config, _clock) = clocked();
+    // Live (a fake Twilio): status callbacks are signed with its credentials.
+    let app = TestApp::spawn_live(Backend::Sqlite, config).await;
+    assert_eq!(send(&app, "u1", PHONE, "login").await.status(), 200);
+    let syncs = app.state.store.group_syncs();
+    assert!(
+        syncs > 0,
+        "a code's answer waited for the log to reach the disk"
+    );
+    let r = send(&app, "u2", PHONE, "login").await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(error_code(r).await, "rate_limited");
+    assert_eq!(
+        app.state.store.group_syncs(),
+        syncs,
+        "a refusal waits for none"
+    );
+    let callback = [
+        ("MessageSid", "SM0123456789abcdef0123456789abcdef"),
+        ("MessageStatus", "delivered"),
+    ];
+    for attempt in ["first", "repeated"] {
+        let before = app.state.store.group_syncs();
+        let r = app
+            .twilio_webhook("/webhooks/twilio/status", &callback, None)
+            .await;
+        assert_eq!(r.status(), 200);
+        assert!(
+            app.state.store.group_syncs() > before,
+            "the {attempt} callback's answer waited for an fsync"
+        );
+    }
+}

@@ -24,4 +24,8 @@ impl Store for ThisStore {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+
+    fn group_syncs(&self) -> u64 {
+        ThisStore::group_syncs(self)
+    }
 }

@@ -17,14 +17,6 @@ impl MessageStore for ThisStore {
         self.sync_commits().await
     }
 
-    fn commit_mark(&self) -> CommitMark {
-        ThisStore::commit_mark(self)
-    }
-
-    async fn durable_since(&self, mark: CommitMark) -> AppResult<()> {
-        self.sync_commits_since(mark).await
-    }
-
     async fn insert_message(&self, m: &NewMessage) -> AppResult<(MessageRecord, bool)> {
         let mut conn = self.pool.acquire().await?;
         if let Some(record) = insert_message_row(&mut conn, &self.vault, m).await? {

@@ -19,8 +19,9 @@ use crate::error::AppResult;
 use crate::store::{Consent, OtpLimits};
 use crate::vault::Vault;
 
-/// Connections kept for reuse; more are opened when more reads run at once, and dropped after.
-const IDLE_READERS: usize = 4;
+/// Connections kept for reuse: a read holds one only while it runs (no await inside), so at
+/// most one per runtime worker thread is in use at once; more are opened if needed, and dropped.
+const IDLE_READERS: usize = 16;
 
 pub struct SqliteReaders {
     path: PathBuf,

@@ -24,7 +24,6 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OpenFlags, Statement, ToSql};
 
 use crate::error::{AppError, AppResult};
-use crate::store::group_sync::CommitCounter;
 
 /// The most jobs one transaction takes: enough to share a commit widely, few enough that the
 /// first job's answer does not wait long behind the rest.
@@ -37,13 +36,12 @@ pub struct SqliteWriter {
 impl SqliteWriter {
     /// Open the writer's connection to the database file at `path` (already created and
     /// migrated) and start its thread. The thread ends when the writer is dropped.
-    /// Its commits are counted in `commits` (for `GroupSync::wait_since`).
-    pub fn start(path: &Path, commits: CommitCounter) -> AppResult<SqliteWriter> {
+    pub fn start(path: &Path) -> AppResult<SqliteWriter> {
         let conn = open(path)?;
         let (jobs, queue) = mpsc::channel::<Box<dyn Job>>();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || serve(conn, queue, commits))
+            .spawn(move || serve(conn, queue))
             .map_err(|e| anyhow::anyhow!("starting the SQLite writer thread: {e}"))?;
         Ok(SqliteWriter { jobs })
     }
@@ -134,7 +132,7 @@ where
 
 /// The writer thread: take every job waiting (up to `MAX_BATCH`), run them in one transaction,
 /// answer them, and go on with the next batch.
-fn serve(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>, commits: CommitCounter) {
+fn serve(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>) {
     while let Ok(first) = queue.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -143,7 +141,7 @@ fn serve(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>, commits: CommitC
                 Err(_) => break,
             }
         }
-        let result = run_batch(&conn, &mut jobs, &commits).map_err(|e| e.to_string());
+        let result = run_batch(&conn, &mut jobs).map_err(|e| e.to_string());
         if let Err(e) = &result {
             tracing::error!(error = %e, jobs = jobs.len(), "a SQLite write batch failed");
         }
@@ -153,12 +151,7 @@ fn serve(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>, commits: CommitC
     }
 }
 
-fn run_batch(
-    conn: &Connection,
-    batch: &mut [Box<dyn Job>],
-    commits: &CommitCounter,
-) -> rusqlite::Result<()> {
-    let changes_before = conn.total_changes();
+fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> rusqlite::Result<()> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let ran = batch.iter_mut().try_for_each(|job| {
         conn.execute_batch("SAVEPOINT job")?;
@@ -167,11 +160,6 @@ fn run_batch(
         }
         conn.execute_batch("RELEASE job")
     });
-    // A batch that changed no row (every job refused) writes nothing to the log: its callers
-    // have nothing to wait for. Counted before the commit, as the pool's commit hooks count.
-    if conn.total_changes() != changes_before {
-        commits.count();
-    }
     match ran.and_then(|()| conn.execute_batch("COMMIT")) {
         Ok(()) => Ok(()),
         Err(e) => {
@@ -247,7 +235,7 @@ mod tests {
             "PRAGMA journal_mode = WAL; CREATE TABLE t (k TEXT PRIMARY KEY, v INTEGER)",
         )
         .unwrap();
-        let writer = SqliteWriter::start(&path, CommitCounter::default()).unwrap();
+        let writer = SqliteWriter::start(&path).unwrap();
         (dir, writer)
     }
 
