@@ -666,6 +666,25 @@ pub(crate) const RECORD_OTP_FAILURE: &str =
 pub(crate) const IS_OPTED_OUT: &str =
     "SELECT COUNT(*) FROM opt_outs WHERE phone_index = $1 AND channel = $2";
 
+/// An attempt's number and body as stored: sealed, with the number's blind index. Each backend's
+/// `mark_sending` writes these (the SQLite writer gets them sealed, so its thread spends no time
+/// on cryptography).
+pub(crate) struct SealedAttempt {
+    pub to_number: String,
+    pub to_index: String,
+    pub body: Option<String>,
+}
+
+impl SendAttempt {
+    pub(crate) fn sealed(&self, vault: &crate::vault::Vault) -> SealedAttempt {
+        SealedAttempt {
+            to_number: vault.seal(&self.to_number),
+            to_index: vault.blind(&self.to_number),
+            body: vault.seal_opt(self.body.as_deref()),
+        }
+    }
+}
+
 /// Mark a claimed message `sending` for an attempt, only while the number has not opted out of
 /// the channel (and, with `guard.consent`, the user still consents to it there). Parameters:
 /// `$1` id, `$2` sealed number, `$3` encoding, `$4` segments, `$5` now, `$6` channel, `$7` the
@@ -938,11 +957,12 @@ impl OtpLimits<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use chrono::Duration;
 
-    fn issue(now: DateTime<Utc>, ip: Option<&str>) -> OtpIssue {
+    /// A code for `u1` at a UK mobile with message `m1`, a 60 s cooldown and 5 sends an hour.
+    pub(crate) fn issue(now: DateTime<Utc>, ip: Option<&str>) -> OtpIssue {
         OtpIssue {
             user_id: "u1".into(),
             purpose: "login".into(),

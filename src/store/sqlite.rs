@@ -181,38 +181,17 @@ mod tests {
     /// writer: answered while the writer is held up, with the wait the writer would give.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_rate_limited_otp_is_refused_by_a_read_without_the_writer() {
-        use crate::channel::Channel;
-        use crate::store::{NewMessage, OtpIssue, OtpIssueOutcome, OtpStore};
+        use crate::store::{OtpIssueOutcome, OtpStore};
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         let store = SqliteStore::connect(&url, &KeySettings::default())
             .await
             .unwrap();
         let now = chrono::Utc::now();
-        let issue = |id: &str| OtpIssue {
-            user_id: "u1".into(),
-            purpose: "login".into(),
-            phone_number: "+14155552671".into(),
-            send_to: "+14155552671".into(),
-            channel: Channel::Sms,
-            code_hash: format!("hash-{id}"),
-            ip: Some("198.18.0.1".into()),
-            expires_at: now + chrono::Duration::minutes(10),
-            now,
-            cooldown_seconds: 60,
-            max_sends_per_hour: 5,
-            max_sends_per_ip_per_hour: 100,
-            message: NewMessage {
-                id: id.into(),
-                user_id: "u1".into(),
-                template_name: "otp".into(),
-                variables: "{}".into(),
-                channel: Channel::Sms,
-                idempotency_key: None,
-                created_at: now,
-                claimed_until: Some(now + chrono::Duration::minutes(2)),
-            },
-            attempt: None,
+        let issue = |id: &str| {
+            let mut issue = crate::store::tests::issue(now, Some("198.18.0.1"));
+            issue.message.id = id.into();
+            issue
         };
         let first = store.issue_otp(&issue("m1")).await.unwrap();
         assert!(matches!(first, OtpIssueOutcome::Issued(_)));

@@ -751,3 +751,33 @@ async fn opt_outs_are_read_for_many_numbers_at_once(backend: Backend) {
     );
     assert!(store.opted_out_among(&[]).await.unwrap().is_empty());
 }
+
+/// A pooled PostgreSQL connection that sat idle is checked before it is handed out: one the
+/// server closed meanwhile (a restart, a dropped link) is replaced and the query succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_postgres_connection_the_server_closed_is_replaced() {
+    use sqlx::Connection;
+    if crate::common::postgres_admin_url().is_none() {
+        eprintln!("TEST_DATABASE_URL is not set: skipping the PostgreSQL run");
+        return;
+    }
+    let (store, db) = open(Backend::Postgres).await;
+    store.ping().await.unwrap();
+    // The server ends every connection to this database but the one asking.
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()) AS t",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(ended >= 1, "the store's connections were ended");
+    admin.close().await.unwrap();
+    // Past the idle time after which a connection is checked (5 s).
+    tokio::time::sleep(std::time::Duration::from_millis(5_500)).await;
+    store
+        .ping()
+        .await
+        .expect("the closed connection was found and replaced");
+}

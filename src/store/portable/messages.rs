@@ -198,18 +198,19 @@ impl MessageStore for ThisStore {
                 .mark_sending(&self.vault, id, attempt, guard, now, fence, new_lease)
                 .await;
         }
+        let sealed = attempt.sealed(&self.vault);
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(&mark_sending_sql(guard, attempt.channel))
             .bind(id)
-            .bind(self.vault.seal(&attempt.to_number))
+            .bind(&sealed.to_number)
             .bind(&attempt.encoding)
             .bind(attempt.segments)
             .bind(now)
             .bind(attempt.channel.as_str())
             .bind(fence)
             .bind(new_lease)
-            .bind(self.vault.seal_opt(attempt.body.as_deref()))
-            .bind(self.vault.blind(&attempt.to_number))
+            .bind(&sealed.body)
+            .bind(&sealed.to_index)
             .execute(&mut *tx)
             .await?
             .rows_affected()

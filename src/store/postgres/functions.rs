@@ -277,6 +277,10 @@ impl PgFunctions {
         let message = issue.issued_record();
         let attempt = issue.attempt.as_ref();
         let slot = attempt.and_then(|a| a.take_slot.as_ref());
+        let (to_number, to_index, body) = match attempt.map(|a| a.sealed(vault)) {
+            Some(sealed) => (Some(sealed.to_number), Some(sealed.to_index), sealed.body),
+            None => (None, None, None),
+        };
         let job = IssueJob {
             locks,
             sealed_phone: vault.seal(&issue.phone_number),
@@ -301,11 +305,11 @@ impl PgFunctions {
             created_at: micros(message.created_at),
             lease: message.lease_until.map(micros),
             attempt_started: message.attempt_started_at.map(micros),
-            to_number: attempt.map(|a| vault.seal(&a.to_number)),
-            to_index: attempt.map(|a| vault.blind(&a.to_number)),
+            to_number,
+            to_index,
             encoding: message.encoding.clone(),
             segments: message.segments,
-            body: vault.seal_opt(message.attempt_body.as_deref()),
+            body,
             slot_sender: slot.map(|s| s.sender.clone()),
             slot_now_us: slot.map(|s| s.now_us),
             slot_interval_us: slot.map(|s| s.interval_us),
@@ -347,17 +351,18 @@ impl PgFunctions {
         new_lease: DateTime<Utc>,
     ) -> AppResult<MarkSending> {
         let slot = attempt.take_slot.as_ref();
+        let sealed = attempt.sealed(vault);
         let job = MarkJob {
             id: id.to_string(),
-            to_number: vault.seal(&attempt.to_number),
+            to_number: sealed.to_number,
             encoding: attempt.encoding.clone(),
             segments: attempt.segments,
             now: micros(now),
             channel: attempt.channel.as_str(),
             fence: micros(fence),
             lease: micros(new_lease),
-            body: vault.seal_opt(attempt.body.as_deref()),
-            to_index: vault.blind(&attempt.to_number),
+            body: sealed.body,
+            to_index: sealed.to_index,
             consent: guard.consent,
             marketing: guard.marketing,
             slot_sender: slot.map(|s| s.sender.clone()),

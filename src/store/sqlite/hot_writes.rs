@@ -16,7 +16,8 @@ use crate::error::AppResult;
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
     DispatchResult, KnownStatus, MarkSending, MessageRecord, OtpChecks, OtpIssue, OtpIssueOutcome,
-    OtpLimits, SendAttempt, SendGuard, SendSlot, SqlArg, Stale, StatusApplied, MESSAGE_COLUMNS,
+    OtpLimits, SealedAttempt, SendAttempt, SendGuard, SendSlot, SqlArg, Stale, StatusApplied,
+    MESSAGE_COLUMNS,
 };
 use crate::vault::Vault;
 
@@ -117,11 +118,7 @@ impl SqliteWriter {
         fence: DateTime<Utc>,
         new_lease: DateTime<Utc>,
     ) -> AppResult<MarkSending> {
-        let sealed = SealedAttempt {
-            to_number: vault.seal(&attempt.to_number),
-            to_index: vault.blind(&attempt.to_number),
-            body: vault.seal_opt(attempt.body.as_deref()),
-        };
+        let sealed = attempt.sealed(vault);
         let (id, attempt) = (id.to_string(), attempt.clone());
         self.write(move |conn| {
             mark_sending(conn, &id, &attempt, &sealed, guard, now, fence, new_lease)
@@ -217,6 +214,7 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
     }
     let m = &issue.message;
     let attempt = issue.attempt.as_ref();
+    let sealed = attempt.map(|a| a.sealed(vault));
     let at = ts(&m.created_at);
     execute(
         conn,
@@ -230,11 +228,11 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
             &at,
             &m.claimed_until.as_ref().map(ts),
             &attempt.map(|_| at.clone()),
-            &attempt.map(|a| vault.seal(&a.to_number)),
-            &attempt.map(|a| vault.blind(&a.to_number)),
+            &sealed.as_ref().map(|s| &s.to_number),
+            &sealed.as_ref().map(|s| &s.to_index),
             &attempt.and_then(|a| a.encoding.clone()),
             &attempt.and_then(|a| a.segments),
-            &vault.seal_opt(attempt.and_then(|a| a.body.as_deref())),
+            &sealed.as_ref().and_then(|s| s.body.as_ref()),
         ],
     )?;
     if let Some(attempt) = attempt {
@@ -322,14 +320,6 @@ fn otp_checks(
         named_opted_out: row.get::<_, i64>(4)? > 0,
         send_to_opted_out: row.get::<_, i64>(5)? > 0,
     })
-}
-
-/// An attempt's number and body as stored: sealed (and the number's blind index) before the
-/// job reaches the writer, so the writer thread spends no time on cryptography.
-struct SealedAttempt {
-    to_number: String,
-    to_index: String,
-    body: Option<String>,
 }
 
 #[allow(clippy::too_many_arguments)]
