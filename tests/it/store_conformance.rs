@@ -31,6 +31,8 @@ both_backends!(
     otps_are_claimed_first_then_the_oldest,
     concurrent_otp_issues_keep_every_limit,
     a_failing_otp_issue_fails_alone,
+    otps_issued_together_each_take_a_send_slot,
+    marks_together_each_take_a_send_slot,
     opt_outs_are_read_for_many_numbers_at_once,
 );
 
@@ -677,6 +679,142 @@ async fn concurrent_otp_issues_keep_every_limit(backend: Backend) {
             assert_eq!(m.attempts, 1);
         }
     }
+}
+
+/// An OTP that goes at once takes its sender's send slot, so paced messages leave room for it;
+/// issued together (PostgreSQL takes a batch's slots in one statement per sender at the batch's
+/// end), each issued code still takes exactly one slot of its own sender, and a refused one none.
+async fn otps_issued_together_each_take_a_send_slot(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    const NOW_US: i64 = 1_800_000_000_000_000;
+    const INTERVAL_US: i64 = 1_000;
+    let slot = |sender: &str| store::SendSlot {
+        sender: sender.into(),
+        now_us: NOW_US,
+        interval_us: INTERVAL_US,
+    };
+    // The first sender has taken one slot already (its row exists); the second has none yet.
+    assert_eq!(
+        store
+            .reserve_send_slot("sender-a", NOW_US, INTERVAL_US)
+            .await
+            .unwrap(),
+        NOW_US
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    // Sender a: twelve numbers once each, and one number eight times (five within the hourly
+    // limit, three refused); sender b: five numbers.
+    let mut requests = Vec::new();
+    for i in 0..12 {
+        requests.push(("sender-a", format!("+1415555{:04}", 1000 + i)));
+    }
+    for _ in 0..8 {
+        requests.push(("sender-a", "+14155559999".to_string()));
+    }
+    for i in 0..5 {
+        requests.push(("sender-b", format!("+1415555{:04}", 2000 + i)));
+    }
+    for (i, (sender, number)) in requests.into_iter().enumerate() {
+        let store = store.clone();
+        let mut issue = otp_issue(
+            &format!("m{i}"),
+            &format!("u{i}"),
+            &number,
+            &format!("203.0.113.{i}"),
+        );
+        if let Some(attempt) = issue.attempt.as_mut() {
+            attempt.take_slot = Some(slot(sender));
+        }
+        tasks.spawn(async move { store.issue_otp(&issue).await.unwrap() });
+    }
+    let (mut issued, mut limited) = (0, 0);
+    while let Some(outcome) = tasks.join_next().await {
+        match outcome.unwrap() {
+            store::OtpIssueOutcome::Issued(_) => issued += 1,
+            store::OtpIssueOutcome::RateLimited { .. } => limited += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((issued, limited), (22, 3));
+    // The next slot of each sender comes after one slot per code issued for it.
+    assert_eq!(
+        store
+            .reserve_send_slot("sender-a", NOW_US, INTERVAL_US)
+            .await
+            .unwrap(),
+        NOW_US + (1 + 17) * INTERVAL_US,
+        "sender a: one slot taken before, seventeen codes"
+    );
+    assert_eq!(
+        store
+            .reserve_send_slot("sender-b", NOW_US, INTERVAL_US)
+            .await
+            .unwrap(),
+        NOW_US + 5 * INTERVAL_US,
+        "sender b: five codes"
+    );
+}
+
+/// A queued OTP the dispatcher marks `sending` takes its sender's slot in the mark; marked
+/// together (one PostgreSQL batch), each mark takes one, and a lost claim none.
+async fn marks_together_each_take_a_send_slot(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    const NOW_US: i64 = 1_800_000_000_000_000;
+    const INTERVAL_US: i64 = 1_000;
+    for i in 0..6 {
+        store
+            .insert_message(&message(&format!("m{i}"), None, t0()))
+            .await
+            .unwrap();
+    }
+    let lease = t0() + Duration::minutes(2);
+    assert_eq!(
+        store
+            .claim_due_messages(t0(), lease, 10)
+            .await
+            .unwrap()
+            .len(),
+        6
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        let store = store.clone();
+        let attempt = SendAttempt {
+            to_number: "+14155552671".into(),
+            channel: Channel::Sms,
+            encoding: Some("GSM-7".into()),
+            segments: Some(1),
+            body: Some("text".into()),
+            take_slot: Some(store::SendSlot {
+                sender: "sender-c".into(),
+                now_us: NOW_US,
+                interval_us: INTERVAL_US,
+            }),
+        };
+        // The last one's fence is not its claim's: it loses and takes no slot.
+        let fence = if i == 5 { t0() } else { lease };
+        tasks.spawn(async move {
+            let renewed = t0() + Duration::minutes(3);
+            store
+                .mark_sending(&format!("m{i}"), &attempt, NO_GUARD, t0(), fence, renewed)
+                .await
+                .unwrap()
+        });
+    }
+    let mut marked = 0;
+    while let Some(outcome) = tasks.join_next().await {
+        if outcome.unwrap() == MarkSending::Marked {
+            marked += 1;
+        }
+    }
+    assert_eq!(marked, 5);
+    assert_eq!(
+        store
+            .reserve_send_slot("sender-c", NOW_US, INTERVAL_US)
+            .await
+            .unwrap(),
+        NOW_US + 5 * INTERVAL_US
+    );
 }
 
 /// Issues that run together (one PostgreSQL batch, one SQLite writer transaction): one that

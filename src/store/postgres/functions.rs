@@ -1,6 +1,7 @@
 //! The hot writes on PostgreSQL, each one call of a batch function that migration 17 installs
-//! (`migrations/postgres/0017_hot_write_functions.sql`): OTPs issued, messages marked `sending`,
-//! sends' outcomes recorded. Concurrent calls of one kind share a batch (`batch.rs`).
+//! (`migrations/postgres/0017_hot_write_functions.sql`; migration 18 makes a batch take its send
+//! slots at its end): OTPs issued, messages marked `sending`, sends' outcomes recorded.
+//! Concurrent calls of one kind share a batch (`batch.rs`).
 //!
 //! Why: through the portable transactions each statement was a round trip, and PostgreSQL spent
 //! most of an OTP send parsing, binding and answering 17 of them. A function runs the same
