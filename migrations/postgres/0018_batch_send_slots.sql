@@ -224,3 +224,6 @@ BEGIN
     PERFORM send_rate_take_batch(taken_senders, taken_now_us, taken_interval_us);
 END
 $$;
+
+-- Nothing takes a slot one job at a time any more.
+DROP FUNCTION send_rate_take(TEXT, BIGINT, BIGINT);
