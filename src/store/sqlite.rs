@@ -154,14 +154,21 @@ mod portable {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn commits_are_made_durable_by_a_group_fsync() {
-        use crate::store::MessageStore;
+    /// A store on a new database file (with its writer, readers and group fsync); the file
+    /// lives as long as the returned directory.
+    async fn store_on_a_file() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         let store = SqliteStore::connect(&url, &KeySettings::default())
             .await
             .unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn commits_are_made_durable_by_a_group_fsync() {
+        use crate::store::MessageStore;
+        let (_dir, store) = store_on_a_file().await;
         // 1 = NORMAL: a commit reaches the log; the fsync is the group's, before any answer.
         let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
             .fetch_one(&store.pool)
@@ -182,11 +189,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_rate_limited_otp_is_refused_by_a_read_without_the_writer() {
         use crate::store::{OtpIssueOutcome, OtpStore};
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let store = SqliteStore::connect(&url, &KeySettings::default())
-            .await
-            .unwrap();
+        let (_dir, store) = store_on_a_file().await;
         let now = chrono::Utc::now();
         let issue = |id: &str| {
             let mut issue = crate::store::tests::issue(now, Some("198.18.0.1"));
@@ -252,11 +255,7 @@ mod tests {
 
     #[tokio::test]
     async fn claims_walk_their_indexes_never_the_queue() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let store = SqliteStore::connect(&url, &KeySettings::default())
-            .await
-            .unwrap();
+        let (_dir, store) = store_on_a_file().await;
         // Each step of the claim: the index it must use. Walking the SID index (every message
         // not yet sent) or scanning the table made dispatch slower the longer the queue.
         use crate::store::Stale;

@@ -60,6 +60,31 @@ fn ctx(source: ConsentSource) -> ChangeContext {
     }
 }
 
+/// An SMS attempt to `to` that takes no send slot.
+fn sms_attempt(to: &str) -> SendAttempt {
+    SendAttempt {
+        to_number: to.into(),
+        channel: Channel::Sms,
+        encoding: Some("GSM-7".into()),
+        segments: Some(1),
+        body: Some("text".into()),
+        take_slot: None,
+    }
+}
+
+/// The send slot tests' clock and pace: slot k of a sender starts at `SLOT_NOW_US + k *
+/// SLOT_INTERVAL_US`.
+const SLOT_NOW_US: i64 = 1_800_000_000_000_000;
+const SLOT_INTERVAL_US: i64 = 1_000;
+
+fn slot(sender: &str) -> store::SendSlot {
+    store::SendSlot {
+        sender: sender.into(),
+        now_us: SLOT_NOW_US,
+        interval_us: SLOT_INTERVAL_US,
+    }
+}
+
 fn message(id: &str, key: Option<&str>, at: chrono::DateTime<Utc>) -> NewMessage {
     NewMessage {
         id: id.into(),
@@ -276,14 +301,7 @@ async fn dispatch_results_and_events(backend: Backend) {
     let lease = t0() + Duration::minutes(2);
     let claimed = store.claim_due_messages(t0(), lease, 10).await.unwrap();
     assert_eq!(claimed.len(), 3);
-    let attempt = SendAttempt {
-        to_number: "+14155552671".into(),
-        channel: Channel::Sms,
-        encoding: Some("GSM-7".into()),
-        segments: Some(1),
-        body: Some("text".into()),
-        take_slot: None,
-    };
+    let attempt = sms_attempt("+14155552671");
     let renewed = t0() + Duration::minutes(3);
     // A stale fence cannot mark a message sending; the claim's own can, renewing the lease.
     assert_eq!(
@@ -500,14 +518,6 @@ async fn marking_sending_checks_opt_out_and_consent_in_the_same_statement(backen
     }
     let lease = t0() + Duration::minutes(2);
     store.claim_due_messages(t0(), lease, 10).await.unwrap();
-    let attempt = |to: &str| SendAttempt {
-        to_number: to.into(),
-        channel: Channel::Sms,
-        encoding: Some("GSM-7".into()),
-        segments: Some(1),
-        body: Some("text".into()),
-        take_slot: None,
-    };
     let renewed = t0() + Duration::minutes(3);
     let guard = SendGuard {
         consent: true,
@@ -515,7 +525,7 @@ async fn marking_sending_checks_opt_out_and_consent_in_the_same_statement(backen
     };
     let mark = |id: &'static str, to: &'static str, guard: SendGuard| {
         let store = store.clone();
-        let attempt = attempt(to);
+        let attempt = sms_attempt(to);
         async move {
             store
                 .mark_sending(id, &attempt, guard, t0(), lease, renewed)
@@ -686,20 +696,13 @@ async fn concurrent_otp_issues_keep_every_limit(backend: Backend) {
 /// end), each issued code still takes exactly one slot of its own sender, and a refused one none.
 async fn otps_issued_together_each_take_a_send_slot(backend: Backend) {
     let (store, _db) = open(backend).await;
-    const NOW_US: i64 = 1_800_000_000_000_000;
-    const INTERVAL_US: i64 = 1_000;
-    let slot = |sender: &str| store::SendSlot {
-        sender: sender.into(),
-        now_us: NOW_US,
-        interval_us: INTERVAL_US,
-    };
     // The first sender has taken one slot already (its row exists); the second has none yet.
     assert_eq!(
         store
-            .reserve_send_slot("sender-a", NOW_US, INTERVAL_US)
+            .reserve_send_slot("sender-a", SLOT_NOW_US, SLOT_INTERVAL_US)
             .await
             .unwrap(),
-        NOW_US
+        SLOT_NOW_US
     );
     let mut tasks = tokio::task::JoinSet::new();
     // Sender a: twelve numbers once each, and one number eight times (five within the hourly
@@ -739,18 +742,18 @@ async fn otps_issued_together_each_take_a_send_slot(backend: Backend) {
     // The next slot of each sender comes after one slot per code issued for it.
     assert_eq!(
         store
-            .reserve_send_slot("sender-a", NOW_US, INTERVAL_US)
+            .reserve_send_slot("sender-a", SLOT_NOW_US, SLOT_INTERVAL_US)
             .await
             .unwrap(),
-        NOW_US + (1 + 17) * INTERVAL_US,
+        SLOT_NOW_US + (1 + 17) * SLOT_INTERVAL_US,
         "sender a: one slot taken before, seventeen codes"
     );
     assert_eq!(
         store
-            .reserve_send_slot("sender-b", NOW_US, INTERVAL_US)
+            .reserve_send_slot("sender-b", SLOT_NOW_US, SLOT_INTERVAL_US)
             .await
             .unwrap(),
-        NOW_US + 5 * INTERVAL_US,
+        SLOT_NOW_US + 5 * SLOT_INTERVAL_US,
         "sender b: five codes"
     );
 }
@@ -759,8 +762,6 @@ async fn otps_issued_together_each_take_a_send_slot(backend: Backend) {
 /// together (one PostgreSQL batch), each mark takes one, and a lost claim none.
 async fn marks_together_each_take_a_send_slot(backend: Backend) {
     let (store, _db) = open(backend).await;
-    const NOW_US: i64 = 1_800_000_000_000_000;
-    const INTERVAL_US: i64 = 1_000;
     for i in 0..6 {
         store
             .insert_message(&message(&format!("m{i}"), None, t0()))
@@ -780,16 +781,8 @@ async fn marks_together_each_take_a_send_slot(backend: Backend) {
     for i in 0..6 {
         let store = store.clone();
         let attempt = SendAttempt {
-            to_number: "+14155552671".into(),
-            channel: Channel::Sms,
-            encoding: Some("GSM-7".into()),
-            segments: Some(1),
-            body: Some("text".into()),
-            take_slot: Some(store::SendSlot {
-                sender: "sender-c".into(),
-                now_us: NOW_US,
-                interval_us: INTERVAL_US,
-            }),
+            take_slot: Some(slot("sender-c")),
+            ..sms_attempt("+14155552671")
         };
         // The last one's fence is not its claim's: it loses and takes no slot.
         let fence = if i == 5 { t0() } else { lease };
@@ -810,10 +803,10 @@ async fn marks_together_each_take_a_send_slot(backend: Backend) {
     assert_eq!(marked, 5);
     assert_eq!(
         store
-            .reserve_send_slot("sender-c", NOW_US, INTERVAL_US)
+            .reserve_send_slot("sender-c", SLOT_NOW_US, SLOT_INTERVAL_US)
             .await
             .unwrap(),
-        NOW_US + 5 * INTERVAL_US
+        SLOT_NOW_US + 5 * SLOT_INTERVAL_US
     );
 }
 
