@@ -102,7 +102,11 @@ fn server(
         .stdout(Stdio::null())
         .kill_on_drop(true);
     // The dispatcher's settings as the operator would set them, for trying other values.
-    for name in ["DISPATCH_BATCH_SIZE", "DISPATCH_RATE_PER_SECOND"] {
+    for name in [
+        "DISPATCH_BATCH_SIZE",
+        "DISPATCH_RATE_PER_SECOND",
+        "RUST_LOG",
+    ] {
         if let Ok(value) = std::env::var(format!("BENCH_{name}")) {
             cmd.env(name, value);
         }
@@ -186,9 +190,10 @@ async fn dispatch(binary: &std::path::Path, database_url: &str, messages: usize,
     let memory: Vec<String> = children.iter().map(|c| peak_rss(c.id())).collect();
     println!(
         "-- dispatch on {backend}, {instances} instance(s): {messages} messages in {:.2} s from start ({:.0} msg/s); \
-         first to last send {:.2} s ({:.0} msg/s); peak RSS per process: {}",
+         first send after {:.2} s; first to last send {:.2} s ({:.0} msg/s); peak RSS per process: {}",
         elapsed.as_secs_f64(),
         messages as f64 / elapsed.as_secs_f64(),
+        first.duration_since(started).as_secs_f64(),
         last.duration_since(first).as_secs_f64(),
         messages as f64 / last.duration_since(first).as_secs_f64(),
         memory.join(", ")

@@ -493,8 +493,15 @@ pub(super) async fn insert_message_row(
         .bind(&m.idempotency_key)
         .bind(m.created_at)
         .bind(m.claimed_until)
-        .fetch_optional(&mut *conn)
+        // `fetch_all`, not `fetch_optional`: on SQLite, a statement left after its first row
+        // commits when it is reset, and a commit by reset skips the log's automatic checkpoint
+        // (SQLite runs it only when a statement steps to its end). Queued one by one through the
+        // pool, messages grew the log without bound (780 MB for 20,000) until the next start
+        // replayed it.
+        .fetch_all(&mut *conn)
         .await?
+        .into_iter()
+        .next()
         .map(|record| open_message(vault, record))
         .transpose()
 }

@@ -48,8 +48,11 @@ impl SessionStore for ThisStore {
         )
         .bind(code_hash)
         .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
+        // `fetch_all`: a write with `RETURNING` must step to its end (see `insert_message_row`).
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .next();
         Ok(row.map(|(user_id, return_url)| OpenedLink {
             user_id,
             return_url,
@@ -88,8 +91,11 @@ impl SessionStore for ThisStore {
             .bind(token_hash)
             .bind(now)
             .bind(expires_at)
-            .fetch_optional(&self.pool)
-            .await?)
+            // `fetch_all`: a write with `RETURNING` must step to its end (see `insert_message_row`).
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .next())
     }
 
     async fn delete_settings_session(&self, token_hash: &str) -> AppResult<()> {
