@@ -222,10 +222,17 @@ impl Role {
     }
 }
 
+/// `DISPATCH_BATCH_SIZE` by default with a per-sender rate limit (`DISPATCH_RATE_PER_SECOND`
+/// above 0).
+pub const PACED_BATCH_SIZE: i64 = 32;
+/// `DISPATCH_BATCH_SIZE` by default without one.
+pub const UNPACED_BATCH_SIZE: i64 = 256;
+
 /// The dispatcher's knobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DispatchSettings {
-    /// Messages claimed per round (`DISPATCH_BATCH_SIZE`, 32).
+    /// Messages claimed and in flight at once (`DISPATCH_BATCH_SIZE`: `PACED_BATCH_SIZE` with a
+    /// rate limit, `UNPACED_BATCH_SIZE` without).
     pub batch_size: i64,
     /// How long a claim holds before another dispatcher may take the message
     /// (`DISPATCH_LEASE_SECONDS`, 120). A crashed process's messages wait this long.
@@ -574,8 +581,19 @@ impl Config {
             quiet_hours,
             reminder_late_booking: v.bool("REMINDER_LATE_BOOKING", false)?,
         };
+        let rate_per_second = v.number("DISPATCH_RATE_PER_SECOND", 10, 0, 10_000)?;
+        // In flight at once, by default: paced, a few seconds of the sender's slots (each claimed
+        // message takes its slot at once, so more would only make a later message, say a retried
+        // code, wait behind them); unpaced, enough to hide the provider's latency (Twilio takes
+        // 100-300 ms to answer a send: 32 in flight would cap dispatch near 150 msg/s) and to
+        // give the database batches to write together.
+        let batch_size_default = if rate_per_second == 0 {
+            UNPACED_BATCH_SIZE
+        } else {
+            PACED_BATCH_SIZE
+        };
         let dispatch = DispatchSettings {
-            batch_size: v.number("DISPATCH_BATCH_SIZE", 32, 1, 1_000)?,
+            batch_size: v.number("DISPATCH_BATCH_SIZE", batch_size_default, 1, 1_000)?,
             lease: chrono::Duration::seconds(v.number("DISPATCH_LEASE_SECONDS", 120, 1, 3_600)?),
             max_attempts: v.number("DISPATCH_MAX_ATTEMPTS", 5, 1, 100)?,
             max_age: chrono::Duration::seconds(v.number(
@@ -584,7 +602,7 @@ impl Config {
                 60,
                 30 * 86_400,
             )?),
-            rate_per_second: v.number("DISPATCH_RATE_PER_SECOND", 10, 0, 10_000)?,
+            rate_per_second,
             lookup_deadline: std::time::Duration::from_secs(v.number(
                 "DISPATCH_LOOKUP_DEADLINE_SECONDS",
                 30,
@@ -778,6 +796,33 @@ mod tests {
         assert!(!c.messaging.reminder_late_booking);
         let late = config(&[("REMINDER_LATE_BOOKING", "true")]).unwrap();
         assert!(late.messaging.reminder_late_booking);
+    }
+
+    #[test]
+    fn messages_in_flight_default_to_the_pacing() {
+        let in_flight = |pairs: &[(&str, &str)]| config(pairs).unwrap().dispatch.batch_size;
+        // Paced (the default 10/s): a few seconds of slots.
+        assert_eq!(in_flight(&[]), PACED_BATCH_SIZE);
+        assert_eq!(
+            in_flight(&[("DISPATCH_RATE_PER_SECOND", "50")]),
+            PACED_BATCH_SIZE
+        );
+        // Unpaced: enough to hide the provider's latency.
+        assert_eq!(
+            in_flight(&[("DISPATCH_RATE_PER_SECOND", "0")]),
+            UNPACED_BATCH_SIZE
+        );
+        // Whatever the operator sets wins, paced or not.
+        for rate in ["0", "10"] {
+            assert_eq!(
+                in_flight(&[
+                    ("DISPATCH_RATE_PER_SECOND", rate),
+                    ("DISPATCH_BATCH_SIZE", "64")
+                ]),
+                64
+            );
+        }
+        assert!(config(&[("DISPATCH_BATCH_SIZE", "0")]).is_err());
     }
 
     #[test]

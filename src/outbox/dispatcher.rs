@@ -86,7 +86,8 @@ pub struct RoundReport {
     pub lost: usize,
     /// Ended `unknown`: the provider may hold it and no lookup could tell.
     pub unknown: usize,
-    /// Held back because the provider refused our credentials (the attempt not counted).
+    /// Held back because the provider refused our credentials or turned the request away for
+    /// too many at once (429): the attempt not counted.
     pub held: usize,
 }
 
@@ -898,6 +899,17 @@ impl Dispatcher {
                 message: why.clone(),
             };
         }
+        // Turned away for too many requests at once (the dispatcher may well have more in flight
+        // than an account's concurrency limit): Twilio never processed it, so the message was
+        // not tried and its attempt is given back; otherwise a burst of 429s could spend a
+        // message's every attempt without it ever reaching Twilio. Its age still ends it.
+        let too_old = self.clock.now() - message.created_at > self.settings.max_age;
+        if error.throttled() && !too_old {
+            return DispatchResult::Held {
+                until: self.next_attempt(0, error),
+                message: error.message().to_string(),
+            };
+        }
         if error.outcome_unknown() {
             return DispatchResult::Retry {
                 code: error.code(),
@@ -907,7 +919,6 @@ impl Dispatcher {
             };
         }
         let settings = self.settings;
-        let too_old = self.clock.now() - message.created_at > settings.max_age;
         if error.is_retryable() && attempts_made < settings.max_attempts && !too_old {
             return DispatchResult::Retry {
                 code: error.code(),

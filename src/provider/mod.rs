@@ -80,6 +80,18 @@ impl ProviderError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, ProviderError::Retryable { .. })
     }
+    /// Whether the provider turned the request away unprocessed for too many at once (Twilio's
+    /// 429, code 20429: "never processed and always safe to retry").
+    pub fn throttled(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::Retryable {
+                code: Some(twilio::TOO_MANY_REQUESTS),
+                outcome_unknown: false,
+                ..
+            }
+        )
+    }
     /// Whether the provider may hold the message although it did not say so.
     pub fn outcome_unknown(&self) -> bool {
         matches!(

@@ -217,7 +217,8 @@ async fn error_from_response(response: Response) -> ProviderError {
         }
     } else if status == StatusCode::TOO_MANY_REQUESTS || code == Some(TOO_MANY_REQUESTS) {
         ProviderError::Retryable {
-            code,
+            // Tagged even when the body had no code, so the dispatcher knows it was not tried.
+            code: Some(TOO_MANY_REQUESTS),
             message,
             retry_after,
             outcome_unknown: false,

@@ -245,7 +245,8 @@ pub enum DispatchResult {
     /// The provider may or may not hold it and no lookup could tell: `unknown`, never resent.
     Unknown { code: Option<i64>, message: String },
     /// Not sent, for a reason of ours rather than the message's (the provider refused our
-    /// credentials): queued again for `until`, the attempt not counted.
+    /// credentials, or turned the request away unprocessed for too many at once): queued again
+    /// for `until`, the attempt not counted.
     Held {
         until: DateTime<Utc>,
         message: String,

@@ -55,6 +55,8 @@ async fn every_fault_class_ends_sent_once_or_failed(backend: Backend) {
         ("dropped_connection", vec![Fault::Drop, Fault::Drop]),
         ("accepted_never_answered", vec![Fault::AcceptNoAnswer]),
         ("always_down", vec![http(500, 20500); 10]),
+        // More 429s than DISPATCH_MAX_ATTEMPTS: none of them is an attempt.
+        ("throttled_past_the_attempts", vec![http(429, 20429); 7]),
     ];
     let mut ids = HashMap::new();
     for (i, (name, faults)) in scenarios.iter().enumerate() {
@@ -78,6 +80,17 @@ async fn every_fault_class_ends_sent_once_or_failed(backend: Backend) {
         limited.next_attempt_at >= clock.now() + chrono::Duration::seconds(119),
         "Retry-After honoured"
     );
+    // Twilio never processes a request it answers 429: the message was not tried, and keeps
+    // every attempt (a server error, which Twilio may have acted on, spends one).
+    assert_eq!(limited.attempts, 0, "a 429 spends no attempt");
+    let server_error = app
+        .state
+        .store
+        .get_message(&ids["server_errors"].0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(server_error.attempts, 1);
     for _ in 0..12 {
         clock.advance(chrono::Duration::minutes(20));
         app.dispatch().await;
