@@ -36,7 +36,7 @@ use crate::delivery::Delivery;
 use crate::error::AppResult;
 use crate::metrics::Metrics;
 use crate::phone::PhoneNumber;
-use crate::provider::twilio::RECIPIENT_UNSUBSCRIBED;
+use crate::provider::twilio::{RECIPIENT_UNSUBSCRIBED, TOO_MANY_REQUESTS};
 use crate::provider::{DynProvider, OutboundMessage, ProviderError, ProviderHealth};
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
@@ -791,13 +791,9 @@ impl Dispatcher {
             DispatchResult::Retry { code, message, .. } => {
                 (DispatchResult::Failed { code, message }, true)
             }
-            DispatchResult::Held { message, .. } => (
-                DispatchResult::Failed {
-                    code: None,
-                    message,
-                },
-                true,
-            ),
+            DispatchResult::Held { code, message, .. } => {
+                (DispatchResult::Failed { code, message }, true)
+            }
             other => (other, false),
         };
         Ok(OtpAttempt {
@@ -895,6 +891,7 @@ impl Dispatcher {
         if let ProviderError::Unauthorized { message: why, .. } = error {
             self.provider_health.refused(why);
             return DispatchResult::Held {
+                code: error.code(),
                 until: self.clock.now() + AUTH_OUTAGE_HOLD,
                 message: why.clone(),
             };
@@ -906,6 +903,7 @@ impl Dispatcher {
         let too_old = self.clock.now() - message.created_at > self.settings.max_age;
         if error.throttled() && !too_old {
             return DispatchResult::Held {
+                code: error.code(),
                 until: self.next_attempt(0, error),
                 message: error.message().to_string(),
             };
@@ -1085,7 +1083,14 @@ fn log_result(message: &MessageRecord, to: &str, result: &DispatchResult) {
                 "outcome unknown: the provider may or may not hold this message; not resent"
             )
         }
-        DispatchResult::Held { until, message } => {
+        DispatchResult::Held {
+            code: Some(TOO_MANY_REQUESTS),
+            until,
+            message,
+        } => {
+            tracing::warn!(message_id = id, template, error = message, %until, "held: the provider turned it away for too many requests at once (429); no attempt spent")
+        }
+        DispatchResult::Held { until, message, .. } => {
             tracing::error!(message_id = id, template, error = message, %until, "held: the provider refused our credentials")
         }
     }

@@ -619,12 +619,21 @@ pub(crate) fn dispatch_write(
             Some((MessageStatus::Unknown, *code, Some(message.clone()))),
         ),
         // The attempt is given back: it was never the message's to spend.
-        DispatchResult::Held { until, message } => (
+        DispatchResult::Held {
+            code,
+            until,
+            message,
+        } => (
             "UPDATE messages SET status = 'queued', error_message = $3, \
              attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
-             next_attempt_at = $4, lease_until = NULL, updated_at = $5 \
+             next_attempt_at = $4, lease_until = NULL, updated_at = $5, error_code = $6 \
              WHERE id = $1 AND lease_until = $2",
-            vec![OptText(Some(message.clone())), Time(*until), Time(now)],
+            vec![
+                OptText(Some(message.clone())),
+                Time(*until),
+                Time(now),
+                OptInt(*code),
+            ],
             None,
         ),
         DispatchResult::Deferred { until, .. } => (

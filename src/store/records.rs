@@ -248,6 +248,9 @@ pub enum DispatchResult {
     /// credentials, or turned the request away unprocessed for too many at once): queued again
     /// for `until`, the attempt not counted.
     Held {
+        /// The provider's code (Twilio's 20003 for refused credentials, 20429 for too many at
+        /// once), kept with the message like any error's.
+        code: Option<i64>,
         until: DateTime<Utc>,
         message: String,
     },

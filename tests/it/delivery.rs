@@ -83,6 +83,11 @@ async fn every_fault_class_ends_sent_once_or_failed(backend: Backend) {
     // Twilio never processes a request it answers 429: the message was not tried, and keeps
     // every attempt (a server error, which Twilio may have acted on, spends one).
     assert_eq!(limited.attempts, 0, "a 429 spends no attempt");
+    assert_eq!(
+        limited.error_code,
+        Some(20429),
+        "the code is kept with the message"
+    );
     let server_error = app
         .state
         .store

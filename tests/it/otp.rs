@@ -585,6 +585,9 @@ async fn live_mode_sends_through_twilio(backend: Backend) {
         (r.status().as_u16(), error_code(r).await.as_str()),
         (503, "unavailable")
     );
+    // A code cannot wait in the queue: failed, with Twilio's code kept.
+    let m = &app.state.store.user_messages("u5", 1).await.unwrap()[0];
+    assert_eq!((m.status.as_str(), m.error_code), ("failed", Some(20429)));
 }
 
 async fn otp_length_is_configurable(backend: Backend) {

@@ -91,7 +91,8 @@ impl SessionStore for ThisStore {
             .bind(token_hash)
             .bind(now)
             .bind(expires_at)
-            // `fetch_all`: a write with `RETURNING` must step to its end (see `insert_message_row`).
+            // `fetch_all`: a write with `RETURNING` must step to its end
+            // (see `insert_message_row`).
             .fetch_all(&self.pool)
             .await?
             .into_iter()
