@@ -101,7 +101,8 @@ fn server(
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true);
-    // The dispatcher's settings as the operator would set them, for trying other values.
+    // The dispatcher's settings as the operator would set them, and its log level, for trying
+    // other values.
     for name in [
         "DISPATCH_BATCH_SIZE",
         "DISPATCH_RATE_PER_SECOND",

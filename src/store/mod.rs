@@ -546,6 +546,25 @@ pub(crate) enum SqlArg {
 /// An event to record with a dispatch result: status, error code, detail.
 pub(crate) type DispatchEvent = (MessageStatus, Option<i64>, Option<String>);
 
+/// The row a write's `RETURNING` gave, if any, read by stepping the statement to its end.
+/// Why not `fetch_optional`: on SQLite, a statement left after its first row commits when sqlx
+/// resets it, and a commit by reset skips the log's automatic checkpoint (SQLite runs it only
+/// when a statement steps to its end). Messages queued one by one through the pool that way grew
+/// the log without bound (780 MB for 20,000) until the next start replayed it.
+pub(crate) async fn returned_row<'q, 'c, DB, O, A, E>(
+    write: sqlx::query::QueryAs<'q, DB, O, A>,
+    executor: E,
+) -> Result<Option<O>, sqlx::Error>
+where
+    DB: sqlx::Database,
+    A: 'q + sqlx::IntoArguments<'q, DB>,
+    O: 'q + Send + Unpin + for<'r> sqlx::FromRow<'r, DB::Row>,
+    E: 'q + sqlx::Executor<'c, Database = DB>,
+    'c: 'q,
+{
+    Ok(write.fetch_all(executor).await?.into_iter().next())
+}
+
 /// How `MessageStore::record_dispatch` records a result: one UPDATE fenced by the claim's lease
 /// (`$1` id, `$2` fence, then `args` from `$3`), and the event it adds, if any. Retries add no
 /// event (the history keeps one row per status; a retry shows in the error fields).

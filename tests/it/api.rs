@@ -662,7 +662,7 @@ async fn quiet_hours_hold_notifications_until_morning(backend: Backend) {
     app.consent("p1", "+919876543210").await;
     let id = app.notify_ok(reminder("p1")).await;
     assert_eq!(app.dispatch().await.deferred, 1);
-    let m = app.state.store.get_message(&id).await.unwrap().unwrap();
+    let m = app.stored_message(&id).await;
     assert_eq!((m.status.as_str(), m.attempts), ("queued", 0));
     let morning = chrono::DateTime::parse_from_rfc3339("2027-01-13T02:30:00Z")
         .unwrap()

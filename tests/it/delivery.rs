@@ -68,13 +68,7 @@ async fn every_fault_class_ends_sent_once_or_failed(backend: Backend) {
     }
     // The 429 asked for two minutes: the retry waits at least that long.
     app.dispatch().await;
-    let limited = app
-        .state
-        .store
-        .get_message(&ids["rate_limited"].0)
-        .await
-        .unwrap()
-        .unwrap();
+    let limited = app.stored_message(&ids["rate_limited"].0).await;
     assert_eq!(limited.status, "queued");
     assert!(
         limited.next_attempt_at >= clock.now() + chrono::Duration::seconds(119),
@@ -88,14 +82,10 @@ async fn every_fault_class_ends_sent_once_or_failed(backend: Backend) {
         Some(20429),
         "the code is kept with the message"
     );
-    let server_error = app
-        .state
-        .store
-        .get_message(&ids["server_errors"].0)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(server_error.attempts, 1);
+    assert_eq!(
+        app.stored_message(&ids["server_errors"].0).await.attempts,
+        1
+    );
     for _ in 0..12 {
         clock.advance(chrono::Duration::minutes(20));
         app.dispatch().await;
@@ -573,16 +563,7 @@ async fn instance_roles_split_the_work(backend: Backend) {
     wait_until(
         "the dispatcher instance sends",
         Duration::from_secs(10),
-        async || {
-            api.state
-                .store
-                .get_message(&id)
-                .await
-                .unwrap()
-                .unwrap()
-                .status
-                == "delivered"
-        },
+        async || api.stored_message(&id).await.status == "delivered",
     )
     .await;
     assert_eq!(

@@ -54,13 +54,7 @@ async fn api_reads_clear(app: &TestApp, message_id: &str) {
         .get_json("/api/messaging/preferences", Some(&app.user_token("p1")))
         .await;
     assert_eq!(prefs["preferences"]["phone_number"], NUMBER);
-    let m = app
-        .state
-        .store
-        .get_message(message_id)
-        .await
-        .unwrap()
-        .unwrap();
+    let m = app.stored_message(message_id).await;
     assert_eq!(m.to_number.as_deref(), Some(NUMBER));
     assert!(m.attempt_body.unwrap().contains(AMOUNT));
     let reply = app

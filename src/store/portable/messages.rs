@@ -483,7 +483,7 @@ pub(super) async fn insert_message_row(
          VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9, $8, $8) \
          ON CONFLICT (idempotency_key) DO NOTHING RETURNING {MESSAGE_COLUMNS}"
     );
-    sqlx::query_as::<Db, MessageRecord>(&sql)
+    let write = sqlx::query_as::<Db, MessageRecord>(&sql)
         .bind(&m.id)
         .bind(&m.user_id)
         .bind(&m.template_name)
@@ -492,16 +492,9 @@ pub(super) async fn insert_message_row(
         .bind(status)
         .bind(&m.idempotency_key)
         .bind(m.created_at)
-        .bind(m.claimed_until)
-        // `fetch_all`, not `fetch_optional`: on SQLite, a statement left after its first row
-        // commits when it is reset, and a commit by reset skips the log's automatic checkpoint
-        // (SQLite runs it only when a statement steps to its end). Queued one by one through the
-        // pool, messages grew the log without bound (780 MB for 20,000) until the next start
-        // replayed it.
-        .fetch_all(&mut *conn)
+        .bind(m.claimed_until);
+    returned_row(write, &mut *conn)
         .await?
-        .into_iter()
-        .next()
         .map(|record| open_message(vault, record))
         .transpose()
 }

@@ -42,17 +42,13 @@ impl SessionStore for ThisStore {
         now: DateTime<Utc>,
     ) -> AppResult<Option<OpenedLink>> {
         // One statement: of two simultaneous opens, one wins.
-        let row: Option<(String, Option<String>)> = sqlx::query_as(
+        let write = sqlx::query_as::<Db, (String, Option<String>)>(
             "UPDATE settings_links SET used_at = $2 WHERE code_hash = $1 AND used_at IS NULL \
              AND expires_at > $2 RETURNING user_id, return_url",
         )
         .bind(code_hash)
-        .bind(now)
-        // `fetch_all`: a write with `RETURNING` must step to its end (see `insert_message_row`).
-        .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .next();
+        .bind(now);
+        let row = returned_row(write, &self.pool).await?;
         Ok(row.map(|(user_id, return_url)| OpenedLink {
             user_id,
             return_url,
@@ -87,16 +83,11 @@ impl SessionStore for ThisStore {
             "UPDATE settings_sessions SET last_seen_at = $2, expires_at = $3 \
              WHERE token_hash = $1 AND expires_at > $2 RETURNING {SESSION_COLUMNS}"
         );
-        Ok(sqlx::query_as::<Db, SettingsSession>(&sql)
+        let write = sqlx::query_as::<Db, SettingsSession>(&sql)
             .bind(token_hash)
             .bind(now)
-            .bind(expires_at)
-            // `fetch_all`: a write with `RETURNING` must step to its end
-            // (see `insert_message_row`).
-            .fetch_all(&self.pool)
-            .await?
-            .into_iter()
-            .next())
+            .bind(expires_at);
+        Ok(returned_row(write, &self.pool).await?)
     }
 
     async fn delete_settings_session(&self, token_hash: &str) -> AppResult<()> {

@@ -474,6 +474,16 @@ impl TestApp {
         v["message"]["id"].as_str().unwrap().to_string()
     }
 
+    /// The message as stored (all its fields, opened), which must exist.
+    pub async fn stored_message(&self, id: &str) -> prism_messaging::store::MessageRecord {
+        self.state
+            .store
+            .get_message(id)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("no message {id}"))
+    }
+
     pub async fn message(&self, id: &str) -> Value {
         let r = self
             .client
