@@ -331,6 +331,7 @@ impl Otp {
                 claimed_until: Some(now + context.lease),
             },
             attempt: plan.attempt().cloned(),
+            accepted: plan.accepted(),
         };
         let sent = self.sent_answer(&named);
         let message = match self.codes.issue_otp(&issue).await? {

@@ -37,11 +37,11 @@ use crate::error::AppResult;
 use crate::metrics::Metrics;
 use crate::phone::PhoneNumber;
 use crate::provider::twilio::{RECIPIENT_UNSUBSCRIBED, TOO_MANY_REQUESTS};
-use crate::provider::{DynProvider, OutboundMessage, ProviderError, ProviderHealth};
+use crate::provider::{Accepted, DynProvider, OutboundMessage, ProviderError, ProviderHealth};
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
-    ConsentStore, DispatchResult, InboundStore, MarkSending, MessageRecord, MessageStore,
-    ScheduleStore, SendAttempt, SendGuard, SendSlot, Stale, SubjectType,
+    AcceptedSend, ConsentStore, DispatchResult, InboundStore, MarkSending, MessageRecord,
+    MessageStore, ScheduleStore, SendAttempt, SendGuard, SendSlot, Stale, SubjectType,
 };
 use crate::templates::{self, Category, RenderAt, RenderContext, Template, ValidVariables};
 use recovery::outcome_unknown;
@@ -198,10 +198,13 @@ enum Attempt {
 
 /// How a one-time passcode goes (`Dispatcher::plan_otp`).
 pub enum OtpPlan {
-    /// To the provider as `outbound`; the message is written `sending` for `attempt`.
+    /// To the provider as `outbound`; the message is written `sending` for `attempt`. With
+    /// `accepted` (a provider in this process), the send is recorded in that same write, and
+    /// `send_otp_now` only hands the message over.
     Send {
         outbound: Box<OutboundMessage>,
         attempt: SendAttempt,
+        accepted: Option<Accepted>,
     },
     /// Not sent: the message is written and recorded skipped for this reason.
     Skip(SkipReason),
@@ -214,6 +217,22 @@ impl OtpPlan {
             OtpPlan::Send { attempt, .. } => Some(attempt),
             OtpPlan::Skip(_) => None,
         }
+    }
+
+    /// The send to record with the message, when the provider accepted it in process.
+    pub fn accepted(&self) -> Option<AcceptedSend> {
+        let OtpPlan::Send {
+            accepted: Some(accepted),
+            ..
+        } = self
+        else {
+            return None;
+        };
+        Some(AcceptedSend {
+            provider_sid: accepted.sid.clone(),
+            news: MessageStatus::from_twilio(&accepted.status)
+                .filter(|ours| ours.may_follow(MessageStatus::Sent)),
+        })
     }
 }
 
@@ -706,9 +725,11 @@ impl Dispatcher {
         // queued messages behind it slow down to keep the sender's rate.
         let slot = self.slot_to_take(&outbound);
         let attempt = attempt_for(&outbound, slot);
+        let accepted = self.provider.accept_in_process(&outbound);
         Ok(OtpPlan::Send {
             outbound: Box::new(outbound),
             attempt,
+            accepted,
         })
     }
 
@@ -721,6 +742,22 @@ impl Dispatcher {
         message: &MessageRecord,
         plan: OtpPlan,
     ) -> AppResult<OtpDelivery> {
+        if let OtpPlan::Send {
+            outbound,
+            accepted: Some(accepted),
+            ..
+        } = &plan
+        {
+            // Accepted in process and recorded `sent` with the code: only the hand-over is left.
+            self.provider.hand_over_in_process(outbound, accepted);
+            self.provider_health.accepted();
+            let result = DispatchResult::Sent {
+                provider_sid: accepted.sid.clone(),
+                status: MessageStatus::Sent,
+            };
+            log_result(message, &outbound.to.masked(), &result);
+            return Ok(OtpDelivery::Sent);
+        }
         // The code is written and about to go out: the send and its record run to the end even
         // if the request is dropped (a client that hung up while Twilio answered), so the message
         // is recorded as sent instead of waiting, `sending`, for its lease to run out.

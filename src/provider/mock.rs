@@ -37,6 +37,14 @@ impl MockProvider {
         Self::default()
     }
 
+    /// A new SID, and the mock's word that the message was delivered.
+    fn acceptance(&self) -> Accepted {
+        Accepted {
+            sid: format!("SM{}", uuid::Uuid::new_v4().simple()),
+            status: "delivered".to_string(),
+        }
+    }
+
     /// What would have been sent, newest first.
     pub fn outbox(&self) -> Vec<OutboxEntry> {
         match self.outbox.lock() {
@@ -53,7 +61,16 @@ impl Provider for MockProvider {
     }
 
     async fn send(&self, message: &OutboundMessage) -> Result<Accepted, ProviderError> {
-        let sid = format!("SM{}", uuid::Uuid::new_v4().simple());
+        let accepted = self.acceptance();
+        self.hand_over_in_process(message, &accepted);
+        Ok(accepted)
+    }
+
+    fn accept_in_process(&self, _message: &OutboundMessage) -> Option<Accepted> {
+        Some(self.acceptance())
+    }
+
+    fn hand_over_in_process(&self, message: &OutboundMessage, accepted: &Accepted) {
         tracing::info!(
             message_id = %message.message_id,
             to = %message.to.masked(),
@@ -67,7 +84,7 @@ impl Provider for MockProvider {
             channel: message.channel.as_str().to_string(),
             template_name: message.template_name.clone(),
             body: message.body.clone(),
-            provider_sid: sid.clone(),
+            provider_sid: accepted.sid.clone(),
             created_at: Utc::now(),
         };
         let mut outbox = self
@@ -78,10 +95,6 @@ impl Provider for MockProvider {
             outbox.pop_front();
         }
         outbox.push_back(entry);
-        Ok(Accepted {
-            sid,
-            status: "delivered".to_string(),
-        })
     }
 
     async fn find_sent(

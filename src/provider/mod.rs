@@ -109,6 +109,18 @@ pub trait Provider: Send + Sync + 'static {
     /// `mock` or `twilio`.
     fn name(&self) -> &'static str;
     async fn send(&self, message: &OutboundMessage) -> Result<Accepted, ProviderError>;
+    /// A provider inside this process (the mock) answers without a call that can fail or be
+    /// half done: its acceptance, decided before the message is written, so the send is recorded
+    /// in the write that creates the message (an OTP: one write per code instead of a write
+    /// before the call and another after it). `None` (the default): the provider is across a
+    /// network, and `send` is called between the two writes.
+    fn accept_in_process(&self, _message: &OutboundMessage) -> Option<Accepted> {
+        None
+    }
+    /// What `send` does besides answering, for a message `accept_in_process` accepted, once the
+    /// write recording it has committed (the mock: its dev outbox entry), so a message whose
+    /// write was refused (a rate limit met under the lock) leaves no trace.
+    fn hand_over_in_process(&self, _message: &OutboundMessage, _accepted: &Accepted) {}
     /// Messages this service's API calls created from our sender to `to` on `channel`, at or
     /// after `since`, with exactly `body`, oldest first: used before re-sending a message whose
     /// earlier attempt has an unknown outcome (a timeout, or a process that died mid-call), so it

@@ -846,13 +846,15 @@ pub(crate) fn claim_order(claimed: &mut [MessageRecord]) {
 /// Write an OTP's message, claimed, and (with an attempt) already marked `sending` for it: `$1`
 /// id, `$2` user, `$3` template, `$4` sealed variables, `$5` channel, `$6` now, `$7` the lease,
 /// `$8` the attempt's start (NULL without one), `$9` sealed number, `$10` its blind index, `$11`
-/// encoding, `$12` segments, `$13` sealed body.
+/// encoding, `$12` segments, `$13` sealed body, `$14` the status, `$15` the provider's SID. A send
+/// an in-process provider accepted (`OtpIssue::accepted`) is written where it ends instead:
+/// its status, its SID, no lease (`OtpIssue::written_status` and `written_lease`).
 pub(crate) const INSERT_OTP_MESSAGE: &str =
     "INSERT INTO messages (id, user_id, template_name, variables, channel, status, attempts, \
      idempotency_key, next_attempt_at, lease_until, created_at, updated_at, to_number, to_index, \
-     encoding, segments, attempt_started_at, attempt_body, lookup_needed) \
-     VALUES ($1, $2, $3, $4, $5, 'sending', CASE WHEN $8 IS NULL THEN 0 ELSE 1 END, NULL, $6, \
-     $7, $6, $6, $9, $10, $11, $12, $8, $13, FALSE)";
+     encoding, segments, attempt_started_at, attempt_body, lookup_needed, provider_sid) \
+     VALUES ($1, $2, $3, $4, $5, $14, CASE WHEN $8 IS NULL THEN 0 ELSE 1 END, NULL, $6, \
+     $7, $6, $6, $9, $10, $11, $12, $8, $13, FALSE, $15)";
 
 /// The row `OTP_CHECKS` reads.
 #[derive(Debug, Clone)]
@@ -866,10 +868,29 @@ pub(crate) struct OtpChecks {
 }
 
 impl OtpIssue {
+    /// The accepted send to record, when there is an attempt to record it for.
+    pub(crate) fn accepted_send(&self) -> Option<&AcceptedSend> {
+        self.accepted.as_ref().filter(|_| self.attempt.is_some())
+    }
+
+    /// The status the message is written in: `sending`, or where an accepted send ends.
+    pub(crate) fn written_status(&self) -> MessageStatus {
+        self.accepted_send()
+            .map_or(MessageStatus::Sending, AcceptedSend::status)
+    }
+
+    /// The claim the message is written with: none once its send is recorded.
+    pub(crate) fn written_lease(&self) -> Option<DateTime<Utc>> {
+        self.message
+            .claimed_until
+            .filter(|_| self.accepted_send().is_none())
+    }
+
     /// The message as `INSERT_OTP_MESSAGE` writes it (clear text where the row is sealed).
     pub(crate) fn issued_record(&self) -> MessageRecord {
         let m = &self.message;
         let attempt = self.attempt.as_ref();
+        let accepted = self.accepted_send();
         MessageRecord {
             id: m.id.clone(),
             user_id: m.user_id.clone(),
@@ -879,10 +900,10 @@ impl OtpIssue {
                 .map_or(m.channel, |a| a.channel)
                 .as_str()
                 .to_string(),
-            status: MessageStatus::Sending,
+            status: self.written_status(),
             reason: None,
             to_number: attempt.map(|a| a.to_number.clone()),
-            provider_sid: None,
+            provider_sid: accepted.map(|a| a.provider_sid.clone()),
             error_code: None,
             error_message: None,
             encoding: attempt.and_then(|a| a.encoding.clone()),
@@ -890,7 +911,7 @@ impl OtpIssue {
             attempts: i64::from(attempt.is_some()),
             idempotency_key: None,
             next_attempt_at: m.created_at,
-            lease_until: m.claimed_until,
+            lease_until: self.written_lease(),
             created_at: m.created_at,
             updated_at: m.created_at,
             requested_channel: None,
@@ -1015,6 +1036,7 @@ pub(crate) mod tests {
                 claimed_until: Some(now + Duration::minutes(1)),
             },
             attempt: None,
+            accepted: None,
         }
     }
 

@@ -590,6 +590,25 @@ pub struct OtpIssue {
     /// `MessageStore::mark_sending` would, in the same transaction. `None`: written claimed, for
     /// the caller to record as skipped.
     pub attempt: Option<SendAttempt>,
+    /// With `attempt`: the provider's acceptance when it runs in this process (the mock), so
+    /// the send is recorded in this same write, as `MessageStore::record_sent` records one
+    /// after a call. `None`: the caller sends and records the outcome.
+    pub accepted: Option<AcceptedSend>,
+}
+
+/// A send an in-process provider accepted before its message was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedSend {
+    pub provider_sid: String,
+    /// The provider's own news beyond `sent` (the mock's `delivered`), checked to follow it.
+    pub news: Option<MessageStatus>,
+}
+
+impl AcceptedSend {
+    /// The status the message ends in.
+    pub fn status(&self) -> MessageStatus {
+        self.news.unwrap_or(MessageStatus::Sent)
+    }
 }
 
 /// What a one-time passcode's send limits look at: its cooldown per number, and its hourly

@@ -165,6 +165,48 @@ mod tests {
         (dir, store)
     }
 
+    /// A database in memory has no writer thread: its OTP issue is the portable transaction,
+    /// which records an in-process provider's send in the issue as the writer and PostgreSQL do
+    /// (`store_conformance` covers those two).
+    #[tokio::test]
+    async fn in_memory_an_otp_accepted_in_process_is_recorded_in_its_issue() {
+        use crate::store::{
+            AcceptedSend, MessageStatus, MessageStore, OtpIssueOutcome, OtpStore, SendAttempt,
+        };
+        let store = SqliteStore::connect("sqlite::memory:", &KeySettings::default())
+            .await
+            .unwrap();
+        assert!(store.writer().is_none());
+        let mut issue = crate::store::tests::issue(chrono::Utc::now(), None);
+        issue.attempt = Some(SendAttempt {
+            to_number: issue.send_to.clone(),
+            channel: crate::store::Channel::Sms,
+            encoding: Some("GSM-7".into()),
+            segments: Some(1),
+            body: None,
+            take_slot: None,
+        });
+        issue.accepted = Some(AcceptedSend {
+            provider_sid: "SM42".into(),
+            news: Some(MessageStatus::Delivered),
+        });
+        let outcome = store.issue_otp(&issue).await.unwrap();
+        assert!(matches!(outcome, OtpIssueOutcome::Issued(_)));
+        let m = store.get_message("m1").await.unwrap().unwrap();
+        assert_eq!(
+            (m.status, m.provider_sid.as_deref(), m.lease_until),
+            (MessageStatus::Delivered, Some("SM42"), None)
+        );
+        let events: Vec<String> = store
+            .message_events("m1")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.status.to_string())
+            .collect();
+        assert_eq!(events, ["sending", "sent", "delivered"]);
+    }
+
     #[tokio::test]
     async fn commits_are_made_durable_by_a_group_fsync() {
         use crate::store::MessageStore;

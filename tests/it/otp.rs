@@ -127,6 +127,35 @@ async fn send_and_verify_once(backend: Backend) {
     assert!(history
         .iter()
         .all(|m| m.template_name == "otp" && m.status == "delivered"));
+    // The mock accepts a code in process: the send is recorded with the code (one write), with
+    // the SID it gave, and each message it shows in its outbox is one stored as delivered.
+    let outbox: Value = app.outbox_json().await;
+    let mut shown: Vec<&str> = outbox["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    let mut stored: Vec<&str> = history.iter().map(|m| m.id.as_str()).collect();
+    shown.sort_unstable();
+    stored.sort_unstable();
+    assert_eq!(shown, stored);
+    assert!(history.iter().all(|m| m
+        .provider_sid
+        .as_deref()
+        .is_some_and(|sid| sid.starts_with("SM"))));
+    for m in &history {
+        let events: Vec<String> = app
+            .state
+            .store
+            .message_events(&m.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.status.to_string())
+            .collect();
+        assert_eq!(events, ["sending", "sent", "delivered"]);
+    }
 }
 
 async fn no_clear_code_in_the_database(backend: Backend) {

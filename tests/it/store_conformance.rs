@@ -31,6 +31,7 @@ both_backends!(
     otps_are_claimed_first_then_the_oldest,
     concurrent_otp_issues_keep_every_limit,
     a_failing_otp_issue_fails_alone,
+    an_otp_accepted_in_process_is_recorded_in_its_issue,
     otps_issued_together_each_take_a_send_slot,
     marks_together_each_take_a_send_slot,
     opt_outs_are_read_for_many_numbers_at_once,
@@ -647,6 +648,7 @@ fn otp_issue(id: &str, user: &str, number: &str, ip: &str) -> store::OtpIssue {
             body: None,
             take_slot: None,
         }),
+        accepted: None,
     }
 }
 
@@ -850,6 +852,103 @@ async fn a_failing_otp_issue_fails_alone(backend: Backend) {
     assert!(store.get_otp("u5", "login").await.unwrap().is_none());
     let taken = store.get_message("taken").await.unwrap().unwrap();
     assert_eq!(taken.template_name, "payment_received");
+}
+
+/// An OTP whose provider accepted it in process (the mock) is written already recorded: `sent`
+/// then the provider's `delivered`, its SID stored and its claim released, in the issue's own
+/// write, beside an OTP issued the usual way (left `sending` for its caller) and one the limits
+/// refuse (nothing written), all issued at once so the backends batch them together.
+async fn an_otp_accepted_in_process_is_recorded_in_its_issue(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    let accepted = |i: usize| store::AcceptedSend {
+        provider_sid: format!("SM{i:032}"),
+        news: Some(MessageStatus::Delivered),
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8usize {
+        let store = store.clone();
+        tasks.spawn(async move {
+            // Two sends for one user: the second meets the hourly cap of one.
+            let user = if i == 7 {
+                "u6".to_string()
+            } else {
+                format!("u{i}")
+            };
+            let mut issue = otp_issue(
+                &format!("m{i}"),
+                &user,
+                &format!("+1415555{:04}", 2700 + i),
+                "203.0.113.9",
+            );
+            issue.max_sends_per_hour = 1;
+            issue.accepted = (i != 3).then(|| accepted(i));
+            (i, store.issue_otp(&issue).await.unwrap())
+        });
+    }
+    let mut limited = 0;
+    while let Some(done) = tasks.join_next().await {
+        match done.unwrap() {
+            (i, store::OtpIssueOutcome::Issued(m)) => {
+                let want = if i == 3 {
+                    MessageStatus::Sending
+                } else {
+                    MessageStatus::Delivered
+                };
+                assert_eq!(m.status, want, "the answer for m{i}");
+            }
+            (i @ (6 | 7), store::OtpIssueOutcome::RateLimited { .. }) => {
+                limited += 1;
+                assert!(store.get_message(&format!("m{i}")).await.unwrap().is_none());
+            }
+            (i, other) => panic!("issue {i}: {other:?}"),
+        }
+    }
+    assert_eq!(limited, 1, "one of u6's two sends is refused");
+    for i in (0..6).filter(|i| *i != 3) {
+        let id = format!("m{i}");
+        let m = store.get_message(&id).await.unwrap().unwrap();
+        assert_eq!(m.status, MessageStatus::Delivered, "{id}");
+        assert_eq!(
+            m.provider_sid.as_deref(),
+            Some(accepted(i).provider_sid.as_str())
+        );
+        assert_eq!(
+            (m.lease_until, m.attempts),
+            (None, 1),
+            "{id}: released, one attempt"
+        );
+        let events: Vec<String> = store
+            .message_events(&id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.status.to_string())
+            .collect();
+        assert_eq!(events, ["sending", "sent", "delivered"], "{id}");
+        assert_eq!(
+            store
+                .message_by_sid(&accepted(i).provider_sid)
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+            id
+        );
+        assert!(store
+            .get_otp(&format!("u{i}"), "login")
+            .await
+            .unwrap()
+            .is_some());
+    }
+    let usual = store.get_message("m3").await.unwrap().unwrap();
+    assert_eq!(
+        (usual.status, usual.provider_sid),
+        (MessageStatus::Sending, None)
+    );
+    assert!(
+        usual.lease_until.is_some(),
+        "still claimed for its caller to send"
+    );
 }
 
 /// The dispatcher reads a claim's opt-outs in one go: each number asked about comes back with

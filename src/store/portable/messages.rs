@@ -543,6 +543,22 @@ pub(super) async fn marked_sending(
     Ok(())
 }
 
+/// The events of a send an in-process provider accepted before its message was written
+/// (`OtpIssue::accepted`), after its `sending` one: the message was written where the send ends,
+/// as `record_sent` would leave it. Its SID is new to everyone, so no callback can wait for it.
+pub(super) async fn accepted_events(
+    tx: &mut sqlx::Transaction<'_, Db>,
+    id: &str,
+    accepted: &AcceptedSend,
+    at: DateTime<Utc>,
+) -> AppResult<()> {
+    insert_event(tx, id, MessageStatus::Sent, None, None, at).await?;
+    if let Some(news) = accepted.news {
+        insert_event(tx, id, news, None, Some("provider answer"), at).await?;
+    }
+    Ok(())
+}
+
 /// Append a status event; a repeat of the same status and error code is a no-op (the unique index
 /// `message_events_once`).
 pub(super) async fn insert_event(

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 #[allow(unused_imports)]
 use chrono::{DateTime, Utc};
 
-use super::messages::marked_sending;
+use super::messages::{accepted_events, marked_sending};
 use super::*;
 use crate::error::AppResult;
 #[allow(unused_imports)]
@@ -70,17 +70,22 @@ impl OtpStore for ThisStore {
             .bind(self.vault.seal(&message.variables))
             .bind(&message.channel)
             .bind(message.created_at)
-            .bind(message.lease_until)
+            .bind(issue.written_lease())
             .bind(message.attempt_started_at)
             .bind(attempt.map(|a| self.vault.seal(&a.to_number)))
             .bind(attempt.map(|a| self.vault.blind(&a.to_number)))
             .bind(&message.encoding)
             .bind(message.segments)
             .bind(self.vault.seal_opt(message.attempt_body.as_deref()))
+            .bind(issue.written_status())
+            .bind(issue.accepted_send().map(|a| &a.provider_sid))
             .execute(&mut *tx)
             .await?;
         if let Some(attempt) = attempt {
             marked_sending(&mut tx, &message.id, attempt, message.created_at).await?;
+            if let Some(accepted) = issue.accepted_send() {
+                accepted_events(&mut tx, &message.id, accepted, message.created_at).await?;
+            }
         }
         sqlx::query(
             "INSERT INTO otp_codes (user_id, purpose, phone_number, channel, code_hash, \

@@ -190,6 +190,10 @@ struct IssueJob {
     code_to: String,
     code_hash: String,
     expires_at: String,
+    /// The message's status, and an in-process provider's acceptance (`OtpIssue::accepted`).
+    status: &'static str,
+    sid: Option<String>,
+    news: Option<&'static str>,
 }
 
 #[derive(Clone, Serialize)]
@@ -277,6 +281,7 @@ impl PgFunctions {
         let (window_start, per_number, per_address) = issue.window();
         let message = issue.issued_record();
         let attempt = issue.attempt.as_ref();
+        let accepted = issue.accepted_send();
         let slot = attempt.and_then(|a| a.take_slot.as_ref());
         let (to_number, to_index, body) = match attempt.map(|a| a.sealed(vault)) {
             Some(sealed) => (Some(sealed.to_number), Some(sealed.to_index), sealed.body),
@@ -304,7 +309,7 @@ impl PgFunctions {
             variables: vault.seal(&message.variables),
             message_channel: message.channel.clone(),
             created_at: micros(message.created_at),
-            lease: message.lease_until.map(micros),
+            lease: issue.written_lease().map(micros),
             attempt_started: message.attempt_started_at.map(micros),
             to_number,
             to_index,
@@ -318,6 +323,9 @@ impl PgFunctions {
             code_to: vault.seal(&issue.send_to),
             code_hash: issue.code_hash.clone(),
             expires_at: micros(issue.expires_at),
+            status: issue.written_status().as_str(),
+            sid: accepted.map(|a| a.provider_sid.clone()),
+            news: accepted.and_then(|a| a.news).map(|n| n.as_str()),
         };
         let answer = self.issue.call(job).await?;
         let checks = OtpChecks {

@@ -15,9 +15,9 @@ use super::writer::{execute, parse_ts, prepare, scalar, ts, SqliteWriter};
 use crate::error::AppResult;
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
-    DispatchResult, KnownStatus, MarkSending, MessageRecord, OtpChecks, OtpIssue, OtpIssueOutcome,
-    OtpLimits, SealedAttempt, SendAttempt, SendGuard, SendSlot, SqlArg, Stale, StatusApplied,
-    MESSAGE_COLUMNS,
+    AcceptedSend, DispatchResult, KnownStatus, MarkSending, MessageRecord, OtpChecks, OtpIssue,
+    OtpIssueOutcome, OtpLimits, SealedAttempt, SendAttempt, SendGuard, SendSlot, SqlArg, Stale,
+    StatusApplied, MESSAGE_COLUMNS,
 };
 use crate::vault::Vault;
 
@@ -226,17 +226,22 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
             &vault.seal(&m.variables),
             &attempt.map_or(m.channel, |a| a.channel).as_str(),
             &at,
-            &m.claimed_until.as_ref().map(ts),
+            &issue.written_lease().as_ref().map(ts),
             &attempt.map(|_| at.clone()),
             &sealed.as_ref().map(|s| &s.to_number),
             &sealed.as_ref().map(|s| &s.to_index),
             &attempt.and_then(|a| a.encoding.clone()),
             &attempt.and_then(|a| a.segments),
             &sealed.as_ref().and_then(|s| s.body.as_ref()),
+            &issue.written_status().as_str(),
+            &issue.accepted_send().map(|a| &a.provider_sid),
         ],
     )?;
     if let Some(attempt) = attempt {
         marked_sending(conn, &m.id, attempt, &at)?;
+        if let Some(accepted) = issue.accepted_send() {
+            accepted_events(conn, &m.id, accepted, &at)?;
+        }
     }
     execute(
         conn,
@@ -437,6 +442,21 @@ fn take_unmatched(conn: &Connection, provider_sid: &str) -> AppResult<Vec<(Strin
         taken.push((row.get(0)?, row.get(1)?));
     }
     Ok(taken)
+}
+
+/// `store::portable::messages::accepted_events`: the events of a send an in-process provider
+/// accepted, after its `sending` one (the message was written where the send ends).
+fn accepted_events(
+    conn: &Connection,
+    id: &str,
+    accepted: &AcceptedSend,
+    at: &str,
+) -> AppResult<()> {
+    insert_event(conn, id, MessageStatus::Sent, None, None, at)?;
+    if let Some(news) = accepted.news {
+        insert_event(conn, id, news, None, Some("provider answer"), at)?;
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
