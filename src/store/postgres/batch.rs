@@ -29,10 +29,14 @@ use crate::error::{AppError, AppResult};
 /// Most jobs in one call: big enough to share a commit widely, small enough that the first job
 /// does not wait long behind the rest.
 const MAX_BATCH: usize = 64;
-/// Batches of one kind running at once (each holds a pooled connection). Few, so that jobs
-/// gather: at 16 connections' load, one or two slots made batches of about four OTPs and
-/// 2,100-2,200 sends/s; four slots made batches of 1.4 and 1,800/s.
-const CONCURRENT_BATCHES: usize = 2;
+/// Batches of one kind running at once (each holds a pooled connection). One, so that jobs
+/// gather while a batch runs and batches of one instance never contend with each other for the
+/// same index pages (the queue's head, the events' end). Four slots made batches of 1.4 OTPs and
+/// 1,800 sends/s against 2,100-2,200 with one or two (an earlier session). Two against one,
+/// alternating builds on fresh databases: dispatch 5,975-6,400 against 6,766-6,811 msg/s with one
+/// instance, 5,698-5,787 against 6,184-6,424 with two; send-otp 3,521-3,597 against 3,582-3,658/s
+/// (p99 19 against 13 ms).
+const CONCURRENT_BATCHES: usize = 1;
 
 /// Why a batch failed.
 pub enum BatchError {
