@@ -230,8 +230,7 @@ impl OtpPlan {
         };
         Some(AcceptedSend {
             provider_sid: accepted.sid.clone(),
-            news: MessageStatus::from_twilio(&accepted.status)
-                .filter(|ours| ours.may_follow(MessageStatus::Sent)),
+            news: news_beyond_sent(&accepted.status),
         })
     }
 }
@@ -504,11 +503,7 @@ impl Dispatcher {
             status,
         } = &result
         {
-            // Only news beyond `sent` (Twilio answers `queued` at creation, which says nothing).
-            let news = provider_status
-                .as_deref()
-                .and_then(MessageStatus::from_twilio)
-                .filter(|ours| ours.may_follow(MessageStatus::Sent));
+            let news = provider_status.as_deref().and_then(news_beyond_sent);
             let Some(known) = self
                 .messages
                 .record_sent(&message.id, provider_sid, *status, news, now, claim.fence)
@@ -1060,6 +1055,12 @@ fn recoverable_body(outbound: &OutboundMessage) -> Option<String> {
 }
 
 /// One line per outcome; `to` is already masked (empty when nothing was sent).
+/// What a provider's answer to a send says beyond `sent`, if anything: the mock's `delivered`;
+/// Twilio answers `queued` at creation, which says nothing.
+fn news_beyond_sent(provider_status: &str) -> Option<MessageStatus> {
+    MessageStatus::from_twilio(provider_status).filter(|ours| ours.may_follow(MessageStatus::Sent))
+}
+
 fn log_result(message: &MessageRecord, to: &str, result: &DispatchResult) {
     let id = message.id.as_str();
     let template = message.template_name.as_str();

@@ -145,15 +145,7 @@ async fn send_and_verify_once(backend: Backend) {
         .as_deref()
         .is_some_and(|sid| sid.starts_with("SM"))));
     for m in &history {
-        let events: Vec<String> = app
-            .state
-            .store
-            .message_events(&m.id)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.status.to_string())
-            .collect();
+        let events = event_statuses(&app.state.store, &m.id).await;
         assert_eq!(events, ["sending", "sent", "delivered"]);
     }
 }
@@ -669,6 +661,34 @@ async fn a_code_whose_caller_hangs_up_is_still_recorded_as_sent() {
         "the code's message after its caller hung up"
     );
     assert_eq!(fake.create_calls_to(PHONE), 1);
+}
+
+/// A code through the mock is one write (accepted in process, written where its send ends): its
+/// answer costs one group fsync. Through Twilio it stays two: the message is on disk as `sending`
+/// before Twilio hears of it, and its outcome before the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mock_code_is_one_write_and_a_twilio_code_two() {
+    for (live, writes) in [(false, 1), (true, 2)] {
+        let (config, _clock) = clocked();
+        let app = if live {
+            TestApp::spawn_live(Backend::Sqlite, config).await
+        } else {
+            TestApp::spawn_with(Backend::Sqlite, config).await
+        };
+        let before = app.state.store.group_syncs();
+        assert_eq!(send(&app, "u1", PHONE, "login").await.status(), 200);
+        assert_eq!(
+            app.state.store.group_syncs() - before,
+            writes,
+            "fsyncs for one code (live: {live})"
+        );
+        let history = app.state.store.user_messages("u1", 10).await.unwrap();
+        assert_eq!(history.len(), 1);
+        assert_eq!(
+            event_statuses(&app.state.store, &history[0].id).await[..2],
+            ["sending", "sent"]
+        );
+    }
 }
 
 /// On SQLite an answer that confirms a write waits for the group fsync; a code the limits

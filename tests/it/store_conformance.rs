@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::common::{Backend, TestDatabase};
+use crate::common::{event_statuses, Backend, TestDatabase};
 use chrono::{Duration, TimeZone, Utc};
 use prism_messaging::consent::ConsentPatch;
 use prism_messaging::status::{MessageStatus, SkipReason};
@@ -348,14 +348,7 @@ async fn dispatch_results_and_events(backend: Backend) {
         (m.to_number.as_deref(), m.segments, m.lease_until),
         (Some("+14155552671"), Some(1), None)
     );
-    let events: Vec<String> = store
-        .message_events("m1")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.status.to_string())
-        .collect();
-    assert_eq!(events, ["sending", "sent"]);
+    assert_eq!(event_statuses(&store, "m1").await, ["sending", "sent"]);
     assert_eq!(
         store.message_by_sid("SM0001").await.unwrap().unwrap().id,
         "m1"
@@ -917,13 +910,7 @@ async fn an_otp_accepted_in_process_is_recorded_in_its_issue(backend: Backend) {
             (None, 1),
             "{id}: released, one attempt"
         );
-        let events: Vec<String> = store
-            .message_events(&id)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.status.to_string())
-            .collect();
+        let events = event_statuses(&store, &id).await;
         assert_eq!(events, ["sending", "sent", "delivered"], "{id}");
         assert_eq!(
             store

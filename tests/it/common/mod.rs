@@ -498,6 +498,17 @@ impl TestApp {
 }
 
 /// The `error.code` of an error answer.
+/// The statuses of a message's events, oldest first.
+pub async fn event_statuses(store: &prism_messaging::store::DynStore, id: &str) -> Vec<String> {
+    store
+        .message_events(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.status.to_string())
+        .collect()
+}
+
 pub async fn error_code(response: reqwest::Response) -> String {
     let body: Value = response.json().await.unwrap();
     body["error"]["code"]
