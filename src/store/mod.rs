@@ -770,6 +770,11 @@ pub(crate) fn apply_status_sql(status: MessageStatus) -> String {
     )
 }
 
+/// A consent record's columns, as `Consent` reads them.
+pub(crate) const CONSENT_COLUMNS: &str =
+    "user_id, phone_number, sms_consent, whatsapp_consent, marketing_consent, updated_at, \
+     phone_verified_at, time_zone";
+
 /// Everything that decides whether an OTP may go, read in one statement: the last send to the
 /// number named (the cooldown); for each hourly limit, the send that keeps its window full (the
 /// `max`-th newest of the last hour, if there are that many); and whether the number named and the

@@ -35,6 +35,7 @@ both_backends!(
     otps_issued_together_each_take_a_send_slot,
     marks_together_each_take_a_send_slot,
     opt_outs_are_read_for_many_numbers_at_once,
+    consents_read_together_each_answer_their_own,
 );
 
 fn t0() -> chrono::DateTime<Utc> {
@@ -967,6 +968,62 @@ async fn opt_outs_are_read_for_many_numbers_at_once(backend: Backend) {
         ]
     );
     assert!(store.opted_out_among(&[]).await.unwrap().is_empty());
+}
+
+/// Consent records read at the same moment (PostgreSQL answers them in one query): each caller
+/// gets its own user's record, callers asking for the same user each get it, a user with none
+/// gets `None`; and a read after a change sees the change.
+async fn consents_read_together_each_answer_their_own(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    let set_number = |number: &'static str| ConsentPatch {
+        phone_number: Some(number.into()),
+        sms_consent: Some(true),
+        ..Default::default()
+    };
+    for (user, number) in [("u1", "+14155550001"), ("u2", "+14155550002")] {
+        let patch = set_number(number);
+        store
+            .update_consent(user, &|c| patch.apply(c), &ctx(ConsentSource::Api))
+            .await
+            .unwrap();
+    }
+    let mut reads = tokio::task::JoinSet::new();
+    for i in 0..30usize {
+        let store = store.clone();
+        let user = ["u1", "u2", "u3"][i % 3];
+        reads.spawn(async move { (user, store.get_consent(user).await.unwrap()) });
+    }
+    let mut answered = 0;
+    while let Some(read) = reads.join_next().await {
+        let (user, consent) = read.unwrap();
+        let number = consent.map(|c| {
+            assert_eq!(c.user_id, user);
+            c.phone_number
+        });
+        let expected = match user {
+            "u1" => Some(Some("+14155550001".to_string())),
+            "u2" => Some(Some("+14155550002".to_string())),
+            _ => None,
+        };
+        assert_eq!(number, expected, "{user}");
+        answered += 1;
+    }
+    assert_eq!(answered, 30);
+
+    let patch = set_number("+14155550009");
+    store
+        .update_consent("u2", &|c| patch.apply(c), &ctx(ConsentSource::Api))
+        .await
+        .unwrap();
+    let (u1, u2) = tokio::join!(store.get_consent("u1"), store.get_consent("u2"));
+    assert_eq!(
+        u1.unwrap().unwrap().phone_number.as_deref(),
+        Some("+14155550001")
+    );
+    assert_eq!(
+        u2.unwrap().unwrap().phone_number.as_deref(),
+        Some("+14155550009")
+    );
 }
 
 /// A pooled PostgreSQL connection that sat idle is checked before it is handed out: one the

@@ -10,22 +10,19 @@ use crate::error::AppResult;
 #[allow(unused_imports)]
 use crate::store::*;
 
-const CONSENT_COLUMNS: &str =
-    "user_id, phone_number, sms_consent, whatsapp_consent, marketing_consent, updated_at, \
-     phone_verified_at, time_zone";
-
 #[async_trait]
 impl ConsentStore for ThisStore {
     async fn get_consent(&self, user_id: &str) -> AppResult<Option<Consent>> {
         let sql = format!("SELECT {CONSENT_COLUMNS} FROM messaging_consent WHERE user_id = $1");
-        let stored = match self.readers() {
-            Some(readers) => readers.consent(&sql, user_id)?,
-            None => {
-                sqlx::query_as::<Db, Consent>(&sql)
-                    .bind(user_id)
-                    .fetch_optional(&self.pool)
-                    .await?
-            }
+        let stored = if let Some(readers) = self.readers() {
+            readers.consent(&sql, user_id)?
+        } else if let Some(functions) = self.functions() {
+            functions.consent(user_id).await?
+        } else {
+            sqlx::query_as::<Db, Consent>(&sql)
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await?
         };
         stored.map(|c| open_consent(&self.vault, c)).transpose()
     }
