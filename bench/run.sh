@@ -22,6 +22,7 @@ seconds="${1:-10}"
 concurrency="${2:-16}"
 admin="${BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 
+source bench/cpu.sh
 cargo build --release --quiet --bin prism-messaging --example bench
 target="${CARGO_TARGET_DIR:-target}"
 bench="$target/release/examples/bench"
@@ -54,9 +55,9 @@ if [ "$part" = all ] || [ "$part" = dispatch ]; then
   messages="${BENCH_MESSAGES:-20000}"
   echo "== dispatch: $messages messages, per-sender rate limit off, $(nproc) cores"
   rm -f "$work/dispatch.db"*
-  "$bench" dispatch "sqlite://$work/dispatch.db" "$messages" 1
+  with_cpu "$bench" dispatch "sqlite://$work/dispatch.db" "$messages" 1
   for instances in 1 2; do
-    url=$(fresh_pg); "$bench" dispatch "$url" "$messages" "$instances"; drop_pg "$url"
+    url=$(fresh_pg); with_cpu "$bench" dispatch "$url" "$messages" "$instances"; drop_pg "$url"
   done
   # With the limit on: two instances share one sender's rate through the database, so the
   # first-to-last rate must not exceed it.

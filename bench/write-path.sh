@@ -10,6 +10,7 @@ connections="${2:-16}"
 admin="${BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 seed="${SEED_STACK:-../shared/bench/seed-stack}"
 command -v wrk >/dev/null || { echo "needs wrk (apt-get install wrk)"; exit 1; }
+source bench/cpu.sh
 cargo build --release --quiet --bin prism-messaging
 target="${CARGO_TARGET_DIR:-target}"; [[ "$target" = /* ]] || target="$(pwd)/$target"
 bin="$target/release/prism-messaging"
@@ -25,13 +26,17 @@ measure() {
   # The previous run's dirty pages (the guide's stack writes with synchronous=normal) go to disk
   # first, so the kernel's writeback does not land on this run's fsyncs.
   sync; sleep 1
+  local before after
+  before=$(cpu_now)
   out=$(wrk -t2 -c"$connections" -d"${seconds}s" --latency ${3:+-s "$3"} "$2")
+  after=$(cpu_now)
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
   non2xx=$(awk '/Non-2xx/ {print $5}' <<<"$out")
   echo "$rps" >"$work/$1"
-  printf '%-34s %10s req/s   p50 %8s   p99 %8s   non-2xx %s\n' "$1" "$rps" "$p50" "$p99" "${non2xx:-0}"
+  printf '%-34s %10s req/s   p50 %8s   p99 %8s   non-2xx %-7s %s\n' "$1" "$rps" "$p50" "$p99" \
+    "${non2xx:-0}" "$(cpu_use "$before" "$after")"
 }
 
 ratio() { python3 -c "print(f'{float(\"$(cat "$work/$1")\") / float(\"$(cat "$work/$2")\"):.2f}')"; }
