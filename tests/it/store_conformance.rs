@@ -36,6 +36,7 @@ both_backends!(
     marks_together_each_take_a_send_slot,
     opt_outs_are_read_for_many_numbers_at_once,
     consents_read_together_each_answer_their_own,
+    otp_issues_together_each_get_their_own_outcome,
 );
 
 fn t0() -> chrono::DateTime<Utc> {
@@ -1024,6 +1025,95 @@ async fn consents_read_together_each_answer_their_own(backend: Backend) {
         u2.unwrap().unwrap().phone_number.as_deref(),
         Some("+14155550009")
     );
+}
+
+/// Codes asked for at once, most for different patients (PostgreSQL decides and writes those
+/// together, in one statement) beside two for one user (one at a time, after the others): each
+/// gets the outcome it would get alone, and writes what it would write alone.
+async fn otp_issues_together_each_get_their_own_outcome(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    let number = |i: usize| format!("+1415555{:04}", 3000 + i);
+    // m6's number texted STOP; m7's number already had its one code this hour; u2 has a wrong
+    // try on record, which its new code clears.
+    store
+        .set_opt_out(&number(6), Channel::Sms, ConsentSource::SmsKeyword, t0())
+        .await
+        .unwrap();
+    let mut earlier = otp_issue("m-earlier", "u-earlier", &number(7), "198.51.100.250");
+    earlier.max_sends_per_hour = 1;
+    let earlier = store.issue_otp(&earlier).await.unwrap();
+    assert!(matches!(earlier, store::OtpIssueOutcome::Issued(_)));
+    let window_ends = t0() + Duration::minutes(15);
+    store
+        .record_otp_failure("u2", "login", t0(), window_ends)
+        .await
+        .unwrap();
+    let accepted = |i: usize| store::AcceptedSend {
+        provider_sid: format!("SM{i:032}"),
+        news: Some(MessageStatus::Delivered),
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..10usize {
+        let store = store.clone();
+        let (number, accepted) = (number(i), accepted(i));
+        tasks.spawn(async move {
+            let user = if i >= 8 {
+                "u8".to_string()
+            } else {
+                format!("u{i}")
+            };
+            let ip = format!("198.51.100.{i}");
+            let mut issue = otp_issue(&format!("m{i}"), &user, &number, &ip);
+            issue.max_sends_per_hour = 1;
+            issue.accepted = (i % 2 == 0).then_some(accepted);
+            (i, store.issue_otp(&issue).await.unwrap())
+        });
+    }
+    let mut u8_issued = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (i, outcome) = done.unwrap();
+        let id = format!("m{i}");
+        match (i, outcome) {
+            (0..=5 | 8 | 9, store::OtpIssueOutcome::Issued(m)) => {
+                let stored = store.get_message(&id).await.unwrap().unwrap();
+                assert_eq!(stored.status, m.status, "{id}");
+                let events = event_statuses(&store, &id).await;
+                if i % 2 == 0 {
+                    assert_eq!(m.status, MessageStatus::Delivered, "{id}");
+                    assert_eq!(events, ["sending", "sent", "delivered"], "{id}");
+                } else {
+                    assert_eq!(m.status, MessageStatus::Sending, "{id}");
+                    assert_eq!(events, ["sending"], "{id}");
+                }
+                let code = store.get_otp(&m.user_id, "login").await.unwrap().unwrap();
+                assert_eq!(code.code_hash, format!("hash-{id}"));
+                u8_issued += usize::from(i >= 8);
+            }
+            (6, store::OtpIssueOutcome::OptedOut { named: true })
+            | (7..=9, store::OtpIssueOutcome::RateLimited { .. }) => {
+                assert!(store.get_message(&id).await.unwrap().is_none(), "{id}");
+            }
+            (i, other) => panic!("issue {i}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        u8_issued, 1,
+        "one of u8's two codes is issued, the other refused"
+    );
+    assert_eq!(store.otp_failures("u2", "login", t0()).await.unwrap(), 0);
+    // The opted-out request counted against its number's limit; the refused ones did not.
+    let mut again = otp_issue("m6-again", "u6-again", &number(6), "198.51.100.60");
+    again.max_sends_per_hour = 1;
+    assert!(matches!(
+        store.issue_otp(&again).await.unwrap(),
+        store::OtpIssueOutcome::RateLimited { .. }
+    ));
+    let mut again = otp_issue("m7-again", "u7-again", &number(7), "198.51.100.70");
+    again.max_sends_per_hour = 2;
+    assert!(matches!(
+        store.issue_otp(&again).await.unwrap(),
+        store::OtpIssueOutcome::Issued(_)
+    ));
 }
 
 /// A pooled PostgreSQL connection that sat idle is checked before it is handed out: one the
