@@ -1054,13 +1054,13 @@ fn recoverable_body(outbound: &OutboundMessage) -> Option<String> {
         .then(|| outbound.body.clone())
 }
 
-/// One line per outcome; `to` is already masked (empty when nothing was sent).
 /// What a provider's answer to a send says beyond `sent`, if anything: the mock's `delivered`;
 /// Twilio answers `queued` at creation, which says nothing.
 fn news_beyond_sent(provider_status: &str) -> Option<MessageStatus> {
     MessageStatus::from_twilio(provider_status).filter(|ours| ours.may_follow(MessageStatus::Sent))
 }
 
+/// One line per outcome; `to` is already masked (empty when nothing was sent).
 fn log_result(message: &MessageRecord, to: &str, result: &DispatchResult) {
     let id = message.id.as_str();
     let template = message.template_name.as_str();

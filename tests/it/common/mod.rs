@@ -497,7 +497,6 @@ impl TestApp {
     }
 }
 
-/// The `error.code` of an error answer.
 /// The statuses of a message's events, oldest first.
 pub async fn event_statuses(store: &prism_messaging::store::DynStore, id: &str) -> Vec<String> {
     store
@@ -509,6 +508,7 @@ pub async fn event_statuses(store: &prism_messaging::store::DynStore, id: &str) 
         .collect()
 }
 
+/// The `error.code` of an error answer.
 pub async fn error_code(response: reqwest::Response) -> String {
     let body: Value = response.json().await.unwrap();
     body["error"]["code"]
