@@ -10,7 +10,7 @@
 //! * Answers never reveal whether a user is known: no code, a wrong code, a used code and an
 //!   expired code all answer the same `invalid_otp`.
 
-use chrono::Duration;
+use chrono::{DateTime, Duration, Utc};
 use hmac::{Hmac, Mac};
 use rand::rngs::OsRng;
 use rand::Rng;
@@ -24,7 +24,7 @@ use crate::clock::DynClock;
 use crate::config::{Config, OtpSettings};
 use crate::consent::ConsentService;
 use crate::error::{AppError, AppResult};
-use crate::outbox::dispatcher::{Dispatcher, OtpDelivery};
+use crate::outbox::dispatcher::{Dispatcher, OtpDelivery, OtpPlan};
 use crate::outbox::{parse_channel, validate_user_id};
 use crate::phone::PhoneNumber;
 use crate::provider::twilio::{INVALID_TO_NUMBER, NOT_A_MOBILE_NUMBER, RECIPIENT_UNSUBSCRIBED};
@@ -32,6 +32,24 @@ use crate::status::SkipReason;
 use crate::store::{
     Channel, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome, OtpLimits, OtpStore,
 };
+
+/// A send-otp request past its checks: what its issue is made from, whichever number it goes to.
+struct Asked<'a> {
+    request: &'a SendOtpRequest,
+    named: &'a PhoneNumber,
+    channel: Channel,
+    /// The client's rate-limit key.
+    ip: Option<String>,
+    code: String,
+    now: DateTime<Utc>,
+}
+
+/// A code's issue, the plan its message goes out by, and where it goes.
+struct PreparedIssue {
+    issue: OtpIssue,
+    plan: OtpPlan,
+    send_to: PhoneNumber,
+}
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -297,44 +315,34 @@ impl Otp {
         if let Some(wait) = self.codes.otp_refusal(&limits).await? {
             return Err(rate_limited(&named, &request.purpose, wait));
         }
-        let send_to = self.destination(&request, &named).await?;
-
         let code = generate_code(settings.length);
-        let message_id = uuid::Uuid::now_v7().to_string();
-        // Decided before anything is written, so the message is written already `sending`.
-        let plan = self
-            .dispatcher
-            .plan_otp(&message_id, channel, send_to.clone(), &code)
-            .await?;
-        let issue = OtpIssue {
-            user_id: request.user_id.clone(),
-            purpose: request.purpose.clone(),
-            phone_number: named.as_str().to_string(),
-            send_to: send_to.as_str().to_string(),
-            channel,
-            code_hash: self.hasher.hash(&request.user_id, &request.purpose, &code),
-            ip: ip.clone(),
-            expires_at: now + Duration::seconds(settings.ttl.as_secs() as i64),
-            now,
-            cooldown_seconds: limits.cooldown_seconds,
-            max_sends_per_hour: limits.max_sends_per_hour,
-            max_sends_per_ip_per_hour: limits.max_sends_per_ip_per_hour,
-            message: NewMessage {
-                id: message_id,
-                user_id: request.user_id.clone(),
-                template_name: "otp".into(),
-                // The code is never stored: the message records only that a code was sent.
-                variables: "{}".into(),
-                channel,
-                idempotency_key: None,
-                created_at: now,
-                claimed_until: Some(now + context.lease),
-            },
-            attempt: plan.attempt().cloned(),
-            accepted: plan.accepted(),
+        // Where the code goes. Where the store checks the number on file inside the issue (one
+        // round trip on PostgreSQL), the number named, unless the issue finds another on file;
+        // elsewhere the number on file is read first.
+        let unless_on_file = request.purpose != VERIFICATION && self.codes.checks_number_on_file();
+        let send_to = if unless_on_file {
+            named.clone()
+        } else {
+            self.destination(&request, &named).await?
         };
+        let asked = Asked {
+            request: &request,
+            named: &named,
+            channel,
+            ip,
+            code,
+            now,
+        };
+        let mut prepared = self.prepare_issue(&asked, send_to, unless_on_file).await?;
+        let mut outcome = self.codes.issue_otp(&prepared.issue).await?;
+        if let OtpIssueOutcome::OnFileElsewhere = outcome {
+            let send_to = self.destination(&request, &named).await?;
+            prepared = self.prepare_issue(&asked, send_to, false).await?;
+            outcome = self.codes.issue_otp(&prepared.issue).await?;
+        }
+        let PreparedIssue { send_to, plan, .. } = prepared;
         let sent = self.sent_answer(&named);
-        let message = match self.codes.issue_otp(&issue).await? {
+        let message = match outcome {
             OtpIssueOutcome::Issued(message) => message,
             // A refusal for an opted-out number still counted against the limits, or anyone
             // could probe, without limit, which numbers texted STOP to this clinic. The answer
@@ -349,6 +357,12 @@ impl Otp {
             OtpIssueOutcome::RateLimited {
                 retry_after_seconds,
             } => return Err(rate_limited(&named, &request.purpose, retry_after_seconds)),
+            // Only an issue that did not read the number on file can find another there.
+            OtpIssueOutcome::OnFileElsewhere => {
+                return Err(
+                    anyhow::anyhow!("an OTP issue found another number on file twice").into(),
+                )
+            }
         };
         let redirected = send_to != named;
         let delivery = self.dispatcher.send_otp_now(&message, plan).await?;
@@ -383,6 +397,65 @@ impl Otp {
                 "messaging is disabled on this service".into(),
             )),
         }
+    }
+
+    /// A code's issue to `send_to`, and the plan its message goes out by.
+    async fn prepare_issue(
+        &self,
+        asked: &Asked<'_>,
+        send_to: PhoneNumber,
+        unless_on_file: bool,
+    ) -> AppResult<PreparedIssue> {
+        let Asked {
+            request,
+            named,
+            channel,
+            code,
+            now,
+            ..
+        } = asked;
+        let (channel, now) = (*channel, *now);
+        let context = &self.context;
+        let settings = &context.settings;
+        let message_id = uuid::Uuid::now_v7().to_string();
+        // Decided before anything is written, so the message is written already `sending`.
+        let plan = self
+            .dispatcher
+            .plan_otp(&message_id, channel, send_to.clone(), code)
+            .await?;
+        let issue = OtpIssue {
+            user_id: request.user_id.clone(),
+            purpose: request.purpose.clone(),
+            phone_number: named.as_str().to_string(),
+            send_to: send_to.as_str().to_string(),
+            channel,
+            code_hash: self.hasher.hash(&request.user_id, &request.purpose, code),
+            ip: asked.ip.clone(),
+            expires_at: now + Duration::seconds(settings.ttl.as_secs() as i64),
+            now,
+            cooldown_seconds: settings.resend_cooldown.as_secs() as i64,
+            max_sends_per_hour: i64::from(settings.max_sends_per_hour),
+            max_sends_per_ip_per_hour: i64::from(settings.max_sends_per_ip_per_hour),
+            message: NewMessage {
+                id: message_id,
+                user_id: request.user_id.clone(),
+                template_name: "otp".into(),
+                // The code is never stored: the message records only that a code was sent.
+                variables: "{}".into(),
+                channel,
+                idempotency_key: None,
+                created_at: now,
+                claimed_until: Some(now + context.lease),
+            },
+            attempt: plan.attempt().cloned(),
+            accepted: plan.accepted(),
+            unless_on_file,
+        };
+        Ok(PreparedIssue {
+            issue,
+            plan,
+            send_to,
+        })
     }
 
     /// Where a code goes: the number on file, except for `verification` (which proves the number

@@ -191,6 +191,11 @@ pub trait OtpStore: Send + Sync + 'static {
     /// anyway) or when no limit refuses now. A refusal read here stands: the send log only
     /// grows within its window, so `issue_otp` at the same `now` would refuse as well.
     async fn otp_refusal(&self, limits: &OtpLimits<'_>) -> AppResult<Option<i64>>;
+    /// Whether `issue_otp` checks the number on file itself (`OtpIssue::unless_on_file`): where
+    /// reading it first costs a round trip (PostgreSQL), the check rides in the issue's batch.
+    fn checks_number_on_file(&self) -> bool {
+        false
+    }
     async fn get_otp(&self, user_id: &str, purpose: &str) -> AppResult<Option<OtpRecord>>;
     /// Mark the code used if it is still the live one (same hash), unused, unexpired, and the
     /// (user, purpose) has fewer than `max_attempts` wrong tries in its window. `true` for
@@ -1042,6 +1047,7 @@ pub(crate) mod tests {
             },
             attempt: None,
             accepted: None,
+            unless_on_file: false,
         }
     }
 

@@ -594,6 +594,11 @@ pub struct OtpIssue {
     /// the send is recorded in this same write, as `MessageStore::record_sent` records one
     /// after a call. `None`: the caller sends and records the outcome.
     pub accepted: Option<AcceptedSend>,
+    /// `send_to` is the number named, chosen without reading the user's number on file: the
+    /// store confirms under its lock that no other number is on file, and answers
+    /// `OtpIssueOutcome::OnFileElsewhere` (nothing written) when one is. Set only where
+    /// `OtpStore::checks_number_on_file`.
+    pub unless_on_file: bool,
 }
 
 /// A send an in-process provider accepted before its message was written.
@@ -639,6 +644,9 @@ pub enum OtpIssueOutcome {
     RateLimited {
         retry_after_seconds: i64,
     },
+    /// `OtpIssue::unless_on_file`, and the user has another number on file: nothing was
+    /// written; the code goes there (read it, and issue again).
+    OnFileElsewhere,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

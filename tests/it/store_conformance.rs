@@ -37,6 +37,7 @@ both_backends!(
     opt_outs_are_read_for_many_numbers_at_once,
     consents_read_together_each_answer_their_own,
     otp_issues_together_each_get_their_own_outcome,
+    an_issue_unless_on_file_finds_another_number_on_file,
 );
 
 fn t0() -> chrono::DateTime<Utc> {
@@ -644,6 +645,7 @@ fn otp_issue(id: &str, user: &str, number: &str, ip: &str) -> store::OtpIssue {
             take_slot: None,
         }),
         accepted: None,
+        unless_on_file: false,
     }
 }
 
@@ -1114,6 +1116,90 @@ async fn otp_issues_together_each_get_their_own_outcome(backend: Backend) {
         store.issue_otp(&again).await.unwrap(),
         store::OtpIssueOutcome::Issued(_)
     ));
+}
+
+/// A code sent to the number named without reading the number on file first
+/// (`OtpIssue::unless_on_file`, PostgreSQL): issued when the user has no number on file or named
+/// it; when another number is on file, nothing is written (no message, no code, no count against
+/// the limits) and the issue says so. Issues at once, so batches decide them together, and two
+/// for one user, decided one at a time. A store that does not check refuses such an issue.
+async fn an_issue_unless_on_file_finds_another_number_on_file(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    for (user, number) in [
+        ("u1", Some("+14155550001")),
+        ("u5", Some("+14155550005")),
+        ("u4", None),
+    ] {
+        let patch = ConsentPatch {
+            phone_number: number.map(Into::into),
+            sms_consent: Some(number.is_some()),
+            time_zone: Some("America/Los_Angeles".into()),
+            ..Default::default()
+        };
+        store
+            .update_consent(user, &|c| patch.apply(c), &ctx(ConsentSource::Api))
+            .await
+            .unwrap();
+    }
+    let issue = |id: &str, user: &str, number: &str| {
+        let mut issue = otp_issue(id, user, number, &format!("198.51.100.{}", id.len()));
+        issue.unless_on_file = true;
+        issue.ip = None;
+        issue
+    };
+    if !store.checks_number_on_file() {
+        assert!(store
+            .issue_otp(&issue("m-a", "u1", "+14155559999"))
+            .await
+            .is_err());
+        assert!(store.get_message("m-a").await.unwrap().is_none());
+        return;
+    }
+    let cases = [
+        ("m-elsewhere", "u1", "+14155559999", false),
+        ("m-own", "u1", "+14155550001", true),
+        ("m-none", "u3", "+14155550003", true),
+        ("m-no-number", "u4", "+14155550004", true),
+        ("m-u5-first", "u5", "+14155559995", false),
+        ("m-u5-second", "u5", "+14155559995", false),
+    ];
+    let mut tasks = tokio::task::JoinSet::new();
+    for (id, user, number, issued) in cases {
+        let store = store.clone();
+        let issue = issue(id, user, number);
+        tasks.spawn(async move { (id, issued, store.issue_otp(&issue).await.unwrap()) });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let (id, issued, outcome) = done.unwrap();
+        let stored = store.get_message(id).await.unwrap();
+        match (issued, outcome) {
+            (true, store::OtpIssueOutcome::Issued(_)) => assert!(stored.is_some(), "{id}"),
+            (false, store::OtpIssueOutcome::OnFileElsewhere) => {
+                assert!(stored.is_none(), "{id}")
+            }
+            (_, other) => panic!("{id}: {other:?}"),
+        }
+    }
+    // u1 and u5 got their code only from the issue to their number on file; the numbers they
+    // named were not counted against (a limit of one still lets the next code through).
+    assert_eq!(
+        store
+            .get_otp("u1", "login")
+            .await
+            .unwrap()
+            .unwrap()
+            .code_hash,
+        "hash-m-own"
+    );
+    assert!(store.get_otp("u5", "login").await.unwrap().is_none());
+    for (id, number) in [("m-again-1", "+14155559999"), ("m-again-5", "+14155559995")] {
+        let mut again = otp_issue(id, &format!("other-{id}"), number, "198.51.100.99");
+        again.max_sends_per_hour = 1;
+        assert!(matches!(
+            store.issue_otp(&again).await.unwrap(),
+            store::OtpIssueOutcome::Issued(_)
+        ));
+    }
 }
 
 /// A pooled PostgreSQL connection that sat idle is checked before it is handed out: one the

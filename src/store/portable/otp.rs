@@ -20,12 +20,20 @@ impl OtpStore for ThisStore {
         }
     }
 
+    fn checks_number_on_file(&self) -> bool {
+        self.functions().is_some()
+    }
+
     async fn issue_otp(&self, issue: &OtpIssue) -> AppResult<OtpIssueOutcome> {
-        if let Some(writer) = self.writer() {
-            return writer.issue_otp(&self.vault, issue).await;
-        }
         if let Some(functions) = self.functions() {
             return functions.issue_otp(&self.vault, issue).await;
+        }
+        if issue.unless_on_file {
+            // A code must never go to the number named past a number on file unchecked.
+            return Err(anyhow::anyhow!("this store does not check the number on file").into());
+        }
+        if let Some(writer) = self.writer() {
+            return writer.issue_otp(&self.vault, issue).await;
         }
         let mut tx = self.pool.begin().await?;
         let phone_index = self.vault.blind(&issue.phone_number);

@@ -225,6 +225,7 @@ struct IssueJob {
     status: &'static str,
     sid: Option<String>,
     news: Option<&'static str>,
+    unless_on_file: bool,
 }
 
 #[derive(Clone, Serialize)]
@@ -363,6 +364,7 @@ impl PgFunctions {
             status: issue.written_status().as_str(),
             sid: accepted.map(|a| a.provider_sid.clone()),
             news: accepted.and_then(|a| a.news).map(|n| n.as_str()),
+            unless_on_file: issue.unless_on_file,
         };
         let answer = self.issue.call(job).await?;
         let checks = OtpChecks {
@@ -381,6 +383,7 @@ impl PgFunctions {
                 named: checks.named_opted_out,
             }),
             "issued" => Ok(OtpIssueOutcome::Issued(Box::new(message))),
+            "on_file_elsewhere" => Ok(OtpIssueOutcome::OnFileElsewhere),
             other => Err(anyhow::anyhow!("otp_issue_batch answered {other:?}").into()),
         }
     }
