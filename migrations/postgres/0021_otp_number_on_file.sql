@@ -1,23 +1,27 @@
--- The write path (issue 14): a code's check of the number on file moves into the batch.
+-- The write path (issue 14): a code's number on file is looked up inside the OTP batch.
 --
 -- A code for any purpose but `verification` goes to the user's number on file. The service read
 -- that number before issuing (on PostgreSQL a batched read: a second round trip and a second
--- wait per code, a quarter of the codes' time under load: 5,066-5,183 codes/s without the read
--- against 3,454-4,018 with it, on the same machine). Now, where the store checks it
--- (`OtpStore::checks_number_on_file`), the service sends to the number named on the
--- understanding that no other number is on file (`unless_on_file`), and the batch confirms that
--- under its locks: a user whose number on file is another gets `on_file_elsewhere`, nothing
--- written, and the service reads the number and issues again (`OtpService::send`). A user with
--- no number on file, or who named it, takes one round trip.
+-- wait per code; `login` codes ran at 3,454-4,018/s against 5,066-5,183 for `verification`
+-- codes, which skip the read, on one machine). Now, where the store does it
+-- (`OtpStore::checks_number_on_file`), the service plans the code for the number named with
+-- `unless_on_file`, and the batch reads the user's number on file under its locks: none, or the
+-- number named, and the code goes as planned; another, and the code, its message and its opt-out
+-- check take that number instead (its sealed value and blind index are copied from
+-- `messaging_consent`; the message's text does not name the number), and the batch hands the
+-- sealed number back (`redirected_to`) for the provider call. Either way one round trip, so the
+-- time of an answer says nothing about a number on file.
 --
--- A number on file whose blind index is missing counts as another number (the read decides).
--- The check runs after the limits (which are about the number named, the user and the address,
--- whatever the destination) and before the opt-outs (which are about the destination). A job
--- answered `on_file_elsewhere` writes nothing: its second issue is logged against the limits.
+-- The limits are about the number named, the user and the address, as before. A number on file
+-- without a blind index (never expected: every write of a number writes its index) is not
+-- guessed at: the job writes nothing and answers `on_file_elsewhere`, and the service reads the
+-- number and issues again.
 --
--- `otp_batch_jobs` gains a column (its result type changes, so it is dropped and created), and
--- `otp_issue_batch` is migration 20's, restated with the check (a function is replaced whole).
+-- `otp_batch_jobs` gains a column and `otp_issue_batch` an answer column (their result types
+-- change, so both are dropped and created); `otp_issue_batch` is migration 20's, restated with
+-- the destination (a function is replaced whole).
 
+DROP FUNCTION otp_issue_batch(TEXT[], JSONB);
 DROP FUNCTION otp_batch_jobs(JSONB);
 
 CREATE FUNCTION otp_batch_jobs(p_jobs JSONB) RETURNS TABLE (
@@ -48,7 +52,7 @@ CREATE FUNCTION otp_batch_jobs(p_jobs JSONB) RETURNS TABLE (
         news TEXT, unless_on_file BOOLEAN)
 $$;
 
-CREATE OR REPLACE FUNCTION otp_issue_batch(p_lock_keys TEXT[], p_jobs JSONB) RETURNS TABLE (
+CREATE FUNCTION otp_issue_batch(p_lock_keys TEXT[], p_jobs JSONB) RETURNS TABLE (
     n BIGINT,
     outcome TEXT,
     last_send TIMESTAMPTZ,
@@ -56,11 +60,17 @@ CREATE OR REPLACE FUNCTION otp_issue_batch(p_lock_keys TEXT[], p_jobs JSONB) RET
     user_full TIMESTAMPTZ,
     address_full TIMESTAMPTZ,
     named_opted_out BOOLEAN,
-    send_to_opted_out BOOLEAN
+    send_to_opted_out BOOLEAN,
+    -- The number on file the code went to instead of the number named (sealed), if it did.
+    redirected_to TEXT
 ) LANGUAGE plpgsql AS $$
 DECLARE
     j RECORD;
     r RECORD;
+    file_number TEXT;
+    file_index TEXT;
+    elsewhere BOOLEAN;
+    dest_index TEXT;
     decided_together BIGINT := 0;
     taken_senders TEXT[] := '{}';
     taken_now_us BIGINT[] := '{}';
@@ -74,6 +84,26 @@ BEGIN
     -- events are inserted in job order and, within a message, in the VALUES' order (their ids).
     FOR r IN
         WITH jobs AS MATERIALIZED (SELECT * FROM otp_batch_jobs(p_jobs)
+        ), on_file AS MATERIALIZED (
+            -- The number on file of a job planned `unless_on_file`: one primary-key probe each.
+            SELECT k.*, f.file_number, f.file_index,
+                f.file_number IS NOT NULL AND f.file_index IS DISTINCT FROM k.send_to_index
+                    AS elsewhere
+            FROM jobs k LEFT JOIN LATERAL (
+                SELECT c.phone_number AS file_number, c.phone_index AS file_index
+                FROM messaging_consent c WHERE k.unless_on_file AND c.user_id = k.user_id
+            ) f ON TRUE
+            WHERE NOT k.shared
+        ), routed AS MATERIALIZED (
+            -- Where each code goes: the number planned, or the number on file instead.
+            SELECT o.*,
+                CASE WHEN o.elsewhere THEN o.file_index ELSE o.send_to_index END AS d_index,
+                CASE WHEN o.elsewhere THEN o.file_number ELSE o.code_to END AS d_code_to,
+                CASE WHEN o.elsewhere AND o.to_number IS NOT NULL THEN o.file_number
+                     ELSE o.to_number END AS d_to_number,
+                CASE WHEN o.elsewhere AND o.to_index IS NOT NULL THEN o.file_index
+                     ELSE o.to_index END AS d_to_index
+            FROM on_file o
         ), checked AS MATERIALIZED (
             SELECT k.*,
                 (SELECT l.created_at FROM otp_send_log l WHERE l.phone_index = k.phone_index
@@ -89,19 +119,15 @@ BEGIN
                  LIMIT 1 OFFSET k.per_address) AS c_address_full,
                 EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = k.phone_index
                         AND o.channel = k.channel) AS c_named_opted_out,
-                EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = k.send_to_index
-                        AND o.channel = k.channel) AS c_send_to_opted_out,
-                k.unless_on_file AND EXISTS (SELECT 1 FROM messaging_consent c
-                    WHERE c.user_id = k.user_id AND c.phone_number IS NOT NULL
-                    AND c.phone_index IS DISTINCT FROM k.send_to_index)
-                    AS c_on_file_elsewhere
-            FROM jobs k WHERE NOT k.shared
+                EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = k.d_index
+                        AND o.channel = k.channel) AS c_send_to_opted_out
+            FROM routed k
         ), decided AS MATERIALIZED (
             SELECT c.*, CASE
                 WHEN c.refuse_all OR c.c_last_send > c.cooldown_after
                      OR c.c_number_full IS NOT NULL OR c.c_user_full IS NOT NULL
                      OR (c.ip IS NOT NULL AND c.c_address_full IS NOT NULL) THEN 'rate_limited'
-                WHEN c.c_on_file_elsewhere THEN 'on_file_elsewhere'
+                WHEN c.elsewhere AND c.file_index IS NULL THEN 'on_file_elsewhere'
                 WHEN c.c_named_opted_out OR c.c_send_to_opted_out THEN 'opted_out'
                 ELSE 'issued' END AS c_outcome
             FROM checked c
@@ -116,7 +142,7 @@ BEGIN
                 provider_sid)
             SELECT d.message_id, d.user_id, d.template, d.variables, d.message_channel, d.status,
                 CASE WHEN d.attempt_started IS NULL THEN 0 ELSE 1 END, NULL, d.created_at,
-                d.lease, d.created_at, d.created_at, d.to_number, d.to_index, d.encoding,
+                d.lease, d.created_at, d.created_at, d.d_to_number, d.d_to_index, d.encoding,
                 d.segments, d.attempt_started, d.body, FALSE, d.sid
             FROM decided d WHERE d.c_outcome = 'issued' ORDER BY d.n
         ), evented AS (
@@ -135,8 +161,8 @@ BEGIN
         ), coded AS (
             INSERT INTO otp_codes (user_id, purpose, phone_number, channel, code_hash, attempts,
                 expires_at, used_at, message_id, created_at)
-            SELECT d.user_id, d.purpose, d.code_to, d.channel, d.code_hash, 0, d.expires_at, NULL,
-                d.message_id, d.now
+            SELECT d.user_id, d.purpose, d.d_code_to, d.channel, d.code_hash, 0, d.expires_at,
+                NULL, d.message_id, d.now
             FROM decided d WHERE d.c_outcome = 'issued' ORDER BY d.n
             ON CONFLICT (user_id, purpose) DO UPDATE SET phone_number = excluded.phone_number,
                 channel = excluded.channel, code_hash = excluded.code_hash, attempts = 0,
@@ -145,7 +171,8 @@ BEGIN
         )
         SELECT d.n AS job, d.c_outcome, d.c_last_send, d.c_number_full, d.c_user_full,
             d.c_address_full, d.c_named_opted_out, d.c_send_to_opted_out, d.attempt_started,
-            d.slot_sender, d.slot_now_us, d.slot_interval_us
+            d.slot_sender, d.slot_now_us, d.slot_interval_us,
+            CASE WHEN d.c_outcome = 'issued' AND d.elsewhere THEN d.file_number END AS c_redirected_to
         FROM decided d ORDER BY d.n
     LOOP
         n := r.job;
@@ -156,6 +183,7 @@ BEGIN
         address_full := r.c_address_full;
         named_opted_out := r.c_named_opted_out;
         send_to_opted_out := r.c_send_to_opted_out;
+        redirected_to := r.c_redirected_to;
         IF r.c_outcome = 'issued' AND r.attempt_started IS NOT NULL
            AND r.slot_sender IS NOT NULL THEN
             taken_senders := taken_senders || r.slot_sender;
@@ -171,6 +199,15 @@ BEGIN
     IF decided_together < jsonb_array_length(p_jobs) THEN
         FOR j IN SELECT * FROM otp_batch_jobs(p_jobs) b WHERE b.shared ORDER BY b.n LOOP
             n := j.n;
+            redirected_to := NULL;
+            file_number := NULL;
+            file_index := NULL;
+            IF j.unless_on_file THEN
+                SELECT c.phone_number, c.phone_index INTO file_number, file_index
+                FROM messaging_consent c WHERE c.user_id = j.user_id;
+            END IF;
+            elsewhere := file_number IS NOT NULL AND file_index IS DISTINCT FROM j.send_to_index;
+            dest_index := CASE WHEN elsewhere THEN file_index ELSE j.send_to_index END;
             -- Migration 19's checks: the offsets are sub-selects so that PL/pgSQL keeps one
             -- cached plan instead of planning the statement again for every job.
             SELECT
@@ -187,7 +224,7 @@ BEGIN
                  LIMIT 1 OFFSET (SELECT j.per_address)),
                 EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = j.phone_index
                         AND o.channel = j.channel),
-                EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = j.send_to_index
+                EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = dest_index
                         AND o.channel = j.channel)
             INTO last_send, number_full, user_full, address_full, named_opted_out, send_to_opted_out;
 
@@ -198,9 +235,7 @@ BEGIN
                 CONTINUE;
             END IF;
 
-            IF j.unless_on_file AND EXISTS (SELECT 1 FROM messaging_consent c
-                    WHERE c.user_id = j.user_id AND c.phone_number IS NOT NULL
-                    AND c.phone_index IS DISTINCT FROM j.send_to_index) THEN
+            IF elsewhere AND file_index IS NULL THEN
                 outcome := 'on_file_elsewhere';
                 RETURN NEXT;
                 CONTINUE;
@@ -223,7 +258,10 @@ BEGIN
                 provider_sid)
             VALUES (j.message_id, j.user_id, j.template, j.variables, j.message_channel, j.status,
                 CASE WHEN j.attempt_started IS NULL THEN 0 ELSE 1 END, NULL, j.created_at, j.lease,
-                j.created_at, j.created_at, j.to_number, j.to_index, j.encoding, j.segments,
+                j.created_at, j.created_at,
+                CASE WHEN elsewhere AND j.to_number IS NOT NULL THEN file_number ELSE j.to_number END,
+                CASE WHEN elsewhere AND j.to_index IS NOT NULL THEN file_index ELSE j.to_index END,
+                j.encoding, j.segments,
                 j.attempt_started, j.body, FALSE, j.sid);
 
             IF j.attempt_started IS NOT NULL THEN
@@ -244,8 +282,8 @@ BEGIN
 
             INSERT INTO otp_codes (user_id, purpose, phone_number, channel, code_hash, attempts,
                 expires_at, used_at, message_id, created_at)
-            VALUES (j.user_id, j.purpose, j.code_to, j.channel, j.code_hash, 0, j.expires_at, NULL,
-                j.message_id, j.now)
+            VALUES (j.user_id, j.purpose, CASE WHEN elsewhere THEN file_number ELSE j.code_to END,
+                j.channel, j.code_hash, 0, j.expires_at, NULL, j.message_id, j.now)
             ON CONFLICT (user_id, purpose) DO UPDATE SET phone_number = excluded.phone_number,
                 channel = excluded.channel, code_hash = excluded.code_hash, attempts = 0,
                 expires_at = excluded.expires_at, used_at = NULL, message_id = excluded.message_id,
@@ -255,6 +293,7 @@ BEGIN
             DELETE FROM otp_failures f WHERE f.user_id = j.user_id AND f.purpose = j.purpose;
 
             outcome := 'issued';
+            redirected_to := CASE WHEN elsewhere THEN file_number END;
             RETURN NEXT;
         END LOOP;
     END IF;

@@ -316,10 +316,13 @@ impl Otp {
             return Err(rate_limited(&named, &request.purpose, wait));
         }
         let code = generate_code(settings.length);
-        // Where the code goes. Where the store checks the number on file inside the issue (one
-        // round trip on PostgreSQL), the number named, unless the issue finds another on file;
-        // elsewhere the number on file is read first.
-        let unless_on_file = request.purpose != VERIFICATION && self.codes.checks_number_on_file();
+        // Where the code goes. Where the store looks up the number on file inside the issue (one
+        // round trip on PostgreSQL, whichever number the code goes to), it is planned for the
+        // number named and the store sends it to another number on file instead; elsewhere (and
+        // for WhatsApp, whose route depends on the number's session) the number is read first.
+        let unless_on_file = request.purpose != VERIFICATION
+            && channel == Channel::Sms
+            && self.codes.checks_number_on_file();
         let send_to = if unless_on_file {
             named.clone()
         } else {
@@ -340,10 +343,22 @@ impl Otp {
             prepared = self.prepare_issue(&asked, send_to, false).await?;
             outcome = self.codes.issue_otp(&prepared.issue).await?;
         }
-        let PreparedIssue { send_to, plan, .. } = prepared;
+        let PreparedIssue {
+            mut send_to,
+            mut plan,
+            ..
+        } = prepared;
         let sent = self.sent_answer(&named);
         let message = match outcome {
             OtpIssueOutcome::Issued(message) => message,
+            OtpIssueOutcome::IssuedToNumberOnFile { message, to } => {
+                // Written at the number on file, which was checked when it was stored.
+                send_to = PhoneNumber::parse(&to).map_err(|_| {
+                    anyhow::anyhow!("a number on file does not parse as a phone number")
+                })?;
+                plan.redirect(send_to.clone());
+                message
+            }
             // A refusal for an opted-out number still counted against the limits, or anyone
             // could probe, without limit, which numbers texted STOP to this clinic. The answer
             // is about the number named, never the one on file.

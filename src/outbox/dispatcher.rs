@@ -219,6 +219,18 @@ impl OtpPlan {
         }
     }
 
+    /// Send to `to` instead: the store wrote the message for the user's number on file
+    /// (`OtpIssueOutcome::IssuedToNumberOnFile`). An OTP's text does not name its number.
+    pub fn redirect(&mut self, to: PhoneNumber) {
+        if let OtpPlan::Send {
+            outbound, attempt, ..
+        } = self
+        {
+            attempt.to_number = to.as_str().to_string();
+            outbound.to = to;
+        }
+    }
+
     /// The send to record with the message, when the provider accepted it in process.
     pub fn accepted(&self) -> Option<AcceptedSend> {
         let OtpPlan::Send {

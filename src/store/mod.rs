@@ -191,8 +191,9 @@ pub trait OtpStore: Send + Sync + 'static {
     /// anyway) or when no limit refuses now. A refusal read here stands: the send log only
     /// grows within its window, so `issue_otp` at the same `now` would refuse as well.
     async fn otp_refusal(&self, limits: &OtpLimits<'_>) -> AppResult<Option<i64>>;
-    /// Whether `issue_otp` checks the number on file itself (`OtpIssue::unless_on_file`): where
-    /// reading it first costs a round trip (PostgreSQL), the check rides in the issue's batch.
+    /// Whether `issue_otp` looks up the number on file itself (`OtpIssue::unless_on_file`):
+    /// where reading it first costs a round trip (PostgreSQL), the lookup rides in the issue's
+    /// batch, and a code for a user with another number on file goes there in the same trip.
     fn checks_number_on_file(&self) -> bool {
         false
     }

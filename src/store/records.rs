@@ -594,9 +594,10 @@ pub struct OtpIssue {
     /// the send is recorded in this same write, as `MessageStore::record_sent` records one
     /// after a call. `None`: the caller sends and records the outcome.
     pub accepted: Option<AcceptedSend>,
-    /// `send_to` is the number named, chosen without reading the user's number on file: the
-    /// store confirms under its lock that no other number is on file, and answers
-    /// `OtpIssueOutcome::OnFileElsewhere` (nothing written) when one is. Set only where
+    /// `send_to` is the number named, planned without reading the user's number on file: the
+    /// store reads it under its lock and, when another number is on file, sends the code there
+    /// instead (`OtpIssueOutcome::IssuedToNumberOnFile`). Only for a plan that does not depend
+    /// on the number beyond the number itself (SMS), and only where
     /// `OtpStore::checks_number_on_file`.
     pub unless_on_file: bool,
 }
@@ -644,8 +645,15 @@ pub enum OtpIssueOutcome {
     RateLimited {
         retry_after_seconds: i64,
     },
-    /// `OtpIssue::unless_on_file`, and the user has another number on file: nothing was
-    /// written; the code goes there (read it, and issue again).
+    /// `OtpIssue::unless_on_file`, and the user has another number on file: the code, its
+    /// message and its opt-out check went to that number (`to`, in clear) instead.
+    IssuedToNumberOnFile {
+        message: Box<MessageRecord>,
+        to: String,
+    },
+    /// `OtpIssue::unless_on_file`, and the user has another number on file that the store could
+    /// not route to (no blind index beside it): nothing was written; read the number and issue
+    /// again.
     OnFileElsewhere,
 }
 

@@ -22,6 +22,7 @@ both_backends!(
     cleanup_needs_the_cron_secret_and_deletes,
     bad_input_is_refused_and_reveals_nothing,
     live_mode_sends_through_twilio,
+    a_live_code_for_someone_elses_account_goes_to_their_number,
     otp_length_is_configurable,
 );
 
@@ -609,6 +610,33 @@ async fn live_mode_sends_through_twilio(backend: Backend) {
     // A code cannot wait in the queue: failed, with Twilio's code kept.
     let m = &app.state.store.user_messages("u5", 1).await.unwrap()[0];
     assert_eq!((m.status.as_str(), m.error_code), ("failed", Some(20429)));
+}
+
+/// Through Twilio (a provider outside this process): a code asked for someone else's account,
+/// naming another number, is sent to the number on file (on PostgreSQL the batch that writes the
+/// code routes it there), answers as any send does, and verifies only with that number.
+async fn a_live_code_for_someone_elses_account_goes_to_their_number(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    app.consent("victim", "+14155552673").await;
+    let r = send(&app, "victim", "+14155552674", "login").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["sent_to"], "+14*****2674");
+    let fake = app.fake.as_ref().unwrap();
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].field("To"), Some("+14155552673"));
+    let code: String = requests[0]
+        .field("Body")
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|w| w.len() == 6)
+        .unwrap()
+        .into();
+    let (status, body) = verify(&app, "victim", "login", &code).await;
+    assert_eq!(
+        (status, &body["phone_number"]),
+        (200, &json!("+14155552673"))
+    );
 }
 
 async fn otp_length_is_configurable(backend: Backend) {

@@ -37,7 +37,7 @@ both_backends!(
     opt_outs_are_read_for_many_numbers_at_once,
     consents_read_together_each_answer_their_own,
     otp_issues_together_each_get_their_own_outcome,
-    an_issue_unless_on_file_finds_another_number_on_file,
+    an_issue_unless_on_file_goes_to_the_number_on_file,
 );
 
 fn t0() -> chrono::DateTime<Utc> {
@@ -1118,18 +1118,21 @@ async fn otp_issues_together_each_get_their_own_outcome(backend: Backend) {
     ));
 }
 
-/// A code sent to the number named without reading the number on file first
-/// (`OtpIssue::unless_on_file`, PostgreSQL): issued when the user has no number on file or named
-/// it; when another number is on file, nothing is written (no message, no code, no count against
-/// the limits) and the issue says so. Issues at once, so batches decide them together, and two
-/// for one user, decided one at a time. A store that does not check refuses such an issue.
-async fn an_issue_unless_on_file_finds_another_number_on_file(backend: Backend) {
+/// A code planned for the number named without reading the number on file first
+/// (`OtpIssue::unless_on_file`, PostgreSQL): it goes to the number named when the user has no
+/// number on file or named it, and to the number on file instead when that is another (the code,
+/// its message and its opt-out check; the send still counts against the number named). Issued at
+/// once, so batches decide most of them together, and two for one user, decided one at a time. A
+/// store that does not look the number up refuses such an issue.
+async fn an_issue_unless_on_file_goes_to_the_number_on_file(backend: Backend) {
     let (store, _db) = open(backend).await;
-    for (user, number) in [
+    let on_file = [
         ("u1", Some("+14155550001")),
         ("u5", Some("+14155550005")),
+        ("u6", Some("+14155550006")),
         ("u4", None),
-    ] {
+    ];
+    for (user, number) in on_file {
         let patch = ConsentPatch {
             phone_number: number.map(Into::into),
             sms_consent: Some(number.is_some()),
@@ -1141,8 +1144,18 @@ async fn an_issue_unless_on_file_finds_another_number_on_file(backend: Backend) 
             .await
             .unwrap();
     }
+    // u6's number on file texted STOP; the number it names did not.
+    store
+        .set_opt_out(
+            "+14155550006",
+            Channel::Sms,
+            ConsentSource::SmsKeyword,
+            t0(),
+        )
+        .await
+        .unwrap();
     let issue = |id: &str, user: &str, number: &str| {
-        let mut issue = otp_issue(id, user, number, &format!("198.51.100.{}", id.len()));
+        let mut issue = otp_issue(id, user, number, "198.51.100.1");
         issue.unless_on_file = true;
         issue.ip = None;
         issue
@@ -1155,50 +1168,78 @@ async fn an_issue_unless_on_file_finds_another_number_on_file(backend: Backend) 
         assert!(store.get_message("m-a").await.unwrap().is_none());
         return;
     }
+    // (message, user, number named, where the code goes; None: not issued, on file opted out)
     let cases = [
-        ("m-elsewhere", "u1", "+14155559999", false),
-        ("m-own", "u1", "+14155550001", true),
-        ("m-none", "u3", "+14155550003", true),
-        ("m-no-number", "u4", "+14155550004", true),
-        ("m-u5-first", "u5", "+14155559995", false),
-        ("m-u5-second", "u5", "+14155559995", false),
+        ("m-elsewhere", "u1", "+14155559991", Some("+14155550001")),
+        ("m-none", "u3", "+14155550003", Some("+14155550003")),
+        ("m-no-number", "u4", "+14155550004", Some("+14155550004")),
+        ("m-u5-first", "u5", "+14155559995", Some("+14155550005")),
+        ("m-u5-second", "u5", "+14155559995", Some("+14155550005")),
+        ("m-own", "u7", "+14155550007", Some("+14155550007")),
+        ("m-stopped", "u6", "+14155559996", None),
     ];
+    let patch = ConsentPatch {
+        phone_number: Some("+14155550007".into()),
+        sms_consent: Some(true),
+        ..Default::default()
+    };
+    store
+        .update_consent("u7", &|c| patch.apply(c), &ctx(ConsentSource::Api))
+        .await
+        .unwrap();
     let mut tasks = tokio::task::JoinSet::new();
-    for (id, user, number, issued) in cases {
+    for (id, user, named, goes_to) in cases {
         let store = store.clone();
-        let issue = issue(id, user, number);
-        tasks.spawn(async move { (id, issued, store.issue_otp(&issue).await.unwrap()) });
+        let issue = issue(id, user, named);
+        tasks.spawn(async move { (id, named, goes_to, store.issue_otp(&issue).await.unwrap()) });
     }
     while let Some(done) = tasks.join_next().await {
-        let (id, issued, outcome) = done.unwrap();
+        let (id, named, goes_to, outcome) = done.unwrap();
         let stored = store.get_message(id).await.unwrap();
-        match (issued, outcome) {
-            (true, store::OtpIssueOutcome::Issued(_)) => assert!(stored.is_some(), "{id}"),
-            (false, store::OtpIssueOutcome::OnFileElsewhere) => {
+        match (goes_to, outcome) {
+            (Some(to), store::OtpIssueOutcome::Issued(m)) if to == named => {
+                assert_eq!(m.to_number.as_deref(), Some(named), "{id}");
+                assert_eq!(stored.unwrap().to_number.as_deref(), Some(named), "{id}");
+            }
+            (Some(to), store::OtpIssueOutcome::IssuedToNumberOnFile { message, to: sent })
+                if to != named =>
+            {
+                assert_eq!(sent, to, "{id}");
+                assert_eq!(message.to_number.as_deref(), Some(to), "{id}");
+                assert_eq!(stored.unwrap().to_number.as_deref(), Some(to), "{id}");
+            }
+            (None, store::OtpIssueOutcome::OptedOut { named: false }) => {
                 assert!(stored.is_none(), "{id}")
             }
             (_, other) => panic!("{id}: {other:?}"),
         }
     }
-    // u1 and u5 got their code only from the issue to their number on file; the numbers they
-    // named were not counted against (a limit of one still lets the next code through).
-    assert_eq!(
-        store
-            .get_otp("u1", "login")
-            .await
-            .unwrap()
-            .unwrap()
-            .code_hash,
-        "hash-m-own"
-    );
-    assert!(store.get_otp("u5", "login").await.unwrap().is_none());
-    for (id, number) in [("m-again-1", "+14155559999"), ("m-again-5", "+14155559995")] {
+    // Each code is bound to the number it went to.
+    for (user, number) in [
+        ("u1", "+14155550001"),
+        ("u3", "+14155550003"),
+        ("u5", "+14155550005"),
+        ("u7", "+14155550007"),
+    ] {
+        let code = store.get_otp(user, "login").await.unwrap().unwrap();
+        assert_eq!(code.phone_number, number, "{user}");
+    }
+    assert!(store.get_otp("u6", "login").await.unwrap().is_none());
+    // The sends counted against the numbers named (u5's two used a limit of two).
+    for (id, number, limit) in [
+        ("m-again-1", "+14155559991", 1),
+        ("m-again-5", "+14155559995", 2),
+        ("m-again-6", "+14155559996", 1),
+    ] {
         let mut again = otp_issue(id, &format!("other-{id}"), number, "198.51.100.99");
-        again.max_sends_per_hour = 1;
-        assert!(matches!(
-            store.issue_otp(&again).await.unwrap(),
-            store::OtpIssueOutcome::Issued(_)
-        ));
+        again.max_sends_per_hour = limit;
+        assert!(
+            matches!(
+                store.issue_otp(&again).await.unwrap(),
+                store::OtpIssueOutcome::RateLimited { .. }
+            ),
+            "{id}"
+        );
     }
 }
 

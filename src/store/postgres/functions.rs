@@ -165,6 +165,8 @@ struct IssueAnswer {
     address_full: Option<DateTime<Utc>>,
     named_opted_out: bool,
     send_to_opted_out: bool,
+    /// The user's number on file (sealed), where the code went instead of the number named.
+    redirected_to: Option<String>,
 }
 
 /// The row of the other batch functions: the job's outcome.
@@ -382,7 +384,20 @@ impl PgFunctions {
             "opted_out" => Ok(OtpIssueOutcome::OptedOut {
                 named: checks.named_opted_out,
             }),
-            "issued" => Ok(OtpIssueOutcome::Issued(Box::new(message))),
+            "issued" => match answer.redirected_to {
+                None => Ok(OtpIssueOutcome::Issued(Box::new(message))),
+                Some(sealed) => {
+                    let to = vault.open(&sealed)?;
+                    let mut message = message;
+                    if message.to_number.is_some() {
+                        message.to_number = Some(to.clone());
+                    }
+                    Ok(OtpIssueOutcome::IssuedToNumberOnFile {
+                        message: Box::new(message),
+                        to,
+                    })
+                }
+            },
             "on_file_elsewhere" => Ok(OtpIssueOutcome::OnFileElsewhere),
             other => Err(anyhow::anyhow!("otp_issue_batch answered {other:?}").into()),
         }
