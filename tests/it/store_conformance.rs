@@ -38,6 +38,7 @@ both_backends!(
     consents_read_together_each_answer_their_own,
     otp_issues_together_each_get_their_own_outcome,
     an_issue_unless_on_file_goes_to_the_number_on_file,
+    sends_recorded_together_each_get_their_own_outcome,
 );
 
 fn t0() -> chrono::DateTime<Utc> {
@@ -1240,6 +1241,80 @@ async fn an_issue_unless_on_file_goes_to_the_number_on_file(backend: Backend) {
             ),
             "{id}"
         );
+    }
+}
+
+/// Sends recorded at once (PostgreSQL records a batch of them with one statement): each claimed
+/// send is recorded with its SID, status and events (the provider's own news as a second status
+/// and event); a send whose claim moved on (another fence) is refused and changes nothing; a send
+/// whose SID already has a callback waiting gets it applied.
+async fn sends_recorded_together_each_get_their_own_outcome(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    let lease = t0() + Duration::minutes(2);
+    for i in 0..10 {
+        let claimed = NewMessage {
+            claimed_until: Some(lease),
+            ..message(&format!("m{i}"), None, t0())
+        };
+        store.insert_message(&claimed).await.unwrap();
+    }
+    // m9's delivery report came before its send was recorded.
+    store
+        .apply_status(
+            &format!("SM{:032}", 9),
+            MessageStatus::Delivered,
+            None,
+            t0(),
+        )
+        .await
+        .unwrap();
+    let unrecorded = store.get_message("m7").await.unwrap().unwrap().status;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..10usize {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let id = format!("m{i}");
+            // m7 and m8 answer with a fence their claim no longer has.
+            let fence = if i == 7 || i == 8 {
+                lease + Duration::seconds(1)
+            } else {
+                lease
+            };
+            let news = (i % 2 == 0).then_some(MessageStatus::Delivered);
+            let sid = format!("SM{i:032}");
+            let recorded = store
+                .record_sent(&id, &sid, MessageStatus::Sent, news, t0(), fence)
+                .await
+                .unwrap();
+            (i, recorded.is_some())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let (i, recorded) = done.unwrap();
+        let id = format!("m{i}");
+        let m = store.get_message(&id).await.unwrap().unwrap();
+        let events = event_statuses(&store, &id).await;
+        match i {
+            7 | 8 => {
+                assert!(!recorded, "{id}");
+                assert_eq!(m.status, unrecorded, "{id}");
+                assert_eq!(m.provider_sid, None, "{id}");
+                assert_eq!(m.lease_until, Some(lease), "{id}");
+                assert!(events.is_empty(), "{id}: {events:?}");
+            }
+            _ => {
+                assert!(recorded, "{id}");
+                assert_eq!(m.provider_sid, Some(format!("SM{i:032}")), "{id}");
+                assert_eq!(m.lease_until, None, "{id}");
+                if i % 2 == 0 || i == 9 {
+                    assert_eq!(m.status, MessageStatus::Delivered, "{id}");
+                    assert_eq!(events, ["sent", "delivered"], "{id}");
+                } else {
+                    assert_eq!(m.status, MessageStatus::Sent, "{id}");
+                    assert_eq!(events, ["sent"], "{id}");
+                }
+            }
+        }
     }
 }
 
