@@ -9,8 +9,8 @@
 -- number named, and the code goes as planned; another, and the code, its message and its opt-out
 -- check take that number instead (its sealed value and blind index are copied from
 -- `messaging_consent`; the message's text does not name the number), and the batch hands the
--- sealed number back (`redirected_to`) for the provider call. Either way one round trip, so the
--- time of an answer says nothing about a number on file.
+-- sealed number back (`redirected_to`) for the provider call. Either way one round trip: a code
+-- routed to the number on file costs no second one.
 --
 -- The limits are about the number named, the user and the address, as before. A number on file
 -- without a blind index (never expected: every write of a number writes its index) is not

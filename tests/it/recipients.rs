@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 both_backends!(
     a_code_for_someone_elses_account_goes_to_their_number,
+    a_number_on_file_without_its_blind_index_is_read_and_still_gets_the_code,
     a_user_without_a_number_gets_the_code_at_the_number_named,
     verification_marks_only_the_number_on_file_verified,
     unknown_users_answer_like_known_ones,
@@ -103,6 +104,46 @@ async fn a_code_for_someone_elses_account_goes_to_their_number(backend: Backend)
     )
     .await;
     assert_eq!((status, &body["phone_number"]), (200, &json!(VICTIM)));
+}
+
+/// A number on file whose blind index is missing (not written by this service: every write of a
+/// number writes its index) is not guessed at: PostgreSQL's batch, which routes by the index,
+/// writes nothing and the service reads the number and issues again; the code still goes to the
+/// number on file, once.
+async fn a_number_on_file_without_its_blind_index_is_read_and_still_gets_the_code(
+    backend: Backend,
+) {
+    let app = TestApp::spawn_with(
+        backend,
+        TestConfig::new().set("OTP_RESEND_COOLDOWN_SECONDS", "0"),
+    )
+    .await;
+    app.consent("victim", VICTIM).await;
+    let unindex = "UPDATE messaging_consent SET phone_index = NULL WHERE user_id = 'victim'";
+    let changed = match backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&app.db.url).await.unwrap();
+            sqlx::query(unindex)
+                .execute(&pool)
+                .await
+                .unwrap()
+                .rows_affected()
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&app.db.url).await.unwrap();
+            sqlx::query(unindex)
+                .execute(&pool)
+                .await
+                .unwrap()
+                .rows_affected()
+        }
+    };
+    assert_eq!(changed, 1);
+    let (status, _) = send_otp(&app, "victim", ATTACKER, "login").await;
+    assert_eq!(status, 200);
+    let sent = outbox(&app).await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].0, VICTIM, "the code went to the number on file");
 }
 
 async fn a_user_without_a_number_gets_the_code_at_the_number_named(backend: Backend) {
