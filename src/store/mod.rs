@@ -812,9 +812,10 @@ pub enum Stale {
 /// until `$1`, due at `$2`, returning `MESSAGE_COLUMNS`), so no claim sorts the whole due queue:
 /// OTPs (queued, through `messages_due_otp`, or whose send died mid-way); then any other message
 /// whose send died mid-way (its lease ran out with no SID); then queued messages, oldest first
-/// (`messages_due`). With `Stale::Skip`, only the queued. `skip_locked` is the backend's
-/// row-lock clause.
-pub(crate) fn claim_sql(skip_locked: &str, stale: Stale) -> Vec<String> {
+/// (`messages_due`; on PostgreSQL the partial `messages_sending` and `messages_queued`, migration
+/// 23). With `Stale::Skip`, only the queued. `skip_locked` is the backend's row-lock clause.
+/// Public for the tests that check each step's plan on each backend.
+pub fn claim_sql(skip_locked: &str, stale: Stale) -> Vec<String> {
     // `COALESCE(...) = ''`, not `IS NULL`: SQLite would otherwise walk the SID index through
     // every message not yet sent (all the queued ones) instead of the few `sending`.
     let stale_send = "status = 'sending' AND COALESCE(provider_sid, '') = '' AND lease_until < $2";

@@ -1347,3 +1347,102 @@ async fn an_idle_postgres_connection_the_server_closed_is_replaced() {
         .await
         .expect("the closed connection was found and replaced");
 }
+
+/// PostgreSQL (migration 23): the messages' status, key and SID indexes are partial, and every
+/// claim step and every lookup by key or SID can still use one of its indexes, in the generic
+/// plan a pooled prepared statement ends up with (`force_generic_plan`: the values are `$n`, so
+/// only the query's own text can imply an index's predicate). With sequential scans priced out,
+/// a plan no index serves shows a `Seq Scan`.
+#[tokio::test]
+async fn on_postgres_claims_and_lookups_use_the_partial_indexes() {
+    use prism_messaging::store::{claim_sql, Stale};
+    use sqlx::Connection;
+    if crate::common::postgres_admin_url().is_none() {
+        eprintln!("TEST_DATABASE_URL is not set: skipping the PostgreSQL run");
+        return;
+    }
+    let (_store, db) = open(Backend::Postgres).await;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    for setting in [
+        "SET enable_seqscan = off",
+        "SET plan_cache_mode = force_generic_plan",
+    ] {
+        sqlx::query(setting).execute(&mut conn).await.unwrap();
+    }
+    // Each step: indexes of which the plan must use at least one (the OTP step's queued half
+    // may take `messages_due_otp` or `messages_queued`; its stale half only `messages_sending`).
+    let queued_otp = ["messages_due_otp", "messages_queued"];
+    let steps = [
+        (
+            Stale::Include,
+            vec![
+                vec![&queued_otp[..], &["messages_sending"]],
+                vec![&["messages_sending"][..]],
+                vec![&["messages_queued"][..]],
+            ],
+        ),
+        (
+            Stale::Skip,
+            vec![vec![&queued_otp[..]], vec![&["messages_queued"][..]]],
+        ),
+    ];
+    for (stale, expected) in steps {
+        let sql = claim_sql(" FOR UPDATE SKIP LOCKED", stale);
+        assert_eq!(sql.len(), expected.len());
+        for (sql, wanted) in sql.iter().zip(expected) {
+            let plan = generic_plan(
+                &mut conn,
+                "timestamptz, timestamptz, bigint",
+                sql,
+                "'2027-01-01T00:00:00Z', '2027-01-01T00:00:00Z', 10",
+            )
+            .await;
+            assert!(!plan.contains("Seq Scan on messages"), "{sql}\n{plan}");
+            for any_of in wanted {
+                assert!(
+                    any_of.iter().any(|index| plan.contains(index)),
+                    "none of {any_of:?} used by {sql}\n{plan}"
+                );
+            }
+        }
+    }
+    for (column, index) in [
+        ("idempotency_key", "messages_idempotency_key"),
+        ("provider_sid", "messages_provider_sid"),
+    ] {
+        let sql = format!("SELECT id FROM messages WHERE {column} = $1");
+        let plan = generic_plan(&mut conn, "text", &sql, "'k'").await;
+        assert!(plan.contains(index), "{index} not used by {sql}\n{plan}");
+    }
+    // Both stay unique; NULLs (most rows) never conflicted and still do not.
+    let definitions: Vec<String> = sqlx::query_scalar(
+        "SELECT indexdef FROM pg_indexes WHERE tablename = 'messages' \
+         AND indexname IN ('messages_idempotency_key', 'messages_provider_sid') ORDER BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(definitions.len(), 2, "{definitions:?}");
+    assert!(definitions
+        .iter()
+        .all(|d| d.starts_with("CREATE UNIQUE INDEX")));
+}
+
+/// The plan of `sql` prepared with parameters of `types` and executed with `values`, as text.
+async fn generic_plan(
+    conn: &mut sqlx::PgConnection,
+    types: &str,
+    sql: &str,
+    values: &str,
+) -> String {
+    use sqlx::Executor;
+    conn.execute(format!("PREPARE planned ({types}) AS {sql}").as_str())
+        .await
+        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN EXECUTE planned ({values})"))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    conn.execute("DEALLOCATE planned").await.unwrap();
+    plan.join("\n")
+}

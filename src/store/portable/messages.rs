@@ -481,7 +481,8 @@ pub(super) async fn insert_message_row(
         "INSERT INTO messages (id, user_id, template_name, variables, channel, status, attempts, \
          idempotency_key, next_attempt_at, lease_until, created_at, updated_at) \
          VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9, $8, $8) \
-         ON CONFLICT (idempotency_key) DO NOTHING RETURNING {MESSAGE_COLUMNS}"
+         ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
+         RETURNING {MESSAGE_COLUMNS}"
     );
     let write = sqlx::query_as::<Db, MessageRecord>(&sql)
         .bind(&m.id)
