@@ -39,6 +39,7 @@ both_backends!(
     otp_issues_together_each_get_their_own_outcome,
     an_issue_unless_on_file_goes_to_the_number_on_file,
     sends_recorded_together_each_get_their_own_outcome,
+    marks_together_each_get_their_own_outcome,
 );
 
 fn t0() -> chrono::DateTime<Utc> {
@@ -1314,6 +1315,141 @@ async fn sends_recorded_together_each_get_their_own_outcome(backend: Backend) {
                     assert_eq!(events, ["sent"], "{id}");
                 }
             }
+        }
+    }
+}
+
+/// Many messages marked `sending` at once (on PostgreSQL, together in one batch; migration 24):
+/// each gets its own outcome and only the marked ones change. Marked: the number on file with
+/// consent, and another number without the consent check (an OTP); not marked: a fence the claim
+/// no longer has (`ClaimLost`), another number than the one on file, an opted-out number, and
+/// marketing without its consent (`PolicyChanged`, nothing written); one message marked by two
+/// callers at once: once.
+async fn marks_together_each_get_their_own_outcome(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    let on_file = "+14155552671";
+    let patch = ConsentPatch {
+        phone_number: Some(on_file.into()),
+        sms_consent: Some(true),
+        ..Default::default()
+    };
+    store
+        .update_consent("u1", &|c| patch.apply(c), &ctx(ConsentSource::Api))
+        .await
+        .unwrap();
+    store
+        .set_opt_out(
+            "+14155550001",
+            Channel::Sms,
+            ConsentSource::SmsKeyword,
+            t0(),
+        )
+        .await
+        .unwrap();
+    for i in 0..12 {
+        store
+            .insert_message(&message(&format!("m{i}"), None, t0()))
+            .await
+            .unwrap();
+    }
+    let lease = t0() + Duration::minutes(2);
+    assert_eq!(
+        store
+            .claim_due_messages(t0(), lease, 20)
+            .await
+            .unwrap()
+            .len(),
+        12
+    );
+    let renewed = t0() + Duration::minutes(3);
+    let consent = SendGuard {
+        consent: true,
+        marketing: false,
+    };
+    let marketing = SendGuard {
+        marketing: true,
+        ..consent
+    };
+    // (message, number, guard, fence, expected); m10 twice.
+    let jobs = [
+        (0, on_file, consent, lease, Some(MarkSending::Marked)),
+        (1, on_file, consent, lease, Some(MarkSending::Marked)),
+        (2, on_file, consent, lease, Some(MarkSending::Marked)),
+        (3, on_file, consent, lease, Some(MarkSending::Marked)),
+        (4, on_file, consent, lease, Some(MarkSending::Marked)),
+        (5, on_file, NO_GUARD, lease, Some(MarkSending::Marked)),
+        (
+            6,
+            on_file,
+            consent,
+            lease + Duration::seconds(1),
+            Some(MarkSending::ClaimLost),
+        ),
+        (
+            7,
+            "+14155550000",
+            consent,
+            lease,
+            Some(MarkSending::PolicyChanged),
+        ),
+        (
+            8,
+            "+14155550001",
+            NO_GUARD,
+            lease,
+            Some(MarkSending::PolicyChanged),
+        ),
+        (
+            9,
+            on_file,
+            marketing,
+            lease,
+            Some(MarkSending::PolicyChanged),
+        ),
+        (10, on_file, consent, lease, None),
+        (10, on_file, consent, lease, None),
+        (
+            11,
+            "+14155550002",
+            NO_GUARD,
+            lease,
+            Some(MarkSending::Marked),
+        ),
+    ];
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, to, guard, fence, expected) in jobs {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let id = format!("m{i}");
+            let outcome = store
+                .mark_sending(&id, &sms_attempt(to), guard, t0(), fence, renewed)
+                .await
+                .unwrap();
+            (i, outcome, expected)
+        });
+    }
+    let mut twice = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (i, outcome, expected) = done.unwrap();
+        match expected {
+            Some(expected) => assert_eq!(outcome, expected, "m{i}"),
+            None => twice.push(outcome),
+        }
+    }
+    twice.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(twice, [MarkSending::ClaimLost, MarkSending::Marked], "m10");
+    for i in 0..12 {
+        let id = format!("m{i}");
+        let m = store.get_message(&id).await.unwrap().unwrap();
+        let events = event_statuses(&store, &id).await;
+        if matches!(i, 0..=5 | 10 | 11) {
+            assert_eq!((m.status, m.attempts), (MessageStatus::Sending, 1), "{id}");
+            assert_eq!(m.lease_until, Some(renewed), "{id}");
+            assert_eq!(events, ["sending"], "{id}");
+        } else {
+            assert_eq!((m.status, m.attempts), (MessageStatus::Queued, 0), "{id}");
+            assert_eq!(m.lease_until, Some(lease), "{id}");
+            assert!(events.is_empty(), "{id}: {events:?}");
         }
     }
 }
