@@ -16,6 +16,11 @@
 -- names a key infers its index with `ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT
 -- NULL` (src/store/portable/messages.rs). Uniqueness is as before: NULLs never conflicted.
 --
+-- Like every migration here it runs in one transaction: `messages` is locked while the four
+-- indexes are built (the time to read the table four times and sort what it indexes), so on a
+-- large deployment run it at a quiet time; `CREATE INDEX CONCURRENTLY` cannot run in a
+-- transaction.
+--
 -- SQLite's 0023 changes nothing: measured there, dropping `messages_due` altogether did not move
 -- the `send-otp` rate (its writer is not bound by index writes; see the README), and its UNIQUE
 -- columns cannot be dropped without rebuilding the table.

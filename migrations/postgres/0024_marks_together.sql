@@ -6,15 +6,19 @@
 -- paying the executor's start and end; with the send records set-based (migration 22) this was
 -- the slower of the dispatcher's two batches (about 45 jobs in 6.3-6.7 ms on one machine). Now
 -- one statement of data-modifying CTEs does the batch: the jobs, the UPDATE of the messages whose
--- claim and policy still hold, and their events in job order. The messages are found through the
--- primary key by `id = ANY (ids)` (the ids read first), so the plan cannot turn into a scan of
--- the table however many rows the planner guesses the jobs to be.
+-- claim and policy still hold, and their events in job order. The UPDATE names the messages by
+-- `id = ANY (ids)` (the ids read first), an index condition on the primary key, so the planner is
+-- not left to join the jobs (which it guesses at 100 rows) to the table as it likes.
 --
--- Outcomes as before. A job that was not marked is told apart afterwards, in its own statement
--- (a fresh snapshot, as the loop's check had): its claim still holds ('policy_changed') or not
--- ('claim_lost': another process took it). A second job for the same message in one batch
--- (never expected: a claimed message is marked once) is not marked and answered 'claim_lost', as
--- the loop answered it when the first job was marked (it renewed the lease).
+-- Outcomes as before for a batch of distinct messages. A job that was not marked is told apart
+-- afterwards, in its own statement (a fresh snapshot, as the loop's check had): its claim still
+-- holds ('policy_changed') or not ('claim_lost': another process took it). Two jobs for one
+-- message in a batch are never expected (a claimed message is marked once, by the process that
+-- holds its claim); should it happen, only the first is tried and any other is answered
+-- 'claim_lost' unmarked. The loop tried each in turn: it gave the same answers when the first
+-- was marked, but after a first job refused by policy it tried the next. 'claim_lost' makes the
+-- caller leave the message (it keeps its claim until the lease runs out, then it is claimed
+-- again), so nothing is sent twice or lost either way.
 -- All jobs read one snapshot; none writes what another's checks read (opt-outs and consent are
 -- not written here).
 

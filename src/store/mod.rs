@@ -102,7 +102,7 @@ pub trait MessageStore: Send + Sync + 'static {
             .await
     }
     /// `claim_due_messages`, looking for sends that died mid-way only with `Stale::Include`.
-    /// Why: on PostgreSQL every message sent leaves a dead `sending` entry in `messages_due`
+    /// Why: on PostgreSQL every message sent leaves a dead `sending` entry in `messages_sending`
     /// until vacuum, so the search for stale sends costs more the more was sent lately, while
     /// stale sends are rare (a process died); the dispatcher looks for them once a second.
     async fn claim_messages(

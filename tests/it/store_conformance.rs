@@ -1320,13 +1320,15 @@ async fn sends_recorded_together_each_get_their_own_outcome(backend: Backend) {
 }
 
 /// Many messages marked `sending` at once (on PostgreSQL, together in one batch; migration 24):
-/// each gets its own outcome and only the marked ones change. Marked: the number on file with
+/// each gets its own outcome and only the marked ones change. On PostgreSQL a first mark is held
+/// on a row lock so that the thirteen gather behind it and go as one batch. Marked: the number on file with
 /// consent, and another number without the consent check (an OTP); not marked: a fence the claim
 /// no longer has (`ClaimLost`), another number than the one on file, an opted-out number, and
 /// marketing without its consent (`PolicyChanged`, nothing written); one message marked by two
 /// callers at once: once.
 async fn marks_together_each_get_their_own_outcome(backend: Backend) {
-    let (store, _db) = open(backend).await;
+    use sqlx::Connection;
+    let (store, db) = open(backend).await;
     let on_file = "+14155552671";
     let patch = ConsentPatch {
         phone_number: Some(on_file.into()),
@@ -1352,6 +1354,10 @@ async fn marks_together_each_get_their_own_outcome(backend: Backend) {
             .await
             .unwrap();
     }
+    store
+        .insert_message(&message("held", None, t0()))
+        .await
+        .unwrap();
     let lease = t0() + Duration::minutes(2);
     assert_eq!(
         store
@@ -1359,7 +1365,7 @@ async fn marks_together_each_get_their_own_outcome(backend: Backend) {
             .await
             .unwrap()
             .len(),
-        12
+        13
     );
     let renewed = t0() + Duration::minutes(3);
     let consent = SendGuard {
@@ -1416,6 +1422,44 @@ async fn marks_together_each_get_their_own_outcome(backend: Backend) {
             Some(MarkSending::Marked),
         ),
     ];
+    // PostgreSQL: the batch runner's first mark waits on a row lock taken here, so the marks
+    // below queue for the next batch, all together.
+    let held = match backend {
+        Backend::Postgres => {
+            let mut lock = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
+            sqlx::query("SELECT 1 FROM messages WHERE id = 'held' FOR UPDATE")
+                .execute(&mut lock)
+                .await
+                .unwrap();
+            let store = store.clone();
+            let first = tokio::spawn(async move {
+                store
+                    .mark_sending("held", &sms_attempt(on_file), consent, t0(), lease, renewed)
+                    .await
+                    .unwrap()
+            });
+            // Until the held batch is waiting for the lock.
+            let mut waiting = false;
+            for _ in 0..100 {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&mut lock)
+                .await
+                .unwrap();
+                if n > 0 {
+                    waiting = true;
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            assert!(waiting, "the first mark never waited for the row lock");
+            Some((lock, first))
+        }
+        Backend::Sqlite => None,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for (i, to, guard, fence, expected) in jobs {
         let store = store.clone();
@@ -1427,6 +1471,12 @@ async fn marks_together_each_get_their_own_outcome(backend: Backend) {
                 .unwrap();
             (i, outcome, expected)
         });
+    }
+    if let Some((mut lock, first)) = held {
+        // The thirteen are queued behind the held batch by now (they wait for it).
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+        assert_eq!(first.await.unwrap(), MarkSending::Marked);
     }
     let mut twice = Vec::new();
     while let Some(done) = tasks.join_next().await {
@@ -1548,9 +1598,12 @@ async fn on_postgres_claims_and_lookups_use_the_partial_indexes() {
     ] {
         let sql = format!("SELECT id FROM messages WHERE {column} = $1");
         let plan = generic_plan(&mut conn, "text", &sql, "'k'").await;
-        assert!(plan.contains(index), "{index} not used by {sql}\n{plan}");
+        assert!(
+            plan.contains(&format!(" using {index} on ")),
+            "{index} not used by {sql}\n{plan}"
+        );
     }
-    // Both stay unique; NULLs (most rows) never conflicted and still do not.
+    // Both unique where set (NULLs never conflicted), and the whole-column constraints gone.
     let definitions: Vec<String> = sqlx::query_scalar(
         "SELECT indexdef FROM pg_indexes WHERE tablename = 'messages' \
          AND indexname IN ('messages_idempotency_key', 'messages_provider_sid') ORDER BY 1",
@@ -1559,9 +1612,23 @@ async fn on_postgres_claims_and_lookups_use_the_partial_indexes() {
     .await
     .unwrap();
     assert_eq!(definitions.len(), 2, "{definitions:?}");
-    assert!(definitions
-        .iter()
-        .all(|d| d.starts_with("CREATE UNIQUE INDEX")));
+    for (definition, column) in definitions.iter().zip(["idempotency_key", "provider_sid"]) {
+        assert!(
+            definition.starts_with("CREATE UNIQUE INDEX")
+                && definition.ends_with(&format!("WHERE ({column} IS NOT NULL)")),
+            "{definition}"
+        );
+    }
+    let constraints: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_constraint WHERE conrelid = 'messages'::regclass AND contype = 'u'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        constraints, 0,
+        "a whole-column UNIQUE constraint is left on messages"
+    );
 }
 
 /// The plan of `sql` prepared with parameters of `types` and executed with `values`, as text.
