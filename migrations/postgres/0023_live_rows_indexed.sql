@@ -1,33 +1,27 @@
--- The write path (issue 14): the messages' secondary indexes hold only the rows they are
--- searched for, so a message written already finished (a mock-mode code, `delivered` at once)
--- and each later version of a sent message no longer add an entry to each of them.
+-- The write path (issue 14): the messages' idempotency key and provider SID are indexed only
+-- where they are set.
 --
 -- PostgreSQL indexes NULLs, and an UPDATE that changes an indexed column (every status change
 -- does) adds an entry to every index of the table. So every version of every message had an
--- entry under `idempotency_key` (almost always NULL), under `provider_sid` (NULL until sent) and
--- under `messages_due` (whatever its status), though only queued and sending messages are ever
--- searched for by status, and keys and SIDs only by value. An OTP batch writes about twenty
--- index entries per code; this removes two or three of them (a code's `delivered` row has a
--- SID), and one to three from each version a dispatched message goes through.
---
--- The claims (`store::claim_sql`) name `status = 'queued'` or `status = 'sending'` and order by
--- `next_attempt_at`, as the partial indexes do; a lookup by key or SID (`= $1`) implies the
--- value is not NULL, so the planner uses the partial unique indexes for it; the insert that
+-- entry under `idempotency_key` (almost always NULL) and under `provider_sid` (NULL until sent),
+-- though keys and SIDs are only ever looked up by value. Both UNIQUE constraints become unique
+-- indexes WHERE ... IS NOT NULL: uniqueness is as before (NULLs never conflicted), a lookup by
+-- key or SID (`= $1`) implies the value is not NULL so the planner uses them, and the insert that
 -- names a key infers its index with `ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT
--- NULL` (src/store/portable/messages.rs). Uniqueness is as before: NULLs never conflicted.
+-- NULL` (src/store/portable/messages.rs). Each version of a message writes one or two index
+-- entries fewer (two while it is queued or sending, one once it has a SID).
 --
--- Like every migration here it runs in one transaction: `messages` is locked while the four
--- indexes are built (the time to read the table four times and sort what it indexes), so on a
--- large deployment run it at a quiet time; `CREATE INDEX CONCURRENTLY` cannot run in a
--- transaction.
+-- `messages_due (status, next_attempt_at)` stays whole, though only queued and sending messages
+-- are claimed through it: the metrics' count by status reads it instead of the table (made
+-- partial, in a first form of this migration, the count read the whole table every 15 s).
 --
--- SQLite's 0023 changes nothing: measured there, dropping `messages_due` altogether did not move
--- the `send-otp` rate (its writer is not bound by index writes; see the README), and its UNIQUE
--- columns cannot be dropped without rebuilding the table.
-
-DROP INDEX messages_due;
-CREATE INDEX messages_queued ON messages (next_attempt_at) WHERE status = 'queued';
-CREATE INDEX messages_sending ON messages (next_attempt_at) WHERE status = 'sending';
+-- Like every migration here it runs in one transaction: `messages` is locked while the two
+-- indexes are built (the time to read the table and sort what it indexes), so on a large
+-- deployment run it at a quiet time; `CREATE INDEX CONCURRENTLY` cannot run in a transaction.
+--
+-- SQLite's 0023 changes nothing: its UNIQUE columns cannot be dropped without rebuilding the
+-- table, and its writer is not bound by index writes (dropping `messages_due` altogether did not
+-- move its `send-otp` rate; see the README).
 
 ALTER TABLE messages DROP CONSTRAINT messages_idempotency_key_key;
 CREATE UNIQUE INDEX messages_idempotency_key ON messages (idempotency_key)

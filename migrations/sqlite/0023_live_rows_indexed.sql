@@ -1,6 +1,5 @@
--- The write path (issue 14): PostgreSQL's migration 23 makes the messages' status, key and SID
--- indexes partial (only the rows each is searched for). SQLite's stay whole: dropping
--- `messages_due` did not move SQLite's `send-otp` rate when measured (its writer is not bound by
--- index writes), and its UNIQUE columns cannot be dropped without rebuilding the table. This
--- keeps the two backends' versions matching.
+-- The write path (issue 14): PostgreSQL's migration 23 indexes the messages' idempotency key and
+-- provider SID only where they are set. SQLite's stay whole: its UNIQUE columns cannot be dropped
+-- without rebuilding the table, and its writer is not bound by index writes. This keeps the two
+-- backends' versions matching.
 SELECT 1;

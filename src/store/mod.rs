@@ -102,7 +102,7 @@ pub trait MessageStore: Send + Sync + 'static {
             .await
     }
     /// `claim_due_messages`, looking for sends that died mid-way only with `Stale::Include`.
-    /// Why: on PostgreSQL every message sent leaves a dead `sending` entry in `messages_sending`
+    /// Why: on PostgreSQL every message sent leaves a dead `sending` entry in `messages_due`
     /// until vacuum, so the search for stale sends costs more the more was sent lately, while
     /// stale sends are rare (a process died); the dispatcher looks for them once a second.
     async fn claim_messages(
@@ -812,8 +812,8 @@ pub enum Stale {
 /// until `$1`, due at `$2`, returning `MESSAGE_COLUMNS`), so no claim sorts the whole due queue:
 /// OTPs (queued, through `messages_due_otp`, or whose send died mid-way); then any other message
 /// whose send died mid-way (its lease ran out with no SID); then queued messages, oldest first
-/// (`messages_due`; on PostgreSQL the partial `messages_sending` and `messages_queued`, migration
-/// 23). With `Stale::Skip`, only the queued. `skip_locked` is the backend's row-lock clause.
+/// (`messages_due`). With `Stale::Skip`, only the queued. `skip_locked` is the backend's
+/// row-lock clause.
 /// Public for the tests that check each step's plan on each backend.
 pub fn claim_sql(skip_locked: &str, stale: Stale) -> Vec<String> {
     // `COALESCE(...) = ''`, not `IS NULL`: SQLite would otherwise walk the SID index through
