@@ -120,24 +120,7 @@ async fn a_number_on_file_without_its_blind_index_is_read_and_still_gets_the_cod
     .await;
     app.consent("victim", VICTIM).await;
     let unindex = "UPDATE messaging_consent SET phone_index = NULL WHERE user_id = 'victim'";
-    let changed = match backend {
-        Backend::Sqlite => {
-            let pool = sqlx::SqlitePool::connect(&app.db.url).await.unwrap();
-            sqlx::query(unindex)
-                .execute(&pool)
-                .await
-                .unwrap()
-                .rows_affected()
-        }
-        Backend::Postgres => {
-            let pool = sqlx::PgPool::connect(&app.db.url).await.unwrap();
-            sqlx::query(unindex)
-                .execute(&pool)
-                .await
-                .unwrap()
-                .rows_affected()
-        }
-    };
+    let changed = app.db.execute(unindex).await.unwrap();
     assert_eq!(changed, 1);
     let (status, _) = send_otp(&app, "victim", ATTACKER, "login").await;
     assert_eq!(status, 200);

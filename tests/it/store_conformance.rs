@@ -67,6 +67,19 @@ fn ctx(source: ConsentSource) -> ChangeContext {
 }
 
 /// An SMS attempt to `to` that takes no send slot.
+/// `user` consents to SMS at `number` on file (through the API).
+async fn sms_consent_on_file(store: &DynStore, user: &str, number: &str) {
+    let patch = ConsentPatch {
+        phone_number: Some(number.into()),
+        sms_consent: Some(true),
+        ..Default::default()
+    };
+    store
+        .update_consent(user, &|c| patch.apply(c), &ctx(ConsentSource::Api))
+        .await
+        .unwrap();
+}
+
 fn sms_attempt(to: &str) -> SendAttempt {
     SendAttempt {
         to_number: to.into(),
@@ -500,15 +513,7 @@ async fn user_messages_newest_first(backend: Backend) {
 
 async fn marking_sending_checks_opt_out_and_consent_in_the_same_statement(backend: Backend) {
     let (store, _db) = open(backend).await;
-    let patch = ConsentPatch {
-        phone_number: Some("+14155552671".into()),
-        sms_consent: Some(true),
-        ..Default::default()
-    };
-    store
-        .update_consent("u1", &|c| patch.apply(c), &ctx(ConsentSource::Api))
-        .await
-        .unwrap();
+    sms_consent_on_file(&store, "u1", "+14155552671").await;
     for id in ["m1", "m2", "m3"] {
         store
             .insert_message(&message(id, None, t0()))
@@ -980,17 +985,8 @@ async fn opt_outs_are_read_for_many_numbers_at_once(backend: Backend) {
 /// gets `None`; and a read after a change sees the change.
 async fn consents_read_together_each_answer_their_own(backend: Backend) {
     let (store, _db) = open(backend).await;
-    let set_number = |number: &'static str| ConsentPatch {
-        phone_number: Some(number.into()),
-        sms_consent: Some(true),
-        ..Default::default()
-    };
     for (user, number) in [("u1", "+14155550001"), ("u2", "+14155550002")] {
-        let patch = set_number(number);
-        store
-            .update_consent(user, &|c| patch.apply(c), &ctx(ConsentSource::Api))
-            .await
-            .unwrap();
+        sms_consent_on_file(&store, user, number).await;
     }
     let mut reads = tokio::task::JoinSet::new();
     for i in 0..30usize {
@@ -1015,11 +1011,7 @@ async fn consents_read_together_each_answer_their_own(backend: Backend) {
     }
     assert_eq!(answered, 30);
 
-    let patch = set_number("+14155550009");
-    store
-        .update_consent("u2", &|c| patch.apply(c), &ctx(ConsentSource::Api))
-        .await
-        .unwrap();
+    sms_consent_on_file(&store, "u2", "+14155550009").await;
     let (u1, u2) = tokio::join!(store.get_consent("u1"), store.get_consent("u2"));
     assert_eq!(
         u1.unwrap().unwrap().phone_number.as_deref(),
@@ -1180,15 +1172,7 @@ async fn an_issue_unless_on_file_goes_to_the_number_on_file(backend: Backend) {
         ("m-own", "u7", "+14155550007", Some("+14155550007")),
         ("m-stopped", "u6", "+14155559996", None),
     ];
-    let patch = ConsentPatch {
-        phone_number: Some("+14155550007".into()),
-        sms_consent: Some(true),
-        ..Default::default()
-    };
-    store
-        .update_consent("u7", &|c| patch.apply(c), &ctx(ConsentSource::Api))
-        .await
-        .unwrap();
+    sms_consent_on_file(&store, "u7", "+14155550007").await;
     let mut tasks = tokio::task::JoinSet::new();
     for (id, user, named, goes_to) in cases {
         let store = store.clone();
@@ -1330,15 +1314,7 @@ async fn marks_together_each_get_their_own_outcome(backend: Backend) {
     use sqlx::Connection;
     let (store, db) = open(backend).await;
     let on_file = "+14155552671";
-    let patch = ConsentPatch {
-        phone_number: Some(on_file.into()),
-        sms_consent: Some(true),
-        ..Default::default()
-    };
-    store
-        .update_consent("u1", &|c| patch.apply(c), &ctx(ConsentSource::Api))
-        .await
-        .unwrap();
+    sms_consent_on_file(&store, "u1", on_file).await;
     store
         .set_opt_out(
             "+14155550001",
