@@ -127,5 +127,7 @@ mod portable {
     const AFTER_SEALING: &[&str] = &[];
     /// Rows read to be written are locked with `LOCK_FOR_UPDATE` instead.
     const BEGIN_WRITE: &str = "BEGIN";
+    /// Claims read the due queue in index order whatever the statistics say.
+    const CLAIM_PLAN: Option<&str> = Some(crate::store::POSTGRES_CLAIM_PLAN);
     include_portable_sql!();
 }

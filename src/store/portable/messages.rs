@@ -125,6 +125,12 @@ impl MessageStore for ThisStore {
                 .await;
         }
         let mut claimed = Vec::new();
+        // One transaction for the steps: the plan setting (`CLAIM_PLAN`) covers them and
+        // nothing else, and a step that fails leaves no message leased by the steps before it.
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
+        if let Some(setting) = CLAIM_PLAN {
+            sqlx::query(setting).execute(&mut *tx).await?;
+        }
         for sql in claim_sql(SKIP_LOCKED, stale) {
             let left = limit - claimed.len() as i64;
             if left <= 0 {
@@ -134,12 +140,13 @@ impl MessageStore for ThisStore {
                 .bind(lease_until)
                 .bind(now)
                 .bind(left)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *tx)
                 .await?
             {
                 claimed.push(open_message(&self.vault, m)?);
             }
         }
+        tx.commit().await?;
         claim_order(&mut claimed);
         Ok(claimed)
     }
