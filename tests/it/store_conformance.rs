@@ -1511,17 +1511,17 @@ async fn an_idle_postgres_connection_the_server_closed_is_replaced() {
         .expect("the closed connection was found and replaced");
 }
 
-/// A backlog the planner has no statistics for (a table never analysed, as on a new database or
-/// with autovacuum off): 2,000 delivered messages, then 5,000 queued and due. Every claim step
-/// that can read
-/// `messages_due` in order does, and stops near its limit, instead of fetching and sorting every
-/// due row (what PostgreSQL chose before `POSTGRES_CLAIM_PLAN`: 31,000 rows and 26 ms per claim in
-/// the dispatch benchmark). The store's claim takes the oldest, in order.
-async fn claims_read_the_due_queue_in_index_order(backend: Backend) {
-    use prism_messaging::store::{claim_sql, Stale};
-    let (store, db) = open(backend).await;
-    let series = |name: &str, status: &str, count: i64, first_seconds_before_t0: i64| match backend
-    {
+/// SQL inserting `count` messages for user `backlog` (ids `{name}-00001` on) with status `status`,
+/// due one a second from `first_seconds_before_t0` seconds before `t0()`; variables in clear,
+/// which the store reads as written before encryption.
+fn message_series(
+    backend: Backend,
+    name: &str,
+    status: &str,
+    count: i64,
+    first_seconds_before_t0: i64,
+) -> String {
+    match backend {
         Backend::Postgres => format!(
             "INSERT INTO messages (id, user_id, template_name, variables, channel, status, \
              next_attempt_at, created_at, updated_at) \
@@ -1539,11 +1539,21 @@ async fn claims_read_the_due_queue_in_index_order(backend: Backend) {
              SELECT '{name}-' || substr('0000' || i, -5), 'backlog', 'payment_received', '{{}}', \
              'sms', '{status}', t, t, t FROM at"
         ),
-    };
-    db.execute(&series("old", "delivered", 2_000, 100_000))
+    }
+}
+
+/// A backlog the planner has no statistics for (a table never analysed, as on a new database or
+/// with autovacuum off): 2,000 delivered messages, then 5,000 queued and due. Every claim step
+/// that can read `messages_due` in order does, and stops near its limit, instead of fetching and
+/// sorting every due row (what PostgreSQL chose before `POSTGRES_CLAIM_PLAN`: 31,000 rows and 26 ms per claim in
+/// the dispatch benchmark). The store's claim takes the oldest, in order.
+async fn claims_read_the_due_queue_in_index_order(backend: Backend) {
+    use prism_messaging::store::{claim_sql, Stale};
+    let (store, db) = open(backend).await;
+    db.execute(&message_series(backend, "old", "delivered", 2_000, 100_000))
         .await
         .unwrap();
-    db.execute(&series("due", "queued", 5_000, 6_000))
+    db.execute(&message_series(backend, "due", "queued", 5_000, 6_000))
         .await
         .unwrap();
 
@@ -1618,6 +1628,85 @@ async fn claims_read_the_due_queue_in_index_order(backend: Backend) {
     let ids: Vec<&str> = claimed.iter().map(|m| m.id.as_str()).collect();
     let oldest: Vec<String> = (1..=100).map(|i| format!("due-{i:05}")).collect();
     assert_eq!(ids, oldest, "the oldest 100, oldest first");
+}
+
+/// PostgreSQL: the dispatcher's mark batch (migration 25) finds its messages by primary key, not by
+/// also reading every queued and sending entry of `messages_due`, on a backlog the planner has no
+/// statistics for (where, before, it ANDed the two indexes' bitmaps). Read from the index's own
+/// scan count, flushed from this session after the batch.
+#[tokio::test]
+async fn on_postgres_marks_find_messages_by_key() {
+    use sqlx::{Connection, Executor};
+    if crate::common::postgres_admin_url().is_none() {
+        eprintln!("TEST_DATABASE_URL is not set: skipping the PostgreSQL run");
+        return;
+    }
+    let (_store, db) = open(Backend::Postgres).await;
+    db.execute(&message_series(
+        Backend::Postgres,
+        "due",
+        "queued",
+        5_000,
+        6_000,
+    ))
+    .await
+    .unwrap();
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    // Claimed by hand: the oldest 64 leased.
+    conn.execute(
+        "UPDATE messages SET lease_until = '2027-01-10T09:05:00Z' \
+         WHERE id IN (SELECT id FROM messages ORDER BY id LIMIT 64)",
+    )
+    .await
+    .unwrap();
+    let scans = |index: &'static str| {
+        format!("SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = '{index}'")
+    };
+    // What this session did so far counted first.
+    conn.execute("SELECT pg_stat_force_next_flush()")
+        .await
+        .unwrap();
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+        .await
+        .unwrap();
+    let due_before: i64 = sqlx::query_scalar(&scans("messages_due"))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let key_before: i64 = sqlx::query_scalar(&scans("messages_pkey"))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let outcomes: Vec<String> = sqlx::query_scalar(
+        "SELECT outcome FROM message_mark_sending_batch('{}', (\
+         SELECT jsonb_agg(jsonb_build_object('n', n, 'id', id, 'to_number', 'sealed', \
+         'now', '2027-01-10T09:00:00Z', 'channel', 'sms', 'fence', lease_until, \
+         'lease', '2027-01-10T09:10:00Z', 'body', 'sealed', 'to_index', 'blind', \
+         'consent', false, 'marketing', false) ORDER BY n) \
+         FROM (SELECT id, lease_until, row_number() OVER (ORDER BY id) AS n FROM messages \
+         WHERE lease_until IS NOT NULL) AS claimed))",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(outcomes, vec!["marked"; 64]);
+    // This session's counts reach the shared statistics when it next goes idle.
+    conn.execute("SELECT pg_stat_force_next_flush()")
+        .await
+        .unwrap();
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+        .await
+        .unwrap();
+    let due_after: i64 = sqlx::query_scalar(&scans("messages_due"))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let key_after: i64 = sqlx::query_scalar(&scans("messages_pkey"))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(key_after > key_before, "the primary key was not used");
+    assert_eq!(due_after, due_before, "the mark batch scanned messages_due");
 }
 
 /// The plan PostgreSQL runs claim step `sql` with, under `POSTGRES_CLAIM_PLAN` in a transaction
