@@ -844,8 +844,8 @@ pub fn claim_sql(skip_locked: &str, stale: Stale) -> Vec<String> {
     }
 }
 
-/// The planner setting a PostgreSQL claim runs under (`SET LOCAL`, in the claim's own
-/// transaction; `claim_sql`'s steps are written for it). Why: a step should read the due queue in
+/// The planner settings a PostgreSQL claim runs under (transaction-local, like `SET LOCAL`, in
+/// the claim's own transaction; `claim_sql`'s steps are written for them). Why: a step should read the due queue in
 /// `messages_due` order and stop at its limit, but the planner takes that path only when it
 /// believes the queue is long. Its statistics count the queued rows as of the last `ANALYZE`:
 /// none on a new database, a handful in a steady state. So when a backlog builds (the moment

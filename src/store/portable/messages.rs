@@ -1,5 +1,6 @@
 // `MessageStore` for both backends: included by `sqlite.rs` and `postgres.rs` inside a module that
-// has `Db`, `ThisStore`, `LOCK_FOR_UPDATE` and `SKIP_LOCKED` in scope (see `store/mod.rs`).
+// has `Db`, `ThisStore`, `LOCK_FOR_UPDATE`, `SKIP_LOCKED`, `BEGIN_WRITE` and `CLAIM_PLAN` in scope
+// (see `store/mod.rs`).
 
 use async_trait::async_trait;
 #[allow(unused_imports)]
