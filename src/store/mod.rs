@@ -845,16 +845,16 @@ pub fn claim_sql(skip_locked: &str, stale: Stale) -> Vec<String> {
 }
 
 /// The planner settings a PostgreSQL claim runs under (transaction-local, like `SET LOCAL`, in
-/// the claim's own transaction; `claim_sql`'s steps are written for them). Why: a step should read the due queue in
-/// `messages_due` order and stop at its limit, but the planner takes that path only when it
-/// believes the queue is long. Its statistics count the queued rows as of the last `ANALYZE`:
-/// none on a new database, a handful in a steady state. So when a backlog builds (the moment
-/// claims matter), it fetched every due row with a bitmap scan and sorted them all to keep the
-/// first few hundred: 26 ms and 31,000 rows per claim with 30,000 queued, against 2.4 ms and 128
-/// rows in index order. With sorts priced out, a step that can read in index order does; the OTP
-/// step (queued or stale, which no index orders) plans as it did. JIT is off with it: a priced-out
-/// sort makes every plan of the OTP step cost more than `jit_above_cost`, and compiling it took
-/// 140 ms per claim.
+/// the claim's own transaction; `claim_sql`'s steps are written for them). Why: a step should
+/// read the due queue in `messages_due` order and stop at its limit, but the planner takes that
+/// path only when it believes the queue is long. Its statistics count the queued rows as of the
+/// last `ANALYZE`: none on a new database, a handful in a steady state. So when a backlog builds
+/// (the moment claims matter), it fetched every due row with a bitmap scan and sorted them all to
+/// keep the first few hundred: 26 ms and 31,000 rows per claim with 30,000 queued, against 2.4 ms
+/// and 128 rows in index order. With sorts priced out, a step that can read in index order does;
+/// the OTP step (queued or stale, which no index orders) plans as it did. JIT is off with it: a
+/// priced-out sort makes every plan of the OTP step cost more than `jit_above_cost`, and
+/// compiling it took 140 ms per claim.
 pub const POSTGRES_CLAIM_PLAN: &str =
     "SELECT set_config('enable_sort', 'off', true), set_config('jit', 'off', true)";
 

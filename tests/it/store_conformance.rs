@@ -67,7 +67,6 @@ fn ctx(source: ConsentSource) -> ChangeContext {
     }
 }
 
-/// An SMS attempt to `to` that takes no send slot.
 /// `user` consents to SMS at `number` on file (through the API).
 async fn sms_consent_on_file(store: &DynStore, user: &str, number: &str) {
     let patch = ConsentPatch {
@@ -81,6 +80,7 @@ async fn sms_consent_on_file(store: &DynStore, user: &str, number: &str) {
         .unwrap();
 }
 
+/// An SMS attempt to `to` that takes no send slot.
 fn sms_attempt(to: &str) -> SendAttempt {
     SendAttempt {
         to_number: to.into(),
@@ -1306,11 +1306,11 @@ async fn sends_recorded_together_each_get_their_own_outcome(backend: Backend) {
 
 /// Many messages marked `sending` at once (on PostgreSQL, together in one batch; migration 24):
 /// each gets its own outcome and only the marked ones change. On PostgreSQL a first mark is held
-/// on a row lock so that the thirteen gather behind it and go as one batch. Marked: the number on file with
-/// consent, and another number without the consent check (an OTP); not marked: a fence the claim
-/// no longer has (`ClaimLost`), another number than the one on file, an opted-out number, and
-/// marketing without its consent (`PolicyChanged`, nothing written); one message marked by two
-/// callers at once: once.
+/// on a row lock so that the thirteen gather behind it and go as one batch. Marked: the number on
+/// file with consent, and another number without the consent check (an OTP); not marked: a fence
+/// the claim no longer has (`ClaimLost`), another number than the one on file, an opted-out
+/// number, and marketing without its consent (`PolicyChanged`, nothing written); one message
+/// marked by two callers at once: once.
 async fn marks_together_each_get_their_own_outcome(backend: Backend) {
     use sqlx::Connection;
     let (store, db) = open(backend).await;
@@ -1545,8 +1545,8 @@ fn message_series(
 /// A backlog the planner has no statistics for (a table never analysed, as on a new database or
 /// with autovacuum off): 2,000 delivered messages, then 5,000 queued and due. Every claim step
 /// that can read `messages_due` in order does, and stops near its limit, instead of fetching and
-/// sorting every due row (what PostgreSQL chose before `POSTGRES_CLAIM_PLAN`: 31,000 rows and 26 ms per claim in
-/// the dispatch benchmark). The store's claim takes the oldest, in order.
+/// sorting every due row (what PostgreSQL chose before `POSTGRES_CLAIM_PLAN`: 31,000 rows and
+/// 26 ms per claim in the dispatch benchmark). The store's claim takes the oldest, in order.
 async fn claims_read_the_due_queue_in_index_order(backend: Backend) {
     use prism_messaging::store::{claim_sql, Stale};
     let (store, db) = open(backend).await;
@@ -1569,6 +1569,10 @@ async fn claims_read_the_due_queue_in_index_order(backend: Backend) {
         })
         .collect();
     assert_eq!(steps.len(), 5);
+    let sqlite = match backend {
+        Backend::Sqlite => Some(sqlx::SqlitePool::connect(&db.url).await.unwrap()),
+        Backend::Postgres => None,
+    };
     for (sql, ordered) in &steps {
         match backend {
             Backend::Postgres => {
@@ -1598,14 +1602,14 @@ async fn claims_read_the_due_queue_in_index_order(backend: Backend) {
             Backend::Sqlite if !ordered => {}
             Backend::Sqlite => {
                 let sql = sql.replace(" FOR UPDATE SKIP LOCKED", "");
-                let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+                let pool = sqlite.as_ref().expect("a SQLite pool");
                 let plan: Vec<String> = sqlx::query_as::<_, (i64, i64, i64, String)>(&format!(
                     "EXPLAIN QUERY PLAN {sql}"
                 ))
                 .bind("2027-01-10T09:05:00+00:00")
                 .bind("2027-01-10T09:00:00+00:00")
                 .bind(limit)
-                .fetch_all(&pool)
+                .fetch_all(pool)
                 .await
                 .unwrap()
                 .into_iter()
@@ -1659,24 +1663,7 @@ async fn on_postgres_marks_find_messages_by_key() {
     )
     .await
     .unwrap();
-    let scans = |index: &'static str| {
-        format!("SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = '{index}'")
-    };
-    // What this session did so far counted first.
-    conn.execute("SELECT pg_stat_force_next_flush()")
-        .await
-        .unwrap();
-    conn.execute("SELECT pg_stat_clear_snapshot()")
-        .await
-        .unwrap();
-    let due_before: i64 = sqlx::query_scalar(&scans("messages_due"))
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    let key_before: i64 = sqlx::query_scalar(&scans("messages_pkey"))
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    let (due_before, key_before) = due_and_key_scans(&mut conn).await;
     let outcomes: Vec<String> = sqlx::query_scalar(
         "SELECT outcome FROM message_mark_sending_batch('{}', (\
          SELECT jsonb_agg(jsonb_build_object('n', n, 'id', id, 'to_number', 'sealed', \
@@ -1690,23 +1677,29 @@ async fn on_postgres_marks_find_messages_by_key() {
     .await
     .unwrap();
     assert_eq!(outcomes, vec!["marked"; 64]);
-    // This session's counts reach the shared statistics when it next goes idle.
+    let (due_after, key_after) = due_and_key_scans(&mut conn).await;
+    assert!(key_after > key_before, "the primary key was not used");
+    assert_eq!(due_after, due_before, "the mark batch scanned messages_due");
+}
+
+/// How many scans `messages_due` and `messages_pkey` have had, this session's own included: its
+/// pending counts reach the shared statistics when it next goes idle, so it is told to flush them
+/// first, and its cached snapshot of the statistics is dropped before they are read.
+async fn due_and_key_scans(conn: &mut sqlx::PgConnection) -> (i64, i64) {
+    use sqlx::Executor;
     conn.execute("SELECT pg_stat_force_next_flush()")
         .await
         .unwrap();
     conn.execute("SELECT pg_stat_clear_snapshot()")
         .await
         .unwrap();
-    let due_after: i64 = sqlx::query_scalar(&scans("messages_due"))
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    let key_after: i64 = sqlx::query_scalar(&scans("messages_pkey"))
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    assert!(key_after > key_before, "the primary key was not used");
-    assert_eq!(due_after, due_before, "the mark batch scanned messages_due");
+    sqlx::query_as(
+        "SELECT (SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = 'messages_due'), \
+         (SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = 'messages_pkey')",
+    )
+    .fetch_one(conn)
+    .await
+    .unwrap()
 }
 
 /// The plan PostgreSQL runs claim step `sql` with, under `POSTGRES_CLAIM_PLAN` in a transaction
@@ -1816,7 +1809,8 @@ async fn on_postgres_claims_and_lookups_use_their_indexes() {
         );
     }
     let constraints: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_constraint WHERE conrelid = 'messages'::regclass AND contype = 'u'",
+        "SELECT count(*) FROM pg_constraint \
+         WHERE conrelid = 'messages'::regclass AND contype = 'u'",
     )
     .fetch_one(&mut conn)
     .await
