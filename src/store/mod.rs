@@ -858,6 +858,48 @@ pub fn claim_sql(skip_locked: &str, stale: Stale) -> Vec<String> {
 pub const POSTGRES_CLAIM_PLAN: &str =
     "SELECT set_config('enable_sort', 'off', true), set_config('jit', 'off', true)";
 
+/// A message as stored, with its number, variables and last attempt's body opened.
+pub(crate) fn open_message(
+    vault: &crate::vault::Vault,
+    mut m: MessageRecord,
+) -> AppResult<MessageRecord> {
+    m.to_number = vault.open_opt(m.to_number.as_deref())?;
+    m.variables = vault.open(&m.variables)?;
+    m.attempt_body = vault.open_opt(m.attempt_body.as_deref())?;
+    Ok(m)
+}
+
+/// Claimed messages, as stored, opened and put in the order they go out. One that cannot be
+/// opened (a value damaged on disk, or sealed with a key that is no longer configured) is left
+/// out and logged: it keeps the lease the claim gave it, so it is claimed again when that runs
+/// out, by which time the missing key may be back. Why not fail the claim: every message behind
+/// it would wait, claim after claim. Why not fail the message: a key left out of
+/// `DATA_ENCRYPTION_OLD_KEYS` by mistake would fail every message it sealed.
+pub(crate) fn open_claimed(
+    vault: &crate::vault::Vault,
+    sealed: Vec<MessageRecord>,
+) -> Vec<MessageRecord> {
+    let mut claimed: Vec<MessageRecord> = sealed
+        .into_iter()
+        .filter_map(|m| {
+            let (id, lease_until) = (m.id.clone(), m.lease_until);
+            open_message(vault, m)
+                .map_err(|e| {
+                    tracing::error!(
+                        message_id = %id,
+                        ?lease_until,
+                        error = %e,
+                        "a claimed message could not be opened: left out of this claim, to be \
+                         claimed again when its lease runs out"
+                    )
+                })
+                .ok()
+        })
+        .collect();
+    claim_order(&mut claimed);
+    claimed
+}
+
 /// The order claimed messages are sent in: OTPs first (a patient is waiting), then the longest
 /// waiting.
 pub(crate) fn claim_order(claimed: &mut [MessageRecord]) {

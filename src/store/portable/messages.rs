@@ -120,10 +120,12 @@ impl MessageStore for ThisStore {
         limit: i64,
         stale: Stale,
     ) -> AppResult<Vec<MessageRecord>> {
+        // Opened after the claim commits, one by one: see `open_claimed`.
         if let Some(writer) = self.writer() {
-            return writer
-                .claim_messages(&self.vault, now, lease_until, limit, stale)
-                .await;
+            let sealed = writer
+                .claim_sealed_messages(now, lease_until, limit, stale)
+                .await?;
+            return Ok(open_claimed(&self.vault, sealed));
         }
         let mut claimed = Vec::new();
         // One transaction for the steps: the plan setting (`CLAIM_PLAN`) covers them and
@@ -137,19 +139,17 @@ impl MessageStore for ThisStore {
             if left <= 0 {
                 break;
             }
-            for m in sqlx::query_as::<Db, MessageRecord>(&sql)
-                .bind(lease_until)
-                .bind(now)
-                .bind(left)
-                .fetch_all(&mut *tx)
-                .await?
-            {
-                claimed.push(open_message(&self.vault, m)?);
-            }
+            claimed.extend(
+                sqlx::query_as::<Db, MessageRecord>(&sql)
+                    .bind(lease_until)
+                    .bind(now)
+                    .bind(left)
+                    .fetch_all(&mut *tx)
+                    .await?,
+            );
         }
         tx.commit().await?;
-        claim_order(&mut claimed);
-        Ok(claimed)
+        Ok(open_claimed(&self.vault, claimed))
     }
 
     async fn release_claim(
@@ -506,17 +506,6 @@ pub(super) async fn insert_message_row(
         .await?
         .map(|record| open_message(vault, record))
         .transpose()
-}
-
-/// A message as stored, with its number, variables and last attempt's body opened.
-pub(super) fn open_message(
-    vault: &crate::vault::Vault,
-    mut m: MessageRecord,
-) -> AppResult<MessageRecord> {
-    m.to_number = vault.open_opt(m.to_number.as_deref())?;
-    m.variables = vault.open(&m.variables)?;
-    m.attempt_body = vault.open_opt(m.attempt_body.as_deref())?;
-    Ok(m)
 }
 
 /// A reminder skipped because its item was cancelled, moved or reassigned no longer counts as

@@ -23,7 +23,7 @@ impl PrivacyStore for ThisStore {
             .fetch_all(&self.pool)
             .await?
             .into_iter()
-            .map(|m| super::messages::open_message(&self.vault, m))
+            .map(|m| crate::store::open_message(&self.vault, m))
             .collect::<AppResult<Vec<_>>>()?;
         let rows: Vec<(
             String,

@@ -32,35 +32,32 @@ impl SqliteWriter {
             .await
     }
 
-    pub async fn claim_messages(
+    /// Lease the messages due, as `MessageStore::claim_messages` does; their sealed columns
+    /// are left sealed, for the caller to open (off this thread, and one by one: a message that
+    /// cannot be opened must not undo the claim of the others).
+    pub async fn claim_sealed_messages(
         &self,
-        vault: &Arc<Vault>,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: i64,
         stale: Stale,
     ) -> AppResult<Vec<MessageRecord>> {
-        let vault = vault.clone();
-        let mut claimed = self
-            .write(move |conn| {
-                let mut claimed = Vec::new();
-                for sql in crate::store::claim_sql("", stale) {
-                    let left = limit - claimed.len() as i64;
-                    if left <= 0 {
-                        break;
-                    }
-                    let mut statement =
-                        prepare(conn, &sql, &[&ts(&lease_until), &ts(&now), &left])?;
-                    let mut rows = statement.raw_query();
-                    while let Some(row) = rows.next()? {
-                        claimed.push(message_from_row(row, &vault)?);
-                    }
+        self.write(move |conn| {
+            let mut claimed = Vec::new();
+            for sql in crate::store::claim_sql("", stale) {
+                let left = limit - claimed.len() as i64;
+                if left <= 0 {
+                    break;
                 }
-                Ok(claimed)
-            })
-            .await?;
-        crate::store::claim_order(&mut claimed);
-        Ok(claimed)
+                let mut statement = prepare(conn, &sql, &[&ts(&lease_until), &ts(&now), &left])?;
+                let mut rows = statement.raw_query();
+                while let Some(row) = rows.next()? {
+                    claimed.push(sealed_message_from_row(row)?);
+                }
+            }
+            Ok(claimed)
+        })
+        .await
     }
 
     pub async fn consume_otp(
@@ -595,6 +592,11 @@ fn insert_event(
 
 /// A `messages` row read with `MESSAGE_COLUMNS`, its sealed columns opened.
 fn message_from_row(row: &Row<'_>, vault: &Vault) -> AppResult<MessageRecord> {
+    crate::store::open_message(vault, sealed_message_from_row(row)?)
+}
+
+/// A `messages` row read with `MESSAGE_COLUMNS`, its sealed columns as stored.
+fn sealed_message_from_row(row: &Row<'_>) -> AppResult<MessageRecord> {
     let time = |i: usize| -> AppResult<DateTime<Utc>> { parse_ts(&row.get::<_, String>(i)?) };
     let opt_time = |i: usize| -> AppResult<Option<DateTime<Utc>>> {
         row.get::<_, Option<String>>(i)?
@@ -607,7 +609,7 @@ fn message_from_row(row: &Row<'_>, vault: &Vault) -> AppResult<MessageRecord> {
         id: row.get(0)?,
         user_id: row.get(1)?,
         template_name: row.get(2)?,
-        variables: vault.open(&row.get::<_, String>(3)?)?,
+        variables: row.get(3)?,
         channel: row.get(4)?,
         status: status
             .parse::<MessageStatus>()
@@ -615,7 +617,7 @@ fn message_from_row(row: &Row<'_>, vault: &Vault) -> AppResult<MessageRecord> {
         reason: reason
             .map(|r| r.parse::<SkipReason>().map_err(anyhow::Error::msg))
             .transpose()?,
-        to_number: vault.open_opt(row.get::<_, Option<String>>(7)?.as_deref())?,
+        to_number: row.get(7)?,
         provider_sid: row.get(8)?,
         error_code: row.get(9)?,
         error_message: row.get(10)?,
@@ -629,7 +631,7 @@ fn message_from_row(row: &Row<'_>, vault: &Vault) -> AppResult<MessageRecord> {
         updated_at: time(18)?,
         requested_channel: row.get(19)?,
         attempt_started_at: opt_time(20)?,
-        attempt_body: vault.open_opt(row.get::<_, Option<String>>(21)?.as_deref())?,
+        attempt_body: row.get(21)?,
         lookup_needed: row.get(22)?,
     })
 }

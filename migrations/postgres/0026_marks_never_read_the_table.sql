@@ -1,0 +1,14 @@
+-- The write path (issue 14): the dispatcher's mark batch reads its messages by primary key, never
+-- the whole table.
+--
+-- Migration 25 took `messages_due` out of the mark's reach, and the primary key is the one index
+-- left that serves the UPDATE's conditions. But the planner guesses how many rows `id = ANY (ids)`
+-- matches, and for a table of a few thousand rows (6,000 in the test) it priced a sequential scan
+-- below that many key lookups and hash-joined the jobs against the whole table: 1.2 ms to read
+-- 6,000 rows for 64 marks. (At 20,000 rows the dispatch benchmark already went by key.) With
+-- sequential scans priced out for the function's statements, the key is used at every size.
+-- Nothing else the function reads is a table to scan: its jobs come from JSON, and the opt-out
+-- and consent checks and the send slots are read by key.
+-- `store_conformance::on_postgres_marks_find_messages_by_key` checks that neither `messages_due`
+-- nor the table itself is scanned.
+ALTER FUNCTION message_mark_sending_batch(TEXT[], JSONB) SET enable_seqscan = off;
