@@ -91,7 +91,8 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Claim up to `limit` messages: queued ones that are due, and `sending` ones without a
     /// provider SID whose lease has run out (their process died mid-send; the dispatcher looks
     /// them up at the provider before sending again). Claimed messages are leased until
-    /// `lease_until` so no other dispatcher takes them meanwhile. Oldest first.
+    /// `lease_until` so no other dispatcher takes them meanwhile. Oldest first. One that cannot
+    /// be opened is leased but left out (`open_claimed`).
     async fn claim_due_messages(
         &self,
         now: DateTime<Utc>,

@@ -1609,14 +1609,21 @@ fn message_series(
 }
 
 /// A backlog the planner has no statistics for (a table never analysed, as on a new database or
-/// with autovacuum off): 2,000 delivered messages, then 5,000 queued and due. Every claim step
-/// that can read `messages_due` in order does, and stops near its limit, instead of fetching and
-/// sorting every due row (what PostgreSQL chose before `POSTGRES_CLAIM_PLAN`: 31,000 rows and
-/// 26 ms per claim in the dispatch benchmark). The store's claim takes the oldest, in order.
+/// with autovacuum off): 2,000 delivered messages, 1,000 sends that died mid-way (`sending`, no
+/// SID, their leases run out), then 5,000 queued and due. Every claim step that can read
+/// `messages_due` in order does, and stops near its limit, instead of fetching and sorting every
+/// due row (what PostgreSQL chose before `POSTGRES_CLAIM_PLAN`: 31,000 rows and 26 ms per claim in
+/// the dispatch benchmark). The store's claim takes the oldest, in order, stale sends first.
 async fn claims_read_the_due_queue_in_index_order(backend: Backend) {
     use prism_messaging::store::{claim_sql, Stale};
     let (store, db) = open(backend).await;
     db.execute(&message_series(backend, "old", "delivered", 2_000, 100_000))
+        .await
+        .unwrap();
+    db.execute(&message_series(backend, "stale", "sending", 1_000, 50_000))
+        .await
+        .unwrap();
+    db.execute("UPDATE messages SET lease_until = created_at WHERE status = 'sending'")
         .await
         .unwrap();
     db.execute(&message_series(backend, "due", "queued", 5_000, 6_000))
@@ -1698,10 +1705,21 @@ async fn claims_read_the_due_queue_in_index_order(backend: Backend) {
     }
 
     let lease = t0() + Duration::minutes(5);
-    let claimed = store.claim_due_messages(t0(), lease, 100).await.unwrap();
-    let ids: Vec<&str> = claimed.iter().map(|m| m.id.as_str()).collect();
-    let oldest: Vec<String> = (1..=100).map(|i| format!("due-{i:05}")).collect();
-    assert_eq!(ids, oldest, "the oldest 100, oldest first");
+    let first_100 =
+        |name: &str| -> Vec<String> { (1..=100).map(|i| format!("{name}-{i:05}")).collect() };
+    let queued = store
+        .claim_messages(t0(), lease, 100, Stale::Skip)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = queued.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, first_100("due"), "the oldest 100 queued, oldest first");
+    let stale = store.claim_due_messages(t0(), lease, 100).await.unwrap();
+    let ids: Vec<&str> = stale.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        first_100("stale"),
+        "the oldest 100 stale sends, oldest first"
+    );
 }
 
 /// PostgreSQL: the dispatcher's mark batch finds its messages by primary key, on a backlog the
