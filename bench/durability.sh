@@ -2,7 +2,9 @@
 # Fault injection for durability (issue 14): a power cut cannot be staged here, so this traces the
 # release binary's system calls (strace) and checks that every answer to a write request left only
 # after an fsync of the SQLite log (the -wal file) that followed the log's last write. An answer
-# that left before its data reached the disk would be lost by a power cut at that moment.
+# that left before its data reached the disk would be lost by a power cut at that moment. The writes
+# (bench/durability-load.py, per patient): a consent change, a queued message, an appointment, a
+# code and a STOP. After each run the database file is checked for every one of them.
 #   bench/durability.sh [users]      (builds the release binary into CARGO_TARGET_DIR)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,13 +17,18 @@ work=$(mktemp -d)
 pid=
 trap '[ -n "$pid" ] && pkill -P "$pid" 2>/dev/null; rm -rf "$work"' EXIT
 port=$((20000 + RANDOM % 20000))
+# The secrets bench/durability-load.py signs its requests with.
 key="prism-durability-key-0123456789abcdef"
+jwt_secret="prism-durability-jwt-secret-0123456789"
+twilio_token="prism-durability-twilio-token-0123456789"
 
 # The API alone (no dispatcher or scheduler writing in the background), traced.
 serve() {
   rm -f "$work"/prism-messaging.db*
   (cd "$work" && BIND_ADDR="127.0.0.1:$port" MESSAGING_API_KEY="$key" RUST_LOG=warn \
-    INSTANCE_ROLE=api OTP_RESEND_COOLDOWN_SECONDS=0 TRUST_FORWARDED_FOR=true QUIET_HOURS=off \
+    AUTH_JWT_SECRET="$jwt_secret" TWILIO_AUTH_TOKEN="$twilio_token" \
+    PUBLIC_URL="http://127.0.0.1:$port" INSTANCE_ROLE=api OTP_RESEND_COOLDOWN_SECONDS=0 \
+    TRUST_FORWARDED_FOR=true QUIET_HOURS=off \
     exec strace -f -y -qq -o "$work/trace-$1" \
       -e trace=pwrite64,write,writev,sendto,fdatasync,fsync "$bin" serve) &
   pid=$!
@@ -31,26 +38,40 @@ serve() {
 # strace forwards no signal to its child: stop the server itself, then strace ends.
 stop() { pkill -TERM -P "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=; }
 
-# Writes a caller is told about: an appointment pushed by the host app and an OTP send, per user.
-load() {
-  seq "$2" | xargs -P "$1" -I{} sh -c "
-    n=\$(printf %05d {})
-    curl -fs -o /dev/null -X PUT http://127.0.0.1:$port/api/appointments/a{} \
-      -H 'Authorization: Bearer $key' -H 'Content-Type: application/json' \
-      -d '{\"user_id\": \"u{}\", \"starts_at\": \"2030-01-01T10:00:00Z\"}' || echo refused
-    curl -fs -o /dev/null -X POST http://127.0.0.1:$port/api/messaging/send-otp \
-      -H 'Content-Type: application/json' -H 'X-Forwarded-For: 198.18.0.{}' \
-      -d '{\"user_id\": \"u{}\", \"phone_number\": \"+9198765'\$n'\", \"purpose\": \"login\"}' \
-      || echo refused"
+# What the file holds once the server has stopped: every acknowledged write of the run, by kind.
+# (That they were made; the trace below shows they were on disk before their answers.)
+check_file() {
+  python3 - "$work/prism-messaging.db" "$users" "$1" <<'EOF'
+import sqlite3, sys
+path, users, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+db = sqlite3.connect(path)
+# Each kind counted once per patient, so each must come to exactly the number of patients.
+counts = {
+    "consent changes": "SELECT count(DISTINCT user_id) FROM consent_audit_trail "
+                       "WHERE field = 'sms_consent' AND source = 'app_settings'",
+    "queued messages": "SELECT count(*) FROM messages WHERE template_name = 'payment_received'",
+    "appointments": "SELECT count(*) FROM appointments",
+    "codes": "SELECT count(*) FROM otp_codes",
+    "STOPs (opt-outs)": "SELECT count(*) FROM opt_outs WHERE source = 'sms_keyword'",
+    "STOPs (consent revoked)": "SELECT count(DISTINCT user_id) FROM consent_audit_trail "
+                               "WHERE field = 'sms_consent' AND source = 'sms_keyword'",
+}
+found = {kind: db.execute(sql).fetchone()[0] for kind, sql in counts.items()}
+short = [kind for kind, n in found.items() if n != users]
+print(f"{mode}: in the file after the run: " + ", ".join(f"{n} {k}" for k, n in found.items()))
+sys.exit(1 if short else 0)
+EOF
 }
 
+status=0
 # One request at a time: every answer must follow an fsync of everything written before it.
-serve sequential; load 1 "$users"; stop
+serve sequential; python3 bench/durability-load.py "$port" "$users" 1; stop
+check_file sequential || status=1
 # Sixteen at a time: requests share fsyncs (group commit). Counted, not checked: a trace cannot
 # tell which request wrote what.
-serve concurrent; load 16 "$users"; stop
+serve concurrent; python3 bench/durability-load.py "$port" "$users" 16; stop
+check_file concurrent || status=1
 
-status=0
 for mode in sequential concurrent; do
   python3 - "$work/trace-$mode" "$mode" <<'EOF' || status=1
 import re, sys
