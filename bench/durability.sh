@@ -5,14 +5,15 @@
 # that left before its data reached the disk would be lost by a power cut at that moment. The writes
 # (bench/durability-load.py, per patient): a consent change, a queued message, an appointment, a
 # code and a STOP. After each run the database file is checked for every one of them.
-#   bench/durability.sh [users]      (builds the release binary into CARGO_TARGET_DIR)
+#   bench/durability.sh [users]      (builds the release binary into CARGO_TARGET_DIR;
+#                                     PRISM_BIN=path checks that binary instead, built by you)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 users="${1:-200}"
 command -v strace >/dev/null || { echo "needs strace (apt-get install strace)"; exit 1; }
-[ -n "${NO_BUILD:-}" ] || cargo build --release --quiet --bin prism-messaging
+[ -n "${NO_BUILD:-}${PRISM_BIN:-}" ] || cargo build --release --quiet --bin prism-messaging
 target="${CARGO_TARGET_DIR:-target}"; [[ "$target" = /* ]] || target="$(pwd)/$target"
-bin="$target/release/prism-messaging"
+bin="${PRISM_BIN:-$target/release/prism-messaging}"; [[ "$bin" = /* ]] || bin="$(pwd)/$bin"
 work=$(mktemp -d)
 pid=
 trap '[ -n "$pid" ] && pkill -P "$pid" 2>/dev/null; rm -rf "$work"' EXIT
