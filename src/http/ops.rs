@@ -60,8 +60,8 @@ impl FromRequestParts<AppState> for Scraper {
             description = "Text exposition format 0.0.4: `prism_info`, `prism_messages{status}` \
                 (from the database), `prism_database_up`, and this instance's \
                 `prism_dispatch_total{outcome}`, `prism_otp_sends_total{result}`, \
-                `prism_otp_verifies_total{result}`, `prism_webhooks_total{result}`. Answers even \
-                when the database does not.",
+                `prism_otp_verifies_total{result}`, `prism_webhooks_total{result}`, \
+                `prism_claims_unreadable_total`. Answers even when the database does not.",
             body = String,
             content_type = "text/plain",
         ),
@@ -90,6 +90,13 @@ async fn metrics(
         crate::metrics::STATUS_COUNTS_TTL.as_secs()
     ));
     body.push_str(&format!("prism_database_up {}\n", u8::from(database_up)));
+    body.push_str(
+        "# HELP prism_claims_unreadable_total Claimed messages left out because they could not be opened (a damaged value, or sealed with a key not configured); each is claimed again when its lease runs out, and counted again.\n# TYPE prism_claims_unreadable_total counter\n",
+    );
+    body.push_str(&format!(
+        "prism_claims_unreadable_total {}\n",
+        state.store.unreadable_claims()
+    ));
     let content_type = "text/plain; version=0.0.4; charset=utf-8";
     Ok(([(axum::http::header::CONTENT_TYPE, content_type)], body))
 }

@@ -438,6 +438,9 @@ pub trait Store:
     async fn ping(&self) -> AppResult<()>;
     /// Group fsyncs of the SQLite log so far (0 on PostgreSQL, whose commits need none).
     fn group_syncs(&self) -> u64;
+    /// Claimed messages this store left out since it started because they could not be opened
+    /// (each one counted at every claim that finds it: see `claim_due_messages`).
+    fn unreadable_claims(&self) -> u64;
 }
 
 pub type DynStore = Arc<dyn Store>;
@@ -879,6 +882,7 @@ pub(crate) fn open_message(
 pub(crate) fn open_claimed(
     vault: &crate::vault::Vault,
     sealed: Vec<MessageRecord>,
+    unreadable: &std::sync::atomic::AtomicU64,
 ) -> Vec<MessageRecord> {
     let mut claimed: Vec<MessageRecord> = sealed
         .into_iter()
@@ -886,6 +890,7 @@ pub(crate) fn open_claimed(
             let (id, lease_until) = (m.id.clone(), m.lease_until);
             open_message(vault, m)
                 .map_err(|e| {
+                    unreadable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(
                         message_id = %id,
                         ?lease_until,

@@ -21,6 +21,8 @@ pub struct PostgresStore {
     vault: Arc<Vault>,
     /// The hot writes as one call each (`functions.rs`).
     functions: PgFunctions,
+    /// Claimed messages left out because they could not be opened (`open_claimed`), since start.
+    unreadable_claims: std::sync::atomic::AtomicU64,
 }
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -59,6 +61,7 @@ impl PostgresStore {
             functions: PgFunctions::new(pool.clone()),
             pool,
             vault,
+            unreadable_claims: Default::default(),
         };
         portable::sealing::seal_clear_text(&store).await?;
         Ok(store)

@@ -30,6 +30,8 @@ pub struct SqliteStore {
     writer: Option<SqliteWriter>,
     /// Inline read connections for the hot reads (`readers.rs`); `None` for a database in memory.
     readers: Option<SqliteReaders>,
+    /// Claimed messages left out because they could not be opened (`open_claimed`), since start.
+    unreadable_claims: std::sync::atomic::AtomicU64,
 }
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -77,6 +79,7 @@ impl SqliteStore {
             group_sync,
             writer: None,
             readers: None,
+            unreadable_claims: Default::default(),
         };
         portable::sealing::seal_clear_text(&store).await?;
         // Migrations and sealing reach the disk before the first answer.

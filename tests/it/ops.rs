@@ -119,6 +119,47 @@ async fn metrics_gauges_are_cached_and_shared(backend: Backend) {
 
 both_backends!(metrics_gauges_are_cached_and_shared);
 
+/// A queued message that cannot be opened (sealed with a key this instance does not have) is
+/// counted in /metrics each time a claim finds it and leaves it out; the message behind it goes.
+async fn metrics_count_messages_that_cannot_be_opened(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.consent("p1", "+14155552671").await;
+    let unreadable = app.notify_ok(reminder("p1")).await;
+    let readable = app.notify_ok(reminder("p1")).await;
+    app.db
+        .execute(&format!(
+            "UPDATE messages SET variables = 'enc1:retired:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA' \
+             WHERE id = '{unreadable}'"
+        ))
+        .await
+        .unwrap();
+    let counted = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("prism_claims_unreadable_total "))
+            .map(|v| v.parse::<u64>().unwrap())
+    };
+    let text = scrape(&app, None).await.text().await.unwrap();
+    assert_eq!(counted(&text), Some(0), "{text}");
+    app.dispatch().await;
+    let text = scrape(&app, None).await.text().await.unwrap();
+    assert_eq!(counted(&text), Some(1), "{text}");
+    let status = |id: String| {
+        let db = &app.db;
+        async move {
+            db.text_pairs(&format!(
+                "SELECT id, status FROM messages WHERE id = '{id}'"
+            ))
+            .await
+            .remove(0)
+            .1
+        }
+    };
+    assert_eq!(status(readable).await, "delivered");
+    assert_eq!(status(unreadable).await, "queued");
+}
+
+both_backends!(metrics_count_messages_that_cannot_be_opened);
+
 #[tokio::test]
 async fn metrics_token_protects_metrics() {
     let token = "metrics-token-0123456789";

@@ -299,11 +299,14 @@ async fn a_message_that_cannot_be_opened_does_not_hold_up_the_queue(backend: Bac
     .unwrap();
     let now = t0() + Duration::seconds(5);
     let lease = now + Duration::minutes(2);
+    assert_eq!(store.unreadable_claims(), 0);
     let claimed = store.claim_due_messages(now, lease, 10).await.unwrap();
     assert_eq!(
         claimed.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
         ["next"]
     );
+    // Counted for /metrics (`prism_claims_unreadable_total`).
+    assert_eq!(store.unreadable_claims(), 1);
     // Untouched but for the claim's lease.
     let state = db
         .text_pairs(
@@ -339,6 +342,7 @@ async fn a_message_that_cannot_be_opened_does_not_hold_up_the_queue(backend: Bac
             ("next", r#"{"amount":"10","date":"2027-01-01"}"#)
         ]
     );
+    assert_eq!(store.unreadable_claims(), 1, "opened this time");
 }
 
 async fn concurrent_claimers_never_share_a_message(backend: Backend) {

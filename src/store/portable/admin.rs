@@ -28,4 +28,9 @@ impl Store for ThisStore {
     fn group_syncs(&self) -> u64 {
         ThisStore::group_syncs(self)
     }
+
+    fn unreadable_claims(&self) -> u64 {
+        self.unreadable_claims
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }

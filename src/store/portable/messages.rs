@@ -125,7 +125,7 @@ impl MessageStore for ThisStore {
             let sealed = writer
                 .claim_sealed_messages(now, lease_until, limit, stale)
                 .await?;
-            return Ok(open_claimed(&self.vault, sealed));
+            return Ok(open_claimed(&self.vault, sealed, &self.unreadable_claims));
         }
         let mut claimed = Vec::new();
         // One transaction for the steps: the plan setting (`CLAIM_PLAN`) covers them and
@@ -149,7 +149,7 @@ impl MessageStore for ThisStore {
             );
         }
         tx.commit().await?;
-        Ok(open_claimed(&self.vault, claimed))
+        Ok(open_claimed(&self.vault, claimed, &self.unreadable_claims))
     }
 
     async fn release_claim(
