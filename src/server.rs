@@ -30,6 +30,10 @@ pub struct Application {
 
 impl Application {
     pub async fn bind(state: AppState, addr: SocketAddr) -> anyhow::Result<Application> {
+        // Before the port opens, so no request waits for it (see `phone::warm_up`).
+        tokio::task::spawn_blocking(crate::phone::warm_up)
+            .await
+            .context("loading the phone number metadata")?;
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (BIND_ADDR)"))?;
