@@ -59,6 +59,8 @@ def call(base, method, path, headers, body=None, form=None):
             answer.read()
     except urllib.error.HTTPError as error:
         raise SystemExit(f"{method} {path}: {error.code} {error.read()[:200]!r}") from None
+    except urllib.error.URLError as error:
+        raise SystemExit(f"{method} {path}: the service did not answer ({error.reason})") from None
 
 
 def patient(base: str, i: int) -> None:

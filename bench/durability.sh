@@ -16,7 +16,7 @@ target="${CARGO_TARGET_DIR:-target}"; [[ "$target" = /* ]] || target="$(pwd)/$ta
 bin="${PRISM_BIN:-$target/release/prism-messaging}"; [[ "$bin" = /* ]] || bin="$(pwd)/$bin"
 work=$(mktemp -d)
 pid=
-trap '[ -n "$pid" ] && pkill -P "$pid" 2>/dev/null; rm -rf "$work"' EXIT
+trap '[ -n "$pid" ] && { pkill -KILL -P "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; }; rm -rf "$work"' EXIT
 port=$((20000 + RANDOM % 20000))
 # The secrets bench/durability-load.py signs its requests with.
 key="prism-durability-key-0123456789abcdef"
@@ -34,12 +34,18 @@ serve() {
       -e trace=pwrite64,write,writev,sendto,fdatasync,fsync "$bin" serve) &
   pid=$!
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+  # Up, and ours (not another process on a taken port while ours failed to bind).
+  if ! curl -fs "http://127.0.0.1:$port/healthz" >/dev/null || ! kill -0 "$pid" 2>/dev/null; then
+    echo "the service did not start on port $port"; exit 1
+  fi
 }
 
-# strace forwards no signal to its child: stop the server itself, then strace ends.
-stop() { pkill -TERM -P "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=; }
+# Kill the server (SIGKILL, right after its last answer: no shutdown work of its own), then
+# strace ends. What it had written is in the kernel's page cache, so the file check below shows
+# every acknowledged write was made; the trace shows each was fsynced before its answer.
+stop() { pkill -KILL -P "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=; }
 
-# What the file holds once the server has stopped: every acknowledged write of the run, by kind.
+# What the file holds once the server was killed: every acknowledged write of the run, by kind.
 # (That they were made; the trace below shows they were on disk before their answers.)
 check_file() {
   python3 - "$work/prism-messaging.db" "$users" "$1" <<'EOF'
