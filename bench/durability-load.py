@@ -86,8 +86,8 @@ def main() -> None:
     port, users, concurrency = (int(arg) for arg in sys.argv[1:4])
     base = f"http://127.0.0.1:{port}"
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for done in pool.map(lambda i: patient(base, i), range(1, users + 1)):
-            pass
+        # list(): a worker's failure (SystemExit) is raised here, in the main thread.
+        list(pool.map(lambda i: patient(base, i), range(1, users + 1)))
 
 
 if __name__ == "__main__":

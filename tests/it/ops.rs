@@ -83,9 +83,13 @@ async fn scrape(app: &TestApp, bearer: Option<&str>) -> reqwest::Response {
 }
 
 fn gauge(text: &str, status: &str) -> Option<i64> {
-    let prefix = format!("prism_messages{{status=\"{status}\"}} ");
+    sample(text, &format!("prism_messages{{status=\"{status}\"}}"))
+}
+
+/// The value of the sample `name` (with its labels, as written) in an exposition `text`.
+fn sample(text: &str, name: &str) -> Option<i64> {
     text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .map(|v| v.parse().unwrap())
 }
 
@@ -133,29 +137,20 @@ async fn metrics_count_messages_that_cannot_be_opened(backend: Backend) {
         ))
         .await
         .unwrap();
-    let counted = |text: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix("prism_claims_unreadable_total "))
-            .map(|v| v.parse::<u64>().unwrap())
-    };
+    let unreadable_total = "prism_claims_unreadable_total";
     let text = scrape(&app, None).await.text().await.unwrap();
-    assert_eq!(counted(&text), Some(0), "{text}");
+    assert_eq!(sample(&text, unreadable_total), Some(0), "{text}");
     app.dispatch().await;
     let text = scrape(&app, None).await.text().await.unwrap();
-    assert_eq!(counted(&text), Some(1), "{text}");
-    let status = |id: String| {
-        let db = &app.db;
-        async move {
-            db.text_pairs(&format!(
-                "SELECT id, status FROM messages WHERE id = '{id}'"
-            ))
-            .await
-            .remove(0)
-            .1
-        }
-    };
-    assert_eq!(status(readable).await, "delivered");
-    assert_eq!(status(unreadable).await, "queued");
+    assert_eq!(sample(&text, unreadable_total), Some(1), "{text}");
+    let mut statuses = app.db.text_pairs("SELECT id, status FROM messages").await;
+    statuses.sort();
+    let mut expected = vec![
+        (readable, "delivered".into()),
+        (unreadable, "queued".into()),
+    ];
+    expected.sort();
+    assert_eq!(statuses, expected);
 }
 
 both_backends!(metrics_count_messages_that_cannot_be_opened);
