@@ -29,7 +29,6 @@ const JWKS_TTL: chrono::Duration = chrono::Duration::hours(1);
 const JWKS_MIN_REFRESH: chrono::Duration = chrono::Duration::seconds(60);
 /// How long one fetch of `AUTH_JWKS_URL` may take.
 const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_USER_ID_LEN: usize = 128;
 
 pub struct Authenticator {
     hs256_key: Option<DecodingKey>,
@@ -276,7 +275,9 @@ impl Authenticator {
         let data = decode::<Map<String, Value>>(token, &key, &validation)
             .map_err(|_| AppError::Unauthorized)?;
         match data.claims.get(&self.user_claim) {
-            Some(Value::String(id)) if !id.is_empty() && id.len() <= MAX_USER_ID_LEN => {
+            // The same rule as every user id the API takes (export and erasure check it too): a
+            // user this service could store data for but never hand back or erase is refused.
+            Some(Value::String(id)) if crate::outbox::validate_user_id(id).is_ok() => {
                 Ok(id.clone())
             }
             _ => Err(AppError::Unauthorized),

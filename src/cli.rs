@@ -213,6 +213,14 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             if (dry_run || as_of.is_some()) && job != Job::MessagingCleanup {
                 anyhow::bail!("--dry-run and --as-of apply to messaging-cleanup only");
             }
+            // A future instant deletes what is not yet due: a preview only. (A past one is a
+            // catch-up and deletes less than a run now would.)
+            if as_of.is_some_and(|t| t > chrono::Utc::now()) && !dry_run {
+                anyhow::bail!(
+                    "--as-of in the future would delete data before its retention period ends; \
+                     add --dry-run to preview"
+                );
+            }
             let services = Services::from_config(config).await?;
             let output = if job == Job::MessagingCleanup {
                 serde_json::to_value(services.retention.run(as_of, dry_run).await?)?
@@ -246,7 +254,12 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 .jwt_secret
                 .as_ref()
                 .ok_or_else(|| anyhow::anyhow!("AUTH_JWT_SECRET is not set"))?;
+            crate::outbox::validate_user_id(&user)?;
             let mut extra = vec![];
+            // The service reads the user from `AUTH_USER_CLAIM`: put it there too.
+            if config.auth.user_claim != "sub" {
+                extra.push((config.auth.user_claim.as_str(), user.as_str()));
+            }
             if let Some(iss) = &config.auth.issuer {
                 extra.push(("iss", iss.as_str()));
             }

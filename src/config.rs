@@ -400,19 +400,61 @@ fn parse_content_sids(raw: &str) -> Result<HashMap<String, String>, ConfigError>
     Ok(map)
 }
 
+/// `BIND_ADDR`: an address and port, or a host name and port resolved once at start (its first
+/// address: `localhost:8080` is the loopback, so `/dev/*` stays served there).
+fn bind_address(raw: &str) -> Result<SocketAddr, ConfigError> {
+    use std::net::ToSocketAddrs;
+    if let Ok(address) = raw.parse() {
+        return Ok(address);
+    }
+    let problem = "expected host:port with a port number, e.g. 127.0.0.1:8080 or localhost:8080";
+    let mut resolved = raw.to_socket_addrs().map_err(|e| {
+        let why = e.to_string();
+        err("BIND_ADDR", format!("{problem} ({raw:?}: {why})"))
+    })?;
+    resolved
+        .next()
+        .ok_or_else(|| err("BIND_ADDR", format!("{raw:?} resolves to no address")))
+}
+
+/// `.env` in the working directory, if there is one. A line it cannot read stops the start:
+/// the parser stops there, so every setting below it would be silently left at its default. The
+/// message names the line by number, never by its text (it may hold a secret).
+fn load_dotenv() -> Result<(), ConfigError> {
+    match dotenvy::from_path(".env") {
+        Ok(()) => Ok(()),
+        Err(e) if e.not_found() => Ok(()),
+        Err(dotenvy::Error::LineParse(..)) => {
+            // The first line that does not parse on its own (a quoted value over several lines
+            // would be misplaced, but then the file's first bad line is still named).
+            let text = std::fs::read_to_string(".env").unwrap_or_default();
+            let number = text.lines().position(|line| {
+                dotenvy::from_read_iter(line.as_bytes()).any(|item| item.is_err())
+            });
+            let at = number.map_or("a line".to_string(), |n| format!("line {}", n + 1));
+            Err(err(
+                ".env",
+                format!(
+                    "{at} cannot be read (NAME=value; quote a value with spaces or special \
+                     characters: NAME=\"a b\")"
+                ),
+            ))
+        }
+        // Not a line's text (handled above): an I/O error, say a file that is not UTF-8.
+        Err(e) => Err(err(".env", format!("cannot be read: {e}"))),
+    }
+}
+
 impl Config {
     /// Load `.env` (if present, without overriding the real environment), then read and validate.
     pub fn from_env() -> Result<Config, ConfigError> {
-        let _ = dotenvy::dotenv();
+        load_dotenv()?;
         Config::from_lookup(|name| std::env::var(name).ok())
     }
 
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let v = Vars(lookup);
-        let bind_addr = v
-            .string("BIND_ADDR", "127.0.0.1:8080")
-            .parse()
-            .map_err(|_| err("BIND_ADDR", "expected host:port, e.g. 127.0.0.1:8080"))?;
+        let bind_addr = bind_address(&v.string("BIND_ADDR", "127.0.0.1:8080"))?;
         let database_url = v.string("DATABASE_URL", "sqlite://prism-messaging.db");
         if !(database_url.starts_with("sqlite:")
             || database_url.starts_with("postgres://")
@@ -485,11 +527,14 @@ impl Config {
             .collect::<Vec<_>>();
         if let Some(bad) = otp_allowed_countries
             .iter()
-            .find(|c| c.len() != 2 || !c.bytes().all(|b| b.is_ascii_alphabetic()))
+            .find(|c| !crate::phone::is_region(c))
         {
             return Err(err(
                 "OTP_ALLOWED_COUNTRIES",
-                format!("{bad:?} is not an ISO 3166 country code"),
+                format!(
+                    "{bad:?} is not the ISO 3166 code of a country with phone numbers \
+                     (the United Kingdom is GB)"
+                ),
             ));
         }
 
@@ -964,6 +1009,37 @@ mod tests {
         ]));
         let e = config(&[("DEV_ENDPOINTS", "sometimes")]).unwrap_err();
         assert_eq!(e.variable, "DEV_ENDPOINTS");
+    }
+
+    #[test]
+    fn bind_addr_takes_an_address_or_a_host_name() {
+        let local = config(&[("BIND_ADDR", "localhost:9162")]).unwrap();
+        assert!(local.server.bind_addr.ip().is_loopback());
+        assert_eq!(local.server.bind_addr.port(), 9162);
+        assert!(
+            local.server.dev_endpoints,
+            "localhost is a loopback address"
+        );
+        for bad in [
+            "somewhere",
+            "localhost",
+            "localhost:port",
+            "127.0.0.1:99999",
+        ] {
+            let e = config(&[("BIND_ADDR", bad)]).unwrap_err();
+            assert_eq!(e.variable, "BIND_ADDR", "{bad}");
+        }
+    }
+
+    #[test]
+    fn allowed_countries_are_real_regions() {
+        for bad in ["UK", "XX", "EU", "IND"] {
+            let e = config(&[("OTP_ALLOWED_COUNTRIES", bad)]).unwrap_err();
+            assert_eq!(e.variable, "OTP_ALLOWED_COUNTRIES", "{bad}");
+            assert!(e.problem.contains("GB"), "{bad}: {}", e.problem);
+        }
+        let ok = config(&[("OTP_ALLOWED_COUNTRIES", "gb, IN ,us")]).unwrap();
+        assert_eq!(ok.otp.allowed_countries, ["GB", "IN", "US"]);
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub enum AppError {
     NotFound(&'static str),
     #[error("request body too large")]
     PayloadTooLarge,
+    /// The client did not send its whole body in time.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("{message}")]
@@ -58,6 +61,7 @@ impl AppError {
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
             AppError::Conflict { .. } => StatusCode::CONFLICT,
             AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::NotConfigured(_) | AppError::Unavailable(_) => {
@@ -76,6 +80,7 @@ impl AppError {
             AppError::Forbidden(_) => "forbidden",
             AppError::NotFound(_) => "not_found",
             AppError::PayloadTooLarge => "payload_too_large",
+            AppError::RequestTimeout => "request_timeout",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::NotConfigured(_) => "not_configured",
             AppError::Unavailable(_) => "unavailable",

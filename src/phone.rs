@@ -142,6 +142,12 @@ impl fmt::Display for PhoneNumber {
     }
 }
 
+/// Whether `code` is the ISO 3166 code of a region with its own phone numbers (`GB`, `IN`),
+/// as `PhoneNumber::country` names it: `UK`, `XX` or `EU` are not.
+pub fn is_region(code: &str) -> bool {
+    code.parse::<phonenumber::country::Id>().is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -192,6 +192,8 @@ pub enum SkipReason {
     SubscriptionExpired,
     /// The date the reminder announced (expiry, renewal) came before it could go.
     SubscriptionPassed,
+    /// A one-time passcode for a number on file outside `OTP_ALLOWED_COUNTRIES`.
+    CountryNotAllowed,
 }
 
 text_enum!(SkipReason {
@@ -213,6 +215,7 @@ text_enum!(SkipReason {
     SubscriptionReassigned => "subscription_reassigned",
     SubscriptionExpired => "subscription_expired",
     SubscriptionPassed => "subscription_passed",
+    CountryNotAllowed => "country_not_allowed",
 });
 
 impl SkipReason {

@@ -513,7 +513,18 @@ pub struct Readiness {
     /// `refused` while the provider refuses our credentials (sends are held; not ready).
     #[schema(schema_with = readiness_credentials)]
     provider_credentials: String,
+    /// The provider's API at its last health check (at most a minute old): `failing` when it did
+    /// not answer or answered an error (reported only: still ready), `unknown` before the first.
+    #[schema(schema_with = readiness_provider_api)]
+    provider_api: String,
     messaging_enabled: bool,
+}
+
+pub(super) fn readiness_provider_api() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(["ok", "failing", "unknown"]))
+        .build()
 }
 
 pub(super) fn readiness_credentials() -> Object {

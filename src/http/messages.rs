@@ -86,6 +86,7 @@ async fn create_notification(
     )),
     responses(
         (status = 200, description = "OK", body = MessageAnswer),
+        (status = 400, description = "`invalid_id`: the id in the path is not valid text.", body = ErrorEnvelope),
         (status = 401, response = Unauthorized),
         (status = 404, description = "`not_found`: no message with this id.", body = ErrorEnvelope),
         (status = 500, response = InternalError),

@@ -53,6 +53,10 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            bounded_body,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             dev::only_where_allowed,
         ))
         .layer(axum::middleware::from_fn_with_state(
@@ -61,6 +65,42 @@ pub fn router(state: AppState) -> Router {
         ))
         .with_state(state);
     headers::secure(router)
+}
+
+/// A body is read whole, within `BODY_LIMIT_BYTES` and `HEADER_READ_TIMEOUT_SECONDS` (a client
+/// has as long for its body as for its headers: 64 KiB in the default 10 s is 6.4 KB/s), before
+/// any handler runs, so a stalled or dripping body cannot hold a connection and its task open. A
+/// declared length over the limit answers 413 at once, without waiting for a body that may never
+/// come; a body that does not arrive in time answers 408.
+async fn bounded_body(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::body::HttpBody;
+    use axum::response::IntoResponse;
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > BODY_LIMIT_BYTES as u64) {
+        return AppError::PayloadTooLarge.into_response();
+    }
+    if request.body().is_end_stream() {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let read = axum::body::to_bytes(body, BODY_LIMIT_BYTES);
+    match tokio::time::timeout(state.config.server.header_read_timeout, read).await {
+        Ok(Ok(bytes)) => {
+            let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+            next.run(request).await
+        }
+        // Over the limit (a chunked body has no length to refuse early), or a broken stream.
+        Ok(Err(_)) => AppError::PayloadTooLarge.into_response(),
+        Err(_) => AppError::RequestTimeout.into_response(),
+    }
 }
 
 /// A request that may have written is answered only once its writes are durable: on SQLite the
@@ -151,6 +191,10 @@ pub fn ops_router(state: AppState) -> Router {
         .merge(ops::router())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            bounded_body,
+        ))
         .with_state(state);
     headers::secure(router)
 }

@@ -123,7 +123,7 @@ async fn healthz() -> Json<Value> {
     path = "/readyz",
     tag = "ops",
     operation_id = "readyz",
-    summary = "Readiness: the database answers",
+    summary = "Readiness: the database answers and the provider accepts our credentials",
     security(()),
     responses(
         (status = 200, description = "Ready.", body = Readiness),
@@ -141,6 +141,13 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     if let Err(e) = &database {
         tracing::warn!(error = %e, "readiness: database check failed");
     }
+    // The provider's API, from a check at most a minute old. Reported, not a reason to leave
+    // the rotation: every instance sees the same outage, and an instance taken out would stop
+    // taking STOPs, consent changes and queued messages too, which wait and go out later.
+    let reachable = state
+        .provider_health
+        .reachability(state.provider.as_ref())
+        .await;
     // A provider refusing our credentials holds every send: not ready until it accepts one.
     let credentials_ok = !state.provider_health.credentials_refused();
     let ok = database_ok && credentials_ok;
@@ -156,6 +163,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             "database": if database_ok { "ok" } else { "unavailable" },
             "provider": state.provider.name(),
             "provider_credentials": if credentials_ok { "ok" } else { "refused" },
+            "provider_api": reachable.as_str(),
             "messaging_enabled": state.config.messaging.enabled,
         })),
     )

@@ -90,6 +90,7 @@ async fn put_appointment(
     params(("id" = HostId, Path, description = "The host app's id.")),
     responses(
         (status = 200, description = "OK", body = CancelAnswer),
+        (status = 400, description = "`invalid_id`: the id in the path is not valid text.", body = ErrorEnvelope),
         (status = 401, response = Unauthorized),
         (status = 404, description = "`not_found`: no such appointment.", body = ErrorEnvelope),
         (status = 500, response = InternalError),
@@ -159,6 +160,7 @@ async fn put_follow_up(
     params(("id" = HostId, Path, description = "The host app's id.")),
     responses(
         (status = 200, description = "OK", body = CancelAnswer),
+        (status = 400, description = "`invalid_id`: the id in the path is not valid text.", body = ErrorEnvelope),
         (status = 401, response = Unauthorized),
         (status = 404, description = "`not_found`: no such follow-up.", body = ErrorEnvelope),
         (status = 500, response = InternalError),
@@ -242,6 +244,7 @@ async fn put_subscription(
     params(("id" = HostId, Path, description = "The host app's id.")),
     responses(
         (status = 200, description = "OK", body = CancelAnswer),
+        (status = 400, description = "`invalid_id`: the id in the path is not valid text.", body = ErrorEnvelope),
         (status = 401, response = Unauthorized),
         (status = 404, description = "`not_found`: no such subscription.", body = ErrorEnvelope),
         (status = 500, response = InternalError),

@@ -137,7 +137,16 @@ async fn page(
     let Some((token, session)) = current_session(&state, &headers).await? else {
         return signed_out(&state, StatusCode::UNAUTHORIZED);
     };
-    render_page(&state, &token, &session, query.saved.is_some(), None, None).await
+    let page = render_page(&state, &token, &session, query.saved.is_some(), None, None).await?;
+    Ok(with_session_cookie(&state, &token, page))
+}
+
+/// The session's cookie again, with a fresh `Max-Age`: the session slides forward on the server
+/// with every use, and the browser's copy must too, or it drops the cookie `SESSION_TTL_SECONDS`
+/// after sign-in however active the patient is.
+fn with_session_cookie(state: &AppState, token: &str, mut response: Response) -> Response {
+    set_cookie(&mut response, &session_cookie(state, token));
+    response
 }
 
 /// The form as posted: text fields, and a checkbox only when it is ticked.
@@ -186,17 +195,18 @@ async fn save(
         whatsapp_consent: body.whatsapp_consent.is_some(),
         marketing_consent: body.marketing_consent.is_some(),
     };
-    match state
+    let response = match state
         .settings_pages
         .save(&session, form.clone(), meta.ip, meta.user_agent)
         .await
     {
-        Ok(_) => Ok(redirect("/settings/messaging?saved=1")),
+        Ok(_) => redirect("/settings/messaging?saved=1"),
         Err(AppError::BadRequest { message, .. }) => {
-            render_page(&state, &token, &session, false, Some(&form), Some(&message)).await
+            render_page(&state, &token, &session, false, Some(&form), Some(&message)).await?
         }
-        Err(e) => Err(e),
-    }
+        Err(e) => return Err(e),
+    };
+    Ok(with_session_cookie(&state, &token, response))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

@@ -24,19 +24,49 @@ pub enum Keyword {
     Help,
 }
 
+/// Twilio's opt-out words and CTIA's (`REVOKE`, `OPTOUT`), in capitals.
+fn is_stop_word(word: &str) -> bool {
+    matches!(
+        word,
+        "STOP" | "STOPALL" | "UNSUBSCRIBE" | "CANCEL" | "END" | "QUIT" | "REVOKE" | "OPTOUT"
+    )
+}
+
 impl Keyword {
     pub fn parse(body: &str) -> Option<Keyword> {
         let word = body.trim();
-        if word.is_empty() || word.contains(char::is_whitespace) {
+        let exact = if word.is_empty() || word.contains(char::is_whitespace) {
+            None
+        } else {
+            match word.to_ascii_uppercase().as_str() {
+                "START" | "YES" | "UNSTOP" => Some(Keyword::Start),
+                "HELP" | "INFO" => Some(Keyword::Help),
+                stop if is_stop_word(stop) => Some(Keyword::Stop),
+                _ => None,
+            }
+        };
+        exact.or_else(|| Keyword::loose_stop(body))
+    }
+
+    /// A stop word written loosely: `Stop.`, `STOP!`, `opt-out`, `Stop all`, full-width `ＳＴＯＰ`.
+    /// Only for STOP: when in doubt a patient is not texted again, while a loose START or HELP
+    /// could re-subscribe someone who did not ask.
+    fn loose_stop(body: &str) -> Option<Keyword> {
+        // A short reply only: a sentence that happens to spell a keyword once squeezed is not one.
+        if body.chars().count() > 24 {
             return None;
         }
-        match word.to_ascii_uppercase().as_str() {
-            "STOP" | "STOPALL" | "UNSUBSCRIBE" | "CANCEL" | "END" | "QUIT" | "REVOKE"
-            | "OPTOUT" => Some(Keyword::Stop),
-            "START" | "YES" | "UNSTOP" => Some(Keyword::Start),
-            "HELP" | "INFO" => Some(Keyword::Help),
-            _ => None,
-        }
+        let squeezed: String = body
+            .chars()
+            .map(|c| match c {
+                // Full-width forms (U+FF01..U+FF5E) of ASCII '!'..'~'.
+                '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+                _ => c,
+            })
+            .filter(|c| c.is_alphanumeric())
+            .collect::<String>()
+            .to_ascii_uppercase();
+        is_stop_word(&squeezed).then_some(Keyword::Stop)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -269,6 +299,34 @@ mod tests {
             assert_eq!(Keyword::parse(word), Some(Keyword::Help), "{word}");
         }
         for text in ["stop it", "please stop", "", "STOPP", "yes please"] {
+            assert_eq!(Keyword::parse(text), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_stop_written_loosely_still_stops_but_start_and_help_stay_exact() {
+        for word in [
+            "Stop.",
+            "STOP!",
+            "stop!!!",
+            "\"stop\"",
+            "opt-out",
+            "Opt out",
+            "Stop all",
+            "ＳＴＯＰ",
+            "ｓｔｏｐ。",
+            "Unsubscribe.",
+        ] {
+            assert_eq!(Keyword::parse(word), Some(Keyword::Stop), "{word}");
+        }
+        for text in [
+            "Yes!",
+            "Start.",
+            "help?",
+            "please stop texting me now",
+            "stop it",
+            "don't stop",
+        ] {
             assert_eq!(Keyword::parse(text), None, "{text}");
         }
     }

@@ -281,16 +281,11 @@ impl Otp {
         let named = PhoneNumber::parse(&request.phone_number)?;
         let context = &self.context;
         let settings = &context.settings;
-        if !settings.allowed_countries.is_empty() {
-            let allowed = named
-                .country()
-                .is_some_and(|c| settings.allowed_countries.contains(&c));
-            if !allowed {
-                return Err(AppError::bad_request(
-                    "country_not_allowed",
-                    "codes cannot be sent to numbers in this country",
-                ));
-            }
+        if !self.country_allowed(&named) {
+            return Err(AppError::bad_request(
+                "country_not_allowed",
+                "codes cannot be sent to numbers in this country",
+            ));
         }
         if !context.messaging_enabled {
             return Err(AppError::Unavailable(
@@ -315,13 +310,24 @@ impl Otp {
         if let Some(wait) = self.codes.otp_refusal(&limits).await? {
             return Err(rate_limited(&named, &request.purpose, wait));
         }
+        // Decided on the number named, before anything is written: a refusal here must not
+        // replace the user's live code or count against their limits, and must not depend on
+        // the number on file (whose window decides only where an accepted code goes).
+        if channel == Channel::Whatsapp
+            && self.dispatcher.otp_whatsapp_window_closed(&named).await?
+        {
+            return Err(whatsapp_window_closed());
+        }
         let code = generate_code(settings.length);
         // Where the code goes. Where the store looks up the number on file inside the issue (one
         // round trip on PostgreSQL, whichever number the code goes to), it is planned for the
         // number named and the store sends it to another number on file instead; elsewhere (and
         // for WhatsApp, whose route depends on the number's session) the number is read first.
+        // With `OTP_ALLOWED_COUNTRIES` the number on file is read first on every backend: its
+        // country must be checked before the code's send is planned.
         let unless_on_file = request.purpose != VERIFICATION
             && channel == Channel::Sms
+            && settings.allowed_countries.is_empty()
             && self.codes.checks_number_on_file();
         let send_to = if unless_on_file {
             named.clone()
@@ -403,11 +409,7 @@ impl Otp {
             OtpDelivery::Unavailable => Err(AppError::Unavailable(
                 "the code could not be sent right now; try again shortly".into(),
             )),
-            OtpDelivery::Skipped(SkipReason::WhatsappWindowClosed) => Err(AppError::bad_request(
-                "whatsapp_window_closed",
-                "a WhatsApp code can only go to a number that wrote to us in the last 24 hours \
-                 (or as an approved template); use sms",
-            )),
+            OtpDelivery::Skipped(SkipReason::WhatsappWindowClosed) => Err(whatsapp_window_closed()),
             OtpDelivery::Skipped(_) => Err(AppError::Unavailable(
                 "messaging is disabled on this service".into(),
             )),
@@ -433,11 +435,17 @@ impl Otp {
         let context = &self.context;
         let settings = &context.settings;
         let message_id = uuid::Uuid::now_v7().to_string();
-        // Decided before anything is written, so the message is written already `sending`.
-        let plan = self
-            .dispatcher
-            .plan_otp(&message_id, channel, send_to.clone(), code)
-            .await?;
+        // Decided before anything is written, so the message is written already `sending`. A
+        // number on file outside `OTP_ALLOWED_COUNTRIES` gets nothing (the number named was
+        // checked); the send is written skipped and counted like any other, and the caller hears
+        // what any send sounds like.
+        let plan = if self.country_allowed(&send_to) {
+            self.dispatcher
+                .plan_otp(&message_id, channel, send_to.clone(), code)
+                .await?
+        } else {
+            OtpPlan::Skip(SkipReason::CountryNotAllowed)
+        };
         let issue = OtpIssue {
             user_id: request.user_id.clone(),
             purpose: request.purpose.clone(),
@@ -490,6 +498,12 @@ impl Otp {
             .and_then(|c| c.phone_number)
             .and_then(|n| PhoneNumber::parse(&n).ok());
         Ok(on_file.unwrap_or_else(|| named.clone()))
+    }
+
+    /// `OTP_ALLOWED_COUNTRIES` (the SMS-pumping guard) lets a code go to `number`.
+    fn country_allowed(&self, number: &PhoneNumber) -> bool {
+        let allowed = &self.context.settings.allowed_countries;
+        allowed.is_empty() || number.country().is_some_and(|c| allowed.contains(&c))
     }
 
     fn sent_answer(&self, named: &PhoneNumber) -> SendOtpAnswer {
@@ -593,6 +607,14 @@ fn too_many_attempts() -> AppError {
         message: "too many wrong codes; request a new code".into(),
         retry_after_secs: None,
     }
+}
+
+fn whatsapp_window_closed() -> AppError {
+    AppError::bad_request(
+        "whatsapp_window_closed",
+        "a WhatsApp code can only go to a number that wrote to us in the last 24 hours \
+         (or as an approved template); use sms",
+    )
 }
 
 #[cfg(test)]

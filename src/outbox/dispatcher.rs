@@ -699,6 +699,18 @@ impl Dispatcher {
         }
     }
 
+    /// Whether a one-time passcode to `to` on WhatsApp would find the 24-hour window closed and
+    /// no approved template to go by: `send-otp` refuses such a number before anything is
+    /// written (the answer is about the number named, never the number on file).
+    pub async fn otp_whatsapp_window_closed(&self, to: &PhoneNumber) -> AppResult<bool> {
+        let template =
+            templates::find("otp").ok_or_else(|| anyhow::anyhow!("the otp template is missing"))?;
+        Ok(matches!(
+            self.whatsapp_route(to, template).await?,
+            WhatsappRoute::Closed
+        ))
+    }
+
     /// How a one-time passcode will go, decided before its message is written, so the message
     /// can be written already `sending` with this attempt, in the transaction that issues the
     /// code (`OtpIssue::attempt`).

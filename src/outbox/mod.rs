@@ -50,6 +50,12 @@ where
     let mut out = Map::new();
     for (name, value) in object {
         let written = match (&value, fields.get(&name)) {
+            // An exponent (`1e3`) is spelled out (`1000`): the same number, in the form a
+            // message shows and the amount check reads.
+            (Value::Number(n), Some(text)) if text.get().contains(['e', 'E']) => Value::String(
+                n.as_f64()
+                    .map_or(text.get().to_string(), |f| format!("{f}")),
+            ),
             (Value::Number(_), Some(text)) => Value::String(text.get().to_string()),
             _ => value,
         };

@@ -140,9 +140,40 @@ pub type DynProvider = Arc<dyn Provider>;
 
 /// Whether the provider currently refuses our credentials (a rotated Auth Token): set by the
 /// dispatcher when a send is refused, cleared by the next accepted one; `/readyz` reports it.
+/// And whether the provider answered its last health check (`Provider::health`), which `/readyz`
+/// runs at most once per [`PROBE_EVERY`], so probes cost Twilio one request a minute at most.
 #[derive(Debug, Default)]
 pub struct ProviderHealth {
     refused: std::sync::atomic::AtomicBool,
+    /// When the last check ended and whether the provider could be used then.
+    probe: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
+    /// A check is running: other readiness requests answer from the last one meanwhile.
+    probing: std::sync::atomic::AtomicBool,
+}
+
+/// How old a health check of the provider may be before `/readyz` runs another.
+pub const PROBE_EVERY: Duration = Duration::from_secs(60);
+/// How long one health check may take: a readiness probe must answer quickly.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What `/readyz` knows of the provider's API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reachability {
+    Ok,
+    /// The last check failed: no answer, or an error other than refused credentials.
+    Failing,
+    /// No check has finished yet (the first is running).
+    Unknown,
+}
+
+impl Reachability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reachability::Ok => "ok",
+            Reachability::Failing => "failing",
+            Reachability::Unknown => "unknown",
+        }
+    }
 }
 
 impl ProviderHealth {
@@ -168,5 +199,54 @@ impl ProviderHealth {
 
     pub fn credentials_refused(&self) -> bool {
         self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether `provider`'s API can be used, from a check at most `PROBE_EVERY` old: a stale one
+    /// is run again here (one at a time, within `PROBE_TIMEOUT`). Refused credentials count as
+    /// reachable here and are reported as refused (`credentials_refused`), as a send would.
+    pub async fn reachability(&self, provider: &dyn Provider) -> Reachability {
+        use std::sync::atomic::Ordering;
+        let last = *self.probe.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = last.filter(|(at, _)| at.elapsed() < PROBE_EVERY);
+        if let Some((_, ok)) = fresh {
+            return if ok {
+                Reachability::Ok
+            } else {
+                Reachability::Failing
+            };
+        }
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return match last {
+                Some((_, true)) => Reachability::Ok,
+                Some((_, false)) => Reachability::Failing,
+                None => Reachability::Unknown,
+            };
+        }
+        let ok = match tokio::time::timeout(PROBE_TIMEOUT, provider.health()).await {
+            Ok(Ok(_)) => {
+                self.accepted();
+                true
+            }
+            Ok(Err(ProviderError::Unauthorized { message, .. })) => {
+                self.refused(&message);
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "readiness: the provider's health check failed");
+                false
+            }
+            Err(_) => {
+                tracing::warn!("readiness: the provider's health check did not answer in time");
+                false
+            }
+        };
+        *self.probe.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), ok));
+        self.probing.store(false, Ordering::Release);
+        if ok {
+            Reachability::Ok
+        } else {
+            Reachability::Failing
+        }
     }
 }

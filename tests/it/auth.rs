@@ -63,6 +63,8 @@ async fn bad_user_tokens_answer_a_bare_401(backend: Backend) {
         JWT_SECRET,
         json!({"sub": "u", "exp": in_an_hour() + 3600, "nbf": in_an_hour()}),
     );
+    // A user id this service could store data for but never export or erase.
+    let control = sign_hs256(JWT_SECRET, json!({"sub": "tab\tuser", "exp": in_an_hour()}));
     // alg "none": header {"alg":"none","typ":"JWT"}, no signature.
     let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1IiwiZXhwIjo0MTAyNDQ0ODAwfQ.";
     let cases = [
@@ -76,6 +78,7 @@ async fn bad_user_tokens_answer_a_bare_401(backend: Backend) {
         Some(format!("Bearer {no_sub}")),
         Some(format!("Bearer {not_yet}")),
         Some(format!("Bearer {none}")),
+        Some(format!("Bearer {control}")),
         // An ES256 token when no JWKS is configured.
         Some(format!(
             "Bearer {}",

@@ -67,6 +67,92 @@ async fn a_bad_setting_stops_the_start_naming_the_variable() {
     std::fs::write(dir.path().join(".env"), "LOG_FORMAT=xml\n").unwrap();
     let out = binary(dir.path()).arg("migrate").output().await.unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("LOG_FORMAT"));
+    // A line .env cannot read stops the start (the parser would leave every line below it
+    // unread), naming the line by number and never echoing its text, which may be a secret.
+    std::fs::write(
+        dir.path().join(".env"),
+        "# settings\nCLINIC_NAME=Clinic One\nOTP_LENGTH=abc\n",
+    )
+    .unwrap();
+    let out = binary(dir.path()).arg("serve").output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(".env") && stderr.contains("line 2"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Clinic One"), "{stderr}");
+    std::fs::write(
+        dir.path().join(".env"),
+        "CLINIC_NAME=\"Clinic One\"\nOTP_LENGTH=abc\n",
+    )
+    .unwrap();
+    let out = binary(dir.path()).arg("serve").output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OTP_LENGTH"));
+    std::fs::remove_file(dir.path().join(".env")).unwrap();
+}
+
+/// `job messaging-cleanup --as-of` in the future deletes only with `--dry-run` (a preview);
+/// `token` puts the user where `AUTH_USER_CLAIM` says the service reads it.
+#[tokio::test]
+async fn a_future_cleanup_is_a_preview_and_tokens_follow_the_user_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = binary(dir.path())
+        .args([
+            "job",
+            "messaging-cleanup",
+            "--as-of",
+            "2090-01-01T00:00:00Z",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dry-run"));
+    let out = binary(dir.path())
+        .args([
+            "job",
+            "messaging-cleanup",
+            "--dry-run",
+            "--as-of",
+            "2090-01-01T00:00:00Z",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let secret = "a-jwt-secret-of-at-least-thirty-two-bytes";
+    let out = binary(dir.path())
+        .args(["token", "--user", "u1"])
+        .env("AUTH_JWT_SECRET", secret)
+        .env("AUTH_USER_CLAIM", "user_id")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let payload = token.split('.').nth(1).unwrap();
+    use base64::Engine;
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["user_id"], "u1");
+    let out = binary(dir.path())
+        .args(["token", "--user", ""])
+        .env("AUTH_JWT_SECRET", secret)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
 }
 
 #[tokio::test]

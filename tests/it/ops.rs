@@ -231,6 +231,54 @@ async fn a_half_sent_request_is_closed_after_the_header_read_timeout() {
     }
 }
 
+/// A body that stalls or drips is answered 408 once `HEADER_READ_TIMEOUT_SECONDS` has passed, and
+/// a declared length over 64 KiB answers 413 at once, without waiting for a body that may never
+/// come. Neither reaches a handler.
+#[tokio::test]
+async fn a_stalled_body_is_answered_and_an_oversized_one_refused_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        TestConfig::new().set("HEADER_READ_TIMEOUT_SECONDS", "1"),
+    )
+    .await;
+    let addr = app.base_url.trim_start_matches("http://").to_string();
+    let head = |length: usize| {
+        format!(
+            "POST /api/messaging/send-otp HTTP/1.1\r\nHost: localhost\r\n\
+             Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{\"user"
+        )
+    };
+    for (request, status, code) in [
+        (head(100), "408", "request_timeout"),
+        (head(100_000_000), "413", "payload_too_large"),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 4096];
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(30), stream.read(&mut answer))
+                .await;
+        let n = read
+            .expect("the server still holds the connection open")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
+        assert!(answer.contains(code), "{answer}");
+    }
+    // Nothing reached the OTP handler.
+    assert_eq!(
+        app.outbox_json().await["messages"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+}
+
 #[tokio::test]
 async fn shutdown_finishes_the_request_in_flight_and_takes_no_new_ones() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -24,6 +24,8 @@ both_backends!(
     live_mode_sends_through_twilio,
     a_live_code_for_someone_elses_account_goes_to_their_number,
     otp_length_is_configurable,
+    a_closed_whatsapp_window_refuses_on_the_number_named_and_writes_nothing,
+    a_number_on_file_outside_the_allowed_countries_gets_nothing,
 );
 
 const PHONE: &str = "+919876543210";
@@ -756,4 +758,113 @@ async fn a_refused_code_waits_for_no_fsync_and_a_repeated_callback_does() {
             "the {attempt} callback's answer waited for an fsync"
         );
     }
+}
+
+/// A patient's WhatsApp message to us: it opens that number's 24-hour window.
+async fn whatsapp_inbound(app: &TestApp, from: &str) {
+    let r = app
+        .client
+        .post(app.url("/dev/inbound"))
+        .json(&json!({"from": from, "body": "hello", "channel": "whatsapp"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+async fn send_whatsapp(app: &TestApp, user: &str, phone: &str) -> reqwest::Response {
+    app.client
+        .post(app.url("/api/messaging/send-otp"))
+        .json(&json!({"user_id": user, "phone_number": phone, "purpose": "login", "channel": "whatsapp"}))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A WhatsApp code to a number whose 24-hour window is closed (no approved template) is refused
+/// on the number named, before anything is written: the answer is the same whether the user has
+/// a number on file (whose window is open) or none, the user's live code still verifies, and
+/// the refusals do not use up the user's limits.
+async fn a_closed_whatsapp_window_refuses_on_the_number_named_and_writes_nothing(backend: Backend) {
+    let (config, _clock) = clocked();
+    let app = TestApp::spawn_with(backend, config.set("OTP_MAX_SENDS_PER_HOUR", "2")).await;
+    // `has-file`'s number on file wrote to us on WhatsApp: its window is open.
+    app.consent("has-file", "+919876500300").await;
+    whatsapp_inbound(&app, "+919876500300").await;
+    for user in ["has-file", "no-file"] {
+        let r = send_whatsapp(&app, user, "+919876500401").await;
+        assert_eq!(r.status(), 400, "{user}");
+        assert_eq!(error_code(r).await, "whatsapp_window_closed", "{user}");
+    }
+    assert_eq!(outbox_len(&app).await, 0);
+    // Nothing written: no message, no send counted, and a live SMS code survives refusals.
+    let code = send_ok(&app, "sms-user", "+919876500500", "login").await;
+    for _ in 0..3 {
+        let r = send_whatsapp(&app, "sms-user", "+919876500402").await;
+        assert_eq!(r.status(), 400);
+    }
+    let (status, _) = verify(&app, "sms-user", "login", &code).await;
+    assert_eq!(status, 200);
+    assert!(app
+        .state
+        .store
+        .user_messages("no-file", 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        app.state
+            .store
+            .user_messages("sms-user", 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // A number named whose window is open goes; for a user with a number on file the code goes
+    // there, as any code for that account does.
+    whatsapp_inbound(&app, "+919876500403").await;
+    let r = send_whatsapp(&app, "has-file", "+919876500403").await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let outbox = app.outbox_json().await;
+    assert_eq!(outbox["messages"][0]["to"], "+919876500300");
+    assert_eq!(outbox["messages"][0]["channel"], "whatsapp");
+}
+
+/// `OTP_ALLOWED_COUNTRIES` holds for the number a code goes to, not only the number named: a
+/// user whose number on file is elsewhere gets nothing, and the caller hears what any send
+/// answers (the number on file is never revealed). The send still counts against the limits.
+async fn a_number_on_file_outside_the_allowed_countries_gets_nothing(backend: Backend) {
+    let (config, _clock) = clocked();
+    let app = TestApp::spawn_with(
+        backend,
+        config
+            .set("OTP_ALLOWED_COUNTRIES", "IN")
+            .set("OTP_MAX_SENDS_PER_HOUR", "1"),
+    )
+    .await;
+    app.consent("abroad", "+14155550100").await;
+    let r = send(&app, "abroad", PHONE, "login").await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(r.json::<Value>().await.unwrap()["sent_to"], "+91******3210");
+    assert_eq!(outbox_len(&app).await, 0);
+    let messages = app.state.store.user_messages("abroad", 10).await.unwrap();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].status.as_str(), "skipped");
+    assert_eq!(
+        messages[0].reason.map(|r| r.as_str()),
+        Some("country_not_allowed")
+    );
+    // Counted like any send: the number named has used its hour.
+    assert_eq!(send(&app, "someone", PHONE, "login").await.status(), 429);
+    // A number on file inside the list gets its code.
+    app.consent("home", "+919876500600").await;
+    assert_eq!(
+        send(&app, "home", "+919876500601", "login").await.status(),
+        200
+    );
+    assert_eq!(
+        app.outbox_json().await["messages"][0]["to"],
+        "+919876500600"
+    );
 }

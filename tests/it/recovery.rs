@@ -21,6 +21,7 @@ both_backends!(
     host_keys_never_block_reminders_and_values_are_kept_as_given,
     whatsapp_records_no_sms_segments,
     refused_credentials_hold_the_queue,
+    readiness_reports_a_provider_that_does_not_answer,
     a_slow_lookup_never_stalls_other_sends,
     an_early_callback_is_never_orphaned,
     a_server_error_with_a_code_is_looked_up_before_resending,
@@ -398,6 +399,23 @@ async fn host_keys_never_block_reminders_and_values_are_kept_as_given(backend: B
         .collect();
     assert!(bodies.iter().any(|b| b.contains("499.50")), "{bodies:?}");
     assert!(!bodies.iter().any(|b| b.contains("499.5 ")), "{bodies:?}");
+    // An exponent is a number the schema allows (`minimum: 0`): spelled out, not refused.
+    let raw = r#"{"user_id": "p1", "template": "payment_received",
+        "variables": {"amount": 1.25E3, "date": "2027-01-13"}}"#;
+    let r = app
+        .client
+        .post(app.url("/api/notifications"))
+        .bearer_auth(API_KEY)
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    app.dispatch().await;
+    let outbox = app.outbox_json().await;
+    let body = outbox["messages"][0]["body"].as_str().unwrap();
+    assert!(body.contains("payment of 1250 on"), "{body}");
 }
 
 async fn whatsapp_records_no_sms_segments(backend: Backend) {
@@ -429,8 +447,17 @@ async fn refused_credentials_hold_the_queue(backend: Backend) {
         .set("DISPATCH_RATE_PER_SECOND", "0");
     let app = TestApp::spawn_with(backend, config).await;
     app.consent("p1", PATIENT).await;
-    let ready: Value = app.get_json("/readyz", None).await;
-    assert_eq!(ready["status"], "ready");
+    // `/readyz` checks the provider itself: refused credentials show before any send.
+    let r = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let ready: Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            ready["provider_credentials"].clone(),
+            ready["provider_api"].clone()
+        ),
+        (json!("refused"), json!("ok"))
+    );
     let id = app.notify_ok(receipt("sms")).await;
     let report = app.dispatch().await;
     assert_eq!((report.held, report.failed), (1, 0));
@@ -445,6 +472,42 @@ async fn refused_credentials_hold_the_queue(backend: Backend) {
     assert_eq!(ready["provider_credentials"], "refused");
     // Held for a while: the next round does not burn it.
     assert_eq!(app.dispatch().await.claimed, 0);
+}
+
+/// Twilio unreachable: `/readyz` says so (`provider_api: failing`) but stays ready, since the
+/// instance still takes STOPs, consent changes and queued messages; and it asks Twilio at most
+/// once a minute however often it is probed.
+async fn readiness_reports_a_provider_that_does_not_answer(backend: Backend) {
+    let fake = FakeTwilio::start().await;
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let config = TestConfig::new()
+        .live(&fake)
+        .set("TWILIO_API_BASE", &format!("http://127.0.0.1:{closed}"));
+    let app = TestApp::spawn_with(backend, config).await;
+    for _ in 0..3 {
+        let r = app.client.get(app.url("/readyz")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let ready: Value = r.json().await.unwrap();
+        assert_eq!(
+            (ready["status"].clone(), ready["provider_api"].clone()),
+            (json!("ready"), json!("failing"))
+        );
+    }
+    // With Twilio answering, the check passes, and probes within the minute reuse it.
+    let app = TestApp::spawn_with(backend, TestConfig::new().live(&fake)).await;
+    for _ in 0..3 {
+        let ready: Value = app.get_json("/readyz", None).await;
+        assert_eq!(ready["provider_api"], "ok");
+    }
+    let checks = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with(&format!("{ACCOUNT_SID}.json")))
+        .count();
+    assert_eq!(checks, 1, "one health check for three probes");
 }
 
 async fn a_slow_lookup_never_stalls_other_sends(backend: Backend) {

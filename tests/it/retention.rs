@@ -176,7 +176,9 @@ async fn the_command_line_previews_without_deleting(backend: Backend) {
     ])
     .await;
     assert!(!out.status.success());
-    // Run for real at that instant: the audit trail goes, with a receipt.
+    // For real at that instant: refused, since it would delete the audit trail before its seven
+    // years are up; nothing is deleted and no receipt kept.
+    let audit = app.state.consent.audit_trail("p1").await.unwrap().len();
     let out = run(vec![
         "job".into(),
         "messaging-cleanup".into(),
@@ -184,14 +186,30 @@ async fn the_command_line_previews_without_deleting(backend: Backend) {
         later,
     ])
     .await;
-    assert!(out.status.success());
-    assert!(app
-        .state
-        .consent
-        .audit_trail("p1")
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dry-run"));
+    assert_eq!(
+        app.state.consent.audit_trail("p1").await.unwrap().len(),
+        audit
+    );
+    // A past instant (a catch-up) runs for real, with a receipt of its instant.
+    let earlier = (Utc::now() - Duration::days(1)).to_rfc3339();
+    let out = run(vec![
+        "job".into(),
+        "messaging-cleanup".into(),
+        "--as-of".into(),
+        earlier,
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        app.state.consent.audit_trail("p1").await.unwrap().len(),
+        audit
+    );
     let runs: Value = app.get_json("/api/cleanup-runs", Some(API_KEY)).await;
     assert_eq!(runs["runs"].as_array().unwrap().len(), 1);
 }

@@ -307,11 +307,30 @@ async fn sessions_slide_expire_and_are_cleaned_up(backend: Backend) {
             .header(COOKIE, cookie);
         async move { request.send().await.unwrap().status().as_u16() }
     };
-    // Used within its time, a session slides on.
+    // Used within its time, a session slides on, and so does the browser's copy of the cookie:
+    // every page view sends it again with a fresh Max-Age.
     for _ in 0..3 {
         clock.advance(Duration::seconds(500));
         assert_eq!(get(cookie.clone()).await, 200);
     }
+    let r = app
+        .client
+        .get(app.url("/settings/messaging"))
+        .header(COOKIE, cookie.clone())
+        .send()
+        .await
+        .unwrap();
+    let set: Vec<_> = r.headers().get_all(SET_COOKIE).iter().collect();
+    assert_eq!(set.len(), 1, "{set:?}");
+    let set = set[0].to_str().unwrap();
+    assert!(
+        set.starts_with(&cookie) && set.contains("Max-Age=600"),
+        "{set}"
+    );
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Lax"),
+        "{set}"
+    );
     clock.advance(Duration::seconds(601));
     assert_eq!(
         get(cookie.clone()).await,
