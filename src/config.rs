@@ -400,20 +400,28 @@ fn parse_content_sids(raw: &str) -> Result<HashMap<String, String>, ConfigError>
     Ok(map)
 }
 
-/// `BIND_ADDR`: an address and port, or a host name and port resolved once at start (its first
-/// address: `localhost:8080` is the loopback, so `/dev/*` stays served there).
+/// `BIND_ADDR`: an address and port, or a host name and port resolved once at start, to its
+/// first IPv4 address if it has one (`localhost` often resolves to `::1` first, and a server on
+/// `::1` alone refuses clients of 127.0.0.1), else its first. `localhost:8080` is a loopback
+/// address either way, so `/dev/*` stays served there.
 fn bind_address(raw: &str) -> Result<SocketAddr, ConfigError> {
     use std::net::ToSocketAddrs;
     if let Ok(address) = raw.parse() {
         return Ok(address);
     }
     let problem = "expected host:port with a port number, e.g. 127.0.0.1:8080 or localhost:8080";
-    let mut resolved = raw.to_socket_addrs().map_err(|e| {
-        let why = e.to_string();
-        err("BIND_ADDR", format!("{problem} ({raw:?}: {why})"))
-    })?;
+    let resolved: Vec<SocketAddr> = raw
+        .to_socket_addrs()
+        .map_err(|e| {
+            let why = e.to_string();
+            err("BIND_ADDR", format!("{problem} ({raw:?}: {why})"))
+        })?
+        .collect();
     resolved
-        .next()
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(resolved.first())
+        .copied()
         .ok_or_else(|| err("BIND_ADDR", format!("{raw:?} resolves to no address")))
 }
 
@@ -424,13 +432,18 @@ fn load_dotenv() -> Result<(), ConfigError> {
     match dotenvy::from_path(".env") {
         Ok(()) => Ok(()),
         Err(e) if e.not_found() => Ok(()),
-        Err(dotenvy::Error::LineParse(..)) => {
-            // The first line that does not parse on its own (a quoted value over several lines
-            // would be misplaced, but then the file's first bad line is still named).
+        Err(dotenvy::Error::LineParse(bad, _)) => {
+            // The line holding the text the parser stopped at (it names the rest of that line);
+            // failing that, the first line that does not parse on its own.
             let text = std::fs::read_to_string(".env").unwrap_or_default();
-            let number = text.lines().position(|line| {
-                dotenvy::from_read_iter(line.as_bytes()).any(|item| item.is_err())
-            });
+            let bad = bad.lines().next().unwrap_or_default().trim();
+            let fails_alone =
+                |line: &str| dotenvy::from_read_iter(line.as_bytes()).any(|item| item.is_err());
+            let lines: Vec<&str> = text.lines().collect();
+            let number = lines
+                .iter()
+                .position(|l| !bad.is_empty() && l.contains(bad) && fails_alone(l))
+                .or_else(|| lines.iter().position(|l| fails_alone(l)));
             let at = number.map_or("a line".to_string(), |n| format!("line {}", n + 1));
             Err(err(
                 ".env",
@@ -1015,6 +1028,10 @@ mod tests {
     fn bind_addr_takes_an_address_or_a_host_name() {
         let local = config(&[("BIND_ADDR", "localhost:9162")]).unwrap();
         assert!(local.server.bind_addr.ip().is_loopback());
+        assert!(
+            local.server.bind_addr.is_ipv4(),
+            "127.0.0.1 rather than ::1"
+        );
         assert_eq!(local.server.bind_addr.port(), 9162);
         assert!(
             local.server.dev_endpoints,

@@ -513,8 +513,9 @@ pub struct Readiness {
     /// `refused` while the provider refuses our credentials (sends are held; not ready).
     #[schema(schema_with = readiness_credentials)]
     provider_credentials: String,
-    /// The provider's API at its last health check (at most a minute old): `failing` when it did
-    /// not answer or answered an error (reported only: still ready), `unknown` before the first.
+    /// The provider's API at its last health check (run in the background when the last is a
+    /// minute old): `failing` when it did not answer or answered an error (reported only: still
+    /// ready), `unknown` before the first has ended, `not_checked` with messaging disabled.
     #[schema(schema_with = readiness_provider_api)]
     provider_api: String,
     messaging_enabled: bool,
@@ -523,7 +524,7 @@ pub struct Readiness {
 pub(super) fn readiness_provider_api() -> Object {
     ObjectBuilder::new()
         .schema_type(Type::String)
-        .enum_values(Some(["ok", "failing", "unknown"]))
+        .enum_values(Some(["ok", "failing", "unknown", "not_checked"]))
         .build()
 }
 

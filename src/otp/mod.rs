@@ -310,12 +310,16 @@ impl Otp {
         if let Some(wait) = self.codes.otp_refusal(&limits).await? {
             return Err(rate_limited(&named, &request.purpose, wait));
         }
-        // Decided on the number named, before anything is written: a refusal here must not
-        // replace the user's live code or count against their limits, and must not depend on
-        // the number on file (whose window decides only where an accepted code goes).
+        // Decided on the number named, before the issue: the refusal must not depend on the
+        // number on file (whose window decides only where an accepted code goes) and must not
+        // replace the user's live code. It still counts against the limits like a send: it
+        // tells whether a number wrote to the clinic lately, which must not be free to probe.
         if channel == Channel::Whatsapp
             && self.dispatcher.otp_whatsapp_window_closed(&named).await?
         {
+            if let Some(wait) = self.codes.log_refused_otp(&limits).await? {
+                return Err(rate_limited(&named, &request.purpose, wait));
+            }
             return Err(whatsapp_window_closed());
         }
         let code = generate_code(settings.length);

@@ -201,27 +201,37 @@ impl ProviderHealth {
         self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether `provider`'s API can be used, from a check at most `PROBE_EVERY` old: a stale one
-    /// is run again here (one at a time, within `PROBE_TIMEOUT`). Refused credentials count as
-    /// reachable here and are reported as refused (`credentials_refused`), as a send would.
-    pub async fn reachability(&self, provider: &dyn Provider) -> Reachability {
+    /// What the last check of `provider`'s API found, at once. A check older than `PROBE_EVERY`
+    /// (or none) starts another in the background, one at a time, within `PROBE_TIMEOUT`: a
+    /// readiness probe never waits on the provider (a slow Twilio would time out the probe and
+    /// take the instance out of rotation). Refused credentials count as reachable here and are
+    /// reported as refused (`credentials_refused`), as a send would report them.
+    pub fn reachability(self: &Arc<Self>, provider: &DynProvider) -> Reachability {
         use std::sync::atomic::Ordering;
         let last = *self.probe.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh = last.filter(|(at, _)| at.elapsed() < PROBE_EVERY);
-        if let Some((_, ok)) = fresh {
-            return if ok {
-                Reachability::Ok
-            } else {
-                Reachability::Failing
-            };
+        let stale = last.is_none_or(|(at, _)| at.elapsed() >= PROBE_EVERY);
+        if stale && !self.probing.swap(true, Ordering::AcqRel) {
+            let (health, provider) = (self.clone(), provider.clone());
+            tokio::spawn(async move { health.check(provider.as_ref()).await });
         }
-        if self.probing.swap(true, Ordering::AcqRel) {
-            return match last {
-                Some((_, true)) => Reachability::Ok,
-                Some((_, false)) => Reachability::Failing,
-                None => Reachability::Unknown,
-            };
+        match last {
+            Some((_, true)) => Reachability::Ok,
+            Some((_, false)) => Reachability::Failing,
+            None => Reachability::Unknown,
         }
+    }
+
+    /// One check of the provider's API; the caller has set `probing`, which this clears.
+    async fn check(&self, provider: &dyn Provider) {
+        // Cleared however this ends, a panic in the provider included: a check that never
+        // finished must not stop every later one.
+        struct Probing<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Probing<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let _probing = Probing(&self.probing);
         let ok = match tokio::time::timeout(PROBE_TIMEOUT, provider.health()).await {
             Ok(Ok(_)) => {
                 self.accepted();
@@ -242,11 +252,61 @@ impl ProviderHealth {
         };
         *self.probe.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((std::time::Instant::now(), ok));
-        self.probing.store(false, Ordering::Release);
-        if ok {
-            Reachability::Ok
-        } else {
-            Reachability::Failing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A provider whose health check answers after `delay`, and counts its checks.
+    struct SlowHealth {
+        delay: Duration,
+        checks: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Provider for SlowHealth {
+        fn name(&self) -> &'static str {
+            "slow"
         }
+        async fn send(&self, _message: &OutboundMessage) -> Result<Accepted, ProviderError> {
+            unreachable!("not sent to in these tests")
+        }
+        async fn find_sent(
+            &self,
+            _to: &PhoneNumber,
+            _channel: Channel,
+            _body: &str,
+            _since: DateTime<Utc>,
+        ) -> Result<Vec<Accepted>, ProviderError> {
+            Ok(vec![])
+        }
+        async fn health(&self) -> Result<String, ProviderError> {
+            self.checks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(self.delay).await;
+            Ok("ok".into())
+        }
+    }
+
+    /// Until the first check ends: `unknown`, and no second check starts meanwhile. After it:
+    /// its result, and probes within `PROBE_EVERY` reuse it.
+    #[tokio::test]
+    async fn readiness_never_waits_on_the_provider_and_checks_once_a_minute() {
+        let health = Arc::new(ProviderHealth::default());
+        let slow = Arc::new(SlowHealth {
+            delay: Duration::from_millis(200),
+            checks: Default::default(),
+        });
+        let provider: DynProvider = slow.clone();
+        for _ in 0..3 {
+            assert_eq!(health.reachability(&provider), Reachability::Unknown);
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        for _ in 0..3 {
+            assert_eq!(health.reachability(&provider), Reachability::Ok);
+        }
+        assert_eq!(slow.checks.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 }

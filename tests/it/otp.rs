@@ -782,25 +782,26 @@ async fn send_whatsapp(app: &TestApp, user: &str, phone: &str) -> reqwest::Respo
 }
 
 /// A WhatsApp code to a number whose 24-hour window is closed (no approved template) is refused
-/// on the number named, before anything is written: the answer is the same whether the user has
-/// a number on file (whose window is open) or none, the user's live code still verifies, and
-/// the refusals do not use up the user's limits.
+/// on the number named, before the issue: the answer is the same whether the user has a number
+/// on file (whose window is open) or none, and the user's live code still verifies. The refusal
+/// counts against the limits like a send, so which numbers wrote to the clinic lately cannot be
+/// probed without limit.
 async fn a_closed_whatsapp_window_refuses_on_the_number_named_and_writes_nothing(backend: Backend) {
     let (config, _clock) = clocked();
-    let app = TestApp::spawn_with(backend, config.set("OTP_MAX_SENDS_PER_HOUR", "2")).await;
+    let app = TestApp::spawn_with(backend, config.set("OTP_MAX_SENDS_PER_HOUR", "3")).await;
     // `has-file`'s number on file wrote to us on WhatsApp: its window is open.
     app.consent("has-file", "+919876500300").await;
     whatsapp_inbound(&app, "+919876500300").await;
-    for user in ["has-file", "no-file"] {
-        let r = send_whatsapp(&app, user, "+919876500401").await;
+    for (user, named) in [("has-file", "+919876500401"), ("no-file", "+919876500402")] {
+        let r = send_whatsapp(&app, user, named).await;
         assert_eq!(r.status(), 400, "{user}");
         assert_eq!(error_code(r).await, "whatsapp_window_closed", "{user}");
     }
     assert_eq!(outbox_len(&app).await, 0);
-    // Nothing written: no message, no send counted, and a live SMS code survives refusals.
+    // No code replaced, no message written: a live SMS code survives refusals.
     let code = send_ok(&app, "sms-user", "+919876500500", "login").await;
-    for _ in 0..3 {
-        let r = send_whatsapp(&app, "sms-user", "+919876500402").await;
+    for named in ["+919876500411", "+919876500412"] {
+        let r = send_whatsapp(&app, "sms-user", named).await;
         assert_eq!(r.status(), 400);
     }
     let (status, _) = verify(&app, "sms-user", "login", &code).await;
@@ -820,6 +821,16 @@ async fn a_closed_whatsapp_window_refuses_on_the_number_named_and_writes_nothing
             .unwrap()
             .len(),
         1
+    );
+    // But each refusal counted: the user's three sends of the hour are spent, and so is the
+    // number named's cooldown.
+    let r = send_whatsapp(&app, "sms-user", "+919876500413").await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        send(&app, "another", "+919876500402", "login")
+            .await
+            .status(),
+        429
     );
     // A number named whose window is open goes; for a user with a number on file the code goes
     // there, as any code for that account does.

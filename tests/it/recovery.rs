@@ -448,9 +448,8 @@ async fn refused_credentials_hold_the_queue(backend: Backend) {
     let app = TestApp::spawn_with(backend, config).await;
     app.consent("p1", PATIENT).await;
     // `/readyz` checks the provider itself: refused credentials show before any send.
-    let r = app.client.get(app.url("/readyz")).send().await.unwrap();
-    assert_eq!(r.status(), 503);
-    let ready: Value = r.json().await.unwrap();
+    let (status, ready) = readiness_once_checked(&app).await;
+    assert_eq!(status, 503);
     assert_eq!(
         (
             ready["provider_credentials"].clone(),
@@ -474,6 +473,22 @@ async fn refused_credentials_hold_the_queue(backend: Backend) {
     assert_eq!(app.dispatch().await.claimed, 0);
 }
 
+/// `/readyz` once the provider's first check has ended (it runs in the background: the first
+/// probes answer `unknown`).
+async fn readiness_once_checked(app: &TestApp) -> (u16, Value) {
+    let deadline = Instant::now() + StdDuration::from_secs(10);
+    loop {
+        let r = app.client.get(app.url("/readyz")).send().await.unwrap();
+        let status = r.status().as_u16();
+        let ready: Value = r.json().await.unwrap();
+        if ready["provider_api"] != "unknown" {
+            return (status, ready);
+        }
+        assert!(Instant::now() < deadline, "the provider check never ended");
+        tokio::time::sleep(StdDuration::from_millis(20)).await;
+    }
+}
+
 /// Twilio unreachable: `/readyz` says so (`provider_api: failing`) but stays ready, since the
 /// instance still takes STOPs, consent changes and queued messages; and it asks Twilio at most
 /// once a minute however often it is probed.
@@ -487,17 +502,16 @@ async fn readiness_reports_a_provider_that_does_not_answer(backend: Backend) {
         .live(&fake)
         .set("TWILIO_API_BASE", &format!("http://127.0.0.1:{closed}"));
     let app = TestApp::spawn_with(backend, config).await;
-    for _ in 0..3 {
-        let r = app.client.get(app.url("/readyz")).send().await.unwrap();
-        assert_eq!(r.status(), 200);
-        let ready: Value = r.json().await.unwrap();
-        assert_eq!(
-            (ready["status"].clone(), ready["provider_api"].clone()),
-            (json!("ready"), json!("failing"))
-        );
-    }
+    let (status, ready) = readiness_once_checked(&app).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (ready["status"].clone(), ready["provider_api"].clone()),
+        (json!("ready"), json!("failing"))
+    );
     // With Twilio answering, the check passes, and probes within the minute reuse it.
     let app = TestApp::spawn_with(backend, TestConfig::new().live(&fake)).await;
+    let (status, ready) = readiness_once_checked(&app).await;
+    assert_eq!((status, ready["provider_api"].clone()), (200, json!("ok")));
     for _ in 0..3 {
         let ready: Value = app.get_json("/readyz", None).await;
         assert_eq!(ready["provider_api"], "ok");
@@ -507,7 +521,17 @@ async fn readiness_reports_a_provider_that_does_not_answer(backend: Backend) {
         .iter()
         .filter(|r| r.path.ends_with(&format!("{ACCOUNT_SID}.json")))
         .count();
-    assert_eq!(checks, 1, "one health check for three probes");
+    assert_eq!(checks, 1, "one health check for every probe of the minute");
+    // With messaging off the provider is not asked.
+    let app = TestApp::spawn_with(
+        backend,
+        TestConfig::new()
+            .live(&fake)
+            .set("MESSAGING_ENABLED", "false"),
+    )
+    .await;
+    let ready: Value = app.get_json("/readyz", None).await;
+    assert_eq!(ready["provider_api"], "not_checked");
 }
 
 async fn a_slow_lookup_never_stalls_other_sends(backend: Backend) {

@@ -216,6 +216,11 @@ async fn the_form_needs_the_session_token_and_keeps_what_was_typed(backend: Back
     )
     .await;
     assert_eq!(r.status(), 400);
+    // The session was used: its cookie comes again with a fresh Max-Age, as on every save.
+    assert!(r.headers()[SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .starts_with(&cookie));
     let html = r.text().await.unwrap();
     assert!(html.contains("id=\"phone_error\""), "{html}");
     assert!(html.contains("value=\"+1 800 FLOWERS\""));
@@ -250,6 +255,10 @@ async fn the_form_needs_the_session_token_and_keeps_what_was_typed(backend: Back
     .await;
     assert_eq!(r.status(), 303);
     assert_eq!(r.headers()[LOCATION], "/settings/messaging?saved=1");
+    assert!(r.headers()[SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .starts_with(&cookie));
     let consent = app.state.consent.get("p1").await.unwrap().unwrap();
     assert_eq!(consent.phone_number.as_deref(), Some("+447911123456"));
     assert!(consent.sms_consent && !consent.whatsapp_consent && !consent.marketing_consent);

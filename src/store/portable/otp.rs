@@ -24,6 +24,38 @@ impl OtpStore for ThisStore {
         self.functions().is_some()
     }
 
+    async fn log_refused_otp(&self, limits: &OtpLimits<'_>) -> AppResult<Option<i64>> {
+        let phone_index = self.vault.blind(limits.phone_number);
+        let (window_start, per_number, per_address) = limits.window();
+        let row: ChecksRow = sqlx::query_as(OTP_CHECKS)
+            .bind(&phone_index)
+            .bind(limits.user_id)
+            .bind(limits.ip)
+            .bind(window_start)
+            .bind(per_number)
+            .bind(per_address)
+            .bind(0i64)
+            .bind(limits.channel.as_str())
+            .bind(&phone_index)
+            .fetch_one(&self.pool)
+            .await?;
+        if let Some(wait) = limits.wait_seconds(&checks_from_row(row)) {
+            return Ok(Some(wait));
+        }
+        sqlx::query(
+            "INSERT INTO otp_send_log (phone_number, user_id, ip, created_at, phone_index) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(self.vault.seal(limits.phone_number))
+        .bind(limits.user_id)
+        .bind(limits.ip)
+        .bind(limits.now)
+        .bind(&phone_index)
+        .execute(&self.pool)
+        .await?;
+        Ok(None)
+    }
+
     async fn issue_otp(&self, issue: &OtpIssue) -> AppResult<OtpIssueOutcome> {
         if let Some(functions) = self.functions() {
             return functions.issue_otp(&self.vault, issue).await;
@@ -243,15 +275,7 @@ async fn otp_checks(
     log_id: i64,
 ) -> AppResult<OtpChecks> {
     let (window_start, per_number, per_address) = issue.window();
-    type Row = (
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-        i64,
-        i64,
-    );
-    let row: Row = sqlx::query_as(OTP_CHECKS)
+    let row: ChecksRow = sqlx::query_as(OTP_CHECKS)
         .bind(phone_index)
         .bind(&issue.user_id)
         .bind(&issue.ip)
@@ -263,12 +287,26 @@ async fn otp_checks(
         .bind(vault.blind(&issue.send_to))
         .fetch_one(&mut **tx)
         .await?;
-    Ok(OtpChecks {
+    Ok(checks_from_row(row))
+}
+
+/// A row of `OTP_CHECKS`, as it comes back.
+type ChecksRow = (
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    i64,
+    i64,
+);
+
+fn checks_from_row(row: ChecksRow) -> OtpChecks {
+    OtpChecks {
         last_send: row.0,
         number_full: row.1,
         user_full: row.2,
         address_full: row.3,
         named_opted_out: row.4 > 0,
         send_to_opted_out: row.5 > 0,
-    })
+    }
 }
