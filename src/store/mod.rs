@@ -196,9 +196,8 @@ pub trait OtpStore: Send + Sync + 'static {
     /// limits, as a send: one send-log row and nothing else (no code replaced, no message), so a
     /// refusal that depends on a number's history cannot be probed without limit. When a limit
     /// refuses already, nothing is logged and its wait (seconds) is answered instead: over the
-    /// limits every caller hears 429, whatever the number's history. (Not under the issue's
-    /// lock: concurrent refusals may count one or two past a limit, which bounds probing all
-    /// the same.)
+    /// limits every caller hears 429, whatever the number's history. Under the issue's locks,
+    /// so simultaneous refusals and sends cannot slip past a limit together.
     async fn log_refused_otp(&self, limits: &OtpLimits<'_>) -> AppResult<Option<i64>>;
     /// Whether `issue_otp` looks up the number on file itself (`OtpIssue::unless_on_file`):
     /// where reading it first costs a round trip (PostgreSQL), the lookup rides in the issue's

@@ -26,6 +26,7 @@ both_backends!(
     otp_length_is_configurable,
     a_closed_whatsapp_window_refuses_on_the_number_named_and_writes_nothing,
     a_number_on_file_outside_the_allowed_countries_gets_nothing,
+    simultaneous_window_refusals_hold_the_limits,
 );
 
 const PHONE: &str = "+919876543210";
@@ -878,4 +879,33 @@ async fn a_number_on_file_outside_the_allowed_countries_gets_nothing(backend: Ba
         app.outbox_json().await["messages"][0]["to"],
         "+919876500600"
     );
+}
+
+/// Window refusals are counted under the same locks as sends: 24 at once naming one number
+/// answer one 400 and 23 429s (the number's cooldown), as 24 sends would answer one 200. (Logged
+/// and counted without the locks, 2 to 6 of them answered 400.)
+async fn simultaneous_window_refusals_hold_the_limits(backend: Backend) {
+    let (config, _clock) = clocked();
+    let app = TestApp::spawn_with(backend, config).await;
+    let mut requests = tokio::task::JoinSet::new();
+    for n in 0..24 {
+        let (client, url) = (app.client.clone(), app.url("/api/messaging/send-otp"));
+        requests.spawn(async move {
+            let body = json!({"user_id": format!("probe-{n}"), "phone_number": "+919876500700",
+                "purpose": "login", "channel": "whatsapp"});
+            client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        });
+    }
+    let mut statuses = requests.join_all().await;
+    statuses.sort();
+    let mut expected = vec![429; 24];
+    expected[0] = 400;
+    assert_eq!(statuses, expected);
 }

@@ -25,7 +25,30 @@ impl OtpStore for ThisStore {
     }
 
     async fn log_refused_otp(&self, limits: &OtpLimits<'_>) -> AppResult<Option<i64>> {
+        // As `issue_otp` does: under the same locks (PostgreSQL: the advisory locks the OTP
+        // batches take; SQLite: the write lock the first insert takes), log first, then read
+        // the counts leaving that row out, so simultaneous refusals cannot slip past a limit.
+        let mut tx = self.pool.begin().await?;
         let phone_index = self.vault.blind(limits.phone_number);
+        let mut keys = vec![
+            format!("otp:phone:{phone_index}"),
+            format!("otp:user:{}", limits.user_id),
+        ];
+        if let Some(ip) = limits.ip {
+            keys.push(format!("otp:ip:{ip}"));
+        }
+        ThisStore::lock_keys(&mut tx, &mut keys).await?;
+        let log_id: i64 = sqlx::query_scalar(
+            "INSERT INTO otp_send_log (phone_number, user_id, ip, created_at, phone_index) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(self.vault.seal(limits.phone_number))
+        .bind(limits.user_id)
+        .bind(limits.ip)
+        .bind(limits.now)
+        .bind(&phone_index)
+        .fetch_one(&mut *tx)
+        .await?;
         let (window_start, per_number, per_address) = limits.window();
         let row: ChecksRow = sqlx::query_as(OTP_CHECKS)
             .bind(&phone_index)
@@ -34,25 +57,16 @@ impl OtpStore for ThisStore {
             .bind(window_start)
             .bind(per_number)
             .bind(per_address)
-            .bind(0i64)
+            .bind(log_id)
             .bind(limits.channel.as_str())
             .bind(&phone_index)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await?;
         if let Some(wait) = limits.wait_seconds(&checks_from_row(row)) {
+            tx.rollback().await?;
             return Ok(Some(wait));
         }
-        sqlx::query(
-            "INSERT INTO otp_send_log (phone_number, user_id, ip, created_at, phone_index) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(self.vault.seal(limits.phone_number))
-        .bind(limits.user_id)
-        .bind(limits.ip)
-        .bind(limits.now)
-        .bind(&phone_index)
-        .execute(&self.pool)
-        .await?;
+        tx.commit().await?;
         Ok(None)
     }
 
