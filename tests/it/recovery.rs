@@ -380,15 +380,7 @@ async fn host_keys_never_block_reminders_and_values_are_kept_as_given(backend: B
     assert_eq!(first, again);
     let raw = r#"{"user_id": "p1", "template": "payment_received",
         "variables": {"amount": 499.50, "date": "2027-01-12"}}"#;
-    let r = app
-        .client
-        .post(app.url("/api/notifications"))
-        .bearer_auth(API_KEY)
-        .header("content-type", "application/json")
-        .body(raw)
-        .send()
-        .await
-        .unwrap();
+    let r = notify_raw(&app, raw).await;
     assert_eq!(r.status(), 202);
     app.dispatch().await;
     let bodies: Vec<String> = app.outbox_json().await["messages"]
@@ -402,20 +394,24 @@ async fn host_keys_never_block_reminders_and_values_are_kept_as_given(backend: B
     // An exponent is a number the schema allows (`minimum: 0`): spelled out, not refused.
     let raw = r#"{"user_id": "p1", "template": "payment_received",
         "variables": {"amount": 1.25E3, "date": "2027-01-13"}}"#;
-    let r = app
-        .client
+    let r = notify_raw(&app, raw).await;
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    app.dispatch().await;
+    let outbox = app.outbox_json().await;
+    let body = outbox["messages"][0]["body"].as_str().unwrap();
+    assert!(body.contains("payment of 1250 on"), "{body}");
+}
+
+/// `POST /api/notifications` with a body written by hand (JSON numbers as the client wrote them).
+async fn notify_raw(app: &TestApp, raw: &'static str) -> reqwest::Response {
+    app.client
         .post(app.url("/api/notifications"))
         .bearer_auth(API_KEY)
         .header("content-type", "application/json")
         .body(raw)
         .send()
         .await
-        .unwrap();
-    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
-    app.dispatch().await;
-    let outbox = app.outbox_json().await;
-    let body = outbox["messages"][0]["body"].as_str().unwrap();
-    assert!(body.contains("payment of 1250 on"), "{body}");
+        .unwrap()
 }
 
 async fn whatsapp_records_no_sms_segments(backend: Backend) {

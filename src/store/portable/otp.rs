@@ -29,26 +29,13 @@ impl OtpStore for ThisStore {
         // batches take; SQLite: the write lock the first insert takes), log first, then read
         // the counts leaving that row out, so simultaneous refusals cannot slip past a limit.
         let mut tx = self.pool.begin().await?;
-        let phone_index = self.vault.blind(limits.phone_number);
-        let mut keys = vec![
-            format!("otp:phone:{phone_index}"),
-            format!("otp:user:{}", limits.user_id),
-        ];
-        if let Some(ip) = limits.ip {
-            keys.push(format!("otp:ip:{ip}"));
-        }
-        ThisStore::lock_keys(&mut tx, &mut keys).await?;
-        let log_id: i64 = sqlx::query_scalar(
-            "INSERT INTO otp_send_log (phone_number, user_id, ip, created_at, phone_index) \
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
-        )
-        .bind(self.vault.seal(limits.phone_number))
-        .bind(limits.user_id)
-        .bind(limits.ip)
-        .bind(limits.now)
-        .bind(&phone_index)
-        .fetch_one(&mut *tx)
-        .await?;
+        let send = SendLogged {
+            phone_number: limits.phone_number,
+            user_id: limits.user_id,
+            ip: limits.ip,
+            now: limits.now,
+        };
+        let (phone_index, log_id) = send.lock_and_log(&mut tx, &self.vault).await?;
         let (window_start, per_number, per_address) = limits.window();
         let row: ChecksRow = sqlx::query_as(OTP_CHECKS)
             .bind(&phone_index)
@@ -82,28 +69,15 @@ impl OtpStore for ThisStore {
             return writer.issue_otp(&self.vault, issue).await;
         }
         let mut tx = self.pool.begin().await?;
-        let phone_index = self.vault.blind(&issue.phone_number);
-        let mut keys = vec![
-            format!("otp:phone:{phone_index}"),
-            format!("otp:user:{}", issue.user_id),
-        ];
-        if let Some(ip) = &issue.ip {
-            keys.push(format!("otp:ip:{ip}"));
-        }
-        ThisStore::lock_keys(&mut tx, &mut keys).await?;
+        let send = SendLogged {
+            phone_number: &issue.phone_number,
+            user_id: &issue.user_id,
+            ip: issue.ip.as_deref(),
+            now: issue.now,
+        };
         // Log this send first: on SQLite the write takes the database's write lock, serialising
         // concurrent requests before they read the counts.
-        let log_id: i64 = sqlx::query_scalar(
-            "INSERT INTO otp_send_log (phone_number, user_id, ip, created_at, phone_index) \
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
-        )
-        .bind(self.vault.seal(&issue.phone_number))
-        .bind(&issue.user_id)
-        .bind(&issue.ip)
-        .bind(issue.now)
-        .bind(&phone_index)
-        .fetch_one(&mut *tx)
-        .await?;
+        let (phone_index, log_id) = send.lock_and_log(&mut tx, &self.vault).await?;
         let checks = otp_checks(&mut tx, &self.vault, issue, &phone_index, log_id).await?;
         if let Some(wait) = issue.wait_seconds(&checks) {
             tx.rollback().await?;
@@ -277,6 +251,47 @@ impl OtpStore for ThisStore {
             used_deleted,
             send_log_pruned,
         })
+    }
+}
+
+/// A send about to be counted in the send log (an issue, or a refusal counted as one).
+struct SendLogged<'a> {
+    phone_number: &'a str,
+    user_id: &'a str,
+    ip: Option<&'a str>,
+    now: DateTime<Utc>,
+}
+
+impl SendLogged<'_> {
+    /// Take the locks of its number, user and address (PostgreSQL: the advisory locks the OTP
+    /// batches take; SQLite: the first insert takes the write lock) and log it; its number's
+    /// blind index and its log row's id, which the checks leave out.
+    async fn lock_and_log(
+        &self,
+        tx: &mut sqlx::Transaction<'_, Db>,
+        vault: &crate::vault::Vault,
+    ) -> AppResult<(String, i64)> {
+        let phone_index = vault.blind(self.phone_number);
+        let mut keys = vec![
+            format!("otp:phone:{phone_index}"),
+            format!("otp:user:{}", self.user_id),
+        ];
+        if let Some(ip) = self.ip {
+            keys.push(format!("otp:ip:{ip}"));
+        }
+        ThisStore::lock_keys(tx, &mut keys).await?;
+        let log_id: i64 = sqlx::query_scalar(
+            "INSERT INTO otp_send_log (phone_number, user_id, ip, created_at, phone_index) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(vault.seal(self.phone_number))
+        .bind(self.user_id)
+        .bind(self.ip)
+        .bind(self.now)
+        .bind(&phone_index)
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok((phone_index, log_id))
     }
 }
 
