@@ -6,7 +6,9 @@
 //! * One live code per (user, purpose); a new send replaces it. A right code verifies once,
 //!   compared in constant time; `OTP_MAX_ATTEMPTS` wrong tries kill it.
 //! * Sends are limited per number (cooldown and hourly cap), per user and per client IP, and
-//!   optionally to some countries (`OTP_ALLOWED_COUNTRIES`), against SMS pumping.
+//!   optionally to some countries (`OTP_ALLOWED_COUNTRIES`), against SMS pumping. The per-number
+//!   limits hold for the number named (a 429) and, silently, for the number a code goes to,
+//!   however it was asked for: a number on file gets no more codes than one named directly.
 //! * Answers never reveal whether a user is known: no code, a wrong code, a used code and an
 //!   expired code all answer the same `invalid_otp`.
 
@@ -377,6 +379,14 @@ impl Otp {
                 // The number on file opted out of this channel: nothing goes to it, and the
                 // caller, who may not own that number, is told what any other caller is told.
                 tracing::info!(user_id = %request.user_id, purpose = %request.purpose, "OTP not sent: the number on file opted out");
+                return Ok(sent);
+            }
+            // The number the code would go to had its cooldown's or its hour's codes, asked for
+            // naming it or through accounts that have it on file. Nothing goes to it, and the
+            // caller hears what a send sounds like: a 429 here would tell them whose number it
+            // is (or that it is someone's on file).
+            OtpIssueOutcome::DestinationLimited => {
+                tracing::info!(user_id = %request.user_id, purpose = %request.purpose, "OTP not sent: the number it goes to had its codes");
                 return Ok(sent);
             }
             OtpIssueOutcome::RateLimited {

@@ -183,9 +183,11 @@ pub trait MessageStore: Send + Sync + 'static {
 #[async_trait]
 pub trait OtpStore: Send + Sync + 'static {
     /// Check the OTP send limits and, within them, log the send and, unless a number opted out
-    /// (`OtpIssueOutcome::OptedOut`), replace the (user, purpose) code and write its message,
-    /// all in one transaction. Limits are checked under a lock on the
-    /// number, user and IP, so concurrent requests cannot slip past them together.
+    /// (`OtpIssueOutcome::OptedOut`) or the number the code goes to had its codes
+    /// (`OtpIssueOutcome::DestinationLimited`), replace the (user, purpose) code and write its
+    /// message, all in one transaction. Limits are checked under a lock on the number named,
+    /// the number the code goes to, the user and the IP, so concurrent requests cannot slip
+    /// past them together.
     async fn issue_otp(&self, issue: &OtpIssue) -> AppResult<OtpIssueOutcome>;
     /// The wait a limit imposes, read from committed state without a lock, where such a read is
     /// cheap (a SQLite file: an inline read); `None` where it is not (`issue_otp` checks
@@ -794,11 +796,13 @@ pub(crate) const CONSENT_COLUMNS: &str =
 
 /// Everything that decides whether an OTP may go, read in one statement: the last send to the
 /// number named (the cooldown); for each hourly limit, the send that keeps its window full (the
-/// `max`-th newest of the last hour, if there are that many); and whether the number named and the
-/// number the code goes to opted out of the channel. `$1` the named number's blind index, `$2`
-/// user, `$3` client address, `$4` the window's start, `$5` and `$6` the per-number-and-user and
-/// per-address limits less one, `$7` a send-log id to leave out (the request's own), `$8`
-/// channel, `$9` the blind index of the number the code goes to.
+/// `max`-th newest of the last hour, if there are that many); whether the number named and the
+/// number the code goes to opted out of the channel; and the last code that went to the number
+/// the code goes to and the one that keeps its hour full, whichever number was named for them.
+/// `$1` the named number's blind index, `$2` user, `$3` client address, `$4` the window's start,
+/// `$5` and `$6` the per-number-and-user and per-address limits less one, `$7` a send-log id to
+/// leave out (the request's own), `$8` channel, `$9` the blind index of the number the code goes
+/// to.
 pub(crate) const OTP_CHECKS: &str = "SELECT \
      (SELECT created_at FROM otp_send_log WHERE phone_index = $1 AND id <> $7 \
       ORDER BY created_at DESC LIMIT 1), \
@@ -809,7 +813,11 @@ pub(crate) const OTP_CHECKS: &str = "SELECT \
      (SELECT created_at FROM otp_send_log WHERE ip = $3 AND id <> $7 \
       AND created_at > $4 ORDER BY created_at DESC LIMIT 1 OFFSET $6), \
      (SELECT COUNT(*) FROM opt_outs WHERE phone_index = $1 AND channel = $8), \
-     (SELECT COUNT(*) FROM opt_outs WHERE phone_index = $9 AND channel = $8)";
+     (SELECT COUNT(*) FROM opt_outs WHERE phone_index = $9 AND channel = $8), \
+     (SELECT created_at FROM otp_send_log WHERE send_to_index = $9 AND id <> $7 \
+      ORDER BY created_at DESC LIMIT 1), \
+     (SELECT created_at FROM otp_send_log WHERE send_to_index = $9 AND id <> $7 \
+      AND created_at > $4 ORDER BY created_at DESC LIMIT 1 OFFSET $5)";
 
 /// Whether a claim also takes `sending` messages whose lease ran out with no SID (their process
 /// died mid-send).
@@ -946,6 +954,10 @@ pub(crate) struct OtpChecks {
     pub address_full: Option<DateTime<Utc>>,
     pub named_opted_out: bool,
     pub send_to_opted_out: bool,
+    /// The last code that went to the number the code goes to, and the send that keeps that
+    /// number's hour full.
+    pub destination_last_send: Option<DateTime<Utc>>,
+    pub destination_full: Option<DateTime<Utc>>,
 }
 
 impl OtpIssue {
@@ -1024,6 +1036,22 @@ impl OtpIssue {
     /// `OtpLimits::wait_seconds` for this issue.
     pub(crate) fn wait_seconds(&self, checks: &OtpChecks) -> Option<i64> {
         self.limits().wait_seconds(checks)
+    }
+
+    /// A code about to go out (it has an attempt: nothing goes out for a skipped send) to a
+    /// number within its cooldown or with its hour's codes, whatever numbers they were asked
+    /// for: dropped, silently (`OtpIssueOutcome::DestinationLimited`).
+    pub(crate) fn destination_limited(&self, checks: &OtpChecks) -> bool {
+        let cooling = checks
+            .destination_last_send
+            .is_some_and(|last| last + chrono::Duration::seconds(self.cooldown_seconds) > self.now);
+        self.attempt.is_some() && (cooling || checks.destination_full.is_some())
+    }
+
+    /// The blind index the send log records as where this code went: only for a code that goes
+    /// out (`destination_limited` counts these).
+    pub(crate) fn logged_destination(&self, vault: &crate::vault::Vault) -> Option<String> {
+        self.attempt.as_ref().map(|_| vault.blind(&self.send_to))
     }
 
     /// `Some(true)` when the number named opted out of the channel, `Some(false)` when the number
@@ -1130,7 +1158,44 @@ pub(crate) mod tests {
             address_full: None,
             named_opted_out: false,
             send_to_opted_out: false,
+            destination_last_send: None,
+            destination_full: None,
         }
+    }
+
+    #[test]
+    fn only_a_code_that_goes_out_is_held_to_its_destination_s_limits() {
+        let now = Utc::now();
+        let mut issue = issue(now, None);
+        let cooling = OtpChecks {
+            destination_last_send: Some(now - Duration::seconds(59)),
+            ..clear()
+        };
+        let cooled = OtpChecks {
+            destination_last_send: Some(now - Duration::seconds(60)),
+            ..clear()
+        };
+        let full = OtpChecks {
+            destination_full: Some(now - Duration::minutes(59)),
+            ..clear()
+        };
+        // A skipped send (no attempt) sends nothing: nothing to hold back.
+        assert!(!issue.destination_limited(&cooling));
+        assert!(!issue.destination_limited(&full));
+        issue.attempt = Some(SendAttempt {
+            to_number: issue.send_to.clone(),
+            channel: Channel::Sms,
+            encoding: None,
+            segments: None,
+            body: None,
+            take_slot: None,
+        });
+        assert!(issue.destination_limited(&cooling));
+        assert!(!issue.destination_limited(&cooled));
+        assert!(issue.destination_limited(&full));
+        assert!(!issue.destination_limited(&clear()));
+        // Never a visible wait: the caller must not learn the number is someone's on file.
+        assert_eq!(issue.wait_seconds(&full), None);
     }
 
     #[test]

@@ -652,9 +652,14 @@ pub enum OtpIssueOutcome {
         to: String,
     },
     /// `OtpIssue::unless_on_file`, and the user has another number on file that the store could
-    /// not route to (no blind index beside it): nothing was written; read the number and issue
-    /// again.
+    /// not route to (no blind index beside it, or changed since the store took that number's
+    /// lock): nothing was written; read the number and issue again.
     OnFileElsewhere,
+    /// Within the limits of the number named, the user and the address, and logged against them,
+    /// but the number the code would go to had its cooldown's or its hour's codes (whatever
+    /// numbers and users they were asked for): no code and no message. The caller must hear what
+    /// a send sounds like: anything else would tell them the number is someone's number on file.
+    DestinationLimited,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

@@ -27,6 +27,8 @@ both_backends!(
     a_closed_whatsapp_window_refuses_on_the_number_named_and_writes_nothing,
     a_number_on_file_outside_the_allowed_countries_gets_nothing,
     simultaneous_window_refusals_hold_the_limits,
+    codes_to_one_number_share_its_limits_whichever_way_they_are_asked_for,
+    simultaneous_codes_to_one_number_hold_its_limits,
 );
 
 const PHONE: &str = "+919876543210";
@@ -908,4 +910,226 @@ async fn simultaneous_window_refusals_hold_the_limits(backend: Backend) {
     let mut expected = vec![429; 24];
     expected[0] = 400;
     assert_eq!(statuses, expected);
+}
+
+/// How many dev-outbox messages went to `phone`.
+async fn sent_to(app: &TestApp, phone: &str) -> usize {
+    let outbox: Value = app.outbox_json().await;
+    outbox["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["to"] == phone)
+        .count()
+}
+
+/// A send-otp from its own client address (`TRUST_FORWARDED_FOR`).
+async fn send_from(
+    app: &TestApp,
+    address: &str,
+    user: &str,
+    phone: &str,
+    purpose: &str,
+) -> reqwest::Response {
+    app.client
+        .post(app.url("/api/messaging/send-otp"))
+        .header("x-forwarded-for", address)
+        .json(&json!({"user_id": user, "phone_number": phone, "purpose": purpose}))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The per-number limits hold for the number a code goes to, however it was asked for: codes
+/// sent to a number on file through its account and codes naming that number share its
+/// cooldown and its hour. (They were counted against the number named only, so a phone could get
+/// its hour's codes through each account with it on file and its hour's codes naming it, with no
+/// cooldown between the routes.) A send past them sends nothing, replaces no code, and answers as
+/// a send: a 429 would tell the caller that the number they named is someone's number on file.
+async fn codes_to_one_number_share_its_limits_whichever_way_they_are_asked_for(backend: Backend) {
+    const ON_FILE: &str = "+919876500800";
+    let (config, clock) = clocked();
+    let config = config
+        .set("OTP_MAX_SENDS_PER_HOUR", "3")
+        .set("TRUST_FORWARDED_FOR", "true");
+    let app = TestApp::spawn_with(backend, config).await;
+    app.consent("owner", ON_FILE).await;
+    let ok = |r: reqwest::Response| async move {
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    };
+    // A login code through the account goes to the number on file.
+    ok(send_from(&app, "198.51.100.1", "owner", "+919876500801", "login").await).await;
+    assert_eq!(sent_to(&app, ON_FILE).await, 1);
+    // Naming that number within its cooldown: answered as a send, nothing sent or written.
+    clock.advance(Duration::seconds(10));
+    ok(send_from(&app, "198.51.100.2", "stranger", ON_FILE, "verification").await).await;
+    assert_eq!(
+        sent_to(&app, ON_FILE).await,
+        1,
+        "the cooldown is the number's"
+    );
+    assert!(app
+        .state
+        .store
+        .get_otp("stranger", "verification")
+        .await
+        .unwrap()
+        .is_none());
+    // Past the cooldown of both: the send just dropped was counted against the number named.
+    clock.advance(Duration::seconds(31));
+    ok(send_from(&app, "198.51.100.3", "stranger", ON_FILE, "verification").await).await;
+    assert_eq!(sent_to(&app, ON_FILE).await, 2);
+    clock.advance(Duration::seconds(31));
+    ok(send_from(&app, "198.51.100.4", "owner", "+919876500802", "login").await).await;
+    assert_eq!(sent_to(&app, ON_FILE).await, 3);
+    let owners_code = latest_code(&app, ON_FILE).await;
+    // The number's hour is full, whichever way the next codes are asked for.
+    clock.advance(Duration::seconds(31));
+    ok(send_from(&app, "198.51.100.5", "another", ON_FILE, "verification").await).await;
+    clock.advance(Duration::seconds(31));
+    ok(send_from(&app, "198.51.100.6", "owner", "+919876500803", "login").await).await;
+    assert_eq!(sent_to(&app, ON_FILE).await, 3, "the hour is the number's");
+    // The dropped send replaced nothing: the owner's last code still verifies.
+    assert_eq!(verify(&app, "owner", "login", &owners_code).await.0, 200);
+    // Other numbers are not held back.
+    ok(send_from(
+        &app,
+        "198.51.100.7",
+        "another",
+        "+919876500809",
+        "verification",
+    )
+    .await)
+    .await;
+    assert_eq!(sent_to(&app, "+919876500809").await, 1);
+    // An hour after they went, the number's codes leave its hour.
+    clock.advance(Duration::minutes(59));
+    ok(send_from(&app, "198.51.100.8", "later", ON_FILE, "verification").await).await;
+    assert_eq!(sent_to(&app, ON_FILE).await, 4);
+}
+
+/// Simultaneous codes for one number hold its limits whichever way they are asked for: 12
+/// accounts with it on file and 12 callers naming it, all at once from their own addresses,
+/// with no cooldown and 3 an hour. Every account's answer is a send's; 3 callers are within the
+/// limit of the number they named and 9 are refused it (a number named is limited visibly); and
+/// 3 codes reach the number.
+async fn simultaneous_codes_to_one_number_hold_its_limits(backend: Backend) {
+    const ON_FILE: &str = "+919876500900";
+    let (config, _clock) = clocked();
+    let config = config
+        .set("OTP_RESEND_COOLDOWN_SECONDS", "0")
+        .set("OTP_MAX_SENDS_PER_HOUR", "3")
+        .set("TRUST_FORWARDED_FOR", "true");
+    let app = std::sync::Arc::new(TestApp::spawn_with(backend, config).await);
+    for n in 0..12 {
+        app.consent(&format!("family-{n}"), ON_FILE).await;
+    }
+    let mut requests = tokio::task::JoinSet::new();
+    for n in 0..24 {
+        let app = app.clone();
+        requests.spawn(async move {
+            let address = format!("198.51.100.{n}");
+            let r = if n % 2 == 0 {
+                let named = format!("+9198765009{:02}", 10 + n);
+                send_from(
+                    &app,
+                    &address,
+                    &format!("family-{}", n / 2),
+                    &named,
+                    "login",
+                )
+                .await
+            } else {
+                send_from(
+                    &app,
+                    &address,
+                    &format!("caller-{n}"),
+                    ON_FILE,
+                    "verification",
+                )
+                .await
+            };
+            (n % 2 == 0, r.status().as_u16())
+        });
+    }
+    let answers = requests.join_all().await;
+    let statuses = |family: bool| {
+        let mut s: Vec<u16> = answers
+            .iter()
+            .filter(|a| a.0 == family)
+            .map(|a| a.1)
+            .collect();
+        s.sort();
+        s
+    };
+    assert_eq!(statuses(true), vec![200; 12]);
+    let mut callers = vec![429; 12];
+    callers[..3].fill(200);
+    assert_eq!(statuses(false), callers);
+    assert_eq!(sent_to(&app, ON_FILE).await, 3);
+}
+
+/// Two instances on one PostgreSQL database hold the limits of the number a code goes to
+/// together. Each runs its own OTP batches, so only the advisory locks keep their codes for one
+/// number from slipping past its limits: the number named's, the one the service adds for a
+/// number it knows the code goes to, and the number on file's, which the batch reads before it
+/// locks. 12 accounts with the number on file through one instance and 12 callers naming it
+/// through the other, all at once: 3 codes are written for it, as from one instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_hold_the_limits_of_the_number_a_code_goes_to() {
+    use prism_messaging::otp::SendOtpRequest;
+    const ON_FILE: &str = "+919876501000";
+    if postgres_admin_url().is_none() {
+        eprintln!("TEST_DATABASE_URL is not set: skipping the PostgreSQL run");
+        return;
+    }
+    let config = TestConfig::new()
+        .set("OTP_RESEND_COOLDOWN_SECONDS", "0")
+        .set("OTP_MAX_SENDS_PER_HOUR", "3");
+    let mut vars = config.vars.clone();
+    let first = std::sync::Arc::new(TestApp::spawn_with(Backend::Postgres, config).await);
+    vars.insert("DATABASE_URL".into(), first.db.url.clone());
+    let second = prism_messaging::http::AppState::from_config(
+        prism_messaging::config::Config::from_lookup(|name| vars.get(name).cloned()).unwrap(),
+    )
+    .await
+    .unwrap();
+    for n in 0..12 {
+        first.consent(&format!("family-{n}"), ON_FILE).await;
+    }
+    let ask = |user: String, phone: String, purpose: &str| SendOtpRequest {
+        user_id: user,
+        phone_number: phone,
+        purpose: purpose.to_string(),
+        channel: None,
+    };
+    let mut requests = tokio::task::JoinSet::new();
+    for n in 0..12 {
+        let request = ask(
+            format!("family-{n}"),
+            format!("+9198765010{:02}", 10 + n),
+            "login",
+        );
+        let otp = first.state.otp.clone();
+        requests.spawn(async move { otp.send(request, Some(format!("198.51.100.{n}"))).await });
+        let request = ask(format!("caller-{n}"), ON_FILE.into(), "verification");
+        let otp = second.otp.clone();
+        requests.spawn(async move { otp.send(request, Some(format!("203.0.113.{n}"))).await });
+    }
+    let answers = requests.join_all().await;
+    let refused = answers.iter().filter(|a| a.is_err()).count();
+    assert_eq!(refused, 9, "the callers past the named number's limit");
+    let mut written = 0;
+    for n in 0..12 {
+        for user in [format!("family-{n}"), format!("caller-{n}")] {
+            written += first
+                .state
+                .store
+                .user_messages(&user, 10)
+                .await
+                .unwrap()
+                .len();
+        }
+    }
+    assert_eq!(written, 3, "codes written for the number");
 }

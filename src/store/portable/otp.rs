@@ -31,6 +31,7 @@ impl OtpStore for ThisStore {
         let mut tx = self.pool.begin().await?;
         let send = SendLogged {
             phone_number: limits.phone_number,
+            send_to: None,
             user_id: limits.user_id,
             ip: limits.ip,
             now: limits.now,
@@ -71,6 +72,7 @@ impl OtpStore for ThisStore {
         let mut tx = self.pool.begin().await?;
         let send = SendLogged {
             phone_number: &issue.phone_number,
+            send_to: Some(&issue.send_to),
             user_id: &issue.user_id,
             ip: issue.ip.as_deref(),
             now: issue.now,
@@ -88,6 +90,19 @@ impl OtpStore for ThisStore {
         if let Some(named) = issue.opted_out(&checks) {
             tx.commit().await?;
             return Ok(OtpIssueOutcome::OptedOut { named });
+        }
+        if issue.destination_limited(&checks) {
+            tx.commit().await?;
+            return Ok(OtpIssueOutcome::DestinationLimited);
+        }
+        // Logged without its destination (the checks above must not count it there); a code
+        // that goes out is counted against the number it goes to.
+        if let Some(destination) = issue.logged_destination(&self.vault) {
+            sqlx::query("UPDATE otp_send_log SET send_to_index = $1 WHERE id = $2")
+                .bind(destination)
+                .bind(log_id)
+                .execute(&mut *tx)
+                .await?;
         }
         let message = issue.issued_record();
         let attempt = issue.attempt.as_ref();
@@ -257,15 +272,18 @@ impl OtpStore for ThisStore {
 /// A send about to be counted in the send log (an issue, or a refusal counted as one).
 struct SendLogged<'a> {
     phone_number: &'a str,
+    /// The number the code goes to, if one may go: its lock is taken too.
+    send_to: Option<&'a str>,
     user_id: &'a str,
     ip: Option<&'a str>,
     now: DateTime<Utc>,
 }
 
 impl SendLogged<'_> {
-    /// Take the locks of its number, user and address (PostgreSQL: the advisory locks the OTP
-    /// batches take; SQLite: the first insert takes the write lock) and log it; its number's
-    /// blind index and its log row's id, which the checks leave out.
+    /// Take the locks of its number, the number its code goes to, its user and its address
+    /// (PostgreSQL: the advisory locks the OTP batches take; SQLite: the first insert takes the
+    /// write lock) and log it; its number's blind index and its log row's id, which the checks
+    /// leave out.
     async fn lock_and_log(
         &self,
         tx: &mut sqlx::Transaction<'_, Db>,
@@ -276,6 +294,9 @@ impl SendLogged<'_> {
             format!("otp:phone:{phone_index}"),
             format!("otp:user:{}", self.user_id),
         ];
+        if let Some(send_to) = self.send_to.filter(|n| *n != self.phone_number) {
+            keys.push(format!("otp:phone:{}", vault.blind(send_to)));
+        }
         if let Some(ip) = self.ip {
             keys.push(format!("otp:ip:{ip}"));
         }
@@ -327,6 +348,8 @@ type ChecksRow = (
     Option<DateTime<Utc>>,
     i64,
     i64,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
 );
 
 fn checks_from_row(row: ChecksRow) -> OtpChecks {
@@ -337,5 +360,7 @@ fn checks_from_row(row: ChecksRow) -> OtpChecks {
         address_full: row.3,
         named_opted_out: row.4 > 0,
         send_to_opted_out: row.5 > 0,
+        destination_last_send: row.6,
+        destination_full: row.7,
     }
 }

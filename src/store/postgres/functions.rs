@@ -315,6 +315,11 @@ impl PgFunctions {
             format!("otp:phone:{phone_index}"),
             format!("otp:user:{}", issue.user_id),
         ];
+        // The number the code goes to, when it is known here and not the number named (the
+        // function takes the lock of a number it finds on file itself).
+        if issue.send_to != issue.phone_number {
+            locks.push(format!("otp:phone:{}", vault.blind(&issue.send_to)));
+        }
         if let Some(ip) = &issue.ip {
             locks.push(format!("otp:ip:{ip}"));
         }
@@ -376,6 +381,9 @@ impl PgFunctions {
             address_full: answer.address_full,
             named_opted_out: answer.named_opted_out,
             send_to_opted_out: answer.send_to_opted_out,
+            // Decided in the function (`destination_limited`); not handed back.
+            destination_last_send: None,
+            destination_full: None,
         };
         match answer.outcome.as_str() {
             "rate_limited" => Ok(OtpIssueOutcome::RateLimited {
@@ -399,6 +407,7 @@ impl PgFunctions {
                 }
             },
             "on_file_elsewhere" => Ok(OtpIssueOutcome::OnFileElsewhere),
+            "destination_limited" => Ok(OtpIssueOutcome::DestinationLimited),
             other => Err(anyhow::anyhow!("otp_issue_batch answered {other:?}").into()),
         }
     }

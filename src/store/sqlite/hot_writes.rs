@@ -194,20 +194,30 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
             retry_after_seconds: wait,
         });
     }
+    let opted_out = issue.opted_out(&checks);
+    let dropped = opted_out.is_none() && issue.destination_limited(&checks);
+    // Counted against the number it went to only if a code goes out.
+    let destination = issue
+        .logged_destination(vault)
+        .filter(|_| opted_out.is_none() && !dropped);
     execute(
         conn,
-        "INSERT INTO otp_send_log (phone_number, user_id, ip, created_at, phone_index) \
-         VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO otp_send_log (phone_number, user_id, ip, created_at, phone_index, \
+         send_to_index) VALUES ($1, $2, $3, $4, $5, $6)",
         &[
             &vault.seal(&issue.phone_number),
             &issue.user_id,
             &issue.ip,
             &ts(&issue.now),
             &phone_index,
+            &destination,
         ],
     )?;
-    if let Some(named) = issue.opted_out(&checks) {
+    if let Some(named) = opted_out {
         return Ok(OtpIssueOutcome::OptedOut { named });
+    }
+    if dropped {
+        return Ok(OtpIssueOutcome::DestinationLimited);
     }
     let m = &issue.message;
     let attempt = issue.attempt.as_ref();
@@ -321,6 +331,8 @@ fn otp_checks(
         address_full: time(3)?,
         named_opted_out: row.get::<_, i64>(4)? > 0,
         send_to_opted_out: row.get::<_, i64>(5)? > 0,
+        destination_last_send: time(6)?,
+        destination_full: time(7)?,
     })
 }
 

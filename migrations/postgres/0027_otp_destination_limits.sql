@@ -1,0 +1,330 @@
+-- Codes are limited by the number they go to, not only by the number named (issue 14's follow-up
+-- to the right-person work of issue 9).
+--
+-- A code for any purpose but `verification` goes to the user's number on file, whatever number
+-- the request names; the send log counted the number named. So one phone could get the hour's
+-- codes through every account that has it on file, plus the hour's codes naming it directly,
+-- with no cooldown between the routes. Each send that goes out now also records the blind index
+-- of the number it went to (`send_to_index`), and a code for a number that had its cooldown's or
+-- its hour's codes is dropped: logged against the number named, the user and the address, as any
+-- send is, and answered `destination_limited`, which the service answers as a send. It must be
+-- silent: a 429 would tell the caller that the number they named is someone's number on file.
+--
+-- The number a code goes to is locked like the number named, under the same key
+-- (`otp:phone:<index>`), so that simultaneous codes for one number cannot slip past its limits
+-- whichever route they take. The service adds the key when it knows the number; for a job
+-- planned `unless_on_file` the function reads the number on file before it takes its locks and
+-- adds that number's key, all taken in one sorted order (byte order, `COLLATE "C"`, as the
+-- service sorts them). If the number on file changed between that read and the locked read, the
+-- job answers `on_file_elsewhere` (nothing written) and the service reads the number and issues
+-- again with the number's key.
+--
+-- Jobs of one batch decided together must not share a number they go to either; they go one at
+-- a time instead, as jobs sharing a number named, a user or an address always did.
+--
+-- `otp_issue_batch` is migration 21's, restated (a function is replaced whole).
+
+ALTER TABLE otp_send_log ADD COLUMN send_to_index TEXT;
+CREATE INDEX otp_send_log_send_to ON otp_send_log (send_to_index, created_at);
+
+CREATE OR REPLACE FUNCTION otp_issue_batch(p_lock_keys TEXT[], p_jobs JSONB) RETURNS TABLE (
+    n BIGINT,
+    outcome TEXT,
+    last_send TIMESTAMPTZ,
+    number_full TIMESTAMPTZ,
+    user_full TIMESTAMPTZ,
+    address_full TIMESTAMPTZ,
+    named_opted_out BOOLEAN,
+    send_to_opted_out BOOLEAN,
+    -- The number on file the code went to instead of the number named (sealed), if it did.
+    redirected_to TEXT
+) LANGUAGE plpgsql AS $$
+DECLARE
+    j RECORD;
+    r RECORD;
+    file_number TEXT;
+    file_index TEXT;
+    elsewhere BOOLEAN;
+    dest_index TEXT;
+    dest_last TIMESTAMPTZ;
+    dest_full TIMESTAMPTZ;
+    v_locked TEXT[];
+    v_together BIGINT[] := '{}';
+    taken_senders TEXT[] := '{}';
+    taken_now_us BIGINT[] := '{}';
+    taken_interval_us BIGINT[] := '{}';
+BEGIN
+    -- The service's keys, and those of the numbers on file that `unless_on_file` jobs may go
+    -- to, in the service's order (byte order).
+    v_locked := ARRAY(
+        SELECT k.key FROM (
+            SELECT unnest(p_lock_keys) AS key
+            UNION
+            SELECT 'otp:phone:' || c.phone_index
+            FROM otp_batch_jobs(p_jobs) b JOIN messaging_consent c ON c.user_id = b.user_id
+            WHERE b.unless_on_file AND c.phone_index IS NOT NULL
+        ) k ORDER BY k.key COLLATE "C");
+    PERFORM lock_keys_in_order(v_locked);
+
+    -- Jobs that share no number named, number sent to, user or address with another job of the
+    -- batch: decided and written together, one statement for all of them. None can see
+    -- another's writes here (one snapshot), and none needs to: their limits and opt-outs are
+    -- about different rows. The events are inserted in job order and, within a message, in the
+    -- VALUES' order (their ids).
+    FOR r IN
+        WITH jobs AS MATERIALIZED (SELECT * FROM otp_batch_jobs(p_jobs)
+        ), on_file AS MATERIALIZED (
+            -- The number on file of a job planned `unless_on_file`: one primary-key probe each.
+            SELECT k.*, f.file_number, f.file_index,
+                f.file_number IS NOT NULL AND f.file_index IS DISTINCT FROM k.send_to_index
+                    AS elsewhere
+            FROM jobs k LEFT JOIN LATERAL (
+                SELECT c.phone_number AS file_number, c.phone_index AS file_index
+                FROM messaging_consent c WHERE k.unless_on_file AND c.user_id = k.user_id
+            ) f ON TRUE
+        ), routed AS MATERIALIZED (
+            -- Where each code goes: the number planned, or the number on file instead.
+            SELECT o.*,
+                CASE WHEN o.elsewhere THEN o.file_index ELSE o.send_to_index END AS d_index,
+                CASE WHEN o.elsewhere THEN o.file_number ELSE o.code_to END AS d_code_to,
+                CASE WHEN o.elsewhere AND o.to_number IS NOT NULL THEN o.file_number
+                     ELSE o.to_number END AS d_to_number,
+                CASE WHEN o.elsewhere AND o.to_index IS NOT NULL THEN o.file_index
+                     ELSE o.to_index END AS d_to_index
+            FROM on_file o
+        ), alone AS MATERIALIZED (
+            SELECT w.* FROM (
+                SELECT t.*,
+                    count(*) OVER (PARTITION BY t.phone_index) > 1
+                    OR count(*) OVER (PARTITION BY t.user_id) > 1
+                    OR (t.ip IS NOT NULL AND count(*) OVER (PARTITION BY t.ip) > 1)
+                    OR count(*) OVER (PARTITION BY t.d_index) > 1 AS in_common
+                FROM routed t
+            ) w WHERE NOT w.in_common
+        ), checked AS MATERIALIZED (
+            SELECT k.*,
+                (SELECT l.created_at FROM otp_send_log l WHERE l.phone_index = k.phone_index
+                 ORDER BY l.created_at DESC LIMIT 1) AS c_last_send,
+                (SELECT l.created_at FROM otp_send_log l WHERE l.phone_index = k.phone_index
+                 AND l.created_at > k.window_start ORDER BY l.created_at DESC
+                 LIMIT 1 OFFSET k.per_number) AS c_number_full,
+                (SELECT l.created_at FROM otp_send_log l WHERE l.user_id = k.user_id
+                 AND l.created_at > k.window_start ORDER BY l.created_at DESC
+                 LIMIT 1 OFFSET k.per_number) AS c_user_full,
+                (SELECT l.created_at FROM otp_send_log l WHERE l.ip = k.ip
+                 AND l.created_at > k.window_start ORDER BY l.created_at DESC
+                 LIMIT 1 OFFSET k.per_address) AS c_address_full,
+                EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = k.phone_index
+                        AND o.channel = k.channel) AS c_named_opted_out,
+                EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = k.d_index
+                        AND o.channel = k.channel) AS c_send_to_opted_out,
+                (SELECT l.created_at FROM otp_send_log l WHERE l.send_to_index = k.d_index
+                 ORDER BY l.created_at DESC LIMIT 1) AS c_dest_last,
+                (SELECT l.created_at FROM otp_send_log l WHERE l.send_to_index = k.d_index
+                 AND l.created_at > k.window_start ORDER BY l.created_at DESC
+                 LIMIT 1 OFFSET k.per_number) AS c_dest_full
+            FROM alone k
+        ), decided AS MATERIALIZED (
+            SELECT c.*, CASE
+                WHEN c.refuse_all OR c.c_last_send > c.cooldown_after
+                     OR c.c_number_full IS NOT NULL OR c.c_user_full IS NOT NULL
+                     OR (c.ip IS NOT NULL AND c.c_address_full IS NOT NULL) THEN 'rate_limited'
+                WHEN c.elsewhere AND (c.file_index IS NULL
+                     OR NOT ('otp:phone:' || c.file_index) = ANY(v_locked))
+                     THEN 'on_file_elsewhere'
+                WHEN c.c_named_opted_out OR c.c_send_to_opted_out THEN 'opted_out'
+                WHEN c.attempt_started IS NOT NULL AND (c.c_dest_last > c.cooldown_after
+                     OR c.c_dest_full IS NOT NULL) THEN 'destination_limited'
+                ELSE 'issued' END AS c_outcome
+            FROM checked c
+        ), logged AS (
+            INSERT INTO otp_send_log (phone_number, user_id, ip, created_at, phone_index,
+                send_to_index)
+            SELECT d.sealed_phone, d.user_id, d.ip, d.now, d.phone_index,
+                CASE WHEN d.c_outcome = 'issued' AND d.attempt_started IS NOT NULL
+                     THEN d.d_index END
+            FROM decided d WHERE d.c_outcome IN ('opted_out', 'destination_limited', 'issued')
+            ORDER BY d.n
+        ), written AS (
+            INSERT INTO messages (id, user_id, template_name, variables, channel, status, attempts,
+                idempotency_key, next_attempt_at, lease_until, created_at, updated_at, to_number,
+                to_index, encoding, segments, attempt_started_at, attempt_body, lookup_needed,
+                provider_sid)
+            SELECT d.message_id, d.user_id, d.template, d.variables, d.message_channel, d.status,
+                CASE WHEN d.attempt_started IS NULL THEN 0 ELSE 1 END, NULL, d.created_at,
+                d.lease, d.created_at, d.created_at, d.d_to_number, d.d_to_index, d.encoding,
+                d.segments, d.attempt_started, d.body, FALSE, d.sid
+            FROM decided d WHERE d.c_outcome = 'issued' ORDER BY d.n
+        ), evented AS (
+            INSERT INTO message_events (message_id, status, error_code, detail, occurred_at)
+            SELECT d.message_id, e.status, NULL, e.detail, d.created_at
+            FROM decided d CROSS JOIN LATERAL (VALUES
+                    (1, 'sending', NULL, TRUE),
+                    (2, 'sent', NULL, d.sid IS NOT NULL),
+                    (3, d.news, 'provider answer', d.sid IS NOT NULL AND d.news IS NOT NULL))
+                AS e(ord, status, detail, wanted)
+            WHERE d.c_outcome = 'issued' AND d.attempt_started IS NOT NULL AND e.wanted
+            ORDER BY d.n, e.ord
+        ), forgiven AS (
+            DELETE FROM otp_failures f USING decided d
+            WHERE d.c_outcome = 'issued' AND f.user_id = d.user_id AND f.purpose = d.purpose
+        ), coded AS (
+            INSERT INTO otp_codes (user_id, purpose, phone_number, channel, code_hash, attempts,
+                expires_at, used_at, message_id, created_at)
+            SELECT d.user_id, d.purpose, d.d_code_to, d.channel, d.code_hash, 0, d.expires_at,
+                NULL, d.message_id, d.now
+            FROM decided d WHERE d.c_outcome = 'issued' ORDER BY d.n
+            ON CONFLICT (user_id, purpose) DO UPDATE SET phone_number = excluded.phone_number,
+                channel = excluded.channel, code_hash = excluded.code_hash, attempts = 0,
+                expires_at = excluded.expires_at, used_at = NULL,
+                message_id = excluded.message_id, created_at = excluded.created_at
+        )
+        SELECT d.n AS job, d.c_outcome, d.c_last_send, d.c_number_full, d.c_user_full,
+            d.c_address_full, d.c_named_opted_out, d.c_send_to_opted_out, d.attempt_started,
+            d.slot_sender, d.slot_now_us, d.slot_interval_us,
+            CASE WHEN d.c_outcome = 'issued' AND d.elsewhere THEN d.file_number END AS c_redirected_to
+        FROM decided d ORDER BY d.n
+    LOOP
+        n := r.job;
+        outcome := r.c_outcome;
+        last_send := r.c_last_send;
+        number_full := r.c_number_full;
+        user_full := r.c_user_full;
+        address_full := r.c_address_full;
+        named_opted_out := r.c_named_opted_out;
+        send_to_opted_out := r.c_send_to_opted_out;
+        redirected_to := r.c_redirected_to;
+        IF r.c_outcome = 'issued' AND r.attempt_started IS NOT NULL
+           AND r.slot_sender IS NOT NULL THEN
+            taken_senders := taken_senders || r.slot_sender;
+            taken_now_us := taken_now_us || r.slot_now_us;
+            taken_interval_us := taken_interval_us || r.slot_interval_us;
+        END IF;
+        v_together := v_together || r.job;
+        RETURN NEXT;
+    END LOOP;
+
+    -- Jobs that share a number, user or address: one at a time in the order they came, each
+    -- seeing what the ones before it wrote.
+    IF cardinality(v_together) < jsonb_array_length(p_jobs) THEN
+        FOR j IN SELECT * FROM otp_batch_jobs(p_jobs) b
+                 WHERE NOT (b.n = ANY(v_together)) ORDER BY b.n LOOP
+            n := j.n;
+            redirected_to := NULL;
+            file_number := NULL;
+            file_index := NULL;
+            IF j.unless_on_file THEN
+                SELECT c.phone_number, c.phone_index INTO file_number, file_index
+                FROM messaging_consent c WHERE c.user_id = j.user_id;
+            END IF;
+            elsewhere := file_number IS NOT NULL AND file_index IS DISTINCT FROM j.send_to_index;
+            dest_index := CASE WHEN elsewhere THEN file_index ELSE j.send_to_index END;
+            -- Migration 19's checks: the offsets are sub-selects so that PL/pgSQL keeps one
+            -- cached plan instead of planning the statement again for every job.
+            SELECT
+                (SELECT l.created_at FROM otp_send_log l WHERE l.phone_index = j.phone_index
+                 ORDER BY l.created_at DESC LIMIT 1),
+                (SELECT l.created_at FROM otp_send_log l WHERE l.phone_index = j.phone_index
+                 AND l.created_at > j.window_start ORDER BY l.created_at DESC
+                 LIMIT 1 OFFSET (SELECT j.per_number)),
+                (SELECT l.created_at FROM otp_send_log l WHERE l.user_id = j.user_id
+                 AND l.created_at > j.window_start ORDER BY l.created_at DESC
+                 LIMIT 1 OFFSET (SELECT j.per_number)),
+                (SELECT l.created_at FROM otp_send_log l WHERE l.ip = j.ip
+                 AND l.created_at > j.window_start ORDER BY l.created_at DESC
+                 LIMIT 1 OFFSET (SELECT j.per_address)),
+                EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = j.phone_index
+                        AND o.channel = j.channel),
+                EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = dest_index
+                        AND o.channel = j.channel),
+                (SELECT l.created_at FROM otp_send_log l WHERE l.send_to_index = dest_index
+                 ORDER BY l.created_at DESC LIMIT 1),
+                (SELECT l.created_at FROM otp_send_log l WHERE l.send_to_index = dest_index
+                 AND l.created_at > j.window_start ORDER BY l.created_at DESC
+                 LIMIT 1 OFFSET (SELECT j.per_number))
+            INTO last_send, number_full, user_full, address_full, named_opted_out,
+                send_to_opted_out, dest_last, dest_full;
+
+            IF j.refuse_all OR last_send > j.cooldown_after OR number_full IS NOT NULL
+               OR user_full IS NOT NULL OR (j.ip IS NOT NULL AND address_full IS NOT NULL) THEN
+                outcome := 'rate_limited';
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+
+            IF elsewhere AND (file_index IS NULL
+               OR NOT ('otp:phone:' || file_index) = ANY(v_locked)) THEN
+                outcome := 'on_file_elsewhere';
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+
+            IF named_opted_out OR send_to_opted_out THEN
+                outcome := 'opted_out';
+            ELSIF j.attempt_started IS NOT NULL
+                  AND (dest_last > j.cooldown_after OR dest_full IS NOT NULL) THEN
+                outcome := 'destination_limited';
+            ELSE
+                outcome := 'issued';
+            END IF;
+
+            INSERT INTO otp_send_log (phone_number, user_id, ip, created_at, phone_index,
+                send_to_index)
+            VALUES (j.sealed_phone, j.user_id, j.ip, j.now, j.phone_index,
+                CASE WHEN outcome = 'issued' AND j.attempt_started IS NOT NULL
+                     THEN dest_index END);
+
+            IF outcome <> 'issued' THEN
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+
+            -- `store::INSERT_OTP_MESSAGE`: `status`, `lease` and `sid` as
+            -- `OtpIssue::written_status`, `written_lease` and `accepted` give them.
+            INSERT INTO messages (id, user_id, template_name, variables, channel, status, attempts,
+                idempotency_key, next_attempt_at, lease_until, created_at, updated_at, to_number,
+                to_index, encoding, segments, attempt_started_at, attempt_body, lookup_needed,
+                provider_sid)
+            VALUES (j.message_id, j.user_id, j.template, j.variables, j.message_channel, j.status,
+                CASE WHEN j.attempt_started IS NULL THEN 0 ELSE 1 END, NULL, j.created_at, j.lease,
+                j.created_at, j.created_at,
+                CASE WHEN elsewhere AND j.to_number IS NOT NULL THEN file_number ELSE j.to_number END,
+                CASE WHEN elsewhere AND j.to_index IS NOT NULL THEN file_index ELSE j.to_index END,
+                j.encoding, j.segments,
+                j.attempt_started, j.body, FALSE, j.sid);
+
+            IF j.attempt_started IS NOT NULL THEN
+                -- `sending`, and an accepted send's (`accepted_events`) `sent` and news (above).
+                INSERT INTO message_events (message_id, status, error_code, detail, occurred_at)
+                SELECT j.message_id, e.status, NULL, e.detail, j.created_at
+                FROM (VALUES ('sending', NULL, TRUE),
+                             ('sent', NULL, j.sid IS NOT NULL),
+                             (j.news, 'provider answer', j.sid IS NOT NULL AND j.news IS NOT NULL))
+                    AS e(status, detail, wanted)
+                WHERE e.wanted;
+                IF j.slot_sender IS NOT NULL THEN
+                    taken_senders := taken_senders || j.slot_sender;
+                    taken_now_us := taken_now_us || j.slot_now_us;
+                    taken_interval_us := taken_interval_us || j.slot_interval_us;
+                END IF;
+            END IF;
+
+            INSERT INTO otp_codes (user_id, purpose, phone_number, channel, code_hash, attempts,
+                expires_at, used_at, message_id, created_at)
+            VALUES (j.user_id, j.purpose, CASE WHEN elsewhere THEN file_number ELSE j.code_to END,
+                j.channel, j.code_hash, 0, j.expires_at, NULL, j.message_id, j.now)
+            ON CONFLICT (user_id, purpose) DO UPDATE SET phone_number = excluded.phone_number,
+                channel = excluded.channel, code_hash = excluded.code_hash, attempts = 0,
+                expires_at = excluded.expires_at, used_at = NULL, message_id = excluded.message_id,
+                created_at = excluded.created_at;
+
+            -- A new code starts a new count of wrong tries.
+            DELETE FROM otp_failures f WHERE f.user_id = j.user_id AND f.purpose = j.purpose;
+
+            redirected_to := CASE WHEN elsewhere THEN file_number END;
+            RETURN NEXT;
+        END LOOP;
+    END IF;
+    PERFORM send_rate_take_batch(taken_senders, taken_now_us, taken_interval_us);
+END
+$$;
