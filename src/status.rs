@@ -194,6 +194,9 @@ pub enum SkipReason {
     SubscriptionPassed,
     /// A one-time passcode for a number on file outside `OTP_ALLOWED_COUNTRIES`.
     CountryNotAllowed,
+    /// A one-time passcode for a number within its cooldown or with its hour's codes, asked for
+    /// through another route (another account with it on file, or naming it).
+    DestinationLimited,
 }
 
 text_enum!(SkipReason {
@@ -216,6 +219,7 @@ text_enum!(SkipReason {
     SubscriptionExpired => "subscription_expired",
     SubscriptionPassed => "subscription_passed",
     CountryNotAllowed => "country_not_allowed",
+    DestinationLimited => "destination_limited",
 });
 
 impl SkipReason {

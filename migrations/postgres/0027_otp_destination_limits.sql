@@ -22,12 +22,49 @@
 -- Jobs of one batch decided together must not share a number they go to either; they go one at
 -- a time instead, as jobs sharing a number named, a user or an address always did.
 --
--- `otp_issue_batch` is migration 21's, restated (a function is replaced whole).
+-- A dropped code is written as an issued one but for its send, so that nothing the caller can
+-- see tells it from a send: the user's code is replaced and their wrong tries forgiven, and the
+-- message is written claimed (`claimed_until`, a new job column) with no attempt, no event and no
+-- sender's slot, for the service to record as skipped (`destination_limited`).
+--
+-- `otp_batch_jobs` gains a column (its result type changes, so both functions are dropped and
+-- created); `otp_issue_batch` is migration 21's, restated.
 
 ALTER TABLE otp_send_log ADD COLUMN send_to_index TEXT;
 CREATE INDEX otp_send_log_send_to ON otp_send_log (send_to_index, created_at);
 
-CREATE OR REPLACE FUNCTION otp_issue_batch(p_lock_keys TEXT[], p_jobs JSONB) RETURNS TABLE (
+DROP FUNCTION otp_issue_batch(TEXT[], JSONB);
+DROP FUNCTION otp_batch_jobs(JSONB);
+
+CREATE FUNCTION otp_batch_jobs(p_jobs JSONB) RETURNS TABLE (
+    n BIGINT, phone_index TEXT, sealed_phone TEXT, user_id TEXT, ip TEXT,
+    now TIMESTAMPTZ, window_start TIMESTAMPTZ, per_number BIGINT, per_address BIGINT,
+    cooldown_after TIMESTAMPTZ, refuse_all BOOLEAN, channel TEXT, send_to_index TEXT,
+    message_id TEXT, template TEXT, variables TEXT, message_channel TEXT,
+    created_at TIMESTAMPTZ, lease TIMESTAMPTZ, attempt_started TIMESTAMPTZ,
+    to_number TEXT, to_index TEXT, encoding TEXT, segments BIGINT, body TEXT,
+    slot_sender TEXT, slot_now_us BIGINT, slot_interval_us BIGINT, purpose TEXT,
+    code_to TEXT, code_hash TEXT, expires_at TIMESTAMPTZ, status TEXT, sid TEXT,
+    news TEXT, unless_on_file BOOLEAN, claimed_until TIMESTAMPTZ,
+    shared BOOLEAN
+) LANGUAGE sql STABLE AS $$
+    SELECT x.*,
+        count(*) OVER (PARTITION BY x.phone_index) > 1
+        OR count(*) OVER (PARTITION BY x.user_id) > 1
+        OR (x.ip IS NOT NULL AND count(*) OVER (PARTITION BY x.ip) > 1)
+    FROM jsonb_to_recordset(p_jobs) AS x(
+        n BIGINT, phone_index TEXT, sealed_phone TEXT, user_id TEXT, ip TEXT,
+        now TIMESTAMPTZ, window_start TIMESTAMPTZ, per_number BIGINT, per_address BIGINT,
+        cooldown_after TIMESTAMPTZ, refuse_all BOOLEAN, channel TEXT, send_to_index TEXT,
+        message_id TEXT, template TEXT, variables TEXT, message_channel TEXT,
+        created_at TIMESTAMPTZ, lease TIMESTAMPTZ, attempt_started TIMESTAMPTZ,
+        to_number TEXT, to_index TEXT, encoding TEXT, segments BIGINT, body TEXT,
+        slot_sender TEXT, slot_now_us BIGINT, slot_interval_us BIGINT, purpose TEXT,
+        code_to TEXT, code_hash TEXT, expires_at TIMESTAMPTZ, status TEXT, sid TEXT,
+        news TEXT, unless_on_file BOOLEAN, claimed_until TIMESTAMPTZ)
+$$;
+
+CREATE FUNCTION otp_issue_batch(p_lock_keys TEXT[], p_jobs JSONB) RETURNS TABLE (
     n BIGINT,
     outcome TEXT,
     last_send TIMESTAMPTZ,
@@ -145,16 +182,30 @@ BEGIN
                      THEN d.d_index END
             FROM decided d WHERE d.c_outcome IN ('opted_out', 'destination_limited', 'issued')
             ORDER BY d.n
+        ), to_write AS (
+            -- Issued codes and dropped ones: a dropped code is written as an issued one, but
+            -- for its send.
+            SELECT d.*, d.c_outcome = 'destination_limited' AS dropped
+            FROM decided d WHERE d.c_outcome IN ('issued', 'destination_limited')
         ), written AS (
             INSERT INTO messages (id, user_id, template_name, variables, channel, status, attempts,
                 idempotency_key, next_attempt_at, lease_until, created_at, updated_at, to_number,
                 to_index, encoding, segments, attempt_started_at, attempt_body, lookup_needed,
                 provider_sid)
-            SELECT d.message_id, d.user_id, d.template, d.variables, d.message_channel, d.status,
-                CASE WHEN d.attempt_started IS NULL THEN 0 ELSE 1 END, NULL, d.created_at,
-                d.lease, d.created_at, d.created_at, d.d_to_number, d.d_to_index, d.encoding,
-                d.segments, d.attempt_started, d.body, FALSE, d.sid
-            FROM decided d WHERE d.c_outcome = 'issued' ORDER BY d.n
+            SELECT w.message_id, w.user_id, w.template, w.variables,
+                CASE WHEN w.dropped THEN w.channel ELSE w.message_channel END,
+                CASE WHEN w.dropped THEN 'sending' ELSE w.status END,
+                CASE WHEN w.dropped OR w.attempt_started IS NULL THEN 0 ELSE 1 END, NULL,
+                w.created_at, CASE WHEN w.dropped THEN w.claimed_until ELSE w.lease END,
+                w.created_at, w.created_at,
+                CASE WHEN NOT w.dropped THEN w.d_to_number END,
+                CASE WHEN NOT w.dropped THEN w.d_to_index END,
+                CASE WHEN NOT w.dropped THEN w.encoding END,
+                CASE WHEN NOT w.dropped THEN w.segments END,
+                CASE WHEN NOT w.dropped THEN w.attempt_started END,
+                CASE WHEN NOT w.dropped THEN w.body END, FALSE,
+                CASE WHEN NOT w.dropped THEN w.sid END
+            FROM to_write w ORDER BY w.n
         ), evented AS (
             INSERT INTO message_events (message_id, status, error_code, detail, occurred_at)
             SELECT d.message_id, e.status, NULL, e.detail, d.created_at
@@ -166,14 +217,14 @@ BEGIN
             WHERE d.c_outcome = 'issued' AND d.attempt_started IS NOT NULL AND e.wanted
             ORDER BY d.n, e.ord
         ), forgiven AS (
-            DELETE FROM otp_failures f USING decided d
-            WHERE d.c_outcome = 'issued' AND f.user_id = d.user_id AND f.purpose = d.purpose
+            DELETE FROM otp_failures f USING to_write w
+            WHERE f.user_id = w.user_id AND f.purpose = w.purpose
         ), coded AS (
             INSERT INTO otp_codes (user_id, purpose, phone_number, channel, code_hash, attempts,
                 expires_at, used_at, message_id, created_at)
-            SELECT d.user_id, d.purpose, d.d_code_to, d.channel, d.code_hash, 0, d.expires_at,
-                NULL, d.message_id, d.now
-            FROM decided d WHERE d.c_outcome = 'issued' ORDER BY d.n
+            SELECT w.user_id, w.purpose, w.d_code_to, w.channel, w.code_hash, 0, w.expires_at,
+                NULL, w.message_id, w.now
+            FROM to_write w ORDER BY w.n
             ON CONFLICT (user_id, purpose) DO UPDATE SET phone_number = excluded.phone_number,
                 channel = excluded.channel, code_hash = excluded.code_hash, attempts = 0,
                 expires_at = excluded.expires_at, used_at = NULL,
@@ -274,26 +325,38 @@ BEGIN
                 CASE WHEN outcome = 'issued' AND j.attempt_started IS NOT NULL
                      THEN dest_index END);
 
-            IF outcome <> 'issued' THEN
+            IF outcome = 'opted_out' THEN
                 RETURN NEXT;
                 CONTINUE;
             END IF;
 
-            -- `store::INSERT_OTP_MESSAGE`: `status`, `lease` and `sid` as
-            -- `OtpIssue::written_status`, `written_lease` and `accepted` give them.
-            INSERT INTO messages (id, user_id, template_name, variables, channel, status, attempts,
-                idempotency_key, next_attempt_at, lease_until, created_at, updated_at, to_number,
-                to_index, encoding, segments, attempt_started_at, attempt_body, lookup_needed,
-                provider_sid)
-            VALUES (j.message_id, j.user_id, j.template, j.variables, j.message_channel, j.status,
-                CASE WHEN j.attempt_started IS NULL THEN 0 ELSE 1 END, NULL, j.created_at, j.lease,
-                j.created_at, j.created_at,
-                CASE WHEN elsewhere AND j.to_number IS NOT NULL THEN file_number ELSE j.to_number END,
-                CASE WHEN elsewhere AND j.to_index IS NOT NULL THEN file_index ELSE j.to_index END,
-                j.encoding, j.segments,
-                j.attempt_started, j.body, FALSE, j.sid);
+            IF outcome = 'destination_limited' THEN
+                -- Written as an issued code, but for its send (`OtpIssue::dropped_record`).
+                INSERT INTO messages (id, user_id, template_name, variables, channel, status,
+                    attempts, idempotency_key, next_attempt_at, lease_until, created_at,
+                    updated_at, to_number, to_index, encoding, segments, attempt_started_at,
+                    attempt_body, lookup_needed, provider_sid)
+                VALUES (j.message_id, j.user_id, j.template, j.variables, j.channel, 'sending', 0,
+                    NULL, j.created_at, j.claimed_until, j.created_at, j.created_at, NULL, NULL,
+                    NULL, NULL, NULL, NULL, FALSE, NULL);
+            ELSE
+                -- `store::INSERT_OTP_MESSAGE`: `status`, `lease` and `sid` as
+                -- `OtpIssue::written_status`, `written_lease` and `accepted` give them.
+                INSERT INTO messages (id, user_id, template_name, variables, channel, status,
+                    attempts, idempotency_key, next_attempt_at, lease_until, created_at,
+                    updated_at, to_number, to_index, encoding, segments, attempt_started_at,
+                    attempt_body, lookup_needed, provider_sid)
+                VALUES (j.message_id, j.user_id, j.template, j.variables, j.message_channel,
+                    j.status, CASE WHEN j.attempt_started IS NULL THEN 0 ELSE 1 END, NULL,
+                    j.created_at, j.lease, j.created_at, j.created_at,
+                    CASE WHEN elsewhere AND j.to_number IS NOT NULL THEN file_number
+                         ELSE j.to_number END,
+                    CASE WHEN elsewhere AND j.to_index IS NOT NULL THEN file_index
+                         ELSE j.to_index END,
+                    j.encoding, j.segments, j.attempt_started, j.body, FALSE, j.sid);
+            END IF;
 
-            IF j.attempt_started IS NOT NULL THEN
+            IF outcome = 'issued' AND j.attempt_started IS NOT NULL THEN
                 -- `sending`, and an accepted send's (`accepted_events`) `sent` and news (above).
                 INSERT INTO message_events (message_id, status, error_code, detail, occurred_at)
                 SELECT j.message_id, e.status, NULL, e.detail, j.created_at
@@ -321,7 +384,7 @@ BEGIN
             -- A new code starts a new count of wrong tries.
             DELETE FROM otp_failures f WHERE f.user_id = j.user_id AND f.purpose = j.purpose;
 
-            redirected_to := CASE WHEN elsewhere THEN file_number END;
+            redirected_to := CASE WHEN outcome = 'issued' AND elsewhere THEN file_number END;
             RETURN NEXT;
         END LOOP;
     END IF;

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::clock::DynClock;
@@ -220,6 +221,43 @@ pub struct OtpContext {
     pub lease: Duration,
 }
 
+/// How long a code's provider call has taken lately (a moving average), so that a send answered
+/// without one (a code dropped or skipped for a number the caller may not own) takes about as
+/// long as a send: a quick 200 would tell the caller that nothing went to that number.
+#[derive(Default)]
+struct SendLatency {
+    micros: AtomicU64,
+}
+
+impl SendLatency {
+    /// A call that took longer (a provider timing out) counts as this long.
+    const LONGEST: std::time::Duration = std::time::Duration::from_secs(3);
+
+    fn record(&self, took: std::time::Duration) {
+        let sample = u64::try_from(took.min(Self::LONGEST).as_micros()).unwrap_or(u64::MAX);
+        // An average over about the last 8 calls, so it follows the provider's pace.
+        let _ = self
+            .micros
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |average| {
+                Some(match average {
+                    0 => sample,
+                    _ => average - average / 8 + sample / 8,
+                })
+            });
+    }
+
+    /// A wait like a provider call's: the average, give or take a quarter. None before any
+    /// call (mock mode, whose provider answers in process at once).
+    fn like_a_send(&self) -> std::time::Duration {
+        let average = self.micros.load(Ordering::Relaxed);
+        if average == 0 {
+            return std::time::Duration::ZERO;
+        }
+        let wait = OsRng.gen_range(average - average / 4..=average + average / 4);
+        std::time::Duration::from_micros(wait)
+    }
+}
+
 /// Sends and verifies one-time passcodes.
 #[derive(Clone)]
 pub struct Otp {
@@ -229,6 +267,7 @@ pub struct Otp {
     hasher: Arc<CodeHasher>,
     clock: DynClock,
     context: Arc<OtpContext>,
+    send_latency: Arc<SendLatency>,
 }
 
 impl Otp {
@@ -247,7 +286,15 @@ impl Otp {
             hasher: Arc::new(hasher),
             clock,
             context: Arc::new(context),
+            send_latency: Arc::default(),
         }
+    }
+
+    /// A send's answer for a code that went nowhere (dropped, or skipped at a number the caller
+    /// may not own), given after about as long as a provider call takes.
+    async fn answered_as_sent(&self, sent: SendOtpAnswer) -> AppResult<SendOtpAnswer> {
+        tokio::time::sleep(self.send_latency.like_a_send()).await;
+        Ok(sent)
     }
 
     fn opted_out_error(&self, channel: Channel) -> AppError {
@@ -379,15 +426,18 @@ impl Otp {
                 // The number on file opted out of this channel: nothing goes to it, and the
                 // caller, who may not own that number, is told what any other caller is told.
                 tracing::info!(user_id = %request.user_id, purpose = %request.purpose, "OTP not sent: the number on file opted out");
-                return Ok(sent);
+                return self.answered_as_sent(sent).await;
             }
             // The number the code would go to had its cooldown's or its hour's codes, asked for
-            // naming it or through accounts that have it on file. Nothing goes to it, and the
-            // caller hears what a send sounds like: a 429 here would tell them whose number it
-            // is (or that it is someone's on file).
-            OtpIssueOutcome::DestinationLimited => {
+            // naming it or through accounts that have it on file. The code was written as any
+            // code is, but nothing goes: the caller hears what a send sounds like, as late as a
+            // send would. A 429 here would tell them whose number it is (or that it is someone's
+            // on file).
+            OtpIssueOutcome::DestinationLimited(message) => {
+                let skipped = OtpPlan::Skip(SkipReason::DestinationLimited);
+                self.dispatcher.send_otp_now(&message, skipped).await?;
                 tracing::info!(user_id = %request.user_id, purpose = %request.purpose, "OTP not sent: the number it goes to had its codes");
-                return Ok(sent);
+                return self.answered_as_sent(sent).await;
             }
             OtpIssueOutcome::RateLimited {
                 retry_after_seconds,
@@ -400,12 +450,20 @@ impl Otp {
             }
         };
         let redirected = send_to != named;
+        let calls_provider = plan.attempt().is_some() && plan.accepted().is_none();
+        let started = std::time::Instant::now();
         let delivery = self.dispatcher.send_otp_now(&message, plan).await?;
+        if calls_provider {
+            self.send_latency.record(started.elapsed());
+        }
         if redirected {
             // Whatever became of a code sent to the number on file, the caller hears what a
             // successful send sounds like: anything else would describe that number.
             if delivery != OtpDelivery::Sent {
                 tracing::info!(user_id = %request.user_id, outcome = ?delivery, "OTP to the number on file not delivered");
+            }
+            if !calls_provider {
+                return self.answered_as_sent(sent).await;
             }
             return Ok(sent);
         }
@@ -663,6 +721,27 @@ mod tests {
             CodeHasher::from_config(&other).hash("u1", "login", "123456")
         );
         assert!(!a.contains("123456"));
+    }
+
+    #[test]
+    fn an_answer_without_a_send_waits_about_as_long_as_recent_sends() {
+        let latency = SendLatency::default();
+        assert_eq!(latency.like_a_send(), std::time::Duration::ZERO);
+        latency.record(std::time::Duration::from_millis(200));
+        for _ in 0..20 {
+            let wait = latency.like_a_send().as_millis();
+            assert!((150..=250).contains(&wait), "{wait}");
+        }
+        // It follows the provider: after many quicker calls the wait is theirs.
+        for _ in 0..100 {
+            latency.record(std::time::Duration::from_millis(40));
+        }
+        let wait = latency.like_a_send().as_millis();
+        assert!((29..=51).contains(&wait), "{wait}");
+        // A provider timing out counts as `LONGEST` at most.
+        let slow = SendLatency::default();
+        slow.record(std::time::Duration::from_secs(60));
+        assert!(slow.like_a_send() <= SendLatency::LONGEST + SendLatency::LONGEST / 4);
     }
 
     #[test]

@@ -1014,6 +1014,26 @@ impl OtpIssue {
         }
     }
 
+    /// The message as written for a code dropped at its destination's limits
+    /// (`OtpIssueOutcome::DestinationLimited`): as the issue's, but claimed with no attempt (no
+    /// number, no event, no sender's slot), for the caller to record as skipped.
+    pub(crate) fn dropped_record(&self) -> MessageRecord {
+        let m = &self.message;
+        MessageRecord {
+            channel: m.channel.as_str().to_string(),
+            status: MessageStatus::Sending,
+            to_number: None,
+            provider_sid: None,
+            encoding: None,
+            segments: None,
+            attempts: 0,
+            lease_until: m.claimed_until,
+            attempt_started_at: None,
+            attempt_body: None,
+            ..self.issued_record()
+        }
+    }
+
     /// The limits this issue is checked against.
     pub(crate) fn limits(&self) -> OtpLimits<'_> {
         OtpLimits {

@@ -657,9 +657,12 @@ pub enum OtpIssueOutcome {
     OnFileElsewhere,
     /// Within the limits of the number named, the user and the address, and logged against them,
     /// but the number the code would go to had its cooldown's or its hour's codes (whatever
-    /// numbers and users they were asked for): no code and no message. The caller must hear what
-    /// a send sounds like: anything else would tell them the number is someone's number on file.
-    DestinationLimited,
+    /// numbers and users they were asked for). Everything is written as for an issued code (the
+    /// code replaced, the wrong tries forgiven) except the send: the message is written claimed
+    /// with no attempt (`OtpIssue::dropped_record`), for the caller to record as skipped. So the
+    /// caller can tell it from a send neither by the answer nor by what became of the user's
+    /// code: either would tell them the number is someone's number on file.
+    DestinationLimited(Box<MessageRecord>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

@@ -940,12 +940,23 @@ async fn send_from(
         .unwrap()
 }
 
+/// The reasons a user's OTP messages were skipped for, newest first.
+async fn skipped_for(app: &TestApp, user: &str) -> Vec<&'static str> {
+    let messages = app.state.store.user_messages(user, 20).await.unwrap();
+    messages
+        .iter()
+        .filter(|m| m.status.as_str() == "skipped")
+        .filter_map(|m| m.reason.map(|r| r.as_str()))
+        .collect()
+}
+
 /// The per-number limits hold for the number a code goes to, however it was asked for: codes
 /// sent to a number on file through its account and codes naming that number share its
 /// cooldown and its hour. (They were counted against the number named only, so a phone could get
 /// its hour's codes through each account with it on file and its hour's codes naming it, with no
-/// cooldown between the routes.) A send past them sends nothing, replaces no code, and answers as
-/// a send: a 429 would tell the caller that the number they named is someone's number on file.
+/// cooldown between the routes.) A code past them is written as any code is (it replaces the
+/// user's code) but not sent, and answered as a send: a 429, or a code left alive, would tell the
+/// caller that the number they named is someone's number on file.
 async fn codes_to_one_number_share_its_limits_whichever_way_they_are_asked_for(backend: Backend) {
     const ON_FILE: &str = "+919876500800";
     let (config, clock) = clocked();
@@ -960,7 +971,7 @@ async fn codes_to_one_number_share_its_limits_whichever_way_they_are_asked_for(b
     // A login code through the account goes to the number on file.
     ok(send_from(&app, "198.51.100.1", "owner", "+919876500801", "login").await).await;
     assert_eq!(sent_to(&app, ON_FILE).await, 1);
-    // Naming that number within its cooldown: answered as a send, nothing sent or written.
+    // Naming that number within its cooldown: answered as a send; written, not sent.
     clock.advance(Duration::seconds(10));
     ok(send_from(&app, "198.51.100.2", "stranger", ON_FILE, "verification").await).await;
     assert_eq!(
@@ -974,9 +985,14 @@ async fn codes_to_one_number_share_its_limits_whichever_way_they_are_asked_for(b
         .get_otp("stranger", "verification")
         .await
         .unwrap()
-        .is_none());
-    // Past the cooldown of both: the send just dropped was counted against the number named.
-    clock.advance(Duration::seconds(31));
+        .is_some());
+    assert_eq!(skipped_for(&app, "stranger").await, ["destination_limited"]);
+    // The dropped send counts against the number named, as any send does.
+    clock.advance(Duration::seconds(25));
+    let r = send_from(&app, "198.51.100.3", "third", ON_FILE, "verification").await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "5");
+    clock.advance(Duration::seconds(6));
     ok(send_from(&app, "198.51.100.3", "stranger", ON_FILE, "verification").await).await;
     assert_eq!(sent_to(&app, ON_FILE).await, 2);
     clock.advance(Duration::seconds(31));
@@ -989,8 +1005,9 @@ async fn codes_to_one_number_share_its_limits_whichever_way_they_are_asked_for(b
     clock.advance(Duration::seconds(31));
     ok(send_from(&app, "198.51.100.6", "owner", "+919876500803", "login").await).await;
     assert_eq!(sent_to(&app, ON_FILE).await, 3, "the hour is the number's");
-    // The dropped send replaced nothing: the owner's last code still verifies.
-    assert_eq!(verify(&app, "owner", "login", &owners_code).await.0, 200);
+    // The dropped code replaced the owner's, as a sent one would have.
+    assert_eq!(verify(&app, "owner", "login", &owners_code).await.0, 400);
+    assert_eq!(skipped_for(&app, "owner").await, ["destination_limited"]);
     // Other numbers are not held back.
     ok(send_from(
         &app,
@@ -1006,6 +1023,14 @@ async fn codes_to_one_number_share_its_limits_whichever_way_they_are_asked_for(b
     clock.advance(Duration::minutes(59));
     ok(send_from(&app, "198.51.100.8", "later", ON_FILE, "verification").await).await;
     assert_eq!(sent_to(&app, ON_FILE).await, 4);
+    // And a code naming the number holds back one through the account, too.
+    clock.advance(Duration::seconds(10));
+    ok(send_from(&app, "198.51.100.9", "owner", "+919876500804", "login").await).await;
+    assert_eq!(sent_to(&app, ON_FILE).await, 4);
+    assert_eq!(
+        skipped_for(&app, "owner").await,
+        ["destination_limited", "destination_limited"]
+    );
 }
 
 /// Simultaneous codes for one number hold its limits whichever way they are asked for: 12
@@ -1067,6 +1092,24 @@ async fn simultaneous_codes_to_one_number_hold_its_limits(backend: Backend) {
     callers[..3].fill(200);
     assert_eq!(statuses(false), callers);
     assert_eq!(sent_to(&app, ON_FILE).await, 3);
+    // Every account's code was written, sent or dropped at the number's limits.
+    let mut sent = 0;
+    for n in 0..24 {
+        let user = match n % 2 {
+            0 => format!("family-{}", n / 2),
+            _ => format!("caller-{n}"),
+        };
+        let messages = app.state.store.user_messages(&user, 10).await.unwrap();
+        assert!(messages.len() <= 1);
+        if n % 2 == 0 {
+            assert_eq!(messages.len(), 1, "{user}");
+        }
+        sent += messages
+            .iter()
+            .filter(|m| m.status.as_str() != "skipped")
+            .count();
+    }
+    assert_eq!(sent, 3);
 }
 
 /// Two instances on one PostgreSQL database hold the limits of the number a code goes to
@@ -1119,17 +1162,15 @@ async fn two_instances_hold_the_limits_of_the_number_a_code_goes_to() {
     let answers = requests.join_all().await;
     let refused = answers.iter().filter(|a| a.is_err()).count();
     assert_eq!(refused, 9, "the callers past the named number's limit");
-    let mut written = 0;
+    let (mut written, mut sent) = (0, 0);
     for n in 0..12 {
         for user in [format!("family-{n}"), format!("caller-{n}")] {
-            written += first
-                .state
-                .store
-                .user_messages(&user, 10)
-                .await
-                .unwrap()
-                .len();
+            for m in first.state.store.user_messages(&user, 10).await.unwrap() {
+                written += 1;
+                sent += usize::from(m.status.as_str() != "skipped");
+            }
         }
     }
-    assert_eq!(written, 3, "codes written for the number");
+    assert_eq!(written, 15, "every account's code and 3 callers'");
+    assert_eq!(sent, 3, "codes sent to the number");
 }

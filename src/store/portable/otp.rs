@@ -91,21 +91,22 @@ impl OtpStore for ThisStore {
             tx.commit().await?;
             return Ok(OtpIssueOutcome::OptedOut { named });
         }
-        if issue.destination_limited(&checks) {
-            tx.commit().await?;
-            return Ok(OtpIssueOutcome::DestinationLimited);
-        }
+        // A dropped code is written as an issued one, but for its send.
+        let dropped = issue.destination_limited(&checks);
+        let (attempt, message) = if dropped {
+            (None, issue.dropped_record())
+        } else {
+            (issue.attempt.as_ref(), issue.issued_record())
+        };
         // Logged without its destination (the checks above must not count it there); a code
         // that goes out is counted against the number it goes to.
-        if let Some(destination) = issue.logged_destination(&self.vault) {
+        if let Some(destination) = attempt.and(issue.logged_destination(&self.vault)) {
             sqlx::query("UPDATE otp_send_log SET send_to_index = $1 WHERE id = $2")
                 .bind(destination)
                 .bind(log_id)
                 .execute(&mut *tx)
                 .await?;
         }
-        let message = issue.issued_record();
-        let attempt = issue.attempt.as_ref();
         sqlx::query(INSERT_OTP_MESSAGE)
             .bind(&message.id)
             .bind(&message.user_id)
@@ -113,15 +114,15 @@ impl OtpStore for ThisStore {
             .bind(self.vault.seal(&message.variables))
             .bind(&message.channel)
             .bind(message.created_at)
-            .bind(issue.written_lease())
+            .bind(message.lease_until)
             .bind(message.attempt_started_at)
             .bind(attempt.map(|a| self.vault.seal(&a.to_number)))
             .bind(attempt.map(|a| self.vault.blind(&a.to_number)))
             .bind(&message.encoding)
             .bind(message.segments)
             .bind(self.vault.seal_opt(message.attempt_body.as_deref()))
-            .bind(issue.written_status())
-            .bind(issue.accepted_send().map(|a| &a.provider_sid))
+            .bind(message.status)
+            .bind(&message.provider_sid)
             .execute(&mut *tx)
             .await?;
         if let Some(attempt) = attempt {
@@ -156,7 +157,11 @@ impl OtpStore for ThisStore {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(OtpIssueOutcome::Issued(Box::new(message)))
+        Ok(if dropped {
+            OtpIssueOutcome::DestinationLimited(Box::new(message))
+        } else {
+            OtpIssueOutcome::Issued(Box::new(message))
+        })
     }
 
     async fn get_otp(&self, user_id: &str, purpose: &str) -> AppResult<Option<OtpRecord>> {

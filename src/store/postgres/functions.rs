@@ -228,6 +228,8 @@ struct IssueJob {
     sid: Option<String>,
     news: Option<&'static str>,
     unless_on_file: bool,
+    /// The claim a dropped code's message is written with (`OtpIssue::dropped_record`).
+    claimed_until: Option<String>,
 }
 
 #[derive(Clone, Serialize)]
@@ -372,6 +374,7 @@ impl PgFunctions {
             sid: accepted.map(|a| a.provider_sid.clone()),
             news: accepted.and_then(|a| a.news).map(|n| n.as_str()),
             unless_on_file: issue.unless_on_file,
+            claimed_until: issue.message.claimed_until.map(micros),
         };
         let answer = self.issue.call(job).await?;
         let checks = OtpChecks {
@@ -407,7 +410,9 @@ impl PgFunctions {
                 }
             },
             "on_file_elsewhere" => Ok(OtpIssueOutcome::OnFileElsewhere),
-            "destination_limited" => Ok(OtpIssueOutcome::DestinationLimited),
+            "destination_limited" => Ok(OtpIssueOutcome::DestinationLimited(Box::new(
+                issue.dropped_record(),
+            ))),
             other => Err(anyhow::anyhow!("otp_issue_batch answered {other:?}").into()),
         }
     }

@@ -216,11 +216,13 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
     if let Some(named) = opted_out {
         return Ok(OtpIssueOutcome::OptedOut { named });
     }
-    if dropped {
-        return Ok(OtpIssueOutcome::DestinationLimited);
-    }
+    // A dropped code is written as an issued one, but for its send.
+    let (attempt, record) = if dropped {
+        (None, issue.dropped_record())
+    } else {
+        (issue.attempt.as_ref(), issue.issued_record())
+    };
     let m = &issue.message;
-    let attempt = issue.attempt.as_ref();
     let sealed = attempt.map(|a| a.sealed(vault));
     let at = ts(&m.created_at);
     execute(
@@ -231,17 +233,17 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
             &m.user_id,
             &m.template_name,
             &vault.seal(&m.variables),
-            &attempt.map_or(m.channel, |a| a.channel).as_str(),
+            &record.channel,
             &at,
-            &issue.written_lease().as_ref().map(ts),
+            &record.lease_until.as_ref().map(ts),
             &attempt.map(|_| at.clone()),
             &sealed.as_ref().map(|s| &s.to_number),
             &sealed.as_ref().map(|s| &s.to_index),
             &attempt.and_then(|a| a.encoding.clone()),
             &attempt.and_then(|a| a.segments),
             &sealed.as_ref().and_then(|s| s.body.as_ref()),
-            &issue.written_status().as_str(),
-            &issue.accepted_send().map(|a| &a.provider_sid),
+            &record.status.as_str(),
+            &record.provider_sid,
         ],
     )?;
     if let Some(attempt) = attempt {
@@ -276,7 +278,11 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
         "DELETE FROM otp_failures WHERE user_id = $1 AND purpose = $2",
         &[&issue.user_id, &issue.purpose],
     )?;
-    Ok(OtpIssueOutcome::Issued(Box::new(issue.issued_record())))
+    Ok(if dropped {
+        OtpIssueOutcome::DestinationLimited(Box::new(record))
+    } else {
+        OtpIssueOutcome::Issued(Box::new(record))
+    })
 }
 
 /// The wait a limit imposes, read from committed state (`SqliteReaders::otp_refusal`).
