@@ -170,7 +170,7 @@ pub static TEMPLATES: &[Template] = &[
         name: "opt_out_confirmation",
         kind: Kind::KeywordReply,
         variables: &[],
-        body: "{clinic}: you are unsubscribed and will receive no more messages on this number. Reply START to resubscribe.",
+        body: "{clinic}: you are unsubscribed and will get no more messages here. Your appointments are not changed. Reply START to resubscribe.",
     },
     Template {
         name: "opt_in_confirmation",

@@ -28,6 +28,7 @@ use crate::config::{Config, OtpSettings};
 use crate::consent::ConsentService;
 use crate::error::{AppError, AppResult};
 use crate::outbox::dispatcher::{Dispatcher, OtpDelivery, OtpPlan};
+use crate::outbox::policy::WhatsappRoute;
 use crate::outbox::{parse_channel, validate_user_id};
 use crate::phone::PhoneNumber;
 use crate::provider::twilio::{INVALID_TO_NUMBER, NOT_A_MOBILE_NUMBER, RECIPIENT_UNSUBSCRIBED};
@@ -45,6 +46,8 @@ struct Asked<'a> {
     ip: Option<String>,
     code: String,
     now: DateTime<Utc>,
+    /// A WhatsApp code's route to the number named, as read when the request was checked.
+    named_route: Option<WhatsappRoute>,
 }
 
 /// A code's issue, the plan its message goes out by, and where it goes.
@@ -363,9 +366,11 @@ impl Otp {
         // number on file (whose window decides only where an accepted code goes) and must not
         // replace the user's live code. It still counts against the limits like a send: it
         // tells whether a number wrote to the clinic lately, which must not be free to probe.
-        if channel == Channel::Whatsapp
-            && self.dispatcher.otp_whatsapp_window_closed(&named).await?
-        {
+        let named_route = match channel {
+            Channel::Whatsapp => Some(self.dispatcher.otp_whatsapp_route(&named).await?),
+            Channel::Sms => None,
+        };
+        if named_route == Some(WhatsappRoute::Closed) {
             if let Some(wait) = self.codes.log_refused_otp(&limits).await? {
                 return Err(rate_limited(&named, &request.purpose, wait));
             }
@@ -394,6 +399,7 @@ impl Otp {
             ip,
             code,
             now,
+            named_route,
         };
         let mut prepared = self.prepare_issue(&asked, send_to, unless_on_file).await?;
         let mut outcome = self.codes.issue_otp(&prepared.issue).await?;
@@ -512,8 +518,10 @@ impl Otp {
         // checked); the send is written skipped and counted like any other, and the caller hears
         // what any send sounds like.
         let plan = if self.country_allowed(&send_to) {
+            // The number named goes by the route read when the request was checked.
+            let known_route = asked.named_route.clone().filter(|_| send_to == **named);
             self.dispatcher
-                .plan_otp(&message_id, channel, send_to.clone(), code)
+                .plan_otp(&message_id, channel, send_to.clone(), code, known_route)
                 .await?
         } else {
             OtpPlan::Skip(SkipReason::CountryNotAllowed)

@@ -699,27 +699,28 @@ impl Dispatcher {
         }
     }
 
-    /// Whether a one-time passcode to `to` on WhatsApp would find the 24-hour window closed and
-    /// no approved template to go by: `send-otp` refuses such a number before anything is
-    /// written (the answer is about the number named, never the number on file).
-    pub async fn otp_whatsapp_window_closed(&self, to: &PhoneNumber) -> AppResult<bool> {
+    /// How a one-time passcode to `to` on WhatsApp would go: `send-otp` refuses a number whose
+    /// 24-hour window is closed with no approved template to go by before anything is written
+    /// (the answer is about the number named, never the number on file), and plans a code to
+    /// the number named by this same reading (`plan_otp`'s `known_route`).
+    pub async fn otp_whatsapp_route(&self, to: &PhoneNumber) -> AppResult<WhatsappRoute> {
         let template =
             templates::find("otp").ok_or_else(|| anyhow::anyhow!("the otp template is missing"))?;
-        Ok(matches!(
-            self.whatsapp_route(to, template).await?,
-            WhatsappRoute::Closed
-        ))
+        self.whatsapp_route(to, template).await
     }
 
     /// How a one-time passcode will go, decided before its message is written, so the message
     /// can be written already `sending` with this attempt, in the transaction that issues the
-    /// code (`OtpIssue::attempt`).
+    /// code (`OtpIssue::attempt`). A WhatsApp code goes by `known_route` when given (the route
+    /// `send-otp` already read for this number: read again, a window closing in between would
+    /// plan a skip for a request answered as refused), else by the number's route now.
     pub async fn plan_otp(
         &self,
         message_id: &str,
         channel: Channel,
         to: PhoneNumber,
         code: &str,
+        known_route: Option<WhatsappRoute>,
     ) -> AppResult<OtpPlan> {
         if !self.policy.messaging_enabled {
             return Ok(OtpPlan::Skip(SkipReason::Disabled));
@@ -729,7 +730,11 @@ impl Dispatcher {
         let valid = template.validate(&serde_json::json!({ "code": code }), &self.render)?;
         let mut whatsapp_template = None;
         if channel == Channel::Whatsapp {
-            match self.whatsapp_route(&to, template).await? {
+            let route = match known_route {
+                Some(route) => route,
+                None => self.whatsapp_route(&to, template).await?,
+            };
+            match route {
                 WhatsappRoute::FreeText => {}
                 WhatsappRoute::Template(sid) => {
                     whatsapp_template = Some((sid, valid.content_variables_json()))

@@ -281,6 +281,12 @@ async fn keywords_in_every_family_and_case(backend: Backend) {
             .await
             .unwrap();
         assert!(reply.contains("you are unsubscribed"), "{stop}: {reply}");
+        // CANCEL is a stop word: a patient answering a reminder with it must not think the
+        // appointment is cancelled.
+        assert!(
+            reply.contains("Your appointments are not changed"),
+            "{reply}"
+        );
         assert!(
             !app.state
                 .store
