@@ -1,14 +1,17 @@
--- Codes are limited by the number they go to, not only by the number named (issue 14's follow-up
--- to the right-person work of issue 9).
+-- Codes to a number on file are limited by the number they go to, not only by the number named
+-- (issue 14's follow-up to the right-person work of issue 9).
 --
 -- A code for any purpose but `verification` goes to the user's number on file, whatever number
 -- the request names; the send log counted the number named. So one phone could get the hour's
--- codes through every account that has it on file, plus the hour's codes naming it directly,
--- with no cooldown between the routes. Each send that goes out now also records the blind index
--- of the number it went to (`send_to_index`), and a code for a number that had its cooldown's or
--- its hour's codes is dropped: logged against the number named, the user and the address, as any
--- send is, and answered `destination_limited`, which the service answers as a send. It must be
--- silent: a 429 would tell the caller that the number they named is someone's number on file.
+-- codes through every account that has it on file (any account can put any number on file),
+-- plus the hour's codes naming it directly, with no cooldown between the routes. Each code that
+-- goes out now also records the blind index of the number it went to (`send_to_index`), and a
+-- code going to a number on file in place of the number named, while that number had its
+-- cooldown's or its hour's codes (whichever way they were asked for), is dropped: logged against
+-- the number named, the user and the address, as any send is, and answered
+-- `destination_limited`, which the service answers as a send. It must be silent: a 429 would
+-- tell the caller that the number they named is someone's number on file. A code to the number
+-- named stays held by that number's own limits only (see `OtpIssue::destination_limited`).
 --
 -- The number a code goes to is locked like the number named, under the same key
 -- (`otp:phone:<index>`), so that simultaneous codes for one number cannot slip past its limits
@@ -170,8 +173,9 @@ BEGIN
                      OR NOT ('otp:phone:' || c.file_index) = ANY(v_locked))
                      THEN 'on_file_elsewhere'
                 WHEN c.c_named_opted_out OR c.c_send_to_opted_out THEN 'opted_out'
-                WHEN c.attempt_started IS NOT NULL AND (c.c_dest_last > c.cooldown_after
-                     OR c.c_dest_full IS NOT NULL) THEN 'destination_limited'
+                WHEN c.attempt_started IS NOT NULL AND c.d_index IS DISTINCT FROM c.phone_index
+                     AND (c.c_dest_last > c.cooldown_after OR c.c_dest_full IS NOT NULL)
+                     THEN 'destination_limited'
                 ELSE 'issued' END AS c_outcome
             FROM checked c
         ), logged AS (
@@ -312,7 +316,7 @@ BEGIN
 
             IF named_opted_out OR send_to_opted_out THEN
                 outcome := 'opted_out';
-            ELSIF j.attempt_started IS NOT NULL
+            ELSIF j.attempt_started IS NOT NULL AND dest_index IS DISTINCT FROM j.phone_index
                   AND (dest_last > j.cooldown_after OR dest_full IS NOT NULL) THEN
                 outcome := 'destination_limited';
             ELSE

@@ -1058,14 +1058,20 @@ impl OtpIssue {
         self.limits().wait_seconds(checks)
     }
 
-    /// A code about to go out (it has an attempt: nothing goes out for a skipped send) to a
-    /// number within its cooldown or with its hour's codes, whatever numbers they were asked
-    /// for: dropped, silently (`OtpIssueOutcome::DestinationLimited`).
+    /// A code about to go to a number on file in place of the number named (it has an attempt:
+    /// nothing goes out for a skipped send) while that number is within its cooldown or has its
+    /// hour's codes, whichever way they were asked for: dropped, silently
+    /// (`OtpIssueOutcome::DestinationLimited`). A code to the number named is held by that
+    /// number's own limits only: if codes through accounts could hold it back, a caller naming a
+    /// number for their own account could tell, from their own history, whether that number is
+    /// on file for an account they had just asked a code for.
     pub(crate) fn destination_limited(&self, checks: &OtpChecks) -> bool {
         let cooling = checks
             .destination_last_send
             .is_some_and(|last| last + chrono::Duration::seconds(self.cooldown_seconds) > self.now);
-        self.attempt.is_some() && (cooling || checks.destination_full.is_some())
+        self.attempt.is_some()
+            && self.send_to != self.phone_number
+            && (cooling || checks.destination_full.is_some())
     }
 
     /// The blind index the send log records as where this code went: only for a code that goes
@@ -1184,7 +1190,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn only_a_code_that_goes_out_is_held_to_its_destination_s_limits() {
+    fn only_a_code_that_goes_out_to_a_number_on_file_is_held_to_its_limits() {
         let now = Utc::now();
         let mut issue = issue(now, None);
         let cooling = OtpChecks {
@@ -1199,6 +1205,7 @@ pub(crate) mod tests {
             destination_full: Some(now - Duration::minutes(59)),
             ..clear()
         };
+        issue.send_to = "+447700900999".into();
         // A skipped send (no attempt) sends nothing: nothing to hold back.
         assert!(!issue.destination_limited(&cooling));
         assert!(!issue.destination_limited(&full));
@@ -1216,6 +1223,10 @@ pub(crate) mod tests {
         assert!(!issue.destination_limited(&clear()));
         // Never a visible wait: the caller must not learn the number is someone's on file.
         assert_eq!(issue.wait_seconds(&full), None);
+        // A code to the number named is held by that number's own limits only.
+        issue.send_to = issue.phone_number.clone();
+        assert!(!issue.destination_limited(&cooling));
+        assert!(!issue.destination_limited(&full));
     }
 
     #[test]

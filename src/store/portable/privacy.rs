@@ -158,13 +158,24 @@ impl PrivacyStore for ThisStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-        for table in ["otp_codes", "otp_send_log", "otp_failures"] {
+        for table in ["otp_codes", "otp_failures"] {
             counts.otp_records += sqlx::query(&format!("DELETE FROM {table} WHERE user_id = $1"))
                 .bind(user_id)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
         }
+        // The send log's rows lose the user and the number but keep, until they age out within
+        // the hour (`cleanup_otps`), what the limits count: the numbers' blind indexes and the
+        // address. Deleted, an account erased between sends would start every limit again.
+        counts.otp_records += sqlx::query(
+            "UPDATE otp_send_log SET user_id = $2, phone_number = '' WHERE user_id = $1",
+        )
+        .bind(user_id)
+        .bind(format!("erased:{user_hash}"))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         counts.sessions = sqlx::query("DELETE FROM settings_sessions WHERE user_id = $1")
             .bind(user_id)
             .execute(&mut *tx)

@@ -78,11 +78,12 @@ const SEALED: [Sealed; 7] = [
         columns: &["phone_number"],
         index: None,
     },
+    // An erased user's rows keep no number (`erase_user`), only the indexes the limits count.
     Sealed {
         table: "otp_send_log",
         key: "CAST(id AS TEXT)",
         key_match: "id = CAST($1 AS BIGINT)",
-        only: "",
+        only: " AND user_id NOT LIKE 'erased:%'",
         columns: &["phone_number"],
         index: Some("phone_index"),
     },
