@@ -802,7 +802,8 @@ pub(crate) const CONSENT_COLUMNS: &str =
 /// `$1` the named number's blind index, `$2` user, `$3` client address, `$4` the window's start,
 /// `$5` and `$6` the per-number-and-user and per-address limits less one, `$7` a send-log id to
 /// leave out (the request's own), `$8` channel, `$9` the blind index of the number the code goes
-/// to.
+/// to, `$10` that index again when the code goes to a number on file in place of the number named
+/// (`OtpIssue::destination_limited`), else NULL: its two reads then find nothing at once.
 pub(crate) const OTP_CHECKS: &str = "SELECT \
      (SELECT created_at FROM otp_send_log WHERE phone_index = $1 AND id <> $7 \
       ORDER BY created_at DESC LIMIT 1), \
@@ -814,9 +815,9 @@ pub(crate) const OTP_CHECKS: &str = "SELECT \
       AND created_at > $4 ORDER BY created_at DESC LIMIT 1 OFFSET $6), \
      (SELECT COUNT(*) FROM opt_outs WHERE phone_index = $1 AND channel = $8), \
      (SELECT COUNT(*) FROM opt_outs WHERE phone_index = $9 AND channel = $8), \
-     (SELECT created_at FROM otp_send_log WHERE send_to_index = $9 AND id <> $7 \
+     (SELECT created_at FROM otp_send_log WHERE send_to_index = $10 AND id <> $7 \
       ORDER BY created_at DESC LIMIT 1), \
-     (SELECT created_at FROM otp_send_log WHERE send_to_index = $9 AND id <> $7 \
+     (SELECT created_at FROM otp_send_log WHERE send_to_index = $10 AND id <> $7 \
       AND created_at > $4 ORDER BY created_at DESC LIMIT 1 OFFSET $5)";
 
 /// Whether a claim also takes `sending` messages whose lease ran out with no SID (their process
@@ -1072,6 +1073,12 @@ impl OtpIssue {
         self.attempt.is_some()
             && self.send_to != self.phone_number
             && (cooling || checks.destination_full.is_some())
+    }
+
+    /// `OTP_CHECKS`' `$10`: the blind index of the number on file the code goes to in place of
+    /// the number named, whose limits `destination_limited` applies; `None` for the number named.
+    pub(crate) fn checked_destination(&self, vault: &crate::vault::Vault) -> Option<String> {
+        (self.send_to != self.phone_number).then(|| vault.blind(&self.send_to))
     }
 
     /// The blind index the send log records as where this code went: only for a code that goes

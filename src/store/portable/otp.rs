@@ -48,6 +48,7 @@ impl OtpStore for ThisStore {
             .bind(log_id)
             .bind(limits.channel.as_str())
             .bind(&phone_index)
+            .bind(None::<String>)
             .fetch_one(&mut *tx)
             .await?;
         if let Some(wait) = limits.wait_seconds(&checks_from_row(row)) {
@@ -340,6 +341,7 @@ async fn otp_checks(
         .bind(log_id)
         .bind(issue.channel.as_str())
         .bind(vault.blind(&issue.send_to))
+        .bind(issue.checked_destination(vault))
         .fetch_one(&mut **tx)
         .await?;
     Ok(checks_from_row(row))

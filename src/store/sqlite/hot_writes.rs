@@ -188,6 +188,7 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
         &issue.limits(),
         &phone_index,
         &vault.blind(&issue.send_to),
+        issue.checked_destination(vault).as_deref(),
     )?;
     if let Some(wait) = issue.wait_seconds(&checks) {
         return Ok(OtpIssueOutcome::RateLimited {
@@ -293,17 +294,19 @@ pub(super) fn otp_refusal(
 ) -> AppResult<Option<i64>> {
     let phone_index = vault.blind(limits.phone_number);
     // The opt-out columns are not used here: any number will do for the code's destination.
-    let checks = otp_checks(conn, limits, &phone_index, &phone_index)?;
+    let checks = otp_checks(conn, limits, &phone_index, &phone_index, None)?;
     Ok(limits.wait_seconds(&checks))
 }
 
 /// `OTP_CHECKS` for a send within `limits` (not logged yet: no id to leave out), whose code
-/// goes to the number with blind index `send_to_index`.
+/// goes to the number with blind index `send_to_index`; `destination`: that index when the
+/// number's own limits apply (a number on file in place of the number named).
 fn otp_checks(
     conn: &Connection,
     limits: &OtpLimits<'_>,
     phone_index: &str,
     send_to_index: &str,
+    destination: Option<&str>,
 ) -> AppResult<OtpChecks> {
     let (window_start, per_number, per_address) = limits.window();
     let mut statement = prepare(
@@ -319,6 +322,7 @@ fn otp_checks(
             &0i64,
             &limits.channel.as_str(),
             &send_to_index,
+            &destination,
         ],
     )?;
     let mut rows = statement.raw_query();
