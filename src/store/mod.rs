@@ -1077,14 +1077,15 @@ impl OtpIssue {
 
     /// `OTP_CHECKS`' `$10`: the blind index of the number on file the code goes to in place of
     /// the number named, whose limits `destination_limited` applies; `None` for the number named.
-    pub(crate) fn checked_destination(&self, vault: &crate::vault::Vault) -> Option<String> {
-        (self.send_to != self.phone_number).then(|| vault.blind(&self.send_to))
+    /// `send_to_index`: the blind index of `send_to`.
+    pub(crate) fn checked_destination<'a>(&self, send_to_index: &'a str) -> Option<&'a str> {
+        (self.send_to != self.phone_number).then_some(send_to_index)
     }
 
     /// The blind index the send log records as where this code went: only for a code that goes
-    /// out (`destination_limited` counts these).
-    pub(crate) fn logged_destination(&self, vault: &crate::vault::Vault) -> Option<String> {
-        self.attempt.as_ref().map(|_| vault.blind(&self.send_to))
+    /// out (`destination_limited` counts these). `send_to_index`: the blind index of `send_to`.
+    pub(crate) fn logged_destination<'a>(&self, send_to_index: &'a str) -> Option<&'a str> {
+        self.attempt.as_ref().map(|_| send_to_index)
     }
 
     /// `Some(true)` when the number named opted out of the channel, `Some(false)` when the number

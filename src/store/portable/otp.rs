@@ -81,7 +81,8 @@ impl OtpStore for ThisStore {
         // Log this send first: on SQLite the write takes the database's write lock, serialising
         // concurrent requests before they read the counts.
         let (phone_index, log_id) = send.lock_and_log(&mut tx, &self.vault).await?;
-        let checks = otp_checks(&mut tx, &self.vault, issue, &phone_index, log_id).await?;
+        let send_to_index = self.vault.blind(&issue.send_to);
+        let checks = otp_checks(&mut tx, issue, &phone_index, &send_to_index, log_id).await?;
         if let Some(wait) = issue.wait_seconds(&checks) {
             tx.rollback().await?;
             return Ok(OtpIssueOutcome::RateLimited {
@@ -101,7 +102,7 @@ impl OtpStore for ThisStore {
         };
         // Logged without its destination (the checks above must not count it there); a code
         // that goes out is counted against the number it goes to.
-        if let Some(destination) = attempt.and(issue.logged_destination(&self.vault)) {
+        if let Some(destination) = attempt.and(issue.logged_destination(&send_to_index)) {
             sqlx::query("UPDATE otp_send_log SET send_to_index = $1 WHERE id = $2")
                 .bind(destination)
                 .bind(log_id)
@@ -322,12 +323,13 @@ impl SendLogged<'_> {
     }
 }
 
-/// `OTP_CHECKS` for this issue, leaving out its own send-log row (`log_id`).
+/// `OTP_CHECKS` for this issue (its code going to the number with blind index `send_to_index`),
+/// leaving out its own send-log row (`log_id`).
 async fn otp_checks(
     tx: &mut sqlx::Transaction<'_, Db>,
-    vault: &crate::vault::Vault,
     issue: &OtpIssue,
     phone_index: &str,
+    send_to_index: &str,
     log_id: i64,
 ) -> AppResult<OtpChecks> {
     let (window_start, per_number, per_address) = issue.window();
@@ -340,8 +342,8 @@ async fn otp_checks(
         .bind(per_address)
         .bind(log_id)
         .bind(issue.channel.as_str())
-        .bind(vault.blind(&issue.send_to))
-        .bind(issue.checked_destination(vault))
+        .bind(send_to_index)
+        .bind(issue.checked_destination(send_to_index))
         .fetch_one(&mut **tx)
         .await?;
     Ok(checks_from_row(row))

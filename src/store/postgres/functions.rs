@@ -313,6 +313,7 @@ impl PgFunctions {
 
     pub async fn issue_otp(&self, vault: &Vault, issue: &OtpIssue) -> AppResult<OtpIssueOutcome> {
         let phone_index = vault.blind(&issue.phone_number);
+        let send_to_index = vault.blind(&issue.send_to);
         let mut locks = vec![
             format!("otp:phone:{phone_index}"),
             format!("otp:user:{}", issue.user_id),
@@ -320,7 +321,7 @@ impl PgFunctions {
         // The number the code goes to, when it is known here and not the number named (the
         // function takes the lock of a number it finds on file itself).
         if issue.send_to != issue.phone_number {
-            locks.push(format!("otp:phone:{}", vault.blind(&issue.send_to)));
+            locks.push(format!("otp:phone:{send_to_index}"));
         }
         if let Some(ip) = &issue.ip {
             locks.push(format!("otp:ip:{ip}"));
@@ -350,7 +351,7 @@ impl PgFunctions {
             refuse_all: issue.max_sends_per_hour <= 0
                 || (issue.ip.is_some() && issue.max_sends_per_ip_per_hour <= 0),
             channel: issue.channel.as_str(),
-            send_to_index: vault.blind(&issue.send_to),
+            send_to_index,
             message_id: message.id.clone(),
             template: message.template_name.clone(),
             variables: vault.seal(&message.variables),

@@ -181,14 +181,15 @@ impl SqliteWriter {
 
 fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<OtpIssueOutcome> {
     let phone_index = vault.blind(&issue.phone_number);
+    let send_to_index = vault.blind(&issue.send_to);
     // The writer holds the write lock: the counts cannot move before this send is logged, so
     // it is logged only once it may go (a refused send writes nothing).
     let checks = otp_checks(
         conn,
         &issue.limits(),
         &phone_index,
-        &vault.blind(&issue.send_to),
-        issue.checked_destination(vault).as_deref(),
+        &send_to_index,
+        issue.checked_destination(&send_to_index),
     )?;
     if let Some(wait) = issue.wait_seconds(&checks) {
         return Ok(OtpIssueOutcome::RateLimited {
@@ -199,7 +200,7 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
     let dropped = opted_out.is_none() && issue.destination_limited(&checks);
     // Counted against the number it went to only if a code goes out.
     let destination = issue
-        .logged_destination(vault)
+        .logged_destination(&send_to_index)
         .filter(|_| opted_out.is_none() && !dropped);
     execute(
         conn,
