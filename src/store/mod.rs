@@ -798,13 +798,16 @@ pub(crate) const CONSENT_COLUMNS: &str =
 /// number named (the cooldown); for each hourly limit, the send that keeps its window full (the
 /// `max`-th newest of the last hour, if there are that many); whether the number named and the
 /// number the code goes to opted out of the channel; and the last code that went to the number
-/// the code goes to and the one that keeps its hour full, whichever number was named for them.
+/// the code goes to and the one that keeps its hour full, whichever number was named for them
+/// (the rows with its index in `send_to_index`, codes that went there in place of the number
+/// named, and those with it in `phone_index` marked `went_to_named`: migration 28).
 /// `$1` the named number's blind index, `$2` user, `$3` client address, `$4` the window's start,
 /// `$5` and `$6` the per-number-and-user and per-address limits less one, `$7` a send-log id to
 /// leave out (the request's own), `$8` channel, `$9` the blind index of the number the code goes
 /// to, `$10` that index again when the code goes to a number on file in place of the number named
 /// (`OtpIssue::destination_limited`), else NULL: its two reads then find nothing at once.
-pub(crate) const OTP_CHECKS: &str = "SELECT \
+/// Public for the tests that check its plan on each backend.
+pub const OTP_CHECKS: &str = "SELECT \
      (SELECT created_at FROM otp_send_log WHERE phone_index = $1 AND id <> $7 \
       ORDER BY created_at DESC LIMIT 1), \
      (SELECT created_at FROM otp_send_log WHERE phone_index = $1 AND id <> $7 \
@@ -815,10 +818,18 @@ pub(crate) const OTP_CHECKS: &str = "SELECT \
       AND created_at > $4 ORDER BY created_at DESC LIMIT 1 OFFSET $6), \
      (SELECT COUNT(*) FROM opt_outs WHERE phone_index = $1 AND channel = $8), \
      (SELECT COUNT(*) FROM opt_outs WHERE phone_index = $9 AND channel = $8), \
-     (SELECT created_at FROM otp_send_log WHERE send_to_index = $10 AND id <> $7 \
-      ORDER BY created_at DESC LIMIT 1), \
-     (SELECT created_at FROM otp_send_log WHERE send_to_index = $10 AND id <> $7 \
-      AND created_at > $4 ORDER BY created_at DESC LIMIT 1 OFFSET $5)";
+     (SELECT MAX(t) FROM ( \
+      SELECT (SELECT created_at FROM otp_send_log WHERE send_to_index = $10 AND id <> $7 \
+       ORDER BY created_at DESC LIMIT 1) AS t \
+      UNION ALL \
+      SELECT (SELECT created_at FROM otp_send_log WHERE phone_index = $10 AND went_to_named \
+       AND id <> $7 ORDER BY created_at DESC LIMIT 1)) AS d), \
+     (SELECT t FROM ( \
+      SELECT created_at AS t FROM otp_send_log WHERE send_to_index = $10 AND id <> $7 \
+       AND created_at > $4 \
+      UNION ALL \
+      SELECT created_at FROM otp_send_log WHERE phone_index = $10 AND went_to_named \
+       AND id <> $7 AND created_at > $4) AS d ORDER BY t DESC LIMIT 1 OFFSET $5)";
 
 /// Whether a claim also takes `sending` messages whose lease ran out with no SID (their process
 /// died mid-send).
@@ -1082,10 +1093,20 @@ impl OtpIssue {
         (self.send_to != self.phone_number).then_some(send_to_index)
     }
 
-    /// The blind index the send log records as where this code went: only for a code that goes
-    /// out (`destination_limited` counts these). `send_to_index`: the blind index of `send_to`.
-    pub(crate) fn logged_destination<'a>(&self, send_to_index: &'a str) -> Option<&'a str> {
-        self.attempt.as_ref().map(|_| send_to_index)
+    /// Where the send log records this code as gone, for `destination_limited`'s reads, when
+    /// `goes_out` (it has an attempt, and was neither refused for an opt-out nor dropped).
+    /// `send_to_index`: the blind index of `send_to`.
+    pub(crate) fn logged_destination<'a>(
+        &self,
+        send_to_index: &'a str,
+        goes_out: bool,
+    ) -> LoggedDestination<'a> {
+        let goes_out = goes_out && self.attempt.is_some();
+        let redirected = self.send_to != self.phone_number;
+        LoggedDestination {
+            send_to_index: (goes_out && redirected).then_some(send_to_index),
+            went_to_named: goes_out && !redirected,
+        }
     }
 
     /// `Some(true)` when the number named opted out of the channel, `Some(false)` when the number
@@ -1099,6 +1120,16 @@ impl OtpIssue {
             None
         }
     }
+}
+
+/// The send log's record of where a code went (migration 28): a code that went out to a number on
+/// file in place of the number named is logged under that number's blind index; one that went
+/// out to the number named is only marked, since the row's `phone_index` is that number's (no
+/// second index entry for the common code); one that went nowhere, neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LoggedDestination<'a> {
+    pub send_to_index: Option<&'a str>,
+    pub went_to_named: bool,
 }
 
 impl OtpLimits<'_> {
@@ -1217,14 +1248,7 @@ pub(crate) mod tests {
         // A skipped send (no attempt) sends nothing: nothing to hold back.
         assert!(!issue.destination_limited(&cooling));
         assert!(!issue.destination_limited(&full));
-        issue.attempt = Some(SendAttempt {
-            to_number: issue.send_to.clone(),
-            channel: Channel::Sms,
-            encoding: None,
-            segments: None,
-            body: None,
-            take_slot: None,
-        });
+        issue.attempt = Some(attempt_to(&issue.send_to));
         assert!(issue.destination_limited(&cooling));
         assert!(!issue.destination_limited(&cooled));
         assert!(issue.destination_limited(&full));
@@ -1235,6 +1259,43 @@ pub(crate) mod tests {
         issue.send_to = issue.phone_number.clone();
         assert!(!issue.destination_limited(&cooling));
         assert!(!issue.destination_limited(&full));
+    }
+
+    fn attempt_to(number: &str) -> SendAttempt {
+        SendAttempt {
+            to_number: number.to_string(),
+            channel: Channel::Sms,
+            encoding: None,
+            segments: None,
+            body: None,
+            take_slot: None,
+        }
+    }
+
+    #[test]
+    fn a_code_to_the_number_named_is_logged_with_no_index_of_its_own() {
+        let mut issue = issue(Utc::now(), None);
+        let nowhere = LoggedDestination {
+            send_to_index: None,
+            went_to_named: false,
+        };
+        // A skipped send (no attempt) went nowhere, whatever the caller says.
+        assert_eq!(issue.logged_destination("d", true), nowhere);
+        issue.attempt = Some(attempt_to(&issue.send_to));
+        let named = LoggedDestination {
+            send_to_index: None,
+            went_to_named: true,
+        };
+        assert_eq!(issue.logged_destination("d", true), named);
+        // Refused for an opt-out, or dropped.
+        assert_eq!(issue.logged_destination("d", false), nowhere);
+        issue.send_to = "+447700900999".into();
+        let on_file = LoggedDestination {
+            send_to_index: Some("d"),
+            went_to_named: false,
+        };
+        assert_eq!(issue.logged_destination("d", true), on_file);
+        assert_eq!(issue.logged_destination("d", false), nowhere);
     }
 
     #[test]

@@ -1023,6 +1023,34 @@ async fn codes_to_one_number_share_its_limits_whichever_way_they_are_asked_for(b
     clock.advance(Duration::minutes(59));
     ok(send_from(&app, "198.51.100.9", "owner", "+919876500806", "login").await).await;
     assert_eq!(sent_to(&app, ON_FILE).await, 5);
+    // Where each logged code went (migration 28): a code to the number named only marked (its
+    // row's `phone_index` is that number's), a code to a number on file under that number's
+    // index, a code that went nowhere neither.
+    let logged = app
+        .db
+        .text_pairs(
+            "SELECT COALESCE(send_to_index, ''), \
+             CASE WHEN went_to_named THEN 'named' ELSE '' END FROM otp_send_log ORDER BY id",
+        )
+        .await;
+    let on_file = logged[2].0.clone();
+    let neighbour = logged[7].0.clone();
+    assert!(!on_file.is_empty() && !neighbour.is_empty() && on_file != neighbour);
+    let expected: Vec<(String, String)> = [
+        ("", "named"),
+        ("", ""),
+        (on_file.as_str(), ""),
+        (on_file.as_str(), ""),
+        ("", ""),
+        ("", ""),
+        ("", "named"),
+        (neighbour.as_str(), ""),
+        (on_file.as_str(), ""),
+    ]
+    .iter()
+    .map(|(index, named)| (index.to_string(), named.to_string()))
+    .collect();
+    assert_eq!(logged, expected);
 }
 
 /// Simultaneous codes to one number on file hold its limits: 24 accounts with it on file, all

@@ -2004,6 +2004,82 @@ async fn on_postgres_claims_and_lookups_use_their_indexes() {
     );
 }
 
+/// A number's own OTP limits find its codes through indexes (migration 28): the codes that went
+/// to it as a number on file through `otp_send_log_send_to`, which holds only those rows (a code
+/// to the number named writes no entry there), and those that went to it as the number named
+/// through `phone_index`. SQLite: `OTP_CHECKS`' plan. PostgreSQL, where the OTP batch function
+/// makes these reads: the generic plan of its read of the partial index (only the query's text
+/// can imply the index's predicate there).
+#[tokio::test]
+async fn otp_destination_reads_use_their_indexes() {
+    use prism_messaging::store::OTP_CHECKS;
+    let (_store, db) = open(Backend::Sqlite).await;
+    let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+    let (definition,): (String,) =
+        sqlx::query_as("SELECT sql FROM sqlite_master WHERE name = 'otp_send_log_send_to'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        definition.ends_with("WHERE send_to_index IS NOT NULL"),
+        "{definition}"
+    );
+    let plan: Vec<String> =
+        sqlx::query_as::<_, (i64, i64, i64, String)>(&format!("EXPLAIN QUERY PLAN {OTP_CHECKS}"))
+            .bind("named-index")
+            .bind("u1")
+            .bind("198.51.100.1")
+            .bind("2027-01-10T08:00:00+00:00")
+            .bind(4i64)
+            .bind(29i64)
+            .bind(0i64)
+            .bind("sms")
+            .bind("on-file-index")
+            .bind("on-file-index")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, _, _, detail)| detail)
+            .collect();
+    assert!(
+        plan.iter()
+            .any(|d| d.contains("INDEX otp_send_log_send_to (send_to_index=?")),
+        "{plan:#?}"
+    );
+    assert!(
+        !plan.iter().any(|d| d.contains("SCAN otp_send_log")),
+        "a read of the whole send log\n{plan:#?}"
+    );
+
+    if crate::common::postgres_admin_url().is_none() {
+        eprintln!("TEST_DATABASE_URL is not set: skipping the PostgreSQL run");
+        return;
+    }
+    use sqlx::Connection;
+    let (_store, db) = open(Backend::Postgres).await;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    for setting in [
+        "SET enable_seqscan = off",
+        "SET plan_cache_mode = force_generic_plan",
+    ] {
+        sqlx::query(setting).execute(&mut conn).await.unwrap();
+    }
+    let sql = "SELECT l.created_at FROM otp_send_log l WHERE l.send_to_index = $1 \
+               AND l.created_at > $2 ORDER BY l.created_at DESC LIMIT 1";
+    let plan = generic_plan(
+        &mut conn,
+        "text, timestamptz",
+        sql,
+        "'on-file-index', '2027-01-10T08:00:00Z'",
+    )
+    .await;
+    assert!(
+        plan.contains(" using otp_send_log_send_to on "),
+        "{sql}\n{plan}"
+    );
+}
+
 /// The plan of `sql` prepared with parameters of `types` and executed with `values`, as text.
 async fn generic_plan(
     conn: &mut sqlx::PgConnection,

@@ -102,12 +102,16 @@ impl OtpStore for ThisStore {
         };
         // Logged without its destination (the checks above must not count it there); a code
         // that goes out is counted against the number it goes to.
-        if let Some(destination) = attempt.and(issue.logged_destination(&send_to_index)) {
-            sqlx::query("UPDATE otp_send_log SET send_to_index = $1 WHERE id = $2")
-                .bind(destination)
-                .bind(log_id)
-                .execute(&mut *tx)
-                .await?;
+        let destination = issue.logged_destination(&send_to_index, attempt.is_some());
+        if destination.send_to_index.is_some() || destination.went_to_named {
+            sqlx::query(
+                "UPDATE otp_send_log SET send_to_index = $1, went_to_named = $2 WHERE id = $3",
+            )
+            .bind(destination.send_to_index)
+            .bind(destination.went_to_named)
+            .bind(log_id)
+            .execute(&mut *tx)
+            .await?;
         }
         sqlx::query(INSERT_OTP_MESSAGE)
             .bind(&message.id)

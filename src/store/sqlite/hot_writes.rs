@@ -199,20 +199,19 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
     let opted_out = issue.opted_out(&checks);
     let dropped = opted_out.is_none() && issue.destination_limited(&checks);
     // Counted against the number it went to only if a code goes out.
-    let destination = issue
-        .logged_destination(&send_to_index)
-        .filter(|_| opted_out.is_none() && !dropped);
+    let destination = issue.logged_destination(&send_to_index, opted_out.is_none() && !dropped);
     execute(
         conn,
         "INSERT INTO otp_send_log (phone_number, user_id, ip, created_at, phone_index, \
-         send_to_index) VALUES ($1, $2, $3, $4, $5, $6)",
+         send_to_index, went_to_named) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         &[
             &vault.seal(&issue.phone_number),
             &issue.user_id,
             &issue.ip,
             &ts(&issue.now),
             &phone_index,
-            &destination,
+            &destination.send_to_index,
+            &destination.went_to_named,
         ],
     )?;
     if let Some(named) = opted_out {
