@@ -12,8 +12,8 @@
 -- place of the number named records that number's blind index; the index on it holds only
 -- those rows. A number's codes, for its own limits (`OTP_CHECKS`' destination reads, and this
 -- function's), are the rows with its index in `send_to_index` and the rows with its index in
--- `phone_index` marked `went_to_named`. Those reads now run only for a code going to a number
--- on file in place of the number named, the only code they decide.
+-- `phone_index` marked `went_to_named`. Those reads now run only for a code about to go out to
+-- a number on file in place of the number named, the only code they decide.
 --
 -- `otp_issue_batch` is migration 27's, restated with those reads and that row.
 
@@ -115,12 +115,14 @@ BEGIN
                         AND o.channel = k.channel) AS c_named_opted_out,
                 EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = k.d_index
                         AND o.channel = k.channel) AS c_send_to_opted_out,
-                CASE WHEN k.d_index IS DISTINCT FROM k.phone_index THEN GREATEST(
+                CASE WHEN k.attempt_started IS NOT NULL
+                     AND k.d_index IS DISTINCT FROM k.phone_index THEN GREATEST(
                     (SELECT l.created_at FROM otp_send_log l WHERE l.send_to_index = k.d_index
                      ORDER BY l.created_at DESC LIMIT 1),
                     (SELECT l.created_at FROM otp_send_log l WHERE l.phone_index = k.d_index
                      AND l.went_to_named ORDER BY l.created_at DESC LIMIT 1)) END AS c_dest_last,
-                CASE WHEN k.d_index IS DISTINCT FROM k.phone_index THEN (
+                CASE WHEN k.attempt_started IS NOT NULL
+                     AND k.d_index IS DISTINCT FROM k.phone_index THEN (
                     SELECT u.t FROM (
                         SELECT l.created_at AS t FROM otp_send_log l
                         WHERE l.send_to_index = k.d_index AND l.created_at > k.window_start
@@ -259,12 +261,14 @@ BEGIN
                         AND o.channel = j.channel),
                 EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone_index = dest_index
                         AND o.channel = j.channel),
-                CASE WHEN dest_index IS DISTINCT FROM j.phone_index THEN GREATEST(
+                CASE WHEN j.attempt_started IS NOT NULL
+                     AND dest_index IS DISTINCT FROM j.phone_index THEN GREATEST(
                     (SELECT l.created_at FROM otp_send_log l WHERE l.send_to_index = dest_index
                      ORDER BY l.created_at DESC LIMIT 1),
                     (SELECT l.created_at FROM otp_send_log l WHERE l.phone_index = dest_index
                      AND l.went_to_named ORDER BY l.created_at DESC LIMIT 1)) END,
-                CASE WHEN dest_index IS DISTINCT FROM j.phone_index THEN (
+                CASE WHEN j.attempt_started IS NOT NULL
+                     AND dest_index IS DISTINCT FROM j.phone_index THEN (
                     SELECT u.t FROM (
                         SELECT l.created_at AS t FROM otp_send_log l
                         WHERE l.send_to_index = dest_index AND l.created_at > j.window_start

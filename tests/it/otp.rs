@@ -29,6 +29,7 @@ both_backends!(
     simultaneous_window_refusals_hold_the_limits,
     codes_to_one_number_share_its_limits_whichever_way_they_are_asked_for,
     simultaneous_codes_to_one_number_hold_its_limits,
+    simultaneous_codes_naming_a_number_and_going_to_it_share_its_hour,
     erasing_an_account_does_not_reset_the_limits,
 );
 
@@ -1091,6 +1092,68 @@ async fn simultaneous_codes_to_one_number_hold_its_limits(backend: Backend) {
         sent += usize::from(messages[0].status.as_str() != "skipped");
     }
     assert_eq!(sent, 3);
+}
+
+/// Simultaneous codes naming a number and going to it as a number on file share its hour: 3
+/// strangers name it (a code to the number named is held by that number's own limits only: all
+/// three go) while 24 accounts with it on file ask login codes, with no cooldown and 3 an hour.
+/// Which go first is the race's; what must hold is the limit, in the order the codes were
+/// decided (the send log's): a code to the number on file goes only while fewer than 3 codes
+/// went to the number before it, either way, and is dropped otherwise. On PostgreSQL, codes of
+/// one batch that share the number go through the batch function's one-at-a-time path, whose
+/// reads and log row (migration 28) this exercises alongside the set-based path's.
+async fn simultaneous_codes_naming_a_number_and_going_to_it_share_its_hour(backend: Backend) {
+    const NUMBER: &str = "+919876501200";
+    let (config, _clock) = clocked();
+    let config = config
+        .set("OTP_RESEND_COOLDOWN_SECONDS", "0")
+        .set("OTP_MAX_SENDS_PER_HOUR", "3")
+        .set("TRUST_FORWARDED_FOR", "true");
+    let app = std::sync::Arc::new(TestApp::spawn_with(backend, config).await);
+    for n in 3..27 {
+        app.consent(&format!("family-{n}"), NUMBER).await;
+    }
+    let mut requests = tokio::task::JoinSet::new();
+    for n in 0..27 {
+        let app = app.clone();
+        requests.spawn(async move {
+            let address = format!("198.51.100.{n}");
+            let r = if n < 3 {
+                let user = format!("stranger-{n}");
+                send_from(&app, &address, &user, NUMBER, "verification").await
+            } else {
+                let (user, named) = (format!("family-{n}"), format!("+9198765012{:02}", 10 + n));
+                send_from(&app, &address, &user, &named, "login").await
+            };
+            r.status().as_u16()
+        });
+    }
+    assert_eq!(requests.join_all().await, vec![200; 27]);
+    // Each logged code in the order decided: named (N), to the number on file (R), dropped (D).
+    let logged = app
+        .db
+        .text_pairs(
+            "SELECT user_id, CASE WHEN went_to_named THEN 'N' \
+             WHEN send_to_index IS NOT NULL THEN 'R' ELSE 'D' END \
+             FROM otp_send_log ORDER BY id",
+        )
+        .await;
+    assert_eq!(logged.len(), 27);
+    let mut before = 0;
+    for (user, way) in &logged {
+        match way.as_str() {
+            "N" => assert!(user.starts_with("stranger-"), "{logged:?}"),
+            "R" => assert!(before < 3, "a code went past the hour: {logged:?}"),
+            _ => assert!(
+                before >= 3,
+                "a code was dropped within the hour: {logged:?}"
+            ),
+        }
+        before += usize::from(way != "D");
+    }
+    let went = before;
+    assert!((3..=6).contains(&went), "{logged:?}");
+    assert_eq!(sent_to(&app, NUMBER).await, went);
 }
 
 /// Two instances on one PostgreSQL database hold the limits of a number on file together. Each

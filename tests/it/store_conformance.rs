@@ -19,6 +19,7 @@ use prism_messaging::store::{
 use prism_messaging::store::{MarkSending, SendGuard};
 
 both_backends!(
+    a_send_log_from_migration_27_is_converted,
     consent_changes_are_audited_per_field,
     audit_trail_is_append_only,
     idempotency_key_is_unique_but_optional,
@@ -2065,19 +2066,99 @@ async fn otp_destination_reads_use_their_indexes() {
     ] {
         sqlx::query(setting).execute(&mut conn).await.unwrap();
     }
-    let sql = "SELECT l.created_at FROM otp_send_log l WHERE l.send_to_index = $1 \
-               AND l.created_at > $2 ORDER BY l.created_at DESC LIMIT 1";
+    let (definition,): (String,) =
+        sqlx::query_as("SELECT indexdef FROM pg_indexes WHERE indexname = 'otp_send_log_send_to'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert!(
+        definition.ends_with("WHERE (send_to_index IS NOT NULL)"),
+        "{definition}"
+    );
+    // The batch function's read of a number's hour (`otp_issue_batch`, migration 28), its
+    // columns as parameters.
+    let sql = "SELECT u.t FROM ( \
+                   SELECT l.created_at AS t FROM otp_send_log l \
+                   WHERE l.send_to_index = $1 AND l.created_at > $2 \
+                   UNION ALL \
+                   SELECT l.created_at FROM otp_send_log l WHERE l.phone_index = $1 \
+                   AND l.went_to_named AND l.created_at > $2 \
+               ) u ORDER BY u.t DESC LIMIT 1 OFFSET $3";
     let plan = generic_plan(
         &mut conn,
-        "text, timestamptz",
+        "text, timestamptz, bigint",
         sql,
-        "'on-file-index', '2027-01-10T08:00:00Z'",
+        "'on-file-index', '2027-01-10T08:00:00Z', 2",
     )
     .await;
-    assert!(
-        plan.contains(" using otp_send_log_send_to on "),
-        "{sql}\n{plan}"
-    );
+    for index in ["otp_send_log_send_to", "otp_send_log_phone_index"] {
+        assert!(
+            plan.contains(&format!(" using {index} on ")),
+            "{index} not used\n{sql}\n{plan}"
+        );
+    }
+}
+
+/// Migration 28 converts the send log migration 27 wrote, which logged every code that went out
+/// under the blind index of the number it went to: a code to the number named (that index is its
+/// `phone_index`) is marked `went_to_named` and its second entry dropped; a code to a number on
+/// file in place of the number named keeps it; a code that went nowhere stays as it was.
+async fn a_send_log_from_migration_27_is_converted(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    let rows = "INSERT INTO otp_send_log (phone_number, user_id, ip, created_at, phone_index, \
+                send_to_index) VALUES \
+                ('sealed-t', 'u1', NULL, '2027-01-10T09:00:00+00:00', 'index-t', 'index-t'), \
+                ('sealed-n', 'u2', NULL, '2027-01-10T09:00:01+00:00', 'index-n', 'index-t'), \
+                ('sealed-t', 'u3', NULL, '2027-01-10T09:00:02+00:00', 'index-t', NULL)";
+    match backend {
+        Backend::Sqlite => {
+            let options =
+                <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&db.url)
+                    .unwrap()
+                    .create_if_missing(true);
+            let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+            let mut migrator = sqlx::migrate!("migrations/sqlite");
+            migrator.migrations = migrator
+                .migrations
+                .iter()
+                .filter(|m| m.version <= 27)
+                .cloned()
+                .collect::<Vec<_>>()
+                .into();
+            migrator.run(&pool).await.unwrap();
+            sqlx::query(rows).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+            let mut migrator = sqlx::migrate!("migrations/postgres");
+            migrator.migrations = migrator
+                .migrations
+                .iter()
+                .filter(|m| m.version <= 27)
+                .cloned()
+                .collect::<Vec<_>>()
+                .into();
+            migrator.run(&pool).await.unwrap();
+            sqlx::query(rows).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+    let _store = store::connect(&db.url, &crate::common::test_keys())
+        .await
+        .unwrap();
+    let logged = db
+        .text_pairs(
+            "SELECT COALESCE(send_to_index, ''), \
+             CASE WHEN went_to_named THEN 'named' ELSE '' END FROM otp_send_log ORDER BY id",
+        )
+        .await;
+    let expected = [("", "named"), ("index-t", ""), ("", "")];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(index, named)| (index.to_string(), named.to_string()))
+        .collect();
+    assert_eq!(logged, expected);
 }
 
 /// The plan of `sql` prepared with parameters of `types` and executed with `values`, as text.
