@@ -1921,19 +1921,12 @@ async fn postgres_claim_plan(url: &str, sql: &str, generic: bool, limit: i64) ->
 #[tokio::test]
 async fn on_postgres_claims_and_lookups_use_their_indexes() {
     use prism_messaging::store::{claim_sql, Stale};
-    use sqlx::Connection;
     if crate::common::postgres_admin_url().is_none() {
         eprintln!("TEST_DATABASE_URL is not set: skipping the PostgreSQL run");
         return;
     }
     let (_store, db) = open(Backend::Postgres).await;
-    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    for setting in [
-        "SET enable_seqscan = off",
-        "SET plan_cache_mode = force_generic_plan",
-    ] {
-        sqlx::query(setting).execute(&mut conn).await.unwrap();
-    }
+    let mut conn = generic_planner(&db).await;
     // Each step: indexes of which the plan must use at least one (the OTP step's queued half
     // may take `messages_due_otp` or `messages_due`).
     let queued_otp = ["messages_due_otp", "messages_due "];
@@ -2057,15 +2050,8 @@ async fn otp_destination_reads_use_their_indexes() {
         eprintln!("TEST_DATABASE_URL is not set: skipping the PostgreSQL run");
         return;
     }
-    use sqlx::Connection;
     let (_store, db) = open(Backend::Postgres).await;
-    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    for setting in [
-        "SET enable_seqscan = off",
-        "SET plan_cache_mode = force_generic_plan",
-    ] {
-        sqlx::query(setting).execute(&mut conn).await.unwrap();
-    }
+    let mut conn = generic_planner(&db).await;
     let (definition,): (String,) =
         sqlx::query_as("SELECT indexdef FROM pg_indexes WHERE indexname = 'otp_send_log_send_to'")
             .fetch_one(&mut conn)
@@ -2117,29 +2103,19 @@ async fn a_send_log_from_migration_27_is_converted(backend: Backend) {
                     .unwrap()
                     .create_if_missing(true);
             let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-            let mut migrator = sqlx::migrate!("migrations/sqlite");
-            migrator.migrations = migrator
-                .migrations
-                .iter()
-                .filter(|m| m.version <= 27)
-                .cloned()
-                .collect::<Vec<_>>()
-                .into();
-            migrator.run(&pool).await.unwrap();
+            migrations_up_to(sqlx::migrate!("migrations/sqlite"), 27)
+                .run(&pool)
+                .await
+                .unwrap();
             sqlx::query(rows).execute(&pool).await.unwrap();
             pool.close().await;
         }
         Backend::Postgres => {
             let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-            let mut migrator = sqlx::migrate!("migrations/postgres");
-            migrator.migrations = migrator
-                .migrations
-                .iter()
-                .filter(|m| m.version <= 27)
-                .cloned()
-                .collect::<Vec<_>>()
-                .into();
-            migrator.run(&pool).await.unwrap();
+            migrations_up_to(sqlx::migrate!("migrations/postgres"), 27)
+                .run(&pool)
+                .await
+                .unwrap();
             sqlx::query(rows).execute(&pool).await.unwrap();
             pool.close().await;
         }
@@ -2159,6 +2135,36 @@ async fn a_send_log_from_migration_27_is_converted(backend: Backend) {
         .map(|(index, named)| (index.to_string(), named.to_string()))
         .collect();
     assert_eq!(logged, expected);
+}
+
+/// A connection to `db` that plans as a pooled prepared statement ends up planning (the generic
+/// plan: only the query's own text can imply an index's predicate), with sequential scans priced
+/// out, so that a plan no index serves shows a `Seq Scan`.
+async fn generic_planner(db: &TestDatabase) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    for setting in [
+        "SET enable_seqscan = off",
+        "SET plan_cache_mode = force_generic_plan",
+    ] {
+        sqlx::query(setting).execute(&mut conn).await.unwrap();
+    }
+    conn
+}
+
+/// `migrator` with its migrations up to `version` only: a database as an earlier release left it.
+fn migrations_up_to(
+    mut migrator: sqlx::migrate::Migrator,
+    version: i64,
+) -> sqlx::migrate::Migrator {
+    migrator.migrations = migrator
+        .migrations
+        .iter()
+        .filter(|m| m.version <= version)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    migrator
 }
 
 /// The plan of `sql` prepared with parameters of `types` and executed with `values`, as text.
