@@ -1082,15 +1082,30 @@ impl OtpIssue {
             .destination_last_send
             .is_some_and(|last| last + chrono::Duration::seconds(self.cooldown_seconds) > self.now);
         self.attempt.is_some()
-            && self.send_to != self.phone_number
+            && self.redirected()
             && (cooling || checks.destination_full.is_some())
+    }
+
+    /// The code goes to a number on file in place of the number named.
+    pub(crate) fn redirected(&self) -> bool {
+        self.send_to != self.phone_number
+    }
+
+    /// The attempt and the message record to write for this issue: a dropped code
+    /// (`destination_limited`) is written as an issued one, but for its send (no attempt).
+    pub(crate) fn written(&self, dropped: bool) -> (Option<&SendAttempt>, MessageRecord) {
+        if dropped {
+            (None, self.dropped_record())
+        } else {
+            (self.attempt.as_ref(), self.issued_record())
+        }
     }
 
     /// `OTP_CHECKS`' `$10`: the blind index of the number on file the code goes to in place of
     /// the number named, whose limits `destination_limited` applies; `None` for the number named.
     /// `send_to_index`: the blind index of `send_to`.
     pub(crate) fn checked_destination<'a>(&self, send_to_index: &'a str) -> Option<&'a str> {
-        (self.send_to != self.phone_number).then_some(send_to_index)
+        self.redirected().then_some(send_to_index)
     }
 
     /// Where the send log records this code as gone, for `destination_limited`'s reads, when
@@ -1102,10 +1117,9 @@ impl OtpIssue {
         goes_out: bool,
     ) -> LoggedDestination<'a> {
         let goes_out = goes_out && self.attempt.is_some();
-        let redirected = self.send_to != self.phone_number;
         LoggedDestination {
-            send_to_index: (goes_out && redirected).then_some(send_to_index),
-            went_to_named: goes_out && !redirected,
+            send_to_index: (goes_out && self.redirected()).then_some(send_to_index),
+            went_to_named: goes_out && !self.redirected(),
         }
     }
 

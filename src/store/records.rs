@@ -665,6 +665,17 @@ pub enum OtpIssueOutcome {
     DestinationLimited(Box<MessageRecord>),
 }
 
+impl OtpIssueOutcome {
+    /// The outcome for a code written as `OtpIssue::written(dropped)` wrote it.
+    pub(crate) fn written(record: MessageRecord, dropped: bool) -> Self {
+        if dropped {
+            OtpIssueOutcome::DestinationLimited(Box::new(record))
+        } else {
+            OtpIssueOutcome::Issued(Box::new(record))
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct OtpRecord {
     pub user_id: String,

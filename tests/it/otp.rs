@@ -952,6 +952,23 @@ async fn skipped_for(app: &TestApp, user: &str) -> Vec<&'static str> {
         .collect()
 }
 
+/// Send-otps all at once, each `(client address, user, number named, purpose)` from its own
+/// address: their statuses, in the order they finished.
+async fn send_all_at_once(
+    app: &std::sync::Arc<TestApp>,
+    sends: impl IntoIterator<Item = (String, String, String, &'static str)>,
+) -> Vec<u16> {
+    let mut requests = tokio::task::JoinSet::new();
+    for (address, user, named, purpose) in sends {
+        let app = app.clone();
+        requests.spawn(async move {
+            let r = send_from(&app, &address, &user, &named, purpose).await;
+            r.status().as_u16()
+        });
+    }
+    requests.join_all().await
+}
+
 /// Codes to a number on file are held by that number's limits, however the codes before them
 /// were asked for: codes through accounts that have it on file and codes naming it all count,
 /// and share its cooldown and its hour. (They were counted against the number named only, so a
@@ -1068,17 +1085,16 @@ async fn simultaneous_codes_to_one_number_hold_its_limits(backend: Backend) {
     for n in 0..24 {
         app.consent(&format!("family-{n}"), ON_FILE).await;
     }
-    let mut requests = tokio::task::JoinSet::new();
-    for n in 0..24 {
-        let app = app.clone();
-        requests.spawn(async move {
-            let (address, user) = (format!("198.51.100.{n}"), format!("family-{n}"));
-            let named = format!("+9198765009{:02}", 10 + n);
-            let r = send_from(&app, &address, &user, &named, "login").await;
-            r.status().as_u16()
-        });
-    }
-    assert_eq!(requests.join_all().await, vec![200; 24]);
+    let sends = (0..24).map(|n| {
+        let named = format!("+9198765009{:02}", 10 + n);
+        (
+            format!("198.51.100.{n}"),
+            format!("family-{n}"),
+            named,
+            "login",
+        )
+    });
+    assert_eq!(send_all_at_once(&app, sends).await, vec![200; 24]);
     assert_eq!(sent_to(&app, ON_FILE).await, 3);
     let mut sent = 0;
     for n in 0..24 {
@@ -1113,22 +1129,22 @@ async fn simultaneous_codes_naming_a_number_and_going_to_it_share_its_hour(backe
     for n in 3..27 {
         app.consent(&format!("family-{n}"), NUMBER).await;
     }
-    let mut requests = tokio::task::JoinSet::new();
-    for n in 0..27 {
-        let app = app.clone();
-        requests.spawn(async move {
-            let address = format!("198.51.100.{n}");
-            let r = if n < 3 {
-                let user = format!("stranger-{n}");
-                send_from(&app, &address, &user, NUMBER, "verification").await
-            } else {
-                let (user, named) = (format!("family-{n}"), format!("+9198765012{:02}", 10 + n));
-                send_from(&app, &address, &user, &named, "login").await
-            };
-            r.status().as_u16()
-        });
-    }
-    assert_eq!(requests.join_all().await, vec![200; 27]);
+    let sends = (0..27).map(|n| {
+        let address = format!("198.51.100.{n}");
+        match n {
+            0..3 => (
+                address,
+                format!("stranger-{n}"),
+                NUMBER.into(),
+                "verification",
+            ),
+            _ => {
+                let named = format!("+9198765012{:02}", 10 + n);
+                (address, format!("family-{n}"), named, "login")
+            }
+        }
+    });
+    assert_eq!(send_all_at_once(&app, sends).await, vec![200; 27]);
     // Each logged code in the order decided: named (N), to the number on file (R), dropped (D).
     let logged = app
         .db

@@ -31,7 +31,7 @@ impl OtpStore for ThisStore {
         let mut tx = self.pool.begin().await?;
         let send = SendLogged {
             phone_number: limits.phone_number,
-            send_to: None,
+            destination: None,
             user_id: limits.user_id,
             ip: limits.ip,
             now: limits.now,
@@ -71,9 +71,10 @@ impl OtpStore for ThisStore {
             return writer.issue_otp(&self.vault, issue).await;
         }
         let mut tx = self.pool.begin().await?;
+        let send_to_index = self.vault.blind(&issue.send_to);
         let send = SendLogged {
             phone_number: &issue.phone_number,
-            send_to: Some(&issue.send_to),
+            destination: issue.checked_destination(&send_to_index),
             user_id: &issue.user_id,
             ip: issue.ip.as_deref(),
             now: issue.now,
@@ -81,7 +82,6 @@ impl OtpStore for ThisStore {
         // Log this send first: on SQLite the write takes the database's write lock, serialising
         // concurrent requests before they read the counts.
         let (phone_index, log_id) = send.lock_and_log(&mut tx, &self.vault).await?;
-        let send_to_index = self.vault.blind(&issue.send_to);
         let checks = otp_checks(&mut tx, issue, &phone_index, &send_to_index, log_id).await?;
         if let Some(wait) = issue.wait_seconds(&checks) {
             tx.rollback().await?;
@@ -93,13 +93,8 @@ impl OtpStore for ThisStore {
             tx.commit().await?;
             return Ok(OtpIssueOutcome::OptedOut { named });
         }
-        // A dropped code is written as an issued one, but for its send.
         let dropped = issue.destination_limited(&checks);
-        let (attempt, message) = if dropped {
-            (None, issue.dropped_record())
-        } else {
-            (issue.attempt.as_ref(), issue.issued_record())
-        };
+        let (attempt, message) = issue.written(dropped);
         // Logged without its destination (the checks above must not count it there); a code
         // that goes out is counted against the number it goes to.
         let destination = issue.logged_destination(&send_to_index, attempt.is_some());
@@ -163,11 +158,7 @@ impl OtpStore for ThisStore {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(if dropped {
-            OtpIssueOutcome::DestinationLimited(Box::new(message))
-        } else {
-            OtpIssueOutcome::Issued(Box::new(message))
-        })
+        Ok(OtpIssueOutcome::written(message, dropped))
     }
 
     async fn get_otp(&self, user_id: &str, purpose: &str) -> AppResult<Option<OtpRecord>> {
@@ -283,8 +274,9 @@ impl OtpStore for ThisStore {
 /// A send about to be counted in the send log (an issue, or a refusal counted as one).
 struct SendLogged<'a> {
     phone_number: &'a str,
-    /// The number the code goes to, if one may go: its lock is taken too.
-    send_to: Option<&'a str>,
+    /// The blind index of the number on file the code goes to in place of the number named
+    /// (`OtpIssue::checked_destination`): its lock is taken too.
+    destination: Option<&'a str>,
     user_id: &'a str,
     ip: Option<&'a str>,
     now: DateTime<Utc>,
@@ -305,8 +297,8 @@ impl SendLogged<'_> {
             format!("otp:phone:{phone_index}"),
             format!("otp:user:{}", self.user_id),
         ];
-        if let Some(send_to) = self.send_to.filter(|n| *n != self.phone_number) {
-            keys.push(format!("otp:phone:{}", vault.blind(send_to)));
+        if let Some(destination) = self.destination {
+            keys.push(format!("otp:phone:{destination}"));
         }
         if let Some(ip) = self.ip {
             keys.push(format!("otp:ip:{ip}"));

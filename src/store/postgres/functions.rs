@@ -320,7 +320,7 @@ impl PgFunctions {
         ];
         // The number the code goes to, when it is known here and not the number named (the
         // function takes the lock of a number it finds on file itself).
-        if issue.send_to != issue.phone_number {
+        if issue.redirected() {
             locks.push(format!("otp:phone:{send_to_index}"));
         }
         if let Some(ip) = &issue.ip {

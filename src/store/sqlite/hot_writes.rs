@@ -217,12 +217,7 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
     if let Some(named) = opted_out {
         return Ok(OtpIssueOutcome::OptedOut { named });
     }
-    // A dropped code is written as an issued one, but for its send.
-    let (attempt, record) = if dropped {
-        (None, issue.dropped_record())
-    } else {
-        (issue.attempt.as_ref(), issue.issued_record())
-    };
+    let (attempt, record) = issue.written(dropped);
     let m = &issue.message;
     let sealed = attempt.map(|a| a.sealed(vault));
     let at = ts(&m.created_at);
@@ -279,11 +274,7 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
         "DELETE FROM otp_failures WHERE user_id = $1 AND purpose = $2",
         &[&issue.user_id, &issue.purpose],
     )?;
-    Ok(if dropped {
-        OtpIssueOutcome::DestinationLimited(Box::new(record))
-    } else {
-        OtpIssueOutcome::Issued(Box::new(record))
-    })
+    Ok(OtpIssueOutcome::written(record, dropped))
 }
 
 /// The wait a limit imposes, read from committed state (`SqliteReaders::otp_refusal`).
