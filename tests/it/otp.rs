@@ -27,6 +27,7 @@ both_backends!(
     a_closed_whatsapp_window_refuses_on_the_number_named_and_writes_nothing,
     a_number_on_file_outside_the_allowed_countries_gets_nothing,
     simultaneous_window_refusals_hold_the_limits,
+    a_window_closing_during_a_request_goes_by_the_route_it_was_checked_against,
     codes_to_one_number_share_its_limits_whichever_way_they_are_asked_for,
     simultaneous_codes_to_one_number_hold_its_limits,
     simultaneous_codes_naming_a_number_and_going_to_it_share_its_hour,
@@ -845,6 +846,89 @@ async fn a_closed_whatsapp_window_refuses_on_the_number_named_and_writes_nothing
     let outbox = app.outbox_json().await;
     assert_eq!(outbox["messages"][0]["to"], "+919876500300");
     assert_eq!(outbox["messages"][0]["channel"], "whatsapp");
+}
+
+/// A clock that moves on a second each time it is read, so every read within one request sees
+/// a later time than the read before it.
+#[derive(Clone)]
+struct TickingClock(std::sync::Arc<std::sync::Mutex<chrono::DateTime<Utc>>>);
+
+impl TickingClock {
+    fn set(&self, at: chrono::DateTime<Utc>) {
+        *self.0.lock().unwrap() = at;
+    }
+}
+
+impl prism_messaging::clock::Clock for TickingClock {
+    fn now(&self) -> chrono::DateTime<Utc> {
+        let mut now = self.0.lock().unwrap();
+        let read = *now;
+        *now += Duration::seconds(1);
+        read
+    }
+}
+
+/// `send-otp` reads a WhatsApp number's window when it checks the request, and its code's plan
+/// is made later: a window closing between the two must not give a request answered
+/// `whatsapp_window_closed` a code written (and the user's live code replaced) behind it. The
+/// plan goes by the route the request was checked against (`plan_otp`'s `known_route`).
+/// Each round makes a new number's window close at the k-th clock read of its request, for k
+/// from 1 to 40, so the closing falls between every pair of reads in turn. A request is then
+/// either refused with nothing written or sent; read again at the plan, one of them (k between
+/// the check's read and the plan's) was answered 400 with a skipped code written for it.
+async fn a_window_closing_during_a_request_goes_by_the_route_it_was_checked_against(
+    backend: Backend,
+) {
+    let clock = TickingClock(std::sync::Arc::new(std::sync::Mutex::new(Utc::now())));
+    let app = TestApp::spawn_with(
+        backend,
+        TestConfig::new()
+            .with_any_clock(std::sync::Arc::new(clock.clone()))
+            .set("OTP_MAX_SENDS_PER_IP_PER_HOUR", "1000"),
+    )
+    .await;
+    let (mut sent, mut refused) = (0, 0);
+    for k in 1..=40 {
+        let (user, number) = (format!("window-{k}"), format!("+9198765{:05}", 20000 + k));
+        whatsapp_inbound(&app, &number).await;
+        let opened = app
+            .state
+            .store
+            .last_whatsapp_inbound(&number)
+            .await
+            .unwrap()
+            .expect("the inbound message is stored");
+        // Reads 0..k of the request are inside the 24 hours, read k and later outside.
+        clock.set(opened + Duration::hours(24) - Duration::seconds(k));
+        let r = send_whatsapp(&app, &user, &number).await;
+        let status = r.status().as_u16();
+        let messages = app.state.store.user_messages(&user, 10).await.unwrap();
+        match status {
+            400 => {
+                assert_eq!(error_code(r).await, "whatsapp_window_closed", "k = {k}");
+                let written: Vec<_> = messages
+                    .iter()
+                    .map(|m| (m.status.as_str(), m.reason.map(|r| r.as_str())))
+                    .collect();
+                assert!(
+                    written.is_empty(),
+                    "k = {k}: refused, yet wrote {written:?}"
+                );
+                refused += 1;
+            }
+            200 => {
+                assert_eq!(messages.len(), 1, "k = {k}");
+                assert_ne!(messages[0].status.as_str(), "skipped", "k = {k}");
+                let outbox = app.outbox_json().await;
+                assert_eq!(outbox["messages"][0]["to"], number.as_str(), "k = {k}");
+                sent += 1;
+            }
+            other => panic!("k = {k}: {other} {}", r.text().await.unwrap()),
+        }
+        clock.set(opened + Duration::hours(48));
+    }
+    // The closing fell before the check in some rounds and after the plan in others.
+    assert!(refused > 0 && sent > 0, "refused {refused}, sent {sent}");
 }
 
 /// `OTP_ALLOWED_COUNTRIES` holds for the number a code goes to, not only the number named: a

@@ -260,6 +260,12 @@ impl TestConfig {
         self
     }
 
+    /// Run on any clock (one that moves by itself, say).
+    pub fn with_any_clock(mut self, clock: DynClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     pub fn unset(mut self, name: &str) -> Self {
         self.vars.remove(name);
         self
