@@ -1041,6 +1041,23 @@ async fn skipped_for(app: &TestApp, user: &str) -> Vec<&'static str> {
         .collect()
 }
 
+/// An app with no cooldown and 3 codes an hour, trusting `X-Forwarded-For` (so each request can
+/// come from its own address), where the accounts `family-{n}` for `n` in `accounts` have `number`
+/// on file.
+async fn accounts_sharing_a_number(
+    backend: Backend,
+    number: &str,
+    accounts: std::ops::Range<usize>,
+) -> std::sync::Arc<TestApp> {
+    let (config, _clock) = limits("3");
+    let config = config.set("TRUST_FORWARDED_FOR", "true");
+    let app = TestApp::spawn_with(backend, config).await;
+    for n in accounts {
+        app.consent(&format!("family-{n}"), number).await;
+    }
+    std::sync::Arc::new(app)
+}
+
 /// Send-otps all at once, each `(client address, user, number named, purpose)` from its own
 /// address: their statuses, in the order they finished.
 async fn send_all_at_once(
@@ -1165,15 +1182,7 @@ async fn codes_to_one_number_share_its_limits_whichever_way_they_are_asked_for(b
 /// every account's code is written, and 3 reach the number.
 async fn simultaneous_codes_to_one_number_hold_its_limits(backend: Backend) {
     const ON_FILE: &str = "+919876500900";
-    let (config, _clock) = clocked();
-    let config = config
-        .set("OTP_RESEND_COOLDOWN_SECONDS", "0")
-        .set("OTP_MAX_SENDS_PER_HOUR", "3")
-        .set("TRUST_FORWARDED_FOR", "true");
-    let app = std::sync::Arc::new(TestApp::spawn_with(backend, config).await);
-    for n in 0..24 {
-        app.consent(&format!("family-{n}"), ON_FILE).await;
-    }
+    let app = accounts_sharing_a_number(backend, ON_FILE, 0..24).await;
     let sends = (0..24).map(|n| {
         let named = format!("+9198765009{:02}", 10 + n);
         (
@@ -1209,15 +1218,7 @@ async fn simultaneous_codes_to_one_number_hold_its_limits(backend: Backend) {
 /// reads and log row (migration 28) this exercises alongside the set-based path's.
 async fn simultaneous_codes_naming_a_number_and_going_to_it_share_its_hour(backend: Backend) {
     const NUMBER: &str = "+919876501200";
-    let (config, _clock) = clocked();
-    let config = config
-        .set("OTP_RESEND_COOLDOWN_SECONDS", "0")
-        .set("OTP_MAX_SENDS_PER_HOUR", "3")
-        .set("TRUST_FORWARDED_FOR", "true");
-    let app = std::sync::Arc::new(TestApp::spawn_with(backend, config).await);
-    for n in 3..27 {
-        app.consent(&format!("family-{n}"), NUMBER).await;
-    }
+    let app = accounts_sharing_a_number(backend, NUMBER, 3..27).await;
     let sends = (0..27).map(|n| {
         let address = format!("198.51.100.{n}");
         match n {

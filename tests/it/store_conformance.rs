@@ -2002,8 +2002,9 @@ async fn on_postgres_claims_and_lookups_use_their_indexes() {
 /// to it as a number on file through `otp_send_log_send_to`, which holds only those rows (a code
 /// to the number named writes no entry there), and those that went to it as the number named
 /// through `phone_index`. SQLite: `OTP_CHECKS`' plan. PostgreSQL, where the OTP batch function
-/// makes these reads: the generic plan of its read of the partial index (only the query's text
-/// can imply the index's predicate there).
+/// makes these reads: the generic plan of its read of a number's hour, checked to be the read
+/// both of the function's paths make (only the query's text can imply the index's predicate
+/// there).
 #[tokio::test]
 async fn otp_destination_reads_use_their_indexes() {
     use prism_messaging::store::OTP_CHECKS;
@@ -2062,18 +2063,45 @@ async fn otp_destination_reads_use_their_indexes() {
         "{definition}"
     );
     // The batch function's read of a number's hour (`otp_issue_batch`, migration 28), its
-    // columns as parameters.
-    let sql = "SELECT u.t FROM ( \
-                   SELECT l.created_at AS t FROM otp_send_log l \
-                   WHERE l.send_to_index = $1 AND l.created_at > $2 \
-                   UNION ALL \
-                   SELECT l.created_at FROM otp_send_log l WHERE l.phone_index = $1 \
-                   AND l.went_to_named AND l.created_at > $2 \
-               ) u ORDER BY u.t DESC LIMIT 1 OFFSET $3";
+    // columns as parameters. Both of the function's paths make this read, as its source shows,
+    // so the plan below is the plan of what the function runs.
+    let hour_read = |number: &str, window_start: &str, offset: &str| {
+        format!(
+            "SELECT u.t FROM ( \
+             SELECT l.created_at AS t FROM otp_send_log l \
+             WHERE l.send_to_index = {number} AND l.created_at > {window_start} \
+             UNION ALL \
+             SELECT l.created_at FROM otp_send_log l WHERE l.phone_index = {number} \
+             AND l.went_to_named AND l.created_at > {window_start} \
+             ) u ORDER BY u.t DESC LIMIT 1 OFFSET {offset}"
+        )
+    };
+    let (source,): (String,) =
+        sqlx::query_as("SELECT prosrc FROM pg_proc WHERE proname = 'otp_issue_batch'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    let words = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+    for (path, read) in [
+        (
+            "set-based",
+            hour_read("k.d_index", "k.window_start", "k.per_number"),
+        ),
+        (
+            "one at a time",
+            hour_read("dest_index", "j.window_start", "(SELECT j.per_number)"),
+        ),
+    ] {
+        assert!(
+            words(&source).contains(&words(&read)),
+            "otp_issue_batch's {path} path no longer reads a number's hour as\n{read}"
+        );
+    }
+    let sql = hour_read("$1", "$2", "$3");
     let plan = generic_plan(
         &mut conn,
         "text, timestamptz, bigint",
-        sql,
+        &sql,
         "'on-file-index', '2027-01-10T08:00:00Z', 2",
     )
     .await;
