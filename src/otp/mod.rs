@@ -37,6 +37,9 @@ use crate::store::{
     Channel, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome, OtpLimits, OtpStore,
 };
 
+mod refusals;
+pub use refusals::{RecentRefusals, RefusalKey};
+
 /// A send-otp request past its checks: what its issue is made from, whichever number it goes to.
 struct Asked<'a> {
     request: &'a SendOtpRequest,
@@ -163,8 +166,9 @@ impl CodeHasher {
 pub const VERIFICATION: &str = "verification";
 
 /// The answer to a send a limit refused, logged with the number masked.
-fn rate_limited(named: &PhoneNumber, purpose: &str, retry_after_seconds: i64) -> AppError {
-    tracing::info!(to = %named.masked(), purpose, retry_after_seconds, "OTP send refused: rate limited");
+fn rate_limited(key: &RefusalKey, retry_after_seconds: i64) -> AppError {
+    let (to, purpose) = (crate::phone::mask(key.phone_number()), key.purpose());
+    tracing::info!(%to, purpose, retry_after_seconds, "OTP send refused: rate limited");
     AppError::TooManyRequests {
         code: "rate_limited",
         message: "too many codes requested; try again later".into(),
@@ -271,6 +275,7 @@ pub struct Otp {
     clock: DynClock,
     context: Arc<OtpContext>,
     send_latency: Arc<SendLatency>,
+    refusals: Arc<RecentRefusals>,
 }
 
 impl Otp {
@@ -290,6 +295,7 @@ impl Otp {
             clock,
             context: Arc::new(context),
             send_latency: Arc::default(),
+            refusals: Arc::default(),
         }
     }
 
@@ -298,6 +304,13 @@ impl Otp {
     async fn answered_as_sent(&self, sent: SendOtpAnswer) -> AppResult<SendOtpAnswer> {
         tokio::time::sleep(self.send_latency.like_a_send()).await;
         Ok(sent)
+    }
+
+    /// A send the limits refused at `now`: answered, and remembered until its wait is over.
+    fn refused(&self, key: RefusalKey, now: DateTime<Utc>, wait_seconds: i64) -> AppError {
+        let answer = rate_limited(&key, wait_seconds);
+        self.refusals.remember(key, now, wait_seconds);
+        answer
     }
 
     fn opted_out_error(&self, channel: Channel) -> AppError {
@@ -327,6 +340,13 @@ impl Otp {
         request: SendOtpRequest,
         ip: Option<String>,
     ) -> AppResult<SendOtpAnswer> {
+        let now = self.clock.now();
+        let ip = ip.as_deref().map(rate_limit_key);
+        // The same request refused moments ago: refused again, as the store would.
+        let key = RefusalKey::new(&request, ip.as_deref());
+        if let Some(wait) = self.refusals.wait_seconds(&key, now) {
+            return Err(rate_limited(&key, wait));
+        }
         validate_user_id(&request.user_id)?;
         validate_purpose(&request.purpose)?;
         let channel = parse_channel(request.channel.as_deref())?;
@@ -344,8 +364,6 @@ impl Otp {
                 "messaging is disabled on this service".into(),
             ));
         }
-        let now = self.clock.now();
-        let ip = ip.as_deref().map(rate_limit_key);
         let limits = OtpLimits {
             user_id: &request.user_id,
             phone_number: named.as_str(),
@@ -360,7 +378,7 @@ impl Otp {
         // where committed state is cheap to read (SQLite: no writer, no fsync); `issue_otp`
         // checks again under its lock either way.
         if let Some(wait) = self.codes.otp_refusal(&limits).await? {
-            return Err(rate_limited(&named, &request.purpose, wait));
+            return Err(self.refused(key, now, wait));
         }
         // Decided on the number named, before the issue: the refusal must not depend on the
         // number on file (whose window decides only where an accepted code goes) and must not
@@ -372,7 +390,7 @@ impl Otp {
         };
         if named_route == Some(WhatsappRoute::Closed) {
             if let Some(wait) = self.codes.log_refused_otp(&limits).await? {
-                return Err(rate_limited(&named, &request.purpose, wait));
+                return Err(self.refused(key, now, wait));
             }
             return Err(whatsapp_window_closed());
         }
@@ -447,7 +465,7 @@ impl Otp {
             }
             OtpIssueOutcome::RateLimited {
                 retry_after_seconds,
-            } => return Err(rate_limited(&named, &request.purpose, retry_after_seconds)),
+            } => return Err(self.refused(key, now, retry_after_seconds)),
             // Only an issue that did not read the number on file can find another there.
             OtpIssueOutcome::OnFileElsewhere => {
                 return Err(

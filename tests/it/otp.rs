@@ -33,6 +33,7 @@ both_backends!(
     simultaneous_codes_to_one_number_hold_its_limits,
     simultaneous_codes_naming_a_number_and_going_to_it_share_its_hour,
     erasing_an_account_does_not_reset_the_limits,
+    a_refused_request_asked_again_is_refused_from_memory_until_its_wait_is_over,
 );
 
 const PHONE: &str = "+919876543210";
@@ -1392,4 +1393,67 @@ async fn erasing_an_account_does_not_reset_the_limits(backend: Backend) {
         assert!(user.starts_with("erased:"), "{user}");
         assert_eq!(number, "");
     }
+}
+
+/// A send the limits refused is remembered until its wait is over: the same request asked again
+/// within it is refused without the store (here the send log is emptied behind the service's
+/// back, so the store alone would let it go), with the wait that is left. Another request, even
+/// the same number written another way, is decided by the store; so is the same request once its
+/// wait is over.
+async fn a_refused_request_asked_again_is_refused_from_memory_until_its_wait_is_over(
+    backend: Backend,
+) {
+    let (config, clock) = limits("2");
+    let app = TestApp::spawn_with(backend, config.set("TRUST_FORWARDED_FOR", "true")).await;
+    let ask = |phone: &'static str, address: &'static str| {
+        let request = app
+            .client
+            .post(app.url("/api/messaging/send-otp"))
+            .header("x-forwarded-for", address)
+            .json(&json!({"user_id": "u1", "phone_number": phone, "purpose": "login"}));
+        async move { request.send().await.unwrap() }
+    };
+    let started = clock.now();
+    for _ in 0..2 {
+        assert_eq!(ask(PHONE, "198.51.100.1").await.status(), 200);
+        clock.advance(Duration::minutes(10));
+    }
+    // The first code (20 minutes ago) leaves the hour in 40 minutes.
+    let r = ask(PHONE, "198.51.100.1").await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "2400");
+    let deleted = app.db.execute("DELETE FROM otp_send_log").await.unwrap();
+    assert_eq!(deleted, 2);
+
+    clock.advance(Duration::minutes(1));
+    let r = ask(PHONE, "198.51.100.1").await;
+    assert_eq!(r.status(), 429, "the same request, within its wait");
+    assert_eq!(r.headers()["retry-after"], "2340");
+    assert_eq!(error_code(r).await, "rate_limited");
+    assert_eq!(outbox_len(&app).await, 2, "nothing sent");
+    let at_its_end = started + Duration::hours(1) - clock.now();
+    clock.advance(at_its_end - Duration::seconds(1));
+    let r = ask(PHONE, "198.51.100.1").await;
+    assert_eq!(r.status(), 429, "one second before its wait is over");
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(outbox_len(&app).await, 2, "nothing sent");
+
+    // Other requests are the store's to decide: its log is empty, so they go.
+    assert_eq!(
+        ask(PHONE, "198.51.100.2").await.status(),
+        200,
+        "another address"
+    );
+    assert_eq!(
+        ask("+91 98765 43210", "198.51.100.1").await.status(),
+        200,
+        "the number written another way"
+    );
+    // And the same request, once its wait is over (the hour holds two codes: it is refused
+    // again, by the store, for as long as the first of them stays in the hour).
+    clock.advance(Duration::seconds(1));
+    let r = ask(PHONE, "198.51.100.1").await;
+    assert_eq!(r.status(), 429, "the store's own refusal");
+    assert_eq!(r.headers()["retry-after"], "3599");
+    assert_eq!(outbox_len(&app).await, 4);
 }
