@@ -34,11 +34,11 @@ use crate::phone::PhoneNumber;
 use crate::provider::twilio::{INVALID_TO_NUMBER, NOT_A_MOBILE_NUMBER, RECIPIENT_UNSUBSCRIBED};
 use crate::status::SkipReason;
 use crate::store::{
-    Channel, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome, OtpLimits, OtpStore,
+    Channel, LimitRefusal, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome, OtpLimits, OtpStore,
 };
 
 mod refusals;
-pub use refusals::{RecentRefusals, RefusalKey};
+pub use refusals::{LimitKeys, RecentRefusals, RefusalKey};
 
 /// A send-otp request past its checks: what its issue is made from, whichever number it goes to.
 struct Asked<'a> {
@@ -164,6 +164,15 @@ impl CodeHasher {
 
 /// The purpose that proves a number (and may mark the number on file verified).
 pub const VERIFICATION: &str = "verification";
+
+/// What each limit of a send applies to.
+fn limit_keys<'a>(limits: &OtpLimits<'a>) -> LimitKeys<'a> {
+    LimitKeys {
+        number: limits.phone_number,
+        user_id: limits.user_id,
+        client: limits.ip,
+    }
+}
 
 /// The answer to a send a limit refused, logged with the number masked.
 fn rate_limited(key: &RefusalKey, retry_after_seconds: i64) -> AppError {
@@ -306,10 +315,11 @@ impl Otp {
         Ok(sent)
     }
 
-    /// A send the limits refused at `now`: answered, and remembered until its wait is over.
-    fn refused(&self, key: RefusalKey, now: DateTime<Utc>, wait_seconds: i64) -> AppError {
-        let answer = rate_limited(&key, wait_seconds);
-        self.refusals.remember(key, now, wait_seconds);
+    /// A send the limits refused at `now`: answered, and remembered while they hold.
+    fn refused(&self, key: RefusalKey, limits: &OtpLimits<'_>, refusal: LimitRefusal) -> AppError {
+        let answer = rate_limited(&key, refusal.retry_after_seconds);
+        self.refusals
+            .remember(key, limit_keys(limits), &refusal, limits.now);
         answer
     }
 
@@ -344,7 +354,7 @@ impl Otp {
         let ip = ip.as_deref().map(rate_limit_key);
         // The same request refused moments ago: refused again, as the store would.
         let key = RefusalKey::new(&request, ip.as_deref());
-        if let Some(wait) = self.refusals.wait_seconds(&key, now) {
+        if let Some(wait) = self.refusals.request_wait(&key, now) {
             return Err(rate_limited(&key, wait));
         }
         validate_user_id(&request.user_id)?;
@@ -377,8 +387,11 @@ impl Otp {
         // A send the limits refuse is answered before a code is made or its message planned,
         // where committed state is cheap to read (SQLite: no writer, no fsync); `issue_otp`
         // checks again under its lock either way.
-        if let Some(wait) = self.codes.otp_refusal(&limits).await? {
-            return Err(self.refused(key, now, wait));
+        if let Some(wait) = self.refusals.limits_wait(limit_keys(&limits), now) {
+            return Err(rate_limited(&key, wait));
+        }
+        if let Some(refusal) = self.codes.otp_refusal(&limits).await? {
+            return Err(self.refused(key, &limits, refusal));
         }
         // Decided on the number named, before the issue: the refusal must not depend on the
         // number on file (whose window decides only where an accepted code goes) and must not
@@ -389,8 +402,8 @@ impl Otp {
             Channel::Sms => None,
         };
         if named_route == Some(WhatsappRoute::Closed) {
-            if let Some(wait) = self.codes.log_refused_otp(&limits).await? {
-                return Err(self.refused(key, now, wait));
+            if let Some(refusal) = self.codes.log_refused_otp(&limits).await? {
+                return Err(self.refused(key, &limits, refusal));
             }
             return Err(whatsapp_window_closed());
         }
@@ -414,7 +427,7 @@ impl Otp {
             request: &request,
             named: &named,
             channel,
-            ip,
+            ip: ip.clone(),
             code,
             now,
             named_route,
@@ -463,9 +476,9 @@ impl Otp {
                 tracing::info!(user_id = %request.user_id, purpose = %request.purpose, "OTP not sent: the number it goes to had its codes");
                 return self.answered_as_sent(sent).await;
             }
-            OtpIssueOutcome::RateLimited {
-                retry_after_seconds,
-            } => return Err(self.refused(key, now, retry_after_seconds)),
+            OtpIssueOutcome::RateLimited(refusal) => {
+                return Err(self.refused(key, &limits, refusal))
+            }
             // Only an issue that did not read the number on file can find another there.
             OtpIssueOutcome::OnFileElsewhere => {
                 return Err(

@@ -1,23 +1,33 @@
-//! Refusals remembered. A send-otp the limits refused stays refused until its wait is over
-//! (only time lifts a limit: sends only add to the counts), so the same request asked again
-//! within that wait (an app's retry loop, a resend button held down, a bot) is answered from
-//! memory: no number validation, no read of the limits. Every other request is decided by the
-//! store as before, and a request answered from here gets the answer the store would give.
+//! Refusals remembered. A limit that refused a send holds until its time (only time lifts a
+//! limit: sends only add to its counts), so while it holds, a send it applies to is refused from
+//! memory, without reading the limits again:
 //!
-//! The key is the request as the client sent it, with the client's rate-limit key: the answer
-//! to a request depends only on those and on settings fixed for the process, so a request whose
-//! key was refused passes every validation its first asking passed.
+//! * **The same request** (the same fields as sent, from the same client) until every limit that
+//!   refused it lifts, with no validation either: an app's retry loop, a resend button held
+//!   down, a bot asking over and over.
+//! * **Any request naming the same number, for the same user id, or from the same client**,
+//!   whichever limit of the three refused, once its input is valid: a bot that floods one
+//!   number through many user ids and addresses (SMS bombing) costs the store nothing more once
+//!   the number's hour is full.
+//!
+//! Every other send is decided by the store as before. A refusal from memory is one the store
+//! would give; its wait is that of the limits remembered, so it can be shorter than the store's
+//! when a limit that has not refused anything yet would refuse too (asked again then, the store
+//! answers with the rest).
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Mutex;
 
 use chrono::{DateTime, Duration, Utc};
 
 use super::SendOtpRequest;
+use crate::store::LimitRefusal;
 
-/// At most this many refusals are held (a few MiB at most). A client that varies its requests
-/// to fill it gains nothing: a full table only stops remembering new refusals until old ones
-/// run out, and every request it does not hold is decided by the store.
+/// At most this many refusals of each kind are held (a few MiB in all). A client that varies
+/// its requests to fill the memory gains nothing: a full table only stops remembering new
+/// refusals until old ones run out, and every send it does not hold is decided by the store.
 const CAPACITY: usize = 16_384;
 
 /// A full table looks for refusals that ran out at most this often, so filling it cannot make
@@ -55,16 +65,77 @@ impl RefusalKey {
     }
 }
 
+/// What one limit applies to: the number named (E.164), the user id, the client's key.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitKeys<'a> {
+    pub number: &'a str,
+    pub user_id: &'a str,
+    pub client: Option<&'a str>,
+}
+
+/// Keys, each held until a time.
+struct Holds<K> {
+    until: HashMap<K, DateTime<Utc>>,
+    last_purge: Option<DateTime<Utc>>,
+}
+
+impl<K> Default for Holds<K> {
+    fn default() -> Self {
+        Holds {
+            until: HashMap::new(),
+            last_purge: None,
+        }
+    }
+}
+
+impl<K: Hash + Eq> Holds<K> {
+    fn get<Q>(&self, key: &Q, now: DateTime<Utc>) -> Option<DateTime<Utc>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.until.get(key).copied().filter(|until| *until > now)
+    }
+
+    fn hold(&mut self, key: K, until: DateTime<Utc>, now: DateTime<Utc>) {
+        if until <= now {
+            return;
+        }
+        if self.until.len() >= CAPACITY && !self.until.contains_key(&key) {
+            let due = self
+                .last_purge
+                .is_none_or(|last| now - last >= PURGE_INTERVAL || now < last);
+            if !due {
+                return;
+            }
+            self.last_purge = Some(now);
+            self.until.retain(|_, until| *until > now);
+            if self.until.len() >= CAPACITY {
+                return;
+            }
+        }
+        let held = self.until.entry(key).or_insert(until);
+        *held = (*held).max(until);
+    }
+}
+
 #[derive(Default)]
 struct Held {
-    until: HashMap<RefusalKey, DateTime<Utc>>,
-    last_purge: Option<DateTime<Utc>>,
+    requests: Holds<RefusalKey>,
+    numbers: Holds<String>,
+    users: Holds<String>,
+    clients: Holds<String>,
 }
 
 /// Refusals of this process, each until the time its limit lifts.
 #[derive(Default)]
 pub struct RecentRefusals {
     held: Mutex<Held>,
+}
+
+/// Seconds from `now` to `until` (at least 1), as `Retry-After` counts them.
+fn seconds_until(until: DateTime<Utc>, now: DateTime<Utc>) -> i64 {
+    (until - now).num_seconds().max(1)
 }
 
 impl RecentRefusals {
@@ -75,40 +146,51 @@ impl RecentRefusals {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Seconds until `key`'s limit lifts (at least 1), when it was refused and has not yet.
-    pub fn wait_seconds(&self, key: &RefusalKey, now: DateTime<Utc>) -> Option<i64> {
-        let until = *self.held().until.get(key)?;
-        (until > now).then(|| (until - now).num_seconds().max(1))
+    /// Seconds until the limits that refused this very request lift, while they hold.
+    pub fn request_wait(&self, key: &RefusalKey, now: DateTime<Utc>) -> Option<i64> {
+        let until = self.held().requests.get(key, now)?;
+        Some(seconds_until(until, now))
     }
 
-    /// `key` was refused at `now` for `wait_seconds`: the store would refuse it until then.
-    pub fn remember(&self, key: RefusalKey, now: DateTime<Utc>, wait_seconds: i64) {
-        let until = now + Duration::seconds(wait_seconds);
+    /// Seconds until the limits remembered for this number, user id and client lift, while
+    /// any of them holds.
+    pub fn limits_wait(&self, keys: LimitKeys<'_>, now: DateTime<Utc>) -> Option<i64> {
+        let held = self.held();
+        let client = keys.client.and_then(|c| held.clients.get(c, now));
+        let until = held
+            .numbers
+            .get(keys.number, now)
+            .max(held.users.get(keys.user_id, now))
+            .max(client)?;
+        Some(seconds_until(until, now))
+    }
+
+    /// `refusal` refused the request `key` (naming `keys`) at `now`.
+    pub fn remember(
+        &self,
+        key: RefusalKey,
+        keys: LimitKeys<'_>,
+        refusal: &LimitRefusal,
+        now: DateTime<Utc>,
+    ) {
         let mut held = self.held();
-        if held.until.len() >= CAPACITY && !held.until.contains_key(&key) {
-            let due = held
-                .last_purge
-                .is_none_or(|last| now - last >= PURGE_INTERVAL || now < last);
-            if !due {
-                return;
-            }
-            held.last_purge = Some(now);
-            held.until.retain(|_, until| *until > now);
-            if held.until.len() >= CAPACITY {
-                return;
-            }
+        // Until the last of them lifts, to the instant: `retry_after_seconds` is rounded.
+        let lifts = refusal
+            .number_until
+            .max(refusal.user_until)
+            .max(refusal.address_until);
+        if let Some(until) = lifts {
+            held.requests.hold(key, until, now);
         }
-        let entry = held.until.entry(key).or_insert(until);
-        *entry = (*entry).max(until);
-    }
-
-    /// How many refusals are held, for tests.
-    pub fn len(&self) -> usize {
-        self.held().until.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        if let Some(until) = refusal.number_until {
+            held.numbers.hold(keys.number.to_string(), until, now);
+        }
+        if let Some(until) = refusal.user_until {
+            held.users.hold(keys.user_id.to_string(), until, now);
+        }
+        if let (Some(client), Some(until)) = (keys.client, refusal.address_until) {
+            held.clients.hold(client.to_string(), until, now);
+        }
     }
 }
 
@@ -119,10 +201,18 @@ mod tests {
     fn key(user: &str) -> RefusalKey {
         RefusalKey {
             user_id: user.into(),
-            phone_number: "+447700900123".into(),
+            phone_number: "+44 7700 900123".into(),
             purpose: "login".into(),
             channel: None,
             client: Some("198.18.0.1".into()),
+        }
+    }
+
+    fn keys(user: &str) -> LimitKeys<'_> {
+        LimitKeys {
+            number: "+447700900123",
+            user_id: user,
+            client: Some("198.18.0.1"),
         }
     }
 
@@ -130,46 +220,118 @@ mod tests {
         DateTime::<Utc>::UNIX_EPOCH + Duration::seconds(1_800_000_000 + seconds)
     }
 
+    fn refusal(
+        now: i64,
+        number: Option<i64>,
+        user: Option<i64>,
+        client: Option<i64>,
+    ) -> LimitRefusal {
+        let lifts = number.max(user).max(client).unwrap_or(now + 1);
+        LimitRefusal {
+            retry_after_seconds: (lifts - now).max(1),
+            number_until: number.map(at),
+            user_until: user.map(at),
+            address_until: client.map(at),
+        }
+    }
+
     #[test]
-    fn a_refusal_holds_until_its_wait_is_over_and_no_longer() {
+    fn a_refused_request_is_held_until_the_last_of_its_limits_lifts_and_no_longer() {
         let refusals = RecentRefusals::default();
-        refusals.remember(key("u1"), at(0), 30);
-        assert_eq!(refusals.wait_seconds(&key("u1"), at(0)), Some(30));
-        assert_eq!(refusals.wait_seconds(&key("u1"), at(29)), Some(1));
-        assert_eq!(refusals.wait_seconds(&key("u1"), at(30)), None);
-        // Any field that differs is another request, decided by the store.
-        assert_eq!(refusals.wait_seconds(&key("u2"), at(0)), None);
+        let held = refusal(0, Some(30), Some(10), None);
+        refusals.remember(key("u1"), keys("u1"), &held, at(0));
+        assert_eq!(refusals.request_wait(&key("u1"), at(0)), Some(30));
+        assert_eq!(refusals.request_wait(&key("u1"), at(29)), Some(1));
+        assert_eq!(refusals.request_wait(&key("u1"), at(30)), None);
+        // Any field that differs is another request.
+        assert_eq!(refusals.request_wait(&key("u2"), at(0)), None);
         let mut other_client = key("u1");
         other_client.client = None;
-        assert_eq!(refusals.wait_seconds(&other_client, at(0)), None);
+        assert_eq!(refusals.request_wait(&other_client, at(0)), None);
+    }
+
+    #[test]
+    fn a_request_is_held_to_the_instant_its_limits_lift_not_to_a_rounded_second() {
+        let refusals = RecentRefusals::default();
+        let lifts = at(0) + Duration::milliseconds(400);
+        let held = LimitRefusal {
+            retry_after_seconds: 1,
+            number_until: Some(lifts),
+            user_until: None,
+            address_until: None,
+        };
+        refusals.remember(key("u1"), keys("u1"), &held, at(0));
+        assert_eq!(refusals.request_wait(&key("u1"), at(0)), Some(1));
+        assert_eq!(refusals.request_wait(&key("u1"), lifts), None);
+        assert_eq!(refusals.limits_wait(keys("u1"), lifts), None);
+    }
+
+    #[test]
+    fn each_limit_that_refused_holds_for_every_send_it_applies_to() {
+        let refusals = RecentRefusals::default();
+        // The number's hour and the client's refused; the user's did not.
+        let held = refusal(0, Some(600), None, Some(60));
+        refusals.remember(key("u1"), keys("u1"), &held, at(0));
+        // Another user naming the number from another client: the number's limit.
+        let elsewhere = LimitKeys {
+            client: Some("198.18.0.2"),
+            ..keys("u2")
+        };
+        assert_eq!(refusals.limits_wait(elsewhere, at(0)), Some(600));
+        // Another number from the same client: the client's, while it holds.
+        let other_number = LimitKeys {
+            number: "+447700900124",
+            ..keys("u2")
+        };
+        assert_eq!(refusals.limits_wait(other_number, at(0)), Some(60));
+        assert_eq!(refusals.limits_wait(other_number, at(60)), None);
+        // The user's own limit did not refuse: another number from another client goes.
+        let fresh = LimitKeys {
+            number: "+447700900124",
+            user_id: "u1",
+            client: None,
+        };
+        assert_eq!(refusals.limits_wait(fresh, at(0)), None);
     }
 
     #[test]
     fn a_shorter_refusal_does_not_cut_a_longer_one_short() {
         let refusals = RecentRefusals::default();
-        refusals.remember(key("u1"), at(0), 3_600);
-        refusals.remember(key("u1"), at(10), 5);
-        assert_eq!(refusals.wait_seconds(&key("u1"), at(20)), Some(3_580));
+        refusals.remember(
+            key("u1"),
+            keys("u1"),
+            &refusal(0, None, Some(3_600), None),
+            at(0),
+        );
+        refusals.remember(
+            key("u1"),
+            keys("u1"),
+            &refusal(10, None, Some(15), None),
+            at(10),
+        );
+        assert_eq!(refusals.request_wait(&key("u1"), at(20)), Some(3_580));
+        assert_eq!(refusals.limits_wait(keys("u1"), at(20)), Some(3_580));
     }
 
     #[test]
     fn a_full_table_makes_room_from_refusals_that_ran_out_and_otherwise_holds_no_more() {
-        let refusals = RecentRefusals::default();
+        let mut holds = Holds::<String>::default();
         for i in 0..CAPACITY {
-            refusals.remember(key(&format!("u{i}")), at(0), 10 + (i % 2) as i64 * 100);
+            holds.hold(format!("u{i}"), at(10 + (i % 2) as i64 * 100), at(0));
         }
-        assert_eq!(refusals.len(), CAPACITY);
-        // None has run out: the new refusal is not held, and the old ones stay.
-        refusals.remember(key("new"), at(5), 60);
-        assert_eq!(refusals.wait_seconds(&key("new"), at(5)), None);
-        assert_eq!(refusals.len(), CAPACITY);
+        assert_eq!(holds.until.len(), CAPACITY);
+        // None has run out: the new one is not held, and the old ones stay.
+        holds.hold("new".into(), at(65), at(5));
+        assert_eq!(holds.get("new", at(5)), None);
+        assert_eq!(holds.until.len(), CAPACITY);
         // Within the purge interval nothing is scanned, even with refusals run out.
-        refusals.remember(key("new"), at(5) + Duration::milliseconds(500), 60);
-        assert_eq!(refusals.len(), CAPACITY);
+        holds.hold("new".into(), at(65), at(5) + Duration::milliseconds(500));
+        assert_eq!(holds.until.len(), CAPACITY);
+        assert_eq!(holds.get("new", at(20)), None);
         // Later, the half that ran out makes room.
-        refusals.remember(key("new"), at(20), 60);
-        assert_eq!(refusals.len(), CAPACITY / 2 + 1);
-        assert_eq!(refusals.wait_seconds(&key("new"), at(20)), Some(60));
-        assert_eq!(refusals.wait_seconds(&key("u1"), at(20)), Some(90));
+        holds.hold("new".into(), at(80), at(20));
+        assert_eq!(holds.until.len(), CAPACITY / 2 + 1);
+        assert_eq!(holds.get("new", at(20)), Some(at(80)));
+        assert_eq!(holds.get("u1", at(20)), Some(at(110)));
     }
 }

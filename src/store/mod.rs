@@ -193,14 +193,14 @@ pub trait OtpStore: Send + Sync + 'static {
     /// cheap (a SQLite file: an inline read); `None` where it is not (`issue_otp` checks
     /// anyway) or when no limit refuses now. A refusal read here stands: the send log only
     /// grows within its window, so `issue_otp` at the same `now` would refuse as well.
-    async fn otp_refusal(&self, limits: &OtpLimits<'_>) -> AppResult<Option<i64>>;
+    async fn otp_refusal(&self, limits: &OtpLimits<'_>) -> AppResult<Option<LimitRefusal>>;
     /// Count a send refused before its issue (a WhatsApp number outside its window) against the
     /// limits, as a send: one send-log row and nothing else (no code replaced, no message), so a
     /// refusal that depends on a number's history cannot be probed without limit. When a limit
     /// refuses already, nothing is logged and its wait (seconds) is answered instead: over the
     /// limits every caller hears 429, whatever the number's history. Under the issue's locks,
     /// so simultaneous refusals and sends cannot slip past a limit together.
-    async fn log_refused_otp(&self, limits: &OtpLimits<'_>) -> AppResult<Option<i64>>;
+    async fn log_refused_otp(&self, limits: &OtpLimits<'_>) -> AppResult<Option<LimitRefusal>>;
     /// Whether `issue_otp` looks up the number on file itself (`OtpIssue::unless_on_file`):
     /// where reading it first costs a round trip (PostgreSQL), the lookup rides in the issue's
     /// batch, and a code for a user with another number on file goes there in the same trip.
@@ -1065,9 +1065,9 @@ impl OtpIssue {
         self.limits().window()
     }
 
-    /// `OtpLimits::wait_seconds` for this issue.
-    pub(crate) fn wait_seconds(&self, checks: &OtpChecks) -> Option<i64> {
-        self.limits().wait_seconds(checks)
+    /// `OtpLimits::refusal` for this issue.
+    pub(crate) fn refusal(&self, checks: &OtpChecks) -> Option<LimitRefusal> {
+        self.limits().refusal(checks)
     }
 
     /// A code about to go to a number on file in place of the number named (it has an attempt:
@@ -1156,40 +1156,38 @@ impl OtpLimits<'_> {
         )
     }
 
-    /// Seconds until the limits allow this send, or `None` when it may go: the cooldown per
-    /// number, then the hourly limits per number, per user and per client address, each until
-    /// the send that keeps its window full ages out.
-    pub(crate) fn wait_seconds(&self, checks: &OtpChecks) -> Option<i64> {
+    /// What refuses this send, or `None` when it may go: the cooldown per number, then the
+    /// hourly limits per number, per user and per client address, each until the send that
+    /// keeps its window full ages out. A limit of no sends at all refuses a second at a time.
+    pub(crate) fn refusal(&self, checks: &OtpChecks) -> Option<LimitRefusal> {
         let now = self.now;
-        let mut wait = 0i64;
-        if let Some(last) = checks.last_send {
-            let ready = last + chrono::Duration::seconds(self.cooldown_seconds);
-            if ready > now {
-                wait = wait.max((ready - now).num_seconds().max(1));
-            }
-        }
-        let limits = [
-            (true, checks.number_full, self.max_sends_per_hour),
-            (true, checks.user_full, self.max_sends_per_hour),
-            (
-                self.ip.is_some(),
-                checks.address_full,
-                self.max_sends_per_ip_per_hour,
-            ),
-        ];
-        for (applies, full, max) in limits {
+        let cooling = checks
+            .last_send
+            .map(|last| last + chrono::Duration::seconds(self.cooldown_seconds))
+            .filter(|ready| *ready > now);
+        let hour = |applies: bool, full: Option<DateTime<Utc>>, max: i64| {
             if !applies {
-                continue;
+                None
+            } else if max <= 0 {
+                Some(now + chrono::Duration::seconds(1))
+            } else {
+                full.map(|full| full + chrono::Duration::hours(1))
             }
-            if max <= 0 {
-                // No sends allowed at all: refuse with the shortest wait.
-                wait = wait.max(1);
-            } else if let Some(full) = full {
-                let until = full + chrono::Duration::hours(1);
-                wait = wait.max((until - now).num_seconds().max(1));
-            }
-        }
-        (wait > 0).then_some(wait)
+        };
+        let number_until = cooling.max(hour(true, checks.number_full, self.max_sends_per_hour));
+        let user_until = hour(true, checks.user_full, self.max_sends_per_hour);
+        let address_until = hour(
+            self.ip.is_some(),
+            checks.address_full,
+            self.max_sends_per_ip_per_hour,
+        );
+        let lifts = number_until.max(user_until).max(address_until)?;
+        Some(LimitRefusal {
+            retry_after_seconds: (lifts - now).num_seconds().max(1),
+            number_until,
+            user_until,
+            address_until,
+        })
     }
 }
 
@@ -1268,7 +1266,7 @@ pub(crate) mod tests {
         assert!(issue.destination_limited(&full));
         assert!(!issue.destination_limited(&clear()));
         // Never a visible wait: the caller must not learn the number is someone's on file.
-        assert_eq!(issue.wait_seconds(&full), None);
+        assert_eq!(issue.refusal(&full).map(|r| r.retry_after_seconds), None);
         // A code to the number named is held by that number's own limits only.
         issue.send_to = issue.phone_number.clone();
         assert!(!issue.destination_limited(&cooling));
@@ -1321,23 +1319,59 @@ pub(crate) mod tests {
             4,
             "the 5th newest send fills a limit of 5"
         );
-        assert_eq!(issue.wait_seconds(&clear()), None);
+        assert_eq!(issue.refusal(&clear()).map(|r| r.retry_after_seconds), None);
         let cooling = OtpChecks {
             last_send: Some(now - Duration::seconds(20)),
             ..clear()
         };
-        assert_eq!(issue.wait_seconds(&cooling), Some(40));
+        assert_eq!(
+            issue.refusal(&cooling).map(|r| r.retry_after_seconds),
+            Some(40)
+        );
         let full = OtpChecks {
             last_send: Some(now - Duration::seconds(20)),
             user_full: Some(now - Duration::minutes(50)),
             ..clear()
         };
-        assert_eq!(issue.wait_seconds(&full), Some(600));
+        assert_eq!(
+            issue.refusal(&full).map(|r| r.retry_after_seconds),
+            Some(600)
+        );
         let address_full = OtpChecks {
             address_full: Some(now - Duration::minutes(59)),
             ..clear()
         };
-        assert_eq!(issue.wait_seconds(&address_full), Some(60));
+        assert_eq!(
+            issue.refusal(&address_full).map(|r| r.retry_after_seconds),
+            Some(60)
+        );
+    }
+
+    #[test]
+    fn a_refusal_names_each_limit_that_refused_and_until_when() {
+        let now = Utc::now();
+        let issue = issue(now, Some("198.51.100.7"));
+        // The number cooling (for 40 s) and full (for 5 minutes): the later of the two; the
+        // user's hour full for 10 minutes; the address's hour not full.
+        let checks = OtpChecks {
+            last_send: Some(now - Duration::seconds(20)),
+            number_full: Some(now - Duration::minutes(55)),
+            user_full: Some(now - Duration::minutes(50)),
+            ..clear()
+        };
+        let refusal = issue.refusal(&checks).unwrap();
+        assert_eq!(refusal.number_until, Some(now + Duration::minutes(5)));
+        assert_eq!(refusal.user_until, Some(now + Duration::minutes(10)));
+        assert_eq!(refusal.address_until, None);
+        assert_eq!(refusal.retry_after_seconds, 600);
+        // Cooling only: the number's limit, until the cooldown ends.
+        let cooling = OtpChecks {
+            last_send: Some(now - Duration::seconds(20)),
+            ..clear()
+        };
+        let refusal = issue.refusal(&cooling).unwrap();
+        assert_eq!(refusal.number_until, Some(now + Duration::seconds(40)));
+        assert_eq!((refusal.user_until, refusal.address_until), (None, None));
     }
 
     #[test]
@@ -1345,9 +1379,19 @@ pub(crate) mod tests {
         let now = Utc::now();
         let mut none_allowed = issue(now, None);
         none_allowed.max_sends_per_ip_per_hour = 0;
-        assert_eq!(none_allowed.wait_seconds(&clear()), None);
+        assert_eq!(
+            none_allowed
+                .refusal(&clear())
+                .map(|r| r.retry_after_seconds),
+            None
+        );
         none_allowed.ip = Some("198.51.100.7".into());
-        assert_eq!(none_allowed.wait_seconds(&clear()), Some(1));
+        assert_eq!(
+            none_allowed
+                .refusal(&clear())
+                .map(|r| r.retry_after_seconds),
+            Some(1)
+        );
     }
 
     #[test]

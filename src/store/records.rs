@@ -632,6 +632,21 @@ pub struct OtpLimits<'a> {
     pub max_sends_per_ip_per_hour: i64,
 }
 
+/// A send the limits refused: the wait to answer with, and until when each limit that refused
+/// it holds (`None`: that limit did not refuse). Only time lifts a limit (sends only add to its
+/// counts), so each holds for every send it applies to until then: the number's for any send
+/// naming that number, the user's for any send for that user id, the address's for any send
+/// from that client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitRefusal {
+    /// Seconds until every limit that refused lifts (at least 1): `Retry-After`.
+    pub retry_after_seconds: i64,
+    /// The number named: its cooldown or its hour.
+    pub number_until: Option<DateTime<Utc>>,
+    pub user_until: Option<DateTime<Utc>>,
+    pub address_until: Option<DateTime<Utc>>,
+}
+
 #[derive(Debug, Clone)]
 pub enum OtpIssueOutcome {
     Issued(Box<MessageRecord>),
@@ -642,9 +657,7 @@ pub enum OtpIssueOutcome {
         named: bool,
     },
     /// A limit was hit; nothing was written.
-    RateLimited {
-        retry_after_seconds: i64,
-    },
+    RateLimited(LimitRefusal),
     /// `OtpIssue::unless_on_file`, and the user has another number on file: the code, its
     /// message and its opt-out check went to that number (`to`, in clear) instead.
     IssuedToNumberOnFile {

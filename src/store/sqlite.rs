@@ -312,7 +312,7 @@ mod tests {
         .expect("a refusal does not wait for the writer")
         .unwrap();
         assert!(
-            refused.is_some_and(|wait| (59..=60).contains(&wait)),
+            refused.is_some_and(|r| (59..=60).contains(&r.retry_after_seconds)),
             "the cooldown's wait: {refused:?}"
         );
         release.send(()).unwrap();
@@ -320,9 +320,7 @@ mod tests {
         // The writer, checking under its lock, refuses it too; a send within the limits is
         // not refused by the read.
         let wait = match store.issue_otp(&second).await.unwrap() {
-            OtpIssueOutcome::RateLimited {
-                retry_after_seconds,
-            } => retry_after_seconds,
+            OtpIssueOutcome::RateLimited(refusal) => refusal.retry_after_seconds,
             other => panic!("not refused: {other:?}"),
         };
         assert!((59..=60).contains(&wait), "the cooldown's wait: {wait}");

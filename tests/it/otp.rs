@@ -34,6 +34,7 @@ both_backends!(
     simultaneous_codes_naming_a_number_and_going_to_it_share_its_hour,
     erasing_an_account_does_not_reset_the_limits,
     a_refused_request_asked_again_is_refused_from_memory_until_its_wait_is_over,
+    a_number_whose_hour_is_full_is_refused_from_memory_for_every_caller,
 );
 
 const PHONE: &str = "+919876543210";
@@ -1395,65 +1396,97 @@ async fn erasing_an_account_does_not_reset_the_limits(backend: Backend) {
     }
 }
 
-/// A send the limits refused is remembered until its wait is over: the same request asked again
-/// within it is refused without the store (here the send log is emptied behind the service's
-/// back, so the store alone would let it go), with the wait that is left. Another request, even
-/// the same number written another way, is decided by the store; so is the same request once its
-/// wait is over.
+/// A send the limits refused is remembered while they hold: the same request asked again is
+/// refused without the store (here the send log is emptied behind the service's back, so the
+/// store alone would let it go), with the wait that is left, until the instant they lift.
 async fn a_refused_request_asked_again_is_refused_from_memory_until_its_wait_is_over(
     backend: Backend,
 ) {
     let (config, clock) = limits("2");
     let app = TestApp::spawn_with(backend, config.set("TRUST_FORWARDED_FOR", "true")).await;
-    let ask = |phone: &'static str, address: &'static str| {
+    let ask = || {
         let request = app
             .client
             .post(app.url("/api/messaging/send-otp"))
-            .header("x-forwarded-for", address)
-            .json(&json!({"user_id": "u1", "phone_number": phone, "purpose": "login"}));
+            .header("x-forwarded-for", "198.51.100.1")
+            .json(&json!({"user_id": "u1", "phone_number": PHONE, "purpose": "login"}));
         async move { request.send().await.unwrap() }
     };
     let started = clock.now();
     for _ in 0..2 {
-        assert_eq!(ask(PHONE, "198.51.100.1").await.status(), 200);
+        assert_eq!(ask().await.status(), 200);
         clock.advance(Duration::minutes(10));
     }
     // The first code (20 minutes ago) leaves the hour in 40 minutes.
-    let r = ask(PHONE, "198.51.100.1").await;
+    let r = ask().await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "2400");
-    let deleted = app.db.execute("DELETE FROM otp_send_log").await.unwrap();
-    assert_eq!(deleted, 2);
+    assert_eq!(app.db.execute("DELETE FROM otp_send_log").await.unwrap(), 2);
 
     clock.advance(Duration::minutes(1));
-    let r = ask(PHONE, "198.51.100.1").await;
+    let r = ask().await;
     assert_eq!(r.status(), 429, "the same request, within its wait");
     assert_eq!(r.headers()["retry-after"], "2340");
     assert_eq!(error_code(r).await, "rate_limited");
-    assert_eq!(outbox_len(&app).await, 2, "nothing sent");
-    let at_its_end = started + Duration::hours(1) - clock.now();
-    clock.advance(at_its_end - Duration::seconds(1));
-    let r = ask(PHONE, "198.51.100.1").await;
-    assert_eq!(r.status(), 429, "one second before its wait is over");
+    let to_its_end = started + Duration::hours(1) - clock.now();
+    clock.advance(to_its_end - Duration::milliseconds(1));
+    let r = ask().await;
+    assert_eq!(r.status(), 429, "a millisecond before its wait is over");
     assert_eq!(r.headers()["retry-after"], "1");
     assert_eq!(outbox_len(&app).await, 2, "nothing sent");
+    // Once it is over, the store decides: its log is empty, so the code goes.
+    clock.advance(Duration::milliseconds(1));
+    assert_eq!(ask().await.status(), 200, "at the instant the limits lift");
+    assert_eq!(outbox_len(&app).await, 3);
+}
 
-    // Other requests are the store's to decide: its log is empty, so they go.
+/// Each limit that refused a send holds, from memory, for every send it applies to: a number
+/// whose hour is full, for any user and any client naming it (however the number is written);
+/// a limit that did not refuse holds nothing. The send log is emptied behind the service's
+/// back, so what is refused here is refused from memory.
+async fn a_number_whose_hour_is_full_is_refused_from_memory_for_every_caller(backend: Backend) {
+    let (config, clock) = limits("2");
+    let app = TestApp::spawn_with(backend, config.set("TRUST_FORWARDED_FOR", "true")).await;
+    let ask = |user: &'static str, phone: &'static str, address: &'static str| {
+        let request = app
+            .client
+            .post(app.url("/api/messaging/send-otp"))
+            .header("x-forwarded-for", address)
+            .json(&json!({"user_id": user, "phone_number": phone, "purpose": "login"}));
+        async move { request.send().await.unwrap() }
+    };
+    assert_eq!(ask("u1", PHONE, "198.51.100.1").await.status(), 200);
+    clock.advance(Duration::minutes(10));
+    assert_eq!(ask("u2", PHONE, "198.51.100.2").await.status(), 200);
+    clock.advance(Duration::minutes(10));
+    // The number's hour is full (a new user, from a new address): only the number's limit
+    // refuses, for 40 minutes.
+    let r = ask("u3", PHONE, "198.51.100.3").await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "2400");
+    assert_eq!(app.db.execute("DELETE FROM otp_send_log").await.unwrap(), 2);
+
+    clock.advance(Duration::minutes(1));
+    let r = ask("u4", "+91 98765 43210", "198.51.100.4").await;
     assert_eq!(
-        ask(PHONE, "198.51.100.2").await.status(),
-        200,
-        "another address"
+        r.status(),
+        429,
+        "another user and client, the number written another way"
     );
+    assert_eq!(r.headers()["retry-after"], "2340");
+    assert_eq!(error_code(r).await, "rate_limited");
+    assert_eq!(outbox_len(&app).await, 2, "nothing sent");
+    // The user and the client it refused are not held: another number goes.
     assert_eq!(
-        ask("+91 98765 43210", "198.51.100.1").await.status(),
-        200,
-        "the number written another way"
+        ask("u3", "+919876543211", "198.51.100.3").await.status(),
+        200
     );
-    // And the same request, once its wait is over (the hour holds two codes: it is refused
-    // again, by the store, for as long as the first of them stays in the hour).
-    clock.advance(Duration::seconds(1));
-    let r = ask(PHONE, "198.51.100.1").await;
-    assert_eq!(r.status(), 429, "the store's own refusal");
-    assert_eq!(r.headers()["retry-after"], "3599");
+    // Bad input is still answered as bad input.
+    let r = ask("u4", "+91 98765 4321x", "198.51.100.4").await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "invalid_phone");
+    // Once the number's limit lifts, the store decides again.
+    clock.advance(Duration::minutes(39));
+    assert_eq!(ask("u5", PHONE, "198.51.100.5").await.status(), 200);
     assert_eq!(outbox_len(&app).await, 4);
 }

@@ -750,10 +750,8 @@ async fn concurrent_otp_issues_keep_every_limit(backend: Backend) {
     while let Some(outcome) = tasks.join_next().await {
         match outcome.unwrap() {
             store::OtpIssueOutcome::Issued(_) => issued += 1,
-            store::OtpIssueOutcome::RateLimited {
-                retry_after_seconds,
-            } => {
-                assert!(retry_after_seconds > 0);
+            store::OtpIssueOutcome::RateLimited(refusal) => {
+                assert!(refusal.retry_after_seconds > 0);
                 limited += 1;
             }
             other => panic!("unexpected {other:?}"),
@@ -812,7 +810,7 @@ async fn otps_issued_together_each_take_a_send_slot(backend: Backend) {
     while let Some(outcome) = tasks.join_next().await {
         match outcome.unwrap() {
             store::OtpIssueOutcome::Issued(_) => issued += 1,
-            store::OtpIssueOutcome::RateLimited { .. } => limited += 1,
+            store::OtpIssueOutcome::RateLimited(_) => limited += 1,
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -972,7 +970,7 @@ async fn an_otp_accepted_in_process_is_recorded_in_its_issue(backend: Backend) {
                 };
                 assert_eq!(m.status, want, "the answer for m{i}");
             }
-            (i @ (6 | 7), store::OtpIssueOutcome::RateLimited { .. }) => {
+            (i @ (6 | 7), store::OtpIssueOutcome::RateLimited(_)) => {
                 limited += 1;
                 assert!(store.get_message(&format!("m{i}")).await.unwrap().is_none());
             }
@@ -1158,7 +1156,7 @@ async fn otp_issues_together_each_get_their_own_outcome(backend: Backend) {
                 u8_issued += usize::from(i >= 8);
             }
             (6, store::OtpIssueOutcome::OptedOut { named: true })
-            | (7..=9, store::OtpIssueOutcome::RateLimited { .. }) => {
+            | (7..=9, store::OtpIssueOutcome::RateLimited(_)) => {
                 assert!(store.get_message(&id).await.unwrap().is_none(), "{id}");
             }
             (i, other) => panic!("issue {i}: {other:?}"),
@@ -1174,7 +1172,7 @@ async fn otp_issues_together_each_get_their_own_outcome(backend: Backend) {
     again.max_sends_per_hour = 1;
     assert!(matches!(
         store.issue_otp(&again).await.unwrap(),
-        store::OtpIssueOutcome::RateLimited { .. }
+        store::OtpIssueOutcome::RateLimited(_)
     ));
     let mut again = otp_issue("m7-again", "u7-again", &number(7), "198.51.100.70");
     again.max_sends_per_hour = 2;
@@ -1294,7 +1292,7 @@ async fn an_issue_unless_on_file_goes_to_the_number_on_file(backend: Backend) {
         assert!(
             matches!(
                 store.issue_otp(&again).await.unwrap(),
-                store::OtpIssueOutcome::RateLimited { .. }
+                store::OtpIssueOutcome::RateLimited(_)
             ),
             "{id}"
         );

@@ -13,7 +13,7 @@ use crate::store::*;
 
 #[async_trait]
 impl OtpStore for ThisStore {
-    async fn otp_refusal(&self, limits: &OtpLimits<'_>) -> AppResult<Option<i64>> {
+    async fn otp_refusal(&self, limits: &OtpLimits<'_>) -> AppResult<Option<LimitRefusal>> {
         match self.readers() {
             Some(readers) => readers.otp_refusal(&self.vault, limits),
             None => Ok(None),
@@ -24,7 +24,7 @@ impl OtpStore for ThisStore {
         self.functions().is_some()
     }
 
-    async fn log_refused_otp(&self, limits: &OtpLimits<'_>) -> AppResult<Option<i64>> {
+    async fn log_refused_otp(&self, limits: &OtpLimits<'_>) -> AppResult<Option<LimitRefusal>> {
         // As `issue_otp` does: under the same locks (PostgreSQL: the advisory locks the OTP
         // batches take; SQLite: the write lock the first insert takes), log first, then read
         // the counts leaving that row out, so simultaneous refusals cannot slip past a limit.
@@ -51,9 +51,9 @@ impl OtpStore for ThisStore {
             .bind(None::<String>)
             .fetch_one(&mut *tx)
             .await?;
-        if let Some(wait) = limits.wait_seconds(&checks_from_row(row)) {
+        if let Some(refusal) = limits.refusal(&checks_from_row(row)) {
             tx.rollback().await?;
-            return Ok(Some(wait));
+            return Ok(Some(refusal));
         }
         tx.commit().await?;
         Ok(None)
@@ -83,11 +83,9 @@ impl OtpStore for ThisStore {
         // concurrent requests before they read the counts.
         let (phone_index, log_id) = send.lock_and_log(&mut tx, &self.vault).await?;
         let checks = otp_checks(&mut tx, issue, &phone_index, &send_to_index, log_id).await?;
-        if let Some(wait) = issue.wait_seconds(&checks) {
+        if let Some(refusal) = issue.refusal(&checks) {
             tx.rollback().await?;
-            return Ok(OtpIssueOutcome::RateLimited {
-                retry_after_seconds: wait,
-            });
+            return Ok(OtpIssueOutcome::RateLimited(refusal));
         }
         if let Some(named) = issue.opted_out(&checks) {
             tx.commit().await?;

@@ -22,8 +22,8 @@ use super::batch::{Abandoned, BatchError, Batcher, RunBatch};
 use crate::error::AppResult;
 use crate::status::MessageStatus;
 use crate::store::{
-    Consent, MarkSending, OtpChecks, OtpIssue, OtpIssueOutcome, SendAttempt, SendGuard,
-    CONSENT_COLUMNS,
+    Consent, LimitRefusal, MarkSending, OtpChecks, OtpIssue, OtpIssueOutcome, SendAttempt,
+    SendGuard, CONSENT_COLUMNS,
 };
 use crate::vault::Vault;
 
@@ -345,7 +345,7 @@ impl PgFunctions {
             window_start: micros(window_start),
             per_number,
             per_address,
-            // The limits `OtpIssue::wait_seconds` applies, as the function's refusal test: a
+            // The limits `OtpIssue::refusal` applies, as the function's refusal test: a
             // send within the cooldown, a full window, or a limit of zero.
             cooldown_after: micros(issue.now - chrono::Duration::seconds(issue.cooldown_seconds)),
             refuse_all: issue.max_sends_per_hour <= 0
@@ -390,9 +390,15 @@ impl PgFunctions {
             destination_full: None,
         };
         match answer.outcome.as_str() {
-            "rate_limited" => Ok(OtpIssueOutcome::RateLimited {
-                retry_after_seconds: issue.wait_seconds(&checks).unwrap_or(1),
-            }),
+            // The function's test is `OtpIssue::refusal`'s, so one is found; a second otherwise.
+            "rate_limited" => Ok(OtpIssueOutcome::RateLimited(
+                issue.refusal(&checks).unwrap_or(LimitRefusal {
+                    retry_after_seconds: 1,
+                    number_until: None,
+                    user_until: None,
+                    address_until: None,
+                }),
+            )),
             "opted_out" => Ok(OtpIssueOutcome::OptedOut {
                 named: checks.named_opted_out,
             }),

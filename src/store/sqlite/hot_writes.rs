@@ -15,9 +15,9 @@ use super::writer::{execute, parse_ts, prepare, scalar, ts, SqliteWriter};
 use crate::error::AppResult;
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
-    AcceptedSend, DispatchResult, KnownStatus, MarkSending, MessageRecord, OtpChecks, OtpIssue,
-    OtpIssueOutcome, OtpLimits, SealedAttempt, SendAttempt, SendGuard, SendSlot, SqlArg, Stale,
-    StatusApplied, MESSAGE_COLUMNS,
+    AcceptedSend, DispatchResult, KnownStatus, LimitRefusal, MarkSending, MessageRecord, OtpChecks,
+    OtpIssue, OtpIssueOutcome, OtpLimits, SealedAttempt, SendAttempt, SendGuard, SendSlot, SqlArg,
+    Stale, StatusApplied, MESSAGE_COLUMNS,
 };
 use crate::vault::Vault;
 
@@ -191,10 +191,8 @@ fn issue_otp(conn: &Connection, vault: &Vault, issue: &OtpIssue) -> AppResult<Ot
         &send_to_index,
         issue.checked_destination(&send_to_index),
     )?;
-    if let Some(wait) = issue.wait_seconds(&checks) {
-        return Ok(OtpIssueOutcome::RateLimited {
-            retry_after_seconds: wait,
-        });
+    if let Some(refusal) = issue.refusal(&checks) {
+        return Ok(OtpIssueOutcome::RateLimited(refusal));
     }
     let opted_out = issue.opted_out(&checks);
     let dropped = opted_out.is_none() && issue.destination_limited(&checks);
@@ -282,11 +280,11 @@ pub(super) fn otp_refusal(
     conn: &Connection,
     vault: &Vault,
     limits: &OtpLimits<'_>,
-) -> AppResult<Option<i64>> {
+) -> AppResult<Option<LimitRefusal>> {
     let phone_index = vault.blind(limits.phone_number);
     // The opt-out columns are not used here: any number will do for the code's destination.
     let checks = otp_checks(conn, limits, &phone_index, &phone_index, None)?;
-    Ok(limits.wait_seconds(&checks))
+    Ok(limits.refusal(&checks))
 }
 
 /// `OTP_CHECKS` for a send within `limits` (not logged yet: no id to leave out), whose code

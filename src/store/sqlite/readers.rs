@@ -16,7 +16,7 @@ use rusqlite::{Connection, OpenFlags};
 use super::hot_writes::otp_refusal;
 use super::writer::{parse_ts, prepare};
 use crate::error::AppResult;
-use crate::store::{Consent, OtpLimits};
+use crate::store::{Consent, LimitRefusal, OtpLimits};
 use crate::vault::Vault;
 
 /// Connections kept for reuse: a read holds one only while it runs (no await inside), so at
@@ -54,7 +54,11 @@ impl SqliteReaders {
 
     /// The wait (seconds) a limit imposes now, if one refuses (`OtpStore::otp_refusal`). A
     /// refusal needs no writer, so abuse of a number never queues behind the one writer.
-    pub fn otp_refusal(&self, vault: &Vault, limits: &OtpLimits<'_>) -> AppResult<Option<i64>> {
+    pub fn otp_refusal(
+        &self,
+        vault: &Vault,
+        limits: &OtpLimits<'_>,
+    ) -> AppResult<Option<LimitRefusal>> {
         self.read(|conn| otp_refusal(conn, vault, limits))
     }
 
