@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The write path (issue 14), side by side in one run: /healthz, send-otp (SQLite and PostgreSQL),
-# a refused send-otp, signed status callbacks, against the guide's own stack (Flask + SQLite,
+# a refused send-otp (the same request again, and one number from many callers), signed status
+# callbacks, against the guide's own stack (Flask + SQLite,
 # ../shared/bench/seed-stack) under the same wrk load, with this service's resident memory.
 #   bench/write-path.sh [seconds] [connections]     (needs wrk; builds the release binary)
 set -euo pipefail
@@ -90,6 +91,8 @@ measure "healthz (this service)" http://127.0.0.1:8780/healthz
 measure "send-otp, guide's stack (SQLite)" http://127.0.0.1:8777 ../shared/bench/send-otp.lua
 measure "send-otp, SQLite" http://127.0.0.1:8780 ../shared/bench/send-otp.lua
 measure "send-otp refused (429), SQLite" http://127.0.0.1:8780 bench/send-otp-refused.lua
+# One number named by a new user from a new address every time (refused by the number's hour).
+measure "refused, one number, many callers" http://127.0.0.1:8780 bench/send-otp-one-number.lua
 measure "status callbacks, SQLite" http://127.0.0.1:8780 "$work/status.lua"
 peak=$(peak_kib "$server_pid")
 
@@ -104,6 +107,7 @@ psql "$admin" -qAtc "DROP DATABASE IF EXISTS $pg WITH (FORCE)" >/dev/null
 echo "-- ratios (same run)"
 echo "send-otp SQLite / guide's stack:      $(ratio "send-otp, SQLite" "send-otp, guide's stack (SQLite)")  (goal >= 10)"
 echo "refused send-otp / healthz:           $(ratio "send-otp refused (429), SQLite" "healthz (this service)")  (goal >= 0.25)"
+echo "refused, one number / healthz:        $(ratio "refused, one number, many callers" "healthz (this service)")"
 echo "send-otp SQLite / healthz:            $(ratio "send-otp, SQLite" "healthz (this service)")  (aim 0.33)"
 echo "status callbacks / healthz:           $(ratio "status callbacks, SQLite" "healthz (this service)")  (goal >= 0.25)"
 echo "send-otp PostgreSQL:                  $(cat "$work/send-otp, PostgreSQL") req/s  (goal >= 5000)"
