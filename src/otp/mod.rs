@@ -165,15 +165,6 @@ impl CodeHasher {
 /// The purpose that proves a number (and may mark the number on file verified).
 pub const VERIFICATION: &str = "verification";
 
-/// What each limit of a send applies to.
-fn limit_keys<'a>(limits: &OtpLimits<'a>) -> LimitKeys<'a> {
-    LimitKeys {
-        number: limits.phone_number,
-        user_id: limits.user_id,
-        client: limits.ip,
-    }
-}
-
 /// The answer to a send a limit refused, logged with the number masked.
 fn rate_limited(key: &RefusalKey, retry_after_seconds: i64) -> AppError {
     let (to, purpose) = (crate::phone::mask(key.phone_number()), key.purpose());
@@ -319,7 +310,7 @@ impl Otp {
     fn refused(&self, key: RefusalKey, limits: &OtpLimits<'_>, refusal: LimitRefusal) -> AppError {
         let answer = rate_limited(&key, refusal.retry_after_seconds);
         self.refusals
-            .remember(key, limit_keys(limits), &refusal, limits.now);
+            .remember(key, limits.into(), &refusal, limits.now);
         answer
     }
 
@@ -387,7 +378,7 @@ impl Otp {
         // A send the limits refuse is answered before a code is made or its message planned,
         // where committed state is cheap to read (SQLite: no writer, no fsync); `issue_otp`
         // checks again under its lock either way.
-        if let Some(wait) = self.refusals.limits_wait(limit_keys(&limits), now) {
+        if let Some(wait) = self.refusals.limits_wait((&limits).into(), now) {
             return Err(rate_limited(&key, wait));
         }
         if let Some(refusal) = self.codes.otp_refusal(&limits).await? {

@@ -23,7 +23,7 @@ use std::sync::Mutex;
 use chrono::{DateTime, Duration, Utc};
 
 use super::SendOtpRequest;
-use crate::store::LimitRefusal;
+use crate::store::{retry_after_seconds, LimitRefusal, OtpLimits};
 
 /// At most this many refusals of each kind are held (a few MiB in all). A client that varies
 /// its requests to fill the memory gains nothing: a full table only stops remembering new
@@ -71,6 +71,16 @@ pub struct LimitKeys<'a> {
     pub number: &'a str,
     pub user_id: &'a str,
     pub client: Option<&'a str>,
+}
+
+impl<'a> From<&OtpLimits<'a>> for LimitKeys<'a> {
+    fn from(limits: &OtpLimits<'a>) -> Self {
+        LimitKeys {
+            number: limits.phone_number,
+            user_id: limits.user_id,
+            client: limits.ip,
+        }
+    }
 }
 
 /// Keys, each held until a time.
@@ -133,11 +143,6 @@ pub struct RecentRefusals {
     held: Mutex<Held>,
 }
 
-/// Seconds from `now` to `until` (at least 1), as `Retry-After` counts them.
-fn seconds_until(until: DateTime<Utc>, now: DateTime<Utc>) -> i64 {
-    (until - now).num_seconds().max(1)
-}
-
 impl RecentRefusals {
     fn held(&self) -> std::sync::MutexGuard<'_, Held> {
         // Nothing held is left half-written by a panic: every change is one map operation.
@@ -149,7 +154,7 @@ impl RecentRefusals {
     /// Seconds until the limits that refused this very request lift, while they hold.
     pub fn request_wait(&self, key: &RefusalKey, now: DateTime<Utc>) -> Option<i64> {
         let until = self.held().requests.get(key, now)?;
-        Some(seconds_until(until, now))
+        Some(retry_after_seconds(until, now))
     }
 
     /// Seconds until the limits remembered for this number, user id and client lift, while
@@ -162,7 +167,7 @@ impl RecentRefusals {
             .get(keys.number, now)
             .max(held.users.get(keys.user_id, now))
             .max(client)?;
-        Some(seconds_until(until, now))
+        Some(retry_after_seconds(until, now))
     }
 
     /// `refusal` refused the request `key` (naming `keys`) at `now`.
@@ -175,11 +180,7 @@ impl RecentRefusals {
     ) {
         let mut held = self.held();
         // Until the last of them lifts, to the instant: `retry_after_seconds` is rounded.
-        let lifts = refusal
-            .number_until
-            .max(refusal.user_until)
-            .max(refusal.address_until);
-        if let Some(until) = lifts {
+        if let Some(until) = refusal.lifts() {
             held.requests.hold(key, until, now);
         }
         if let Some(until) = refusal.number_until {
@@ -226,13 +227,7 @@ mod tests {
         user: Option<i64>,
         client: Option<i64>,
     ) -> LimitRefusal {
-        let lifts = number.max(user).max(client).unwrap_or(now + 1);
-        LimitRefusal {
-            retry_after_seconds: (lifts - now).max(1),
-            number_until: number.map(at),
-            user_until: user.map(at),
-            address_until: client.map(at),
-        }
+        LimitRefusal::new(at(now), number.map(at), user.map(at), client.map(at))
     }
 
     #[test]
@@ -254,12 +249,8 @@ mod tests {
     fn a_request_is_held_to_the_instant_its_limits_lift_not_to_a_rounded_second() {
         let refusals = RecentRefusals::default();
         let lifts = at(0) + Duration::milliseconds(400);
-        let held = LimitRefusal {
-            retry_after_seconds: 1,
-            number_until: Some(lifts),
-            user_until: None,
-            address_until: None,
-        };
+        let held = LimitRefusal::new(at(0), Some(lifts), None, None);
+        assert_eq!(held.retry_after_seconds, 1);
         refusals.remember(key("u1"), keys("u1"), &held, at(0));
         assert_eq!(refusals.request_wait(&key("u1"), at(0)), Some(1));
         assert_eq!(refusals.request_wait(&key("u1"), lifts), None);

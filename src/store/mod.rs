@@ -1181,13 +1181,8 @@ impl OtpLimits<'_> {
             checks.address_full,
             self.max_sends_per_ip_per_hour,
         );
-        let lifts = number_until.max(user_until).max(address_until)?;
-        Some(LimitRefusal {
-            retry_after_seconds: (lifts - now).num_seconds().max(1),
-            number_until,
-            user_until,
-            address_until,
-        })
+        let refusal = LimitRefusal::new(now, number_until, user_until, address_until);
+        refusal.lifts().is_some().then_some(refusal)
     }
 }
 

@@ -647,6 +647,40 @@ pub struct LimitRefusal {
     pub address_until: Option<DateTime<Utc>>,
 }
 
+impl LimitRefusal {
+    /// A refusal at `now` by the limits that hold until the times given (a refusal naming none
+    /// waits a second).
+    pub fn new(
+        now: DateTime<Utc>,
+        number_until: Option<DateTime<Utc>>,
+        user_until: Option<DateTime<Utc>>,
+        address_until: Option<DateTime<Utc>>,
+    ) -> LimitRefusal {
+        let mut refusal = LimitRefusal {
+            retry_after_seconds: 1,
+            number_until,
+            user_until,
+            address_until,
+        };
+        if let Some(lifts) = refusal.lifts() {
+            refusal.retry_after_seconds = retry_after_seconds(lifts, now);
+        }
+        refusal
+    }
+
+    /// When the last limit that refused lifts.
+    pub fn lifts(&self) -> Option<DateTime<Utc>> {
+        self.number_until
+            .max(self.user_until)
+            .max(self.address_until)
+    }
+}
+
+/// `Retry-After` for a limit lifting at `until`: whole seconds from `now`, at least 1.
+pub fn retry_after_seconds(until: DateTime<Utc>, now: DateTime<Utc>) -> i64 {
+    (until - now).num_seconds().max(1)
+}
+
 #[derive(Debug, Clone)]
 pub enum OtpIssueOutcome {
     Issued(Box<MessageRecord>),

@@ -1399,6 +1399,8 @@ async fn erasing_an_account_does_not_reset_the_limits(backend: Backend) {
 /// A send the limits refused is remembered while they hold: the same request asked again is
 /// refused without the store (here the send log is emptied behind the service's back, so the
 /// store alone would let it go), with the wait that is left, until the instant they lift.
+/// Over HTTP the request's own entry and its limits' entries give the same answer (what the
+/// former saves is the number's validation); `otp::refusals::tests` drive each apart.
 async fn a_refused_request_asked_again_is_refused_from_memory_until_its_wait_is_over(
     backend: Backend,
 ) {

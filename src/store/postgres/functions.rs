@@ -392,12 +392,9 @@ impl PgFunctions {
         match answer.outcome.as_str() {
             // The function's test is `OtpIssue::refusal`'s, so one is found; a second otherwise.
             "rate_limited" => Ok(OtpIssueOutcome::RateLimited(
-                issue.refusal(&checks).unwrap_or(LimitRefusal {
-                    retry_after_seconds: 1,
-                    number_until: None,
-                    user_until: None,
-                    address_until: None,
-                }),
+                issue
+                    .refusal(&checks)
+                    .unwrap_or_else(|| LimitRefusal::new(issue.now, None, None, None)),
             )),
             "opted_out" => Ok(OtpIssueOutcome::OptedOut {
                 named: checks.named_opted_out,
