@@ -1,10 +1,13 @@
-//! Refusals remembered. A limit that refused a send holds until its time (only time lifts a
-//! limit: sends only add to its counts), so while it holds, a send it applies to is refused from
-//! memory, without reading the limits again:
+//! Refusals remembered. A limit that refused a send holds until its time (sends only add to its
+//! counts, and cleanup prunes only sends whose hour is over), so while it holds, a send it
+//! applies to is refused from memory, without reading the limits again. The one other thing
+//! that lifts a limit in the store, erasing an account (which starts the per-user hour again),
+//! lifts nothing here: the memory is the stricter until its time.
 //!
-//! * **The same request** (the same fields as sent, from the same client) until every limit that
-//!   refused it lifts, with no validation either: an app's retry loop, a resend button held
-//!   down, a bot asking over and over.
+//! * **The same request** (the same fields as sent, the number trimmed as validation trims it,
+//!   from the same client rate-limit key) until every limit that refused it lifts, with no
+//!   validation either: an app's retry loop, a resend button held down, a bot asking over and
+//!   over.
 //! * **Any request naming the same number, for the same user id, or from the same client**,
 //!   whichever limit of the three refused, once its input is valid: a bot that floods one
 //!   number through many user ids and addresses (SMS bombing) costs the store nothing more once
@@ -34,7 +37,10 @@ const CAPACITY: usize = 16_384;
 /// every refusal scan it.
 const PURGE_INTERVAL: Duration = Duration::seconds(1);
 
-/// The fields a send-otp request is decided on, as sent, and the client's rate-limit key.
+/// The fields a send-otp request is decided on, as sent, and the client's rate-limit key. The
+/// number is kept trimmed, as `PhoneNumber::parse` reads it: padding decides nothing, and a
+/// number it accepts is at most 32 bytes once trimmed, so a key held (only ever for a valid
+/// request) stays small however the number was padded within the body limit.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RefusalKey {
     user_id: String,
@@ -48,7 +54,7 @@ impl RefusalKey {
     pub fn new(request: &SendOtpRequest, client: Option<&str>) -> RefusalKey {
         RefusalKey {
             user_id: request.user_id.clone(),
-            phone_number: request.phone_number.clone(),
+            phone_number: request.phone_number.trim().to_string(),
             purpose: request.purpose.clone(),
             channel: request.channel.clone(),
             client: client.map(str::to_string),
@@ -283,6 +289,29 @@ mod tests {
             client: None,
         };
         assert_eq!(refusals.limits_wait(fresh, at(0)), None);
+    }
+
+    #[test]
+    fn a_number_padded_with_whitespace_names_the_same_small_key() {
+        let request = |phone_number: String| SendOtpRequest {
+            user_id: "u1".into(),
+            phone_number,
+            purpose: "login".into(),
+            channel: None,
+        };
+        let plain = RefusalKey::new(&request("+1 415 555 2671".into()), Some("198.18.0.1"));
+        // Within the body limit, as a flood of differently padded copies would send it.
+        let padding = " ".repeat(60_000);
+        let padded = request(format!("{padding}+1 415 555 2671\t\n{padding}"));
+        assert!(crate::phone::PhoneNumber::parse(&padded.phone_number).is_ok());
+        let padded = RefusalKey::new(&padded, Some("198.18.0.1"));
+        assert_eq!(padded, plain);
+        assert_eq!(padded.phone_number(), "+1 415 555 2671");
+        // So one refusal holds them all.
+        let refusals = RecentRefusals::default();
+        let held = refusal(0, Some(30), None, None);
+        refusals.remember(plain, keys("u1"), &held, at(0));
+        assert_eq!(refusals.request_wait(&padded, at(0)), Some(30));
     }
 
     #[test]

@@ -633,8 +633,9 @@ pub struct OtpLimits<'a> {
 }
 
 /// A send the limits refused: the wait to answer with, and until when each limit that refused
-/// it holds (`None`: that limit did not refuse). Only time lifts a limit (sends only add to its
-/// counts), so each holds for every send it applies to until then: the number's for any send
+/// it holds (`None`: that limit did not refuse). Sends only add to a limit's counts and cleanup
+/// prunes only sends whose hour is over, so each holds for every send it applies to until then
+/// (erasing an account aside, which starts the per-user hour again): the number's for any send
 /// naming that number, the user's for any send for that user id, the address's for any send
 /// from that client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
