@@ -28,9 +28,10 @@ use chrono::{DateTime, Duration, Utc};
 use super::SendOtpRequest;
 use crate::store::{retry_after_seconds, LimitRefusal, OtpLimits};
 
-/// At most this many refusals of each kind are held (a few MiB in all). A client that varies
-/// its requests to fill the memory gains nothing: a full table only stops remembering new
-/// refusals until old ones run out, and every send it does not hold is decided by the store.
+/// At most this many refusals of each kind are held (a few MiB in all; by estimate some 15 MiB
+/// at most, with every field at its longest). A client that varies its requests to fill the
+/// memory gains nothing: a full table only stops remembering new refusals until old ones run
+/// out, and every send it does not hold is decided by the store.
 const CAPACITY: usize = 16_384;
 
 /// A full table looks for refusals that ran out at most this often, so filling it cannot make
@@ -61,7 +62,7 @@ impl RefusalKey {
         }
     }
 
-    /// The number as sent, for a masked log line.
+    /// The number as sent less surrounding whitespace, for a masked log line.
     pub fn phone_number(&self) -> &str {
         &self.phone_number
     }
