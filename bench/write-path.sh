@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The write path (issue 14), side by side in one run: /healthz, send-otp (SQLite and PostgreSQL),
 # a refused send-otp (the same request again, and one number from many callers), signed status
-# callbacks, against the guide's own stack (Flask + SQLite,
-# ../shared/bench/seed-stack) under the same wrk load, with this service's resident memory.
+# callbacks, against the guide's own stack (Flask + SQLite, ../shared/bench/seed-stack) under the
+# same wrk load, with this service's resident memory.
 #   bench/write-path.sh [seconds] [connections]     (needs wrk; builds the release binary)
 set -euo pipefail
 cd "$(dirname "$0")/.."
