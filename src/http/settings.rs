@@ -120,6 +120,10 @@ async fn page(
         return Ok(
             match pages.open_link(&code, meta.ip, meta.user_agent).await? {
                 Some(token) => {
+                    // A GET, so `durable_writes` would not wait: the link's single use and the
+                    // session it opened are on disk before the cookie leaves, or a power cut
+                    // could make a used link open again.
+                    state.store.durable().await?;
                     let mut response = redirect("/settings/messaging");
                     set_cookie(&mut response, &session_cookie(&state, &token));
                     response

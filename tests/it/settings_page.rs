@@ -124,8 +124,16 @@ async fn links_open_once_and_set_a_safe_cookie(backend: Backend) {
     let url = r["url"].as_str().unwrap();
     assert!(url.starts_with(&format!("{PUBLIC_URL}/settings/messaging?handoff=")));
     let local = url.replace(PUBLIC_URL, &app.base_url);
+    let syncs = app.state.store.group_syncs();
     let r = no_redirects().get(&local).send().await.unwrap();
     assert_eq!(r.status(), 303);
+    if backend == Backend::Sqlite {
+        // A GET, yet it used the link up: the answer waited for the group fsync.
+        assert!(
+            app.state.store.group_syncs() > syncs,
+            "the link's use was on disk before the cookie left"
+        );
+    }
     assert_eq!(
         r.headers()[LOCATION],
         "/settings/messaging",
