@@ -25,6 +25,30 @@ pub struct PostgresStore {
     unreadable_claims: std::sync::atomic::AtomicU64,
 }
 
+/// Every answer here says its writes are stored, so a commit must be on disk when it returns.
+/// A server, database or role set to `synchronous_commit = off` (common advice for throughput)
+/// acknowledges commits it can still lose in a crash: this service's sessions turn it back on.
+/// Every other value (`local`, `on`, `remote_write`, `remote_apply`) flushes locally before the
+/// commit returns and is kept as the operator chose it. One round trip per new connection.
+async fn durable_commits(connection: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let turned_on: Option<String> = sqlx::query_scalar(
+        "SELECT set_config('synchronous_commit', 'on', false) \
+         WHERE current_setting('synchronous_commit') = 'off'",
+    )
+    .fetch_optional(connection)
+    .await?;
+    if turned_on.is_some() {
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "PostgreSQL is set to synchronous_commit = off; this service's sessions commit \
+                 with it on, so nothing it acknowledges can be lost in a crash"
+            )
+        });
+    }
+    Ok(())
+}
+
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
 /// A pooled connection idle this long is pinged before it is handed out.
@@ -39,6 +63,7 @@ impl PostgresStore {
             // per query. Only a connection that sat idle (where a server restart or a dropped
             // link would show) is checked; one in steady use answers for itself.
             .test_before_acquire(false)
+            .after_connect(|connection, _meta| Box::pin(durable_commits(connection)))
             .before_acquire(|connection, meta| {
                 Box::pin(async move {
                     if meta.idle_for >= IDLE_BEFORE_CHECK {
@@ -65,6 +90,13 @@ impl PostgresStore {
         };
         portable::sealing::seal_clear_text(&store).await?;
         Ok(store)
+    }
+
+    /// The `synchronous_commit` this store's sessions commit with (`durable_commits`).
+    pub async fn synchronous_commit(&self) -> AppResult<String> {
+        Ok(sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     fn migrator() -> &'static Migrator {

@@ -1580,6 +1580,38 @@ async fn an_idle_postgres_connection_the_server_closed_is_replaced() {
         .expect("the closed connection was found and replaced");
 }
 
+/// A PostgreSQL database set to `synchronous_commit = off` (acknowledged commits could be lost
+/// in a crash) still gets durable commits from the store; a stronger setting is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_commits_are_durable_whatever_the_server_default() {
+    use prism_messaging::store::postgres::PostgresStore;
+    use sqlx::Connection;
+    if crate::common::postgres_admin_url().is_none() {
+        eprintln!("TEST_DATABASE_URL is not set: skipping the PostgreSQL run");
+        return;
+    }
+    let db = TestDatabase::new(Backend::Postgres).await;
+    for (database_default, sessions) in [("off", "on"), ("remote_apply", "remote_apply")] {
+        db.execute(&format!(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET synchronous_commit = \
+             {database_default}', current_database()); END $$"
+        ))
+        .await
+        .unwrap();
+        // What any other client of this database now gets.
+        let mut other = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        let theirs: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&mut other)
+            .await
+            .unwrap();
+        assert_eq!(theirs, database_default);
+        let store = PostgresStore::connect(&db.url, &crate::common::test_keys())
+            .await
+            .unwrap();
+        assert_eq!(store.synchronous_commit().await.unwrap(), sessions);
+    }
+}
+
 /// SQL inserting `count` messages for user `backlog` (ids `{name}-00001` on) with status `status`,
 /// due one a second from `first_seconds_before_t0` seconds before `t0()`; variables in clear,
 /// which the store reads as written before encryption.
