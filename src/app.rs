@@ -106,11 +106,14 @@ impl Services {
             metrics: Some(metrics.clone()),
             provider_health: provider_health.clone(),
         });
+        // One key for codes and erasure hashes: without a configured secret it is random, and
+        // made once it is one key (and one warning) for the process.
+        let code_hasher = Arc::new(CodeHasher::from_config(&config));
         let otp = Otp::new(
             store.clone(),
             consent.clone(),
             dispatcher.clone(),
-            CodeHasher::from_config(&config),
+            code_hasher.clone(),
             clock.clone(),
             OtpContext {
                 settings: config.otp.clone(),
@@ -156,11 +159,7 @@ impl Services {
             config.messaging.default_time_zone,
         );
         let retention = Retention::new(store.clone(), clock.clone(), config.retention);
-        let privacy = Privacy::new(
-            store.clone(),
-            clock.clone(),
-            Arc::new(CodeHasher::from_config(&config)),
-        );
+        let privacy = Privacy::new(store.clone(), clock.clone(), code_hasher);
         Services {
             config: Arc::new(config),
             store,

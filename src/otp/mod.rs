@@ -283,7 +283,7 @@ impl Otp {
         codes: Arc<dyn OtpStore>,
         consent: ConsentService,
         dispatcher: Dispatcher,
-        hasher: CodeHasher,
+        hasher: Arc<CodeHasher>,
         clock: DynClock,
         context: OtpContext,
     ) -> Self {
@@ -291,7 +291,7 @@ impl Otp {
             codes,
             consent,
             dispatcher,
-            hasher: Arc::new(hasher),
+            hasher,
             clock,
             context: Arc::new(context),
             send_latency: Arc::default(),
