@@ -290,7 +290,10 @@ async fn otp(config: Config, command: OtpCommand) -> anyhow::Result<ExitCode> {
                 purpose,
                 channel: Some(channel),
             };
-            match services.otp.send(request, None).await {
+            let sent = services.otp.send(request, None).await;
+            // What is printed is on disk first (a send or a refusal both may have written).
+            services.store.durable().await?;
+            match sent {
                 Ok(answer) => {
                     println!("sent: expires in {} s", answer.expires_in);
                     if let Some(entry) = services
@@ -319,7 +322,10 @@ async fn otp(config: Config, command: OtpCommand) -> anyhow::Result<ExitCode> {
                 purpose,
                 phone_number: None,
             };
-            match services.otp.verify(request).await {
+            let verified = services.otp.verify(request).await;
+            // A code used up (or a wrong try counted) stays so after a power cut.
+            services.store.durable().await?;
+            match verified {
                 Ok(verified) => {
                     println!("valid: the code went to {}", verified.phone_number);
                     Ok(ExitCode::SUCCESS)
@@ -381,6 +387,8 @@ async fn send(
         dispatcher.run_once().await?;
         let current = services.outbox.get(&message.id).await?;
         if let Some(m) = current.filter(|m| !m.status.is_pending()) {
+            // The send's outcome is on disk before it is reported.
+            services.store.durable().await?;
             println!("{}", serde_json::to_string_pretty(&m)?);
             if let Some(mock) = &services.mock {
                 if let Some(entry) = mock.outbox().into_iter().find(|e| e.id == m.id) {
@@ -483,6 +491,8 @@ async fn rotate_key(config: Config) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    // On disk before the operator is told, and may then drop the old key.
+    store.durable().await?;
     let total: u64 = totals.iter().map(|(_, n)| n).sum();
     println!("re-encrypted {total} rows under the current key");
     for (table, n) in totals.iter().filter(|(_, n)| *n > 0) {

@@ -102,6 +102,11 @@ impl Application {
                 "in-flight sends did not finish within the grace period; their leases will expire and they will be recovered"
             );
         }
+        // The last rounds' results (sends recorded, claims given back, a cleanup's receipt) on
+        // disk before the process ends: recovery would find them, but need not.
+        if let Err(e) = self.state.store.durable().await {
+            tracing::error!(error = %e, "the last writes could not be made durable at shutdown");
+        }
         Ok(())
     }
 }
