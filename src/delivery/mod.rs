@@ -11,7 +11,7 @@ use crate::consent::ConsentService;
 use crate::error::AppResult;
 use crate::provider::twilio::RECIPIENT_UNSUBSCRIBED;
 use crate::status::MessageStatus;
-use crate::store::{MessageStore, StatusApplied};
+use crate::store::{MessageRecord, MessageStore, StatusApplied};
 
 /// What a status callback did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,12 +50,53 @@ impl Delivery {
             );
             return Ok(StatusOutcome::IgnoredStatus);
         };
+        // A carrier opt-out goes on record before the status that reports it. Were it after, a
+        // crash or a failed write between the two would leave the status stored and the opt-out
+        // not, and Twilio's retry would find the status already seen and skip the opt-out.
+        let opted_out = error_code == Some(RECIPIENT_UNSUBSCRIBED)
+            && self.opt_out_unless_seen(provider_sid, status, at).await?;
         let applied = self
             .messages
             .apply_status(provider_sid, status, error_code, at)
             .await?;
-        self.react(provider_sid, status, error_code, applied, at)
+        self.follow_up(provider_sid, status, error_code, applied, at, opted_out)
             .await
+    }
+
+    /// For a 21610 callback not seen before: the number's opt-out, on the message's channel.
+    /// Whether it was recorded. Recording it again (a retry after a failure) changes nothing;
+    /// a status already seen is a replay, which must not revoke consent given again since.
+    async fn opt_out_unless_seen(
+        &self,
+        provider_sid: &str,
+        status: MessageStatus,
+        at: DateTime<Utc>,
+    ) -> AppResult<bool> {
+        let Some(message) = self.messages.message_by_sid(provider_sid).await? else {
+            // Not ours yet: it is parked, and its opt-out follows when the send is recorded.
+            return Ok(false);
+        };
+        let seen = self
+            .messages
+            .message_events(&message.id)
+            .await?
+            .iter()
+            .any(|e| e.status == status && e.error_code == Some(RECIPIENT_UNSUBSCRIBED));
+        if seen {
+            return Ok(false);
+        }
+        self.carrier_opt_out(&message, at).await?;
+        Ok(true)
+    }
+
+    async fn carrier_opt_out(&self, message: &MessageRecord, at: DateTime<Utc>) -> AppResult<()> {
+        if let (Some(channel), Some(number)) = (
+            Channel::parse(&message.channel),
+            message.to_number.as_deref(),
+        ) {
+            self.consent.carrier_opt_out(number, channel, at).await?;
+        }
+        Ok(())
     }
 
     /// What follows a status once it is stored: the log line, and for a carrier opt-out
@@ -67,6 +108,20 @@ impl Delivery {
         error_code: Option<i64>,
         applied: StatusApplied,
         at: DateTime<Utc>,
+    ) -> AppResult<StatusOutcome> {
+        self.follow_up(provider_sid, status, error_code, applied, at, false)
+            .await
+    }
+
+    /// `react`, where `opted_out` says the opt-out is already on record.
+    async fn follow_up(
+        &self,
+        provider_sid: &str,
+        status: MessageStatus,
+        error_code: Option<i64>,
+        applied: StatusApplied,
+        at: DateTime<Utc>,
+        opted_out: bool,
     ) -> AppResult<StatusOutcome> {
         let Some(message) = applied.message else {
             // Never an error: Twilio would retry it forever.
@@ -80,13 +135,8 @@ impl Delivery {
         tracing::info!(message_id = %message.id, provider_sid, status = status.as_str(), changed = applied.changed, error_code, "delivery status");
         // Only the first time this (message, status, error code) is seen: a replayed callback
         // must not revoke consent the patient has given again since.
-        if error_code == Some(RECIPIENT_UNSUBSCRIBED) && applied.first_seen {
-            if let (Some(channel), Some(number)) = (
-                Channel::parse(&message.channel),
-                message.to_number.as_deref(),
-            ) {
-                self.consent.carrier_opt_out(number, channel, at).await?;
-            }
+        if error_code == Some(RECIPIENT_UNSUBSCRIBED) && applied.first_seen && !opted_out {
+            self.carrier_opt_out(&message, at).await?;
         }
         Ok(StatusOutcome::Applied {
             changed: applied.changed,

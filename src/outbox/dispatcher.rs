@@ -532,16 +532,10 @@ impl Dispatcher {
             }
             return Ok(Settled::Done(result));
         }
-        if !self
-            .messages
-            .record_dispatch(&message.id, &result, now, claim.fence)
-            .await?
-        {
-            tracing::warn!(message_id = %message.id, "claim taken over by another dispatcher; leaving the message to it");
-            return Ok(Settled::Lost);
-        }
-        log_result(message, to, &result);
         // The carrier says the patient opted out: stop messaging that number on that channel.
+        // On record before the send's outcome: once the outcome is final nothing comes back here,
+        // so a crash or a failed write between the two would lose the opt-out. (Whoever holds
+        // the claim, the carrier's answer is true.)
         if let DispatchResult::Failed {
             code: Some(RECIPIENT_UNSUBSCRIBED),
             ..
@@ -555,6 +549,15 @@ impl Dispatcher {
                 }
             }
         }
+        if !self
+            .messages
+            .record_dispatch(&message.id, &result, now, claim.fence)
+            .await?
+        {
+            tracing::warn!(message_id = %message.id, "claim taken over by another dispatcher; leaving the message to it");
+            return Ok(Settled::Lost);
+        }
+        log_result(message, to, &result);
         Ok(Settled::Done(result))
     }
 

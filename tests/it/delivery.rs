@@ -18,6 +18,7 @@ use serde_json::json;
 both_backends!(
     every_fault_class_ends_sent_once_or_failed,
     permanent_codes_are_tried_once,
+    a_send_time_opt_out_that_failed_to_record_is_recorded_on_the_next_try,
     instance_roles_split_the_work,
     an_otp_does_not_wait_behind_paced_messages,
 );
@@ -116,6 +117,66 @@ async fn every_fault_class_ends_sent_once_or_failed(backend: Backend) {
     assert_eq!(fake.create_calls_to(&ids["slow_answer"].1), 1);
     assert_eq!(fake.create_calls_to(&ids["accepted_never_answered"].1), 1);
     assert_eq!(fake.create_calls_to(&ids["dropped_connection"].1), 3);
+}
+
+/// Twilio refuses a send with 21610 and writing the number's opt-out fails (a fault injected
+/// with a trigger): the send's outcome is not recorded either, so once its lease runs out the
+/// message is tried again, and this time both the opt-out and the failure are recorded. (With the
+/// outcome recorded first, the message was final and the opt-out was lost for good.)
+async fn a_send_time_opt_out_that_failed_to_record_is_recorded_on_the_next_try(backend: Backend) {
+    let clock = ManualClock::new(Utc::now());
+    let config = TestConfig::new()
+        .set("DISPATCH_RATE_PER_SECOND", "0")
+        .with_clock(&clock);
+    let app = TestApp::spawn_live(backend, config).await;
+    let fake = app.fake.as_ref().unwrap();
+    let phone = "+14155553100";
+    app.consent("p1", phone).await;
+    let refused = Failure {
+        http_status: 400,
+        code: 21610,
+        retry_after: None,
+    };
+    fake.fail(phone, vec![refused, refused]);
+    let id = app.notify_ok(reminder("p1")).await;
+    let (inject, remove): (&[&str], &[&str]) = match backend {
+        Backend::Sqlite => (
+            &["CREATE TRIGGER injected_fault BEFORE INSERT ON opt_outs \
+               BEGIN SELECT RAISE(ABORT, 'injected fault'); END"],
+            &["DROP TRIGGER injected_fault"],
+        ),
+        Backend::Postgres => (
+            &[
+                "CREATE FUNCTION injected_fault() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'injected fault'; END $$",
+                "CREATE TRIGGER injected_fault BEFORE INSERT ON opt_outs \
+                 FOR EACH ROW EXECUTE FUNCTION injected_fault()",
+            ],
+            &["DROP TRIGGER injected_fault ON opt_outs"],
+        ),
+    };
+    for sql in inject {
+        app.db.execute(sql).await.unwrap();
+    }
+    let report = app.dispatch().await;
+    assert_eq!((report.claimed, report.failed), (1, 0));
+    assert_eq!(app.message(&id).await["status"], "sending", "nothing final");
+    for sql in remove {
+        app.db.execute(sql).await.unwrap();
+    }
+    clock.advance(chrono::Duration::minutes(20));
+    app.dispatch().await;
+    let m = app.message(&id).await;
+    assert_eq!(
+        (m["status"].as_str(), m["error_code"].as_i64()),
+        (Some("failed"), Some(21610))
+    );
+    let consent = app.state.store.get_consent("p1").await.unwrap().unwrap();
+    assert!(!consent.sms_consent, "the opt-out recorded on the next try");
+    let next = app.notify_ok(reminder("p1")).await;
+    app.dispatch().await;
+    assert_eq!(app.message(&next).await["status"], "skipped");
+    assert_eq!(fake.create_calls_to(phone), 2);
 }
 
 async fn permanent_codes_are_tried_once(backend: Backend) {

@@ -12,6 +12,7 @@ both_backends!(
     failed_is_final,
     unknown_message_sid_is_acknowledged,
     carrier_opt_out_revokes_consent,
+    a_carrier_opt_out_that_failed_to_record_is_recorded_on_the_retry,
     duplicate_incoming_is_stored_once,
     keywords_in_every_family_and_case,
     stop_holds_queued_messages_until_start,
@@ -199,6 +200,49 @@ async fn carrier_opt_out_revokes_consent(backend: Backend) {
         1,
         "nothing more sent"
     );
+}
+
+/// Writing a number's opt-out fails (a fault injected with a trigger): the 21610 callback is
+/// answered 500 and changes nothing, so Twilio's retry finds it new and records both the opt-out
+/// and the status. (Stored the other way round, the retry found the status seen and skipped the
+/// opt-out for good.)
+async fn a_carrier_opt_out_that_failed_to_record_is_recorded_on_the_retry(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    let (id, sid) = sent_message(&app, "p1").await;
+    let (inject, remove): (&[&str], &[&str]) = match backend {
+        Backend::Sqlite => (
+            &["CREATE TRIGGER injected_fault BEFORE INSERT ON opt_outs \
+               BEGIN SELECT RAISE(ABORT, 'injected fault'); END"],
+            &["DROP TRIGGER injected_fault"],
+        ),
+        Backend::Postgres => (
+            &[
+                "CREATE FUNCTION injected_fault() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'injected fault'; END $$",
+                "CREATE TRIGGER injected_fault BEFORE INSERT ON opt_outs \
+                 FOR EACH ROW EXECUTE FUNCTION injected_fault()",
+            ],
+            &["DROP TRIGGER injected_fault ON opt_outs"],
+        ),
+    };
+    for sql in inject {
+        app.db.execute(sql).await.unwrap();
+    }
+    assert_eq!(status(&app, &sid, "failed", Some("21610")).await, 500);
+    assert_eq!(app.message(&id).await["status"], "sent", "nothing stored");
+    for sql in remove {
+        app.db.execute(sql).await.unwrap();
+    }
+    assert_eq!(status(&app, &sid, "failed", Some("21610")).await, 200);
+    assert_eq!(app.message(&id).await["status"], "failed");
+    let consent = app.state.store.get_consent("p1").await.unwrap().unwrap();
+    assert!(!consent.sms_consent, "consent revoked on the retry");
+    // A replay now changes nothing, and the number is not messaged again.
+    assert_eq!(status(&app, &sid, "failed", Some("21610")).await, 200);
+    let next = app.notify_ok(reminder("p1")).await;
+    app.dispatch().await;
+    assert_eq!(app.message(&next).await["status"], "skipped");
+    assert_eq!(app.fake.as_ref().unwrap().requests().len(), 1);
 }
 
 async fn duplicate_incoming_is_stored_once(backend: Backend) {
