@@ -98,7 +98,6 @@ impl Services {
             schedule: store.clone(),
             provider: provider.clone(),
             delivery: delivery.clone(),
-            consent: consent.clone(),
             clock: clock.clone(),
             settings: config.dispatch,
             messaging: messaging.clone(),

@@ -55,11 +55,13 @@ impl Delivery {
         // not, and Twilio's retry would find the status already seen and skip the opt-out.
         let opted_out = error_code == Some(RECIPIENT_UNSUBSCRIBED)
             && self.opt_out_unless_seen(provider_sid, status, at).await?;
-        let applied = self
+        let mut applied = self
             .messages
             .apply_status(provider_sid, status, error_code, at)
             .await?;
-        self.follow_up(provider_sid, status, error_code, applied, at, opted_out)
+        // Its opt-out is on record: for `react`, nothing about this status is new.
+        applied.first_seen &= !opted_out;
+        self.react(provider_sid, status, error_code, applied, at)
             .await
     }
 
@@ -89,7 +91,13 @@ impl Delivery {
         Ok(true)
     }
 
-    async fn carrier_opt_out(&self, message: &MessageRecord, at: DateTime<Utc>) -> AppResult<()> {
+    /// The carrier reported that `message`'s recipient opted out: that number's opt-out, on the
+    /// message's channel (`ConsentService::carrier_opt_out`).
+    pub async fn carrier_opt_out(
+        &self,
+        message: &MessageRecord,
+        at: DateTime<Utc>,
+    ) -> AppResult<()> {
         if let (Some(channel), Some(number)) = (
             Channel::parse(&message.channel),
             message.to_number.as_deref(),
@@ -109,20 +117,6 @@ impl Delivery {
         applied: StatusApplied,
         at: DateTime<Utc>,
     ) -> AppResult<StatusOutcome> {
-        self.follow_up(provider_sid, status, error_code, applied, at, false)
-            .await
-    }
-
-    /// `react`, where `opted_out` says the opt-out is already on record.
-    async fn follow_up(
-        &self,
-        provider_sid: &str,
-        status: MessageStatus,
-        error_code: Option<i64>,
-        applied: StatusApplied,
-        at: DateTime<Utc>,
-        opted_out: bool,
-    ) -> AppResult<StatusOutcome> {
         let Some(message) = applied.message else {
             // Never an error: Twilio would retry it forever.
             tracing::warn!(
@@ -135,7 +129,7 @@ impl Delivery {
         tracing::info!(message_id = %message.id, provider_sid, status = status.as_str(), changed = applied.changed, error_code, "delivery status");
         // Only the first time this (message, status, error code) is seen: a replayed callback
         // must not revoke consent the patient has given again since.
-        if error_code == Some(RECIPIENT_UNSUBSCRIBED) && applied.first_seen && !opted_out {
+        if error_code == Some(RECIPIENT_UNSUBSCRIBED) && applied.first_seen {
             self.carrier_opt_out(&message, at).await?;
         }
         Ok(StatusOutcome::Applied {

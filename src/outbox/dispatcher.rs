@@ -31,7 +31,6 @@ mod recovery;
 use crate::channel::Channel;
 use crate::clock::DynClock;
 use crate::config::{DispatchSettings, MessagingSettings, TwilioSettings};
-use crate::consent::ConsentService;
 use crate::delivery::Delivery;
 use crate::error::AppResult;
 use crate::metrics::Metrics;
@@ -119,7 +118,6 @@ pub struct DispatcherParts {
     pub schedule: Arc<dyn ScheduleStore>,
     pub provider: DynProvider,
     pub delivery: Delivery,
-    pub consent: ConsentService,
     pub clock: DynClock,
     pub settings: DispatchSettings,
     pub messaging: MessagingSettings,
@@ -136,7 +134,6 @@ pub struct Dispatcher {
     schedule: Arc<dyn ScheduleStore>,
     provider: DynProvider,
     delivery: Delivery,
-    consent: ConsentService,
     clock: DynClock,
     settings: DispatchSettings,
     policy: Arc<PolicySettings>,
@@ -268,7 +265,6 @@ impl Dispatcher {
             schedule: parts.schedule,
             provider: parts.provider,
             delivery: parts.delivery,
-            consent: parts.consent,
             clock: parts.clock,
             settings: parts.settings,
             policy: Arc::new(policy),
@@ -542,11 +538,7 @@ impl Dispatcher {
         } = &result
         {
             if let Some(sent) = self.messages.get_message(&message.id).await? {
-                if let (Some(number), Some(channel)) =
-                    (sent.to_number.as_deref(), Channel::parse(&sent.channel))
-                {
-                    self.consent.carrier_opt_out(number, channel, now).await?;
-                }
+                self.delivery.carrier_opt_out(&sent, now).await?;
             }
         }
         if !self

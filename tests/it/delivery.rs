@@ -139,31 +139,11 @@ async fn a_send_time_opt_out_that_failed_to_record_is_recorded_on_the_next_try(b
     };
     fake.fail(phone, vec![refused, refused]);
     let id = app.notify_ok(reminder("p1")).await;
-    let (inject, remove): (&[&str], &[&str]) = match backend {
-        Backend::Sqlite => (
-            &["CREATE TRIGGER injected_fault BEFORE INSERT ON opt_outs \
-               BEGIN SELECT RAISE(ABORT, 'injected fault'); END"],
-            &["DROP TRIGGER injected_fault"],
-        ),
-        Backend::Postgres => (
-            &[
-                "CREATE FUNCTION injected_fault() RETURNS trigger LANGUAGE plpgsql AS \
-                 $$ BEGIN RAISE EXCEPTION 'injected fault'; END $$",
-                "CREATE TRIGGER injected_fault BEFORE INSERT ON opt_outs \
-                 FOR EACH ROW EXECUTE FUNCTION injected_fault()",
-            ],
-            &["DROP TRIGGER injected_fault ON opt_outs"],
-        ),
-    };
-    for sql in inject {
-        app.db.execute(sql).await.unwrap();
-    }
+    app.db.fail_inserts_into("opt_outs").await;
     let report = app.dispatch().await;
     assert_eq!((report.claimed, report.failed), (1, 0));
     assert_eq!(app.message(&id).await["status"], "sending", "nothing final");
-    for sql in remove {
-        app.db.execute(sql).await.unwrap();
-    }
+    app.db.heal_inserts_into("opt_outs").await;
     clock.advance(chrono::Duration::minutes(20));
     app.dispatch().await;
     let m = app.message(&id).await;

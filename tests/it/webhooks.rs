@@ -209,30 +209,10 @@ async fn carrier_opt_out_revokes_consent(backend: Backend) {
 async fn a_carrier_opt_out_that_failed_to_record_is_recorded_on_the_retry(backend: Backend) {
     let app = TestApp::spawn_live(backend, TestConfig::new()).await;
     let (id, sid) = sent_message(&app, "p1").await;
-    let (inject, remove): (&[&str], &[&str]) = match backend {
-        Backend::Sqlite => (
-            &["CREATE TRIGGER injected_fault BEFORE INSERT ON opt_outs \
-               BEGIN SELECT RAISE(ABORT, 'injected fault'); END"],
-            &["DROP TRIGGER injected_fault"],
-        ),
-        Backend::Postgres => (
-            &[
-                "CREATE FUNCTION injected_fault() RETURNS trigger LANGUAGE plpgsql AS \
-                 $$ BEGIN RAISE EXCEPTION 'injected fault'; END $$",
-                "CREATE TRIGGER injected_fault BEFORE INSERT ON opt_outs \
-                 FOR EACH ROW EXECUTE FUNCTION injected_fault()",
-            ],
-            &["DROP TRIGGER injected_fault ON opt_outs"],
-        ),
-    };
-    for sql in inject {
-        app.db.execute(sql).await.unwrap();
-    }
+    app.db.fail_inserts_into("opt_outs").await;
     assert_eq!(status(&app, &sid, "failed", Some("21610")).await, 500);
     assert_eq!(app.message(&id).await["status"], "sent", "nothing stored");
-    for sql in remove {
-        app.db.execute(sql).await.unwrap();
-    }
+    app.db.heal_inserts_into("opt_outs").await;
     assert_eq!(status(&app, &sid, "failed", Some("21610")).await, 200);
     assert_eq!(app.message(&id).await["status"], "failed");
     let consent = app.state.store.get_consent("p1").await.unwrap().unwrap();

@@ -122,6 +122,40 @@ impl TestDatabase {
         }
     }
 
+    /// Make every insert into `table` fail, as a full disk or a lost connection would fail
+    /// that one write (a fault injected with a trigger), until `heal_inserts_into`.
+    pub async fn fail_inserts_into(&self, table: &str) {
+        let statements = if self.pg_name.is_some() {
+            vec![
+                "CREATE OR REPLACE FUNCTION injected_fault() RETURNS trigger LANGUAGE plpgsql \
+                 AS $$ BEGIN RAISE EXCEPTION 'injected fault'; END $$"
+                    .to_string(),
+                format!(
+                    "CREATE TRIGGER injected_fault BEFORE INSERT ON {table} \
+                     FOR EACH ROW EXECUTE FUNCTION injected_fault()"
+                ),
+            ]
+        } else {
+            vec![format!(
+                "CREATE TRIGGER injected_fault BEFORE INSERT ON {table} \
+                 BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
+            )]
+        };
+        for sql in statements {
+            self.execute(&sql).await.expect("inject the fault");
+        }
+    }
+
+    /// Undo `fail_inserts_into(table)`.
+    pub async fn heal_inserts_into(&self, table: &str) {
+        let sql = if self.pg_name.is_some() {
+            format!("DROP TRIGGER injected_fault ON {table}")
+        } else {
+            "DROP TRIGGER injected_fault".to_string()
+        };
+        self.execute(&sql).await.expect("remove the fault");
+    }
+
     /// The rows of a query selecting two text columns.
     pub async fn text_pairs(&self, sql: &str) -> Vec<(String, String)> {
         if self.pg_name.is_some() {
