@@ -294,37 +294,6 @@ impl ConsentService {
         Ok(())
     }
 
-    /// A right `verification` code proved `number`: when it is still the user's number on file,
-    /// record when (audited, source `otp`). Never writes a number, and never creates a record.
-    pub async fn mark_number_verified(
-        &self,
-        user_id: &str,
-        number: &str,
-        at: DateTime<Utc>,
-    ) -> AppResult<()> {
-        let on_file = self.consent.get_consent(user_id).await?;
-        if on_file.and_then(|c| c.phone_number).as_deref() != Some(number) {
-            return Ok(());
-        }
-        let ctx = ChangeContext {
-            source: ConsentSource::Otp,
-            ip: None,
-            user_agent: None,
-            at,
-        };
-        // Checked again inside the write: the number may have changed since the read.
-        let verify = |current: &Consent| {
-            let mut next = current.clone();
-            if current.phone_number.as_deref() == Some(number) {
-                next.phone_verified_at = Some(at);
-            }
-            Ok(next)
-        };
-        self.consent.update_consent(user_id, &verify, &ctx).await?;
-        tracing::info!(user_id, "phone number verified");
-        Ok(())
-    }
-
     /// Users whose stored number is this one.
     pub async fn users_with_phone(&self, number: &str) -> AppResult<Vec<String>> {
         self.consent.users_with_phone(number).await

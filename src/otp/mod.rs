@@ -34,7 +34,8 @@ use crate::phone::PhoneNumber;
 use crate::provider::twilio::{INVALID_TO_NUMBER, NOT_A_MOBILE_NUMBER, RECIPIENT_UNSUBSCRIBED};
 use crate::status::SkipReason;
 use crate::store::{
-    Channel, LimitRefusal, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome, OtpLimits, OtpStore,
+    Channel, LimitRefusal, NewMessage, OtpCleanup, OtpIssue, OtpIssueOutcome, OtpLimits, OtpRecord,
+    OtpStore, VerificationUse,
 };
 
 mod refusals;
@@ -652,19 +653,10 @@ impl Otp {
                 .into();
             if matches {
                 // The conditional update lets exactly one of several simultaneous verifies win.
-                if !self
-                    .codes
-                    .consume_otp(user, purpose, &record.code_hash, max_attempts, now)
-                    .await?
-                {
+                if !self.consume(&record, max_attempts, now).await? {
                     return Err(invalid_code());
                 }
                 tracing::info!(user_id = %user, purpose = %purpose, "OTP verified");
-                if purpose == VERIFICATION {
-                    self.consent
-                        .mark_number_verified(user, &record.phone_number, now)
-                        .await?;
-                }
                 return Ok(Verified {
                     phone_number: record.phone_number,
                 });
@@ -680,6 +672,42 @@ impl Otp {
             Err(too_many_attempts())
         } else {
             Err(invalid_code())
+        }
+    }
+
+    /// Use `record`'s code if it is still live; `true` for exactly one caller. A `verification`
+    /// code also records its number verified when it is the one on file, in the same write.
+    async fn consume(
+        &self,
+        record: &OtpRecord,
+        max_attempts: i64,
+        now: DateTime<Utc>,
+    ) -> AppResult<bool> {
+        let (user, purpose) = (record.user_id.as_str(), record.purpose.as_str());
+        if purpose != VERIFICATION {
+            return self
+                .codes
+                .consume_otp(user, purpose, &record.code_hash, max_attempts, now)
+                .await;
+        }
+        let used = self
+            .codes
+            .consume_verification_otp(
+                user,
+                &record.code_hash,
+                max_attempts,
+                now,
+                &record.phone_number,
+            )
+            .await?;
+        match used {
+            VerificationUse::Refused => Ok(false),
+            VerificationUse::Used { number_verified } => {
+                if number_verified {
+                    tracing::info!(user_id = %user, "phone number verified");
+                }
+                Ok(true)
+            }
         }
     }
 

@@ -219,6 +219,19 @@ pub trait OtpStore: Send + Sync + 'static {
         max_attempts: i64,
         now: DateTime<Utc>,
     ) -> AppResult<bool>;
+    /// `consume_otp` for a `verification` code that went to `number` and, in the same
+    /// transaction, when `number` is still the user's number on file, its `phone_verified_at`
+    /// (audited, source `otp`). A fault between the two cannot use the code up and leave the
+    /// number unverified: nothing is written, and the patient's code still works. Never creates
+    /// a consent record.
+    async fn consume_verification_otp(
+        &self,
+        user_id: &str,
+        code_hash: &str,
+        max_attempts: i64,
+        now: DateTime<Utc>,
+        number: &str,
+    ) -> AppResult<VerificationUse>;
     /// Wrong tries for (user, purpose) in the current window, whether or not a code exists.
     async fn otp_failures(
         &self,

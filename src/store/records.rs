@@ -737,6 +737,17 @@ pub struct OtpRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// What `OtpStore::consume_verification_otp` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerificationUse {
+    /// The code was not used: another caller used it first, it was replaced or it expired, or
+    /// the wrong tries reached their limit. Nothing changed.
+    Refused,
+    /// The code was used. `number_verified`: the number it went to was the user's number on file
+    /// and is now recorded verified as of this use.
+    Used { number_verified: bool },
+}
+
 /// What an OTP cleanup removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct OtpCleanup {

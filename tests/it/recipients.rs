@@ -12,6 +12,7 @@ both_backends!(
     a_number_on_file_without_its_blind_index_is_read_and_still_gets_the_code,
     a_user_without_a_number_gets_the_code_at_the_number_named,
     verification_marks_only_the_number_on_file_verified,
+    a_verification_that_failed_to_record_leaves_the_code_usable,
     unknown_users_answer_like_known_ones,
     forwarded_addresses_take_the_last_hop_and_group_ipv6,
     letters_in_a_number_are_refused,
@@ -225,6 +226,43 @@ async fn verification_marks_only_the_number_on_file_verified(backend: Backend) {
     .await;
     assert_eq!(status, 200);
     assert!(app.state.consent.get("stranger").await.unwrap().is_none());
+}
+
+/// Using a `verification` code and recording its number verified are one write: when the
+/// second cannot be stored, the first is not either, and the patient's code still works once.
+async fn a_verification_that_failed_to_record_leaves_the_code_usable(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.consent("p1", VICTIM).await;
+    send_otp(&app, "p1", VICTIM, "verification").await;
+    let (_, body) = outbox(&app).await.remove(0);
+    let right = json!({"user_id": "p1", "otp_code": code_in(&body), "purpose": "verification"});
+
+    app.db.fail_inserts_into("consent_audit_trail").await;
+    assert_eq!(verify(&app, right.clone()).await.0, 500);
+    let record = app
+        .state
+        .store
+        .get_otp("p1", "verification")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.used_at, None, "the code is not used up");
+    let consent = app.state.consent.get("p1").await.unwrap().unwrap();
+    assert_eq!(consent.phone_verified_at, None);
+
+    app.db.heal_inserts_into("consent_audit_trail").await;
+    let (status, answer) = verify(&app, right.clone()).await;
+    assert_eq!((status, &answer["phone_number"]), (200, &json!(VICTIM)));
+    let consent = app.state.consent.get("p1").await.unwrap().unwrap();
+    assert!(consent.phone_verified_at.is_some());
+    let audit = app.state.consent.audit_trail("p1").await.unwrap();
+    let verified: Vec<_> = audit
+        .iter()
+        .filter(|a| a.field == "phone_verified_at")
+        .collect();
+    assert_eq!(verified.len(), 1, "one audit row: the failed try left none");
+    // Still single-use.
+    assert_eq!(verify(&app, right).await.0, 400);
 }
 
 async fn unknown_users_answer_like_known_ones(backend: Backend) {

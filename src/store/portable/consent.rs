@@ -57,77 +57,9 @@ impl ConsentStore for ThisStore {
         ctx: &ChangeContext,
     ) -> AppResult<Consent> {
         let mut tx = self.pool.begin().await?;
-        // Create the row if missing (this write also takes SQLite's lock), then read it locked so
-        // concurrent changes audit the true old values.
-        let created = sqlx::query(
-            "INSERT INTO messaging_consent (user_id, created_at, updated_at) VALUES ($1, $2, $2) \
-             ON CONFLICT (user_id) DO NOTHING",
-        )
-        .bind(user_id)
-        .bind(ctx.at)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        let sql = format!(
-            "SELECT {CONSENT_COLUMNS} FROM messaging_consent WHERE user_id = $1{LOCK_FOR_UPDATE}"
-        );
-        let current = sqlx::query_as::<Db, Consent>(&sql)
-            .bind(user_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let current = open_consent(&self.vault, current)?;
-        let mut next = edit(&current)?;
-        let changes = current.changes_to(&next, created);
-        if changes.is_empty() {
-            tx.commit().await?;
-            return Ok(current);
-        }
-        next.updated_at = ctx.at;
-        sqlx::query(
-            "UPDATE messaging_consent SET phone_number = $2, sms_consent = $3, \
-             whatsapp_consent = $4, marketing_consent = $5, updated_at = $6, \
-             phone_verified_at = $7, time_zone = $8, phone_index = $9 WHERE user_id = $1",
-        )
-        .bind(user_id)
-        .bind(self.vault.seal_opt(next.phone_number.as_deref()))
-        .bind(next.sms_consent)
-        .bind(next.whatsapp_consent)
-        .bind(next.marketing_consent)
-        .bind(next.updated_at)
-        .bind(next.phone_verified_at)
-        .bind(&next.time_zone)
-        .bind(self.vault.blind_opt(next.phone_number.as_deref()))
-        .execute(&mut *tx)
-        .await?;
-        for (field, old_value, new_value) in changes {
-            // A number in the trail is sealed like the number itself.
-            let (old_value, new_value) = if field == "phone_number" {
-                (
-                    self.vault.seal_opt(old_value.as_deref()),
-                    self.vault.seal_opt(new_value.as_deref()),
-                )
-            } else {
-                (old_value, new_value)
-            };
-            sqlx::query(
-                "INSERT INTO consent_audit_trail \
-                 (user_id, field, old_value, new_value, source, ip, user_agent, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            )
-            .bind(user_id)
-            .bind(field)
-            .bind(old_value)
-            .bind(new_value)
-            .bind(ctx.source.as_str())
-            .bind(&ctx.ip)
-            .bind(&ctx.user_agent)
-            .bind(ctx.at)
-            .execute(&mut *tx)
-            .await?;
-        }
+        let edited = edit_consent_in(&mut tx, &self.vault, user_id, edit, ctx, true).await?;
         tx.commit().await?;
-        Ok(next)
+        edited.ok_or_else(|| anyhow::anyhow!("a consent record created in this transaction is missing").into())
     }
 
     async fn consent_audit(&self, user_id: &str) -> AppResult<Vec<ConsentAuditRecord>> {
@@ -167,4 +99,91 @@ pub(super) fn open_audit(
     r.old_value = vault.open_opt(r.old_value.as_deref())?;
     r.new_value = vault.open_opt(r.new_value.as_deref())?;
     Ok(r)
+}
+
+/// Apply `edit` to the user's record inside `tx` and append one audit row per changed field: the
+/// record as it now stands, or `None` when there is none and `create` is false. With `create`,
+/// a missing record is made first. Without it, on SQLite the transaction must already hold the
+/// write lock (a write before this one, or `BEGIN_WRITE`), so no writer commits between the read
+/// and the update.
+pub(super) async fn edit_consent_in(
+    tx: &mut sqlx::Transaction<'_, Db>,
+    vault: &crate::vault::Vault,
+    user_id: &str,
+    edit: ConsentEdit<'_>,
+    ctx: &ChangeContext,
+    create: bool,
+) -> AppResult<Option<Consent>> {
+    // Create the row if missing (this write also takes SQLite's lock), then read it locked so
+    // concurrent changes audit the true old values.
+    let created = create
+        && sqlx::query(
+            "INSERT INTO messaging_consent (user_id, created_at, updated_at) VALUES ($1, $2, $2) \
+             ON CONFLICT (user_id) DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(ctx.at)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected()
+            == 1;
+    let sql =
+        format!("SELECT {CONSENT_COLUMNS} FROM messaging_consent WHERE user_id = $1{LOCK_FOR_UPDATE}");
+    let Some(current) = sqlx::query_as::<Db, Consent>(&sql)
+        .bind(user_id)
+        .fetch_optional(&mut **tx)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let current = open_consent(vault, current)?;
+    let mut next = edit(&current)?;
+    let changes = current.changes_to(&next, created);
+    if changes.is_empty() {
+        return Ok(Some(current));
+    }
+    next.updated_at = ctx.at;
+    sqlx::query(
+        "UPDATE messaging_consent SET phone_number = $2, sms_consent = $3, \
+         whatsapp_consent = $4, marketing_consent = $5, updated_at = $6, \
+         phone_verified_at = $7, time_zone = $8, phone_index = $9 WHERE user_id = $1",
+    )
+    .bind(user_id)
+    .bind(vault.seal_opt(next.phone_number.as_deref()))
+    .bind(next.sms_consent)
+    .bind(next.whatsapp_consent)
+    .bind(next.marketing_consent)
+    .bind(next.updated_at)
+    .bind(next.phone_verified_at)
+    .bind(&next.time_zone)
+    .bind(vault.blind_opt(next.phone_number.as_deref()))
+    .execute(&mut **tx)
+    .await?;
+    for (field, old_value, new_value) in changes {
+        // A number in the trail is sealed like the number itself.
+        let (old_value, new_value) = if field == "phone_number" {
+            (
+                vault.seal_opt(old_value.as_deref()),
+                vault.seal_opt(new_value.as_deref()),
+            )
+        } else {
+            (old_value, new_value)
+        };
+        sqlx::query(
+            "INSERT INTO consent_audit_trail \
+             (user_id, field, old_value, new_value, source, ip, user_agent, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(user_id)
+        .bind(field)
+        .bind(old_value)
+        .bind(new_value)
+        .bind(ctx.source.as_str())
+        .bind(&ctx.ip)
+        .bind(&ctx.user_agent)
+        .bind(ctx.at)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(Some(next))
 }

@@ -201,6 +201,54 @@ impl OtpStore for ThisStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn consume_verification_otp(
+        &self,
+        user_id: &str,
+        code_hash: &str,
+        max_attempts: i64,
+        now: DateTime<Utc>,
+        number: &str,
+    ) -> AppResult<VerificationUse> {
+        // Not through SQLite's writer thread: the consent edit is the portable one (its audit
+        // rows and sealing). The write lock is taken at `BEGIN`, as the writer would hold it.
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
+        let used = sqlx::query(CONSUME_OTP)
+            .bind(user_id)
+            .bind(crate::otp::VERIFICATION)
+            .bind(code_hash)
+            .bind(now)
+            .bind(max_attempts)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        if !used {
+            tx.rollback().await?;
+            return Ok(VerificationUse::Refused);
+        }
+        let ctx = ChangeContext {
+            source: ConsentSource::Otp,
+            ip: None,
+            user_agent: None,
+            at: now,
+        };
+        let verify = |current: &Consent| {
+            let mut next = current.clone();
+            if current.phone_number.as_deref() == Some(number) {
+                next.phone_verified_at = Some(now);
+            }
+            Ok(next)
+        };
+        let edited =
+            super::consent::edit_consent_in(&mut tx, &self.vault, user_id, &verify, &ctx, false)
+                .await?;
+        tx.commit().await?;
+        let number_verified = edited.is_some_and(|c| {
+            c.phone_number.as_deref() == Some(number) && c.phone_verified_at == Some(now)
+        });
+        Ok(VerificationUse::Used { number_verified })
+    }
+
     async fn otp_failures(
         &self,
         user_id: &str,
