@@ -9,6 +9,10 @@ use tokio_util::sync::CancellationToken;
 use crate::app::Services;
 use crate::reminders::Reminder;
 
+/// Owed carrier opt-outs recorded per round of `Job::PruneUnmatchedCallbacks`: each is a
+/// consent change, and there is rarely more than one (a crash in a narrow window).
+const PARKED_OPT_OUTS_PER_ROUND: i64 = 1_000;
+
 /// How often the scheduler looks for due jobs.
 const TICK: Duration = Duration::from_secs(60);
 
@@ -21,7 +25,9 @@ pub enum Job {
     /// A subscription's reminders: 7 days and 1 day before it expires, 3 days before it renews.
     SubscriptionReminders,
     CleanupExpiredOtps,
-    /// Status callbacks for SIDs no message of ours ever recorded (after a day they never will).
+    /// Status callbacks for SIDs no message of ours ever recorded (after a day they never will);
+    /// first, the carrier opt-outs still owed for callbacks that beat their send
+    /// (`Delivery::settle_parked_opt_outs`). Also the first round after a start.
     PruneUnmatchedCallbacks,
     /// Settings-page sessions and links past their expiry.
     CleanupSettingsSessions,
@@ -88,14 +94,16 @@ impl Job {
             )?),
             Job::CleanupExpiredOtps => Ok(serde_json::to_value(services.otp.cleanup().await?)?),
             Job::PruneUnmatchedCallbacks => {
+                let now = services.clock.now();
+                let opt_outs_recorded = services
+                    .delivery
+                    .settle_parked_opt_outs(now, PARKED_OPT_OUTS_PER_ROUND)
+                    .await?;
                 let period = services
                     .retention
                     .period(crate::store::DataClass::UnmatchedCallbacks);
-                let pruned = services
-                    .delivery
-                    .prune_unmatched(services.clock.now() - period)
-                    .await?;
-                Ok(serde_json::json!({ "pruned": pruned }))
+                let pruned = services.delivery.prune_unmatched(now - period).await?;
+                Ok(serde_json::json!({ "pruned": pruned, "opt_outs_recorded": opt_outs_recorded }))
             }
             Job::MessagingCleanup => Ok(serde_json::to_value(
                 services.retention.run(None, false).await?,

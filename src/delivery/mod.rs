@@ -11,7 +11,7 @@ use crate::consent::ConsentService;
 use crate::error::AppResult;
 use crate::provider::twilio::RECIPIENT_UNSUBSCRIBED;
 use crate::status::MessageStatus;
-use crate::store::{MessageRecord, MessageStore, StatusApplied};
+use crate::store::{KnownStatus, MessageRecord, MessageStore, StatusApplied};
 
 /// What a status callback did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +135,49 @@ impl Delivery {
         Ok(StatusOutcome::Applied {
             changed: applied.changed,
         })
+    }
+
+    /// What follows the callbacks a send found parked for its SID (`MessageStore::record_sent`
+    /// applied them with the send): each is followed up as a callback is (`react`). A carrier
+    /// opt-out among them stayed parked as owed; once the opt-out is on record it is forgotten.
+    pub async fn react_to_parked(
+        &self,
+        provider_sid: &str,
+        parked: Vec<KnownStatus>,
+        at: DateTime<Utc>,
+    ) -> AppResult<()> {
+        let mut opt_out = false;
+        for k in parked {
+            opt_out |= k.error_code == Some(RECIPIENT_UNSUBSCRIBED);
+            self.react(provider_sid, k.status, k.error_code, k.applied, at)
+                .await?;
+        }
+        if opt_out {
+            self.messages.forget_parked_opt_outs(provider_sid).await?;
+        }
+        Ok(())
+    }
+
+    /// Record the carrier opt-outs still owed for callbacks that arrived before their send
+    /// recorded the SID: the process stopped, or a write failed, between the send's transaction
+    /// and `react_to_parked`. One round, up to `limit` SIDs; how many were recorded. Run at
+    /// start and hourly with the prune (`Job::PruneUnmatchedCallbacks`).
+    pub async fn settle_parked_opt_outs(&self, at: DateTime<Utc>, limit: i64) -> AppResult<u64> {
+        let mut settled = 0;
+        for sid in self.messages.parked_opt_outs_owed(limit).await? {
+            if let Some(message) = self.messages.message_by_sid(&sid).await? {
+                self.carrier_opt_out(&message, at).await?;
+                settled += 1;
+            }
+            self.messages.forget_parked_opt_outs(&sid).await?;
+        }
+        if settled > 0 {
+            tracing::warn!(
+                settled,
+                "carrier opt-outs that arrived before their send recorded late"
+            );
+        }
+        Ok(settled)
     }
 
     /// Forget callbacks parked before `before` for SIDs no message of ours recorded: they never

@@ -521,11 +521,9 @@ impl Dispatcher {
                 return Ok(Settled::Lost);
             };
             log_result(message, to, &result);
-            for k in known {
-                self.delivery
-                    .react(provider_sid, k.status, k.error_code, k.applied, now)
-                    .await?;
-            }
+            self.delivery
+                .react_to_parked(provider_sid, known, now)
+                .await?;
             return Ok(Settled::Done(result));
         }
         // The carrier says the patient opted out: stop messaging that number on that channel.

@@ -167,6 +167,12 @@ pub trait MessageStore: Send + Sync + 'static {
     ) -> AppResult<Option<Vec<KnownStatus>>>;
     /// Forget unmatched callbacks older than `before` (their message was never ours).
     async fn prune_unmatched_statuses(&self, before: DateTime<Utc>) -> AppResult<u64>;
+    /// SIDs (at most `limit`) of recorded messages whose carrier opt-out (21610) arrived before
+    /// their send recorded the SID and may not be on record yet: `record_sent` applies such a
+    /// callback but leaves it parked until `forget_parked_opt_outs`.
+    async fn parked_opt_outs_owed(&self, limit: i64) -> AppResult<Vec<String>>;
+    /// The carrier opt-out parked for this SID is on record: forget it.
+    async fn forget_parked_opt_outs(&self, provider_sid: &str) -> AppResult<()>;
     /// Apply a delivery status to the message with this provider SID: record the event (a repeat
     /// is a no-op) and move the status only from one of `status.allowed_from()`, so it never goes
     /// back.
@@ -696,9 +702,28 @@ pub(crate) fn dispatch_write(
     }
 }
 
-/// Take the callbacks parked for SID `$1` (by `apply_status`, for a SID no message has yet).
-pub(crate) const TAKE_UNMATCHED: &str =
-    "DELETE FROM unmatched_status_callbacks WHERE provider_sid = $1 RETURNING status, error_code";
+/// The callbacks parked for SID `$1` (by `apply_status`, for a SID no message had yet).
+pub(crate) const PARKED_FOR_SID: &str =
+    "SELECT status, error_code FROM unmatched_status_callbacks WHERE provider_sid = $1";
+
+/// Drop the callbacks parked for SID `$1`, once the send that records the SID has applied them,
+/// all but a carrier opt-out (21610): that one stays parked as the mark of an opt-out owed until
+/// the opt-out is on record (`FORGET_PARKED_OPT_OUTS`), so a crash or a failed write between the
+/// send's transaction and the opt-out cannot lose it (`Delivery::settle_parked_opt_outs`).
+pub(crate) const DROP_APPLIED_PARKED: &str =
+    "DELETE FROM unmatched_status_callbacks WHERE provider_sid = $1 \
+     AND COALESCE(error_code, 0) <> 21610";
+
+/// SID `$1`'s carrier opt-out is on record: its parked callback is no longer owed.
+pub(crate) const FORGET_PARKED_OPT_OUTS: &str =
+    "DELETE FROM unmatched_status_callbacks WHERE provider_sid = $1 AND error_code = 21610";
+
+/// SIDs (at most `$1`) whose parked carrier opt-out was applied to a recorded message but whose
+/// opt-out may not be on record (see `DROP_APPLIED_PARKED`).
+pub(crate) const PARKED_OPT_OUTS_OWED: &str =
+    "SELECT DISTINCT u.provider_sid FROM unmatched_status_callbacks u \
+     JOIN messages m ON m.provider_sid = u.provider_sid \
+     WHERE u.error_code = 21610 ORDER BY u.provider_sid LIMIT $1";
 
 /// Use the code for (`$1` user, `$2` purpose) with hash `$3` at `$4`, if it is live and fewer
 /// than `$5` wrong tries were made: the count is checked in the same statement, so a right guess

@@ -19,6 +19,7 @@ both_backends!(
     every_fault_class_ends_sent_once_or_failed,
     permanent_codes_are_tried_once,
     a_send_time_opt_out_that_failed_to_record_is_recorded_on_the_next_try,
+    a_carrier_opt_out_that_beat_its_send_is_recorded_even_when_its_write_fails,
     instance_roles_split_the_work,
     an_otp_does_not_wait_behind_paced_messages,
 );
@@ -157,6 +158,81 @@ async fn a_send_time_opt_out_that_failed_to_record_is_recorded_on_the_next_try(b
     app.dispatch().await;
     assert_eq!(app.message(&next).await["status"], "skipped");
     assert_eq!(fake.create_calls_to(phone), 2);
+}
+
+/// A 21610 callback arrives before the send has recorded its SID (parked), and writing the
+/// opt-out fails after the send's transaction applied it (a fault injected with a trigger; a
+/// crash at that point leaves the same state). The parked callback stays owed, so the next round
+/// of `prune-unmatched-callbacks` (at start, then hourly) records the opt-out once. (Taken with
+/// the send, it was gone: the message `failed`, the number still messaged.)
+async fn a_carrier_opt_out_that_beat_its_send_is_recorded_even_when_its_write_fails(
+    backend: Backend,
+) {
+    let app = TestApp::spawn_live(
+        backend,
+        TestConfig::new().set("DISPATCH_RATE_PER_SECOND", "0"),
+    )
+    .await;
+    let fake = app.fake.as_ref().unwrap();
+    let phone = "+14155553101";
+    let sid = "SM0000000000000000000000000021610";
+    app.consent("p1", phone).await;
+    fake.next_sid(sid);
+    let callback = [
+        ("MessageSid", sid),
+        ("MessageStatus", "failed"),
+        ("ErrorCode", "21610"),
+        ("AccountSid", ACCOUNT_SID),
+    ];
+    let early = app
+        .twilio_webhook("/webhooks/twilio/status", &callback, None)
+        .await;
+    assert_eq!(early.status(), 200, "parked: no message has this SID yet");
+
+    let id = app.notify_ok(reminder("p1")).await;
+    app.db.fail_inserts_into("opt_outs").await;
+    app.dispatch().await;
+    let m = app.message(&id).await;
+    assert_eq!(
+        (m["status"].as_str(), m["provider_sid"].as_str()),
+        (Some("failed"), Some(sid)),
+        "the parked status applied with the send"
+    );
+    let consent = app.state.store.get_consent("p1").await.unwrap().unwrap();
+    assert!(consent.sms_consent, "the opt-out write failed");
+    app.db.heal_inserts_into("opt_outs").await;
+
+    let job = prism_messaging::scheduler::Job::PruneUnmatchedCallbacks;
+    let round = job.run(&app.state.services).await.unwrap();
+    assert_eq!(round["opt_outs_recorded"], 1);
+    let consent = app.state.store.get_consent("p1").await.unwrap().unwrap();
+    assert!(!consent.sms_consent, "the owed opt-out recorded");
+    let again = job.run(&app.state.services).await.unwrap();
+    assert_eq!(again["opt_outs_recorded"], 0, "once");
+    let next = app.notify_ok(reminder("p1")).await;
+    app.dispatch().await;
+    assert_eq!(app.message(&next).await["status"], "skipped");
+    assert_eq!(fake.create_calls_to(phone), 1);
+
+    // Without a fault the send's own follow-up records the opt-out and forgets the parked
+    // callback: the job finds nothing owed.
+    let (phone, sid) = ("+14155553102", "SM0000000000000000000000000021611");
+    app.consent("p2", phone).await;
+    fake.next_sid(sid);
+    let callback = [
+        ("MessageSid", sid),
+        ("MessageStatus", "failed"),
+        ("ErrorCode", "21610"),
+        ("AccountSid", ACCOUNT_SID),
+    ];
+    app.twilio_webhook("/webhooks/twilio/status", &callback, None)
+        .await;
+    app.notify_ok(reminder("p2")).await;
+    app.dispatch().await;
+    let consent = app.state.store.get_consent("p2").await.unwrap().unwrap();
+    assert!(!consent.sms_consent, "recorded with the send");
+    let round = job.run(&app.state.services).await.unwrap();
+    assert_eq!(round["opt_outs_recorded"], 0, "nothing owed");
 }
 
 async fn permanent_codes_are_tried_once(backend: Backend) {

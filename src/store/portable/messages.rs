@@ -337,10 +337,16 @@ impl MessageStore for ThisStore {
         if let Some(news) = news {
             insert_event(&mut tx, id, news, None, Some("provider answer"), now).await?;
         }
-        let early: Vec<(String, Option<i64>)> = sqlx::query_as(TAKE_UNMATCHED)
+        let early: Vec<(String, Option<i64>)> = sqlx::query_as(PARKED_FOR_SID)
             .bind(provider_sid)
             .fetch_all(&mut *tx)
             .await?;
+        if !early.is_empty() {
+            sqlx::query(DROP_APPLIED_PARKED)
+                .bind(provider_sid)
+                .execute(&mut *tx)
+                .await?;
+        }
         let mut known = Vec::new();
         for (status, error_code) in early
             .iter()
@@ -357,6 +363,21 @@ impl MessageStore for ThisStore {
         }
         tx.commit().await?;
         Ok(Some(known))
+    }
+
+    async fn parked_opt_outs_owed(&self, limit: i64) -> AppResult<Vec<String>> {
+        Ok(sqlx::query_scalar(PARKED_OPT_OUTS_OWED)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn forget_parked_opt_outs(&self, provider_sid: &str) -> AppResult<()> {
+        sqlx::query(FORGET_PARKED_OPT_OUTS)
+            .bind(provider_sid)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn prune_unmatched_statuses(&self, before: DateTime<Utc>) -> AppResult<u64> {

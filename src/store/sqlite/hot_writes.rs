@@ -442,12 +442,17 @@ fn record_dispatch(
     Ok(true)
 }
 
+/// The callbacks parked for the SID, dropped once applied but a carrier opt-out
+/// (`store::DROP_APPLIED_PARKED`).
 fn take_unmatched(conn: &Connection, provider_sid: &str) -> AppResult<Vec<(String, Option<i64>)>> {
-    let mut statement = prepare(conn, crate::store::TAKE_UNMATCHED, &[&provider_sid])?;
+    let mut statement = prepare(conn, crate::store::PARKED_FOR_SID, &[&provider_sid])?;
     let mut rows = statement.raw_query();
     let mut taken = Vec::new();
     while let Some(row) = rows.next()? {
         taken.push((row.get(0)?, row.get(1)?));
+    }
+    if !taken.is_empty() {
+        execute(conn, crate::store::DROP_APPLIED_PARKED, &[&provider_sid])?;
     }
     Ok(taken)
 }

@@ -93,6 +93,9 @@ struct Shared {
     failing_lookups: Mutex<usize>,
     /// The next this-many `ListMessage` calls never answer.
     hanging_lookups: Mutex<usize>,
+    /// SIDs for the next messages created, in order (then random ones), so a test can post a
+    /// status callback for a message before its send has recorded the SID.
+    next_sids: Mutex<Vec<String>>,
 }
 
 /// Dropping a connection is done by panicking in the handler (the connection's task dies with
@@ -198,6 +201,11 @@ impl FakeTwilio {
             messaging_service_sid: None,
         });
         sid
+    }
+
+    /// Give the next message created this SID.
+    pub fn next_sid(&self, sid: &str) {
+        self.shared.next_sids.lock().unwrap().push(sid.to_string());
     }
 
     /// The messages created so far, in creation order.
@@ -323,7 +331,11 @@ async fn create_message(
 
 /// Create the message and answer 201 with its resource.
 fn create(shared: &Shared, request: &RecordedRequest, to: &str) -> Response {
-    let sid = format!("SM{}", uuid::Uuid::new_v4().simple());
+    let preset = {
+        let mut next = shared.next_sids.lock().unwrap();
+        (!next.is_empty()).then(|| next.remove(0))
+    };
+    let sid = preset.unwrap_or_else(|| format!("SM{}", uuid::Uuid::new_v4().simple()));
     let created = Created {
         sid: sid.clone(),
         to: to.to_string(),
