@@ -95,15 +95,17 @@ impl Job {
             Job::CleanupExpiredOtps => Ok(serde_json::to_value(services.otp.cleanup().await?)?),
             Job::PruneUnmatchedCallbacks => {
                 let now = services.clock.now();
-                let opt_outs_recorded = services
+                // The prune runs even when the owed opt-outs cannot be read: it never deletes
+                // one (`store::PRUNE_UNMATCHED`).
+                let opt_outs = services
                     .delivery
                     .settle_parked_opt_outs(now, PARKED_OPT_OUTS_PER_ROUND)
-                    .await?;
+                    .await;
                 let period = services
                     .retention
                     .period(crate::store::DataClass::UnmatchedCallbacks);
                 let pruned = services.delivery.prune_unmatched(now - period).await?;
-                Ok(serde_json::json!({ "pruned": pruned, "opt_outs_recorded": opt_outs_recorded }))
+                Ok(serde_json::json!({ "pruned": pruned, "opt_outs": opt_outs? }))
             }
             Job::MessagingCleanup => Ok(serde_json::to_value(
                 services.retention.run(None, false).await?,

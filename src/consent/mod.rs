@@ -294,6 +294,32 @@ impl ConsentService {
         Ok(())
     }
 
+    /// Whether anyone but the carrier (the patient's START, their settings, the host app) changed
+    /// `channel`'s consent for a user with `number` after `since`, as the audit trail shows: a
+    /// carrier opt-out reported at `since` and recorded late must not undo that later word.
+    pub async fn channel_changed_since(
+        &self,
+        number: &str,
+        channel: Channel,
+        since: DateTime<Utc>,
+    ) -> AppResult<bool> {
+        let field = match channel {
+            Channel::Sms => "sms_consent",
+            Channel::Whatsapp => "whatsapp_consent",
+        };
+        for user in self.consent.users_with_phone(number).await? {
+            let changed = self.consent.consent_audit(&user).await?.iter().any(|a| {
+                a.field == field
+                    && a.created_at > since
+                    && a.source != ConsentSource::Provider.as_str()
+            });
+            if changed {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Users whose stored number is this one.
     pub async fn users_with_phone(&self, number: &str) -> AppResult<Vec<String>> {
         self.consent.users_with_phone(number).await

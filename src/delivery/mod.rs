@@ -21,6 +21,17 @@ pub enum StatusOutcome {
     IgnoredStatus,
 }
 
+/// What a round of `Delivery::settle_parked_opt_outs` did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ParkedOptOuts {
+    /// Opt-outs recorded.
+    pub recorded: u64,
+    /// Forgotten unrecorded: consent changed after the carrier's report, or the message is gone.
+    pub superseded: u64,
+    /// Could not be recorded: still owed, for the next round.
+    pub failed: u64,
+}
+
 #[derive(Clone)]
 pub struct Delivery {
     messages: Arc<dyn MessageStore>,
@@ -160,24 +171,63 @@ impl Delivery {
 
     /// Record the carrier opt-outs still owed for callbacks that arrived before their send
     /// recorded the SID: the process stopped, or a write failed, between the send's transaction
-    /// and `react_to_parked`. One round, up to `limit` SIDs; how many were recorded. Run at
-    /// start and hourly with the prune (`Job::PruneUnmatchedCallbacks`).
-    pub async fn settle_parked_opt_outs(&self, at: DateTime<Utc>, limit: i64) -> AppResult<u64> {
-        let mut settled = 0;
-        for sid in self.messages.parked_opt_outs_owed(limit).await? {
-            if let Some(message) = self.messages.message_by_sid(&sid).await? {
-                self.carrier_opt_out(&message, at).await?;
-                settled += 1;
+    /// and `react_to_parked`. One round, up to `limit` SIDs. Run at start and hourly with the
+    /// prune (`Job::PruneUnmatchedCallbacks`).
+    ///
+    /// One whose channel's consent changed after the carrier's report (not by the carrier: the
+    /// patient's START, their settings) is forgotten unrecorded: the later word stands, as for a
+    /// replayed callback. One that fails stays owed for the next round, and the others go on.
+    pub async fn settle_parked_opt_outs(
+        &self,
+        at: DateTime<Utc>,
+        limit: i64,
+    ) -> AppResult<ParkedOptOuts> {
+        let mut report = ParkedOptOuts::default();
+        for (sid, reported_at) in self.messages.parked_opt_outs_owed(limit).await? {
+            match self.settle_parked_opt_out(&sid, reported_at, at).await {
+                Ok(true) => report.recorded += 1,
+                Ok(false) => report.superseded += 1,
+                Err(e) => {
+                    report.failed += 1;
+                    tracing::error!(provider_sid = %sid, error = %e, "an owed carrier opt-out could not be recorded; it stays owed");
+                }
             }
-            self.messages.forget_parked_opt_outs(&sid).await?;
         }
-        if settled > 0 {
+        if report.recorded > 0 {
             tracing::warn!(
-                settled,
+                recorded = report.recorded,
                 "carrier opt-outs that arrived before their send recorded late"
             );
         }
-        Ok(settled)
+        Ok(report)
+    }
+
+    /// `settle_parked_opt_outs` for one SID: `true` when its opt-out was recorded, `false` when
+    /// a later change superseded it (or its message is gone).
+    async fn settle_parked_opt_out(
+        &self,
+        sid: &str,
+        reported_at: DateTime<Utc>,
+        at: DateTime<Utc>,
+    ) -> AppResult<bool> {
+        let mut recorded = false;
+        if let Some(message) = self.messages.message_by_sid(sid).await? {
+            if let (Some(channel), Some(number)) = (
+                Channel::parse(&message.channel),
+                message.to_number.as_deref(),
+            ) {
+                let superseded = self
+                    .consent
+                    .channel_changed_since(number, channel, reported_at)
+                    .await?;
+                if !superseded {
+                    self.consent.carrier_opt_out(number, channel, at).await?;
+                    recorded = true;
+                }
+            }
+        }
+        self.messages.forget_parked_opt_outs(sid).await?;
+        Ok(recorded)
     }
 
     /// Forget callbacks parked before `before` for SIDs no message of ours recorded: they never

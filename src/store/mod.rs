@@ -31,6 +31,15 @@ macro_rules! include_portable_sql {
     };
 }
 
+/// A parked callback that is not an opt-out owed (`PARKED_OPT_OUTS_OWED`): what pruning and
+/// retention may delete. An owed one waits for its opt-out, however old. A macro, for `concat!`.
+macro_rules! parked_not_owed_sql {
+    () => {
+        "NOT (COALESCE(error_code, 0) = 21610 AND EXISTS (SELECT 1 FROM messages m \
+         WHERE m.provider_sid = unmatched_status_callbacks.provider_sid))"
+    };
+}
+
 pub mod group_sync;
 pub mod postgres;
 mod records;
@@ -165,12 +174,14 @@ pub trait MessageStore: Send + Sync + 'static {
         now: DateTime<Utc>,
         fence: DateTime<Utc>,
     ) -> AppResult<Option<Vec<KnownStatus>>>;
-    /// Forget unmatched callbacks older than `before` (their message was never ours).
+    /// Forget unmatched callbacks older than `before` (their message was never ours), but an
+    /// opt-out owed (`parked_opt_outs_owed`).
     async fn prune_unmatched_statuses(&self, before: DateTime<Utc>) -> AppResult<u64>;
     /// SIDs (at most `limit`) of recorded messages whose carrier opt-out (21610) arrived before
-    /// their send recorded the SID and may not be on record yet: `record_sent` applies such a
-    /// callback but leaves it parked until `forget_parked_opt_outs`.
-    async fn parked_opt_outs_owed(&self, limit: i64) -> AppResult<Vec<String>>;
+    /// their send recorded the SID and may not be on record yet, each with when it arrived:
+    /// `record_sent` applies such a callback but leaves it parked until
+    /// `forget_parked_opt_outs`. Pruning and retention leave these alone.
+    async fn parked_opt_outs_owed(&self, limit: i64) -> AppResult<Vec<(String, DateTime<Utc>)>>;
     /// The carrier opt-out parked for this SID is on record: forget it.
     async fn forget_parked_opt_outs(&self, provider_sid: &str) -> AppResult<()>;
     /// Apply a delivery status to the message with this provider SID: record the event (a repeat
@@ -718,12 +729,19 @@ pub(crate) const DROP_APPLIED_PARKED: &str =
 pub(crate) const FORGET_PARKED_OPT_OUTS: &str =
     "DELETE FROM unmatched_status_callbacks WHERE provider_sid = $1 AND error_code = 21610";
 
-/// SIDs (at most `$1`) whose parked carrier opt-out was applied to a recorded message but whose
-/// opt-out may not be on record (see `DROP_APPLIED_PARKED`).
+/// Parked carrier opt-outs (at most `$1` rows: SID, when it came) applied to a recorded message
+/// but whose opt-out may not be on record (see `DROP_APPLIED_PARKED`).
 pub(crate) const PARKED_OPT_OUTS_OWED: &str =
-    "SELECT DISTINCT u.provider_sid FROM unmatched_status_callbacks u \
-     JOIN messages m ON m.provider_sid = u.provider_sid \
-     WHERE u.error_code = 21610 ORDER BY u.provider_sid LIMIT $1";
+    "SELECT u.provider_sid, u.received_at FROM unmatched_status_callbacks u \
+     WHERE u.error_code = 21610 \
+     AND EXISTS (SELECT 1 FROM messages m WHERE m.provider_sid = u.provider_sid) \
+     ORDER BY u.provider_sid LIMIT $1";
+
+/// Unmatched callbacks older than `$1`, but an opt-out owed (`parked_not_owed_sql!`).
+pub(crate) const PRUNE_UNMATCHED: &str = concat!(
+    "DELETE FROM unmatched_status_callbacks WHERE received_at < $1 AND ",
+    parked_not_owed_sql!()
+);
 
 /// Use the code for (`$1` user, `$2` purpose) with hash `$3` at `$4`, if it is live and fewer
 /// than `$5` wrong tries were made: the count is checked in the same statement, so a right guess

@@ -160,24 +160,18 @@ async fn a_send_time_opt_out_that_failed_to_record_is_recorded_on_the_next_try(b
     assert_eq!(fake.create_calls_to(phone), 2);
 }
 
-/// A 21610 callback arrives before the send has recorded its SID (parked), and writing the
-/// opt-out fails after the send's transaction applied it (a fault injected with a trigger; a
-/// crash at that point leaves the same state). The parked callback stays owed, so the next round
-/// of `prune-unmatched-callbacks` (at start, then hourly) records the opt-out once. (Taken with
-/// the send, it was gone: the message `failed`, the number still messaged.)
-async fn a_carrier_opt_out_that_beat_its_send_is_recorded_even_when_its_write_fails(
-    backend: Backend,
+/// A 21610 callback for `sid` posted before any message has that SID (it is parked), then a
+/// reminder to `user` at `phone` dispatched under that SID (the fake gives it), with the
+/// opt-out's write failing when `fault` (a trigger; a crash at that point leaves the same state).
+async fn opt_out_that_beat_its_send(
+    app: &TestApp,
+    user: &str,
+    phone: &str,
+    sid: &str,
+    fault: bool,
 ) {
-    let app = TestApp::spawn_live(
-        backend,
-        TestConfig::new().set("DISPATCH_RATE_PER_SECOND", "0"),
-    )
-    .await;
-    let fake = app.fake.as_ref().unwrap();
-    let phone = "+14155553101";
-    let sid = "SM0000000000000000000000000021610";
-    app.consent("p1", phone).await;
-    fake.next_sid(sid);
+    app.consent(user, phone).await;
+    app.fake.as_ref().unwrap().next_sid(sid);
     let callback = [
         ("MessageSid", sid),
         ("MessageStatus", "failed"),
@@ -188,27 +182,62 @@ async fn a_carrier_opt_out_that_beat_its_send_is_recorded_even_when_its_write_fa
         .twilio_webhook("/webhooks/twilio/status", &callback, None)
         .await;
     assert_eq!(early.status(), 200, "parked: no message has this SID yet");
-
-    let id = app.notify_ok(reminder("p1")).await;
-    app.db.fail_inserts_into("opt_outs").await;
+    let id = app.notify_ok(reminder(user)).await;
+    if fault {
+        app.db.fail_inserts_into("opt_outs").await;
+    }
     app.dispatch().await;
+    if fault {
+        app.db.heal_inserts_into("opt_outs").await;
+    }
     let m = app.message(&id).await;
     assert_eq!(
         (m["status"].as_str(), m["provider_sid"].as_str()),
         (Some("failed"), Some(sid)),
         "the parked status applied with the send"
     );
-    let consent = app.state.store.get_consent("p1").await.unwrap().unwrap();
-    assert!(consent.sms_consent, "the opt-out write failed");
-    app.db.heal_inserts_into("opt_outs").await;
+}
 
+async fn sms_consent(app: &TestApp, user: &str) -> bool {
+    let consent = app.state.store.get_consent(user).await.unwrap().unwrap();
+    consent.sms_consent
+}
+
+/// A 21610 callback arrives before the send has recorded its SID, and writing the opt-out fails
+/// after the send's transaction applied it. The parked callback stays owed (pruning keeps it), so
+/// the next round of `prune-unmatched-callbacks` (at start, then hourly) records the opt-out
+/// once. (Taken with the send, it was gone: the message `failed`, the number still messaged.)
+/// Unless the patient changed that consent since: their later word stands.
+async fn a_carrier_opt_out_that_beat_its_send_is_recorded_even_when_its_write_fails(
+    backend: Backend,
+) {
+    let app = TestApp::spawn_live(
+        backend,
+        TestConfig::new().set("DISPATCH_RATE_PER_SECOND", "0"),
+    )
+    .await;
+    let fake = app.fake.as_ref().unwrap();
     let job = prism_messaging::scheduler::Job::PruneUnmatchedCallbacks;
+    let phone = "+14155553101";
+    opt_out_that_beat_its_send(&app, "p1", phone, "SM0000000000000000000000000021610", true).await;
+    assert!(sms_consent(&app, "p1").await, "the opt-out write failed");
+    let far_ahead = chrono::Utc::now() + chrono::Duration::days(30);
+    let pruned = app
+        .state
+        .store
+        .prune_unmatched_statuses(far_ahead)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 0, "an owed opt-out is not pruned, however old");
+
     let round = job.run(&app.state.services).await.unwrap();
-    assert_eq!(round["opt_outs_recorded"], 1);
-    let consent = app.state.store.get_consent("p1").await.unwrap().unwrap();
-    assert!(!consent.sms_consent, "the owed opt-out recorded");
+    assert_eq!(
+        round["opt_outs"],
+        json!({"recorded": 1, "superseded": 0, "failed": 0})
+    );
+    assert!(!sms_consent(&app, "p1").await, "the owed opt-out recorded");
     let again = job.run(&app.state.services).await.unwrap();
-    assert_eq!(again["opt_outs_recorded"], 0, "once");
+    assert_eq!(again["opt_outs"]["recorded"], 0, "once");
     let next = app.notify_ok(reminder("p1")).await;
     app.dispatch().await;
     assert_eq!(app.message(&next).await["status"], "skipped");
@@ -216,23 +245,39 @@ async fn a_carrier_opt_out_that_beat_its_send_is_recorded_even_when_its_write_fa
 
     // Without a fault the send's own follow-up records the opt-out and forgets the parked
     // callback: the job finds nothing owed.
-    let (phone, sid) = ("+14155553102", "SM0000000000000000000000000021611");
-    app.consent("p2", phone).await;
-    fake.next_sid(sid);
-    let callback = [
-        ("MessageSid", sid),
-        ("MessageStatus", "failed"),
-        ("ErrorCode", "21610"),
-        ("AccountSid", ACCOUNT_SID),
-    ];
-    app.twilio_webhook("/webhooks/twilio/status", &callback, None)
-        .await;
-    app.notify_ok(reminder("p2")).await;
-    app.dispatch().await;
-    let consent = app.state.store.get_consent("p2").await.unwrap().unwrap();
-    assert!(!consent.sms_consent, "recorded with the send");
+    opt_out_that_beat_its_send(
+        &app,
+        "p2",
+        "+14155553102",
+        "SM0000000000000000000000000021611",
+        false,
+    )
+    .await;
+    assert!(!sms_consent(&app, "p2").await, "recorded with the send");
     let round = job.run(&app.state.services).await.unwrap();
-    assert_eq!(round["opt_outs_recorded"], 0, "nothing owed");
+    assert_eq!(
+        round["opt_outs"],
+        json!({"recorded": 0, "superseded": 0, "failed": 0})
+    );
+
+    // The patient turned SMS off and on again in their settings after the carrier's report: the
+    // owed opt-out is forgotten, not recorded over their later word.
+    let phone = "+14155553103";
+    opt_out_that_beat_its_send(&app, "p3", phone, "SM0000000000000000000000000021612", true).await;
+    for on in [false, true] {
+        let r = app.put_preferences("p3", json!({"sms_consent": on})).await;
+        assert_eq!(r.status(), 200);
+    }
+    let round = job.run(&app.state.services).await.unwrap();
+    assert_eq!(
+        round["opt_outs"],
+        json!({"recorded": 0, "superseded": 1, "failed": 0})
+    );
+    assert!(sms_consent(&app, "p3").await);
+    let next = app.notify_ok(reminder("p3")).await;
+    app.dispatch().await;
+    assert_eq!(app.message(&next).await["status"], "sent");
+    assert_eq!(fake.create_calls_to(phone), 2);
 }
 
 async fn permanent_codes_are_tried_once(backend: Backend) {

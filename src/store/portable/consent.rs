@@ -59,7 +59,9 @@ impl ConsentStore for ThisStore {
         let mut tx = self.pool.begin().await?;
         let edited = edit_consent_in(&mut tx, &self.vault, user_id, edit, ctx, true).await?;
         tx.commit().await?;
-        edited.ok_or_else(|| anyhow::anyhow!("a consent record created in this transaction is missing").into())
+        edited.ok_or_else(|| {
+            anyhow::anyhow!("a consent record created in this transaction is missing").into()
+        })
     }
 
     async fn consent_audit(&self, user_id: &str) -> AppResult<Vec<ConsentAuditRecord>> {
@@ -127,8 +129,9 @@ pub(super) async fn edit_consent_in(
         .await?
         .rows_affected()
             == 1;
-    let sql =
-        format!("SELECT {CONSENT_COLUMNS} FROM messaging_consent WHERE user_id = $1{LOCK_FOR_UPDATE}");
+    let sql = format!(
+        "SELECT {CONSENT_COLUMNS} FROM messaging_consent WHERE user_id = $1{LOCK_FOR_UPDATE}"
+    );
     let Some(current) = sqlx::query_as::<Db, Consent>(&sql)
         .bind(user_id)
         .fetch_optional(&mut **tx)

@@ -365,11 +365,15 @@ impl MessageStore for ThisStore {
         Ok(Some(known))
     }
 
-    async fn parked_opt_outs_owed(&self, limit: i64) -> AppResult<Vec<String>> {
-        Ok(sqlx::query_scalar(PARKED_OPT_OUTS_OWED)
+    async fn parked_opt_outs_owed(&self, limit: i64) -> AppResult<Vec<(String, DateTime<Utc>)>> {
+        let mut owed: Vec<(String, DateTime<Utc>)> = sqlx::query_as(PARKED_OPT_OUTS_OWED)
             .bind(limit)
             .fetch_all(&self.pool)
-            .await?)
+            .await?;
+        // A SID may have two (`failed` and `undelivered`): the first report stands for both.
+        owed.sort();
+        owed.dedup_by(|later, first| later.0 == first.0);
+        Ok(owed)
     }
 
     async fn forget_parked_opt_outs(&self, provider_sid: &str) -> AppResult<()> {
@@ -381,13 +385,11 @@ impl MessageStore for ThisStore {
     }
 
     async fn prune_unmatched_statuses(&self, before: DateTime<Utc>) -> AppResult<u64> {
-        Ok(
-            sqlx::query("DELETE FROM unmatched_status_callbacks WHERE received_at < $1")
-                .bind(before)
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
-        )
+        Ok(sqlx::query(PRUNE_UNMATCHED)
+            .bind(before)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 
     async fn apply_status(
