@@ -18,7 +18,6 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::mpsc;
-use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OpenFlags, Statement, ToSql};
@@ -79,7 +78,7 @@ fn open(path: &Path) -> AppResult<Connection> {
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA secure_delete = ON; \
          PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;",
     )?;
-    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.busy_handler(Some(super::wait_for_the_lock))?;
     conn.set_prepared_statement_cache_capacity(128);
     Ok(conn)
 }
