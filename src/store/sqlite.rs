@@ -56,14 +56,27 @@ pub(crate) fn wait_for_the_lock(tries: i32) -> bool {
 
 /// `wait_for_the_lock` as a pooled connection's busy handler (sqlx offers only a timeout).
 async fn wait_for_the_lock_briefly(conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
+    /// SQLite's side of the handler: its first argument is the null pointer given below.
+    extern "C" fn handler(_: *mut std::ffi::c_void, tries: std::ffi::c_int) -> std::ffi::c_int {
+        std::ffi::c_int::from(wait_for_the_lock(tries))
+    }
     let mut handle = conn.lock_handle().await?;
-    // SAFETY: the handle is a live connection, locked for this call; `from_handle` borrows it
-    // without taking ownership (dropping the wrapper does not close it), and the handler is a
-    // plain function, so nothing it points to outlives the wrapper.
-    let borrowed = unsafe { rusqlite::Connection::from_handle(handle.as_raw_handle().as_ptr()) };
-    borrowed
-        .and_then(|c| c.busy_handler(Some(wait_for_the_lock)))
-        .map_err(|e| sqlx::Error::Configuration(e.into()))
+    // SAFETY: the handle is this live connection, locked for the call; the handler is a plain
+    // function that never unwinds, and its argument is unused (null). sqlx and rusqlite link
+    // the same libsqlite3-sys, so the handle is the type `ffi` expects.
+    let set = unsafe {
+        rusqlite::ffi::sqlite3_busy_handler(
+            handle.as_raw_handle().as_ptr(),
+            Some(handler),
+            std::ptr::null_mut(),
+        )
+    };
+    match set {
+        rusqlite::ffi::SQLITE_OK => Ok(()),
+        code => Err(sqlx::Error::Configuration(
+            format!("setting the SQLite busy handler failed with code {code}").into(),
+        )),
+    }
 }
 
 impl SqliteStore {
