@@ -2,7 +2,9 @@
 # The write path (issue 14), side by side in one run: /healthz, send-otp (SQLite and PostgreSQL),
 # a refused send-otp (the same request again, and one number from many callers), signed status
 # callbacks, against the guide's own stack (Flask + SQLite, ../shared/bench/seed-stack) under the
-# same wrk load, with this service's resident memory.
+# same wrk load, with this service's resident memory; and consent changes made one after another
+# beside a send-otp load (bench/consent-beside-load.py: how long a pool write waits for SQLite's
+# write lock while the writer thread is busy).
 #   bench/write-path.sh [seconds] [connections]     (needs wrk; builds the release binary)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,7 @@ work=$(mktemp -d)
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
 token="bench-twilio-auth-token-0123456789"
+jwt_secret="bench-jwt-secret-0123456789abcdef0123"
 key=$(head -c 32 /dev/urandom | base64)
 
 # wrk NAME URL [SCRIPT]: one line of figures; the requests/s also go to $work/NAME.
@@ -48,7 +51,7 @@ peak_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 # The service in mock mode on DATABASE_URL, on PORT.
 serve() {
   (cd "$work" && exec env BIND_ADDR="127.0.0.1:$2" DATABASE_URL="$1" DATA_ENCRYPTION_KEY="$key" \
-    TWILIO_AUTH_TOKEN="$token" PUBLIC_URL="http://127.0.0.1:$2" RUST_LOG=warn \
+    TWILIO_AUTH_TOKEN="$token" AUTH_JWT_SECRET="$jwt_secret" PUBLIC_URL="http://127.0.0.1:$2" RUST_LOG=warn \
     OTP_RESEND_COOLDOWN_SECONDS=0 TRUST_FORWARDED_FOR=true QUIET_HOURS=off "$bin" serve \
     >"$work/serve-$2.log" 2>&1) &
   pids+=($!)
@@ -94,6 +97,16 @@ measure "send-otp refused (429), SQLite" http://127.0.0.1:8780 bench/send-otp-re
 # One number named by a new user from a new address every time (refused by the number's hour).
 measure "refused, one number, many callers" http://127.0.0.1:8780 bench/send-otp-one-number.lua
 measure "status callbacks, SQLite" http://127.0.0.1:8780 "$work/status.lua"
+# A patient's consent change (a pool write, as a STOP is) while codes keep the writer thread busy:
+# how long it waits for SQLite's write lock.
+sync; sleep 1
+wrk -t2 -c"$connections" -d"$((seconds + 2))s" -s ../shared/bench/send-otp.lua \
+  http://127.0.0.1:8780 >/dev/null &
+load=$!
+sleep 1
+printf '%-34s %s\n' "consent changes beside send-otp" \
+  "$(python3 bench/consent-beside-load.py http://127.0.0.1:8780 "$seconds" "$jwt_secret")"
+wait "$load"
 peak=$(peak_kib "$server_pid")
 
 pg="prism_bench_$(date +%s%N)"
