@@ -16,6 +16,13 @@ impl Channel {
             Channel::Whatsapp => "whatsapp",
         }
     }
+    /// The consent column (and audit field) that lets messages go on this channel.
+    pub fn consent_field(self) -> &'static str {
+        match self {
+            Channel::Sms => "sms_consent",
+            Channel::Whatsapp => "whatsapp_consent",
+        }
+    }
     pub fn parse(value: &str) -> Option<Channel> {
         match value {
             "sms" => Some(Channel::Sms),

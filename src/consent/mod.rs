@@ -303,10 +303,7 @@ impl ConsentService {
         channel: Channel,
         since: DateTime<Utc>,
     ) -> AppResult<bool> {
-        let field = match channel {
-            Channel::Sms => "sms_consent",
-            Channel::Whatsapp => "whatsapp_consent",
-        };
+        let field = channel.consent_field();
         for user in self.consent.users_with_phone(number).await? {
             let changed = self.consent.consent_audit(&user).await?.iter().any(|a| {
                 a.field == field

@@ -109,10 +109,7 @@ impl Delivery {
         message: &MessageRecord,
         at: DateTime<Utc>,
     ) -> AppResult<()> {
-        if let (Some(channel), Some(number)) = (
-            Channel::parse(&message.channel),
-            message.to_number.as_deref(),
-        ) {
+        if let Some((channel, number)) = recipient(message) {
             self.consent.carrier_opt_out(number, channel, at).await?;
         }
         Ok(())
@@ -210,20 +207,16 @@ impl Delivery {
         reported_at: DateTime<Utc>,
         at: DateTime<Utc>,
     ) -> AppResult<bool> {
+        let message = self.messages.message_by_sid(sid).await?;
         let mut recorded = false;
-        if let Some(message) = self.messages.message_by_sid(sid).await? {
-            if let (Some(channel), Some(number)) = (
-                Channel::parse(&message.channel),
-                message.to_number.as_deref(),
-            ) {
-                let superseded = self
-                    .consent
-                    .channel_changed_since(number, channel, reported_at)
-                    .await?;
-                if !superseded {
-                    self.consent.carrier_opt_out(number, channel, at).await?;
-                    recorded = true;
-                }
+        if let Some((channel, number)) = message.as_ref().and_then(recipient) {
+            let superseded = self
+                .consent
+                .channel_changed_since(number, channel, reported_at)
+                .await?;
+            if !superseded {
+                self.consent.carrier_opt_out(number, channel, at).await?;
+                recorded = true;
             }
         }
         self.messages.forget_parked_opt_outs(sid).await?;
@@ -235,4 +228,12 @@ impl Delivery {
     pub async fn prune_unmatched(&self, before: DateTime<Utc>) -> AppResult<u64> {
         self.messages.prune_unmatched_statuses(before).await
     }
+}
+
+/// The channel and number `message` went to, when both are known.
+fn recipient(message: &MessageRecord) -> Option<(Channel, &str)> {
+    Some((
+        Channel::parse(&message.channel)?,
+        message.to_number.as_deref()?,
+    ))
 }

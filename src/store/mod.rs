@@ -799,10 +799,7 @@ pub(crate) fn mark_sending_sql(guard: SendGuard, channel: Channel) -> String {
         true => format!(
             " AND EXISTS (SELECT 1 FROM messaging_consent c WHERE c.user_id = messages.user_id \
              AND c.phone_index = $10 AND c.{}{})",
-            match channel {
-                Channel::Sms => "sms_consent",
-                Channel::Whatsapp => "whatsapp_consent",
-            },
+            channel.consent_field(),
             if guard.marketing {
                 " AND c.marketing_consent"
             } else {

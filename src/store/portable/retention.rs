@@ -22,7 +22,7 @@ fn class_sql(class: DataClass) -> (&'static str, &'static str, &'static str) {
         DataClass::Inbound => ("incoming_messages", "id", "received_at < $1"),
         DataClass::ReminderLog => ("reminder_log", "message_id", "starts_at < $1"),
         DataClass::Audit => ("consent_audit_trail", "id", "created_at < $1"),
-        // An opt-out owed is kept until it is on record (`store::PARKED_NOT_OWED`).
+        // An opt-out owed is kept until it is on record (`parked_not_owed_sql!`).
         DataClass::UnmatchedCallbacks => (
             "unmatched_status_callbacks",
             "provider_sid",
