@@ -49,6 +49,30 @@ async fn durable_commits(connection: &mut sqlx::PgConnection) -> Result<(), sqlx
     Ok(())
 }
 
+/// Server settings under which PostgreSQL itself can lose or tear what it committed, whatever
+/// a session asks: `fsync = off` (a power cut or OS crash can lose or corrupt acknowledged
+/// writes) and `full_page_writes = off` (a page torn by a power cut cannot be repaired from the
+/// log). Neither can be changed per session, so the service says so at start instead of failing:
+/// a developer's throwaway server may run that way on purpose; a clinic's must not.
+async fn undurable_server_settings(pool: &sqlx::PgPool) -> AppResult<Vec<&'static str>> {
+    let (fsync, full_page_writes): (String, String) =
+        sqlx::query_as("SELECT current_setting('fsync'), current_setting('full_page_writes')")
+            .fetch_one(pool)
+            .await?;
+    Ok(undurable_settings(&fsync, &full_page_writes))
+}
+
+fn undurable_settings(fsync: &str, full_page_writes: &str) -> Vec<&'static str> {
+    let mut off = Vec::new();
+    if fsync == "off" {
+        off.push("fsync");
+    }
+    if full_page_writes == "off" {
+        off.push("full_page_writes");
+    }
+    off
+}
+
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
 /// A pooled connection idle this long is pinged before it is handed out.
@@ -77,6 +101,14 @@ impl PostgresStore {
             .map_err(|e| anyhow::Error::new(e).context("connecting to PostgreSQL"))?;
         // No key, no start, before anything is written.
         keys.current_key(database_url, false)?;
+        for setting in undurable_server_settings(&pool).await? {
+            tracing::warn!(
+                setting,
+                "PostgreSQL runs with {setting} = off: a power cut or operating system crash can \
+                 lose or corrupt what it stored, acknowledged STOPs and consent changes included; \
+                 turn it on for any real patient data"
+            );
+        }
         Self::migrator()
             .run(&pool)
             .await
@@ -165,4 +197,31 @@ mod portable {
     /// Claims read the due queue in index order whatever the statistics say.
     const CLAIM_PLAN: Option<&str> = Some(crate::store::POSTGRES_CLAIM_PLAN);
     include_portable_sql!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_settings_that_lose_commits_are_named() {
+        assert!(undurable_settings("on", "on").is_empty());
+        assert_eq!(undurable_settings("off", "on"), ["fsync"]);
+        assert_eq!(undurable_settings("on", "off"), ["full_page_writes"]);
+        assert_eq!(
+            undurable_settings("off", "off"),
+            ["fsync", "full_page_writes"]
+        );
+    }
+
+    /// Reads the real server's settings (`TEST_DATABASE_URL`); skipped without one, as the
+    /// PostgreSQL integration suite is (CI sets it and fails if the server is unreachable).
+    #[tokio::test]
+    async fn the_test_server_stores_durably() {
+        let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
+            return;
+        };
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        assert!(undurable_server_settings(&pool).await.unwrap().is_empty());
+    }
 }
