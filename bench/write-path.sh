@@ -4,7 +4,9 @@
 # callbacks, against the guide's own stack (Flask + SQLite, ../shared/bench/seed-stack) under the
 # same wrk load, with this service's resident memory; and consent changes made one after another
 # beside a send-otp load (bench/consent-beside-load.py: how long a pool write waits for SQLite's
-# write lock while the writer thread is busy).
+# write lock while the writer thread is busy); and the floor under a durable send-otp on this
+# machine (examples/durable_floor.rs: a JSON body appended as one row through group commit and
+# nothing else, with 0, 1, 3 and 7 index entries under random keys per request).
 #   bench/write-path.sh [seconds] [connections]     (needs wrk; builds the release binary)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,9 +16,10 @@ admin="${BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 seed="${SEED_STACK:-../shared/bench/seed-stack}"
 command -v wrk >/dev/null || { echo "needs wrk (apt-get install wrk)"; exit 1; }
 source bench/cpu.sh
-cargo build --release --quiet --bin prism-messaging
+cargo build --release --quiet --bin prism-messaging --example durable_floor
 target="${CARGO_TARGET_DIR:-target}"; [[ "$target" = /* ]] || target="$(pwd)/$target"
 bin="$target/release/prism-messaging"
+floor="$target/release/examples/durable_floor"
 work=$(mktemp -d)
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
@@ -117,11 +120,30 @@ for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
 sleep 1
 psql "$admin" -qAtc "DROP DATABASE IF EXISTS $pg WITH (FORCE)" >/dev/null
 
+# The floor: what the same load gets from the least a durable write can do here, and what each
+# index entry under a random key (a page of its own in every commit) takes from it.
+for keys in 0 1 3 7; do
+  "$floor" "$work/floor-$keys.db" 8782 "$keys" >"$work/floor-$keys.log" 2>&1 &
+  floor_pid=$!
+  pids+=("$floor_pid")
+  for _ in $(seq 100); do
+    curl -s -o /dev/null -X POST -H 'Content-Type: application/json' -d '{}' \
+      http://127.0.0.1:8782/api/messaging/send-otp && break
+    sleep 0.1
+  done
+  measure "durable floor, $keys random keys" http://127.0.0.1:8782 ../shared/bench/send-otp.lua
+  kill "$floor_pid" 2>/dev/null || true
+  wait "$floor_pid" 2>/dev/null || true
+done
+
 echo "-- ratios (same run)"
 echo "send-otp SQLite / guide's stack:      $(ratio "send-otp, SQLite" "send-otp, guide's stack (SQLite)")  (goal >= 10)"
 echo "refused send-otp / healthz:           $(ratio "send-otp refused (429), SQLite" "healthz (this service)")  (goal >= 0.25)"
 echo "refused, one number / healthz:        $(ratio "refused, one number, many callers" "healthz (this service)")"
 echo "send-otp SQLite / healthz:            $(ratio "send-otp, SQLite" "healthz (this service)")  (aim 0.33)"
 echo "status callbacks / healthz:           $(ratio "status callbacks, SQLite" "healthz (this service)")  (goal >= 0.25)"
+for keys in 0 1 3 7; do
+  echo "durable floor, $keys random keys / guide: $(ratio "durable floor, $keys random keys" "send-otp, guide's stack (SQLite)")"
+done
 echo "send-otp PostgreSQL:                  $(cat "$work/send-otp, PostgreSQL") req/s  (goal >= 5000)"
 echo "-- memory (SQLite run): idle $((idle / 1024)) MiB resident, peak under load $((peak / 1024)) MiB  (goals < 30, < 100)"

@@ -1,0 +1,134 @@
+//! Benchmark helper (not a test, not the service): the floor under a durable `send-otp` on this
+//! machine, for `bench/write-path.sh`. It answers `POST /api/messaging/send-otp` with the least a
+//! durable write can do: parse the JSON body, append one row through one writer thread that
+//! commits whatever requests are waiting as one batch with `synchronous=FULL` (an fsync of the
+//! log per commit: group commit), and answer each request once its batch is on disk. Nothing
+//! else: no validation, no limits, no encryption, no message row.
+//!
+//! `durable_floor <database-file> <port> <random-keys>`: the row also carries `random-keys`
+//! columns, each indexed and given a fresh random 64-hex-digit key (the width of a blind index)
+//! per request. A key that no recent request shares lands on its own page of its index, so every
+//! one adds a page that no other row of the batch shares to what the commit writes to the log and
+//! what the checkpoint copies back; `send-otp` writes entries under several such keys (see the
+//! README's "Benchmarks"). Run with 0, 1, 3 and 7 keys this prints what each costs.
+//!
+//! The writer fsyncs inside its commit, so it does not prepare the next batch while the disk
+//! flushes as the service's writer does (`store/group_sync.rs`): a floor on the safe side.
+
+use std::sync::mpsc;
+
+use anyhow::Context;
+use axum::{extract::State, http::StatusCode, routing::post, Json, Router};
+use rand::Rng;
+use tokio::sync::oneshot;
+
+/// One request's row: its body, its random keys, and where to say it is on disk.
+struct Append {
+    body: String,
+    keys: Vec<String>,
+    written: oneshot::Sender<bool>,
+}
+
+/// A batch is whatever is waiting, up to this many.
+const MAX_BATCH: usize = 256;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, file, port, keys] = args.as_slice() else {
+        anyhow::bail!("usage: durable_floor <database-file> <port> <random-keys>");
+    };
+    let keys: usize = keys.parse().context("random-keys: a number")?;
+    let connection = open(file, keys)?;
+    let (appends, waiting) = mpsc::channel::<Append>();
+    std::thread::spawn(move || {
+        if let Err(e) = write_batches(&connection, keys, &waiting) {
+            eprintln!("the writer stopped: {e:#}");
+            std::process::exit(1);
+        }
+    });
+    let app = Router::new()
+        .route("/api/messaging/send-otp", post(send_otp))
+        .with_state((appends, keys));
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await?;
+        axum::serve(listener, app).await?;
+        Ok(())
+    })
+}
+
+async fn send_otp(
+    State((appends, keys)): State<(mpsc::Sender<Append>, usize)>,
+    Json(body): Json<serde_json::Value>,
+) -> (StatusCode, Json<serde_json::Value>) {
+    let keys = {
+        let mut rng = rand::thread_rng();
+        (0..keys)
+            .map(|_| format!("{:032x}{:032x}", rng.gen::<u128>(), rng.gen::<u128>()))
+            .collect()
+    };
+    let (written, on_disk) = oneshot::channel();
+    let body = body.to_string();
+    let queued = appends
+        .send(Append {
+            body,
+            keys,
+            written,
+        })
+        .is_ok();
+    if queued && on_disk.await == Ok(true) {
+        (StatusCode::OK, Json(serde_json::json!({"success": true})))
+    } else {
+        let error = serde_json::json!({"success": false, "error": "not stored"});
+        (StatusCode::INTERNAL_SERVER_ERROR, Json(error))
+    }
+}
+
+fn open(file: &str, keys: usize) -> anyhow::Result<rusqlite::Connection> {
+    let connection = rusqlite::Connection::open(file)?;
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    let columns: String = (0..keys).map(|i| format!(", k{i} TEXT NOT NULL")).collect();
+    connection.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS appends (id INTEGER PRIMARY KEY, body TEXT NOT NULL{columns})"
+    ))?;
+    for i in 0..keys {
+        connection.execute_batch(&format!(
+            "CREATE INDEX IF NOT EXISTS appends_k{i} ON appends (k{i})"
+        ))?;
+    }
+    Ok(connection)
+}
+
+/// Commit what waits, batch after batch, until every sender is gone.
+fn write_batches(
+    connection: &rusqlite::Connection,
+    keys: usize,
+    waiting: &mpsc::Receiver<Append>,
+) -> anyhow::Result<()> {
+    let columns: String = (0..keys).map(|i| format!(", k{i}")).collect();
+    let values: String = (0..keys).map(|i| format!(", ?{}", i + 2)).collect();
+    let insert = format!("INSERT INTO appends (body{columns}) VALUES (?1{values})");
+    while let Ok(first) = waiting.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match waiting.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        connection.execute_batch("BEGIN IMMEDIATE")?;
+        {
+            let mut statement = connection.prepare_cached(&insert)?;
+            for append in &batch {
+                let mut params: Vec<&dyn rusqlite::ToSql> = vec![&append.body];
+                params.extend(append.keys.iter().map(|k| k as &dyn rusqlite::ToSql));
+                statement.execute(params.as_slice())?;
+            }
+        }
+        connection.execute_batch("COMMIT")?;
+        for append in batch {
+            let _ = append.written.send(true);
+        }
+    }
+    Ok(())
+}
