@@ -6,7 +6,8 @@
 # beside a send-otp load (bench/consent-beside-load.py: how long a pool write waits for SQLite's
 # write lock while the writer thread is busy); and the floor under a durable send-otp on this
 # machine (examples/durable_floor.rs: a JSON body appended as one row through group commit and
-# nothing else, with 0, 1, 3 and 7 index entries under random keys per request).
+# nothing else, with 0, 1, 3 and 7 index entries under random keys per request, and with rows of
+# about a code's size).
 #   bench/write-path.sh [seconds] [connections]     (needs wrk; builds the release binary)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -117,23 +118,37 @@ psql "$admin" -qAtc "CREATE DATABASE $pg" >/dev/null
 serve "${admin%/*}/$pg" 8781
 measure "send-otp, PostgreSQL" http://127.0.0.1:8781 ../shared/bench/send-otp.lua
 for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+pids=()
 sleep 1
 psql "$admin" -qAtc "DROP DATABASE IF EXISTS $pg WITH (FORCE)" >/dev/null
 
-# The floor: what the same load gets from the least a durable write can do here, and what each
-# index entry under a random key (a page of its own in every commit) takes from it.
-for keys in 0 1 3 7; do
-  "$floor" "$work/floor-$keys.db" 8782 "$keys" >"$work/floor-$keys.log" 2>&1 &
+# The floor: what the same load gets from the least a durable write through SQLite can do here,
+# what each index entry under a random key takes from it, and what rows of about a code's size
+# take (a code's rows and entries come to about 2.2 KB in the file; 1,500 bytes of row take about
+# 2 KB of it, two rows to a 4 KiB page).
+floor_runs=("0 random keys:0 0" "1 random keys:1 0" "3 random keys:3 0" "7 random keys:7 0"
+  "0 random keys, 2 KB rows:0 1500")
+for run in "${floor_runs[@]}"; do
+  name="durable floor, ${run%%:*}"
+  read -r keys row_bytes <<<"${run#*:}"
+  "$floor" "$work/floor.db" 8782 "$keys" "$row_bytes" >"$work/floor.log" 2>&1 &
   floor_pid=$!
-  pids+=("$floor_pid")
+  pids=("$floor_pid")
   for _ in $(seq 100); do
-    curl -s -o /dev/null -X POST -H 'Content-Type: application/json' -d '{}' \
+    curl -fs -o /dev/null --max-time 2 -X POST -H 'Content-Type: application/json' -d '{}' \
       http://127.0.0.1:8782/api/messaging/send-otp && break
+    kill -0 "$floor_pid" 2>/dev/null || break
     sleep 0.1
   done
-  measure "durable floor, $keys random keys" http://127.0.0.1:8782 ../shared/bench/send-otp.lua
+  if ! curl -fs -o /dev/null --max-time 2 -X POST -H 'Content-Type: application/json' -d '{}' \
+      http://127.0.0.1:8782/api/messaging/send-otp; then
+    echo "the durable floor did not start:"; cat "$work/floor.log"; exit 1
+  fi
+  measure "$name" http://127.0.0.1:8782 ../shared/bench/send-otp.lua
   kill "$floor_pid" 2>/dev/null || true
   wait "$floor_pid" 2>/dev/null || true
+  pids=()
+  rm -f "$work/floor.db"*
 done
 
 echo "-- ratios (same run)"
@@ -142,8 +157,9 @@ echo "refused send-otp / healthz:           $(ratio "send-otp refused (429), SQL
 echo "refused, one number / healthz:        $(ratio "refused, one number, many callers" "healthz (this service)")"
 echo "send-otp SQLite / healthz:            $(ratio "send-otp, SQLite" "healthz (this service)")  (aim 0.33)"
 echo "status callbacks / healthz:           $(ratio "status callbacks, SQLite" "healthz (this service)")  (goal >= 0.25)"
-for keys in 0 1 3 7; do
-  echo "durable floor, $keys random keys / guide: $(ratio "durable floor, $keys random keys" "send-otp, guide's stack (SQLite)")"
+for run in "${floor_runs[@]}"; do
+  name="durable floor, ${run%%:*}"
+  printf '%-38s%s\n' "$name / guide:" "$(ratio "$name" "send-otp, guide's stack (SQLite)")"
 done
 echo "send-otp PostgreSQL:                  $(cat "$work/send-otp, PostgreSQL") req/s  (goal >= 5000)"
 echo "-- memory (SQLite run): idle $((idle / 1024)) MiB resident, peak under load $((peak / 1024)) MiB  (goals < 30, < 100)"

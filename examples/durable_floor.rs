@@ -7,12 +7,15 @@
 //! every batch committed while the one before ran, so the writer goes on to the next batch while
 //! the disk flushes. Nothing else: no validation, no limits, no encryption, no message row.
 //!
-//! `durable_floor <database-file> <port> <random-keys>`: the row also carries `random-keys`
-//! columns, each indexed and given a fresh random 64-hex-digit key (the width of a blind index)
-//! per request. A key that no recent request shares lands on its own page of its index, so every
-//! one adds a page that no other row of the batch shares to what the commit writes to the log and
-//! what the checkpoint copies back; `send-otp` writes entries under several such keys (see the
-//! README's "Benchmarks"). Run with 0, 1, 3 and 7 keys this prints what each costs.
+//! `durable_floor <database-file> <port> <random-keys> [row-bytes]`: the row also carries
+//! `random-keys` columns, each indexed and given a fresh random 64-hex-digit key (the width of a
+//! blind index) per request, and, with `row-bytes`, random hex filling the row to about that
+//! size (a code's rows are sealed, so random). Once an index has many more leaf pages than a
+//! batch has rows, a key that no recent request shares lands on a page of its own, so each adds
+//! a page that no other row of the batch shares to what the commit writes to the log and what
+//! the checkpoint copies back; `send-otp` writes entries under several such keys (see the
+//! README's "Benchmarks"). `bench/write-path.sh` runs it with 0, 1, 3 and 7 keys, and with rows
+//! of a code's size, under the same load as the service.
 
 use std::sync::mpsc;
 
@@ -33,10 +36,13 @@ const MAX_BATCH: usize = 256;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, file, port, keys] = args.as_slice() else {
-        anyhow::bail!("usage: durable_floor <database-file> <port> <random-keys>");
+    let (file, port, keys, row_bytes) = match args.as_slice() {
+        [_, file, port, keys] => (file, port, keys, "0"),
+        [_, file, port, keys, row_bytes] => (file, port, keys, row_bytes.as_str()),
+        _ => anyhow::bail!("usage: durable_floor <database-file> <port> <random-keys> [row-bytes]"),
     };
     let keys: usize = keys.parse().context("random-keys: a number")?;
+    let row_bytes: usize = row_bytes.parse().context("row-bytes: a number")?;
     let connection = open(file, keys)?;
     let log = std::fs::File::open(format!("{file}-wal")).context("opening the log")?;
     let (appends, waiting) = mpsc::channel::<Append>();
@@ -55,7 +61,11 @@ fn main() -> anyhow::Result<()> {
     });
     let app = Router::new()
         .route("/api/messaging/send-otp", post(send_otp))
-        .with_state((appends, keys));
+        .with_state(Floor {
+            appends,
+            keys,
+            row_bytes,
+        });
     tokio::runtime::Runtime::new()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await?;
         axum::serve(listener, app).await?;
@@ -63,19 +73,31 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+/// What every request needs: the way to the writer, and what to write.
+#[derive(Clone)]
+struct Floor {
+    appends: mpsc::Sender<Append>,
+    keys: usize,
+    row_bytes: usize,
+}
+
 async fn send_otp(
-    State((appends, keys)): State<(mpsc::Sender<Append>, usize)>,
+    State(floor): State<Floor>,
     Json(body): Json<serde_json::Value>,
 ) -> (StatusCode, Json<serde_json::Value>) {
+    let mut body = body.to_string();
     let keys = {
         let mut rng = rand::thread_rng();
-        (0..keys)
+        while body.len() < floor.row_bytes {
+            body.push_str(&format!("{:032x}", rng.gen::<u128>()));
+        }
+        (0..floor.keys)
             .map(|_| format!("{:032x}{:032x}", rng.gen::<u128>(), rng.gen::<u128>()))
             .collect()
     };
     let (written, on_disk) = oneshot::channel();
-    let body = body.to_string();
-    let queued = appends
+    let queued = floor
+        .appends
         .send(Append {
             body,
             keys,

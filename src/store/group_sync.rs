@@ -8,22 +8,23 @@
 //! syncs the log before a checkpoint copies frames into the database, and the database after, so
 //! frames leave the log only once they are durable elsewhere.
 //!
-//! Why the directory too, once: a new database's log is created by the first connection and
-//! lives as long as the service (the writer thread's connection never closes), but a file's
-//! name is in its directory, which an fsync of the file does not cover. SQLite syncs the
-//! directory on the log's first sync of its own, which with `synchronous=NORMAL` is the first
-//! checkpoint; a power cut before it could lose the log, name and all, with every commit in it.
+//! (The log's name in its directory is SQLite's: it opens the log with its directory-sync flag
+//! and, even with `synchronous=NORMAL`, syncs a new or restarted log's header, and with it the
+//! directory, before the first commit's frames are written.)
+//!
+//! Which log: the one SQLite writes, at the database's real path. A `DATABASE_URL` that names a
+//! symbolic link has its log beside the file the link points to (SQLite resolves links), so the
+//! path is resolved here too. Once the service runs the log always exists (the writer thread's
+//! connection never closes); a log that cannot be opened means the files are not where they
+//! were, and no write waiting for it is acknowledged.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::AppResult;
 
 pub struct GroupSync {
-    database: PathBuf,
     wal: PathBuf,
-    /// The directory's entries (the database's and its log's) are on disk.
-    directory_synced: AtomicBool,
     /// Waiters so far: each takes the next number once its commit has returned.
     requested: AtomicU64,
     /// Every waiter numbered up to this is covered by a completed fsync.
@@ -35,14 +36,14 @@ pub struct GroupSync {
 }
 
 impl GroupSync {
-    /// For the database file at `database`: its log is `database-wal`.
+    /// For the database file at `database` (which exists: its connections are open): its log is
+    /// `database-wal`, beside the file any symbolic link leads to.
     pub fn new(database: PathBuf) -> GroupSync {
-        let mut wal = database.clone().into_os_string();
+        let database = std::fs::canonicalize(&database).unwrap_or(database);
+        let mut wal = database.into_os_string();
         wal.push("-wal");
         GroupSync {
-            database,
             wal: PathBuf::from(wal),
-            directory_synced: AtomicBool::new(false),
             requested: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             leader: tokio::sync::Mutex::new(()),
@@ -60,15 +61,15 @@ impl GroupSync {
         }
         // Everyone numbered so far committed before this fsync starts.
         let target = self.requested.load(Ordering::SeqCst);
-        let (database, wal) = (self.database.clone(), self.wal.clone());
-        let with_directory = !self.directory_synced.load(Ordering::SeqCst);
-        let synced = tokio::task::spawn_blocking(move || sync_log(&database, &wal, with_directory))
+        let wal = self.wal.clone();
+        let synced = tokio::task::spawn_blocking(move || sync_log(&wal))
             .await
             .map_err(|e| anyhow::anyhow!("the fsync task failed: {e}"))?;
         match synced {
             Ok(()) => {}
-            // Nothing was flushed, so nothing is known lost: this write is not acknowledged
-            // (its caller gets an error), and the next waiter tries again.
+            // Nothing was flushed, so nothing is known lost, and nothing is known durable: this
+            // write is not acknowledged (its caller gets an error, though what it committed
+            // stays), and the next waiter tries again.
             Err(SyncFailure::Open(e)) => {
                 return Err(anyhow::anyhow!("opening the SQLite log to fsync it: {e}").into())
             }
@@ -79,7 +80,6 @@ impl GroupSync {
                 std::process::abort();
             }
         }
-        self.directory_synced.store(true, Ordering::SeqCst);
         self.syncs.fetch_add(1, Ordering::Relaxed);
         self.synced.fetch_max(target, Ordering::SeqCst);
         Ok(())
@@ -94,46 +94,15 @@ impl GroupSync {
 /// Why a group fsync did not happen.
 #[derive(Debug)]
 enum SyncFailure {
-    /// The file to flush could not be opened (the log and the database both gone): nothing
-    /// was flushed.
+    /// The log could not be opened: nothing was flushed.
     Open(std::io::Error),
     /// The flush itself failed.
     Flush(std::io::Error),
 }
 
-/// fsync the log of `database` (`wal`), and first its directory when `with_directory`.
-fn sync_log(
-    database: &std::path::Path,
-    wal: &std::path::Path,
-    with_directory: bool,
-) -> Result<(), SyncFailure> {
-    if with_directory {
-        sync_directory(database)?;
-    }
-    let file = match std::fs::File::open(wal) {
-        Ok(file) => file,
-        // No log: the last connection closed and checkpointed it into the database, which is
-        // then where the commits are.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::File::open(database).map_err(SyncFailure::Open)?
-        }
-        Err(e) => return Err(SyncFailure::Open(e)),
-    };
-    file.sync_data().map_err(SyncFailure::Flush)
-}
-
-/// fsync the directory that names `database` and its log. As SQLite does for its own directory
-/// syncs, a directory that cannot be opened is passed over (some systems refuse to open one);
-/// a flush that fails is a failure.
-fn sync_directory(database: &std::path::Path) -> Result<(), SyncFailure> {
-    let directory = match database.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => std::path::Path::new("."),
-    };
-    match std::fs::File::open(directory) {
-        Ok(directory) => directory.sync_all().map_err(SyncFailure::Flush),
-        Err(_) => Ok(()),
-    }
+fn sync_log(wal: &std::path::Path) -> Result<(), SyncFailure> {
+    let log = std::fs::File::open(wal).map_err(SyncFailure::Open)?;
+    log.sync_data().map_err(SyncFailure::Flush)
 }
 
 #[cfg(test)]
@@ -169,43 +138,31 @@ mod tests {
         assert_eq!(sync.syncs(), syncs + 1);
     }
 
-    #[test]
-    fn without_a_log_the_database_is_synced_and_without_either_it_fails() {
-        let dir = tempfile::tempdir().unwrap();
-        let (db, wal) = (dir.path().join("t.db"), dir.path().join("t.db-wal"));
-        let neither = sync_log(&db, &wal, true).unwrap_err();
-        assert!(
-            matches!(&neither, SyncFailure::Open(e) if e.kind() == std::io::ErrorKind::NotFound),
-            "{neither:?}"
-        );
-        std::fs::write(&db, b"pages").unwrap();
-        sync_log(&db, &wal, true).unwrap();
-        std::fs::write(&wal, b"frames").unwrap();
-        sync_log(&db, &wal, false).unwrap();
-        // A directory that is gone, with its files: nothing to flush, an error for the waiter.
-        let gone = dir.path().join("gone");
-        let failed = sync_log(&gone.join("t.db"), &gone.join("t.db-wal"), true).unwrap_err();
-        assert!(matches!(failed, SyncFailure::Open(_)), "{failed:?}");
-    }
-
     #[tokio::test]
-    async fn the_directory_is_synced_with_the_first_fsync_only() {
+    async fn a_missing_log_fails_the_wait_without_counting_a_sync() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("t.db-wal"), b"frames").unwrap();
+        std::fs::write(dir.path().join("t.db"), b"pages").unwrap();
         let sync = GroupSync::new(dir.path().join("t.db"));
-        assert!(!sync.directory_synced.load(Ordering::SeqCst));
-        sync.wait().await.unwrap();
-        assert!(sync.directory_synced.load(Ordering::SeqCst));
-    }
-
-    #[tokio::test]
-    async fn a_log_and_database_gone_fail_the_wait_without_counting_a_sync() {
-        let dir = tempfile::tempdir().unwrap();
-        let sync = GroupSync::new(dir.path().join("t.db"));
+        // No log where SQLite would write it: not acknowledged, and the process goes on.
         assert!(sync.wait().await.is_err());
         assert_eq!(sync.syncs(), 0);
-        // Once there is something to flush, the next waiter's sync goes through.
-        std::fs::write(dir.path().join("t.db"), b"pages").unwrap();
+        // Once the log is there, the next waiter's fsync goes through.
+        std::fs::write(dir.path().join("t.db-wal"), b"frames").unwrap();
+        sync.wait().await.unwrap();
+        assert_eq!(sync.syncs(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_database_named_through_a_link_has_its_log_beside_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("real.db"), b"pages").unwrap();
+        std::fs::write(data.join("real.db-wal"), b"frames").unwrap();
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(data.join("real.db"), &link).unwrap();
+        let sync = GroupSync::new(link);
+        assert_eq!(sync.wal, data.join("real.db-wal").canonicalize().unwrap());
         sync.wait().await.unwrap();
         assert_eq!(sync.syncs(), 1);
     }
