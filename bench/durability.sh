@@ -4,7 +4,9 @@
 # after an fsync of the SQLite log (the -wal file) that followed the log's last write. An answer
 # that left before its data reached the disk would be lost by a power cut at that moment. The writes
 # (bench/durability-load.py, per patient): a consent change, a queued message, an appointment, a
-# code and a STOP. After each run the database file is checked for every one of them.
+# code and a STOP. After each run the database file is checked for every one of them. A third run
+# names the database through a symbolic link (SQLite keeps the log beside the file the link leads
+# to, and that log is the one that must be fsynced).
 #   bench/durability.sh [users]      (builds the release binary into CARGO_TARGET_DIR;
 #                                     PRISM_BIN=path checks that binary instead, built by you)
 set -euo pipefail
@@ -23,10 +25,11 @@ key="prism-durability-key-0123456789abcdef"
 jwt_secret="prism-durability-jwt-secret-0123456789"
 twilio_token="prism-durability-twilio-token-0123456789"
 
-# The API alone (no dispatcher or scheduler writing in the background), traced.
+# The API alone (no dispatcher or scheduler writing in the background), traced; DATABASE_URL $2
+# if given (the default: prism-messaging.db in $work).
 serve() {
   rm -f "$work"/prism-messaging.db*
-  (cd "$work" && BIND_ADDR="127.0.0.1:$port" MESSAGING_API_KEY="$key" RUST_LOG=warn \
+  (cd "$work" && DATABASE_URL="${2:-sqlite://$work/prism-messaging.db}" BIND_ADDR="127.0.0.1:$port" MESSAGING_API_KEY="$key" RUST_LOG=warn \
     AUTH_JWT_SECRET="$jwt_secret" TWILIO_AUTH_TOKEN="$twilio_token" \
     PUBLIC_URL="http://127.0.0.1:$port" INSTANCE_ROLE=api OTP_RESEND_COOLDOWN_SECONDS=0 \
     TRUST_FORWARDED_FOR=true QUIET_HOURS=off \
@@ -48,7 +51,7 @@ stop() { pkill -KILL -P "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || t
 # What the file holds once the server was killed: every acknowledged write of the run, by kind.
 # (That they were made; the trace below shows they were on disk before their answers.)
 check_file() {
-  python3 - "$work/prism-messaging.db" "$users" "$1" <<'EOF'
+  python3 - "${2:-$work/prism-messaging.db}" "$users" "$1" <<'EOF'
 import sqlite3, sys
 path, users, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 db = sqlite3.connect(path)
@@ -78,8 +81,15 @@ check_file sequential || status=1
 # tell which request wrote what.
 serve concurrent; python3 bench/durability-load.py "$port" "$users" 16; stop
 check_file concurrent || status=1
+# One at a time again, the database named through a link to a file in another directory.
+mkdir -p "$work/data"
+rm -f "$work/data/real.db"*
+: >"$work/data/real.db"
+ln -sf "$work/data/real.db" "$work/linked.db"
+serve linked "sqlite://$work/linked.db"; python3 bench/durability-load.py "$port" "$users" 1; stop
+check_file linked "$work/data/real.db" || status=1
 
-for mode in sequential concurrent; do
+for mode in sequential concurrent linked; do
   python3 - "$work/trace-$mode" "$mode" <<'EOF' || status=1
 import re, sys
 path, mode = sys.argv[1], sys.argv[2]
@@ -102,10 +112,11 @@ for line in open(path):
                 unsafe += 1
 line = (f"{mode}: {answers} answers, {wal_writes} writes to the log, {syncs} fsyncs of the log, "
         f"{answers / max(syncs, 1):.1f} answers per fsync")
-if mode == "sequential":
+one_at_a_time = mode in ("sequential", "linked")
+if one_at_a_time:
     line += f"; answers sent before their writes were fsynced: {unsafe}"
 print(line)
-sys.exit(1 if (mode == "sequential" and unsafe) or not syncs else 0)
+sys.exit(1 if (one_at_a_time and unsafe) or not syncs else 0)
 EOF
 done
 exit $status
