@@ -55,7 +55,7 @@ pub(crate) fn wait_for_the_lock(tries: i32) -> bool {
 }
 
 /// `wait_for_the_lock` as a pooled connection's busy handler (sqlx offers only a timeout).
-async fn wait_for_the_lock_briefly(conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
+async fn set_lock_wait(conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
     /// SQLite's side of the handler: its first argument is the null pointer given below.
     extern "C" fn handler(_: *mut std::ffi::c_void, tries: std::ffi::c_int) -> std::ffi::c_int {
         std::ffi::c_int::from(wait_for_the_lock(tries))
@@ -93,11 +93,12 @@ impl SqliteStore {
             // Deleted rows are overwritten, not just unlinked: an erased patient's number must
             // not linger in free pages.
             .pragma("secure_delete", "ON")
+            // While a new connection sets itself up; `set_lock_wait` then replaces it.
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
-            .after_connect(|conn, _| Box::pin(wait_for_the_lock_briefly(conn)))
+            .after_connect(|conn, _| Box::pin(set_lock_wait(conn)))
             // A connection to a local file does not go stale; sqlx's default check before each
             // acquire is a round trip to the connection's thread (perf: the largest cost of a
             // refused send-otp after the fsync).

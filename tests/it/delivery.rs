@@ -221,6 +221,16 @@ async fn a_carrier_opt_out_that_beat_its_send_is_recorded_even_when_its_write_fa
     let phone = "+14155553101";
     opt_out_that_beat_its_send(&app, "p1", phone, "SM0000000000000000000000000021610", true).await;
     assert!(sms_consent(&app, "p1").await, "the opt-out write failed");
+    // A round while the write still fails: counted, still owed, and the prune still runs.
+    app.db.fail_inserts_into("opt_outs").await;
+    let failing = job.run(&app.state.services).await.unwrap();
+    app.db.heal_inserts_into("opt_outs").await;
+    assert_eq!(
+        failing["opt_outs"],
+        json!({"recorded": 0, "superseded": 0, "failed": 1})
+    );
+    assert_eq!(failing["pruned"], 0);
+    assert!(sms_consent(&app, "p1").await, "not recorded yet");
     let far_ahead = chrono::Utc::now() + chrono::Duration::days(30);
     let pruned = app
         .state
