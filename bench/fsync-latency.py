@@ -1,6 +1,9 @@
-"""How long this machine's disk takes to make one small append durable: the least any durable
-answer waits. Appends 4 KiB at a time to a new file in DIRECTORY, each followed by fdatasync (as a
-write-ahead log's commit is), and prints the median and 99th percentile in milliseconds.
+"""How long this machine's disk takes to make one small write durable: the least any durable
+answer waits. Writes 4 KiB at a time through a file in DIRECTORY, each followed by fdatasync (as a
+write-ahead log's commit is), and prints the median and 99th percentile in milliseconds. The file
+is written out and synced first, so each timed write overwrites blocks the file already has, as
+SQLite's log does once a checkpoint has restarted it (a write that grows a file also has to
+commit the file system's journal, which is slower and not the steady state).
 
     python3 bench/fsync-latency.py DIRECTORY [count]
 """
@@ -18,6 +21,8 @@ def main() -> None:
     block = os.urandom(4096)
     times = []
     with tempfile.NamedTemporaryFile(dir=directory) as log:
+        os.pwrite(log.fileno(), block * count, 0)
+        os.fsync(log.fileno())
         for i in range(count):
             started = time.perf_counter()
             os.pwrite(log.fileno(), block, i * len(block))

@@ -7,7 +7,7 @@
 # write lock while the writer thread is busy); and the floor under a durable send-otp on this
 # machine (examples/durable_floor.rs: a JSON body appended as one row through group commit and
 # nothing else, with 0, 1, 3 and 7 index entries under random keys per request, and with rows of
-# about a code's size); and how long one small append takes to be made durable on this disk, beside
+# about a code's size); and how long one small write takes to be made durable on this disk, beside
 # the time per request that 10x the guide's stack leaves at this many connections.
 #   bench/write-path.sh [seconds] [connections]     (needs wrk; builds the release binary)
 set -euo pipefail
@@ -152,7 +152,7 @@ for run in "${floor_runs[@]}"; do
   rm -f "$work/floor.db"*
 done
 
-# The disk's own share: one small append made durable, measured with nothing else running. Each of
+# The disk's own share: one small write made durable (bench/fsync-latency.py), measured with nothing else running. Each of
 # the connections has one request in flight, so N connections at R requests/s leave N / R seconds
 # per request (Little's law), the fsync it waits for included.
 sync; sleep 1
@@ -168,7 +168,7 @@ for run in "${floor_runs[@]}"; do
   name="durable floor, ${run%%:*}"
   printf '%-40s%s\n' "$name / guide:" "$(ratio "$name" "send-otp, guide's stack (SQLite)")"
 done
-echo "one 4 KiB append + fdatasync here:    median $fsync_p50 ms, p99 $fsync_p99 ms (idle machine)"
+echo "one 4 KiB write + fdatasync here:     median $fsync_p50 ms, p99 $fsync_p99 ms (idle machine)"
 echo "10x the guide's stack at $connections connections leaves $(python3 -c "print(f'{$connections * 1000 / (10 * float(\"$(cat "$work/send-otp, guide's stack (SQLite)")\")):.3f}')") ms per request, its fsync included"
 echo "send-otp PostgreSQL:                  $(cat "$work/send-otp, PostgreSQL") req/s  (goal >= 5000)"
 echo "-- memory (SQLite run): idle $((idle / 1024)) MiB resident, peak under load $((peak / 1024)) MiB  (goals < 30, < 100)"
