@@ -25,18 +25,29 @@ pub struct PostgresStore {
     unreadable_claims: std::sync::atomic::AtomicU64,
 }
 
-/// Every answer here says its writes are stored, so a commit must be on disk when it returns.
-/// A server, database or role set to `synchronous_commit = off` (common advice for throughput)
-/// acknowledges commits it can still lose in a crash: this service's sessions turn it back on.
-/// Every other value (`local`, `on`, `remote_write`, `remote_apply`) flushes locally before the
-/// commit returns and is kept as the operator chose it. One round trip per new connection.
-async fn durable_commits(connection: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+/// The settings every session of this service runs with, set once per new connection (one round
+/// trip):
+///
+/// - `synchronous_commit` back on where the server, database or role turned it off. Every answer
+///   here says its writes are stored, so a commit must be on disk when it returns; `off` (common
+///   advice for throughput) acknowledges commits a crash can still lose. Every other value
+///   (`local`, `on`, `remote_write`, `remote_apply`) flushes locally before the commit returns and
+///   is kept as the operator chose it.
+/// - `jit` off. PostgreSQL compiles a statement whose estimated cost passes `jit_above_cost`, at
+///   every execution. This service's statements are short (index probes and a few rows written),
+///   but estimates are not: on a table the planner has no statistics for (a new database, or
+///   autovacuum off or behind), it takes each probe of `otp_send_log` to match hundreds of rows.
+///   With 200,000 codes logged and no statistics, `otp_issue_batch`'s statement cost passed
+///   100,000 and each call took about 420 ms compiling it instead of 3 ms: `send-otp` on
+///   PostgreSQL fell from about 1,650 codes/s to 18 (`bench/write-path.sh`, the grown log).
+async fn session_settings(connection: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
     static WARNED: std::sync::Once = std::sync::Once::new();
-    let turned_on: Option<String> = sqlx::query_scalar(
-        "SELECT set_config('synchronous_commit', 'on', false) \
-         WHERE current_setting('synchronous_commit') = 'off'",
+    let (_, turned_on): (String, Option<String>) = sqlx::query_as(
+        "SELECT set_config('jit', 'off', false), \
+         CASE WHEN current_setting('synchronous_commit') = 'off' \
+         THEN set_config('synchronous_commit', 'on', false) END",
     )
-    .fetch_optional(connection)
+    .fetch_one(connection)
     .await?;
     if turned_on.is_some() {
         WARNED.call_once(|| {
@@ -83,7 +94,7 @@ impl PostgresStore {
             // per query. Only a connection that sat idle (where a server restart or a dropped
             // link would show) is checked; one in steady use answers for itself.
             .test_before_acquire(false)
-            .after_connect(|connection, _meta| Box::pin(durable_commits(connection)))
+            .after_connect(|connection, _meta| Box::pin(session_settings(connection)))
             .before_acquire(|connection, meta| {
                 Box::pin(async move {
                     if meta.idle_for >= IDLE_BEFORE_CHECK {
@@ -121,9 +132,11 @@ impl PostgresStore {
         Ok(store)
     }
 
-    /// The `synchronous_commit` this store's sessions commit with (`durable_commits`).
-    pub async fn synchronous_commit(&self) -> AppResult<String> {
-        Ok(sqlx::query_scalar("SHOW synchronous_commit")
+    /// A setting as this store's sessions run with it (`session_settings`), such as
+    /// `synchronous_commit` or `jit`.
+    pub async fn session_setting(&self, name: &str) -> AppResult<String> {
+        Ok(sqlx::query_scalar("SELECT current_setting($1)")
+            .bind(name)
             .fetch_one(&self.pool)
             .await?)
     }

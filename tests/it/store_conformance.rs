@@ -1608,8 +1608,47 @@ async fn postgres_commits_are_durable_whatever_the_server_default() {
         let store = PostgresStore::connect(&db.url, &crate::common::test_keys())
             .await
             .unwrap();
-        assert_eq!(store.synchronous_commit().await.unwrap(), sessions);
+        assert_eq!(
+            store.session_setting("synchronous_commit").await.unwrap(),
+            sessions
+        );
     }
+}
+
+/// The store's PostgreSQL sessions never JIT-compile a statement, whatever the server's default:
+/// on a table without statistics the planner's estimates put `otp_issue_batch`'s statement over
+/// `jit_above_cost`, and compiling it at every call took about 420 ms (`session_settings`). Other
+/// clients of the database keep its default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sessions_never_compile_their_statements() {
+    use prism_messaging::store::postgres::PostgresStore;
+    use sqlx::Connection;
+    if crate::common::postgres_admin_url().is_none() {
+        eprintln!("TEST_DATABASE_URL is not set: skipping the PostgreSQL run");
+        return;
+    }
+    let db = TestDatabase::new(Backend::Postgres).await;
+    db.execute(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET jit = on', current_database()); \
+         END $$",
+    )
+    .await
+    .unwrap();
+    let mut other = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let theirs: String = sqlx::query_scalar("SHOW jit")
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    assert_eq!(theirs, "on");
+    let store = PostgresStore::connect(&db.url, &crate::common::test_keys())
+        .await
+        .unwrap();
+    assert_eq!(store.session_setting("jit").await.unwrap(), "off");
+    // The durability setting beside it is unchanged.
+    assert_eq!(
+        store.session_setting("synchronous_commit").await.unwrap(),
+        "on"
+    );
 }
 
 /// SQL inserting `count` messages for user `backlog` (ids `{name}-00001` on) with status `status`,
