@@ -1580,34 +1580,43 @@ async fn an_idle_postgres_connection_the_server_closed_is_replaced() {
         .expect("the closed connection was found and replaced");
 }
 
+/// A store on `db` after the database's default for `setting` was set to `value`, which any other
+/// client of the database is checked to get.
+async fn store_under_database_default(
+    db: &TestDatabase,
+    setting: &str,
+    value: &str,
+) -> prism_messaging::store::postgres::PostgresStore {
+    use sqlx::Connection;
+    db.execute(&format!(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET {setting} = {value}', \
+         current_database()); END $$"
+    ))
+    .await
+    .unwrap();
+    let mut other = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let theirs: String = sqlx::query_scalar("SELECT current_setting($1)")
+        .bind(setting)
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    assert_eq!(theirs, value, "what other clients get for {setting}");
+    prism_messaging::store::postgres::PostgresStore::connect(&db.url, &crate::common::test_keys())
+        .await
+        .unwrap()
+}
+
 /// A PostgreSQL database set to `synchronous_commit = off` (acknowledged commits could be lost
 /// in a crash) still gets durable commits from the store; a stronger setting is left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_commits_are_durable_whatever_the_server_default() {
-    use prism_messaging::store::postgres::PostgresStore;
-    use sqlx::Connection;
     if crate::common::postgres_admin_url().is_none() {
         eprintln!("TEST_DATABASE_URL is not set: skipping the PostgreSQL run");
         return;
     }
     let db = TestDatabase::new(Backend::Postgres).await;
     for (database_default, sessions) in [("off", "on"), ("remote_apply", "remote_apply")] {
-        db.execute(&format!(
-            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET synchronous_commit = \
-             {database_default}', current_database()); END $$"
-        ))
-        .await
-        .unwrap();
-        // What any other client of this database now gets.
-        let mut other = sqlx::PgConnection::connect(&db.url).await.unwrap();
-        let theirs: String = sqlx::query_scalar("SHOW synchronous_commit")
-            .fetch_one(&mut other)
-            .await
-            .unwrap();
-        assert_eq!(theirs, database_default);
-        let store = PostgresStore::connect(&db.url, &crate::common::test_keys())
-            .await
-            .unwrap();
+        let store = store_under_database_default(&db, "synchronous_commit", database_default).await;
         assert_eq!(
             store.session_setting("synchronous_commit").await.unwrap(),
             sessions
@@ -1621,28 +1630,12 @@ async fn postgres_commits_are_durable_whatever_the_server_default() {
 /// clients of the database keep its default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_sessions_never_compile_their_statements() {
-    use prism_messaging::store::postgres::PostgresStore;
-    use sqlx::Connection;
     if crate::common::postgres_admin_url().is_none() {
         eprintln!("TEST_DATABASE_URL is not set: skipping the PostgreSQL run");
         return;
     }
     let db = TestDatabase::new(Backend::Postgres).await;
-    db.execute(
-        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET jit = on', current_database()); \
-         END $$",
-    )
-    .await
-    .unwrap();
-    let mut other = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    let theirs: String = sqlx::query_scalar("SHOW jit")
-        .fetch_one(&mut other)
-        .await
-        .unwrap();
-    assert_eq!(theirs, "on");
-    let store = PostgresStore::connect(&db.url, &crate::common::test_keys())
-        .await
-        .unwrap();
+    let store = store_under_database_default(&db, "jit", "on").await;
     assert_eq!(store.session_setting("jit").await.unwrap(), "off");
     // The durability setting beside it is unchanged.
     assert_eq!(
