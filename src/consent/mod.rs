@@ -269,12 +269,31 @@ impl ConsentService {
             .await
     }
 
-    /// The patient texted START: lift the opt-out and give that channel's consent back.
+    /// The patient texted START: lift the number's opt-out and give back that channel's consent
+    /// to each user with the number whose consent a STOP (or the carrier's opt-out) took away.
+    /// A user who said no themselves (in the app, on the settings page, through the host app)
+    /// keeps their no: on a family phone one person's START must not sign up another, and a
+    /// `YES` texted back is no consent to what the user refused. The users with the number.
     pub async fn keyword_start(&self, number: &str, channel: Channel) -> AppResult<Vec<String>> {
         let now = self.clock.now();
         self.opt_outs.clear_opt_out(number, channel).await?;
-        self.set_channel_consent_for_number(number, channel, true, ConsentSource::SmsKeyword, now)
-            .await
+        let users = self.consent.users_with_phone(number).await?;
+        let patch = ConsentPatch::channel(channel, true);
+        let ctx = ChangeContext {
+            source: ConsentSource::SmsKeyword,
+            ip: None,
+            user_agent: Some("twilio".into()),
+            at: now,
+        };
+        for user in &users {
+            let audit = self.consent.consent_audit(user).await?;
+            if revoked_by_an_opt_out(&audit, channel) {
+                self.consent
+                    .update_consent(user, &|current| patch.apply(current), &ctx)
+                    .await?;
+            }
+        }
+        Ok(users)
     }
 
     /// The carrier reports the patient opted out (Twilio 21610): record the number's opt-out and
@@ -321,4 +340,20 @@ impl ConsentService {
     pub async fn users_with_phone(&self, number: &str) -> AppResult<Vec<String>> {
         self.consent.users_with_phone(number).await
     }
+}
+
+/// Whether the last word on `channel`'s consent in a user's audit trail is a revocation by an
+/// opt-out (a STOP, or the carrier's), with no change of number since: what a START gives back.
+fn revoked_by_an_opt_out(audit: &[ConsentAuditRecord], channel: Channel) -> bool {
+    let field = channel.consent_field();
+    audit
+        .iter()
+        .rev()
+        .find(|a| a.field == field || a.field == "phone_number")
+        .is_some_and(|last| {
+            last.field == field
+                && last.new_value.as_deref() == Some("false")
+                && (last.source == ConsentSource::SmsKeyword.as_str()
+                    || last.source == ConsentSource::Provider.as_str())
+        })
 }

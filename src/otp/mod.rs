@@ -82,6 +82,9 @@ fn default_purpose() -> String {
 pub struct VerifyOtpRequest {
     pub user_id: String,
     pub otp_code: String,
+    /// `verification` when left out, as for `send-otp` (and the guide's server).
+    #[serde(default = "default_purpose")]
+    #[schema(default = "verification")]
     pub purpose: String,
     /// When given, the code must have been sent to this number.
     pub phone_number: Option<String>,

@@ -184,6 +184,16 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn parked_opt_outs_owed(&self, limit: i64) -> AppResult<Vec<(String, DateTime<Utc>)>>;
     /// The carrier opt-out parked for this SID is on record: forget it.
     async fn forget_parked_opt_outs(&self, provider_sid: &str) -> AppResult<()>;
+    /// Keep in `message_id`'s history a provider report that did not move its status but took
+    /// effect (a carrier opt-out reported after a final status), so that a replay of it is found
+    /// already seen. A repeat is a no-op.
+    async fn record_report(
+        &self,
+        message_id: &str,
+        status: MessageStatus,
+        error_code: Option<i64>,
+        at: DateTime<Utc>,
+    ) -> AppResult<()>;
     /// Apply a delivery status to the message with this provider SID: record the event (a repeat
     /// is a no-op) and move the status only from one of `status.allowed_from()`, so it never goes
     /// back.

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 both_backends!(
     send_and_verify_once,
+    a_purpose_left_out_is_verification_on_both_calls,
     no_clear_code_in_the_database,
     codes_expire,
     a_new_send_replaces_the_old_code,
@@ -104,6 +105,50 @@ fn wrong(code: &str) -> String {
             }
         })
         .collect()
+}
+
+/// `purpose` defaults to `verification` on `send-otp` and on `verify-otp` (the contract, and
+/// the guide's server): a code asked for without one is verified without one, and a code for
+/// another purpose is not.
+async fn a_purpose_left_out_is_verification_on_both_calls(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let call = |path: &'static str, body: Value| {
+        let request = app.client.post(app.url(path)).json(&body);
+        async move {
+            let r = request.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, _) = call(
+        "/api/messaging/send-otp",
+        json!({"user_id": "u1", "phone_number": PHONE}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let code = latest_code(&app, PHONE).await;
+    let login = send_ok(&app, "u2", "+919876543219", "login").await;
+    let (status, body) = call(
+        "/api/messaging/verify-otp",
+        json!({"user_id": "u2", "otp_code": login}),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("invalid_otp"))
+    );
+    let (status, body) = call(
+        "/api/messaging/verify-otp",
+        json!({"user_id": "u1", "otp_code": code}),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (
+            200,
+            json!({"success": true, "valid": true, "phone_number": PHONE})
+        )
+    );
+    assert_eq!(verify(&app, "u2", "login", &login).await.0, 200);
 }
 
 async fn send_and_verify_once(backend: Backend) {

@@ -12,6 +12,8 @@ both_backends!(
     failed_is_final,
     unknown_message_sid_is_acknowledged,
     carrier_opt_out_revokes_consent,
+    a_carrier_opt_out_after_a_final_status_is_seen_on_its_replay,
+    start_gives_back_only_what_an_opt_out_took,
     a_carrier_opt_out_that_failed_to_record_is_recorded_on_the_retry,
     duplicate_incoming_is_stored_once,
     keywords_in_every_family_and_case,
@@ -274,6 +276,117 @@ async fn duplicate_incoming_is_stored_once(backend: Backend) {
         audits.iter().filter(|a| a.source == "sms_keyword").count(),
         1
     );
+}
+
+/// A 21610 report for a message whose status cannot move (`undelivered` after `delivered`)
+/// revokes consent; replayed after the patient's START, it must not revoke it again.
+async fn a_carrier_opt_out_after_a_final_status_is_seen_on_its_replay(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    let (id, sid) = sent_message(&app, "p1").await;
+    assert_eq!(status(&app, &sid, "delivered", None).await, 200);
+    assert_eq!(status(&app, &sid, "undelivered", Some("21610")).await, 200);
+    let sms = |app: &TestApp| {
+        let store = app.state.store.clone();
+        async move { store.get_consent("p1").await.unwrap().unwrap().sms_consent }
+    };
+    assert!(!sms(&app).await, "the report revokes");
+    let message = app.message(&id).await;
+    assert_eq!(
+        message["status"], "delivered",
+        "the status does not move back"
+    );
+    assert_eq!(
+        statuses(&message).last().unwrap(),
+        "undelivered",
+        "{message}"
+    );
+    app.incoming("SMstart-replay", PATIENT, "START").await;
+    assert!(sms(&app).await);
+    // Twilio's retry, or anyone replaying the signed request: seen, nothing changes.
+    assert_eq!(status(&app, &sid, "undelivered", Some("21610")).await, 200);
+    assert!(sms(&app).await, "a replay revoked consent given back since");
+    let revocations = app
+        .state
+        .store
+        .consent_audit("p1")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.source == "provider")
+        .count();
+    assert_eq!(revocations, 1);
+}
+
+/// START gives back only the consent an opt-out took. On a family phone: one user said no in
+/// the app, one consented; after STOP and START the first still has no consent, and so does a
+/// user whose STOP was followed by their own no in the app. A notification for either is not
+/// sent.
+async fn start_gives_back_only_what_an_opt_out_took(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    let preferences = |sms: bool| {
+        json!({"phone_number": PATIENT, "sms_consent": sms, "whatsapp_consent": false,
+               "marketing_consent": false})
+    };
+    for (user, sms) in [("parent", false), ("child", true), ("changed-mind", true)] {
+        let r = app.put_preferences(user, preferences(sms)).await;
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    // A YES with no STOP before it signs nobody up.
+    app.incoming("SMyes-first", PATIENT, "YES").await;
+    let sms = |user: &'static str| {
+        let store = app.state.store.clone();
+        async move { store.get_consent(user).await.unwrap().unwrap().sms_consent }
+    };
+    assert!(
+        !sms("parent").await,
+        "YES gave consent the user refused in the app"
+    );
+    app.incoming("SMstop-family", PATIENT, "STOP").await;
+    for user in ["parent", "child", "changed-mind"] {
+        assert!(!sms(user).await, "{user}");
+    }
+    // After the STOP, this one turns SMS on and off again in the app: their own no is the last.
+    for on in [true, false] {
+        let r = app.put_preferences("changed-mind", preferences(on)).await;
+        assert_eq!(r.status(), 200);
+    }
+    let reply = app
+        .incoming("SMstart-family", PATIENT, "START")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(reply.contains("subscribed to messages again"), "{reply}");
+    assert!(sms("child").await, "START gives back what STOP took");
+    assert!(
+        !sms("parent").await,
+        "START signed up a user who said no in the app"
+    );
+    assert!(
+        !sms("changed-mind").await,
+        "START overrode the user's own later no"
+    );
+    assert!(!app
+        .state
+        .store
+        .is_opted_out(PATIENT, prism_messaging::store::Channel::Sms)
+        .await
+        .unwrap());
+    let keyword_changes = app
+        .state
+        .store
+        .consent_audit("parent")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.source == "sms_keyword")
+        .count();
+    assert_eq!(keyword_changes, 0, "the parent's consent was never touched");
+    let parent = app.notify_ok(reminder("parent")).await;
+    let child = app.notify_ok(reminder("child")).await;
+    app.dispatch().await;
+    assert_eq!(app.message(&parent).await["status"], "skipped");
+    assert_eq!(app.message(&child).await["status"], "sent");
 }
 
 async fn keywords_in_every_family_and_case(backend: Backend) {

@@ -384,6 +384,19 @@ impl MessageStore for ThisStore {
         Ok(())
     }
 
+    async fn record_report(
+        &self,
+        message_id: &str,
+        status: MessageStatus,
+        error_code: Option<i64>,
+        at: DateTime<Utc>,
+    ) -> AppResult<()> {
+        let mut tx = self.pool.begin().await?;
+        insert_event(&mut tx, message_id, status, error_code, Some("status callback"), at).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn prune_unmatched_statuses(&self, before: DateTime<Utc>) -> AppResult<u64> {
         Ok(sqlx::query(PRUNE_UNMATCHED)
             .bind(before)
