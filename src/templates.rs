@@ -537,8 +537,14 @@ fn check_link(raw: &str, app_url: &str) -> Option<String> {
             return None;
         }
     };
+    // No `.` or `..` segment: the patient's browser resolves them, so `/../x` would climb out
+    // of a path-prefixed `APP_URL` (`https://host/clinic`) to another app on the same host.
+    let route = path.split(['?', '#']).next().unwrap_or_default();
     let safe = path.len() <= 200
         && !path.starts_with("//")
+        && route
+            .split('/')
+            .all(|segment| segment != "." && segment != "..")
         && path
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"/-_.~?=&#".contains(&b));
@@ -801,6 +807,9 @@ mod tests {
             json!({"amount": "10.00", "link": "https://evil.example.org/pay"}),
             json!({"amount": "10.00", "link": "https://app.example.com.evil.io/pay"}),
             json!({"amount": "10.00", "link": "/pay?note=torn ligament"}),
+            json!({"amount": "10.00", "link": "/../../admin"}),
+            json!({"amount": "10.00", "link": "/pay/./.."}),
+            json!({"amount": "10.00", "link": "https://app.example.com/../other-app"}),
             json!({"amount": 10, "link": 5}),
             json!(["10.00", "/pay"]),
         ];
@@ -826,6 +835,10 @@ mod tests {
             Some("INR 499.50")
         );
         assert!(check_value(VarType::Amount, "inr 499", &c, None).is_none());
+        assert!(
+            check_value(VarType::Link, "/docs/v1.2/a..b?x=1", &c, None).is_some(),
+            "dots inside a segment are fine"
+        );
         assert_eq!(
             check_value(VarType::Link, "https://app.example.com/x?a=1", &c, None).as_deref(),
             Some("https://app.example.com/x?a=1")
