@@ -392,7 +392,15 @@ impl MessageStore for ThisStore {
         at: DateTime<Utc>,
     ) -> AppResult<()> {
         let mut tx = self.pool.begin().await?;
-        insert_event(&mut tx, message_id, status, error_code, Some("status callback"), at).await?;
+        insert_event(
+            &mut tx,
+            message_id,
+            status,
+            error_code,
+            Some("status callback"),
+            at,
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
