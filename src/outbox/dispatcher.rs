@@ -26,6 +26,8 @@ use super::policy::{self, PolicySettings, QuietHoursRule, WhatsappRoute};
 use super::DispatchWakeup;
 
 mod pacing;
+
+use pacing::SlotWait;
 mod recovery;
 
 use crate::channel::Channel;
@@ -39,8 +41,9 @@ use crate::provider::twilio::{RECIPIENT_UNSUBSCRIBED, TOO_MANY_REQUESTS};
 use crate::provider::{Accepted, DynProvider, OutboundMessage, ProviderError, ProviderHealth};
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
-    AcceptedSend, ConsentStore, DispatchResult, InboundStore, MarkSending, MessageRecord,
-    MessageStore, ScheduleStore, SendAttempt, SendGuard, SendSlot, Stale, SubjectType,
+    AcceptedSend, ConsentStore, DeferReason, DispatchResult, InboundStore, MarkSending,
+    MessageRecord, MessageStore, ScheduleStore, SendAttempt, SendGuard, SendSlot, Stale,
+    SubjectType,
 };
 use crate::templates::{self, Category, RenderAt, RenderContext, Template, ValidVariables};
 use recovery::outcome_unknown;
@@ -75,7 +78,7 @@ pub struct RoundReport {
     pub skipped: usize,
     pub failed: usize,
     pub retried: usize,
-    /// Held back until quiet hours end.
+    /// Held back unsent: quiet hours, or the sender's next free slot comes after the claim.
     pub deferred: usize,
     /// Found already at the provider (an earlier attempt's outcome was unknown) and adopted.
     pub adopted: usize,
@@ -471,8 +474,16 @@ impl Dispatcher {
             Prepared::Ready(outbound) => outbound,
             Prepared::NotSent(result) => return self.finish(&claim, "", result, None).await,
         };
-        if !self.wait_for_send_slot(&outbound).await? {
-            return self.release(&claim).await;
+        match self.wait_for_send_slot(&outbound, claim.fence).await? {
+            SlotWait::Go => {}
+            SlotWait::Shutdown => return self.release(&claim).await,
+            SlotWait::NotBefore(until) => {
+                let held = DispatchResult::Deferred {
+                    until,
+                    reason: DeferReason::SendSlot,
+                };
+                return self.finish(&claim, "", held, None).await;
+            }
         }
         let to = outbound.to.masked();
         match self.send(&mut claim, outbound, None).await? {
@@ -614,7 +625,10 @@ impl Dispatcher {
         match policy::quiet_hours_rule(template, &self.policy, now, zone, appointment_at) {
             QuietHoursRule::SendNow => {}
             QuietHoursRule::HoldUntil(until) => {
-                return Ok(Prepared::NotSent(DispatchResult::Deferred { until }))
+                return Ok(Prepared::NotSent(DispatchResult::Deferred {
+                    until,
+                    reason: DeferReason::QuietHours,
+                }))
             }
             QuietHoursRule::Skip(reason) => return skip(reason),
         }
@@ -1108,8 +1122,8 @@ fn log_result(message: &MessageRecord, to: &str, result: &DispatchResult) {
                 "message skipped"
             )
         }
-        DispatchResult::Deferred { until } => {
-            tracing::info!(message_id = id, template, reason = "quiet_hours", %until, "message held back")
+        DispatchResult::Deferred { until, reason } => {
+            tracing::info!(message_id = id, template, reason = reason.as_str(), %until, "message held back")
         }
         DispatchResult::Failed { code, message } => {
             tracing::warn!(

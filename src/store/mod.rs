@@ -130,13 +130,17 @@ pub trait MessageStore: Send + Sync + 'static {
         fence: DateTime<Utc>,
     ) -> AppResult<()>;
     /// Reserve the next send slot for `sender`, at least `interval_us` after the previous one and
-    /// not before `now_us` (microseconds since the epoch). Returns the slot's time.
+    /// not before `now_us` (microseconds since the epoch), if it starts by `latest_us`; else take
+    /// none and answer when the next one is free. A dispatcher asks for no slot later than its
+    /// claim lasts: one it could not use before its lease ran out would be spent on nothing, and
+    /// each claim after would reserve further ahead (the queue stalled for good).
     async fn reserve_send_slot(
         &self,
         sender: &str,
         now_us: i64,
         interval_us: i64,
-    ) -> AppResult<i64>;
+        latest_us: i64,
+    ) -> AppResult<SendSlotAnswer>;
     /// Mark a claimed message `sending` (one more attempt) just before the provider call, if
     /// `guard` still holds (the number has not opted out of the channel; consent as asked).
     /// `fence` is the lease the claim set; the lease is renewed to `new_lease` for the call.
@@ -583,7 +587,31 @@ pub(crate) const RESERVE_SEND_SLOT: &str =
     "INSERT INTO send_rate (sender, next_slot_us) VALUES ($1, $2 + $3) \
      ON CONFLICT (sender) DO UPDATE SET next_slot_us = \
      (CASE WHEN send_rate.next_slot_us > $2 THEN send_rate.next_slot_us ELSE $2 END) + $3 \
+     WHERE send_rate.next_slot_us <= $4 \
      RETURNING next_slot_us - $3";
+
+/// When sender `$1`'s next send slot is free (after a `RESERVE_SEND_SLOT` that took none).
+pub(crate) const NEXT_SEND_SLOT: &str = "SELECT next_slot_us FROM send_rate WHERE sender = $1";
+
+/// What `MessageStore::reserve_send_slot` answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendSlotAnswer {
+    /// The slot taken: its time (microseconds since the epoch).
+    Reserved(i64),
+    /// None taken: the sender's next slot starts after the latest time asked for, at this time.
+    NextFreeAt(i64),
+}
+
+impl SendSlotAnswer {
+    /// `RESERVE_SEND_SLOT`'s row, or else `NEXT_SEND_SLOT`'s.
+    pub(crate) fn from_rows(reserved: Option<i64>, next_free_at: Option<i64>) -> AppResult<Self> {
+        match (reserved, next_free_at) {
+            (Some(slot), _) => Ok(SendSlotAnswer::Reserved(slot)),
+            (None, Some(at)) => Ok(SendSlotAnswer::NextFreeAt(at)),
+            (None, None) => Err(anyhow::anyhow!("reserving a send slot returned no row").into()),
+        }
+    }
+}
 
 /// Record a send the provider accepted, if the claim is still ours: `$1` id, `$2` fence, `$3`
 /// status, `$4` SID, `$5` now.

@@ -254,8 +254,29 @@ pub enum DispatchResult {
         until: DateTime<Utc>,
         message: String,
     },
-    /// Not tried: held back until `until` (quiet hours). No attempt is counted.
-    Deferred { until: DateTime<Utc> },
+    /// Not tried: held back until `until`. No attempt is counted.
+    Deferred {
+        until: DateTime<Utc>,
+        reason: DeferReason,
+    },
+}
+
+/// Why a message was held back unsent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeferReason {
+    /// The patient's quiet hours.
+    QuietHours,
+    /// The sender's next free send slot comes after the claim's lease ends.
+    SendSlot,
+}
+
+impl DeferReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeferReason::QuietHours => "quiet_hours",
+            DeferReason::SendSlot => "send_slot",
+        }
+    }
 }
 
 /// Details fixed when a send is attempted: where to, and what it costs.

@@ -22,6 +22,7 @@ both_backends!(
     a_carrier_opt_out_that_beat_its_send_is_recorded_even_when_its_write_fails,
     instance_roles_split_the_work,
     an_otp_does_not_wait_behind_paced_messages,
+    a_send_slot_past_the_lease_is_not_taken,
 );
 
 fn http(status: u16, code: i64) -> Fault {
@@ -766,6 +767,72 @@ async fn instance_roles_split_the_work(backend: Backend) {
     assert_eq!(r.status(), 404, "no API on a dispatcher instance");
     shutdown.cancel();
     running.await.unwrap().unwrap();
+}
+
+/// A send slot that comes after the claim's lease runs out is not taken: the message goes back
+/// to the queue until the sender's next free slot, no attempt spent, and no slot is spent on
+/// nothing. Before, the dispatcher took the slot, slept past its lease, lost the claim, and the
+/// next claim reserved further ahead: at 2 a second with a 5-second lease the queue stalled
+/// for good (an operator's review found it).
+async fn a_send_slot_past_the_lease_is_not_taken(backend: Backend) {
+    let clock = ManualClock::new(Utc::now());
+    let app = TestApp::spawn_live(
+        backend,
+        TestConfig::new()
+            .with_clock(&clock)
+            .set("DISPATCH_RATE_PER_SECOND", "2")
+            .set("DISPATCH_LEASE_SECONDS", "5")
+            .set("TWILIO_TIMEOUT_MS", "2000"),
+    )
+    .await;
+    let fake = app.fake.as_ref().unwrap().clone();
+    app.consent("p1", "+14155552671").await;
+    let first = app.notify_ok(reminder("p1")).await;
+    let second = app.notify_ok(reminder("p1")).await;
+    // A burst of codes has taken the sender's slots for the next minute (codes take theirs
+    // without waiting).
+    let sender = format!("sms:{SMS_SENDER}");
+    let now_us = Utc::now().timestamp_micros();
+    let minute_us = 60_000_000;
+    app.state
+        .store
+        .reserve_send_slot(&sender, now_us, minute_us, i64::MAX)
+        .await
+        .unwrap();
+    // Claimed again each time they are due (the clock moves on, the real slots do not): each
+    // time held back, nothing taken.
+    for _ in 0..3 {
+        let report = app.dispatch().await;
+        assert_eq!((report.sent, report.deferred), (0, 2), "{report:?}");
+        clock.advance(chrono::Duration::seconds(61));
+    }
+    let next_free = app
+        .state
+        .store
+        .reserve_send_slot(&sender, now_us, 1, now_us)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_free,
+        prism_messaging::store::SendSlotAnswer::NextFreeAt(now_us + minute_us),
+        "a slot was spent on nothing"
+    );
+    for id in [&first, &second] {
+        let m = app.message(id).await;
+        assert_eq!(
+            (&m["status"], &m["attempts"]),
+            (&json!("queued"), &json!(0)),
+            "{m}"
+        );
+    }
+    assert_eq!(fake.created_count(), 0);
+    // The burst's slots are behind us: both go, paced.
+    app.db
+        .execute("UPDATE send_rate SET next_slot_us = 0")
+        .await
+        .unwrap();
+    assert_eq!(app.dispatch().await.sent, 2);
+    assert_eq!(fake.created_count(), 2);
 }
 
 async fn an_otp_does_not_wait_behind_paced_messages(backend: Backend) {

@@ -16,7 +16,7 @@ const NO_GUARD: SendGuard = SendGuard {
 use prism_messaging::store::{
     self, ChangeContext, Channel, ConsentSource, DispatchResult, DynStore, NewMessage, SendAttempt,
 };
-use prism_messaging::store::{MarkSending, SendGuard};
+use prism_messaging::store::{MarkSending, SendGuard, SendSlotAnswer};
 
 both_backends!(
     a_send_log_from_migration_27_is_converted,
@@ -35,6 +35,7 @@ both_backends!(
     an_otp_accepted_in_process_is_recorded_in_its_issue,
     otps_issued_together_each_take_a_send_slot,
     marks_together_each_take_a_send_slot,
+    a_send_slot_after_the_latest_time_is_not_taken,
     opt_outs_are_read_for_many_numbers_at_once,
     consents_read_together_each_answer_their_own,
     otp_issues_together_each_get_their_own_outcome,
@@ -775,10 +776,10 @@ async fn otps_issued_together_each_take_a_send_slot(backend: Backend) {
     // The first sender has taken one slot already (its row exists); the second has none yet.
     assert_eq!(
         store
-            .reserve_send_slot("sender-a", SLOT_NOW_US, SLOT_INTERVAL_US)
+            .reserve_send_slot("sender-a", SLOT_NOW_US, SLOT_INTERVAL_US, i64::MAX)
             .await
             .unwrap(),
-        SLOT_NOW_US
+        SendSlotAnswer::Reserved(SLOT_NOW_US)
     );
     let mut tasks = tokio::task::JoinSet::new();
     // Sender a: twelve numbers once each, and one number eight times (five within the hourly
@@ -818,20 +819,55 @@ async fn otps_issued_together_each_take_a_send_slot(backend: Backend) {
     // The next slot of each sender comes after one slot per code issued for it.
     assert_eq!(
         store
-            .reserve_send_slot("sender-a", SLOT_NOW_US, SLOT_INTERVAL_US)
+            .reserve_send_slot("sender-a", SLOT_NOW_US, SLOT_INTERVAL_US, i64::MAX)
             .await
             .unwrap(),
-        SLOT_NOW_US + (1 + 17) * SLOT_INTERVAL_US,
+        SendSlotAnswer::Reserved(SLOT_NOW_US + (1 + 17) * SLOT_INTERVAL_US),
         "sender a: one slot taken before, seventeen codes"
     );
     assert_eq!(
         store
-            .reserve_send_slot("sender-b", SLOT_NOW_US, SLOT_INTERVAL_US)
+            .reserve_send_slot("sender-b", SLOT_NOW_US, SLOT_INTERVAL_US, i64::MAX)
             .await
             .unwrap(),
-        SLOT_NOW_US + 5 * SLOT_INTERVAL_US,
+        SendSlotAnswer::Reserved(SLOT_NOW_US + 5 * SLOT_INTERVAL_US),
         "sender b: five codes"
     );
+}
+
+/// A slot is taken only if it starts by the latest time asked for; otherwise none is taken (the
+/// sender's next slot does not move) and the answer says when the next one is free.
+async fn a_send_slot_after_the_latest_time_is_not_taken(backend: Backend) {
+    let (store, _db) = open(backend).await;
+    let reserve = |now: i64, latest: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .reserve_send_slot("sender-d", now, SLOT_INTERVAL_US, latest)
+                .await
+                .unwrap()
+        }
+    };
+    // A sender with no slot yet: now.
+    assert_eq!(
+        reserve(SLOT_NOW_US, SLOT_NOW_US).await,
+        SendSlotAnswer::Reserved(SLOT_NOW_US)
+    );
+    let next = SLOT_NOW_US + SLOT_INTERVAL_US;
+    for _ in 0..3 {
+        assert_eq!(
+            reserve(SLOT_NOW_US, next - 1).await,
+            SendSlotAnswer::NextFreeAt(next),
+            "a slot too late is not taken, however often asked"
+        );
+    }
+    assert_eq!(
+        reserve(SLOT_NOW_US, next).await,
+        SendSlotAnswer::Reserved(next)
+    );
+    // Later than every slot taken: the slot is now, whatever the latest time.
+    let later = next + 10 * SLOT_INTERVAL_US;
+    assert_eq!(reserve(later, later).await, SendSlotAnswer::Reserved(later));
 }
 
 /// A queued OTP the dispatcher marks `sending` takes its sender's slot in the mark; marked
@@ -879,10 +915,10 @@ async fn marks_together_each_take_a_send_slot(backend: Backend) {
     assert_eq!(marked, 5);
     assert_eq!(
         store
-            .reserve_send_slot("sender-c", SLOT_NOW_US, SLOT_INTERVAL_US)
+            .reserve_send_slot("sender-c", SLOT_NOW_US, SLOT_INTERVAL_US, i64::MAX)
             .await
             .unwrap(),
-        SLOT_NOW_US + 5 * SLOT_INTERVAL_US
+        SendSlotAnswer::Reserved(SLOT_NOW_US + 5 * SLOT_INTERVAL_US)
     );
 }
 

@@ -3,14 +3,25 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use super::Dispatcher;
 use crate::channel::Channel;
 use crate::config::TwilioSettings;
 use crate::error::AppResult;
 use crate::provider::OutboundMessage;
-use crate::store::SendSlot;
+use crate::store::{SendSlot, SendSlotAnswer};
+
+/// What waiting for a send slot came to.
+pub(super) enum SlotWait {
+    /// The slot has come: send.
+    Go,
+    /// Shutdown began while waiting.
+    Shutdown,
+    /// The sender's next free slot comes after the claim ends: none was taken, and the message
+    /// waits in the queue until this time (the dispatcher's clock).
+    NotBefore(DateTime<Utc>),
+}
 
 /// The pacing key of each channel's sender: the unit Twilio rate-limits.
 pub(super) struct Senders {
@@ -50,30 +61,53 @@ impl Senders {
 }
 
 impl Dispatcher {
-    /// Wait for this sender's next send slot (deployment-wide pacing). `false` when shutdown
-    /// began while waiting.
-    pub(super) async fn wait_for_send_slot(&self, outbound: &OutboundMessage) -> AppResult<bool> {
+    /// Wait for this sender's next send slot (deployment-wide pacing), if it comes while the
+    /// claim is still ours: `fence`, the claim's lease by the dispatcher's clock, less a margin
+    /// for marking the send. A later slot is not taken (`SlotWait::NotBefore`): waiting for it
+    /// would outlast the lease, the slot would be spent on nothing, and every claim after would
+    /// reserve further ahead, so the queue stalled for good (a low rate, a short lease, several
+    /// instances, or a burst of codes taking slots ahead of the queue).
+    pub(super) async fn wait_for_send_slot(
+        &self,
+        outbound: &OutboundMessage,
+        fence: DateTime<Utc>,
+    ) -> AppResult<SlotWait> {
         let rate = self.settings.rate_per_second;
         if rate == 0 {
-            return Ok(true);
+            return Ok(SlotWait::Go);
         }
-        // Pacing is about real time, whatever the (test) clock says.
-        let slot = self
+        // Pacing is about real time, whatever the (test) clock says; the claim's time left is
+        // by the dispatcher's clock.
+        let now_us = Utc::now().timestamp_micros();
+        let margin = (self.settings.lease / 2).min(chrono::Duration::seconds(2));
+        let left_us = (fence - self.clock.now() - margin)
+            .num_microseconds()
+            .unwrap_or(0)
+            .max(0);
+        let answer = self
             .messages
             .reserve_send_slot(
                 self.senders.key(outbound.channel),
-                Utc::now().timestamp_micros(),
+                now_us,
                 slot_interval_us(rate),
+                now_us.saturating_add(left_us),
             )
             .await?;
+        let slot = match answer {
+            SendSlotAnswer::Reserved(slot) => slot,
+            SendSlotAnswer::NextFreeAt(free_at) => {
+                let wait = chrono::Duration::microseconds((free_at - now_us).max(0));
+                return Ok(SlotWait::NotBefore(self.clock.now() + wait));
+            }
+        };
         let wait = slot - Utc::now().timestamp_micros();
         if wait > 0 {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_micros(wait as u64)) => {}
-                _ = self.shutdown.cancelled() => return Ok(false),
+                _ = self.shutdown.cancelled() => return Ok(SlotWait::Shutdown),
             }
         }
-        Ok(true)
+        Ok(SlotWait::Go)
     }
 
     /// The send slot a message that goes at once (a one-time passcode) takes without waiting

@@ -175,16 +175,30 @@ impl MessageStore for ThisStore {
         sender: &str,
         now_us: i64,
         interval_us: i64,
-    ) -> AppResult<i64> {
+        latest_us: i64,
+    ) -> AppResult<SendSlotAnswer> {
         if let Some(writer) = self.writer() {
-            return writer.reserve_send_slot(sender, now_us, interval_us).await;
+            return writer
+                .reserve_send_slot(sender, now_us, interval_us, latest_us)
+                .await;
         }
-        Ok(sqlx::query_scalar(RESERVE_SEND_SLOT)
+        let reserved: Option<i64> = sqlx::query_scalar(RESERVE_SEND_SLOT)
             .bind(sender)
             .bind(now_us)
             .bind(interval_us)
-            .fetch_one(&self.pool)
-            .await?)
+            .bind(latest_us)
+            .fetch_optional(&self.pool)
+            .await?;
+        let next_free_at = match reserved {
+            Some(_) => None,
+            None => {
+                sqlx::query_scalar(NEXT_SEND_SLOT)
+                    .bind(sender)
+                    .fetch_optional(&self.pool)
+                    .await?
+            }
+        };
+        SendSlotAnswer::from_rows(reserved, next_free_at)
     }
 
     async fn mark_sending(
@@ -579,6 +593,8 @@ pub(super) async fn marked_sending(
             .bind(&slot.sender)
             .bind(slot.now_us)
             .bind(slot.interval_us)
+            // A code takes its slot whenever the next one is: it goes now.
+            .bind(i64::MAX)
             .execute(&mut **tx)
             .await?;
     }

@@ -16,8 +16,8 @@ use crate::error::AppResult;
 use crate::status::{MessageStatus, SkipReason};
 use crate::store::{
     AcceptedSend, DispatchResult, KnownStatus, LimitRefusal, MarkSending, MessageRecord, OtpChecks,
-    OtpIssue, OtpIssueOutcome, OtpLimits, SealedAttempt, SendAttempt, SendGuard, SendSlot, SqlArg,
-    Stale, StatusApplied, MESSAGE_COLUMNS,
+    OtpIssue, OtpIssueOutcome, OtpLimits, SealedAttempt, SendAttempt, SendGuard, SendSlot,
+    SendSlotAnswer, SqlArg, Stale, StatusApplied, MESSAGE_COLUMNS,
 };
 use crate::vault::Vault;
 
@@ -169,13 +169,15 @@ impl SqliteWriter {
         sender: &str,
         now_us: i64,
         interval_us: i64,
-    ) -> AppResult<i64> {
+        latest_us: i64,
+    ) -> AppResult<SendSlotAnswer> {
         let slot = SendSlot {
             sender: sender.to_string(),
             now_us,
             interval_us,
         };
-        self.write(move |conn| reserve_slot(conn, &slot)).await
+        self.write(move |conn| reserve_slot_by(conn, &slot, latest_us))
+            .await
     }
 }
 
@@ -393,12 +395,30 @@ fn marked_sending(conn: &Connection, id: &str, attempt: &SendAttempt, at: &str) 
 
 /// Take the sender's next send slot; its start.
 fn reserve_slot(conn: &Connection, slot: &SendSlot) -> AppResult<i64> {
-    scalar(
+    match reserve_slot_by(conn, slot, i64::MAX)? {
+        SendSlotAnswer::Reserved(at) => Ok(at),
+        SendSlotAnswer::NextFreeAt(_) => {
+            Err(anyhow::anyhow!("a send slot with no latest time was not reserved").into())
+        }
+    }
+}
+
+/// `MessageStore::reserve_send_slot` inside the writer.
+fn reserve_slot_by(
+    conn: &Connection,
+    slot: &SendSlot,
+    latest_us: i64,
+) -> AppResult<SendSlotAnswer> {
+    let reserved = scalar(
         conn,
         crate::store::RESERVE_SEND_SLOT,
-        &[&slot.sender, &slot.now_us, &slot.interval_us],
-    )?
-    .ok_or_else(|| anyhow::anyhow!("reserving a send slot returned no row").into())
+        &[&slot.sender, &slot.now_us, &slot.interval_us, &latest_us],
+    )?;
+    let next_free_at = match reserved {
+        Some(_) => None,
+        None => scalar(conn, crate::store::NEXT_SEND_SLOT, &[&slot.sender])?,
+    };
+    SendSlotAnswer::from_rows(reserved, next_free_at)
 }
 
 fn record_dispatch(
