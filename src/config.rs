@@ -354,7 +354,8 @@ fn parse_quiet_hours(raw: &str) -> Option<QuietHours> {
     let (start, end) = raw.split_once('-')?;
     let start = NaiveTime::parse_from_str(start.trim(), "%H:%M").ok()?;
     let end = NaiveTime::parse_from_str(end.trim(), "%H:%M").ok()?;
-    Some(QuietHours { start, end })
+    // An empty window would silently mean no quiet hours: that is `off`, said as such.
+    (start != end).then_some(QuietHours { start, end })
 }
 
 /// `CORS_ALLOWED_ORIGINS`: exact origins (`https://app.example.com`), no paths, no wildcards.
@@ -891,6 +892,7 @@ mod tests {
             (&[("DATABASE_URL", "mysql://x")], "DATABASE_URL"),
             (&[("OTP_LENGTH", "3")], "OTP_LENGTH"),
             (&[("QUIET_HOURS", "late")], "QUIET_HOURS"),
+            (&[("QUIET_HOURS", "21:00-21:00")], "QUIET_HOURS"),
             (
                 &[("TWILIO_CONTENT_SIDS", "nope=HX00")],
                 "TWILIO_CONTENT_SIDS",

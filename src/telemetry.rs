@@ -1,6 +1,8 @@
 //! Logging. Log lines never carry a full phone number, an OTP or a message body: numbers go
 //! through `phone::mask`, and bodies are only ever shown in mock mode's dev outbox.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{fmt, EnvFilter};
 
 use crate::config::LogFormat;
@@ -13,6 +15,8 @@ pub fn init(format: LogFormat) {
     let builder = fmt()
         .with_env_filter(filter)
         .with_target(false)
+        // Colours only on a terminal: a log redirected to a file stays plain text to grep.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),

@@ -87,6 +87,18 @@ const IDLE_BEFORE_CHECK: Duration = Duration::from_secs(5);
 
 impl PostgresStore {
     pub async fn connect(database_url: &str, keys: &KeySettings) -> AppResult<Self> {
+        // No key, no start, before anything is written (and before waiting on the server).
+        keys.current_key(database_url, false)?;
+        // One connection first, for its own error: the pool retries until its timeout and then
+        // says only that it timed out, hiding a refused port or a wrong password.
+        let first = tokio::time::timeout(
+            Duration::from_secs(10),
+            <sqlx::PgConnection as sqlx::Connection>::connect(database_url),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to PostgreSQL (DATABASE_URL): no answer in 10 s"))?
+        .map_err(|e| anyhow::Error::new(e).context("connecting to PostgreSQL (DATABASE_URL)"))?;
+        let _ = sqlx::Connection::close(first).await;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
@@ -106,8 +118,6 @@ impl PostgresStore {
             .connect(database_url)
             .await
             .map_err(|e| anyhow::Error::new(e).context("connecting to PostgreSQL"))?;
-        // No key, no start, before anything is written.
-        keys.current_key(database_url, false)?;
         for setting in settings_off(&pool, &DURABILITY_SETTINGS).await? {
             tracing::warn!(
                 setting,

@@ -93,6 +93,64 @@ async fn a_bad_setting_stops_the_start_naming_the_variable() {
     std::fs::remove_file(dir.path().join(".env")).unwrap();
 }
 
+/// A PostgreSQL server that cannot be reached is reported with its cause (here a refused
+/// port), not as the pool's timeout; a missing key is refused before the server is tried; and a
+/// log that is not a terminal carries no colour codes.
+#[tokio::test]
+async fn an_unreachable_postgres_is_reported_with_its_cause_in_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on: bound, then let go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres:secret-password@127.0.0.1:{port}/db");
+    let out = binary(dir.path())
+        .env("DATABASE_URL", &url)
+        .env("DATA_ENCRYPTION_KEY", DATA_KEY)
+        .arg("migrate")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("DATABASE_URL") && stderr.contains("refused"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("timed out"), "{stderr}");
+    assert!(!stderr.contains("secret-password"), "{stderr}");
+    let out = binary(dir.path())
+        .env("DATABASE_URL", &url)
+        .arg("migrate")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("DATA_ENCRYPTION_KEY"), "{stderr}");
+    assert!(
+        !stderr.contains("refused"),
+        "the key is checked first: {stderr}"
+    );
+    // A log line (the generated key file's warning), written to a pipe: no colour codes.
+    let out = binary(dir.path())
+        .env("DATABASE_URL", "sqlite://colour.db")
+        .arg("migrate")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.contains("key file"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a log file: {stderr:?}"
+    );
+}
+
 /// `job messaging-cleanup --as-of` in the future deletes only with `--dry-run` (a preview);
 /// `token` puts the user where `AUTH_USER_CLAIM` says the service reads it.
 #[tokio::test]
