@@ -244,12 +244,7 @@ impl ConsentService {
     ) -> AppResult<Vec<String>> {
         let users = self.consent.users_with_phone(number).await?;
         let patch = ConsentPatch::channel(channel, consent);
-        let ctx = ChangeContext {
-            source,
-            ip: None,
-            user_agent: Some("twilio".into()),
-            at,
-        };
+        let ctx = from_twilio(source, at);
         for user in &users {
             self.consent
                 .update_consent(user, &|current| patch.apply(current), &ctx)
@@ -279,12 +274,7 @@ impl ConsentService {
         self.opt_outs.clear_opt_out(number, channel).await?;
         let users = self.consent.users_with_phone(number).await?;
         let patch = ConsentPatch::channel(channel, true);
-        let ctx = ChangeContext {
-            source: ConsentSource::SmsKeyword,
-            ip: None,
-            user_agent: Some("twilio".into()),
-            at: now,
-        };
+        let ctx = from_twilio(ConsentSource::SmsKeyword, now);
         for user in &users {
             let audit = self.consent.consent_audit(user).await?;
             if revoked_by_an_opt_out(&audit, channel) {
@@ -356,4 +346,14 @@ fn revoked_by_an_opt_out(audit: &[ConsentAuditRecord], channel: Channel) -> bool
                 && (last.source == ConsentSource::SmsKeyword.as_str()
                     || last.source == ConsentSource::Provider.as_str())
         })
+}
+
+/// A change that came through Twilio (a keyword, the carrier), as the audit trail records it.
+fn from_twilio(source: ConsentSource, at: DateTime<Utc>) -> ChangeContext {
+    ChangeContext {
+        source,
+        ip: None,
+        user_agent: Some("twilio".into()),
+        at,
+    }
 }
