@@ -50,6 +50,24 @@ async fn status(app: &TestApp, sid: &str, status: &str, error_code: Option<&str>
         .as_u16()
 }
 
+async fn sms_consent(app: &TestApp, user: &str) -> bool {
+    app.state
+        .store
+        .get_consent(user)
+        .await
+        .unwrap()
+        .unwrap()
+        .sms_consent
+}
+
+async fn sms_opted_out(app: &TestApp) -> bool {
+    app.state
+        .store
+        .is_opted_out(PATIENT, prism_messaging::store::Channel::Sms)
+        .await
+        .unwrap()
+}
+
 fn statuses(message: &Value) -> Vec<String> {
     message["events"]
         .as_array()
@@ -285,11 +303,7 @@ async fn a_carrier_opt_out_after_a_final_status_is_seen_on_its_replay(backend: B
     let (id, sid) = sent_message(&app, "p1").await;
     assert_eq!(status(&app, &sid, "delivered", None).await, 200);
     assert_eq!(status(&app, &sid, "undelivered", Some("21610")).await, 200);
-    let sms = |app: &TestApp| {
-        let store = app.state.store.clone();
-        async move { store.get_consent("p1").await.unwrap().unwrap().sms_consent }
-    };
-    assert!(!sms(&app).await, "the report revokes");
+    assert!(!sms_consent(&app, "p1").await, "the report revokes");
     let message = app.message(&id).await;
     assert_eq!(
         message["status"], "delivered",
@@ -301,10 +315,13 @@ async fn a_carrier_opt_out_after_a_final_status_is_seen_on_its_replay(backend: B
         "{message}"
     );
     app.incoming("SMstart-replay", PATIENT, "START").await;
-    assert!(sms(&app).await);
+    assert!(sms_consent(&app, "p1").await);
     // Twilio's retry, or anyone replaying the signed request: seen, nothing changes.
     assert_eq!(status(&app, &sid, "undelivered", Some("21610")).await, 200);
-    assert!(sms(&app).await, "a replay revoked consent given back since");
+    assert!(
+        sms_consent(&app, "p1").await,
+        "a replay revoked consent given back since"
+    );
     let revocations = app
         .state
         .store
@@ -333,17 +350,13 @@ async fn start_gives_back_only_what_an_opt_out_took(backend: Backend) {
     }
     // A YES with no STOP before it signs nobody up.
     app.incoming("SMyes-first", PATIENT, "YES").await;
-    let sms = |user: &'static str| {
-        let store = app.state.store.clone();
-        async move { store.get_consent(user).await.unwrap().unwrap().sms_consent }
-    };
     assert!(
-        !sms("parent").await,
+        !sms_consent(&app, "parent").await,
         "YES gave consent the user refused in the app"
     );
     app.incoming("SMstop-family", PATIENT, "STOP").await;
     for user in ["parent", "child", "changed-mind"] {
-        assert!(!sms(user).await, "{user}");
+        assert!(!sms_consent(&app, user).await, "{user}");
     }
     // After the STOP, this one turns SMS on and off again in the app: their own no is the last.
     for on in [true, false] {
@@ -357,21 +370,19 @@ async fn start_gives_back_only_what_an_opt_out_took(backend: Backend) {
         .await
         .unwrap();
     assert!(reply.contains("subscribed to messages again"), "{reply}");
-    assert!(sms("child").await, "START gives back what STOP took");
     assert!(
-        !sms("parent").await,
+        sms_consent(&app, "child").await,
+        "START gives back what STOP took"
+    );
+    assert!(
+        !sms_consent(&app, "parent").await,
         "START signed up a user who said no in the app"
     );
     assert!(
-        !sms("changed-mind").await,
+        !sms_consent(&app, "changed-mind").await,
         "START overrode the user's own later no"
     );
-    assert!(!app
-        .state
-        .store
-        .is_opted_out(PATIENT, prism_messaging::store::Channel::Sms)
-        .await
-        .unwrap());
+    assert!(!sms_opted_out(&app).await);
     let keyword_changes = app
         .state
         .store
@@ -424,22 +435,8 @@ async fn keywords_in_every_family_and_case(backend: Backend) {
             reply.contains("Your appointments are not changed"),
             "{reply}"
         );
-        assert!(
-            !app.state
-                .store
-                .get_consent("p1")
-                .await
-                .unwrap()
-                .unwrap()
-                .sms_consent,
-            "{stop}"
-        );
-        assert!(app
-            .state
-            .store
-            .is_opted_out(PATIENT, prism_messaging::store::Channel::Sms)
-            .await
-            .unwrap());
+        assert!(!sms_consent(&app, "p1").await, "{stop}");
+        assert!(sms_opted_out(&app).await);
         let reply = app
             .incoming(&next_sid(), PATIENT, start)
             .await
@@ -450,22 +447,8 @@ async fn keywords_in_every_family_and_case(backend: Backend) {
             reply.contains("subscribed to messages again"),
             "{start}: {reply}"
         );
-        assert!(
-            app.state
-                .store
-                .get_consent("p1")
-                .await
-                .unwrap()
-                .unwrap()
-                .sms_consent,
-            "{start}"
-        );
-        assert!(!app
-            .state
-            .store
-            .is_opted_out(PATIENT, prism_messaging::store::Channel::Sms)
-            .await
-            .unwrap());
+        assert!(sms_consent(&app, "p1").await, "{start}");
+        assert!(!sms_opted_out(&app).await);
     }
     for help in ["HELP", "help", "Info"] {
         let reply = app
@@ -490,15 +473,7 @@ async fn keywords_in_every_family_and_case(backend: Backend) {
         reply,
         r#"<?xml version="1.0" encoding="UTF-8"?><Response/>"#
     );
-    assert!(
-        app.state
-            .store
-            .get_consent("p1")
-            .await
-            .unwrap()
-            .unwrap()
-            .sms_consent
-    );
+    assert!(sms_consent(&app, "p1").await);
     let audits = app.state.store.consent_audit("p1").await.unwrap();
     assert!(audits
         .iter()
@@ -551,13 +526,7 @@ async fn advanced_opt_out_gets_one_reply(backend: Backend) {
         r#"<?xml version="1.0" encoding="UTF-8"?><Response/>"#
     );
     assert!(
-        !app.state
-            .store
-            .get_consent("p1")
-            .await
-            .unwrap()
-            .unwrap()
-            .sms_consent,
+        !sms_consent(&app, "p1").await,
         "the change is still recorded"
     );
     let stored = app
@@ -685,15 +654,7 @@ async fn dev_inbound_in_mock_mode(backend: Backend) {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().contains("you are unsubscribed"));
-    assert!(
-        !app.state
-            .store
-            .get_consent("p1")
-            .await
-            .unwrap()
-            .unwrap()
-            .sms_consent
-    );
+    assert!(!sms_consent(&app, "p1").await);
     let r = app
         .client
         .post(app.url("/dev/inbound"))
