@@ -70,11 +70,11 @@ impl Delivery {
             .messages
             .apply_status(provider_sid, status, error_code, at)
             .await?;
-        if opted_out {
+        if opted_out && !applied.changed {
             // History keeps only what moved the status, so a report after a final status (an
             // `undelivered` after `delivered`) left no event, and each replay of it found it
             // unseen and revoked consent again, even consent the patient gave back since. It is
-            // kept now (a no-op when `apply_status` stored it).
+            // kept now (a no-op when `apply_status` stored it as a new code for the status).
             if let Some(message) = &applied.message {
                 self.messages
                     .record_report(&message.id, status, error_code, at)
