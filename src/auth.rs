@@ -19,7 +19,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::clock::DynClock;
-use crate::config::{Config, Secret};
+use crate::config::{Config, ConfigError, Secret};
 use crate::error::AppError;
 
 /// How long fetched keys are trusted before they are fetched again.
@@ -188,10 +188,10 @@ impl Authenticator {
             let mut file_keys = JwkSet { keys: vec![] };
             if let Some(path) = &config.auth.jwks_file {
                 let text = std::fs::read_to_string(path).map_err(|e| {
-                    anyhow::anyhow!("configuration error: AUTH_JWKS_FILE: cannot read {path}: {e}")
+                    ConfigError::new("AUTH_JWKS_FILE", format!("cannot read {path}: {e}"))
                 })?;
                 file_keys = serde_json::from_str(&text).map_err(|e| {
-                    anyhow::anyhow!("configuration error: AUTH_JWKS_FILE: not a JWK set: {e}")
+                    ConfigError::new("AUTH_JWKS_FILE", format!("not a JWK set: {e}"))
                 })?;
             }
             let client = reqwest::Client::builder().timeout(fetch_timeout).build()?;

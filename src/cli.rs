@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Services;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::http::AppState;
 use crate::outbox::NotificationRequest;
 use crate::reminders::import::{import_csv, ImportKind, ImportSummary};
@@ -157,6 +157,10 @@ pub fn run() -> ExitCode {
     };
     match runtime.block_on(execute(cli.command.unwrap_or(Command::Serve), config)) {
         Ok(code) => code,
+        Err(e) if ConfigError::is_cause_of(&e) => {
+            eprintln!("{e:#}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -257,11 +257,31 @@ pub struct ConfigError {
     pub problem: String,
 }
 
-fn err(variable: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        variable,
-        problem: problem.into(),
+impl ConfigError {
+    pub fn new(variable: &'static str, problem: impl Into<String>) -> Self {
+        ConfigError {
+            variable,
+            problem: problem.into(),
+        }
     }
+
+    /// Whether a start failed on a setting: a `ConfigError` anywhere in the error's causes,
+    /// including inside an `AppError::Internal` (whose display forwards to it). The command line
+    /// exits 2 for those, as it does for the settings `Config::from_env` refuses.
+    pub fn is_cause_of(error: &anyhow::Error) -> bool {
+        error.chain().any(|cause| {
+            cause.is::<ConfigError>()
+                || matches!(
+                    cause.downcast_ref::<crate::error::AppError>(),
+                    Some(crate::error::AppError::Internal(inner))
+                        if inner.chain().any(|c| c.is::<ConfigError>())
+                )
+        })
+    }
+}
+
+fn err(variable: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::new(variable, problem)
 }
 
 /// Reads variables through a lookup function, so tests can configure without touching the

@@ -18,6 +18,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+use crate::config::ConfigError;
 use crate::error::{AppError, AppResult};
 
 /// The prefix of every sealed value.
@@ -97,10 +98,13 @@ impl KeySettings {
                 // An in-memory database lives and dies with the process: so does its key.
                 return Ok(Key::generate());
             }
-            return Err(AppError::Internal(anyhow::anyhow!(
-                "DATA_ENCRYPTION_KEY is required with PostgreSQL (32 random bytes, base64: \
-                 `openssl rand -base64 32`)"
-            )));
+            return Err(AppError::Internal(
+                ConfigError::new(
+                    "DATA_ENCRYPTION_KEY",
+                    "required with PostgreSQL (32 random bytes, base64: `openssl rand -base64 32`)",
+                )
+                .into(),
+            ));
         };
         load_or_create_key_file(&path, may_create)
     }
@@ -132,11 +136,17 @@ fn load_or_create_key_file(path: &Path, may_create: bool) -> AppResult<Key> {
             AppError::Internal(anyhow::anyhow!("the key file {} {e}", path.display()))
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !may_create => {
-            Err(AppError::Internal(anyhow::anyhow!(
-                "DATA_ENCRYPTION_KEY is not set and there is no key file {}, but the database \
-                 holds sealed data: set the key it was sealed with",
-                path.display()
-            )))
+            Err(AppError::Internal(
+                ConfigError::new(
+                    "DATA_ENCRYPTION_KEY",
+                    format!(
+                        "not set and there is no key file {}, but the database holds sealed \
+                         data: set the key it was sealed with",
+                        path.display()
+                    ),
+                )
+                .into(),
+            ))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = Key::generate();

@@ -16,6 +16,7 @@ pub use writer::SqliteWriter;
 mod hot_writes;
 mod readers;
 mod writer;
+use crate::config::ConfigError;
 use crate::error::AppResult;
 use crate::vault::{KeySettings, Vault};
 
@@ -105,7 +106,16 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options)
             .await
-            .map_err(|e| anyhow::Error::new(e).context("opening the SQLite database"))?;
+            .map_err(|e| {
+                // Nearly always the setting: a directory that does not exist or cannot be
+                // written. Named as such, so the start is refused like any bad setting.
+                let file = crate::vault::sqlite_file(database_url)
+                    .map_or_else(|| "in memory".into(), |path| path.display().to_string());
+                anyhow::Error::new(ConfigError::new(
+                    "DATABASE_URL",
+                    format!("cannot open the SQLite database {file}: {e}"),
+                ))
+            })?;
         Self::ready(pool, database_url, keys).await
     }
 

@@ -63,6 +63,44 @@ async fn a_bad_setting_stops_the_start_naming_the_variable() {
         assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
         assert!(stderr.contains(variable), "{stderr}");
     }
+    // Settings that are only found wrong when used: a key file that cannot be read, a SQLite
+    // file in a directory that does not exist. Refused the same way, naming the variable.
+    let cases = [
+        (
+            vec![
+                ("AUTH_JWKS_FILE", "/nonexistent/jwks.json"),
+                ("AUTH_ISSUER", "https://issuer.example.com"),
+                ("AUTH_AUDIENCE", "clinic"),
+            ],
+            "AUTH_JWKS_FILE",
+            &["serve"][..],
+        ),
+        (
+            vec![(
+                "DATABASE_URL",
+                "sqlite:///nonexistent/directory/messages.db",
+            )],
+            "DATABASE_URL",
+            &["serve", "migrate"][..],
+        ),
+    ];
+    for (vars, variable, commands) in cases {
+        for command in commands {
+            let mut cmd = binary(dir.path());
+            cmd.arg(command);
+            for (k, v) in &vars {
+                cmd.env(k, v);
+            }
+            let out = cmd.output().await.unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command} {vars:?}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+            assert!(
+                stderr.starts_with("configuration error: ") && stderr.contains(variable),
+                "{stderr}"
+            );
+        }
+    }
     // Settings also come from .env in the working directory.
     std::fs::write(dir.path().join(".env"), "LOG_FORMAT=xml\n").unwrap();
     let out = binary(dir.path()).arg("migrate").output().await.unwrap();
@@ -114,7 +152,8 @@ async fn an_unreachable_postgres_is_reported_with_its_cause_in_plain_text() {
         .await
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    // A server that is down is a fault, not a setting: exit code 1, not 2.
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("DATABASE_URL") && stderr.contains("refused"),
         "{stderr}"
@@ -128,6 +167,7 @@ async fn an_unreachable_postgres_is_reported_with_its_cause_in_plain_text() {
         .await
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a missing setting: {stderr}");
     assert!(stderr.contains("DATA_ENCRYPTION_KEY"), "{stderr}");
     assert!(
         !stderr.contains("refused"),

@@ -410,6 +410,6 @@ async fn sqlite_keeps_its_key_in_a_file_and_postgres_needs_one() {
         let out = run(admin).await;
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("DATA_ENCRYPTION_KEY is required"), "{err}");
+        assert!(err.contains("DATA_ENCRYPTION_KEY: required"), "{err}");
     }
 }
