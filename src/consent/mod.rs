@@ -326,10 +326,35 @@ impl ConsentService {
         Ok(false)
     }
 
+    /// The channels on which the user's number is opted out (a STOP, or the carrier's report):
+    /// nothing goes to it there until the patient texts START, whatever their consent says, so
+    /// the app and the settings page say so. None without a number.
+    pub async fn opted_out_channels(&self, consent: &Consent) -> AppResult<OptedOut> {
+        let Some(number) = &consent.phone_number else {
+            return Ok(OptedOut::default());
+        };
+        let among = self
+            .opt_outs
+            .opted_out_among(std::slice::from_ref(number))
+            .await?;
+        let on = |channel| among.iter().any(|(n, c)| n == number && *c == channel);
+        Ok(OptedOut {
+            sms: on(Channel::Sms),
+            whatsapp: on(Channel::Whatsapp),
+        })
+    }
+
     /// Users whose stored number is this one.
     pub async fn users_with_phone(&self, number: &str) -> AppResult<Vec<String>> {
         self.consent.users_with_phone(number).await
     }
+}
+
+/// Where a user's number is opted out, channel by channel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OptedOut {
+    pub sms: bool,
+    pub whatsapp: bool,
 }
 
 /// Whether the last word on `channel`'s consent in a user's audit trail is a revocation by an

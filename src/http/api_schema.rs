@@ -154,6 +154,11 @@ pub struct Preferences {
     /// hours and times are in it. Null: DEFAULT_TIME_ZONE.
     #[schema(value_type = Option<TimeZone>, required = true)]
     time_zone: Option<String>,
+    /// The number replied STOP to SMS (or the carrier reported it opted out): nothing is sent
+    /// by SMS until the patient texts START, whatever `sms_consent` says. False without a number.
+    sms_opted_out: bool,
+    /// The same for WhatsApp.
+    whatsapp_opted_out: bool,
 }
 
 #[derive(ToSchema)]

@@ -25,8 +25,10 @@ pub fn router() -> Router<AppState> {
         .route("/api/messaging/history", get(history))
 }
 
-pub fn preferences_json(consent: &Consent) -> Value {
-    json!({
+/// The preferences as the app sees them, with where the number is opted out.
+async fn preferences_json(state: &AppState, consent: &Consent) -> AppResult<Value> {
+    let opted_out = state.consent.opted_out_channels(consent).await?;
+    Ok(json!({
         "phone_number": consent.phone_number,
         "sms_consent": consent.sms_consent,
         "whatsapp_consent": consent.whatsapp_consent,
@@ -34,7 +36,9 @@ pub fn preferences_json(consent: &Consent) -> Value {
         "updated_at": consent.updated_at,
         "phone_verified_at": consent.phone_verified_at,
         "time_zone": consent.time_zone,
-    })
+        "sms_opted_out": opted_out.sms,
+        "whatsapp_opted_out": opted_out.whatsapp,
+    }))
 }
 
 #[utoipa::path(
@@ -55,11 +59,10 @@ async fn get_preferences(
     State(state): State<AppState>,
     AuthUser(user_id): AuthUser,
 ) -> AppResult<Json<Value>> {
-    let consent = state.consent.get(&user_id).await?;
-    let preferences = consent
-        .as_ref()
-        .map(preferences_json)
-        .unwrap_or_else(|| json!({}));
+    let preferences = match state.consent.get(&user_id).await? {
+        Some(consent) => preferences_json(&state, &consent).await?,
+        None => json!({}),
+    };
     Ok(Json(json!({"success": true, "preferences": preferences})))
 }
 
@@ -107,7 +110,7 @@ async fn put_preferences(
         .update_preferences(&user_id, update, ctx)
         .await?;
     Ok(Json(
-        json!({"success": true, "preferences": preferences_json(&consent)}),
+        json!({"success": true, "preferences": preferences_json(&state, &consent).await?}),
     ))
 }
 

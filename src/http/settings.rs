@@ -389,6 +389,8 @@ async fn render_page(
                 time_zone => data.time_zone,
                 patient_time_zone => data.patient_time_zone,
                 return_url => data.return_url,
+                sms_opted_out => data.opted_out.sms,
+                whatsapp_opted_out => data.opted_out.whatsapp,
             })
         })
         .map_err(anyhow::Error::from)?;

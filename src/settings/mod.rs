@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::clock::DynClock;
-use crate::consent::{ConsentService, PreferencesUpdate};
+use crate::consent::{ConsentService, OptedOut, PreferencesUpdate};
 use crate::error::{AppError, AppResult};
 use crate::outbox::{validate_user_id, Outbox};
 use crate::store::{ChangeContext, Consent, ConsentSource, SessionStore, SettingsSession};
@@ -63,6 +63,8 @@ pub struct PageData {
     /// The patient's own zone, when their preferences carry one.
     pub patient_time_zone: Option<String>,
     pub return_url: Option<String>,
+    /// Where the number is opted out (STOP): the page says how to undo it.
+    pub opted_out: OptedOut,
 }
 
 #[derive(Clone)]
@@ -197,6 +199,10 @@ impl SettingsPages {
     /// What the page shows for the session's patient.
     pub async fn page(&self, session: &SettingsSession) -> AppResult<PageData> {
         let consent = self.consent.get(&session.user_id).await?;
+        let opted_out = match &consent {
+            Some(consent) => self.consent.opted_out_channels(consent).await?,
+            None => OptedOut::default(),
+        };
         // The patient's own zone when preferences carry one.
         let patient_zone = consent
             .as_ref()
@@ -224,6 +230,7 @@ impl SettingsPages {
             time_zone: zone.name().to_string(),
             patient_time_zone: patient_zone.map(|z| z.name().to_string()),
             return_url: session.return_url.clone(),
+            opted_out,
         })
     }
 

@@ -15,6 +15,7 @@ both_backends!(
     sessions_slide_expire_and_are_cleaned_up,
     cors_opens_only_the_user_and_otp_calls,
     dates_are_in_the_patients_zone,
+    an_opted_out_number_is_shown_in_the_app_and_on_the_page,
 );
 
 const PATIENT: &str = "+14155552671";
@@ -479,4 +480,79 @@ async fn dates_are_in_the_patients_zone(backend: Backend) {
     assert!(page.contains("Your time zone: Asia&#x2f;Kolkata"), "{page}");
     assert!(page.contains("Times in Asia&#x2f;Kolkata"), "{page}");
     assert!(page.contains("12 Jan 2027, 09:30"), "{page}");
+}
+
+/// A number that replied STOP gets nothing on that channel, whatever its user's consent says
+/// (the user may tick SMS again in the app, or take a number that opted out): the preferences
+/// and the page say so, per channel, until the patient texts START.
+async fn an_opted_out_number_is_shown_in_the_app_and_on_the_page(backend: Backend) {
+    // A reference, so the helpers below can each hold it.
+    let app = &TestApp::spawn_live(backend, TestConfig::new()).await;
+    let preferences = |sms: bool| {
+        json!({"phone_number": PATIENT, "sms_consent": sms, "whatsapp_consent": true,
+               "marketing_consent": false})
+    };
+    let answer = |r: reqwest::Response| async move {
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()["preferences"].clone()
+    };
+    let get = || async {
+        let r = app
+            .client
+            .get(app.url("/api/messaging/preferences"))
+            .bearer_auth(app.user_token("p1"))
+            .send()
+            .await
+            .unwrap();
+        answer(r).await
+    };
+    let page = |cookie: String| async move {
+        app.client
+            .get(app.url("/settings/messaging"))
+            .header(COOKIE, cookie)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let stored = answer(app.put_preferences("p1", preferences(true)).await).await;
+    assert_eq!(stored["sms_opted_out"], false, "{stored}");
+    assert_eq!(stored["whatsapp_opted_out"], false, "{stored}");
+    let cookie = sign_in(app, "p1").await;
+    assert!(!page(cookie.clone()).await.contains("replied STOP"));
+
+    app.incoming("SMstop-shown", PATIENT, "STOP").await;
+    let after_stop = get().await;
+    assert_eq!(after_stop["sms_consent"], false, "{after_stop}");
+    assert_eq!(after_stop["sms_opted_out"], true, "{after_stop}");
+    assert_eq!(
+        after_stop["whatsapp_opted_out"], false,
+        "SMS only: {after_stop}"
+    );
+    // The user ticks SMS again in the app: stored, but the answer says nothing will be sent.
+    let ticked = answer(app.put_preferences("p1", preferences(true)).await).await;
+    assert_eq!(ticked["sms_consent"], true, "{ticked}");
+    assert_eq!(ticked["sms_opted_out"], true, "{ticked}");
+    let html = page(cookie.clone()).await;
+    assert!(
+        html.contains("id=\"sms_opted_out\"") && html.contains("text START to us"),
+        "{html}"
+    );
+    assert!(!html.contains("id=\"whatsapp_opted_out\""), "{html}");
+    // Another user taking the number sees it too; a user without a number sees nothing.
+    let other = answer(app.put_preferences("p2", preferences(false)).await).await;
+    assert_eq!(other["sms_opted_out"], true, "{other}");
+    let none = answer(
+        app.put_preferences("p3", json!({"marketing_consent": true}))
+            .await,
+    )
+    .await;
+    assert_eq!(none["sms_opted_out"], false, "{none}");
+
+    app.incoming("SMstart-shown", PATIENT, "START").await;
+    let after_start = get().await;
+    assert_eq!(after_start["sms_opted_out"], false, "{after_start}");
+    assert!(!page(cookie).await.contains("replied STOP"));
 }
