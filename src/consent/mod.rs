@@ -5,6 +5,7 @@
 //! [`ConsentService`] is the one way consent changes: the patient's own settings, their STOP and
 //! START keywords, and the carrier's opt-out report.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -273,17 +274,55 @@ impl ConsentService {
         let now = self.clock.now();
         self.opt_outs.clear_opt_out(number, channel).await?;
         let users = self.consent.users_with_phone(number).await?;
-        let patch = ConsentPatch::channel(channel, true);
         let ctx = from_twilio(ConsentSource::SmsKeyword, now);
         for user in &users {
-            let audit = self.consent.consent_audit(user).await?;
-            if revoked_by_an_opt_out(&audit, channel) {
-                self.consent
-                    .update_consent(user, &|current| patch.apply(current), &ctx)
-                    .await?;
-            }
+            self.give_back_after_start(user, number, channel, &ctx)
+                .await?;
         }
         Ok(users)
+    }
+
+    /// One user's part of a START: consent on `channel` again if an opt-out took it. The audit
+    /// trail is read outside the write, so the write goes ahead only if the record is still the
+    /// one that trail ended at (the same `updated_at` and number); if the user changed it in
+    /// between (on and off again in the app, or another number), their change may be the last
+    /// word now, so it is read again.
+    async fn give_back_after_start(
+        &self,
+        user: &str,
+        number: &str,
+        channel: Channel,
+        ctx: &ChangeContext,
+    ) -> AppResult<()> {
+        let patch = ConsentPatch::channel(channel, true);
+        for _ in 0..START_READS {
+            // The record first, then its trail: a change after the record was read shows in
+            // its `updated_at` at the write.
+            let Some(seen) = self.consent.get_consent(user).await? else {
+                return Ok(());
+            };
+            if seen.phone_number.as_deref() != Some(number)
+                || !revoked_by_an_opt_out(&self.consent.consent_audit(user).await?, channel)
+            {
+                return Ok(());
+            }
+            let moved = AtomicBool::new(false);
+            let still_seen = |current: &Consent| {
+                if current.updated_at != seen.updated_at
+                    || current.phone_number != seen.phone_number
+                {
+                    moved.store(true, Ordering::Relaxed);
+                    return Ok(current.clone());
+                }
+                patch.apply(current)
+            };
+            self.consent.update_consent(user, &still_seen, ctx).await?;
+            if !moved.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+        }
+        // Changed under every read: the user is changing it now, and their word stands.
+        Ok(())
     }
 
     /// The carrier reports the patient opted out (Twilio 21610): record the number's opt-out and
@@ -349,6 +388,10 @@ impl ConsentService {
         self.consent.users_with_phone(number).await
     }
 }
+
+/// How many times a START reads a user's record and trail before it leaves the user to their own
+/// change in progress.
+const START_READS: usize = 3;
 
 /// Where a user's number is opted out, channel by channel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]

@@ -14,6 +14,7 @@ both_backends!(
     carrier_opt_out_revokes_consent,
     a_carrier_opt_out_after_a_final_status_is_seen_on_its_replay,
     start_gives_back_only_what_an_opt_out_took,
+    a_users_change_during_a_start_is_not_overwritten,
     a_carrier_opt_out_that_failed_to_record_is_recorded_on_the_retry,
     duplicate_incoming_is_stored_once,
     keywords_in_every_family_and_case,
@@ -741,4 +742,100 @@ async fn inbox_pages_never_split_an_instant(backend: Backend) {
         ["SMlater", "SMsame0", "SMsame1", "SMsame2"],
         "each reply exactly once"
     );
+}
+
+/// The store as the app has it, but the user turns SMS on and off again in the app right after
+/// a START has read their audit trail (once): the race the START must not lose to.
+struct ChangeAfterTheTrailIsRead {
+    store: prism_messaging::store::DynStore,
+    changed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl prism_messaging::store::ConsentStore for ChangeAfterTheTrailIsRead {
+    async fn get_consent(
+        &self,
+        user_id: &str,
+    ) -> prism_messaging::error::AppResult<Option<prism_messaging::store::Consent>> {
+        self.store.get_consent(user_id).await
+    }
+    async fn update_consent(
+        &self,
+        user_id: &str,
+        edit: prism_messaging::store::ConsentEdit<'_>,
+        ctx: &prism_messaging::store::ChangeContext,
+    ) -> prism_messaging::error::AppResult<prism_messaging::store::Consent> {
+        self.store.update_consent(user_id, edit, ctx).await
+    }
+    async fn consent_audit(
+        &self,
+        user_id: &str,
+    ) -> prism_messaging::error::AppResult<Vec<prism_messaging::store::ConsentAuditRecord>> {
+        let trail = self.store.consent_audit(user_id).await?;
+        if !self.changed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            for on in [true, false] {
+                let patch = prism_messaging::consent::ConsentPatch::channel(
+                    prism_messaging::store::Channel::Sms,
+                    on,
+                );
+                let ctx = prism_messaging::store::ChangeContext {
+                    source: prism_messaging::store::ConsentSource::AppSettings,
+                    ip: None,
+                    user_agent: None,
+                    at: Utc::now(),
+                };
+                self.store
+                    .update_consent(user_id, &|current| patch.apply(current), &ctx)
+                    .await?;
+            }
+        }
+        Ok(trail)
+    }
+    async fn get_consents(
+        &self,
+        user_ids: &[String],
+    ) -> prism_messaging::error::AppResult<Vec<prism_messaging::store::Consent>> {
+        self.store.get_consents(user_ids).await
+    }
+    async fn users_with_phone(
+        &self,
+        phone_number: &str,
+    ) -> prism_messaging::error::AppResult<Vec<String>> {
+        self.store.users_with_phone(phone_number).await
+    }
+}
+
+async fn a_users_change_during_a_start_is_not_overwritten(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    let r = app
+        .put_preferences(
+            "racer",
+            json!({"phone_number": PATIENT, "sms_consent": true}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    app.incoming("SMstop-race", PATIENT, "STOP").await;
+    assert!(!sms_consent(&app, "racer").await);
+    let consent = prism_messaging::consent::ConsentService::new(
+        std::sync::Arc::new(ChangeAfterTheTrailIsRead {
+            store: app.state.store.clone(),
+            changed: Default::default(),
+        }),
+        app.state.store.clone(),
+        std::sync::Arc::new(prism_messaging::clock::SystemClock),
+    );
+    let users = consent
+        .keyword_start(PATIENT, prism_messaging::store::Channel::Sms)
+        .await
+        .unwrap();
+    assert_eq!(users, vec!["racer".to_string()]);
+    assert!(!sms_opted_out(&app).await, "the START lifted the opt-out");
+    assert!(
+        !sms_consent(&app, "racer").await,
+        "the START overwrote the user's own later no"
+    );
+    let trail = app.state.store.consent_audit("racer").await.unwrap();
+    let last = trail.last().unwrap();
+    assert_eq!(last.source, "app_settings", "{trail:?}");
+    assert_eq!(last.new_value.as_deref(), Some("false"), "{trail:?}");
 }
