@@ -53,6 +53,43 @@ impl AppError {
         }
     }
 
+    /// The same error for another caller (one batch's failure goes to each of its callers, and
+    /// an `anyhow` cause cannot be cloned): the same kind, status and code, with an internal
+    /// cause carried as its full text, still known as the database out of reach when it is.
+    pub fn shared(&self) -> AppError {
+        match self {
+            AppError::Internal(cause) if database_out_of_reach(cause) => {
+                AppError::Internal(anyhow::Error::new(OutOfReach(format!("{cause:#}"))))
+            }
+            AppError::Internal(cause) => AppError::Internal(anyhow::anyhow!("{cause:#}")),
+            AppError::BadRequest { code, message } => AppError::BadRequest {
+                code,
+                message: message.clone(),
+            },
+            AppError::Unauthorized => AppError::Unauthorized,
+            AppError::Forbidden(m) => AppError::Forbidden(m.clone()),
+            AppError::NotFound(what) => AppError::NotFound(what),
+            AppError::PayloadTooLarge => AppError::PayloadTooLarge,
+            AppError::RequestTimeout => AppError::RequestTimeout,
+            AppError::MethodNotAllowed => AppError::MethodNotAllowed,
+            AppError::Conflict { code, message } => AppError::Conflict {
+                code,
+                message: message.clone(),
+            },
+            AppError::TooManyRequests {
+                code,
+                message,
+                retry_after_secs,
+            } => AppError::TooManyRequests {
+                code,
+                message: message.clone(),
+                retry_after_secs: *retry_after_secs,
+            },
+            AppError::NotConfigured(m) => AppError::NotConfigured(m.clone()),
+            AppError::Unavailable(m) => AppError::Unavailable(m.clone()),
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             AppError::BadRequest { .. } => StatusCode::BAD_REQUEST,
@@ -65,6 +102,9 @@ impl AppError {
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::NotConfigured(_) | AppError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            AppError::Internal(cause) if database_out_of_reach(cause) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -84,9 +124,52 @@ impl AppError {
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::NotConfigured(_) => "not_configured",
             AppError::Unavailable(_) => "unavailable",
+            AppError::Internal(cause) if database_out_of_reach(cause) => "unavailable",
             AppError::Internal(_) => "internal_error",
         }
     }
+}
+
+/// Whether a failure is the database being out of reach (down, restarting, dropped, its
+/// connections ended, none free in time, SQLite's lock not had in time) rather than a fault in
+/// this service: answered 503 `unavailable`, which a caller may retry, and nothing was written.
+fn database_out_of_reach(cause: &anyhow::Error) -> bool {
+    cause.chain().any(|c| {
+        if c.is::<OutOfReach>() {
+            return true;
+        }
+        if let Some(e) = c.downcast_ref::<sqlx::Error>() {
+            return match e {
+                sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_) => true,
+                sqlx::Error::Database(db) => db.code().is_some_and(|code| out_of_reach_code(&code)),
+                _ => false,
+            };
+        }
+        matches!(
+            c.downcast_ref::<rusqlite::Error>(),
+            Some(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+        )
+    })
+}
+
+/// A database out of reach, as text: what `shared` makes of one for each caller of a batch.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct OutOfReach(String);
+
+/// PostgreSQL's SQLSTATEs for a server or database out of reach (class 08: the connection;
+/// 57P01-57P03: shut down or starting; 3D000: the database does not exist, as when dropped;
+/// 53300: too many connections), and SQLite's busy codes (5 and its extended forms).
+fn out_of_reach_code(code: &str) -> bool {
+    code.starts_with("08")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "3D000" | "53300" | "5" | "261" | "517"
+        )
 }
 
 impl From<sqlx::Error> for AppError {
@@ -104,6 +187,10 @@ impl From<rusqlite::Error> for AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let message = match &self {
+            AppError::Internal(cause) if database_out_of_reach(cause) => {
+                tracing::error!(error = format!("{cause:#}"), "database out of reach");
+                "the database is out of reach; try again shortly".to_string()
+            }
             AppError::Internal(cause) => {
                 // The cause chain may hold SQL or provider details: log it, never return it.
                 tracing::error!(error = format!("{cause:#}"), "internal error");
@@ -130,3 +217,56 @@ impl IntoResponse for AppError {
 }
 
 pub type AppResult<T> = Result<T, AppError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sqlite_failure(code: std::ffi::c_int) -> AppError {
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None).into()
+    }
+
+    /// The database out of reach is a 503 `unavailable` (the caller may retry), also once one
+    /// batch's failure is shared among its callers; any other database failure stays a 500.
+    #[test]
+    fn a_database_out_of_reach_is_503_and_stays_so_when_shared() {
+        let cases = [
+            (AppError::from(sqlx::Error::PoolTimedOut), true),
+            (AppError::from(sqlx::Error::PoolClosed), true),
+            (
+                AppError::from(sqlx::Error::Io(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionReset,
+                ))),
+                true,
+            ),
+            (sqlite_failure(rusqlite::ffi::SQLITE_BUSY), true),
+            (sqlite_failure(rusqlite::ffi::SQLITE_CONSTRAINT), false),
+            (AppError::from(sqlx::Error::RowNotFound), false),
+            (AppError::Internal(anyhow::anyhow!("a bug")), false),
+        ];
+        for (error, out_of_reach) in cases {
+            let expected = if out_of_reach {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            } else {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
+            };
+            let shared = error.shared();
+            assert_eq!((error.status(), error.code()), expected, "{error:#}");
+            assert_eq!((shared.status(), shared.code()), expected, "{shared:#}");
+            assert_eq!(
+                format!("{shared:#}"),
+                format!("{error:#}"),
+                "the cause is kept"
+            );
+        }
+        for code in ["08006", "57P01", "3D000", "53300"] {
+            assert!(out_of_reach_code(code), "{code}");
+        }
+        for code in ["23505", "40001", "42P01", "19", "8"] {
+            assert!(!out_of_reach_code(code), "{code}");
+        }
+        let refused = AppError::bad_request("invalid_phone", "no");
+        assert_eq!(refused.shared().code(), "invalid_phone");
+        assert_eq!(refused.shared().status(), StatusCode::BAD_REQUEST);
+    }
+}

@@ -464,3 +464,43 @@ async fn every_answer_carries_the_security_headers() {
     assert!(page.contains("Dev outbox"));
     assert!(!page.to_ascii_lowercase().contains("<script"), "{page}");
 }
+
+/// A database dropped under the running service (PostgreSQL: its sessions ended, new ones
+/// refused) is the database out of reach, not a fault of the service: reads and writes answer
+/// 503 `unavailable`, which a caller retries, as `/readyz` does; the cause is logged, not
+/// returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_out_of_reach_answers_503_not_500() {
+    if postgres_admin_url().is_none() {
+        eprintln!("TEST_DATABASE_URL is not set: skipping");
+        return;
+    }
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let preferences = json!({"phone_number": "+14155552671", "sms_consent": true});
+    assert_eq!(
+        app.put_preferences("p1", preferences.clone())
+            .await
+            .status(),
+        200
+    );
+    app.db.drop_postgres_database().await;
+    for _ in 0..2 {
+        let r = app.put_preferences("p1", preferences.clone()).await;
+        let status = r.status();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["success"], false);
+        assert_eq!(body["error"]["code"], "unavailable", "{body}");
+        assert!(!body.to_string().contains("prism_test"), "no cause: {body}");
+        let r = app
+            .client
+            .get(app.url("/api/messaging/preferences"))
+            .bearer_auth(app.user_token("p1"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+    }
+    let r = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+}

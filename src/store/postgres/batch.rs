@@ -161,7 +161,10 @@ where
         }
         Ok(results) => fail_all(
             replies,
-            &format!("{what}: {count} jobs, {} answers", results.len()),
+            &AppError::Internal(anyhow::anyhow!(
+                "{what}: {count} jobs, {} answers",
+                results.len()
+            )),
         ),
         Err(BatchError::Refused(e)) if count > 1 => {
             tracing::warn!(error = %e, jobs = count, "{what}: a batch was refused; running its jobs one by one");
@@ -177,14 +180,15 @@ where
         }
         // One job alone, or a failure after which the batch may have committed: the error as
         // it is, to every caller.
-        Err(BatchError::Refused(e) | BatchError::Failed(e)) => fail_all(replies, &e.to_string()),
+        Err(BatchError::Refused(e) | BatchError::Failed(e)) => fail_all(replies, &e),
     }
 }
 
-/// Answer every caller with the same error.
-fn fail_all<R>(replies: Vec<oneshot::Sender<AppResult<R>>>, error: &str) {
+/// Answer every caller with the same error: its kind and its whole cause as text (a database
+/// out of reach stays a 503, and the log shows why).
+fn fail_all<R>(replies: Vec<oneshot::Sender<AppResult<R>>>, error: &AppError) {
     for reply in replies {
-        let _ = reply.send(Err(AppError::Internal(anyhow::anyhow!("{error}"))));
+        let _ = reply.send(Err(error.shared()));
     }
 }
 

@@ -88,7 +88,7 @@ trait Job: Send {
     /// Run inside the batch's transaction; `false` when it failed (its writes are undone).
     fn run(&mut self, conn: &Connection) -> bool;
     /// Answer the caller once the batch's fate is known.
-    fn answer(self: Box<Self>, committed: Result<(), String>);
+    fn answer(self: Box<Self>, committed: &Result<(), AppError>);
 }
 
 struct Work<T, F> {
@@ -117,11 +117,18 @@ where
         ok
     }
 
-    fn answer(self: Box<Self>, committed: Result<(), String>) {
+    fn answer(self: Box<Self>, committed: &Result<(), AppError>) {
         let answer = match (self.result, committed) {
             (Some(Err(e)), _) => Err(e),
             (Some(Ok(value)), Ok(())) => Ok(value),
-            (_, Err(e)) => Err(anyhow::anyhow!("the write was not committed: {e}").into()),
+            // Each job of the batch gets the batch's error, of the same kind (a lock not had in
+            // time stays a 503).
+            (_, Err(e)) => Err(match e.shared() {
+                AppError::Internal(cause) => {
+                    AppError::Internal(cause.context("the write was not committed"))
+                }
+                other => other,
+            }),
             (None, Ok(())) => Err(anyhow::anyhow!("the write was never run").into()),
         };
         // The caller may have gone (a dropped request): its write stands all the same.
@@ -140,12 +147,16 @@ fn serve(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>) {
                 Err(_) => break,
             }
         }
-        let result = run_batch(&conn, &mut jobs).map_err(|e| e.to_string());
+        let result = run_batch(&conn, &mut jobs).map_err(AppError::from);
         if let Err(e) = &result {
-            tracing::error!(error = %e, jobs = jobs.len(), "a SQLite write batch failed");
+            tracing::error!(
+                error = format!("{e:#}"),
+                jobs = jobs.len(),
+                "a SQLite write batch failed"
+            );
         }
         for job in jobs {
-            job.answer(result.clone());
+            job.answer(&result);
         }
     }
 }

@@ -122,6 +122,19 @@ impl TestDatabase {
         }
     }
 
+    /// Drop a PostgreSQL database now, its sessions ended (`WITH (FORCE)`), under whatever
+    /// still uses it, as an operator's mistake would.
+    pub async fn drop_postgres_database(&self) {
+        let (admin, name) = self.pg_name.as_ref().expect("a PostgreSQL test database");
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(admin)
+            .await
+            .unwrap();
+        sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+
     /// Make every insert into `table` fail, as a full disk or a lost connection would fail
     /// that one write (a fault injected with a trigger), until `heal_inserts_into`.
     pub async fn fail_inserts_into(&self, table: &str) {
