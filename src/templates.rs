@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Utc};
 use chrono_tz::Tz;
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -435,9 +435,19 @@ fn parse_instant(raw: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// The years a message's date or time may be in: a receipt, a reminder or a renewal is about
+/// now, and `0000-01-01` or `9999-12-31` is a client's placeholder or bug, not something to tell
+/// a patient.
+const PLAUSIBLE_YEARS: std::ops::RangeInclusive<i32> = 1900..=2199;
+
+fn plausible(date: NaiveDate) -> Option<NaiveDate> {
+    PLAUSIBLE_YEARS.contains(&date.year()).then_some(date)
+}
+
 /// A `datetime` value: rendered for sending, or kept as given (trimmed) when only checked.
 fn check_datetime(raw: &str, at: Option<&RenderAt>) -> Option<String> {
     let instant = parse_instant(raw)?;
+    plausible(instant.date_naive())?;
     Some(match at {
         Some(at) => at.day_and_time(instant),
         None => raw.to_string(),
@@ -447,9 +457,11 @@ fn check_datetime(raw: &str, at: Option<&RenderAt>) -> Option<String> {
 /// A `day` value: `YYYY-MM-DD` is that day; an instant is its day in the message's zone.
 fn check_day(raw: &str, at: Option<&RenderAt>) -> Option<String> {
     let day = if raw.len() == 10 {
-        Err(NaiveDate::parse_from_str(raw, "%Y-%m-%d").ok()?)
+        Err(plausible(NaiveDate::parse_from_str(raw, "%Y-%m-%d").ok()?)?)
     } else {
-        Ok(parse_instant(raw)?)
+        let instant = parse_instant(raw)?;
+        plausible(instant.date_naive())?;
+        Ok(instant)
     };
     let Some(at) = at else {
         return Some(raw.to_string());
@@ -483,6 +495,7 @@ fn check_value(
         VarType::Date => NaiveDate::parse_from_str(raw, "%Y-%m-%d")
             .ok()
             .filter(|_| raw.len() == 10)
+            .and_then(plausible)
             .map(|d| d.format("%-d %b %Y").to_string()),
         VarType::Amount => check_amount(raw),
         VarType::Link => check_link(raw, &ctx.app_url),
@@ -736,6 +749,32 @@ mod tests {
         assert!(body("2027-01-12T20:00:00Z", "2027-01-12T10:00:00Z", "UTC").contains("due today."));
         assert!(body("2027-01-10", "2027-01-12T10:00:00Z", "UTC")
             .contains("due on Sunday 10 Jan 2027."));
+    }
+
+    #[test]
+    fn dates_and_times_are_in_plausible_years() {
+        let c = ctx();
+        let payment = find("payment_received").unwrap();
+        let follow_up = find("follow_up_reminder").unwrap();
+        let reminder = find("appointment_reminder_24h").unwrap();
+        for (date, ok) in [
+            ("0000-01-01", false),
+            ("1899-12-31", false),
+            ("1900-01-01", true),
+            ("2027-01-12", true),
+            ("2199-12-31", true),
+            ("2200-01-01", false),
+            ("9999-12-31", false),
+        ] {
+            let paid = json!({"amount": "INR 1.00", "date": date});
+            assert_eq!(payment.validate(&paid, &c).is_ok(), ok, "date {date}");
+            let due = json!({"due_at": date, "link": "/f"});
+            assert_eq!(follow_up.validate(&due, &c).is_ok(), ok, "day {date}");
+            let due = json!({"due_at": format!("{date}T10:00:00Z"), "link": "/f"});
+            assert_eq!(follow_up.validate(&due, &c).is_ok(), ok, "day {date}T");
+            let vars = json!({"starts_at": format!("{date}T10:00:00Z"), "link": "/a"});
+            assert_eq!(reminder.validate(&vars, &c).is_ok(), ok, "time {date}");
+        }
     }
 
     #[test]
