@@ -144,7 +144,10 @@ impl JwksKeys {
                 cache.fetched_at = Some(self.clock.now());
             }
             Err(e) => {
-                tracing::warn!(error = %e, "could not refresh the JWKS; keeping the keys we have")
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "could not refresh the JWKS; keeping the keys we have"
+                )
             }
         }
     }

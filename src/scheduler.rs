@@ -134,7 +134,11 @@ pub async fn run(services: Services, shutdown: CancellationToken) {
             }
             last_run[i] = Some(tokio::time::Instant::now());
             if let Err(e) = job.run(&services).await {
-                tracing::error!(job = job.name(), error = %e, "scheduled job failed");
+                tracing::error!(
+                    job = job.name(),
+                    error = format!("{e:#}"),
+                    "scheduled job failed"
+                );
             }
         }
     }

@@ -105,7 +105,10 @@ impl Application {
         // The last rounds' results (sends recorded, claims given back, a cleanup's receipt) on
         // disk before the process ends: recovery would find them, but need not.
         if let Err(e) = self.state.store.durable().await {
-            tracing::error!(error = %e, "the last writes could not be made durable at shutdown");
+            tracing::error!(
+                error = format!("{e:#}"),
+                "the last writes could not be made durable at shutdown"
+            );
         }
         Ok(())
     }
@@ -135,7 +138,7 @@ async fn serve_http(
                 Err(e) if is_connection_error(&e) => continue,
                 Err(e) => {
                     // Out of file descriptors, typically: pause rather than spin.
-                    tracing::warn!(error = %e, "cannot accept connections; retrying in a second");
+                    tracing::warn!(error = format!("{e:#}"), "cannot accept connections; retrying in a second");
                     tokio::select! {
                         () = shutdown.cancelled() => break,
                         () = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -153,7 +156,7 @@ async fn serve_http(
         tokio::spawn(async move {
             // Timeouts, resets and malformed requests end here; they are the client's business.
             if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection closed with an error");
+                tracing::debug!(error = format!("{e:#}"), "connection closed with an error");
             }
         });
     }

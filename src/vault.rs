@@ -133,7 +133,7 @@ pub fn sqlite_file(database_url: &str) -> Option<PathBuf> {
 fn load_or_create_key_file(path: &Path, may_create: bool) -> AppResult<Key> {
     match std::fs::read_to_string(path) {
         Ok(text) => Key::parse(&text).map_err(|e| {
-            AppError::Internal(anyhow::anyhow!("the key file {} {e}", path.display()))
+            key_file_refused(format!("not set, and the key file {} {e}", path.display()))
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !may_create => {
             Err(AppError::Internal(
@@ -159,10 +159,17 @@ fn load_or_create_key_file(path: &Path, may_create: bool) -> AppResult<Key> {
             );
             Ok(key)
         }
-        Err(e) => Err(AppError::Internal(
-            anyhow::Error::new(e).context(format!("reading the key file {}", path.display())),
-        )),
+        Err(e) => Err(key_file_refused(format!(
+            "not set, and the key file {} cannot be read: {e}",
+            path.display()
+        ))),
     }
+}
+
+/// The key file stands in for `DATA_ENCRYPTION_KEY`: one that cannot be used is that setting
+/// wrong, refused at start like any other (exit code 2).
+fn key_file_refused(problem: String) -> AppError {
+    AppError::Internal(ConfigError::new("DATA_ENCRYPTION_KEY", problem).into())
 }
 
 fn write_key_file(path: &Path, key: &Key) -> AppResult<()> {
@@ -246,10 +253,14 @@ impl Vault {
             (Some(key), _) => vault.blind_index_key = key.clone(),
             (None, Some(sealed)) => {
                 let text = vault.open(sealed).map_err(|_| {
-                    AppError::Internal(anyhow::anyhow!(
-                        "the blind index key recorded in this database is sealed with a key \
-                         that is neither DATA_ENCRYPTION_KEY nor in DATA_ENCRYPTION_OLD_KEYS"
-                    ))
+                    AppError::Internal(
+                        ConfigError::new(
+                            "DATA_ENCRYPTION_KEY",
+                            "the blind index key recorded in this database is sealed with a key \
+                             that is neither DATA_ENCRYPTION_KEY nor in DATA_ENCRYPTION_OLD_KEYS",
+                        )
+                        .into(),
+                    )
                 })?;
                 vault.blind_index_key = Key::parse(&text).map_err(|e| {
                     AppError::Internal(anyhow::anyhow!("the recorded blind index key {e}"))
@@ -260,11 +271,15 @@ impl Vault {
         let fingerprint = fingerprint(&vault.blind_index_key);
         if let Some(recorded) = recorded {
             if recorded.fingerprint != fingerprint {
-                return Err(AppError::Internal(anyhow::anyhow!(
-                    "the blind index key differs from the one this database was indexed with \
-                     (BLIND_INDEX_KEY changed, or was set or unset after the first start): \
-                     lookups by number would miss, so the service does not start"
-                )));
+                return Err(AppError::Internal(
+                    ConfigError::new(
+                        "BLIND_INDEX_KEY",
+                        "differs from the key this database was indexed with (changed, or set \
+                         or unset after the first start): lookups by number would miss, so the \
+                         service does not start",
+                    )
+                    .into(),
+                ));
             }
         }
         vault.record = BlindIndexRecord {

@@ -197,7 +197,7 @@ impl Delivery {
                 Ok(false) => report.superseded += 1,
                 Err(e) => {
                     report.failed += 1;
-                    tracing::error!(provider_sid = %sid, error = %e, "an owed carrier opt-out could not be recorded; it stays owed");
+                    tracing::error!(provider_sid = %sid, error = format!("{e:#}"), "an owed carrier opt-out could not be recorded; it stays owed");
                 }
             }
         }

@@ -80,7 +80,10 @@ async fn metrics(
         .get(|| async move { store.message_status_counts().await })
         .await;
     if let Err(e) = &messages {
-        tracing::warn!(error = %e, "metrics: counting messages failed");
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "metrics: counting messages failed"
+        );
     }
     let database_up = messages.is_ok();
     let messages = messages.unwrap_or_default();
@@ -139,7 +142,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let database = state.store.ping().await;
     let database_ok = database.is_ok();
     if let Err(e) = &database {
-        tracing::warn!(error = %e, "readiness: database check failed");
+        tracing::warn!(error = format!("{e:#}"), "readiness: database check failed");
     }
     // The provider's API, from a check at most a minute old. Reported, not a reason to leave
     // the rotation: every instance sees the same outage, and an instance taken out would stop

@@ -353,7 +353,7 @@ impl Dispatcher {
                             in_flight.spawn(async move { task.settle(message, &reads).await });
                         }
                     }
-                    Err(e) => tracing::error!(error = %e, "claiming messages failed"),
+                    Err(e) => tracing::error!(error = format!("{e:#}"), "claiming messages failed"),
                 }
             }
             // More may be due right away when every free slot was filled and a slot is free.
@@ -424,7 +424,10 @@ impl Dispatcher {
                 opted_out: opted_out.into_iter().collect(),
             },
             Err(e) => {
-                tracing::warn!(error = %e, "reading a claim's consents failed; reading per message");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "reading a claim's consents failed; reading per message"
+                );
                 ClaimReads::PerMessage
             }
         }
@@ -1077,8 +1080,8 @@ fn tally(report: &mut RoundReport, joined: Result<AppResult<Settled>, tokio::tas
         Ok(Ok(Settled::Released)) => report.released += 1,
         Ok(Ok(Settled::Lost)) => report.lost += 1,
         // The message keeps its lease and is claimed again when it expires.
-        Ok(Err(e)) => tracing::error!(error = %e, "could not settle a message"),
-        Err(e) => tracing::error!(error = %e, "dispatch task panicked"),
+        Ok(Err(e)) => tracing::error!(error = format!("{e:#}"), "could not settle a message"),
+        Err(e) => tracing::error!(error = format!("{e:#}"), "dispatch task panicked"),
     }
 }
 

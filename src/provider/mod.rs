@@ -242,7 +242,10 @@ impl ProviderHealth {
                 true
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "readiness: the provider's health check failed");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "readiness: the provider's health check failed"
+                );
                 false
             }
             Err(_) => {

@@ -573,7 +573,7 @@ impl Reminders {
             | Reminder::SubscriptionRenewal3d => json!({"date": instant, "link": link}),
         };
         if let Err(e) = template.validate(&variables, &self.render) {
-            tracing::warn!(item = %item.id, error = %e, "reminder not queued: its variables are invalid");
+            tracing::warn!(item = %item.id, error = format!("{e:#}"), "reminder not queued: its variables are invalid");
             return None;
         }
         let channel = match consent {

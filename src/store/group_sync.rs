@@ -76,7 +76,10 @@ impl GroupSync {
             // After a failed fsync the kernel may have dropped the dirty pages: a later fsync
             // succeeding proves nothing. Stop, as PostgreSQL does; recovery replays the log.
             Err(SyncFailure::Flush(e)) => {
-                tracing::error!(error = %e, "fsync of the SQLite log failed: stopping");
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "fsync of the SQLite log failed: stopping"
+                );
                 std::process::abort();
             }
         }

@@ -1012,7 +1012,7 @@ pub(crate) fn open_claimed(
                     tracing::error!(
                         message_id = %id,
                         ?lease_until,
-                        error = %e,
+                        error = format!("{e:#}"),
                         "a claimed message could not be opened: left out of this claim, to be \
                          claimed again when its lease runs out"
                     )

@@ -184,9 +184,18 @@ async fn rotate_key_reseals_every_row_and_the_old_key_can_go(backend: Backend) {
         blind_index: Some(Key::generate()),
         ..Default::default()
     };
-    assert!(prism_messaging::store::connect(&app.db.url, &keys)
-        .await
-        .is_err());
+    let Err(refused) = prism_messaging::store::connect(&app.db.url, &keys).await else {
+        panic!("a different BLIND_INDEX_KEY was accepted");
+    };
+    let refused = anyhow::Error::new(refused);
+    assert!(
+        prism_messaging::config::ConfigError::is_cause_of(&refused),
+        "refused as a setting (exit code 2): {refused:#}"
+    );
+    assert!(
+        format!("{refused:#}").contains("BLIND_INDEX_KEY"),
+        "{refused:#}"
+    );
 }
 
 /// The migrations up to the last one before encryption, applied to a fresh database.
@@ -400,11 +409,46 @@ async fn sqlite_keeps_its_key_in_a_file_and_postgres_needs_one() {
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("generated"));
     assert_eq!(std::fs::read_to_string(&key_file).unwrap(), text);
-    // The key file gone, the sealed database is not opened with a fresh key.
+    // The key file gone, the sealed database is not opened with a fresh key. That, a key file
+    // that is not a key, and a key the data was not sealed with, are the setting wrong: one
+    // line naming DATA_ENCRYPTION_KEY, exit code 2, the key never echoed.
     std::fs::remove_file(&key_file).unwrap();
-    let out = run("sqlite://prism-messaging.db".into()).await;
-    assert!(!out.status.success());
+    let refused = |out: std::process::Output, why: &str| {
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(2), "{why}: {err}");
+        assert_eq!(err.lines().count(), 1, "{why}: {err}");
+        assert!(
+            err.starts_with("configuration error: DATA_ENCRYPTION_KEY: "),
+            "{why}: {err}"
+        );
+        err
+    };
+    refused(
+        run("sqlite://prism-messaging.db".into()).await,
+        "no key file",
+    );
     assert!(!key_file.exists());
+    std::fs::write(&key_file, "not a key\n").unwrap();
+    let err = refused(
+        run("sqlite://prism-messaging.db".into()).await,
+        "bad key file",
+    );
+    assert!(!err.contains("not a key"), "{err}");
+    std::fs::remove_file(&key_file).unwrap();
+    let mut wrong_key = tokio::process::Command::new(env!("CARGO_BIN_EXE_prism-messaging"));
+    let other = Key::generate().to_base64();
+    let out = wrong_key
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", "sqlite://prism-messaging.db")
+        .env("DATA_ENCRYPTION_KEY", &other)
+        .arg("migrate")
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap();
+    let err = refused(out, "another key");
+    assert!(!err.contains(&other), "{err}");
 
     if let Some(admin) = postgres_admin_url() {
         let out = run(admin).await;

@@ -167,7 +167,11 @@ where
             )),
         ),
         Err(BatchError::Refused(e)) if count > 1 => {
-            tracing::warn!(error = %e, jobs = count, "{what}: a batch was refused; running its jobs one by one");
+            tracing::warn!(
+                error = format!("{e:#}"),
+                jobs = count,
+                "{what}: a batch was refused; running its jobs one by one"
+            );
             for (job, reply) in jobs.iter().zip(replies) {
                 let result = match run(Arc::from([job.clone()])).await {
                     Ok(mut one) => one
