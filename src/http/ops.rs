@@ -132,8 +132,9 @@ async fn healthz() -> Json<Value> {
         (status = 200, description = "Ready.", body = Readiness),
         (
             status = 503,
-            description = "The database does not answer (`status` `not_ready`, `database` \
-                `unavailable`).",
+            description = "The database does not answer or lacks this build's schema \
+                (`status` `not_ready`, `database` `unavailable`), or the provider refuses our \
+                credentials.",
             body = Readiness,
         ),
     )

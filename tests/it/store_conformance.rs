@@ -19,6 +19,7 @@ use prism_messaging::store::{
 use prism_messaging::store::{MarkSending, SendGuard, SendSlotAnswer};
 
 both_backends!(
+    readiness_needs_the_schema_this_build_runs_on,
     a_send_log_from_migration_27_is_converted,
     consent_changes_are_audited_per_field,
     audit_trail_is_append_only,
@@ -2310,4 +2311,29 @@ async fn generic_plan(
         .unwrap();
     conn.execute("DEALLOCATE planned").await.unwrap();
     plan.join("\n")
+}
+
+/// `ping` (what `/readyz` asks) fails on a database that answers but lacks the schema this build
+/// runs on: restored from a backup before the last migration, or emptied.
+async fn readiness_needs_the_schema_this_build_runs_on(backend: Backend) {
+    let (store, db) = open(backend).await;
+    store.ping().await.unwrap();
+    db.execute(
+        "DELETE FROM _sqlx_migrations WHERE version = (SELECT MAX(version) FROM _sqlx_migrations)",
+    )
+    .await
+    .unwrap();
+    let behind = store
+        .ping()
+        .await
+        .expect_err("a schema one migration behind is not ready");
+    assert!(
+        format!("{behind:#}").contains("prism-messaging migrate"),
+        "{behind:#}"
+    );
+    db.execute("DROP TABLE _sqlx_migrations").await.unwrap();
+    store
+        .ping()
+        .await
+        .expect_err("a database without the schema is not ready");
 }

@@ -21,7 +21,26 @@ impl Store for ThisStore {
     }
 
     async fn ping(&self) -> AppResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        // Not only a connection: the schema this build runs on. A database emptied, or
+        // restored from a backup older than the last migration, answers `SELECT 1` while every
+        // call fails.
+        let expected = ThisStore::migrator()
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or(0);
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await?;
+        let applied = applied.unwrap_or(0);
+        if applied < expected {
+            return Err(anyhow::anyhow!(
+                "the database schema is at migration {applied}, this build needs {expected}: \
+                 run `prism-messaging migrate`"
+            )
+            .into());
+        }
         Ok(())
     }
 
