@@ -132,7 +132,9 @@ impl AppError {
 
 /// Whether a failure is the database being out of reach (down, restarting, dropped, its
 /// connections ended, none free in time, SQLite's lock not had in time) rather than a fault in
-/// this service: answered 503 `unavailable`, which a caller may retry, and nothing was written.
+/// this service: answered 503 `unavailable`, which a caller may retry. As after any lost
+/// connection, a write that failed this way may still have committed (its retry meets its own
+/// idempotency: a key, a unique row, a fresh code).
 fn database_out_of_reach(cause: &anyhow::Error) -> bool {
     cause.chain().any(|c| {
         if c.is::<OutOfReach>() {

@@ -55,10 +55,9 @@ async fn sign_in(app: &TestApp, user: &str) -> String {
     cookie.split(';').next().unwrap().to_string()
 }
 
-/// The CSRF token in the page served to this session.
-async fn csrf(app: &TestApp, cookie: &str) -> String {
-    let html = app
-        .client
+/// The settings page served to this session.
+async fn page_html(app: &TestApp, cookie: &str) -> String {
+    app.client
         .get(app.url("/settings/messaging"))
         .header(COOKIE, cookie)
         .send()
@@ -66,7 +65,12 @@ async fn csrf(app: &TestApp, cookie: &str) -> String {
         .unwrap()
         .text()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The CSRF token in the page served to this session.
+async fn csrf(app: &TestApp, cookie: &str) -> String {
+    let html = page_html(app, cookie).await;
     let start = html.find("name=\"csrf_token\" value=\"").unwrap() + 25;
     html[start..start + 64].to_string()
 }
@@ -497,31 +501,16 @@ async fn an_opted_out_number_is_shown_in_the_app_and_on_the_page(backend: Backen
         r.json::<Value>().await.unwrap()["preferences"].clone()
     };
     let get = || async {
-        let r = app
-            .client
-            .get(app.url("/api/messaging/preferences"))
-            .bearer_auth(app.user_token("p1"))
-            .send()
-            .await
-            .unwrap();
-        answer(r).await
-    };
-    let page = |cookie: String| async move {
-        app.client
-            .get(app.url("/settings/messaging"))
-            .header(COOKIE, cookie)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        let token = app.user_token("p1");
+        app.get_json("/api/messaging/preferences", Some(&token))
+            .await["preferences"]
+            .clone()
     };
     let stored = answer(app.put_preferences("p1", preferences(true)).await).await;
     assert_eq!(stored["sms_opted_out"], false, "{stored}");
     assert_eq!(stored["whatsapp_opted_out"], false, "{stored}");
     let cookie = sign_in(app, "p1").await;
-    assert!(!page(cookie.clone()).await.contains("replied STOP"));
+    assert!(!page_html(app, &cookie).await.contains("replied STOP"));
 
     app.incoming("SMstop-shown", PATIENT, "STOP").await;
     let after_stop = get().await;
@@ -535,7 +524,7 @@ async fn an_opted_out_number_is_shown_in_the_app_and_on_the_page(backend: Backen
     let ticked = answer(app.put_preferences("p1", preferences(true)).await).await;
     assert_eq!(ticked["sms_consent"], true, "{ticked}");
     assert_eq!(ticked["sms_opted_out"], true, "{ticked}");
-    let html = page(cookie.clone()).await;
+    let html = page_html(app, &cookie).await;
     assert!(
         html.contains("id=\"sms_opted_out\"") && html.contains("text START to us"),
         "{html}"
@@ -554,5 +543,5 @@ async fn an_opted_out_number_is_shown_in_the_app_and_on_the_page(backend: Backen
     app.incoming("SMstart-shown", PATIENT, "START").await;
     let after_start = get().await;
     assert_eq!(after_start["sms_opted_out"], false, "{after_start}");
-    assert!(!page(cookie).await.contains("replied STOP"));
+    assert!(!page_html(app, &cookie).await.contains("replied STOP"));
 }
