@@ -33,6 +33,7 @@ both_backends!(
     codes_to_one_number_share_its_limits_whichever_way_they_are_asked_for,
     simultaneous_codes_to_one_number_hold_its_limits,
     simultaneous_codes_naming_a_number_and_going_to_it_share_its_hour,
+    simultaneous_codes_to_numbers_on_file_and_to_numbers_named_each_go_where_they_should,
     erasing_an_account_does_not_reset_the_limits,
     a_refused_request_asked_again_is_refused_from_memory_until_its_wait_is_over,
     a_number_whose_hour_is_full_is_refused_from_memory_for_every_caller,
@@ -1307,6 +1308,62 @@ async fn simultaneous_codes_naming_a_number_and_going_to_it_share_its_hour(backe
     let went = before;
     assert!((3..=6).contains(&went), "{logged:?}");
     assert_eq!(sent_to(&app, NUMBER).await, went);
+}
+
+/// Simultaneous login codes, half for accounts with a number on file of their own (each goes
+/// there, not to the number named) and half for new accounts (each goes to the number named):
+/// each reaches its own number, once, and works. On PostgreSQL they meet in the batch function,
+/// whose set-based statement decides the codes to the number named and leaves those to a number
+/// on file to its one-at-a-time path (migration 29); the send log says which way each went.
+async fn simultaneous_codes_to_numbers_on_file_and_to_numbers_named_each_go_where_they_should(
+    backend: Backend,
+) {
+    let (config, _clock) = limits("3");
+    let app = std::sync::Arc::new(
+        TestApp::spawn_with(backend, config.set("TRUST_FORWARDED_FOR", "true")).await,
+    );
+    let on_file = |n: usize| format!("+9198765014{n:02}");
+    let named = |n: usize| format!("+9198765015{n:02}");
+    for n in (0..24).step_by(2) {
+        app.consent(&format!("mixed-{n}"), &on_file(n)).await;
+    }
+    let sends = (0..24).map(|n| {
+        (
+            format!("198.51.100.{n}"),
+            format!("mixed-{n}"),
+            named(n),
+            "login",
+        )
+    });
+    assert_eq!(send_all_at_once(&app, sends).await, vec![200; 24]);
+    for n in 0..24 {
+        let (to, not_to) = match n % 2 {
+            0 => (on_file(n), named(n)),
+            _ => (named(n), on_file(n)),
+        };
+        assert_eq!(sent_to(&app, &to).await, 1, "mixed-{n}");
+        assert_eq!(sent_to(&app, &not_to).await, 0, "mixed-{n}");
+        let code = latest_code(&app, &to).await;
+        assert_eq!(
+            verify(&app, &format!("mixed-{n}"), "login", &code).await.0,
+            200,
+            "mixed-{n}"
+        );
+    }
+    let logged = app
+        .db
+        .text_pairs(
+            "SELECT user_id, CASE WHEN went_to_named THEN 'N' \
+             WHEN send_to_index IS NOT NULL THEN 'R' ELSE 'D' END \
+             FROM otp_send_log ORDER BY user_id",
+        )
+        .await;
+    assert_eq!(logged.len(), 24);
+    for (user, way) in &logged {
+        let n: usize = user.trim_start_matches("mixed-").parse().unwrap();
+        let expected = if n % 2 == 0 { "R" } else { "N" };
+        assert_eq!(way, expected, "{user}");
+    }
 }
 
 /// Two instances on one PostgreSQL database hold the limits of a number on file together. Each
