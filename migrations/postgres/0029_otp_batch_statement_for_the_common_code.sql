@@ -1,6 +1,9 @@
 -- The common code decided and written by a leaner batch statement (issue 14's write path, after
--- migration 28): `send-otp` on PostgreSQL made 4,008-4,370 codes/s with migration 28's function
--- and 4,850-5,540 with this one, alternating on one machine.
+-- migration 28). `send-otp` on PostgreSQL, 16 connections, 8-second runs alternating on one
+-- machine, each on a new database: 4,008 / 4,370 / 4,674 / 5,384 / 5,220 codes/s with migration
+-- 28's function against 4,850 / 5,240 / 5,370 / 5,592 / 5,609 with this one (the last three pairs:
+-- means 5,093 and 5,524, +8%); the call's own time (`pg_stat_user_functions`) 0.98-1.13 ms
+-- against 0.91-0.98 ms, for about nine codes a call.
 --
 -- The batch call is the serial stage of `send-otp` on PostgreSQL (one call of a kind at a time
 -- per instance), and most of a call was fixed cost, not per code: the batch's JSON parsed three
