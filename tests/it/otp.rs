@@ -1361,7 +1361,7 @@ async fn simultaneous_codes_to_numbers_on_file_and_to_numbers_named_each_go_wher
     assert_eq!(logged.len(), 24);
     for (user, way) in &logged {
         let n: usize = user.trim_start_matches("mixed-").parse().unwrap();
-        let expected = if n % 2 == 0 { "R" } else { "N" };
+        let expected = if n.is_multiple_of(2) { "R" } else { "N" };
         assert_eq!(way, expected, "{user}");
     }
 }
