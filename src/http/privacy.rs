@@ -33,7 +33,8 @@ pub fn host_router() -> Router<AppState> {
     tag = "user",
     operation_id = "exportMyData",
     summary = "Everything held about me, as one JSON document",
-    description = "Preferences, the consent audit trail, messages (with the text sent where it \
+    description = "Preferences (with where my number is opted out: `sms_opted_out`, \
+        `whatsapp_opted_out`), the consent audit trail, messages (with the text sent where it \
         was kept, never a code) and their status events, the replies attributed to me (on a \
         shared number, never the others'), appointments, follow-ups, OTP send records (never \
         codes) and open settings-page sessions.",
@@ -50,6 +51,15 @@ async fn export(
     AuthUser(user_id): AuthUser,
 ) -> AppResult<Json<Value>> {
     let mut document = state.privacy.export(&user_id).await?;
+    // Where the user's number is opted out is held about them too (as the preferences answer
+    // it): the opt-out is kept by number, not in the preferences record.
+    if let Some(consent) = state.consent.get(&user_id).await? {
+        let opted_out = state.consent.opted_out_channels(&consent).await?;
+        if let Some(preferences) = document["preferences"].as_object_mut() {
+            preferences.insert("sms_opted_out".into(), json!(opted_out.sms));
+            preferences.insert("whatsapp_opted_out".into(), json!(opted_out.whatsapp));
+        }
+    }
     document["success"] = json!(true);
     Ok(Json(document))
 }

@@ -287,8 +287,10 @@ async fn list_inbound(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct DevInbound {
+    /// The patient's number (E.164), or `whatsapp:+...` for a WhatsApp message.
     from: String,
     body: String,
+    /// `sms` (the default) or `whatsapp` (the default for a `whatsapp:` address).
     channel: Option<String>,
 }
 
@@ -331,8 +333,23 @@ async fn dev_inbound(
         return Err(AppError::NotFound("page"));
     }
     let JsonBody(request) = body?;
-    let number = PhoneNumber::parse(&request.from)?;
-    let channel = crate::outbox::parse_channel(request.channel.as_deref())?;
+    // `whatsapp:+...`, as Twilio writes a WhatsApp sender, is the WhatsApp channel; with
+    // `channel: "sms"` it contradicts itself and is refused.
+    let (from, whatsapp_address) = match request.from.strip_prefix("whatsapp:") {
+        Some(number) => (number, true),
+        None => (request.from.as_str(), false),
+    };
+    let number = PhoneNumber::parse(from)?;
+    let channel = match (request.channel.as_deref(), whatsapp_address) {
+        (None, true) => crate::store::Channel::Whatsapp,
+        (channel, _) => crate::outbox::parse_channel(channel)?,
+    };
+    if whatsapp_address && channel != crate::store::Channel::Whatsapp {
+        return Err(AppError::bad_request(
+            "invalid_channel",
+            "from is a WhatsApp address (whatsapp:+...), but channel is sms",
+        ));
+    }
     let from = match channel {
         crate::store::Channel::Whatsapp => format!("whatsapp:{}", number.as_str()),
         crate::store::Channel::Sms => number.as_str().to_string(),

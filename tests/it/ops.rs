@@ -465,6 +465,39 @@ async fn every_answer_carries_the_security_headers() {
     assert!(!page.to_ascii_lowercase().contains("<script"), "{page}");
 }
 
+/// `/dev/inbound` takes a WhatsApp sender as Twilio writes it (`whatsapp:+...`): a STOP from it
+/// opts the number out of WhatsApp, not SMS. With `channel: "sms"` it contradicts itself: 400
+/// `invalid_channel`, and nothing is recorded.
+#[tokio::test]
+async fn dev_inbound_takes_a_whatsapp_address() {
+    let app = TestApp::spawn_with(Backend::Sqlite, TestConfig::new()).await;
+    let inbound = |body: Value| app.client.post(app.url("/dev/inbound")).json(&body).send();
+    let r = inbound(json!({"from": "whatsapp:+14155552671", "body": "STOP", "channel": "sms"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_channel", "{body}");
+    let recorded: Value = app.get_json("/api/inbound", Some(API_KEY)).await;
+    assert_eq!(recorded["messages"], json!([]), "{recorded}");
+
+    let r = inbound(json!({"from": "whatsapp:+14155552671", "body": "STOP"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    app.put_preferences(
+        "p1",
+        json!({"phone_number": "+14155552671", "sms_consent": true, "whatsapp_consent": true}),
+    )
+    .await;
+    let preferences = app
+        .get_json("/api/messaging/preferences", Some(&app.user_token("p1")))
+        .await["preferences"]
+        .clone();
+    assert_eq!(preferences["whatsapp_opted_out"], true, "{preferences}");
+    assert_eq!(preferences["sms_opted_out"], false, "{preferences}");
+}
+
 /// A database dropped under the running service (PostgreSQL: its sessions ended, new ones
 /// refused) is the database out of reach, not a fault of the service: reads and writes answer
 /// 503 `unavailable`, which a caller retries, as `/readyz` does; the cause is logged, not

@@ -530,6 +530,15 @@ async fn an_opted_out_number_is_shown_in_the_app_and_on_the_page(backend: Backen
         "{html}"
     );
     assert!(!html.contains("id=\"whatsapp_opted_out\""), "{html}");
+    // The user's copy of their data says so too.
+    let export = app
+        .get_json("/api/messaging/export", Some(&app.user_token("p1")))
+        .await;
+    assert_eq!(export["preferences"]["sms_opted_out"], true, "{export}");
+    assert_eq!(
+        export["preferences"]["whatsapp_opted_out"], false,
+        "{export}"
+    );
     // Another user taking the number sees it too; a user without a number sees nothing.
     let other = answer(app.put_preferences("p2", preferences(false)).await).await;
     assert_eq!(other["sms_opted_out"], true, "{other}");
@@ -544,4 +553,8 @@ async fn an_opted_out_number_is_shown_in_the_app_and_on_the_page(backend: Backen
     let after_start = get().await;
     assert_eq!(after_start["sms_opted_out"], false, "{after_start}");
     assert!(!page_html(app, &cookie).await.contains("replied STOP"));
+    let export = app
+        .get_json("/api/messaging/export", Some(&app.user_token("p1")))
+        .await;
+    assert_eq!(export["preferences"]["sms_opted_out"], false, "{export}");
 }
