@@ -1169,9 +1169,10 @@ impl OtpIssue {
     /// number for their own account could tell, from their own history, whether that number is
     /// on file for an account they had just asked a code for.
     pub(crate) fn destination_limited(&self, checks: &OtpChecks) -> bool {
-        let cooling = checks
-            .destination_last_send
-            .is_some_and(|last| last + chrono::Duration::seconds(self.cooldown_seconds) > self.now);
+        let cooling = self.cooldown_seconds > 0
+            && checks.destination_last_send.is_some_and(|last| {
+                last + chrono::Duration::seconds(self.cooldown_seconds) > self.now
+            });
         self.attempt.is_some()
             && self.redirected()
             && (cooling || checks.destination_full.is_some())
@@ -1252,8 +1253,11 @@ impl OtpLimits<'_> {
     /// keeps its window full ages out. A limit of no sends at all refuses a second at a time.
     pub(crate) fn refusal(&self, checks: &OtpChecks) -> Option<LimitRefusal> {
         let now = self.now;
+        // No cooldown at all when it is zero: a send logged by a request stamped a moment
+        // after this one (they ran side by side) is not "within the cooldown" of it.
         let cooling = checks
             .last_send
+            .filter(|_| self.cooldown_seconds > 0)
             .map(|last| last + chrono::Duration::seconds(self.cooldown_seconds))
             .filter(|ready| *ready > now);
         let hour = |applies: bool, full: Option<DateTime<Utc>>, max: i64| {

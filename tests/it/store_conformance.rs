@@ -40,6 +40,7 @@ both_backends!(
     opt_outs_are_read_for_many_numbers_at_once,
     consents_read_together_each_answer_their_own,
     otp_issues_together_each_get_their_own_outcome,
+    a_cooldown_of_zero_holds_no_code_back_whatever_order_they_are_stamped_in,
     an_issue_unless_on_file_goes_to_the_number_on_file,
     sends_recorded_together_each_get_their_own_outcome,
     marks_together_each_get_their_own_outcome,
@@ -728,6 +729,58 @@ fn otp_issue(id: &str, user: &str, number: &str, ip: &str) -> store::OtpIssue {
         accepted: None,
         unless_on_file: false,
     }
+}
+
+/// A cooldown of zero is no cooldown. Side by side, a code stamped a moment later can be logged
+/// first; it was taken for a send "within the cooldown" of the one stamped earlier, which was
+/// then refused (429 with no wait) or, going to a number on file, silently dropped
+/// (`destination_limited`), with the hour's limit not reached (found by review on PostgreSQL).
+/// With a cooldown, the same order still holds a code back.
+async fn a_cooldown_of_zero_holds_no_code_back_whatever_order_they_are_stamped_in(
+    backend: Backend,
+) {
+    let (store, _db) = open(backend).await;
+    const NUMBER: &str = "+14155553900";
+    let at = |mut issue: store::OtpIssue, when: chrono::DateTime<Utc>| {
+        issue.now = when;
+        issue.message.created_at = when;
+        issue
+    };
+    let later = t0() + Duration::seconds(1);
+    let logged_first = at(
+        otp_issue("m-later", "u-later", NUMBER, "198.51.100.1"),
+        later,
+    );
+    assert!(matches!(
+        store.issue_otp(&logged_first).await.unwrap(),
+        store::OtpIssueOutcome::Issued(_)
+    ));
+    // Naming the number, stamped before the code logged for it.
+    let named = otp_issue("m-named", "u-named", NUMBER, "198.51.100.2");
+    let outcome = store.issue_otp(&named).await.unwrap();
+    assert!(
+        matches!(outcome, store::OtpIssueOutcome::Issued(_)),
+        "{outcome:?}"
+    );
+    // Going to the number as a number on file, in place of the number named.
+    let mut on_file = otp_issue("m-on-file", "u-on-file", "+14155553901", "198.51.100.3");
+    on_file.send_to = NUMBER.into();
+    if let Some(attempt) = on_file.attempt.as_mut() {
+        attempt.to_number = NUMBER.into();
+    }
+    let outcome = store.issue_otp(&on_file).await.unwrap();
+    assert!(
+        matches!(outcome, store::OtpIssueOutcome::Issued(_)),
+        "{outcome:?}"
+    );
+    // With a cooldown, the code logged a moment later holds the next back.
+    let mut cooling = otp_issue("m-cooling", "u-cooling", NUMBER, "198.51.100.4");
+    cooling.cooldown_seconds = 60;
+    let outcome = store.issue_otp(&cooling).await.unwrap();
+    assert!(
+        matches!(outcome, store::OtpIssueOutcome::RateLimited(_)),
+        "{outcome:?}"
+    );
 }
 
 /// Thirty requests for one number at once, each from its own user and address: exactly the

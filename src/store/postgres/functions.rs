@@ -200,7 +200,8 @@ struct IssueJob {
     window_start: String,
     per_number: i64,
     per_address: i64,
-    cooldown_after: String,
+    /// `None` without a cooldown: the function's comparisons with it are then never true.
+    cooldown_after: Option<String>,
     refuse_all: bool,
     channel: &'static str,
     send_to_index: String,
@@ -346,8 +347,11 @@ impl PgFunctions {
             per_number,
             per_address,
             // The limits `OtpIssue::refusal` applies, as the function's refusal test: a
-            // send within the cooldown, a full window, or a limit of zero.
-            cooldown_after: micros(issue.now - chrono::Duration::seconds(issue.cooldown_seconds)),
+            // send within the cooldown (none when it is zero: a send logged by a request
+            // stamped a moment after this one must not hold it back), a full window, or a
+            // limit of zero.
+            cooldown_after: (issue.cooldown_seconds > 0)
+                .then(|| micros(issue.now - chrono::Duration::seconds(issue.cooldown_seconds))),
             refuse_all: issue.max_sends_per_hour <= 0
                 || (issue.ip.is_some() && issue.max_sends_per_ip_per_hour <= 0),
             channel: issue.channel.as_str(),
