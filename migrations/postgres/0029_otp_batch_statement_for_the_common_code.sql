@@ -67,8 +67,9 @@ BEGIN
     -- file elsewhere, no destination's own limits to read): decided and written together, one
     -- statement for all of them. None can see
     -- another's writes here (one snapshot), and none needs to: their limits and opt-outs are
-    -- about different rows. The events are inserted in job order and, within a message, in the
-    -- VALUES' order (their ids).
+    -- about different rows. Their events are inserted in job order and, within a message, in
+    -- the VALUES' order (their ids); the loop's jobs' rows come after (higher ids), which
+    -- nothing reads as an order across messages.
     FOR r IN
         WITH jobs AS MATERIALIZED (
             -- Each job with its number on file, if it is planned `unless_on_file`.
