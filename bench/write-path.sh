@@ -114,6 +114,11 @@ printf '%-34s %s\n' "consent changes beside send-otp" \
   "$(python3 bench/consent-beside-load.py http://127.0.0.1:8780 "$seconds" "$jwt_secret")"
 wait "$load"
 peak=$(peak_kib "$server_pid")
+# From here only the service measured runs: the guide's stack and the SQLite service (with the
+# codes of the runs above in its file) stop.
+for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+pids=()
+sleep 1
 
 pg="prism_bench_$(date +%s%N)"
 psql "$admin" -qAtc "CREATE DATABASE $pg" >/dev/null

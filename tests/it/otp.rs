@@ -1225,6 +1225,18 @@ async fn codes_to_one_number_share_its_limits_whichever_way_they_are_asked_for(b
     assert_eq!(logged, expected);
 }
 
+/// Each logged code, in the order decided, by user: named (N), to the number on file (R),
+/// dropped (D).
+async fn ways_logged(app: &TestApp) -> Vec<(String, String)> {
+    app.db
+        .text_pairs(
+            "SELECT user_id, CASE WHEN went_to_named THEN 'N' \
+             WHEN send_to_index IS NOT NULL THEN 'R' ELSE 'D' END \
+             FROM otp_send_log ORDER BY id",
+        )
+        .await
+}
+
 /// Simultaneous codes to one number on file hold its limits: 24 accounts with it on file, all
 /// at once from their own addresses, with no cooldown and 3 an hour. Every answer is a send's,
 /// every account's code is written, and 3 reach the number.
@@ -1283,15 +1295,7 @@ async fn simultaneous_codes_naming_a_number_and_going_to_it_share_its_hour(backe
         }
     });
     assert_eq!(send_all_at_once(&app, sends).await, vec![200; 27]);
-    // Each logged code in the order decided: named (N), to the number on file (R), dropped (D).
-    let logged = app
-        .db
-        .text_pairs(
-            "SELECT user_id, CASE WHEN went_to_named THEN 'N' \
-             WHEN send_to_index IS NOT NULL THEN 'R' ELSE 'D' END \
-             FROM otp_send_log ORDER BY id",
-        )
-        .await;
+    let logged = ways_logged(&app).await;
     assert_eq!(logged.len(), 27);
     let mut before = 0;
     for (user, way) in &logged {
@@ -1350,14 +1354,7 @@ async fn simultaneous_codes_to_numbers_on_file_and_to_numbers_named_each_go_wher
             "mixed-{n}"
         );
     }
-    let logged = app
-        .db
-        .text_pairs(
-            "SELECT user_id, CASE WHEN went_to_named THEN 'N' \
-             WHEN send_to_index IS NOT NULL THEN 'R' ELSE 'D' END \
-             FROM otp_send_log ORDER BY user_id",
-        )
-        .await;
+    let logged = ways_logged(&app).await;
     assert_eq!(logged.len(), 24);
     for (user, way) in &logged {
         let n: usize = user.trim_start_matches("mixed-").parse().unwrap();
