@@ -137,12 +137,8 @@ async fn a_bad_setting_stops_the_start_naming_the_variable() {
 #[tokio::test]
 async fn an_unreachable_postgres_is_reported_with_its_cause_in_plain_text() {
     let dir = tempfile::tempdir().unwrap();
-    // A port nothing listens on: bound, then let go.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A port nothing listens on, nor can while the test runs.
+    let (_refusing, port) = refusing_port();
     let url = format!("postgres://postgres:secret-password@127.0.0.1:{port}/db");
     let out = binary(dir.path())
         .env("DATABASE_URL", &url)

@@ -490,10 +490,7 @@ async fn readiness_once_checked(app: &TestApp) -> (u16, Value) {
 /// once a minute however often it is probed.
 async fn readiness_reports_a_provider_that_does_not_answer(backend: Backend) {
     let fake = FakeTwilio::start().await;
-    let closed = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    let (_refusing, closed) = refusing_port();
     let config = TestConfig::new()
         .live(&fake)
         .set("TWILIO_API_BASE", &format!("http://127.0.0.1:{closed}"));

@@ -59,6 +59,16 @@ macro_rules! both_backends {
     )*};
 }
 
+/// A loopback port that refuses connections for as long as the returned socket lives: bound but
+/// never listening, so no server of a test running beside can take it. (A port bound and let go
+/// could be, and was: a fake Twilio of the other backend's run answered on it.)
+pub fn refusing_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
+}
+
 pub fn postgres_admin_url() -> Option<String> {
     std::env::var("TEST_DATABASE_URL")
         .ok()
