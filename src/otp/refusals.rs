@@ -252,6 +252,20 @@ mod tests {
         assert_eq!(refusals.request_wait(&other_client, at(0)), None);
     }
 
+    /// A client that waits the `Retry-After` it was given finds the limit lifted: the wait is
+    /// rounded up (a cooldown with 29.9 s left said 29, and a retry after 29 s was refused).
+    #[test]
+    fn retry_after_is_rounded_up_to_the_second() {
+        let wait = |ms: i64| retry_after_seconds(at(0) + Duration::milliseconds(ms), at(0));
+        assert_eq!(wait(29_900), 30);
+        assert_eq!(wait(30_000), 30);
+        assert_eq!(wait(30_001), 31);
+        assert_eq!(wait(3_599_999), 3_600);
+        assert_eq!(wait(1), 1);
+        assert_eq!(wait(0), 1);
+        assert_eq!(wait(-500), 1);
+    }
+
     #[test]
     fn a_request_is_held_to_the_instant_its_limits_lift_not_to_a_rounded_second() {
         let refusals = RecentRefusals::default();

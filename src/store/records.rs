@@ -698,9 +698,18 @@ impl LimitRefusal {
     }
 }
 
-/// `Retry-After` for a limit lifting at `until`: whole seconds from `now`, at least 1.
+/// `Retry-After` for a limit lifting at `until`: whole seconds from `now`, rounded up (a client
+/// that waits as told must find the limit lifted: 29.9 s rounded down to 29 was refused again),
+/// at least 1.
 pub fn retry_after_seconds(until: DateTime<Utc>, now: DateTime<Utc>) -> i64 {
-    (until - now).num_seconds().max(1)
+    let wait = until - now;
+    let whole = wait.num_seconds();
+    let rounded_up = if wait > chrono::Duration::seconds(whole) {
+        whole + 1
+    } else {
+        whole
+    };
+    rounded_up.max(1)
 }
 
 #[derive(Debug, Clone)]
