@@ -23,6 +23,15 @@ impl Channel {
             Channel::Whatsapp => "whatsapp_consent",
         }
     }
+    /// A sender or recipient as Twilio writes it: `whatsapp:+...` is WhatsApp, anything else
+    /// SMS; with the number (prefix removed).
+    pub fn of_address(address: &str) -> (Channel, &str) {
+        match address.strip_prefix("whatsapp:") {
+            Some(number) => (Channel::Whatsapp, number),
+            None => (Channel::Sms, address),
+        }
+    }
+
     pub fn parse(value: &str) -> Option<Channel> {
         match value {
             "sms" => Some(Channel::Sms),

@@ -369,14 +369,20 @@ impl ConsentService {
     /// nothing goes to it there until the patient texts START, whatever their consent says, so
     /// the app and the settings page say so. None without a number.
     pub async fn opted_out_channels(&self, consent: &Consent) -> AppResult<OptedOut> {
-        let Some(number) = &consent.phone_number else {
+        self.opted_out_number(consent.phone_number.as_deref()).await
+    }
+
+    /// The channels on which `number` is opted out; none without a number.
+    pub async fn opted_out_number(&self, number: Option<&str>) -> AppResult<OptedOut> {
+        let Some(number) = number else {
             return Ok(OptedOut::default());
         };
+        let number = number.to_string();
         let among = self
             .opt_outs
-            .opted_out_among(std::slice::from_ref(number))
+            .opted_out_among(std::slice::from_ref(&number))
             .await?;
-        let on = |channel| among.iter().any(|(n, c)| n == number && *c == channel);
+        let on = |channel| among.iter().any(|(n, c)| *n == number && *c == channel);
         Ok(OptedOut {
             sms: on(Channel::Sms),
             whatsapp: on(Channel::Whatsapp),

@@ -52,13 +52,16 @@ async fn export(
 ) -> AppResult<Json<Value>> {
     let mut document = state.privacy.export(&user_id).await?;
     // Where the user's number is opted out is held about them too (as the preferences answer
-    // it): the opt-out is kept by number, not in the preferences record.
-    if let Some(consent) = state.consent.get(&user_id).await? {
-        let opted_out = state.consent.opted_out_channels(&consent).await?;
-        if let Some(preferences) = document["preferences"].as_object_mut() {
-            preferences.insert("sms_opted_out".into(), json!(opted_out.sms));
-            preferences.insert("whatsapp_opted_out".into(), json!(opted_out.whatsapp));
-        }
+    // it): the opt-out is kept by number, not in the preferences record. For the number in the
+    // document, so the two agree.
+    if let Some(preferences) = document["preferences"].as_object_mut() {
+        let number = preferences
+            .get("phone_number")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let opted_out = state.consent.opted_out_number(number.as_deref()).await?;
+        preferences.insert("sms_opted_out".into(), json!(opted_out.sms));
+        preferences.insert("whatsapp_opted_out".into(), json!(opted_out.whatsapp));
     }
     document["success"] = json!(true);
     Ok(Json(document))

@@ -335,16 +335,13 @@ async fn dev_inbound(
     let JsonBody(request) = body?;
     // `whatsapp:+...`, as Twilio writes a WhatsApp sender, is the WhatsApp channel; with
     // `channel: "sms"` it contradicts itself and is refused.
-    let (from, whatsapp_address) = match request.from.strip_prefix("whatsapp:") {
-        Some(number) => (number, true),
-        None => (request.from.as_str(), false),
-    };
+    let (addressed, from) = crate::store::Channel::of_address(&request.from);
     let number = PhoneNumber::parse(from)?;
-    let channel = match (request.channel.as_deref(), whatsapp_address) {
-        (None, true) => crate::store::Channel::Whatsapp,
-        (channel, _) => crate::outbox::parse_channel(channel)?,
+    let channel = match request.channel.as_deref() {
+        None => addressed,
+        channel => crate::outbox::parse_channel(channel)?,
     };
-    if whatsapp_address && channel != crate::store::Channel::Whatsapp {
+    if addressed == crate::store::Channel::Whatsapp && channel != addressed {
         return Err(AppError::bad_request(
             "invalid_channel",
             "from is a WhatsApp address (whatsapp:+...), but channel is sms",

@@ -137,10 +137,7 @@ impl Inbound {
         if let Some(seen) = self.store.incoming_by_sid(&incoming.message_sid).await? {
             return Ok(twiml(seen.reply_template.as_deref(), render));
         }
-        let (channel, raw) = match incoming.from.strip_prefix("whatsapp:") {
-            Some(rest) => (Channel::Whatsapp, rest),
-            None => (Channel::Sms, incoming.from.as_str()),
-        };
+        let (channel, raw) = Channel::of_address(&incoming.from);
         let from_number = PhoneNumber::parse(raw)
             .map(String::from)
             .unwrap_or_else(|_| raw.trim().to_string());

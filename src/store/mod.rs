@@ -1169,10 +1169,10 @@ impl OtpIssue {
     /// number for their own account could tell, from their own history, whether that number is
     /// on file for an account they had just asked a code for.
     pub(crate) fn destination_limited(&self, checks: &OtpChecks) -> bool {
-        let cooling = self.cooldown_seconds > 0
-            && checks.destination_last_send.is_some_and(|last| {
-                last + chrono::Duration::seconds(self.cooldown_seconds) > self.now
-            });
+        let cooling = self
+            .limits()
+            .cooling_until(checks.destination_last_send)
+            .is_some();
         self.attempt.is_some()
             && self.redirected()
             && (cooling || checks.destination_full.is_some())
@@ -1248,18 +1248,21 @@ impl OtpLimits<'_> {
         )
     }
 
+    /// When the cooldown after a number's last send (`last`) lifts, while it holds. None at all
+    /// when it is zero: a send logged by a request stamped a moment after this one (they ran side
+    /// by side) is not "within the cooldown" of it.
+    pub(crate) fn cooling_until(&self, last: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+        last.filter(|_| self.cooldown_seconds > 0)
+            .map(|last| last + chrono::Duration::seconds(self.cooldown_seconds))
+            .filter(|ready| *ready > self.now)
+    }
+
     /// What refuses this send, or `None` when it may go: the cooldown per number, then the
     /// hourly limits per number, per user and per client address, each until the send that
     /// keeps its window full ages out. A limit of no sends at all refuses a second at a time.
     pub(crate) fn refusal(&self, checks: &OtpChecks) -> Option<LimitRefusal> {
         let now = self.now;
-        // No cooldown at all when it is zero: a send logged by a request stamped a moment
-        // after this one (they ran side by side) is not "within the cooldown" of it.
-        let cooling = checks
-            .last_send
-            .filter(|_| self.cooldown_seconds > 0)
-            .map(|last| last + chrono::Duration::seconds(self.cooldown_seconds))
-            .filter(|ready| *ready > now);
+        let cooling = self.cooling_until(checks.last_send);
         let hour = |applies: bool, full: Option<DateTime<Utc>>, max: i64| {
             if !applies {
                 None

@@ -485,11 +485,13 @@ async fn dev_inbound_takes_a_whatsapp_address() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    app.put_preferences(
-        "p1",
-        json!({"phone_number": "+14155552671", "sms_consent": true, "whatsapp_consent": true}),
-    )
-    .await;
+    let r = app
+        .put_preferences(
+            "p1",
+            json!({"phone_number": "+14155552671", "sms_consent": true, "whatsapp_consent": true}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
     let preferences = app
         .get_json("/api/messaging/preferences", Some(&app.user_token("p1")))
         .await["preferences"]
