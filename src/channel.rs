@@ -26,9 +26,13 @@ impl Channel {
     /// A sender or recipient as Twilio writes it: `whatsapp:+...` is WhatsApp, anything else
     /// SMS; with the number (prefix removed).
     pub fn of_address(address: &str) -> (Channel, &str) {
-        match address.strip_prefix("whatsapp:") {
-            Some(number) => (Channel::Whatsapp, number),
-            None => (Channel::Sms, address),
+        // Twilio writes the prefix in lower case; a hand-written `WhatsApp:` means the same.
+        const PREFIX: &str = "whatsapp:";
+        match address.get(..PREFIX.len()) {
+            Some(head) if head.eq_ignore_ascii_case(PREFIX) => {
+                (Channel::Whatsapp, &address[PREFIX.len()..])
+            }
+            _ => (Channel::Sms, address),
         }
     }
 

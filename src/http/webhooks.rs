@@ -336,7 +336,13 @@ async fn dev_inbound(
     // `whatsapp:+...`, as Twilio writes a WhatsApp sender, is the WhatsApp channel; with
     // `channel: "sms"` it contradicts itself and is refused.
     let (addressed, from) = crate::store::Channel::of_address(&request.from);
-    let number = PhoneNumber::parse(from)?;
+    let number = PhoneNumber::parse(from).map_err(|_| {
+        AppError::bad_request(
+            "invalid_phone",
+            "from must be a valid number in international format (e.g. +919876543210), or \
+             whatsapp: and one",
+        )
+    })?;
     let channel = match request.channel.as_deref() {
         None => addressed,
         channel => crate::outbox::parse_channel(channel)?,

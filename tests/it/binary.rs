@@ -355,27 +355,70 @@ async fn migrate_and_send_in_mock_mode() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("amount"));
 }
 
-async fn free_port() -> u16 {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap().port()
+/// `serve` started on a port the kernel picks (`BIND_ADDR=127.0.0.1:0`), found from its
+/// "listening" log line: a port picked by the test and let go could be taken by another test's
+/// listener before the server binds it, and that listener would answer in its place. Returns the
+/// child, its base URL and its stderr, read as it comes (a full pipe would stall the server) and
+/// handed over whole when the process closes it.
+async fn serve_on_a_free_port(
+    mut cmd: Command,
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::task::JoinHandle<String>,
+) {
+    cmd.env("BIND_ADDR", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (found, address) = tokio::sync::oneshot::channel();
+    let logs = tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut text = String::new();
+        let mut found = Some(found);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(port) = listening_port(&line) {
+                if let Some(found) = found.take() {
+                    let _ = found.send(port);
+                }
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    let port = tokio::time::timeout(Duration::from_secs(20), address)
+        .await
+        .expect("the server logs where it listens within 20 s")
+        .expect("the server logs where it listens");
+    (child, format!("http://127.0.0.1:{port}"), logs)
+}
+
+/// The port in the "listening" line, in either log format (`addr=127.0.0.1:PORT` or JSON).
+fn listening_port(line: &str) -> Option<u16> {
+    if !line.contains("prism-messaging listening") {
+        return None;
+    }
+    let after = &line[line.find("127.0.0.1:")? + "127.0.0.1:".len()..];
+    let digits = after
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(after.len());
+    after[..digits].parse().ok()
 }
 
 #[tokio::test]
 async fn serve_sends_through_twilio_logs_nothing_private_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeTwilio::start().await;
-    let port = free_port().await;
-    let base = format!("http://127.0.0.1:{port}");
     let mut cmd = binary(dir.path());
     live_env(&mut cmd, &fake, AUTH_TOKEN);
-    cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
-        .env("MESSAGING_API_KEY", API_KEY)
+    cmd.env("MESSAGING_API_KEY", API_KEY)
         .env("AUTH_JWT_SECRET", JWT_SECRET)
         .env("APP_URL", APP_URL)
-        .env("LOG_FORMAT", "json")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().unwrap();
+        .env("LOG_FORMAT", "json");
+    let (child, base, stderr) = serve_on_a_free_port(cmd).await;
     let client = reqwest::Client::new();
     let mut up = false;
     for _ in 0..100 {
@@ -462,7 +505,7 @@ async fn serve_sends_through_twilio_logs_nothing_private_and_stops_on_sigterm() 
     let logs = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        stderr.await.unwrap()
     );
     assert!(logs.contains("shutdown requested"), "{logs}");
     assert!(
@@ -554,21 +597,11 @@ async fn otp_send_and_verify_from_the_command_line() {
 #[tokio::test]
 async fn ctrl_c_stops_the_server_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port().await;
-    let mut cmd = binary(dir.path());
-    cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().unwrap();
+    let (child, base, stderr) = serve_on_a_free_port(binary(dir.path())).await;
     let client = reqwest::Client::new();
     let mut up = false;
     for _ in 0..100 {
-        if client
-            .get(format!("http://127.0.0.1:{port}/healthz"))
-            .send()
-            .await
-            .is_ok()
-        {
+        if client.get(format!("{base}/healthz")).send().await.is_ok() {
             up = true;
             break;
         }
@@ -586,7 +619,7 @@ async fn ctrl_c_stops_the_server_cleanly() {
         .unwrap()
         .unwrap();
     assert!(out.status.success(), "clean exit on Ctrl-C (SIGINT)");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("shutdown requested"));
+    assert!(stderr.await.unwrap().contains("shutdown requested"));
 }
 
 /// Every flow against the real binary, logging at `debug` in both formats: no full phone number,
@@ -617,35 +650,17 @@ async fn every_flow_at_debug_logs_nothing_private() {
 async fn run_every_flow(format: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeTwilio::start().await;
-    let port = free_port().await;
-    let base = format!("http://127.0.0.1:{port}");
     let mut cmd = binary(dir.path());
     live_env(&mut cmd, &fake, AUTH_TOKEN);
-    cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
-        .env("MESSAGING_API_KEY", API_KEY)
+    cmd.env("MESSAGING_API_KEY", API_KEY)
         .env("AUTH_JWT_SECRET", JWT_SECRET)
         .env("CRON_SECRET", CRON_SECRET)
         .env("APP_URL", APP_URL)
         .env("PUBLIC_URL", PUBLIC_URL)
         .env("TWILIO_WHATSAPP_NUMBER", WHATSAPP_SENDER)
         .env("LOG_FORMAT", format)
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    // Read the logs as they come: at debug they fill a pipe's buffer, and a full pipe would stall
-    // the server on its next log line.
-    let drain = |stream: Option<tokio::process::ChildStderr>| {
-        tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            let mut text = Vec::new();
-            if let Some(mut stream) = stream {
-                let _ = stream.read_to_end(&mut text).await;
-            }
-            String::from_utf8_lossy(&text).into_owned()
-        })
-    };
-    let stderr = drain(child.stderr.take());
+        .env("RUST_LOG", "debug");
+    let (child, base, stderr) = serve_on_a_free_port(cmd).await;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

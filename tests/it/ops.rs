@@ -481,7 +481,23 @@ async fn dev_inbound_takes_a_whatsapp_address() {
     let recorded: Value = app.get_json("/api/inbound", Some(API_KEY)).await;
     assert_eq!(recorded["messages"], json!([]), "{recorded}");
 
-    let r = inbound(json!({"from": "whatsapp:+14155552671", "body": "STOP"}))
+    // A bad number is refused naming the field the caller wrote.
+    let r = inbound(json!({"from": "whatsapp:+1415", "body": "STOP"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_phone", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("from "),
+        "{body}"
+    );
+
+    // The prefix in any case: Twilio writes `whatsapp:`, a person may write `WhatsApp:`.
+    let r = inbound(json!({"from": "WhatsApp:+14155552671", "body": "STOP"}))
         .await
         .unwrap();
     assert_eq!(r.status(), 200);

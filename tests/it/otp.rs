@@ -588,6 +588,20 @@ async fn bad_input_is_refused_and_reveals_nothing(backend: Backend) {
         assert_eq!(r.status(), 400, "{body}");
         assert_eq!(error_code(r).await, code, "{body}");
     }
+    // An array where an object belongs: the message says so, without the handler's type name.
+    let r = app
+        .client
+        .post(app.url("/api/messaging/send-otp"))
+        .json(&json!(["u", PHONE, "login"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_json", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("expected a JSON object"), "{body}");
+    assert!(!message.contains("Request"), "{body}");
     assert_eq!(outbox_len(&app).await, 0);
     // An unknown user and a wrong code for a known one answer identically.
     send_ok(&app, "known", PHONE, "login").await;
