@@ -80,6 +80,36 @@ async fn set_lock_wait(conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Er
     }
 }
 
+/// Whether a pooled connection may go back to the pool: only outside any transaction, in sqlx's
+/// view and in SQLite's. A write that fails with "database or disk is full" (or an I/O error)
+/// can make SQLite roll back the whole transaction by itself; sqlx's rollback on drop then fails
+/// and sqlx still counts the transaction open, so the connection's next `begin` is a `SAVEPOINT`
+/// and its next commit a `RELEASE`. Once such a savepoint is rolled back to, SQLite stays inside
+/// a transaction that holds the write lock, and every later commit on the connection is a
+/// `RELEASE` inside it: acknowledged and never committed, while every other writer waits for
+/// the lock (found by review: acknowledged consent changes, queued messages and STOPs lost
+/// after the disk filled, and writes stuck until a restart after it was freed). Closing the
+/// connection rolls back what it holds; the pool opens a new one when it needs one.
+async fn outside_any_transaction(conn: &mut sqlx::SqliteConnection) -> Result<bool, sqlx::Error> {
+    use sqlx::Connection;
+    let sqlx_counts_one = conn.is_in_transaction();
+    // The handle is had after the worker has run the rollback a dropped transaction queued.
+    let mut handle = conn.lock_handle().await?;
+    // SAFETY: the handle is this live connection, locked for the call; `sqlite3_get_autocommit`
+    // only reads the connection's state.
+    let sqlite_has_one =
+        unsafe { rusqlite::ffi::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr()) } == 0;
+    if sqlx_counts_one || sqlite_has_one {
+        tracing::error!(
+            sqlx_counts_one,
+            sqlite_has_one,
+            "a database connection was left inside a transaction after a failed write: closed"
+        );
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 impl SqliteStore {
     pub async fn connect(database_url: &str, keys: &KeySettings) -> AppResult<Self> {
         let options = SqliteConnectOptions::from_str(database_url)
@@ -100,6 +130,7 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .after_connect(|conn, _| Box::pin(set_lock_wait(conn)))
+            .after_release(|conn, _| Box::pin(outside_any_transaction(conn)))
             // A connection to a local file does not go stale; sqlx's default check before each
             // acquire is a round trip to the connection's thread (perf: the largest cost of a
             // refused send-otp after the fsync).
@@ -262,6 +293,84 @@ mod tests {
             "both waited for the lock"
         );
         release.join().unwrap();
+    }
+
+    /// A pooled write that fails on a full disk (here the connection's page limit), after which
+    /// SQLite rolled its transaction back by itself, leaves no connection in the pool that is
+    /// inside a transaction: the next writes begin their own, commit, are seen by another
+    /// connection, and leave the write lock free (found by review: on a full disk, acknowledged
+    /// writes went into a transaction never committed, and writes stayed stuck after).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_failed_on_a_full_disk_leaves_no_connection_inside_a_transaction() {
+        use crate::store::{ChangeContext, ConsentSource, ConsentStore};
+        use sqlx::Connection;
+        let (dir, store) = store_on_a_file().await;
+        {
+            let mut conn = store.pool.acquire().await.unwrap();
+            let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            sqlx::query(&format!("PRAGMA max_page_count = {}", pages + 2))
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+            let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.unwrap();
+            let mut failed = None;
+            for i in 0..200 {
+                let insert = sqlx::query(
+                    "INSERT INTO messaging_consent (user_id, created_at, updated_at) \
+                     VALUES ($1 || hex(randomblob(1500)), '2026-01-01', '2026-01-01')",
+                )
+                .bind(i.to_string())
+                .execute(&mut *tx)
+                .await;
+                if let Err(e) = insert {
+                    failed = Some(e.to_string());
+                    break;
+                }
+            }
+            let failed = failed.expect("the page limit was reached");
+            assert!(failed.contains("full"), "{failed}");
+            drop(tx);
+        }
+        // Every connection the pool hands out now is outside any transaction.
+        let mut held = Vec::new();
+        for _ in 0..store.pool.size().max(1) {
+            let mut conn = store.pool.acquire().await.unwrap();
+            assert!(!conn.is_in_transaction(), "sqlx counts no transaction");
+            let mut handle = conn.lock_handle().await.unwrap();
+            let autocommit =
+                unsafe { rusqlite::ffi::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr()) };
+            assert_ne!(autocommit, 0, "SQLite has no transaction open");
+            drop(handle);
+            held.push(conn);
+        }
+        drop(held);
+        let ctx = ChangeContext {
+            source: ConsentSource::Api,
+            ip: None,
+            user_agent: None,
+            at: chrono::Utc::now(),
+        };
+        let consent_on = |c: &crate::store::Consent| {
+            let mut next = c.clone();
+            next.sms_consent = true;
+            Ok(next)
+        };
+        for user in ["after-1", "after-2", "after-3"] {
+            store.update_consent(user, &consent_on, &ctx).await.unwrap();
+        }
+        let other = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
+        let stored: i64 = other
+            .query_row(
+                "SELECT COUNT(*) FROM messaging_consent WHERE user_id LIKE 'after-%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, 3, "each acknowledged write is committed");
+        other.execute_batch("BEGIN IMMEDIATE; ROLLBACK").unwrap();
     }
 
     /// A database in memory has no writer thread: its OTP issue is the portable transaction,

@@ -162,6 +162,9 @@ fn serve(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>) {
 }
 
 fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> rusqlite::Result<()> {
+    if !conn.is_autocommit() {
+        roll_back(conn);
+    }
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let ran = batch.iter_mut().try_for_each(|job| {
         conn.execute_batch("SAVEPOINT job")?;
@@ -173,9 +176,20 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> rusqlite::Result<
     match ran.and_then(|()| conn.execute_batch("COMMIT")) {
         Ok(()) => Ok(()),
         Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
+            roll_back(conn);
             Err(e)
         }
+    }
+}
+
+/// End a failed batch's transaction. SQLite may already have rolled it back by itself (a full
+/// disk, an I/O error): then `ROLLBACK` fails, harmlessly. What must not happen is the writer
+/// staying inside a transaction, holding the write lock, with every later batch refused; the
+/// next batch tries again before it begins (`run_batch`).
+fn roll_back(conn: &Connection) {
+    let _ = conn.execute_batch("ROLLBACK");
+    if !conn.is_autocommit() {
+        tracing::error!("the SQLite writer could not end a failed transaction");
     }
 }
 
@@ -247,6 +261,44 @@ mod tests {
         .unwrap();
         let writer = SqliteWriter::start(&path).unwrap();
         (dir, writer)
+    }
+
+    /// A full disk (here the file's page limit) fails the batch, and SQLite may roll the whole
+    /// transaction back by itself: the next batch still begins, commits and is seen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_fails_its_batch_and_the_next_one_commits() {
+        let (dir, writer) = writer_on_new_file();
+        let full = writer
+            .write(|conn| {
+                let pages: Option<i64> = scalar(conn, "PRAGMA page_count", &[])?;
+                let limit = pages.unwrap_or(0) + 2;
+                conn.execute_batch(&format!("PRAGMA max_page_count = {limit}"))?;
+                for i in 0..100i64 {
+                    execute(
+                        conn,
+                        "INSERT INTO t (k, v) VALUES ($1 || randomblob(3000), $2)",
+                        &[&i.to_string(), &i],
+                    )?;
+                }
+                Ok(())
+            })
+            .await;
+        let error = format!("{:#}", full.unwrap_err());
+        assert!(error.contains("full"), "{error}");
+        writer
+            .write(|conn| {
+                conn.execute_batch("PRAGMA max_page_count = 1073741823")?;
+                execute(conn, "INSERT INTO t (k, v) VALUES ('after', 1)", &[])?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let other = Connection::open(dir.path().join("w.db")).unwrap();
+        let rows: i64 = other
+            .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 1, "only the write after the failure");
+        other.execute_batch("BEGIN IMMEDIATE; ROLLBACK").unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
