@@ -11,7 +11,7 @@ use crate::consent::ConsentService;
 use crate::error::AppResult;
 use crate::provider::twilio::RECIPIENT_UNSUBSCRIBED;
 use crate::status::MessageStatus;
-use crate::store::{KnownStatus, MessageRecord, MessageStore, StatusApplied};
+use crate::store::{KnownStatus, MessageRecord, MessageStore, OwedOptOut, StatusApplied};
 
 /// What a status callback did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,7 +167,19 @@ impl Delivery {
     ) -> AppResult<()> {
         let mut opt_out = false;
         for k in parked {
-            opt_out |= k.error_code == Some(RECIPIENT_UNSUBSCRIBED);
+            let carrier_opt_out = k.error_code == Some(RECIPIENT_UNSUBSCRIBED);
+            opt_out |= carrier_opt_out;
+            if carrier_opt_out && !k.applied.changed {
+                // As for a live callback (`apply_status`): a report that could not move the
+                // status (an `undelivered` parked behind a `delivered`) is kept in the history
+                // all the same, or a replay of it would find it unseen and revoke consent again,
+                // even consent the patient gave back since (found by review).
+                if let Some(message) = &k.applied.message {
+                    self.messages
+                        .record_report(&message.id, k.status, k.error_code, at)
+                        .await?;
+                }
+            }
             self.react(provider_sid, k.status, k.error_code, k.applied, at)
                 .await?;
         }
@@ -191,13 +203,13 @@ impl Delivery {
         limit: i64,
     ) -> AppResult<ParkedOptOuts> {
         let mut report = ParkedOptOuts::default();
-        for (sid, reported_at) in self.messages.parked_opt_outs_owed(limit).await? {
-            match self.settle_parked_opt_out(&sid, reported_at, at).await {
+        for owed in self.messages.parked_opt_outs_owed(limit).await? {
+            match self.settle_parked_opt_out(&owed, at).await {
                 Ok(true) => report.recorded += 1,
                 Ok(false) => report.superseded += 1,
                 Err(e) => {
                     report.failed += 1;
-                    tracing::error!(provider_sid = %sid, error = format!("{e:#}"), "an owed carrier opt-out could not be recorded; it stays owed");
+                    tracing::error!(provider_sid = %owed.provider_sid, error = format!("{e:#}"), "an owed carrier opt-out could not be recorded; it stays owed");
                 }
             }
         }
@@ -212,22 +224,27 @@ impl Delivery {
 
     /// `settle_parked_opt_outs` for one SID: `true` when its opt-out was recorded, `false` when
     /// a later change superseded it (or its message is gone).
-    async fn settle_parked_opt_out(
-        &self,
-        sid: &str,
-        reported_at: DateTime<Utc>,
-        at: DateTime<Utc>,
-    ) -> AppResult<bool> {
+    async fn settle_parked_opt_out(&self, owed: &OwedOptOut, at: DateTime<Utc>) -> AppResult<bool> {
+        let sid = owed.provider_sid.as_str();
         let message = self.messages.message_by_sid(sid).await?;
         let mut recorded = false;
         if let Some((channel, number)) = message.as_ref().and_then(recipient) {
             let superseded = self
                 .consent
-                .channel_changed_since(number, channel, reported_at)
+                .channel_changed_since(number, channel, owed.reported_at)
                 .await?;
             if !superseded {
                 self.consent.carrier_opt_out(number, channel, at).await?;
                 recorded = true;
+            }
+        }
+        // Each report in the history (a no-op where its status moved and it is there), so that
+        // a replay of it is found seen whatever happened to the consent meanwhile.
+        if let Some(message) = &message {
+            for status in &owed.statuses {
+                self.messages
+                    .record_report(&message.id, *status, Some(RECIPIENT_UNSUBSCRIBED), at)
+                    .await?;
             }
         }
         self.messages.forget_parked_opt_outs(sid).await?;

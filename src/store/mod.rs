@@ -182,10 +182,10 @@ pub trait MessageStore: Send + Sync + 'static {
     /// opt-out owed (`parked_opt_outs_owed`).
     async fn prune_unmatched_statuses(&self, before: DateTime<Utc>) -> AppResult<u64>;
     /// SIDs (at most `limit`) of recorded messages whose carrier opt-out (21610) arrived before
-    /// their send recorded the SID and may not be on record yet, each with when it arrived:
-    /// `record_sent` applies such a callback but leaves it parked until
-    /// `forget_parked_opt_outs`. Pruning and retention leave these alone.
-    async fn parked_opt_outs_owed(&self, limit: i64) -> AppResult<Vec<(String, DateTime<Utc>)>>;
+    /// their send recorded the SID and may not be on record yet, each with when it first
+    /// arrived and the statuses it came with: `record_sent` applies such a callback but leaves
+    /// it parked until `forget_parked_opt_outs`. Pruning and retention leave these alone.
+    async fn parked_opt_outs_owed(&self, limit: i64) -> AppResult<Vec<OwedOptOut>>;
     /// The carrier opt-out parked for this SID is on record: forget it.
     async fn forget_parked_opt_outs(&self, provider_sid: &str) -> AppResult<()>;
     /// Keep in `message_id`'s history a provider report that did not move its status but took
@@ -770,10 +770,12 @@ pub(crate) const FORGET_PARKED_OPT_OUTS: &str =
 /// Parked carrier opt-outs (at most `$1` rows: SID, when it came) applied to a recorded message
 /// but whose opt-out may not be on record (see `DROP_APPLIED_PARKED`).
 pub(crate) const PARKED_OPT_OUTS_OWED: &str =
-    "SELECT u.provider_sid, u.received_at FROM unmatched_status_callbacks u \
-     WHERE u.error_code = 21610 \
-     AND EXISTS (SELECT 1 FROM messages m WHERE m.provider_sid = u.provider_sid) \
-     ORDER BY u.provider_sid LIMIT $1";
+    "SELECT u.provider_sid, u.status, u.received_at FROM unmatched_status_callbacks u \
+     WHERE u.error_code = 21610 AND u.provider_sid IN ( \
+         SELECT o.provider_sid FROM unmatched_status_callbacks o WHERE o.error_code = 21610 \
+         AND EXISTS (SELECT 1 FROM messages m WHERE m.provider_sid = o.provider_sid) \
+         GROUP BY o.provider_sid ORDER BY o.provider_sid LIMIT $1) \
+     ORDER BY u.provider_sid, u.received_at";
 
 /// Unmatched callbacks older than `$1`, but an opt-out owed (`parked_not_owed_sql!`).
 pub(crate) const PRUNE_UNMATCHED: &str = concat!(

@@ -565,6 +565,16 @@ impl IncomingMessage {
 /// A status applied with a send's record (`MessageStore::record_sent`): the provider's own
 /// answer, or a callback that came before the SID was recorded.
 #[derive(Debug, Clone)]
+pub struct OwedOptOut {
+    pub provider_sid: String,
+    /// When the first report came.
+    pub reported_at: DateTime<Utc>,
+    /// The statuses it came with (`undelivered`, `failed`: either or both).
+    pub statuses: Vec<MessageStatus>,
+}
+
+/// A status parked for a SID, as `record_sent` applied it.
+#[derive(Debug, Clone)]
 pub struct KnownStatus {
     pub status: MessageStatus,
     pub error_code: Option<i64>,

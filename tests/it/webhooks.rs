@@ -13,6 +13,7 @@ both_backends!(
     unknown_message_sid_is_acknowledged,
     carrier_opt_out_revokes_consent,
     a_carrier_opt_out_after_a_final_status_is_seen_on_its_replay,
+    a_parked_carrier_opt_out_behind_a_final_status_is_seen_on_its_replay,
     start_gives_back_only_what_an_opt_out_took,
     a_users_change_during_a_start_is_not_overwritten,
     a_carrier_opt_out_that_failed_to_record_is_recorded_on_the_retry,
@@ -319,6 +320,54 @@ async fn a_carrier_opt_out_after_a_final_status_is_seen_on_its_replay(backend: B
     assert!(sms_consent(&app, "p1").await);
     // Twilio's retry, or anyone replaying the signed request: seen, nothing changes.
     assert_eq!(status(&app, &sid, "undelivered", Some("21610")).await, 200);
+    assert!(
+        sms_consent(&app, "p1").await,
+        "a replay revoked consent given back since"
+    );
+    let revocations = app
+        .state
+        .store
+        .consent_audit("p1")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.source == "provider")
+        .count();
+    assert_eq!(revocations, 1);
+}
+
+/// The same, for reports that beat the send: `delivered` and then `undelivered` with 21610 arrive
+/// before the send recorded its SID, so both are parked and applied with the send. The report
+/// that cannot move the status is kept in the history there too; replayed after the patient's
+/// START, it must not revoke again (found by review: it did, on both backends).
+async fn a_parked_carrier_opt_out_behind_a_final_status_is_seen_on_its_replay(backend: Backend) {
+    let app = TestApp::spawn_live(
+        backend,
+        TestConfig::new().set("DISPATCH_RATE_PER_SECOND", "0"),
+    )
+    .await;
+    let sid = "SM0000000000000000000000000021699";
+    app.consent("p1", PATIENT).await;
+    app.fake.as_ref().unwrap().next_sid(sid);
+    assert_eq!(status(&app, sid, "delivered", None).await, 200, "parked");
+    assert_eq!(
+        status(&app, sid, "undelivered", Some("21610")).await,
+        200,
+        "parked"
+    );
+    let id = app.notify_ok(reminder("p1")).await;
+    assert_eq!(app.dispatch().await.sent, 1);
+    assert!(!sms_consent(&app, "p1").await, "the parked report revokes");
+    let message = app.message(&id).await;
+    assert_eq!(message["status"], "delivered", "{message}");
+    assert_eq!(
+        statuses(&message).last().unwrap(),
+        "undelivered",
+        "the report is in the history: {message}"
+    );
+    app.incoming("SMstart-parked", PATIENT, "START").await;
+    assert!(sms_consent(&app, "p1").await);
+    assert_eq!(status(&app, sid, "undelivered", Some("21610")).await, 200);
     assert!(
         sms_consent(&app, "p1").await,
         "a replay revoked consent given back since"

@@ -379,14 +379,25 @@ impl MessageStore for ThisStore {
         Ok(Some(known))
     }
 
-    async fn parked_opt_outs_owed(&self, limit: i64) -> AppResult<Vec<(String, DateTime<Utc>)>> {
-        let mut owed: Vec<(String, DateTime<Utc>)> = sqlx::query_as(PARKED_OPT_OUTS_OWED)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        // A SID may have two (`failed` and `undelivered`): the first report stands for both.
-        owed.sort();
-        owed.dedup_by(|later, first| later.0 == first.0);
+    async fn parked_opt_outs_owed(&self, limit: i64) -> AppResult<Vec<OwedOptOut>> {
+        let rows: Vec<(String, MessageStatus, DateTime<Utc>)> =
+            sqlx::query_as(PARKED_OPT_OUTS_OWED)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+        // A SID may have two (`failed` and `undelivered`), in the order they came: the first
+        // report's time stands for both.
+        let mut owed: Vec<OwedOptOut> = Vec::new();
+        for (provider_sid, status, received_at) in rows {
+            match owed.last_mut() {
+                Some(last) if last.provider_sid == provider_sid => last.statuses.push(status),
+                _ => owed.push(OwedOptOut {
+                    provider_sid,
+                    reported_at: received_at,
+                    statuses: vec![status],
+                }),
+            }
+        }
         Ok(owed)
     }
 
