@@ -562,8 +562,8 @@ impl IncomingMessage {
     }
 }
 
-/// A status applied with a send's record (`MessageStore::record_sent`): the provider's own
-/// answer, or a callback that came before the SID was recorded.
+/// A carrier opt-out (21610) that came before its send recorded the SID and may not be on
+/// record yet (`MessageStore::parked_opt_outs_owed`).
 #[derive(Debug, Clone)]
 pub struct OwedOptOut {
     pub provider_sid: String,
@@ -573,7 +573,8 @@ pub struct OwedOptOut {
     pub statuses: Vec<MessageStatus>,
 }
 
-/// A status parked for a SID, as `record_sent` applied it.
+/// A status applied with a send's record (`MessageStore::record_sent`): the provider's own
+/// answer, or a callback that came before the SID was recorded.
 #[derive(Debug, Clone)]
 pub struct KnownStatus {
     pub status: MessageStatus,

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 both_backends!(
     the_export_holds_everything_about_me_and_nothing_of_others,
     erasure_removes_the_user_keeps_evidence_and_is_harmless_twice,
+    erasure_takes_the_user_out_of_a_shared_numbers_replies,
 );
 
 const FAMILY: &str = "+14155552671";
@@ -274,4 +275,44 @@ async fn erasure_removes_the_user_keeps_evidence_and_is_harmless_twice(backend: 
             );
         }
     }
+}
+
+/// Two users share a number and a reply comes from it (attributed to the one messaged, and
+/// listing both): erasing the other leaves the reply to its user, without the erased user's id
+/// anywhere in it (found by review: `user_ids` still named them).
+async fn erasure_takes_the_user_out_of_a_shared_numbers_replies(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    app.consent("fam-a", FAMILY).await;
+    app.consent("fam-b", FAMILY).await;
+    app.notify_ok(reminder("fam-a")).await;
+    app.dispatch().await;
+    app.incoming("SMshared-reply", FAMILY, "hello").await;
+    // (Read from the table: the inbox shows a reply two seconds after it came.)
+    let replies = || {
+        app.db.text_pairs(
+            "SELECT COALESCE(user_id, ''), COALESCE(user_ids, '') FROM incoming_messages",
+        )
+    };
+    let before = replies().await;
+    assert_eq!(before.len(), 1);
+    let listed: Vec<String> = serde_json::from_str(&before[0].1).unwrap();
+    assert_eq!(listed, ["fam-a", "fam-b"], "{before:?}");
+    let r = app
+        .client
+        .delete(app.url("/api/users/fam-b"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let erased: Value = r.json().await.unwrap();
+    assert_eq!(
+        erased["erased"]["replies"], 0,
+        "the reply is fam-a's: {erased}"
+    );
+    let after = replies().await;
+    assert_eq!(after.len(), 1, "the reply stays");
+    assert_eq!(after[0].0, "fam-a");
+    let listed: Vec<String> = serde_json::from_str(&after[0].1).unwrap();
+    assert_eq!(listed, ["fam-a"], "{after:?}");
 }

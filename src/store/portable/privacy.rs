@@ -143,6 +143,7 @@ impl PrivacyStore for ThisStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        unlist_from_replies(&mut tx, user_id).await?;
         counts.appointments = sqlx::query("DELETE FROM appointments WHERE user_id = $1")
             .bind(user_id)
             .execute(&mut *tx)
@@ -213,4 +214,36 @@ impl PrivacyStore for ThisStore {
         }
         Ok(counts)
     }
+}
+
+/// Replies from a number the erased user shared stay (another user's, or nobody's), but their
+/// list of who had the number (`user_ids`) loses the erased user: it would otherwise still tie
+/// their id to that number (found by review). Erasure is rare, so the rows are found by a scan
+/// of the lists' text for the id as JSON writes it (`replace`: the one substring test SQLite and
+/// PostgreSQL share), and the match is made exact here.
+async fn unlist_from_replies(
+    tx: &mut sqlx::Transaction<'_, Db>,
+    user_id: &str,
+) -> AppResult<()> {
+    let quoted = serde_json::to_string(user_id).map_err(anyhow::Error::from)?;
+    let listed: Vec<(String, String)> = sqlx::query_as(
+        "SELECT id, user_ids FROM incoming_messages \
+         WHERE length(replace(user_ids, $1, '')) < length(user_ids)",
+    )
+    .bind(&quoted)
+    .fetch_all(&mut **tx)
+    .await?;
+    for (id, user_ids) in listed {
+        let users: Vec<String> = serde_json::from_str(&user_ids).map_err(anyhow::Error::from)?;
+        let kept: Vec<&String> = users.iter().filter(|u| u.as_str() != user_id).collect();
+        if kept.len() == users.len() {
+            continue;
+        }
+        sqlx::query("UPDATE incoming_messages SET user_ids = $2 WHERE id = $1")
+            .bind(&id)
+            .bind(serde_json::to_string(&kept).map_err(anyhow::Error::from)?)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
