@@ -221,10 +221,7 @@ impl PrivacyStore for ThisStore {
 /// their id to that number (found by review). Erasure is rare, so the rows are found by a scan
 /// of the lists' text for the id as JSON writes it (`replace`: the one substring test SQLite and
 /// PostgreSQL share), and the match is made exact here.
-async fn unlist_from_replies(
-    tx: &mut sqlx::Transaction<'_, Db>,
-    user_id: &str,
-) -> AppResult<()> {
+async fn unlist_from_replies(tx: &mut sqlx::Transaction<'_, Db>, user_id: &str) -> AppResult<()> {
     let quoted = serde_json::to_string(user_id).map_err(anyhow::Error::from)?;
     let listed: Vec<(String, String)> = sqlx::query_as(
         "SELECT id, user_ids FROM incoming_messages \
@@ -234,9 +231,11 @@ async fn unlist_from_replies(
     .fetch_all(&mut **tx)
     .await?;
     for (id, user_ids) in listed {
-        let users: Vec<String> = serde_json::from_str(&user_ids).map_err(anyhow::Error::from)?;
+        // A list that does not parse reads as none (`IncomingMessage::user_ids`): written as
+        // none, rather than failing the erasure or keeping the id's text.
+        let users: Vec<String> = serde_json::from_str(&user_ids).unwrap_or_default();
         let kept: Vec<&String> = users.iter().filter(|u| u.as_str() != user_id).collect();
-        if kept.len() == users.len() {
+        if !users.is_empty() && kept.len() == users.len() {
             continue;
         }
         sqlx::query("UPDATE incoming_messages SET user_ids = $2 WHERE id = $1")
