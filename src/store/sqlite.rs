@@ -92,15 +92,20 @@ async fn set_lock_wait(conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Er
 /// connection rolls back what it holds; the pool opens a new one when it needs one.
 async fn outside_any_transaction(conn: &mut sqlx::SqliteConnection) -> Result<bool, sqlx::Error> {
     use sqlx::Connection;
-    let sqlx_counts_one = conn.is_in_transaction();
-    // The handle is had after the worker has run the rollback a dropped transaction queued.
+    // The handle is had only after the connection's worker has run the commands queued before
+    // it, a dropped transaction's rollback among them; so sqlx's count is read after it, not
+    // before (read before, it still counted a transaction whose rollback was queued).
     let mut handle = conn.lock_handle().await?;
     // SAFETY: the handle is this live connection, locked for the call; `sqlite3_get_autocommit`
     // only reads the connection's state.
     let sqlite_has_one =
         unsafe { rusqlite::ffi::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr()) } == 0;
+    drop(handle);
+    let sqlx_counts_one = conn.is_in_transaction();
     if sqlx_counts_one || sqlite_has_one {
-        tracing::error!(
+        // A warning: the failed write that led here logged its own error, and closing the
+        // connection recovers from it.
+        tracing::warn!(
             sqlx_counts_one,
             sqlite_has_one,
             "a database connection was left inside a transaction after a failed write: closed"
