@@ -7,8 +7,8 @@
 # beside a send-otp load (bench/consent-beside-load.py: how long a pool write waits for SQLite's
 # write lock while the writer thread is busy); and the floor under a durable send-otp on this
 # machine (examples/durable_floor.rs: a JSON body appended as one row through group commit and
-# nothing else, with 0, 1, 3 and 7 index entries under random keys per request, and with rows of
-# about a code's size); and how long one small write takes to be made durable on this disk, beside
+# nothing else, with 0, 1, 3 and 7 index entries under random keys per request, with rows of
+# about a code's size, and with the 7 entries in a second file that is never synced); and how long one small write takes to be made durable on this disk, beside
 # the time per request that 10x the guide's stack leaves at this many connections.
 #   bench/write-path.sh [seconds] [connections]     (needs wrk; builds the release binary)
 set -euo pipefail
@@ -149,11 +149,11 @@ psql "$admin" -qAtc "DROP DATABASE IF EXISTS $pg WITH (FORCE)" >/dev/null
 # take (a code's rows and entries come to about 2.2 KB in the file; 1,500 bytes of row take about
 # 2 KB of it, two rows to a 4 KiB page).
 floor_runs=("0 random keys:0 0" "1 random keys:1 0" "3 random keys:3 0" "7 random keys:7 0"
-  "2 KB rows:0 1500")
+  "2 KB rows:0 1500" "7 keys, unsynced file:7 0 side" "7 keys unsynced, 2 KB:7 1500 side")
 for run in "${floor_runs[@]}"; do
   name="durable floor, ${run%%:*}"
-  read -r keys row_bytes <<<"${run#*:}"
-  "$floor" "$work/floor.db" 8782 "$keys" "$row_bytes" >"$work/floor.log" 2>&1 &
+  read -r keys row_bytes side <<<"${run#*:}"
+  "$floor" "$work/floor.db" 8782 "$keys" "$row_bytes" $side >"$work/floor.log" 2>&1 &
   floor_pid=$!
   pids=("$floor_pid")
   for _ in $(seq 100); do
