@@ -143,7 +143,7 @@ pub fn run() -> ExitCode {
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("{e}");
+            tell_stderr(format_args!("{e}"));
             return ExitCode::from(2);
         }
     };
@@ -151,21 +151,28 @@ pub fn run() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
+            tell_stderr(format_args!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(execute(cli.command.unwrap_or(Command::Serve), config)) {
         Ok(code) => code,
         Err(e) if ConfigError::is_cause_of(&e) => {
-            eprintln!("{e:#}");
+            tell_stderr(format_args!("{e:#}"));
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            tell_stderr(format_args!("error: {e:#}"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Why the process stops, on stderr if it can still be written: `eprintln!` would panic on a
+/// closed stderr and turn the exit code into 101.
+fn tell_stderr(message: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{message}");
 }
 
 async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {

@@ -450,6 +450,7 @@ fn bind_address(raw: &str) -> Result<SocketAddr, ConfigError> {
 /// the parser stops there, so every setting below it would be silently left at its default. The
 /// message names the line by number, never by its text (it may hold a secret).
 fn load_dotenv() -> Result<(), ConfigError> {
+    refuse_a_name_set_twice_in_dotenv()?;
     match dotenvy::from_path(".env") {
         Ok(()) => Ok(()),
         Err(e) if e.not_found() => Ok(()),
@@ -479,6 +480,47 @@ fn load_dotenv() -> Result<(), ConfigError> {
     }
 }
 
+/// A name set twice in `.env` stops the start. Only the first would count (a variable already
+/// set is kept), so settings appended to a copy of `.env.example` would be passed over for its
+/// blanks: another database, a new encryption key, with no error.
+fn refuse_a_name_set_twice_in_dotenv() -> Result<(), ConfigError> {
+    // A file that is missing or does not parse is `load_dotenv`'s to report.
+    let Ok(items) = dotenvy::from_path_iter(".env") else {
+        return Ok(());
+    };
+    let mut seen = std::collections::HashSet::new();
+    for item in items {
+        let Ok((name, _)) = item else {
+            return Ok(());
+        };
+        if !seen.insert(name.clone()) {
+            let text = std::fs::read_to_string(".env").unwrap_or_default();
+            let lines: Vec<String> = text
+                .lines()
+                .enumerate()
+                .filter(|(_, line)| sets(line, &name))
+                .map(|(n, _)| (n + 1).to_string())
+                .collect();
+            return Err(err(
+                ".env",
+                format!(
+                    "sets {name} more than once (lines {}): keep one",
+                    lines.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a line of `.env` sets `name` (`NAME=...`, `export NAME=...`, spaces allowed).
+fn sets(line: &str, name: &str) -> bool {
+    let line = line.trim_start();
+    let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+    line.strip_prefix(name)
+        .is_some_and(|rest| rest.trim_start().starts_with('='))
+}
+
 impl Config {
     /// Load `.env` (if present, without overriding the real environment), then read and validate.
     pub fn from_env() -> Result<Config, ConfigError> {
@@ -498,6 +540,15 @@ impl Config {
                 "DATABASE_URL",
                 "must start with sqlite:// or postgres://",
             ));
+        }
+        if let Some(rest) = database_url.strip_prefix("sqlite:") {
+            let rest = rest.strip_prefix("//").unwrap_or(rest);
+            if rest.split('?').next().unwrap_or_default().is_empty() {
+                return Err(err(
+                    "DATABASE_URL",
+                    "names no SQLite file: sqlite://PATH, e.g. sqlite://prism-messaging.db",
+                ));
+            }
         }
         let app_url = v.url("APP_URL", "http://localhost:8080")?;
         let public_url = match v.get("PUBLIC_URL") {
@@ -910,6 +961,9 @@ mod tests {
             (&[("BIND_ADDR", "nowhere")], "BIND_ADDR"),
             (&[("MESSAGING_ENABLED", "maybe")], "MESSAGING_ENABLED"),
             (&[("DATABASE_URL", "mysql://x")], "DATABASE_URL"),
+            // No file: SQLite would give each connection a private database of its own.
+            (&[("DATABASE_URL", "sqlite://")], "DATABASE_URL"),
+            (&[("DATABASE_URL", "sqlite:")], "DATABASE_URL"),
             (&[("OTP_LENGTH", "3")], "OTP_LENGTH"),
             (&[("QUIET_HOURS", "late")], "QUIET_HOURS"),
             (&[("QUIET_HOURS", "21:00-21:00")], "QUIET_HOURS"),

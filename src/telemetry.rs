@@ -17,7 +17,12 @@ pub fn init(format: LogFormat) {
         .with_target(false)
         // Colours only on a terminal: a log redirected to a file stays plain text to grep.
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A line that cannot be written (stderr a broken pipe: the log shipper died, `| head`
+        // exited) is dropped. Reporting the failure would go through `eprintln!`, which panics
+        // on that same stderr, in whatever task was logging: a handler after its commit, the
+        // dispatcher, the signal handler before it could start the shutdown.
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Pretty => builder.try_init(),

@@ -84,8 +84,15 @@ async fn bounded_body(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
+    // verify-otp's refusals carry `"valid": false`, these too.
+    let refuse: fn(AppError) -> axum::response::Response =
+        if request.uri().path() == otp::VERIFY_OTP_PATH {
+            otp::verify_refusal
+        } else {
+            <AppError as IntoResponse>::into_response
+        };
     if declared.is_some_and(|n| n > BODY_LIMIT_BYTES as u64) {
-        return AppError::PayloadTooLarge.into_response();
+        return refuse(AppError::PayloadTooLarge);
     }
     if request.body().is_end_stream() {
         return next.run(request).await;
@@ -98,8 +105,8 @@ async fn bounded_body(
             next.run(request).await
         }
         // Over the limit (a chunked body has no length to refuse early), or a broken stream.
-        Ok(Err(_)) => AppError::PayloadTooLarge.into_response(),
-        Err(_) => AppError::RequestTimeout.into_response(),
+        Ok(Err(_)) => refuse(AppError::PayloadTooLarge),
+        Err(_) => refuse(AppError::RequestTimeout),
     }
 }
 

@@ -82,6 +82,10 @@ async fn send_otp(
     }
 }
 
+/// verify-otp's path, for what answers it before its handler (`bounded_body`); the route above
+/// names it as a literal, as every route does (`api::openapi_documents_every_route` reads them).
+pub(super) const VERIFY_OTP_PATH: &str = "/api/messaging/verify-otp";
+
 /// The mobile client reads `valid`, so errors carry `"valid": false` beside the usual envelope.
 #[utoipa::path(
     post,
@@ -102,6 +106,12 @@ async fn send_otp(
             status = 400,
             description = "`invalid_otp` (no code, wrong, used or expired: indistinguishable), \
                 `invalid_user_id`, `invalid_purpose`, `invalid_json`, `invalid_content_type`.",
+            body = VerifyOtpError,
+        ),
+        (
+            status = 408,
+            description = "`request_timeout`: the body did not arrive within \
+                HEADER_READ_TIMEOUT_SECONDS.",
             body = VerifyOtpError,
         ),
         (status = 413, description = "`payload_too_large`.", body = VerifyOtpError),
@@ -132,8 +142,16 @@ async fn verify_otp(
             "phone_number": verified.phone_number,
         }))
         .into_response(),
-        Err(AppError::Internal(e)) => AppError::Internal(e).into_response(),
-        Err(e) => {
+        Err(e) => verify_refusal(e),
+    }
+}
+
+/// A refused `verify-otp` (any error but a 500) in the envelope with `"valid": false` beside it.
+/// Also for what is refused before the handler runs (a body too large or too slow: `bounded_body`).
+pub(super) fn verify_refusal(e: AppError) -> Response {
+    match e {
+        AppError::Internal(e) => AppError::Internal(e).into_response(),
+        e => {
             let body = json!({
                 "success": false,
                 "valid": false,

@@ -24,7 +24,7 @@ pub mod import;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use chrono::{DateTime, Duration, SecondsFormat, SubsecRound, Utc};
+use chrono::{DateTime, Datelike, Duration, SecondsFormat, SubsecRound, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -238,11 +238,32 @@ fn validate_plan(plan: &str) -> AppResult<()> {
 
 fn parse_time(field: &'static str, value: &str) -> AppResult<DateTime<Utc>> {
     // To the microsecond, as PostgreSQL keeps it, so both backends store the same time.
-    DateTime::parse_from_rfc3339(value)
-        .map(|t| t.with_timezone(&Utc).trunc_subsecs(6))
-        .map_err(|_| {
-            AppError::bad_request("invalid_time", format!("{field} must be an RFC 3339 time"))
-        })
+    let invalid =
+        || AppError::bad_request("invalid_time", format!("{field} must be an RFC 3339 time"));
+    let time = DateTime::parse_from_rfc3339(value)
+        .map_err(|_| invalid())?
+        .with_timezone(&Utc);
+    // A leap second (`23:59:60`): chrono keeps it, PostgreSQL rolls it into the next minute.
+    // Rolled here too, so both backends store the same time and a second import of the same
+    // file finds it unchanged.
+    let time = match time.nanosecond().checked_sub(1_000_000_000) {
+        Some(fraction) => {
+            time.with_nanosecond(fraction).ok_or_else(invalid)? + Duration::seconds(1)
+        }
+        None => time,
+    }
+    .trunc_subsecs(6);
+    // The years a message may name (`9999-12-31T23:00:00-05:00` is year 10000 in UTC, which no
+    // RFC 3339 time can hold: SQLite would store "+10000-..." and sort it before today).
+    let years = templates::PLAUSIBLE_YEARS;
+    if !years.contains(&time.year()) {
+        let (first, last) = (years.start(), years.end());
+        return Err(AppError::bad_request(
+            "invalid_time",
+            format!("{field} must be in the years {first} to {last}"),
+        ));
+    }
+    Ok(time)
 }
 
 /// Keeps the host app's appointments and follow-ups and queues their reminders.
@@ -599,6 +620,18 @@ impl Reminders {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leap_second_is_rolled_into_the_next_minute_as_postgresql_does() {
+        let rolled = parse_time("starts_at", "2026-12-31T23:59:60.25Z").unwrap();
+        assert_eq!(rolled, t("2027-01-01T00:00:00.25Z"));
+        let rolled = parse_time("starts_at", "2026-12-31T18:59:60+05:00").unwrap();
+        assert_eq!(rolled, t("2026-12-31T14:00:00Z"));
+        assert_eq!(
+            parse_time("starts_at", "2027-01-12T09:30:00.1234567+05:30").unwrap(),
+            t("2027-01-12T04:00:00.123456Z")
+        );
+    }
 
     fn t(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)

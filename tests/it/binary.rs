@@ -128,6 +128,24 @@ async fn a_bad_setting_stops_the_start_naming_the_variable() {
     let out = binary(dir.path()).arg("serve").output().await.unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("OTP_LENGTH"));
+    // A copy of .env.example with settings appended sets a name twice: only the first (the
+    // example's blank) would count, so the start is refused, naming the variable and its lines,
+    // not their values.
+    std::fs::write(
+        dir.path().join(".env"),
+        "# copied\nDATABASE_URL=\nLOG_FORMAT=pretty\n# mine\nexport DATABASE_URL=sqlite://mine.db\n",
+    )
+    .unwrap();
+    let out = binary(dir.path()).arg("migrate").output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("DATABASE_URL") && stderr.contains("lines 2, 5"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("mine.db"), "{stderr}");
+    assert!(!dir.path().join("prism-messaging.db").exists());
+    assert!(!dir.path().join("mine.db").exists());
     std::fs::remove_file(dir.path().join(".env")).unwrap();
 }
 
@@ -620,6 +638,75 @@ async fn ctrl_c_stops_the_server_cleanly() {
         .unwrap();
     assert!(out.status.success(), "clean exit on Ctrl-C (SIGINT)");
     assert!(stderr.await.unwrap().contains("shutdown requested"));
+}
+
+/// A log sink that goes away (a shipper that dies, `serve 2>&1 | head`) leaves stderr a broken
+/// pipe. Lines that cannot be written are dropped: requests that log still get their answers,
+/// what they queued is sent, and SIGTERM still stops the process.
+#[tokio::test]
+async fn a_closed_log_pipe_drops_lines_not_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = binary(dir.path());
+    cmd.env("MESSAGING_API_KEY", API_KEY)
+        .env("CRON_SECRET", CRON_SECRET)
+        .env("RUST_LOG", "debug");
+    let (child, base, stderr) = serve_on_a_free_port(cmd).await;
+    // The reader goes, and with it the pipe's only read end.
+    stderr.abort();
+    let _ = stderr.await;
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let r = client
+            .post(format!("{base}/cron/follow-up-reminders"))
+            .bearer_auth(CRON_SECRET)
+            .send()
+            .await
+            .expect("an answer, though the log is gone");
+        assert_eq!(r.status(), 200);
+    }
+    let r = client
+        .post(format!("{base}/api/notifications"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"user_id": "nobody", "template": "payment_received",
+            "variables": {"amount": "INR 1.00", "date": "2027-01-12"}}))
+        .send()
+        .await
+        .expect("an answer, though the log is gone");
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["message"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The dispatcher, which logs each send, settles it (skipped: no consent on file).
+    let mut status = String::new();
+    for _ in 0..100 {
+        let m: Value = client
+            .get(format!("{base}/api/messages/{id}"))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        status = m["message"]["status"].as_str().unwrap().to_string();
+        if status != "queued" && status != "sending" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, "skipped");
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
+        .await
+        .expect("SIGTERM stops the server though the log is gone")
+        .unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
 }
 
 /// Every flow against the real binary, logging at `debug` in both formats: no full phone number,

@@ -233,7 +233,8 @@ async fn a_half_sent_request_is_closed_after_the_header_read_timeout() {
 
 /// A body that stalls or drips is answered 408 once `HEADER_READ_TIMEOUT_SECONDS` has passed, and
 /// a declared length over 64 KiB answers 413 at once, without waiting for a body that may never
-/// come. Neither reaches a handler.
+/// come; a chunked body that grows past 64 KiB answers 413 too. None reaches a handler, and
+/// `verify-otp`'s answers still carry `"valid": false`, which the mobile client reads.
 #[tokio::test]
 async fn a_stalled_body_is_answered_and_an_oversized_one_refused_at_once() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -243,40 +244,55 @@ async fn a_stalled_body_is_answered_and_an_oversized_one_refused_at_once() {
     )
     .await;
     let addr = app.base_url.trim_start_matches("http://").to_string();
-    let head = |length: usize| {
-        format!(
-            "POST /api/messaging/send-otp HTTP/1.1\r\nHost: localhost\r\n\
-             Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{\"user"
-        )
-    };
-    for (request, status, code) in [
-        (head(100), "408", "request_timeout"),
-        (head(100_000_000), "413", "payload_too_large"),
-    ] {
-        let started = std::time::Instant::now();
-        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut answer = vec![0u8; 4096];
-        let read =
-            tokio::time::timeout(std::time::Duration::from_secs(30), stream.read(&mut answer))
-                .await;
-        let n = read
-            .expect("the server still holds the connection open")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer[..n]);
-        assert!(
-            answer.starts_with(&format!("HTTP/1.1 {status}")),
-            "{answer}"
+    for call in ["send-otp", "verify-otp"] {
+        let head = |length: usize| {
+            format!(
+                "POST /api/messaging/{call} HTTP/1.1\r\nHost: localhost\r\n\
+                 Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{\"user"
+            )
+        };
+        let chunked = format!(
+            "POST /api/messaging/{call} HTTP/1.1\r\nHost: localhost\r\n\
+             Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n\
+             {:x}\r\n{}\r\n",
+            70_000,
+            "1".repeat(70_000)
         );
-        assert!(answer.contains(code), "{answer}");
-        // The stalled body waited out the timeout (1 s); the oversized one did not wait for it.
-        let waited = started.elapsed() >= std::time::Duration::from_secs(1);
-        assert_eq!(
-            waited,
-            status == "408",
-            "{status} after {:?}",
-            started.elapsed()
-        );
+        for (request, status, code) in [
+            (head(100), "408", "request_timeout"),
+            (head(100_000_000), "413", "payload_too_large"),
+            (chunked, "413", "payload_too_large"),
+        ] {
+            let started = std::time::Instant::now();
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = vec![0u8; 4096];
+            let read =
+                tokio::time::timeout(std::time::Duration::from_secs(30), stream.read(&mut answer))
+                    .await;
+            let n = read
+                .expect("the server still holds the connection open")
+                .unwrap();
+            let answer = String::from_utf8_lossy(&answer[..n]);
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status}")),
+                "{call}: {answer}"
+            );
+            assert!(answer.contains(code), "{call}: {answer}");
+            assert_eq!(
+                answer.contains(r#""valid":false"#),
+                call == "verify-otp",
+                "{call}: {answer}"
+            );
+            // The stalled body waited out the timeout (1 s); the oversized ones did not wait.
+            let waited = started.elapsed() >= std::time::Duration::from_secs(1);
+            assert_eq!(
+                waited,
+                status == "408",
+                "{call}: {status} after {:?}",
+                started.elapsed()
+            );
+        }
     }
 }
 

@@ -351,6 +351,18 @@ async fn bad_input_and_the_cron_secret(backend: Backend) {
             json!({"user_id": "p1", "starts_at": "tomorrow"}),
             "invalid_time",
         ),
+        // RFC 3339, but past year 9999 once in UTC (stored, it would read "+10000-..."), and a
+        // placeholder year: neither is an appointment.
+        (
+            "/api/appointments/a",
+            json!({"user_id": "p1", "starts_at": "9999-12-31T23:00:00-05:00"}),
+            "invalid_time",
+        ),
+        (
+            "/api/follow-ups/f",
+            json!({"user_id": "p1", "due_at": "0001-01-01T00:00:00Z"}),
+            "invalid_time",
+        ),
         (
             "/api/appointments/a",
             json!({"user_id": "p1", "starts_at": at(Duration::hours(1)), "time_zone": "Mars/Base"}),
