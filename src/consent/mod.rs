@@ -247,8 +247,9 @@ impl ConsentService {
         let patch = ConsentPatch::channel(channel, consent);
         let ctx = from_twilio(source, at);
         for user in &users {
+            // A user erased since the list was read stays erased.
             self.consent
-                .update_consent(user, &|current| patch.apply(current), &ctx)
+                .update_existing_consent(user, &|current| patch.apply(current), &ctx)
                 .await?;
         }
         Ok(users)
@@ -316,7 +317,9 @@ impl ConsentService {
                 }
                 patch.apply(current)
             };
-            self.consent.update_consent(user, &still_seen, ctx).await?;
+            self.consent
+                .update_existing_consent(user, &still_seen, ctx)
+                .await?;
             if !moved.load(Ordering::Relaxed) {
                 return Ok(());
             }

@@ -67,6 +67,15 @@ pub trait ConsentStore: Send + Sync + 'static {
         edit: ConsentEdit<'_>,
         ctx: &ChangeContext,
     ) -> AppResult<Consent>;
+    /// As `update_consent`, but only a record that exists: `None` when the user has none (never
+    /// had one, or was erased since they were listed). A patient's STOP or START, or the
+    /// carrier's opt-out, changes the records of the users with the number; it never makes one.
+    async fn update_existing_consent(
+        &self,
+        user_id: &str,
+        edit: ConsentEdit<'_>,
+        ctx: &ChangeContext,
+    ) -> AppResult<Option<Consent>>;
     async fn consent_audit(&self, user_id: &str) -> AppResult<Vec<ConsentAuditRecord>>;
     /// The records of these users (those that have one), in no particular order.
     async fn get_consents(&self, user_ids: &[String]) -> AppResult<Vec<Consent>>;

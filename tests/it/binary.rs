@@ -373,6 +373,28 @@ async fn migrate_and_send_in_mock_mode() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("amount"));
 }
 
+/// The message's status once the background dispatcher has settled it (5 s at most).
+async fn settled_status(client: &reqwest::Client, base: &str, id: &str) -> String {
+    let mut status = String::new();
+    for _ in 0..100 {
+        let m: Value = client
+            .get(format!("{base}/api/messages/{id}"))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        status = m["message"]["status"].as_str().unwrap().to_string();
+        if status != "queued" && status != "sending" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    status
+}
+
 /// `serve` started on a port the kernel picks (`BIND_ADDR=127.0.0.1:0`), found from its
 /// "listening" log line: a port picked by the test and let go could be taken by another test's
 /// listener before the server binds it, and that listener would answer in its place. Returns the
@@ -476,24 +498,7 @@ async fn serve_sends_through_twilio_logs_nothing_private_and_stops_on_sigterm() 
         .unwrap()
         .to_string();
     // The background dispatcher sends it without being asked.
-    let mut status = String::new();
-    for _ in 0..100 {
-        let m: Value = client
-            .get(format!("{base}/api/messages/{id}"))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        status = m["message"]["status"].as_str().unwrap().to_string();
-        if status != "queued" && status != "sending" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(status, "sent");
+    assert_eq!(settled_status(&client, &base, &id).await, "sent");
     assert_eq!(fake.requests().len(), 1);
     let r = client.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -678,24 +683,7 @@ async fn a_closed_log_pipe_drops_lines_not_answers() {
         .unwrap()
         .to_string();
     // The dispatcher, which logs each send, settles it (skipped: no consent on file).
-    let mut status = String::new();
-    for _ in 0..100 {
-        let m: Value = client
-            .get(format!("{base}/api/messages/{id}"))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        status = m["message"]["status"].as_str().unwrap().to_string();
-        if status != "queued" && status != "sending" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(status, "skipped");
+    assert_eq!(settled_status(&client, &base, &id).await, "skipped");
     let pid = child.id().unwrap().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])

@@ -10,6 +10,7 @@ both_backends!(
     the_export_holds_everything_about_me_and_nothing_of_others,
     erasure_removes_the_user_keeps_evidence_and_is_harmless_twice,
     erasure_takes_the_user_out_of_a_shared_numbers_replies,
+    a_stop_or_reply_that_listed_the_user_before_the_erasure_does_not_bring_them_back,
 );
 
 const FAMILY: &str = "+14155552671";
@@ -315,4 +316,97 @@ async fn erasure_takes_the_user_out_of_a_shared_numbers_replies(backend: Backend
     assert_eq!(after[0].0, "fam-a");
     let listed: Vec<String> = serde_json::from_str(&after[0].1).unwrap();
     assert_eq!(listed, ["fam-a"], "{after:?}");
+}
+
+/// A STOP or a reply reads who has the number, then writes; an erasure that commits in between
+/// (found by review, racing them: the STOP made the erased user a new record with audit rows
+/// under their id, and the reply kept their id) leaves the writes nothing of the user. Here the
+/// erasure runs between the two steps, as the race does.
+async fn a_stop_or_reply_that_listed_the_user_before_the_erasure_does_not_bring_them_back(
+    backend: Backend,
+) {
+    use prism_messaging::store::{ChangeContext, ConsentSource, IncomingMessage};
+    let app = TestApp::spawn(backend).await;
+    app.consent("fam-a", FAMILY).await;
+    app.consent("fam-b", FAMILY).await;
+    let listed = app.state.store.users_with_phone(FAMILY).await.unwrap();
+    assert_eq!(listed, ["fam-a", "fam-b"]);
+    let r = app
+        .client
+        .delete(app.url("/api/users/fam-b"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // The STOP's change, for each user it listed.
+    let stop = prism_messaging::consent::ConsentPatch::channel(
+        prism_messaging::store::Channel::Sms,
+        false,
+    );
+    let ctx = ChangeContext {
+        source: ConsentSource::SmsKeyword,
+        ip: None,
+        user_agent: None,
+        at: chrono::Utc::now(),
+    };
+    for user in &listed {
+        let changed = app
+            .state
+            .store
+            .update_existing_consent(user, &|c| stop.apply(c), &ctx)
+            .await
+            .unwrap();
+        assert_eq!(changed.is_some(), user == "fam-a", "{user}");
+    }
+    assert!(app
+        .state
+        .store
+        .get_consent("fam-b")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(app
+        .state
+        .store
+        .consent_audit("fam-b")
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(
+        !app.state
+            .store
+            .get_consent("fam-a")
+            .await
+            .unwrap()
+            .unwrap()
+            .sms_consent
+    );
+
+    // The reply, attributed to the erased user.
+    let reply = IncomingMessage {
+        id: "in-race".into(),
+        provider_sid: "SMrace".into(),
+        channel: "sms".into(),
+        from_number: FAMILY.into(),
+        to_number: None,
+        user_id: Some("fam-b".into()),
+        user_ids: Some(serde_json::to_string(&listed).unwrap()),
+        body: "see you then".into(),
+        keyword: None,
+        reply_template: None,
+        opt_out_type: None,
+        received_at: chrono::Utc::now(),
+    };
+    assert!(app.state.store.insert_incoming(&reply).await.unwrap());
+    let stored = app
+        .state
+        .store
+        .incoming_by_sid("SMrace")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.user_id, None);
+    assert_eq!(stored.user_ids(), ["fam-a"]);
 }

@@ -366,6 +366,25 @@ async fn a_reply_on_a_shared_number_belongs_to_the_last_patient_messaged(backend
     assert_eq!(messages[0]["user_ids"], json!(["a-parent", "b-child"]));
     assert_eq!(messages[1]["user_id"], "b-child");
     assert_eq!(messages[1]["user_ids"], json!(["a-parent", "b-child"]));
+
+    // The last message that went, not the last one created: the child's reminder waits while
+    // the parent's code goes at once, then the reminder goes; and a message for the parent that
+    // has not gone yet changes nothing.
+    app.notify_ok(reminder("b-child")).await;
+    clock.advance(Duration::milliseconds(10));
+    let (status, _) = send_otp(&app, "a-parent", VICTIM, "login").await;
+    assert_eq!(status, 200);
+    clock.advance(Duration::milliseconds(10));
+    assert_eq!(app.dispatch().await.sent, 1);
+    clock.advance(Duration::milliseconds(10));
+    app.notify_ok(reminder("a-parent")).await;
+    clock.advance(Duration::milliseconds(10));
+    app.incoming("SMr3", VICTIM, "yes I will be there").await;
+    clock.advance(Duration::seconds(3));
+    let inbox: Value = app.get_json("/api/inbound", Some(API_KEY)).await;
+    let messages = inbox["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 3);
+    assert_eq!(messages[2]["user_id"], "b-child");
 }
 
 /// 2027-01-12 04:00 UTC.

@@ -806,6 +806,14 @@ impl prism_messaging::store::ConsentStore for ChangeAfterTheTrailIsRead {
     ) -> prism_messaging::error::AppResult<prism_messaging::store::Consent> {
         self.store.update_consent(user_id, edit, ctx).await
     }
+    async fn update_existing_consent(
+        &self,
+        user_id: &str,
+        edit: prism_messaging::store::ConsentEdit<'_>,
+        ctx: &prism_messaging::store::ChangeContext,
+    ) -> prism_messaging::error::AppResult<Option<prism_messaging::store::Consent>> {
+        self.store.update_existing_consent(user_id, edit, ctx).await
+    }
     async fn consent_audit(
         &self,
         user_id: &str,

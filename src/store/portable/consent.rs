@@ -64,6 +64,20 @@ impl ConsentStore for ThisStore {
         })
     }
 
+    async fn update_existing_consent(
+        &self,
+        user_id: &str,
+        edit: ConsentEdit<'_>,
+        ctx: &ChangeContext,
+    ) -> AppResult<Option<Consent>> {
+        // The write lock first (SQLite), so no erasure commits between the read and the update;
+        // on PostgreSQL the read locks the row, and waits out an erasure that holds it.
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
+        let edited = edit_consent_in(&mut tx, &self.vault, user_id, edit, ctx, false).await?;
+        tx.commit().await?;
+        Ok(edited)
+    }
+
     async fn consent_audit(&self, user_id: &str) -> AppResult<Vec<ConsentAuditRecord>> {
         sqlx::query_as::<Db, ConsentAuditRecord>(
             "SELECT id, user_id, field, old_value, new_value, source, ip, user_agent, created_at \

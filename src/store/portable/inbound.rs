@@ -86,6 +86,28 @@ impl InboundStore for ThisStore {
     }
 
     async fn insert_incoming(&self, m: &IncomingMessage) -> AppResult<bool> {
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
+        // The reply names only users who still have a record. One erased since the reply was
+        // attributed is left out; an erasure still running is waited for (on PostgreSQL it
+        // locks the record first; on SQLite the write lock orders the two), or runs after this
+        // commits and deletes the reply with the rest (found by review: a reply that came
+        // during an erasure outlived it, still the erased user's).
+        let mut kept = Vec::new();
+        for user in m.user_ids() {
+            let sql = format!(
+                "SELECT user_id FROM messaging_consent WHERE user_id = $1{LOCK_FOR_UPDATE}"
+            );
+            let found: Option<String> = sqlx::query_scalar(&sql)
+                .bind(&user)
+                .fetch_optional(&mut *tx)
+                .await?;
+            kept.extend(found);
+        }
+        let user_id = m.user_id.as_ref().filter(|u| kept.contains(u));
+        let user_ids = match &m.user_ids {
+            Some(_) => Some(serde_json::to_string(&kept).map_err(anyhow::Error::from)?),
+            None => None,
+        };
         let done = sqlx::query(
             "INSERT INTO incoming_messages (id, provider_sid, channel, from_number, to_number, \
              user_id, body, keyword, reply_template, opt_out_type, received_at, user_ids) \
@@ -97,15 +119,16 @@ impl InboundStore for ThisStore {
         .bind(&m.channel)
         .bind(self.vault.seal(&m.from_number))
         .bind(&m.to_number)
-        .bind(&m.user_id)
+        .bind(user_id)
         .bind(self.vault.seal(&m.body))
         .bind(&m.keyword)
         .bind(&m.reply_template)
         .bind(&m.opt_out_type)
         .bind(m.received_at)
-        .bind(&m.user_ids)
-        .execute(&self.pool)
+        .bind(user_ids)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 

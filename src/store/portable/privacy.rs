@@ -121,8 +121,17 @@ impl PrivacyStore for ThisStore {
         erased_by: &str,
         now: DateTime<Utc>,
     ) -> AppResult<ErasureCounts> {
-        let mut tx = self.pool.begin().await?;
+        // BEGIN_WRITE: on SQLite the lock is taken before the first read, so no write commits
+        // between that read and the erasure's first write.
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
         let mut counts = ErasureCounts::default();
+        // The user's record is locked first (PostgreSQL): a STOP, START or carrier opt-out that
+        // changes it, or a reply that names the user, either finishes before the erasure reads
+        // anything (and its audit rows or reply are erased with the rest) or waits and finds no
+        // record. On SQLite the erasure's first write takes the lock that orders them.
+        let lock =
+            format!("SELECT user_id FROM messaging_consent WHERE user_id = $1{LOCK_FOR_UPDATE}");
+        sqlx::query(&lock).bind(user_id).execute(&mut *tx).await?;
         // The number's WhatsApp window goes with the user (while the number is known).
         sqlx::query(
             "DELETE FROM whatsapp_sessions WHERE phone_index IN \
