@@ -750,7 +750,10 @@ impl Config {
             cors_allowed_origins: parse_origins(&v.string("CORS_ALLOWED_ORIGINS", ""))?,
         };
         let retention = RetentionSettings {
-            messages_days: v.number("RETENTION_MESSAGES_DAYS", 365, 1, 36_500)?,
+            // A reminder's message keeps its reminder from going again while its window is open
+            // (the reminder log row goes with the message): up to five days, for the seven-day
+            // subscription reminder (found by review: with 1-6 days it went again each day).
+            messages_days: v.number("RETENTION_MESSAGES_DAYS", 365, 7, 36_500)?,
             inbound_days: v.number("RETENTION_INBOUND_DAYS", 90, 1, 36_500)?,
             reminder_log_days: v.number("RETENTION_REMINDER_LOG_DAYS", 90, 1, 36_500)?,
             audit_days: v.number("RETENTION_AUDIT_DAYS", 2555, 1, 36_500)?,
@@ -991,6 +994,10 @@ mod tests {
             // A zero retention period would delete everything at the next cleanup.
             (
                 &[("RETENTION_MESSAGES_DAYS", "0")],
+                "RETENTION_MESSAGES_DAYS",
+            ),
+            (
+                &[("RETENTION_MESSAGES_DAYS", "6")],
                 "RETENTION_MESSAGES_DAYS",
             ),
             (&[("RETENTION_AUDIT_DAYS", "0")], "RETENTION_AUDIT_DAYS"),

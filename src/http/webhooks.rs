@@ -64,6 +64,17 @@ fn verified_form(
         );
         return Err(AppError::Forbidden("invalid X-Twilio-Signature".into()));
     }
+    // Twilio sends no NUL, and PostgreSQL text cannot hold one: refused before anything is
+    // applied, on both backends alike.
+    if params
+        .iter()
+        .any(|(name, value)| name.contains('\0') || value.contains('\0'))
+    {
+        return Err(AppError::bad_request(
+            "invalid_form",
+            "a form field holds a NUL character",
+        ));
+    }
     Ok(params)
 }
 
@@ -106,7 +117,7 @@ fn raw_body(body: Result<Bytes, BytesRejection>) -> AppResult<Bytes> {
         ),
         (
             status = 400,
-            description = "`invalid_form`: MessageSid or MessageStatus missing.",
+            description = "`invalid_form`: MessageSid or MessageStatus missing, or a field holds a NUL.",
             body = ErrorEnvelope,
         ),
         (status = 403, response = BadSignature),
@@ -170,7 +181,7 @@ fn twiml_response(xml: String) -> Response {
         ),
         (
             status = 400,
-            description = "`invalid_form`: MessageSid or From missing.",
+            description = "`invalid_form`: MessageSid or From missing, or a field holds a NUL.",
             body = ErrorEnvelope,
         ),
         (status = 403, response = BadSignature),

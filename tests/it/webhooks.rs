@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 both_backends!(
     signatures_are_required_and_checked,
+    a_signed_form_holding_a_nul_is_refused_and_changes_nothing,
     status_callbacks_only_move_forward,
     failed_is_final,
     unknown_message_sid_is_acknowledged,
@@ -135,6 +136,51 @@ async fn signatures_are_required_and_checked(backend: Backend) {
     let r = unconfigured.twilio_webhook(path, &params, None).await;
     assert_eq!(r.status(), 503);
     assert_eq!(error_code(r).await, "not_configured");
+}
+
+/// No Twilio field holds a NUL character, and PostgreSQL cannot store one in text: a signed form
+/// with one is refused (400) before anything is applied, on both backends alike (found by review:
+/// on PostgreSQL a STOP's opt-out was applied, then the reply failed to store, 500, on every
+/// retry).
+async fn a_signed_form_holding_a_nul_is_refused_and_changes_nothing(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    let (id, sid) = sent_message(&app, "p1").await;
+    let incoming = |sid: &'static str, opt_out: &'static str| {
+        [
+            ("MessageSid", sid),
+            ("From", PATIENT),
+            ("To", SMS_SENDER),
+            ("Body", "STOP"),
+            ("AccountSid", ACCOUNT_SID),
+            ("OptOutType", opt_out),
+        ]
+    };
+    for params in [incoming("SMnul1", "STOP\0"), incoming("SM\0nul2", "STOP")] {
+        let r = app
+            .twilio_webhook("/webhooks/twilio/incoming", &params, None)
+            .await;
+        assert_eq!(r.status(), 400, "{params:?}");
+        assert_eq!(error_code(r).await, "invalid_form");
+    }
+    let r = app
+        .twilio_webhook(
+            "/webhooks/twilio/status",
+            &[
+                ("MessageSid", sid.as_str()),
+                ("MessageStatus", "delivered\0"),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    assert!(sms_consent(&app, "p1").await);
+    assert!(!sms_opted_out(&app).await);
+    assert_eq!(app.message(&id).await["status"], "sent");
+    assert!(app
+        .db
+        .text_pairs("SELECT id, id FROM incoming_messages")
+        .await
+        .is_empty());
 }
 
 async fn status_callbacks_only_move_forward(backend: Backend) {
