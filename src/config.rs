@@ -516,7 +516,10 @@ fn refuse_a_name_set_twice_in_dotenv() -> Result<(), ConfigError> {
 /// Whether a line of `.env` sets `name` (`NAME=...`, `export NAME=...`, spaces allowed).
 fn sets(line: &str, name: &str) -> bool {
     let line = line.trim_start();
-    let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+    let line = match line.strip_prefix("export") {
+        Some(rest) if rest.starts_with(char::is_whitespace) => rest.trim_start(),
+        _ => line,
+    };
     line.strip_prefix(name)
         .is_some_and(|rest| rest.trim_start().starts_with('='))
 }

@@ -438,7 +438,7 @@ fn parse_instant(raw: &str) -> Option<DateTime<Utc>> {
 /// The years a message's date or time may be in: a receipt, a reminder or a renewal is about
 /// now, and `0000-01-01` or `9999-12-31` is a client's placeholder or bug, not something to tell
 /// a patient.
-pub(crate) const PLAUSIBLE_YEARS: std::ops::RangeInclusive<i32> = 1900..=2199;
+const PLAUSIBLE_YEARS: std::ops::RangeInclusive<i32> = 1900..=2199;
 
 fn plausible(date: NaiveDate) -> Option<NaiveDate> {
     PLAUSIBLE_YEARS.contains(&date.year()).then_some(date)

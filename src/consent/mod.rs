@@ -234,7 +234,7 @@ impl ConsentService {
     }
 
     /// Set one channel's consent for every user with this number, audited with `source`. The
-    /// users changed.
+    /// users listed with the number (one erased since is listed, and left without a record).
     pub async fn set_channel_consent_for_number(
         &self,
         number: &str,

@@ -253,14 +253,13 @@ fn parse_time(field: &'static str, value: &str) -> AppResult<DateTime<Utc>> {
         None => time,
     }
     .trunc_subsecs(6);
-    // The years a message may name (`9999-12-31T23:00:00-05:00` is year 10000 in UTC, which no
-    // RFC 3339 time can hold: SQLite would store "+10000-..." and sort it before today).
-    let years = templates::PLAUSIBLE_YEARS;
-    if !years.contains(&time.year()) {
-        let (first, last) = (years.start(), years.end());
+    // Within RFC 3339's years once in UTC: `9999-12-31T23:00:00-05:00` is year 10000, which
+    // SQLite would store as "+10000-..." and sort before today. (A far placeholder such as
+    // `9999-12-31T00:00:00Z` for a subscription that never ends is fine: it is never due.)
+    if !(0..=9999).contains(&time.year()) {
         return Err(AppError::bad_request(
             "invalid_time",
-            format!("{field} must be in the years {first} to {last}"),
+            format!("{field} must fall in the years 0000 to 9999 once in UTC"),
         ));
     }
     Ok(time)

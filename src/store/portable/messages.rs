@@ -91,10 +91,14 @@ impl MessageStore for ThisStore {
     async fn last_recipient(&self, to_number: &str) -> AppResult<Option<String>> {
         // The last message that went out, by when the provider took it (its one `sent` event):
         // not the last one created, which may still wait for quiet hours to end, or never go.
+        // A message with a provider's status but no such event (written before events were
+        // kept) counts from its creation.
         Ok(sqlx::query_scalar(
             "SELECT m.user_id FROM messages m \
-             JOIN message_events e ON e.message_id = m.id AND e.status = 'sent' \
-             WHERE m.to_index = $1 ORDER BY e.occurred_at DESC, e.id DESC LIMIT 1",
+             LEFT JOIN message_events e ON e.message_id = m.id AND e.status = 'sent' \
+             WHERE m.to_index = $1 \
+             AND (e.id IS NOT NULL OR m.status IN ('sent', 'delivered', 'read', 'undelivered')) \
+             ORDER BY COALESCE(e.occurred_at, m.created_at) DESC, m.id DESC LIMIT 1",
         )
         .bind(self.vault.blind(to_number))
         .fetch_optional(&self.pool)

@@ -125,7 +125,17 @@ impl PrivacyStore for ThisStore {
         // between that read and the erasure's first write.
         let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
         let mut counts = ErasureCounts::default();
-        // The user's record is locked first (PostgreSQL): a STOP, START or carrier opt-out that
+        // The codes go before the record is locked: a verification locks the code, then the
+        // record (to mark the number verified), and taking them in the same order here keeps the
+        // two from waiting on each other (PostgreSQL).
+        for table in ["otp_codes", "otp_failures"] {
+            counts.otp_records += sqlx::query(&format!("DELETE FROM {table} WHERE user_id = $1"))
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        // Then the user's record is locked (PostgreSQL): a STOP, START or carrier opt-out that
         // changes it, or a reply that names the user, either finishes before the erasure reads
         // anything (and its audit rows or reply are erased with the rest) or waits and finds no
         // record. On SQLite the erasure's first write takes the lock that orders them.
@@ -168,13 +178,6 @@ impl PrivacyStore for ThisStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-        for table in ["otp_codes", "otp_failures"] {
-            counts.otp_records += sqlx::query(&format!("DELETE FROM {table} WHERE user_id = $1"))
-                .bind(user_id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        }
         // The send log's rows lose the user and the number but keep, until they age out within
         // the hour (`cleanup_otps`), what the limits count: the numbers' blind indexes and the
         // address. Deleted, an account erased between sends would start every limit again.
