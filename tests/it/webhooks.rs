@@ -17,6 +17,7 @@ both_backends!(
     a_parked_carrier_opt_out_behind_a_final_status_is_seen_on_its_replay,
     start_gives_back_only_what_an_opt_out_took,
     a_users_change_during_a_start_is_not_overwritten,
+    a_stop_while_a_user_is_erased_leaves_them_erased,
     a_carrier_opt_out_that_failed_to_record_is_recorded_on_the_retry,
     duplicate_incoming_is_stored_once,
     keywords_in_every_family_and_case,
@@ -830,10 +831,13 @@ async fn inbox_pages_never_split_an_instant(backend: Backend) {
 }
 
 /// The store as the app has it, but the user turns SMS on and off again in the app right after
-/// a START has read their audit trail (once): the race the START must not lose to.
+/// a START has read their audit trail (once): the race the START must not lose to. With
+/// `erase_after_listing`, that user is instead erased right after the users with a number are
+/// listed: the race a STOP must not lose to.
 struct ChangeAfterTheTrailIsRead {
     store: prism_messaging::store::DynStore,
     changed: std::sync::atomic::AtomicBool,
+    erase_after_listing: Option<&'static str>,
 }
 
 #[async_trait::async_trait]
@@ -894,8 +898,52 @@ impl prism_messaging::store::ConsentStore for ChangeAfterTheTrailIsRead {
         &self,
         phone_number: &str,
     ) -> prism_messaging::error::AppResult<Vec<String>> {
-        self.store.users_with_phone(phone_number).await
+        let users = self.store.users_with_phone(phone_number).await?;
+        if let Some(user) = self.erase_after_listing {
+            self.store
+                .erase_user(user, "test-hash", "test", Utc::now())
+                .await?;
+        }
+        Ok(users)
     }
+}
+
+/// A STOP lists who has the number, then revokes each one's consent; a user erased in between
+/// stays erased: no new record, no audit row under their id (found by review, racing them).
+async fn a_stop_while_a_user_is_erased_leaves_them_erased(backend: Backend) {
+    let app = TestApp::spawn_live(backend, TestConfig::new()).await;
+    app.consent("fam-a", PATIENT).await;
+    app.consent("fam-b", PATIENT).await;
+    let consent = prism_messaging::consent::ConsentService::new(
+        std::sync::Arc::new(ChangeAfterTheTrailIsRead {
+            store: app.state.store.clone(),
+            changed: true.into(),
+            erase_after_listing: Some("fam-b"),
+        }),
+        app.state.store.clone(),
+        std::sync::Arc::new(prism_messaging::clock::SystemClock),
+    );
+    let users = consent
+        .keyword_stop(PATIENT, prism_messaging::store::Channel::Sms)
+        .await
+        .unwrap();
+    assert_eq!(users, ["fam-a", "fam-b"]);
+    assert!(sms_opted_out(&app).await);
+    assert!(!sms_consent(&app, "fam-a").await);
+    assert!(app
+        .state
+        .store
+        .get_consent("fam-b")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(app
+        .state
+        .store
+        .consent_audit("fam-b")
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 async fn a_users_change_during_a_start_is_not_overwritten(backend: Backend) {
@@ -913,6 +961,7 @@ async fn a_users_change_during_a_start_is_not_overwritten(backend: Backend) {
         std::sync::Arc::new(ChangeAfterTheTrailIsRead {
             store: app.state.store.clone(),
             changed: Default::default(),
+            erase_after_listing: None,
         }),
         app.state.store.clone(),
         std::sync::Arc::new(prism_messaging::clock::SystemClock),
