@@ -10,7 +10,7 @@ both_backends!(
     the_export_holds_everything_about_me_and_nothing_of_others,
     erasure_removes_the_user_keeps_evidence_and_is_harmless_twice,
     erasure_takes_the_user_out_of_a_shared_numbers_replies,
-    a_stop_or_reply_that_listed_the_user_before_the_erasure_does_not_bring_them_back,
+    a_reply_that_listed_the_user_before_the_erasure_does_not_name_them,
 );
 
 const FAMILY: &str = "+14155552671";
@@ -298,15 +298,7 @@ async fn erasure_takes_the_user_out_of_a_shared_numbers_replies(backend: Backend
     assert_eq!(before.len(), 1);
     let listed: Vec<String> = serde_json::from_str(&before[0].1).unwrap();
     assert_eq!(listed, ["fam-a", "fam-b"], "{before:?}");
-    let r = app
-        .client
-        .delete(app.url("/api/users/fam-b"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let erased: Value = r.json().await.unwrap();
+    let erased = erase_by_host(&app, "fam-b").await;
     assert_eq!(
         erased["erased"]["replies"], 0,
         "the reply is fam-a's: {erased}"
@@ -318,72 +310,18 @@ async fn erasure_takes_the_user_out_of_a_shared_numbers_replies(backend: Backend
     assert_eq!(listed, ["fam-a"], "{after:?}");
 }
 
-/// A STOP or a reply reads who has the number, then writes; an erasure that commits in between
-/// (found by review, racing them: the STOP made the erased user a new record with audit rows
-/// under their id, and the reply kept their id) leaves the writes nothing of the user. Here the
-/// erasure runs between the two steps, as the race does.
-async fn a_stop_or_reply_that_listed_the_user_before_the_erasure_does_not_bring_them_back(
-    backend: Backend,
-) {
-    use prism_messaging::store::{ChangeContext, ConsentSource, IncomingMessage};
+/// A reply reads who has the number, then is stored; an erasure that commits in between (found by
+/// review, racing them: the reply kept the erased user's id) leaves it nothing of the user. Here
+/// the erasure runs between the two steps, as the race does. (A STOP in the same race:
+/// `webhooks::a_stop_while_a_user_is_erased_leaves_them_erased`.)
+async fn a_reply_that_listed_the_user_before_the_erasure_does_not_name_them(backend: Backend) {
+    use prism_messaging::store::IncomingMessage;
     let app = TestApp::spawn(backend).await;
     app.consent("fam-a", FAMILY).await;
     app.consent("fam-b", FAMILY).await;
     let listed = app.state.store.users_with_phone(FAMILY).await.unwrap();
     assert_eq!(listed, ["fam-a", "fam-b"]);
-    let r = app
-        .client
-        .delete(app.url("/api/users/fam-b"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-
-    // The STOP's change, for each user it listed.
-    let stop = prism_messaging::consent::ConsentPatch::channel(
-        prism_messaging::store::Channel::Sms,
-        false,
-    );
-    let ctx = ChangeContext {
-        source: ConsentSource::SmsKeyword,
-        ip: None,
-        user_agent: None,
-        at: chrono::Utc::now(),
-    };
-    for user in &listed {
-        let changed = app
-            .state
-            .store
-            .update_existing_consent(user, &|c| stop.apply(c), &ctx)
-            .await
-            .unwrap();
-        assert_eq!(changed.is_some(), user == "fam-a", "{user}");
-    }
-    assert!(app
-        .state
-        .store
-        .get_consent("fam-b")
-        .await
-        .unwrap()
-        .is_none());
-    assert!(app
-        .state
-        .store
-        .consent_audit("fam-b")
-        .await
-        .unwrap()
-        .is_empty());
-    assert!(
-        !app.state
-            .store
-            .get_consent("fam-a")
-            .await
-            .unwrap()
-            .unwrap()
-            .sms_consent
-    );
-
+    erase_by_host(&app, "fam-b").await;
     // The reply, attributed to the erased user.
     let reply = IncomingMessage {
         id: "in-race".into(),
@@ -409,4 +347,17 @@ async fn a_stop_or_reply_that_listed_the_user_before_the_erasure_does_not_bring_
         .unwrap();
     assert_eq!(stored.user_id, None);
     assert_eq!(stored.user_ids(), ["fam-a"]);
+}
+
+/// `DELETE /api/users/{id}` with the host key; its answer.
+async fn erase_by_host(app: &TestApp, user: &str) -> Value {
+    let r = app
+        .client
+        .delete(app.url(&format!("/api/users/{user}")))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
 }
