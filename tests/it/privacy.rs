@@ -11,6 +11,8 @@ both_backends!(
     erasure_removes_the_user_keeps_evidence_and_is_harmless_twice,
     erasure_takes_the_user_out_of_a_shared_numbers_replies,
     a_reply_that_listed_the_user_before_the_erasure_does_not_name_them,
+    two_erasures_of_users_sharing_a_number_leave_neither_in_its_replies,
+    a_preferences_change_racing_an_erasure_is_answered,
 );
 
 const FAMILY: &str = "+14155552671";
@@ -347,6 +349,89 @@ async fn a_reply_that_listed_the_user_before_the_erasure_does_not_name_them(back
         .unwrap();
     assert_eq!(stored.user_id, None);
     assert_eq!(stored.user_ids(), ["fam-a"]);
+}
+
+/// Three users share a number and each has replies from it listing all three; two of them are
+/// erased at the same moment. Both erasures answer, the third user's replies stay and list only
+/// them, and the erased users' replies are gone. Found by review on PostgreSQL: each erasure
+/// deleted its own replies, then rewrote the lists of the other's, so the two deadlocked (one
+/// answered 500), and a list read before the other committed was written back naming it.
+async fn two_erasures_of_users_sharing_a_number_leave_neither_in_its_replies(backend: Backend) {
+    use prism_messaging::store::IncomingMessage;
+    let app = TestApp::spawn(backend).await;
+    for round in 0..8 {
+        let number = format!("+1415555267{round}");
+        let users: Vec<String> = ["a", "b", "c"]
+            .iter()
+            .map(|u| format!("{u}-{round}"))
+            .collect();
+        for user in &users {
+            app.consent(user, &number).await;
+        }
+        let listed = serde_json::to_string(&users).unwrap();
+        for (n, user) in users.iter().cycle().take(9).enumerate() {
+            let reply = IncomingMessage {
+                id: format!("in-{round}-{n}"),
+                provider_sid: format!("SM{round}x{n}"),
+                channel: "sms".into(),
+                from_number: number.clone(),
+                to_number: None,
+                user_id: Some(user.clone()),
+                user_ids: Some(listed.clone()),
+                body: "thanks".into(),
+                keyword: None,
+                reply_template: None,
+                opt_out_type: None,
+                received_at: chrono::Utc::now(),
+            };
+            assert!(app.state.store.insert_incoming(&reply).await.unwrap());
+        }
+        // Both erasures answer 200 (`erase_by_host` asserts it).
+        let (a, b) = tokio::join!(
+            erase_by_host(&app, &users[0]),
+            erase_by_host(&app, &users[1])
+        );
+        assert_eq!(a["erased"]["replies"], 3, "{a}");
+        assert_eq!(b["erased"]["replies"], 3, "{b}");
+        let left = app
+            .db
+            .text_pairs(&format!(
+                "SELECT COALESCE(user_id, ''), COALESCE(user_ids, '') FROM incoming_messages \
+                 WHERE id LIKE 'in-{round}-%'"
+            ))
+            .await;
+        assert_eq!(left.len(), 3, "round {round}: {left:?}");
+        for (user, listed) in &left {
+            assert_eq!(user, &users[2], "round {round}: {left:?}");
+            let listed: Vec<String> = serde_json::from_str(listed).unwrap();
+            assert_eq!(listed, [users[2].clone()], "round {round}: {left:?}");
+        }
+    }
+}
+
+/// A user changes their preferences while they are erased: the change is answered 200 whichever
+/// commits first (after the erasure it makes a record afresh, as any write after an erasure
+/// does), never 500. Found by review on PostgreSQL: the change found the record when it tried to
+/// create it, then found it deleted when it read it.
+async fn a_preferences_change_racing_an_erasure_is_answered(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    for round in 0..20 {
+        let user = format!("racer-{round}");
+        app.consent(&user, FAMILY).await;
+        let change = json!({"phone_number": FAMILY, "sms_consent": false,
+            "whatsapp_consent": true, "marketing_consent": true});
+        let (changed, _) = tokio::join!(
+            app.put_preferences(&user, change),
+            erase_by_host(&app, &user)
+        );
+        let status = changed.status();
+        assert_eq!(
+            status,
+            200,
+            "round {round}: {}",
+            changed.text().await.unwrap()
+        );
+    }
 }
 
 /// `DELETE /api/users/{id}` with the host key; its answer.

@@ -131,27 +131,34 @@ pub(super) async fn edit_consent_in(
     create: bool,
 ) -> AppResult<Option<Consent>> {
     // Create the row if missing (this write also takes SQLite's lock), then read it locked so
-    // concurrent changes audit the true old values.
-    let created = create
-        && sqlx::query(
-            "INSERT INTO messaging_consent (user_id, created_at, updated_at) VALUES ($1, $2, $2) \
-             ON CONFLICT (user_id) DO NOTHING",
-        )
-        .bind(user_id)
-        .bind(ctx.at)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected()
-            == 1;
+    // concurrent changes audit the true old values. On PostgreSQL the row the insert found can be
+    // gone by the read, deleted by an erasure that committed in between (found by review: the
+    // change answered 500); the insert is then tried again, and makes the record afresh.
     let sql = format!(
         "SELECT {CONSENT_COLUMNS} FROM messaging_consent WHERE user_id = $1{LOCK_FOR_UPDATE}"
     );
-    let Some(current) = sqlx::query_as::<Db, Consent>(&sql)
-        .bind(user_id)
-        .fetch_optional(&mut **tx)
-        .await?
-    else {
-        return Ok(None);
+    let mut tries = 0;
+    let (current, created) = loop {
+        let created = create
+            && sqlx::query(
+                "INSERT INTO messaging_consent (user_id, created_at, updated_at) \
+                 VALUES ($1, $2, $2) ON CONFLICT (user_id) DO NOTHING",
+            )
+            .bind(user_id)
+            .bind(ctx.at)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected()
+                == 1;
+        let current = sqlx::query_as::<Db, Consent>(&sql)
+            .bind(user_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        match current {
+            Some(current) => break (current, created),
+            None if create && tries < 3 => tries += 1,
+            None => return Ok(None),
+        }
     };
     let current = open_consent(vault, current)?;
     let mut next = edit(&current)?;

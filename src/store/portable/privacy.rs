@@ -157,6 +157,7 @@ impl PrivacyStore for ThisStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        lock_replies(&mut tx, user_id).await?;
         counts.replies = sqlx::query("DELETE FROM incoming_messages WHERE user_id = $1")
             .bind(user_id)
             .execute(&mut *tx)
@@ -226,6 +227,28 @@ impl PrivacyStore for ThisStore {
         }
         Ok(counts)
     }
+}
+
+/// Every reply the erasure deletes or rewrites is locked first, in the order of its id
+/// (PostgreSQL; SQLite's erasure already holds the write lock). Two erasures of users who share a
+/// number each touch the other's replies: taken one by one (the user's own, then those that list
+/// them) they deadlocked, and a list read before the other erasure committed was written back
+/// with that erased user in it (found by review). In one order they wait for each other instead,
+/// and the second reads the lists as the first left them.
+async fn lock_replies(tx: &mut sqlx::Transaction<'_, Db>, user_id: &str) -> AppResult<()> {
+    if LOCK_FOR_UPDATE.is_empty() {
+        return Ok(());
+    }
+    let quoted = serde_json::to_string(user_id).map_err(anyhow::Error::from)?;
+    sqlx::query(&format!(
+        "SELECT id FROM incoming_messages WHERE user_id = $1 \
+         OR length(replace(user_ids, $2, '')) < length(user_ids) ORDER BY id{LOCK_FOR_UPDATE}"
+    ))
+    .bind(user_id)
+    .bind(&quoted)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Replies from a number the erased user shared stay (another user's, or nobody's), but their
