@@ -360,8 +360,32 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
             return Err(err(name, "must be an http(s) URL with a host"));
         }
+        // Paths are joined to it (`{APP_URL}/pay`, `{PUBLIC_URL}/webhooks/...`): a query or a
+        // fragment would swallow them, and a user name or password would be sent to patients.
+        if parsed.query().is_some() || parsed.fragment().is_some() || raw.contains('#') {
+            return Err(err(name, "must be a base URL, without a query or fragment"));
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(err(name, "must not hold a user name or password"));
+        }
         Ok(raw.trim_end_matches('/').to_string())
     }
+}
+
+/// `CLINIC_NAME` opens every message: a name, not a sentence, so it holds no placeholder
+/// (`{link}` would be filled in as a variable) and no line break, and fits beside a code.
+fn clinic_name(raw: &str) -> Result<String, ConfigError> {
+    let name = raw.trim();
+    let ok = (1..=60).contains(&name.chars().count())
+        && !name
+            .chars()
+            .any(|c| c.is_control() || matches!(c, '{' | '}' | '<' | '>'));
+    ok.then(|| name.to_string()).ok_or_else(|| {
+        err(
+            "CLINIC_NAME",
+            "1 to 60 characters, without braces, angle brackets or line breaks",
+        )
+    })
 }
 
 fn is_sid(value: &str, prefix: &str) -> bool {
@@ -374,8 +398,7 @@ fn parse_quiet_hours(raw: &str) -> Option<QuietHours> {
     let (start, end) = raw.split_once('-')?;
     let start = NaiveTime::parse_from_str(start.trim(), "%H:%M").ok()?;
     let end = NaiveTime::parse_from_str(end.trim(), "%H:%M").ok()?;
-    // An empty window would silently mean no quiet hours: that is `off`, said as such.
-    (start != end).then_some(QuietHours { start, end })
+    Some(QuietHours { start, end })
 }
 
 /// `CORS_ALLOWED_ORIGINS`: exact origins (`https://app.example.com`), no paths, no wildcards.
@@ -416,7 +439,10 @@ fn parse_content_sids(raw: &str) -> Result<HashMap<String, String>, ConfigError>
                 format!("{sid:?} is not a Content SID (HX + 32 hex digits)"),
             ));
         }
-        map.insert(template.to_string(), sid.to_string());
+        // Named twice, one of the two would be dropped unseen: say which.
+        if map.insert(template.to_string(), sid.to_string()).is_some() {
+            return Err(err(name, format!("{template:?} is named twice")));
+        }
     }
     Ok(map)
 }
@@ -581,12 +607,22 @@ impl Config {
             Some(raw) if raw.eq_ignore_ascii_case("off") || raw.eq_ignore_ascii_case("none") => {
                 None
             }
-            Some(raw) => Some(parse_quiet_hours(&raw).ok_or_else(|| {
-                err(
-                    "QUIET_HOURS",
-                    "expected HH:MM-HH:MM, e.g. 21:00-08:00, or off",
-                )
-            })?),
+            Some(raw) => match parse_quiet_hours(&raw) {
+                // An empty window would silently mean no quiet hours: that is `off`, said so.
+                Some(QuietHours { start, end }) if start == end => {
+                    return Err(err(
+                        "QUIET_HOURS",
+                        "the window is empty (it starts where it ends); for none, say off",
+                    ))
+                }
+                Some(window) => Some(window),
+                None => {
+                    return Err(err(
+                        "QUIET_HOURS",
+                        "expected HH:MM-HH:MM, e.g. 21:00-08:00, or off",
+                    ))
+                }
+            },
         };
         let log_format = match v.string("LOG_FORMAT", "pretty").as_str() {
             "pretty" => LogFormat::Pretty,
@@ -707,7 +743,7 @@ impl Config {
         let messaging = MessagingSettings {
             enabled: v.bool("MESSAGING_ENABLED", true)?,
             mock_mode: v.bool("MESSAGING_MOCK_MODE", true)?,
-            clinic_name: v.string("CLINIC_NAME", "PhysiologicPRISM"),
+            clinic_name: clinic_name(&v.string("CLINIC_NAME", "PhysiologicPRISM"))?,
             app_url,
             public_url,
             default_time_zone,
@@ -973,6 +1009,30 @@ mod tests {
             (&[("OTP_LENGTH", "3")], "OTP_LENGTH"),
             (&[("QUIET_HOURS", "late")], "QUIET_HOURS"),
             (&[("QUIET_HOURS", "21:00-21:00")], "QUIET_HOURS"),
+            (
+                &[("APP_URL", "https://app.example.com/c?ref=sms")],
+                "APP_URL",
+            ),
+            (&[("APP_URL", "https://app.example.com/c#")], "APP_URL"),
+            (
+                &[("PUBLIC_URL", "https://user:pw@msg.example.com")],
+                "PUBLIC_URL",
+            ),
+            (&[("CLINIC_NAME", "Clinic {link}")], "CLINIC_NAME"),
+            (
+                &[(
+                    "CLINIC_NAME",
+                    "The Physiotherapy, Sports Injury and Rehabilitation Clinic of Leeds",
+                )],
+                "CLINIC_NAME",
+            ),
+            (
+                &[(
+                    "TWILIO_CONTENT_SIDS",
+                    "otp=HX00000000000000000000000000000000,otp=HX11111111111111111111111111111111",
+                )],
+                "TWILIO_CONTENT_SIDS",
+            ),
             (
                 &[("TWILIO_CONTENT_SIDS", "nope=HX00")],
                 "TWILIO_CONTENT_SIDS",

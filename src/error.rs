@@ -188,6 +188,19 @@ impl From<rusqlite::Error> for AppError {
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
+        self.into_response_with(None)
+    }
+}
+
+impl AppError {
+    /// The envelope with `"valid": false` beside `success` unless the answer is a 500: how
+    /// `verify-otp` refuses (the seed's mobile client reads `valid`), a database out of reach
+    /// (503) included.
+    pub fn into_refusal_of_validity(self) -> Response {
+        self.into_response_with(Some(false))
+    }
+
+    fn into_response_with(self, valid: Option<bool>) -> Response {
         let message = match &self {
             AppError::Internal(cause) if database_out_of_reach(cause) => {
                 tracing::error!(error = format!("{cause:#}"), "database out of reach");
@@ -200,11 +213,15 @@ impl IntoResponse for AppError {
             }
             other => other.to_string(),
         };
-        let body = json!({
+        let status = self.status();
+        let mut body = json!({
             "success": false,
             "error": {"code": self.code(), "message": message},
         });
-        let mut response = (self.status(), Json(body)).into_response();
+        if let Some(valid) = valid.filter(|_| status != StatusCode::INTERNAL_SERVER_ERROR) {
+            body["valid"] = json!(valid);
+        }
+        let mut response = (status, Json(body)).into_response();
         if let AppError::TooManyRequests {
             retry_after_secs: Some(secs),
             ..

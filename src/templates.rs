@@ -377,7 +377,7 @@ fn type_description(t: VarType) -> &'static str {
         VarType::Code => "code (4 to 10 digits)",
         VarType::Time => "time (HH:MM)",
         VarType::Date => "date (YYYY-MM-DD)",
-        VarType::Amount => "amount (e.g. 499.00 or INR 499.00)",
+        VarType::Amount => "amount (e.g. 499.00 or INR 499.00: an ISO 4217 currency code)",
         VarType::Link => "link (a path like /appointments/123 or a URL under APP_URL)",
         VarType::ShortName => {
             "short name (letters, spaces, '-' and ', at most 30 characters; no dots)"
@@ -514,15 +514,32 @@ fn check_value(
     }
 }
 
+/// ISO 4217's current currency codes (funds and metals left out).
+const CURRENCIES: &[&str] = &[
+    "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT",
+    "BGN", "BHD", "BIF", "BMD", "BND", "BOB", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD",
+    "CDF", "CHF", "CLP", "CNY", "COP", "CRC", "CUP", "CVE", "CZK", "DJF", "DKK", "DOP", "DZD",
+    "EGP", "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL", "GHS", "GIP", "GMD", "GNF", "GTQ",
+    "GYD", "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR", "IQD", "IRR", "ISK", "JMD", "JOD",
+    "JPY", "KES", "KGS", "KHR", "KMF", "KPW", "KRW", "KWD", "KYD", "KZT", "LAK", "LBP", "LKR",
+    "LRD", "LSL", "LYD", "MAD", "MDL", "MGA", "MKD", "MMK", "MNT", "MOP", "MRU", "MUR", "MVR",
+    "MWK", "MXN", "MYR", "MZN", "NAD", "NGN", "NIO", "NOK", "NPR", "NZD", "OMR", "PAB", "PEN",
+    "PGK", "PHP", "PKR", "PLN", "PYG", "QAR", "RON", "RSD", "RUB", "RWF", "SAR", "SBD", "SCR",
+    "SDG", "SEK", "SGD", "SHP", "SLE", "SOS", "SRD", "SSP", "STN", "SVC", "SYP", "SZL", "THB",
+    "TJS", "TMT", "TND", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH", "UGX", "USD", "UYU", "UZS",
+    "VED", "VES", "VND", "VUV", "WST", "XAF", "XCD", "XCG", "XOF", "XPF", "YER", "ZAR", "ZMW",
+    "ZWG",
+];
+
 fn check_amount(raw: &str) -> Option<String> {
     let (currency, number) = match raw.split_once(' ') {
         Some((cur, num)) => (Some(cur), num),
         None => (None, raw),
     };
-    if let Some(cur) = currency {
-        if cur.len() != 3 || !cur.bytes().all(|b| b.is_ascii_uppercase()) {
-            return None;
-        }
+    // A currency code from ISO 4217's list, not any three capitals: `HIV 1.00` would carry a
+    // clinical word (found by review).
+    if currency.is_some_and(|cur| !CURRENCIES.contains(&cur)) {
+        return None;
     }
     let (whole, fraction) = match number.split_once('.') {
         Some((w, f)) => (w, Some(f)),
@@ -842,6 +859,8 @@ mod tests {
             json!({"amount": "10.00"}),
             json!({"amount": "10.00", "link": "/pay", "note": "knee surgery"}),
             json!({"amount": "ten", "link": "/pay"}),
+            json!({"amount": "HIV 1.00", "link": "/pay"}),
+            json!({"amount": "MRI 400", "link": "/pay"}),
             json!({"amount": "10.000", "link": "/pay"}),
             json!({"amount": "10.00", "link": "https://evil.example.org/pay"}),
             json!({"amount": "10.00", "link": "https://app.example.com.evil.io/pay"}),

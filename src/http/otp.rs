@@ -19,7 +19,10 @@ use crate::otp::{SendOtpAnswer, SendOtpRequest, VerifyOtpRequest};
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/messaging/send-otp", post(send_otp))
-        .route("/api/messaging/verify-otp", post(verify_otp))
+        .route(
+            "/api/messaging/verify-otp",
+            post(verify_otp).fallback(verify_otp_other_method),
+        )
 }
 
 #[utoipa::path(
@@ -147,27 +150,18 @@ async fn verify_otp(
 }
 
 /// A refused `verify-otp` (any error but a 500) in the envelope with `"valid": false` beside it.
-/// Also for what is refused before the handler runs (a body too large or too slow: `bounded_body`).
+/// Also for what is refused before the handler runs (a body too large or too slow: `bounded_body`;
+/// another method than POST: the route's fallback).
 pub(super) fn verify_refusal(e: AppError) -> Response {
-    match e {
-        AppError::Internal(e) => AppError::Internal(e).into_response(),
-        e => {
-            let body = json!({
-                "success": false,
-                "valid": false,
-                "error": {"code": e.code(), "message": e.to_string()},
-            });
-            let mut response = (e.status(), Json(body)).into_response();
-            if let AppError::TooManyRequests {
-                retry_after_secs: Some(secs),
-                ..
-            } = e
-            {
-                if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                    response.headers_mut().insert("retry-after", v);
-                }
-            }
-            response
-        }
-    }
+    e.into_refusal_of_validity()
+}
+
+/// `verify-otp` asked with another method: 405, refused as the call refuses (found by review:
+/// the router's 405 had no `valid`).
+async fn verify_otp_other_method() -> Response {
+    let mut response = verify_refusal(AppError::MethodNotAllowed);
+    response
+        .headers_mut()
+        .insert(axum::http::header::ALLOW, HeaderValue::from_static("POST"));
+    response
 }

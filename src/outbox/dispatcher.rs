@@ -614,8 +614,13 @@ impl Dispatcher {
                 return skip(reason);
             }
         }
+        let variables: Value = serde_json::from_str(&message.variables).unwrap_or(Value::Null);
         let appointment_at = match &subject {
             Some((SubjectType::Appointment, _, at)) => Some(*at),
+            // An appointment reminder the host app queued itself (`POST /api/notifications`) has
+            // no appointment here: its own time stands for it, so quiet hours never hold it past
+            // the appointment either (found by review: it went out after the start).
+            None => policy::appointment_time_in(template, &variables),
             _ => None,
         };
         // Quiet hours, the date and time and the day word are in the message's zone: the item's,
@@ -635,7 +640,6 @@ impl Dispatcher {
             }
             QuietHoursRule::Skip(reason) => return skip(reason),
         }
-        let variables: Value = serde_json::from_str(&message.variables).unwrap_or(Value::Null);
         // Rendered now, for this send: a reminder held until morning reads "today".
         let render_at = RenderAt {
             now,

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
+use serde_json::Value;
 
 use super::quiet_hours;
 use crate::channel::Channel;
@@ -58,6 +59,17 @@ pub fn consented(consent: &Consent, template: &Template, channel: Channel) -> bo
 /// Whether a template is a reminder about an appointment, follow-up or subscription (and so must
 /// be checked against the item's current state, when a sweep queued it: the host app may send
 /// the subscription templates itself, with no item behind them).
+/// The time an appointment reminder names (`starts_at`), for one with no appointment stored.
+pub fn appointment_time_in(template: &Template, variables: &Value) -> Option<DateTime<Utc>> {
+    if !template.name.starts_with("appointment_reminder_") {
+        return None;
+    }
+    let at = variables.get("starts_at")?.as_str()?;
+    DateTime::parse_from_rfc3339(at)
+        .ok()
+        .map(|at| at.with_timezone(&Utc))
+}
+
 pub fn is_reminder(template: &Template) -> bool {
     matches!(
         template.name,

@@ -206,16 +206,20 @@ pub struct SweepReport {
     pub queued: usize,
 }
 
-/// The host app's ids go into links (`/appointments/{id}`): URL-safe characters only.
+/// The host app's ids go into links (`/appointments/{id}`): URL-safe characters only, and not `.`
+/// or `..`, which a link cannot carry as a path segment (found by review: such an appointment was
+/// stored, and its reminders were never queued).
 fn validate_id(id: &str) -> AppResult<()> {
     let ok = (1..=64).contains(&id.len())
+        && id != "."
+        && id != ".."
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     ok.then_some(()).ok_or_else(|| {
         AppError::bad_request(
             "invalid_id",
-            "ids are 1 to 64 letters, digits, '-', '_' or '.'",
+            "ids are 1 to 64 letters, digits, '-', '_' or '.', and not '.' or '..'",
         )
     })
 }
@@ -619,6 +623,19 @@ impl Reminders {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `.` and `..` cannot be a link's segment (`/appointments/..` climbs out), so an item under
+    /// one would never be reminded (found by review, sent as `%2E%2E` by curl --path-as-is). The
+    /// same check holds for the API and the CSV import.
+    #[test]
+    fn ids_that_a_link_cannot_carry_are_refused() {
+        for id in [".", "..", "", "a b", "a/b", &"x".repeat(65)] {
+            assert!(validate_id(id).is_err(), "{id:?}");
+        }
+        for id in ["...", "a..b", "a.b", ".a", "appt-1_2", &"x".repeat(64)] {
+            assert!(validate_id(id).is_ok(), "{id:?}");
+        }
+    }
 
     #[test]
     fn a_leap_second_is_rolled_into_the_next_minute_as_postgresql_does() {

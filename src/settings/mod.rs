@@ -271,10 +271,23 @@ impl SettingsPages {
             .await
     }
 
+    /// Under `APP_URL` as the browser will resolve it: no `.` or `..` segment (written or
+    /// percent-encoded) and no backslash, which would climb out of a path-prefixed `APP_URL`
+    /// (found by review), as for a template's link.
     fn is_under_app_url(&self, url: &str) -> bool {
-        url.strip_prefix(&*self.app_url)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+        let Some(rest) = url.strip_prefix(&*self.app_url) else {
+            return false;
+        };
+        let route = rest
+            .split(['?', '#'])
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+            .replace("%2e", ".");
+        (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
             && !url.chars().any(|c| c.is_control() || c.is_whitespace())
+            && !route.contains('\\')
+            && route.split('/').all(|s| s != "." && s != "..")
     }
 }
 

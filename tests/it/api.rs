@@ -660,7 +660,10 @@ async fn quiet_hours_hold_notifications_until_morning(backend: Backend) {
         .with_clock(&clock);
     let app = TestApp::spawn_with(backend, config).await;
     app.consent("p1", "+919876543210").await;
-    let id = app.notify_ok(reminder("p1")).await;
+    // For an appointment after the morning (one before it would be skipped, as passed).
+    let mut body = reminder("p1");
+    body["variables"]["starts_at"] = json!("2027-01-14T10:30:00Z");
+    let id = app.notify_ok(body).await;
     assert_eq!(app.dispatch().await.deferred, 1);
     let m = app.stored_message(&id).await;
     assert_eq!((m.status.as_str(), m.attempts), ("queued", 0));
@@ -779,6 +782,18 @@ async fn openapi_and_unknown_routes(backend: Backend) {
         .unwrap();
     assert_eq!(r.status(), 405);
     assert_eq!(error_code(r).await, "method_not_allowed");
+    // verify-otp refuses another method as it refuses anything else: with `"valid": false`.
+    let r = app
+        .client
+        .get(app.url("/api/messaging/verify-otp"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["valid"], false, "{body}");
+    assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
 }
 
 async fn openapi_document(app: &TestApp) -> Value {
@@ -972,6 +987,10 @@ async fn path_ids_that_are_not_text_answer_the_envelope(backend: Backend) {
         (reqwest::Method::GET, "/api/messages/%FF"),
         (reqwest::Method::DELETE, "/api/appointments/%FF%FE"),
         (reqwest::Method::DELETE, "/api/follow-ups/%C3"),
+        // No id holds a NUL, and PostgreSQL refuses one in text (it answered 500 there).
+        (reqwest::Method::GET, "/api/messages/a%00b"),
+        (reqwest::Method::DELETE, "/api/appointments/a%00b"),
+        (reqwest::Method::DELETE, "/api/subscriptions/a%00b"),
     ] {
         let r = app
             .client

@@ -567,6 +567,18 @@ async fn a_database_out_of_reach_answers_503_not_500() {
             .await
             .unwrap();
         assert_eq!(r.status(), 503);
+        // verify-otp's refusal says `"valid": false` here too.
+        let r = app
+            .client
+            .post(app.url("/api/messaging/verify-otp"))
+            .json(&json!({"user_id": "p1", "otp_code": "123456"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["valid"], false, "{body}");
+        assert_eq!(body["error"]["code"], "unavailable", "{body}");
     }
     let r = app.client.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 503);

@@ -603,6 +603,35 @@ async fn bad_input_is_refused_and_reveals_nothing(backend: Backend) {
     assert!(message.contains("expected a JSON object"), "{body}");
     assert!(!message.contains("Request"), "{body}");
     assert_eq!(outbox_len(&app).await, 0);
+    // Not even an array of the right length, with its fields in order (serde alone fills a
+    // struct from one: the code went out).
+    for body in [json!(["u", PHONE, "login", "sms"]), json!([1]), json!([])] {
+        let r = app
+            .client
+            .post(app.url("/api/messaging/send-otp"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let answer: Value = r.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], "invalid_json", "{answer}");
+        assert_eq!(
+            answer["error"]["message"], "expected a JSON object",
+            "{answer}"
+        );
+    }
+    let r = app
+        .put_preferences("u", json!([PHONE, true, false, false, null, "api"]))
+        .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "invalid_json");
+    assert_eq!(outbox_len(&app).await, 0);
+    assert_eq!(
+        app.state.store.get_consent("u").await.unwrap(),
+        None,
+        "nothing written"
+    );
     // An unknown user and a wrong code for a known one answer identically.
     send_ok(&app, "known", PHONE, "login").await;
     let unknown = verify(&app, "nobody", "login", "123456").await;

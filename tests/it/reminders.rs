@@ -12,6 +12,7 @@ both_backends!(
     the_2h_reminder_and_the_windows,
     follow_ups_are_reminded_on_their_due_date,
     a_reminder_held_past_its_appointment_is_skipped,
+    a_reminder_the_host_queued_is_not_held_past_the_time_it_names,
     bad_input_and_the_cron_secret,
 );
 
@@ -294,6 +295,52 @@ async fn follow_ups_are_reminded_on_their_due_date(backend: Backend) {
     assert_eq!(r.status(), 200);
 }
 
+/// An appointment reminder the host app queues itself (`POST /api/notifications`, no appointment
+/// stored here) keeps the same rules under quiet hours, by the time it names: held past it,
+/// skipped (found by review: it went out after the appointment began).
+async fn a_reminder_the_host_queued_is_not_held_past_the_time_it_names(backend: Backend) {
+    // 04:00 UTC, inside 21:00-08:00 UTC quiet hours.
+    let quiet = TestConfig::new().set("QUIET_HOURS", "21:00-08:00");
+    let (app, _clock) = app_at(backend, quiet).await;
+    for (template, starts_in) in [
+        ("appointment_reminder_2h", Duration::minutes(90)),
+        ("appointment_reminder_24h", Duration::hours(3)),
+        ("appointment_reminder_2h", Duration::minutes(250)),
+        ("appointment_reminder_24h", Duration::hours(24)),
+    ] {
+        app.notify_ok(json!({"user_id": "p1", "template": template,
+            "variables": {"starts_at": at(starts_in), "link": "/appointments/a1"}}))
+            .await;
+    }
+    app.dispatch().await;
+    let mut seen = statuses(&app).await;
+    seen.sort();
+    let skipped = |reason: &str| Some(reason.to_string());
+    assert_eq!(
+        seen,
+        [
+            // Held to 08:00, the day before its appointment.
+            ("appointment_reminder_24h".into(), "queued".into(), None),
+            (
+                "appointment_reminder_24h".into(),
+                "skipped".into(),
+                skipped("quiet_hours_passed")
+            ),
+            // Held to 08:00, ten minutes before its 08:10 appointment: too near, skipped.
+            (
+                "appointment_reminder_2h".into(),
+                "skipped".into(),
+                skipped("quiet_hours")
+            ),
+            (
+                "appointment_reminder_2h".into(),
+                "skipped".into(),
+                skipped("quiet_hours_passed")
+            ),
+        ]
+    );
+}
+
 async fn a_reminder_held_past_its_appointment_is_skipped(backend: Backend) {
     // 04:00 UTC is inside 21:00-08:00 UTC quiet hours; the appointment at 05:30 (booked the day
     // before) is before they end.
@@ -346,6 +393,8 @@ async fn bad_input_and_the_cron_secret(backend: Backend) {
             json!({"user_id": "p1", "starts_at": at(Duration::hours(1))}),
             "invalid_id",
         ),
+        // (`.` and `..`, which a client's URL library folds away before they arrive:
+        // `reminders::tests::ids_that_a_link_cannot_carry_are_refused`.)
         (
             "/api/appointments/a",
             json!({"user_id": "p1", "starts_at": "tomorrow"}),

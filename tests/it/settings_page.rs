@@ -109,6 +109,23 @@ async fn links_open_once_and_set_a_safe_cookie(backend: Backend) {
     .await;
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "invalid_return_url");
+    // A browser resolves `..` (written, percent-encoded, or after a backslash) out of a
+    // path-prefixed APP_URL.
+    for climbing in [
+        "/../admin",
+        "/%2e%2E/admin",
+        "/a/./b",
+        "/..\\admin",
+        "\\..\\admin",
+    ] {
+        let r = link(
+            &app,
+            json!({"user_id": "p1", "return_url": format!("{APP_URL}{climbing}")}),
+        )
+        .await;
+        assert_eq!(r.status(), 400, "{climbing}");
+        assert_eq!(error_code(r).await, "invalid_return_url", "{climbing}");
+    }
     let r = link(
         &app,
         json!({"user_id": "p1", "return_url": format!("{APP_URL}.evil.io/")}),
@@ -431,6 +448,15 @@ async fn cors_opens_only_the_user_and_otp_calls(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.headers()["access-control-allow-origin"], origin);
+    // And lets the page read a refusal's wait (found by review: browsers hide `Retry-After`
+    // from scripts unless it is exposed).
+    assert_eq!(
+        r.headers()["access-control-expose-headers"]
+            .to_str()
+            .unwrap()
+            .to_ascii_lowercase(),
+        "retry-after"
+    );
 
     // With no origins configured, no cross-origin access at all.
     let closed = TestApp::spawn(backend).await;

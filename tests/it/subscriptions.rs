@@ -492,7 +492,7 @@ async fn an_appointment_import_is_idempotent_and_refuses_rows_by_line(backend: B
     assert_eq!(code, 1, "{out}");
     let refusals = "  line 4: starts_at must be an RFC 3339 time (invalid_time)\n\
          \x20 line 5: time_zone must be an IANA zone such as Asia/Kolkata (invalid_time_zone)\n\
-         \x20 line 7: ids are 1 to 64 letters, digits, '-', '_' or '.' (invalid_id)\n\
+         \x20 line 7: ids are 1 to 64 letters, digits, '-', '_' or '.', and not '.' or '..' (invalid_id)\n\
          \x20 line 8: the row has 3 fields; the header has 5 (invalid_csv)\n\
          \x20 line 9: status must be scheduled or cancelled (invalid_status)\n";
     assert_eq!(
