@@ -1153,6 +1153,7 @@ fn log_result(message: &MessageRecord, to: &str, result: &DispatchResult) {
         DispatchResult::LookupFailed {
             message,
             next_attempt_at,
+            ..
         } => {
             tracing::warn!(message_id = id, template, error = message, %next_attempt_at, "looking up an earlier attempt failed; will look again")
         }

@@ -239,12 +239,17 @@ fn unreadable(e: reqwest::Error) -> ProviderError {
     }
 }
 
-/// Network faults: the request may or may not have reached Twilio; a retry can help.
+/// Network faults; a retry can help. A connection that was never made (refused, no route, a
+/// name or TLS failure, a connect timeout) carried no request, so Twilio holds nothing and the
+/// message is simply sent again (found by review: counted as "may be held", every message tried
+/// during a short outage ended `unknown`, never sent). Any fault once connected may have
+/// delivered the request: its outcome is unknown.
 fn network_error(err: reqwest::Error) -> ProviderError {
-    let kind = if err.is_timeout() {
-        "timed out"
-    } else if err.is_connect() {
+    let never_connected = err.is_connect();
+    let kind = if never_connected {
         "could not connect"
+    } else if err.is_timeout() {
+        "timed out"
     } else {
         "request failed"
     };
@@ -252,7 +257,7 @@ fn network_error(err: reqwest::Error) -> ProviderError {
         code: None,
         message: format!("Twilio {kind}: {}", err.without_url()),
         retry_after: None,
-        outcome_unknown: true,
+        outcome_unknown: !never_connected,
     }
 }
 

@@ -715,10 +715,17 @@ pub(crate) fn dispatch_write(
         DispatchResult::LookupFailed {
             message,
             next_attempt_at,
+            counted,
         } => (
-            "UPDATE messages SET status = 'queued', error_message = $3, \
-             attempts = attempts + 1, next_attempt_at = $4, lease_until = NULL, \
-             lookup_needed = TRUE, updated_at = $5 WHERE id = $1 AND lease_until = $2",
+            if *counted {
+                "UPDATE messages SET status = 'queued', error_message = $3, \
+                 attempts = attempts + 1, next_attempt_at = $4, lease_until = NULL, \
+                 lookup_needed = TRUE, updated_at = $5 WHERE id = $1 AND lease_until = $2"
+            } else {
+                "UPDATE messages SET status = 'queued', error_message = $3, \
+                 next_attempt_at = $4, lease_until = NULL, \
+                 lookup_needed = TRUE, updated_at = $5 WHERE id = $1 AND lease_until = $2"
+            },
             vec![
                 OptText(Some(message.clone())),
                 Time(*next_attempt_at),

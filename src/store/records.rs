@@ -236,11 +236,12 @@ pub enum DispatchResult {
         next_attempt_at: DateTime<Utc>,
         lookup: bool,
     },
-    /// Looking up an earlier attempt failed: queued again for `next_attempt_at`, the lookup
-    /// counted as an attempt, still to be looked up first.
+    /// Looking up an earlier attempt failed: queued again for `next_attempt_at`, still to be
+    /// looked up first; the lookup `counted` as an attempt unless the provider was out.
     LookupFailed {
         message: String,
         next_attempt_at: DateTime<Utc>,
+        counted: bool,
     },
     /// The provider may or may not hold it and no lookup could tell: `unknown`, never resent.
     Unknown { code: Option<i64>, message: String },

@@ -25,6 +25,8 @@ both_backends!(
     a_slow_lookup_never_stalls_other_sends,
     an_early_callback_is_never_orphaned,
     a_server_error_with_a_code_is_looked_up_before_resending,
+    a_twilio_that_cannot_be_reached_is_retried_and_never_looked_up,
+    a_lookup_refused_for_credentials_holds_the_message_without_spending_it,
 );
 
 const PATIENT: &str = "+14155552671";
@@ -677,4 +679,84 @@ async fn a_server_error_with_a_code_is_looked_up_before_resending(backend: Backe
     let m = app.message(&id).await;
     assert_eq!(m["provider_sid"], fake.created()[0].sid.as_str());
     assert_eq!(fake.create_calls_to(PATIENT), 1);
+}
+
+/// Twilio out of reach (the connection refused): nothing reached it, so the message is retried
+/// as any retryable failure and ends `failed` once its attempts are spent, never `unknown`
+/// (found by review: each such send counted as "may be held", then every lookup failed to
+/// connect, and the message ended `unknown`, never sent).
+async fn a_twilio_that_cannot_be_reached_is_retried_and_never_looked_up(backend: Backend) {
+    // A port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let clock = ManualClock::new(Utc::now());
+    let fake = FakeTwilio::start().await;
+    let config = TestConfig::new()
+        .live(&fake)
+        .set("TWILIO_API_BASE", &base)
+        .set("TWILIO_TIMEOUT_MS", "400")
+        .set("DISPATCH_RATE_PER_SECOND", "0")
+        .set("DISPATCH_MAX_ATTEMPTS", "3")
+        .with_clock(&clock);
+    let app = TestApp::spawn_with(backend, config).await;
+    app.consent("p1", PATIENT).await;
+    let id = app.notify_ok(receipt("sms")).await;
+    for _ in 0..6 {
+        app.dispatch().await;
+        clock.advance(Duration::minutes(20));
+    }
+    let m = app.message(&id).await;
+    assert_eq!(
+        (m["status"].clone(), m["attempts"].clone()),
+        (json!("failed"), json!(3)),
+        "{m}"
+    );
+    let error = m["error_message"].as_str().unwrap_or_default();
+    assert!(error.contains("could not connect"), "{m}");
+    assert!(!error.contains("looking up"), "{m}");
+}
+
+/// A lookup after an unknown outcome that Twilio refuses for our credentials (the Auth Token
+/// rotated meanwhile) is an outage, as for a send: the message waits without spending an
+/// attempt, `/readyz` reports the refusal, and once the credentials work the lookup finds nothing
+/// and the message is sent (found by review: each refused lookup spent an attempt, unseen, and the
+/// message ended `unknown`).
+async fn a_lookup_refused_for_credentials_holds_the_message_without_spending_it(backend: Backend) {
+    let (app, clock) = live(backend, TestConfig::new().set("DISPATCH_MAX_ATTEMPTS", "2")).await;
+    let fake = app.fake.as_ref().unwrap();
+    // The connection drops after the request went out: the outcome is unknown, nothing created.
+    fake.script(PATIENT, vec![Fault::Drop]);
+    let id = app.notify_ok(receipt("sms")).await;
+    assert_eq!(app.dispatch().await.retried, 1);
+    fake.refuse_lookups(5);
+    for _ in 0..5 {
+        clock.advance(Duration::minutes(20));
+        app.dispatch().await;
+        let m = app.message(&id).await;
+        assert_eq!(
+            (m["status"].clone(), m["attempts"].clone()),
+            (json!("queued"), json!(1)),
+            "{m}"
+        );
+    }
+    let r = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let ready: Value = r.json().await.unwrap();
+    assert_eq!(ready["provider_credentials"], "refused", "{ready}");
+    // The credentials work again: the lookup finds nothing, and the message goes.
+    clock.advance(Duration::minutes(20));
+    assert_eq!(app.dispatch().await.sent, 1);
+    let m = app.message(&id).await;
+    assert_eq!(
+        (m["status"].clone(), m["attempts"].clone()),
+        (json!("sent"), json!(2)),
+        "{m}"
+    );
+    assert_eq!(
+        fake.create_calls_to(PATIENT),
+        2,
+        "the dropped send, then this one"
+    );
+    assert_eq!(fake.created().len(), 1);
 }

@@ -30,6 +30,9 @@ enum Lookup {
     Nothing,
     /// The lookup could not tell (it failed, timed out, or a sibling may own the match).
     Inconclusive(String),
+    /// The provider could not be asked (no connection, our credentials refused, too many
+    /// requests at once): an outage, not a property of the message, so no attempt is spent.
+    ProviderOut(String),
 }
 
 impl Dispatcher {
@@ -96,7 +99,9 @@ impl Dispatcher {
                 ))
             }
             Lookup::Nothing => Ok(Recovery::SendAgain),
-            Lookup::Inconclusive(why) if self.out_of_attempts(message) => {
+            Lookup::Inconclusive(why) | Lookup::ProviderOut(why)
+                if self.out_of_attempts(message) =>
+            {
                 let why = format!("no lookup could tell whether the provider holds it: {why}");
                 self.finish_unknown(claim, &masked, &why).await
             }
@@ -106,6 +111,19 @@ impl Dispatcher {
                 let result = DispatchResult::LookupFailed {
                     message: format!("looking up an earlier attempt: {why}"),
                     next_attempt_at: self.lookup_backoff(message.attempts + 1),
+                    counted: true,
+                };
+                Ok(Recovery::Settled(
+                    self.finish(claim, &masked, result, None).await?,
+                ))
+            }
+            Lookup::ProviderOut(why) => {
+                // Not counted (only the message's age ends it), looked up again after the
+                // backoff its attempts so far give.
+                let result = DispatchResult::LookupFailed {
+                    message: format!("looking up an earlier attempt: {why}"),
+                    next_attempt_at: self.lookup_backoff(message.attempts.max(1)),
+                    counted: false,
                 };
                 Ok(Recovery::Settled(
                     self.finish(claim, &masked, result, None).await?,
@@ -147,7 +165,7 @@ impl Dispatcher {
                     deadline.as_secs()
                 )))
             }
-            Ok(Err(e)) => return Ok(Lookup::Inconclusive(e.message().to_string())),
+            Ok(Err(e)) => return Ok(self.lookup_refused(&e)),
             Ok(Ok(candidates)) => candidates,
         };
         for candidate in candidates {
@@ -166,6 +184,25 @@ impl Dispatcher {
             });
         }
         Ok(Lookup::Nothing)
+    }
+
+    /// A lookup the provider did not answer: an outage when no request reached it or it refused
+    /// our credentials (which `/readyz` then reports, as for a send; found by review: each such
+    /// lookup spent an attempt, and the message ended `unknown`), else inconclusive.
+    fn lookup_refused(&self, error: &crate::provider::ProviderError) -> Lookup {
+        use crate::provider::ProviderError;
+        let why = error.message().to_string();
+        match error {
+            ProviderError::Unauthorized { .. } => {
+                self.provider_health.refused(&why);
+                Lookup::ProviderOut(why)
+            }
+            ProviderError::Retryable {
+                outcome_unknown: false,
+                ..
+            } => Lookup::ProviderOut(why),
+            _ => Lookup::Inconclusive(why),
+        }
     }
 
     async fn give_up(&self, claim: &Claim, why: String) -> AppResult<Recovery> {

@@ -93,6 +93,8 @@ struct Shared {
     failing_lookups: Mutex<usize>,
     /// The next this-many `ListMessage` calls never answer.
     hanging_lookups: Mutex<usize>,
+    /// The next this-many `ListMessage` calls answer 401 (a rotated Auth Token).
+    refused_lookups: Mutex<usize>,
     /// SIDs for the next messages created, in order (then random ones), so a test can post a
     /// status callback for a message before its send has recorded the SID.
     next_sids: Mutex<Vec<String>>,
@@ -179,6 +181,11 @@ impl FakeTwilio {
     /// Answer the next `n` message-list lookups with a 500.
     pub fn fail_lookups(&self, n: usize) {
         *self.shared.failing_lookups.lock().unwrap() = n;
+    }
+
+    /// The next `n` message-list lookups answer 401, as after the Auth Token was rotated.
+    pub fn refuse_lookups(&self, n: usize) {
+        *self.shared.refused_lookups.lock().unwrap() = n;
     }
 
     /// The next `n` message-list lookups never answer.
@@ -390,6 +397,13 @@ async fn list_messages(
         || account != ACCOUNT_SID
     {
         return twilio_error(401, 20003, "Authenticate");
+    }
+    {
+        let mut refused = shared.refused_lookups.lock().unwrap();
+        if *refused > 0 {
+            *refused -= 1;
+            return twilio_error(401, 20003, "Authenticate");
+        }
     }
     {
         let mut failing = shared.failing_lookups.lock().unwrap();
