@@ -98,10 +98,21 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn message_by_sid(&self, provider_sid: &str) -> AppResult<Option<MessageRecord>>;
     /// How many messages are in each status (for `/metrics`).
     async fn message_status_counts(&self) -> AppResult<Vec<(String, i64)>>;
-    /// Whether another message (not `id`) to `to_number` with exactly `body` may be at the provider
-    /// without its SID recorded (being sent, or its last outcome unknown): a lookup cannot tell
-    /// which of the two a match belongs to.
-    async fn sibling_in_flight(&self, id: &str, to_number: &str, body: &str) -> AppResult<bool>;
+    /// Whether another message (not `id`, whose attempt began at `started`) to `to_number` with
+    /// exactly `body` must settle before this one is looked up: one being sent now, its SID not
+    /// yet recorded (a match could be its), or one whose outcome is also unknown and whose
+    /// attempt began earlier (twins are looked up one at a time, the earliest first, each
+    /// adopting the earliest match left).
+    async fn sibling_in_flight(
+        &self,
+        id: &str,
+        to_number: &str,
+        body: &str,
+        started: DateTime<Utc>,
+    ) -> AppResult<bool>;
+    /// Mark a claimed message whose attempt's outcome is unknown as being looked up, so that its
+    /// twins tell it from a message being sent now ([`MessageStore::sibling_in_flight`]).
+    async fn mark_lookup_needed(&self, id: &str, fence: DateTime<Utc>) -> AppResult<()>;
     /// The user the most recent message to this number was for (sent or being sent).
     async fn last_recipient(&self, to_number: &str) -> AppResult<Option<String>>;
     /// The user's messages, newest first.

@@ -27,6 +27,7 @@ both_backends!(
     a_server_error_with_a_code_is_looked_up_before_resending,
     a_twilio_that_cannot_be_reached_is_retried_and_never_looked_up,
     a_lookup_refused_for_credentials_holds_the_message_without_spending_it,
+    twins_whose_outcomes_are_unknown_are_each_settled_once,
 );
 
 const PATIENT: &str = "+14155552671";
@@ -130,7 +131,7 @@ async fn a_sibling_in_flight_is_never_adopted_from(backend: Backend) {
         m["status"], "queued",
         "not adopted while a sibling may own it: {m}"
     );
-    assert_eq!(m["attempts"], 2, "the lookup counted");
+    assert_eq!(m["attempts"], 1, "waiting for a sibling spends no attempt");
     // The sibling settles with the SID Twilio created for it.
     app.db
         .execute(&format!(
@@ -759,4 +760,69 @@ async fn a_lookup_refused_for_credentials_holds_the_message_without_spending_it(
         "the dropped send, then this one"
     );
     assert_eq!(fake.created().len(), 1);
+}
+
+/// Two receipts with the same text to one number (two payments alike, a family's phone), both
+/// with unknown outcomes at once (Twilio took both and never answered; or neither reached it):
+/// each is looked up in turn, the earlier attempt first, and each adopts its own message or is
+/// sent again, once (found by review after a `kill -9`: each waited for the other until its
+/// attempts ran out, and both ended `unknown` or `failed`, never sent).
+async fn twins_whose_outcomes_are_unknown_are_each_settled_once(backend: Backend) {
+    let (app, clock) = live(backend, TestConfig::new().set("DISPATCH_MAX_ATTEMPTS", "3")).await;
+    let fake = app.fake.as_ref().unwrap();
+    const OTHER: &str = "+14155552672";
+    const THIRD: &str = "+14155552673";
+    app.consent("p2", OTHER).await;
+    app.consent("p3", THIRD).await;
+    let twin = |user: &str, key: &str| {
+        json!({"user_id": user, "template": "payment_received",
+            "variables": {"amount": "INR 499.00", "date": "2027-01-12"}, "idempotency_key": key})
+    };
+    // Twilio holds both of p1's and never answered; neither of p2's reached it.
+    fake.script(PATIENT, vec![Fault::AcceptNoAnswer, Fault::AcceptNoAnswer]);
+    fake.script(OTHER, vec![Fault::Drop, Fault::Drop]);
+    // p3's two were on the wire when the process was killed: left `sending`, lease run out.
+    fake.script(THIRD, vec![Fault::AcceptNoAnswer, Fault::AcceptNoAnswer]);
+    let mut ids = Vec::new();
+    for (user, key) in [
+        ("p1", "a"),
+        ("p1", "b"),
+        ("p2", "c"),
+        ("p2", "d"),
+        ("p3", "e"),
+        ("p3", "f"),
+    ] {
+        ids.push(app.notify_ok(twin(user, key)).await);
+    }
+    assert_eq!(app.dispatch().await.retried, 6);
+    app.db
+        .execute(&format!(
+            "UPDATE messages SET status = 'sending', lookup_needed = FALSE, lease_until = '{}' \
+             WHERE user_id = 'p3'",
+            (clock.now() - Duration::minutes(1)).to_rfc3339()
+        ))
+        .await
+        .unwrap();
+    for _ in 0..8 {
+        clock.advance(Duration::minutes(20));
+        app.dispatch().await;
+    }
+    let mut sids = Vec::new();
+    for id in &ids {
+        let m = app.message(id).await;
+        assert_eq!(m["status"], "sent", "{m}");
+        sids.push(m["provider_sid"].as_str().unwrap().to_string());
+    }
+    // p1's two adopted, one each; p2's two sent again, once each.
+    let mut created: Vec<String> = fake.created().into_iter().map(|c| c.sid).collect();
+    created.sort();
+    sids.sort();
+    assert_eq!(sids, created);
+    assert_eq!(fake.create_calls_to(PATIENT), 2, "nothing sent twice");
+    assert_eq!(
+        fake.create_calls_to(OTHER),
+        4,
+        "two dropped, then each once"
+    );
+    assert_eq!(fake.create_calls_to(THIRD), 2, "nothing sent twice");
 }

@@ -30,9 +30,10 @@ enum Lookup {
     Nothing,
     /// The lookup could not tell (it failed, timed out, or a sibling may own the match).
     Inconclusive(String),
-    /// The provider could not be asked (no connection, our credentials refused, too many
-    /// requests at once): an outage, not a property of the message, so no attempt is spent.
-    ProviderOut(String),
+    /// The provider was not asked (a twin settles first) or could not be (no connection, our
+    /// credentials refused, too many requests at once): nothing about this message was learnt,
+    /// so no attempt is spent; only its age ends the wait.
+    NotAsked(String),
 }
 
 impl Dispatcher {
@@ -53,6 +54,13 @@ impl Dispatcher {
             return Ok(Recovery::SendAgain);
         };
         let masked = to.masked();
+        // A message left `sending` by a process that stopped is now being looked up, not sent:
+        // said so, its twins do not take it for a send in progress.
+        if !message.lookup_needed {
+            self.messages
+                .mark_lookup_needed(&message.id, claim.fence)
+                .await?;
+        }
         let Some(body) = message.attempt_body.as_deref() else {
             // Nothing to match by: never adopt a guess, never resend blind.
             let why = if is_otp {
@@ -99,9 +107,7 @@ impl Dispatcher {
                 ))
             }
             Lookup::Nothing => Ok(Recovery::SendAgain),
-            Lookup::Inconclusive(why) | Lookup::ProviderOut(why)
-                if self.out_of_attempts(message) =>
-            {
+            Lookup::Inconclusive(why) | Lookup::NotAsked(why) if self.out_of_attempts(message) => {
                 let why = format!("no lookup could tell whether the provider holds it: {why}");
                 self.finish_unknown(claim, &masked, &why).await
             }
@@ -117,7 +123,7 @@ impl Dispatcher {
                     self.finish(claim, &masked, result, None).await?,
                 ))
             }
-            Lookup::ProviderOut(why) => {
+            Lookup::NotAsked(why) => {
                 // Not counted (only the message's age ends it), looked up again after the
                 // backoff its attempts so far give.
                 let result = DispatchResult::LookupFailed {
@@ -145,10 +151,10 @@ impl Dispatcher {
         // own any match: wait until it settles.
         if self
             .messages
-            .sibling_in_flight(&message.id, to.as_str(), body)
+            .sibling_in_flight(&message.id, to.as_str(), body, started)
             .await?
         {
-            return Ok(Lookup::Inconclusive(
+            return Ok(Lookup::NotAsked(
                 "another message with the same text to the same number is in flight".into(),
             ));
         }
@@ -195,12 +201,12 @@ impl Dispatcher {
         match error {
             ProviderError::Unauthorized { .. } => {
                 self.provider_health.refused(&why);
-                Lookup::ProviderOut(why)
+                Lookup::NotAsked(why)
             }
             ProviderError::Retryable {
                 outcome_unknown: false,
                 ..
-            } => Lookup::ProviderOut(why),
+            } => Lookup::NotAsked(why),
             _ => Lookup::Inconclusive(why),
         }
     }

@@ -70,14 +70,26 @@ impl MessageStore for ThisStore {
             .transpose()
     }
 
-    async fn sibling_in_flight(&self, id: &str, to_number: &str, body: &str) -> AppResult<bool> {
-        // Bodies are sealed with a fresh nonce each: compare them opened.
+    async fn sibling_in_flight(
+        &self,
+        id: &str,
+        to_number: &str,
+        body: &str,
+        started: DateTime<Utc>,
+    ) -> AppResult<bool> {
+        // Bodies are sealed with a fresh nonce each: compare them opened. A twin being looked up
+        // too waits only for the twins whose attempts began before its own (found by review:
+        // two that each waited for the other spent every attempt and were never sent).
         let bodies: Vec<Option<String>> = sqlx::query_scalar(
             "SELECT attempt_body FROM messages WHERE id <> $1 AND to_index = $2 \
-             AND provider_sid IS NULL AND (status = 'sending' OR lookup_needed)",
+             AND provider_sid IS NULL AND status IN ('queued', 'sending') \
+             AND ((status = 'sending' AND NOT lookup_needed) \
+             OR (lookup_needed AND (attempt_started_at < $3 \
+             OR (attempt_started_at = $3 AND id < $1))))",
         )
         .bind(id)
         .bind(self.vault.blind(to_number))
+        .bind(started)
         .fetch_all(&self.pool)
         .await?;
         for sealed in bodies.iter().flatten() {
@@ -86,6 +98,18 @@ impl MessageStore for ThisStore {
             }
         }
         Ok(false)
+    }
+
+    async fn mark_lookup_needed(&self, id: &str, fence: DateTime<Utc>) -> AppResult<()> {
+        sqlx::query(
+            "UPDATE messages SET lookup_needed = TRUE WHERE id = $1 AND lease_until = $2 \
+             AND status IN ('queued', 'sending')",
+        )
+        .bind(id)
+        .bind(fence)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn last_recipient(&self, to_number: &str) -> AppResult<Option<String>> {
