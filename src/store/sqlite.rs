@@ -115,8 +115,49 @@ async fn outside_any_transaction(conn: &mut sqlx::SqliteConnection) -> Result<bo
     Ok(true)
 }
 
+/// An exclusive lock on `<file>.lock`, held while a process opens, migrates and seals the
+/// database. A file of its own: closing any descriptor of the database file would drop SQLite's
+/// own locks on it.
+async fn setup_lock(file: &std::path::Path) -> AppResult<std::fs::File> {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".lock");
+    let path = std::path::PathBuf::from(name);
+    let shown = path.display().to_string();
+    tokio::task::spawn_blocking(move || {
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        lock.lock()?;
+        Ok::<_, std::io::Error>(lock)
+    })
+    .await
+    .map_err(anyhow::Error::new)?
+    .map_err(|e| {
+        anyhow::Error::new(ConfigError::new(
+            "DATABASE_URL",
+            format!("cannot open the SQLite database's lock file {shown}: {e}"),
+        ))
+        .into()
+    })
+}
+
 impl SqliteStore {
     pub async fn connect(database_url: &str, keys: &KeySettings) -> AppResult<Self> {
+        // Two processes starting on a new file each applied the migrations (found by review: one
+        // exited with "table already exists" or "database is locked"); the setup runs under a
+        // lock beside the file, so the second waits and finds it done.
+        let setup = match crate::vault::sqlite_file(database_url) {
+            Some(file) => Some(setup_lock(&file).await?),
+            None => None,
+        };
+        let store = Self::connect_and_set_up(database_url, keys).await;
+        drop(setup);
+        store
+    }
+
+    async fn connect_and_set_up(database_url: &str, keys: &KeySettings) -> AppResult<Self> {
         let options = SqliteConnectOptions::from_str(database_url)
             .map_err(|e| anyhow::Error::new(e).context("parsing DATABASE_URL"))?
             .create_if_missing(true)

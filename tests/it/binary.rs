@@ -295,6 +295,28 @@ async fn health_reports_twilio_credentials_and_mock_mode() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("mock mode is on"));
 }
 
+/// Processes started together on a new SQLite file each find it set up (found by review: one of
+/// two exited with "table already exists", "duplicate column name" or "database is locked").
+#[tokio::test]
+async fn processes_started_together_on_a_new_file_all_start() {
+    for _ in 0..4 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut runs = tokio::task::JoinSet::new();
+        for _ in 0..3 {
+            let mut migrate = binary(dir.path());
+            runs.spawn(async move { migrate.arg("migrate").output().await });
+        }
+        for out in runs.join_all().await {
+            let out = out.unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn migrate_and_send_in_mock_mode() {
     let dir = tempfile::tempdir().unwrap();
