@@ -74,6 +74,11 @@ struct MessageList {
 /// A lookup reads at most this many pages of 1,000 messages.
 const MAX_LOOKUP_PAGES: usize = 20;
 
+/// How far Twilio's clock may be behind ours for a lookup still to find an attempt's message.
+/// A message older than the attempt by less than this is adopted only if no other message holds
+/// it and no twin may own it, as any match.
+const LOOKUP_CLOCK_MARGIN: chrono::Duration = chrono::Duration::seconds(10);
+
 #[derive(Deserialize)]
 struct TwilioErrorBody {
     code: Option<i64>,
@@ -302,8 +307,11 @@ impl Provider for TwilioProvider {
             Channel::Whatsapp => format!("whatsapp:{number}"),
         };
         let to = address(to.as_str());
-        // Twilio's times have whole seconds: the attempt's second counts as "at or after".
-        let earliest = since.trunc_subsecs(0);
+        // Twilio's times have whole seconds, from Twilio's clock: a message created up to
+        // `LOOKUP_CLOCK_MARGIN` before the attempt began (by our clock) counts as at or after it
+        // (found by review: with Twilio's clock a second behind, the attempt's own message was
+        // passed over and sent again).
+        let earliest = since.trunc_subsecs(0) - LOOKUP_CLOCK_MARGIN;
         let sender = self.sender_for(channel);
         // Filtered by `To` only, not `DateSent`: a message Twilio has accepted but not yet sent
         // has no send date, and that is exactly the message this lookup is for. The list is

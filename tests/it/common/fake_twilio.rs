@@ -95,6 +95,8 @@ struct Shared {
     hanging_lookups: Mutex<usize>,
     /// The next this-many `ListMessage` calls answer 401 (a rotated Auth Token).
     refused_lookups: Mutex<usize>,
+    /// How far this Twilio's clock is behind the real one (its `date_created`).
+    clock_behind: Mutex<chrono::Duration>,
     /// SIDs for the next messages created, in order (then random ones), so a test can post a
     /// status callback for a message before its send has recorded the SID.
     next_sids: Mutex<Vec<String>>,
@@ -181,6 +183,11 @@ impl FakeTwilio {
     /// Answer the next `n` message-list lookups with a 500.
     pub fn fail_lookups(&self, n: usize) {
         *self.shared.failing_lookups.lock().unwrap() = n;
+    }
+
+    /// Date what is created this far behind the real clock, as a Twilio whose clock is behind.
+    pub fn clock_behind(&self, by: chrono::Duration) {
+        *self.shared.clock_behind.lock().unwrap() = by;
     }
 
     /// The next `n` message-list lookups answer 401, as after the Auth Token was rotated.
@@ -348,7 +355,7 @@ fn create(shared: &Shared, request: &RecordedRequest, to: &str) -> Response {
         to: to.to_string(),
         from: request.field("From").map(String::from),
         body: request.field("Body").unwrap_or_default().to_string(),
-        date_created: chrono::Utc::now(),
+        date_created: chrono::Utc::now() - *shared.clock_behind.lock().unwrap(),
         received_at: request.received_at,
         direction: "outbound-api".into(),
         messaging_service_sid: request.field("MessagingServiceSid").map(String::from),
