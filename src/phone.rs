@@ -59,7 +59,7 @@ impl PhoneNumber {
         parsed.country().id().map(|id| format!("{id:?}"))
     }
 
-    /// The form safe for logs: country code and last four digits (`+91******3210`).
+    /// The form safe for logs: the first two digits and the last four (`+91******3210`).
     pub fn masked(&self) -> String {
         mask(&self.0)
     }

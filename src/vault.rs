@@ -133,7 +133,11 @@ pub fn sqlite_file(database_url: &str) -> Option<PathBuf> {
 fn load_or_create_key_file(path: &Path, may_create: bool) -> AppResult<Key> {
     match std::fs::read_to_string(path) {
         Ok(text) => Key::parse(&text).map_err(|e| {
-            key_file_refused(format!("not set, and the key file {} {e}", path.display()))
+            key_file_refused(format!(
+                "not set, and the key file {} {e} (it holds a key as DATA_ENCRYPTION_KEY \
+                 does: 32 bytes in base64, one line)",
+                path.display()
+            ))
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !may_create => {
             Err(AppError::Internal(
@@ -160,7 +164,8 @@ fn load_or_create_key_file(path: &Path, may_create: bool) -> AppResult<Key> {
             Ok(key)
         }
         Err(e) => Err(key_file_refused(format!(
-            "not set, and the key file {} cannot be read: {e}",
+            "not set, and the key file {} cannot be read as text: {e} (it holds a key as \
+             DATA_ENCRYPTION_KEY does: 32 bytes in base64, one line)",
             path.display()
         ))),
     }

@@ -323,6 +323,9 @@ pub struct CleanupAnswer {
     used_deleted: u64,
     #[schema(minimum = 0)]
     send_log_pruned: u64,
+    /// Counts of wrong tries whose window has ended.
+    #[schema(minimum = 0)]
+    failures_pruned: u64,
 }
 
 #[derive(ToSchema)]

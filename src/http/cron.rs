@@ -66,6 +66,7 @@ async fn cleanup_expired_otps(State(state): State<AppState>, _: Cron) -> AppResu
         "expired_deleted": report.expired_deleted,
         "used_deleted": report.used_deleted,
         "send_log_pruned": report.send_log_pruned,
+        "failures_pruned": report.failures_pruned,
     })))
 }
 

@@ -421,7 +421,8 @@ fn refine(doc: &mut utoipa::openapi::OpenApi, app_url: &str) {
         ("VerifyOtpRequest", "phone_number", {
             let mut phone = Ref::from_schema_name(PhoneNumberInput::name());
             phone.description = "When given, the code must have been sent to this number (else \
-                400 `invalid_otp`, counted as a wrong try)."
+                400 `invalid_otp`, counted as a wrong try; a value that is not a number is 400 \
+                `invalid_phone`)."
                 .into();
             RefOr::Ref(phone)
         }),
@@ -594,7 +595,7 @@ fn refine(doc: &mut utoipa::openapi::OpenApi, app_url: &str) {
             .schema_type(Type::String)
             .pattern(Some(r"^\+[0-9]{0,2}\*+[0-9]{4}$|^\*{4,}$"))
             .description(Some(
-                "The number the request named, masked (country code and last four digits). \
+                "The number the request named, masked (its first two digits and last four). \
                  Never the number on file.",
             ))
             .examples(["+44******3456"])

@@ -108,7 +108,13 @@ pub(super) const VERIFY_OTP_PATH: &str = "/api/messaging/verify-otp";
         (
             status = 400,
             description = "`invalid_otp` (no code, wrong, used or expired: indistinguishable), \
-                `invalid_user_id`, `invalid_purpose`, `invalid_json`, `invalid_content_type`.",
+                `invalid_user_id`, `invalid_purpose`, `invalid_phone` (a `phone_number` that is \
+                not a number), `invalid_json`, `invalid_content_type`.",
+            body = VerifyOtpError,
+        ),
+        (
+            status = 405,
+            description = "`method_not_allowed`: only POST (with `valid: false`).",
             body = VerifyOtpError,
         ),
         (
@@ -125,6 +131,12 @@ pub(super) const VERIFY_OTP_PATH: &str = "/api/messaging/verify-otp";
             body = VerifyOtpError,
         ),
         (status = 500, response = InternalError),
+        (
+            status = 503,
+            description = "`unavailable`: the database is out of reach; try again shortly \
+                (with `valid: false`).",
+            body = VerifyOtpError,
+        ),
     )
 )]
 async fn verify_otp(

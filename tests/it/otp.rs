@@ -535,6 +535,9 @@ async fn cleanup_needs_the_cron_secret_and_deletes(backend: Backend) {
         ),
         (Some(1), Some(1))
     );
+    // Every count the command line prints, the call answers too.
+    assert_eq!(body["failures_pruned"].as_u64(), Some(0), "{body}");
+    assert!(body["send_log_pruned"].is_u64(), "{body}");
     assert!(app
         .state
         .store
