@@ -61,6 +61,9 @@ impl AppError {
             AppError::Internal(cause) if database_out_of_reach(cause) => {
                 AppError::Internal(anyhow::Error::new(OutOfReach(format!("{cause:#}"))))
             }
+            AppError::Internal(cause) if self.is_unique_violation() => {
+                AppError::Internal(anyhow::Error::new(UniqueViolation(format!("{cause:#}"))))
+            }
             AppError::Internal(cause) => AppError::Internal(anyhow::anyhow!("{cause:#}")),
             AppError::BadRequest { code, message } => AppError::BadRequest {
                 code,
@@ -130,6 +133,28 @@ impl AppError {
     }
 }
 
+impl AppError {
+    /// Whether the failure is a write refused by a unique index (both backends).
+    pub fn is_unique_violation(&self) -> bool {
+        let AppError::Internal(cause) = self else {
+            return false;
+        };
+        cause.chain().any(|c| {
+            if c.is::<UniqueViolation>() {
+                return true;
+            }
+            if let Some(sqlx::Error::Database(db)) = c.downcast_ref::<sqlx::Error>() {
+                return db.is_unique_violation();
+            }
+            matches!(
+                c.downcast_ref::<rusqlite::Error>(),
+                Some(rusqlite::Error::SqliteFailure(e, _))
+                    if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+            )
+        })
+    }
+}
+
 /// Whether a failure is the database being out of reach (down, restarting, dropped, its
 /// connections ended, none free in time, SQLite's lock not had in time) rather than a fault in
 /// this service: answered 503 `unavailable`, which a caller may retry. As after any lost
@@ -157,6 +182,11 @@ fn database_out_of_reach(cause: &anyhow::Error) -> bool {
         )
     })
 }
+
+/// A write refused by a unique index, as text: what `shared` makes of one for a batch's callers.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UniqueViolation(String);
 
 /// A database out of reach, as text: what `shared` makes of one for each caller of a batch.
 #[derive(Debug, thiserror::Error)]

@@ -526,13 +526,20 @@ impl Dispatcher {
         } = &result
         {
             let news = provider_status.as_deref().and_then(news_beyond_sent);
-            let Some(known) = self
+            let recorded = self
                 .messages
                 .record_sent(&message.id, provider_sid, *status, news, now, claim.fence)
-                .await?
-            else {
-                tracing::warn!(message_id = %message.id, "claim taken over by another dispatcher; leaving the message to it");
-                return Ok(Settled::Lost);
+                .await;
+            let known = match recorded {
+                Ok(Some(known)) => known,
+                Ok(None) => {
+                    tracing::warn!(message_id = %message.id, "claim taken over by another dispatcher; leaving the message to it");
+                    return Ok(Settled::Lost);
+                }
+                Err(e) if e.is_unique_violation() => {
+                    return self.sid_held_elsewhere(claim, to, provider_sid, now).await
+                }
+                Err(e) => return Err(e),
             };
             log_result(message, to, &result);
             self.delivery
@@ -563,6 +570,35 @@ impl Dispatcher {
         }
         log_result(message, to, &result);
         Ok(Settled::Done(result))
+    }
+
+    /// The provider took the message but answered with a SID another message already holds
+    /// (real SIDs are unique; found by review with a misbehaving fake: the message stayed
+    /// `sending`, its lookup passed over its own SID as another's, and it was sent again, three
+    /// times). It was accepted, so it is never sent again: `unknown`, with the SID named.
+    async fn sid_held_elsewhere(
+        &self,
+        claim: &Claim,
+        to: &str,
+        provider_sid: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> AppResult<Settled> {
+        let unknown = DispatchResult::Unknown {
+            code: None,
+            message: format!(
+                "the provider took it but answered with SID {provider_sid}, which another \
+                 message holds"
+            ),
+        };
+        if !self
+            .messages
+            .record_dispatch(&claim.message.id, &unknown, now, claim.fence)
+            .await?
+        {
+            return Ok(Settled::Lost);
+        }
+        log_result(&claim.message, to, &unknown);
+        Ok(Settled::Done(unknown))
     }
 
     /// The send-time policy check (see [`policy`]) and rendering: either a message ready for the

@@ -289,6 +289,16 @@ impl Provider for TwilioProvider {
             return Err(error_from_response(response).await);
         }
         let resource: MessageResource = response.json().await.map_err(unreadable)?;
+        // A success without a SID cannot be tracked: Twilio may hold the message, so it is
+        // looked up, as for an answer that cannot be read.
+        if resource.sid.trim().is_empty() {
+            return Err(ProviderError::Retryable {
+                code: None,
+                message: "Twilio answered without a message SID".into(),
+                retry_after: None,
+                outcome_unknown: true,
+            });
+        }
         Ok(Accepted {
             sid: resource.sid,
             status: resource.status.unwrap_or_else(|| "queued".to_string()),
@@ -372,10 +382,18 @@ impl Provider for TwilioProvider {
 
     async fn health(&self) -> Result<String, ProviderError> {
         let account: AccountResource = self.get_json(&self.account_url(".json")).await?;
+        let status = account.status.unwrap_or_else(|| "unknown".into());
+        let name = account.friendly_name.unwrap_or_default();
+        // A suspended or closed account answers, but sends nothing (found by review: `health`
+        // said ok).
+        if matches!(status.as_str(), "suspended" | "closed") {
+            return Err(ProviderError::Permanent {
+                code: None,
+                message: format!("the Twilio account {name:?} is {status}: it cannot send"),
+            });
+        }
         Ok(format!(
-            "Twilio credentials accepted: account {:?}, status {}",
-            account.friendly_name.unwrap_or_default(),
-            account.status.unwrap_or_else(|| "unknown".into())
+            "Twilio credentials accepted: account {name:?}, status {status}"
         ))
     }
 }

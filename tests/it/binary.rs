@@ -290,6 +290,16 @@ async fn health_reports_twilio_credentials_and_mock_mode() {
     assert!(stdout.contains("20003"), "{stdout}");
     assert!(!stdout.contains("a-wrong-token"));
 
+    // An account Twilio suspended answers, but cannot send: not healthy.
+    fake.set_account_status("suspended");
+    let mut cmd = binary(dir.path());
+    cmd.arg("health");
+    live_env(&mut cmd, &fake, AUTH_TOKEN);
+    let out = cmd.output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("suspended"), "{stdout}");
+
     let out = binary(dir.path()).arg("health").output().await.unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("mock mode is on"));

@@ -29,6 +29,7 @@ both_backends!(
     a_lookup_refused_for_credentials_holds_the_message_without_spending_it,
     twins_whose_outcomes_are_unknown_are_each_settled_once,
     a_match_dated_by_a_twilio_clock_a_little_behind_is_adopted,
+    a_sid_answered_twice_is_never_sent_again,
 );
 
 const PATIENT: &str = "+14155552671";
@@ -843,4 +844,35 @@ async fn a_match_dated_by_a_twilio_clock_a_little_behind_is_adopted(backend: Bac
     let m = app.message(&id).await;
     assert_eq!(m["provider_sid"], fake.created()[0].sid.as_str(), "{m}");
     assert_eq!(fake.create_calls_to(PATIENT), 1);
+}
+
+/// Twilio answering two sends with one SID (real SIDs are unique; a proxy or a fake may not be):
+/// the second message was taken, so it ends `unknown` naming the SID, and is never sent again
+/// (found by review: it stayed `sending`, its lookup passed over its own SID as another's, and it
+/// went three times). A success with an empty SID is looked up like an unreadable answer.
+async fn a_sid_answered_twice_is_never_sent_again(backend: Backend) {
+    let (app, clock) = live(backend, TestConfig::new()).await;
+    let fake = app.fake.as_ref().unwrap();
+    const OTHER: &str = "+14155552672";
+    app.consent("p2", OTHER).await;
+    fake.next_sid("SMdup0000000000000000000000000000");
+    fake.next_sid("SMdup0000000000000000000000000000");
+    let first = app.notify_ok(receipt("sms")).await;
+    assert_eq!(app.dispatch().await.sent, 1);
+    let mut other = receipt("sms");
+    other["user_id"] = json!("p2");
+    let second = app.notify_ok(other).await;
+    app.dispatch().await;
+    for _ in 0..4 {
+        clock.advance(Duration::minutes(20));
+        app.dispatch().await;
+    }
+    assert_eq!(app.message(&first).await["status"], "sent");
+    let m = app.message(&second).await;
+    assert_eq!(m["status"], "unknown", "{m}");
+    assert!(
+        m["error_message"].as_str().unwrap().contains("SMdup"),
+        "{m}"
+    );
+    assert_eq!(fake.create_calls_to(OTHER), 1, "never sent again");
 }

@@ -97,6 +97,8 @@ struct Shared {
     refused_lookups: Mutex<usize>,
     /// How far this Twilio's clock is behind the real one (its `date_created`).
     clock_behind: Mutex<chrono::Duration>,
+    /// The account's status when not `active` (`suspended`, `closed`).
+    account_status: Mutex<Option<String>>,
     /// SIDs for the next messages created, in order (then random ones), so a test can post a
     /// status callback for a message before its send has recorded the SID.
     next_sids: Mutex<Vec<String>>,
@@ -183,6 +185,11 @@ impl FakeTwilio {
     /// Answer the next `n` message-list lookups with a 500.
     pub fn fail_lookups(&self, n: usize) {
         *self.shared.failing_lookups.lock().unwrap() = n;
+    }
+
+    /// Answer the account's fetch with this status (`suspended`, `closed`).
+    pub fn set_account_status(&self, status: &str) {
+        *self.shared.account_status.lock().unwrap() = Some(status.to_string());
     }
 
     /// Date what is created this far behind the real clock, as a Twilio whose clock is behind.
@@ -492,7 +499,7 @@ async fn fetch_account(
     Json(json!({
         "sid": ACCOUNT_SID,
         "friendly_name": "Test clinic",
-        "status": "active",
+        "status": shared.account_status.lock().unwrap().clone().unwrap_or_else(|| "active".into()),
         "type": "Full",
     }))
     .into_response()
