@@ -357,11 +357,29 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     } else {
         "twilio"
     };
+    // Twilio posts delivery statuses to PUBLIC_URL: on a loopback host they never arrive, and
+    // every message stays `sent` (found by review: live mode started silently so).
+    let public_url = config.messaging.public_url.clone();
+    let live_on_loopback = !config.messaging.mock_mode
+        && reqwest::Url::parse(&public_url).is_ok_and(|url| {
+            url.host_str().is_some_and(|host| {
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                host.eq_ignore_ascii_case("localhost")
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            })
+        });
+    // Signals are handled before the port opens: a SIGTERM that arrives as soon as the
+    // "listening" line is out stops the service cleanly instead of killing it.
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
     let state = AppState::from_config(config).await?;
     let app = Application::bind(state, addr).await?;
     tracing::info!(addr = %app.local_addr()?, provider = mode, "prism-messaging listening");
-    let shutdown = CancellationToken::new();
-    cancel_on_signal(shutdown.clone());
+    if live_on_loopback {
+        tracing::warn!(%public_url, "PUBLIC_URL is a loopback address: Twilio cannot post delivery statuses to it, so messages will stay `sent`; set PUBLIC_URL to this service's public https URL");
+    }
     app.run(shutdown).await?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)

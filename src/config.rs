@@ -361,9 +361,16 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
             return Err(err(name, "must be an http(s) URL with a host"));
         }
         // Paths are joined to it (`{APP_URL}/pay`, `{PUBLIC_URL}/webhooks/...`): a query or a
-        // fragment would swallow them, and a user name or password would be sent to patients.
-        if parsed.query().is_some() || parsed.fragment().is_some() || raw.contains('#') {
-            return Err(err(name, "must be a base URL, without a query or fragment"));
+        // fragment would swallow them, and a user name or password would be sent to patients. An
+        // empty fragment at the end (`https://app/#`, `https://app/#/`) is a hash-routed app's
+        // base, which the paths extend as its routes (`https://app/#/pay`).
+        let hash_route_base = matches!(parsed.fragment(), Some("" | "/"));
+        if parsed.query().is_some() || (parsed.fragment().is_some() && !hash_route_base) {
+            return Err(err(
+                name,
+                "must be a base URL, without a query or fragment (an empty `#` or `#/` at the \
+                 end, for a hash-routed app, is fine)",
+            ));
         }
         if !parsed.username().is_empty() || parsed.password().is_some() {
             return Err(err(name, "must not hold a user name or password"));
@@ -376,14 +383,14 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
 /// (`{link}` would be filled in as a variable) and no line break, and fits beside a code.
 fn clinic_name(raw: &str) -> Result<String, ConfigError> {
     let name = raw.trim();
-    let ok = (1..=60).contains(&name.chars().count())
+    let ok = (1..=100).contains(&name.chars().count())
         && !name
             .chars()
             .any(|c| c.is_control() || matches!(c, '{' | '}' | '<' | '>'));
     ok.then(|| name.to_string()).ok_or_else(|| {
         err(
             "CLINIC_NAME",
-            "1 to 60 characters, without braces, angle brackets or line breaks",
+            "1 to 100 characters, without braces, angle brackets or line breaks",
         )
     })
 }
@@ -439,9 +446,14 @@ fn parse_content_sids(raw: &str) -> Result<HashMap<String, String>, ConfigError>
                 format!("{sid:?} is not a Content SID (HX + 32 hex digits)"),
             ));
         }
-        // Named twice, one of the two would be dropped unseen: say which.
-        if map.insert(template.to_string(), sid.to_string()).is_some() {
-            return Err(err(name, format!("{template:?} is named twice")));
+        // Named twice with two SIDs, one of the two would be dropped unseen: say which.
+        if let Some(earlier) = map.insert(template.to_string(), sid.to_string()) {
+            if earlier != sid {
+                return Err(err(
+                    name,
+                    format!("{template:?} is named twice, with two Content SIDs"),
+                ));
+            }
         }
     }
     Ok(map)
@@ -997,6 +1009,26 @@ mod tests {
         assert!(config(&[("DISPATCH_BATCH_SIZE", "0")]).is_err());
     }
 
+    /// Values that worked before the stricter checks and are right still start (review).
+    #[test]
+    fn sound_values_near_the_refused_ones_are_taken() {
+        let app_url = |v: &str| config(&[("APP_URL", v)]).map(|c| c.messaging.app_url);
+        assert_eq!(
+            app_url("https://app.example.com/#/").unwrap(),
+            "https://app.example.com/#"
+        );
+        assert_eq!(
+            app_url("https://app.example.com/clinic/").unwrap(),
+            "https://app.example.com/clinic"
+        );
+        assert!(config(&[("CLINIC_NAME", "Dr O'Brien & Associés Physiothérapie")]).is_ok());
+        assert!(config(&[(
+            "TWILIO_CONTENT_SIDS",
+            "otp=HX00000000000000000000000000000000,otp=HX00000000000000000000000000000000",
+        )])
+        .is_ok());
+    }
+
     #[test]
     fn bad_values_name_their_variable() {
         let cases: &[(&[(&str, &str)], &str)] = &[
@@ -1013,7 +1045,6 @@ mod tests {
                 &[("APP_URL", "https://app.example.com/c?ref=sms")],
                 "APP_URL",
             ),
-            (&[("APP_URL", "https://app.example.com/c#")], "APP_URL"),
             (
                 &[("PUBLIC_URL", "https://user:pw@msg.example.com")],
                 "PUBLIC_URL",
@@ -1022,10 +1053,12 @@ mod tests {
             (
                 &[(
                     "CLINIC_NAME",
-                    "The Physiotherapy, Sports Injury and Rehabilitation Clinic of Leeds",
+                    "The Physiotherapy, Sports Injury and Rehabilitation Clinic of Leeds, \
+                     Bradford, Wakefield and the surrounding area",
                 )],
                 "CLINIC_NAME",
             ),
+            (&[("APP_URL", "https://app.example.com/#/pay")], "APP_URL"),
             (
                 &[(
                     "TWILIO_CONTENT_SIDS",

@@ -497,7 +497,9 @@ fn check_value(
             .filter(|_| raw.len() == 10)
             .and_then(plausible)
             .map(|d| d.format("%-d %b %Y").to_string()),
-        VarType::Amount => check_amount(raw),
+        // The currency list holds when a message is queued; at send time the older rule (any
+        // three capitals) still lets through what was queued under it (found by review).
+        VarType::Amount => check_amount(raw, at.is_none()),
         VarType::Link => check_link(raw, &ctx.app_url),
         // No dots, slashes or `@`: phones turn `secure-pay.evil.io` into a link. No run of more
         // than four spaces: WhatsApp refuses such a template variable.
@@ -531,14 +533,18 @@ const CURRENCIES: &[&str] = &[
     "ZWG",
 ];
 
-fn check_amount(raw: &str) -> Option<String> {
+fn check_amount(raw: &str, listed_currency: bool) -> Option<String> {
     let (currency, number) = match raw.split_once(' ') {
         Some((cur, num)) => (Some(cur), num),
         None => (None, raw),
     };
     // A currency code from ISO 4217's list, not any three capitals: `HIV 1.00` would carry a
     // clinical word (found by review).
-    if currency.is_some_and(|cur| !CURRENCIES.contains(&cur)) {
+    let known = |cur: &str| match listed_currency {
+        true => CURRENCIES.contains(&cur),
+        false => cur.len() == 3 && cur.bytes().all(|b| b.is_ascii_uppercase()),
+    };
+    if currency.is_some_and(|cur| !known(cur)) {
         return None;
     }
     let (whole, fraction) = match number.split_once('.') {
@@ -626,6 +632,18 @@ mod tests {
             zone: zone.parse().unwrap(),
             default_zone: chrono_tz::UTC,
         }
+    }
+
+    /// A currency from ISO 4217's list when queued; a message queued under the older rule (any
+    /// three capitals) is still sent.
+    #[test]
+    fn an_amounts_currency_is_listed_when_queued_and_kept_when_sent() {
+        let t = find("payment_received").unwrap();
+        let paid = |amount: &str| json!({"amount": amount, "date": "2027-01-12"});
+        assert!(t.validate(&paid("INR 499.00"), &ctx()).is_ok());
+        assert!(t.validate(&paid("RMB 100"), &ctx()).is_err());
+        let now = at("2027-01-12T12:00:00Z", "UTC");
+        assert!(t.validate_at(&paid("RMB 100"), &ctx(), &now).is_ok());
     }
 
     #[test]

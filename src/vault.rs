@@ -127,7 +127,11 @@ pub fn sqlite_file(database_url: &str) -> Option<PathBuf> {
     if path.is_empty() || path == ":memory:" || rest.contains("mode=memory") {
         return None;
     }
-    Some(PathBuf::from(path))
+    // Decoded as sqlx decodes it, so the key file, the lock and the fsync name the database's
+    // own file (found by review: `sqlite:my%20db.db` opened `my db.db`, and the start failed
+    // fsyncing `my%20db.db`).
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    Some(PathBuf::from(decoded.as_ref()))
 }
 
 fn load_or_create_key_file(path: &Path, may_create: bool) -> AppResult<Key> {
@@ -385,6 +389,22 @@ fn corrupt(why: &str) -> AppError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sqlite_url_names_its_file_as_sqlx_reads_it() {
+        let file = |url| sqlite_file(url).map(|p| p.display().to_string());
+        assert_eq!(file("sqlite://my%20db.db").as_deref(), Some("my db.db"));
+        assert_eq!(
+            file("sqlite:/var/lib/p.db?mode=rwc").as_deref(),
+            Some("/var/lib/p.db")
+        );
+        assert_eq!(
+            file("sqlite://prism-messaging.db").as_deref(),
+            Some("prism-messaging.db")
+        );
+        assert_eq!(file("sqlite::memory:"), None);
+        assert_eq!(file("postgres://x"), None);
+    }
 
     fn vault_with(current: &Key, old: &[Key]) -> Vault {
         let settings = KeySettings {

@@ -1052,8 +1052,12 @@ impl Dispatcher {
 
     /// Whether a message has had all the attempts its age and `DISPATCH_MAX_ATTEMPTS` allow.
     fn out_of_attempts(&self, message: &MessageRecord) -> bool {
-        message.attempts >= self.settings.max_attempts
-            || self.clock.now() - message.created_at > self.settings.max_age
+        message.attempts >= self.settings.max_attempts || self.too_old(message)
+    }
+
+    /// Older than `DISPATCH_MAX_AGE_SECONDS`.
+    fn too_old(&self, message: &MessageRecord) -> bool {
+        self.clock.now() - message.created_at > self.settings.max_age
     }
 
     /// Exponential backoff with jitter (10 s, 20 s, 40 s, ... up to 15 min), or the provider's own

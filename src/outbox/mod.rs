@@ -33,6 +33,16 @@ pub struct NotificationRequest {
     pub idempotency_key: Option<String>,
 }
 
+/// A valid link as stored: one written in full under `app_url` becomes its path (`/pay`; the bare
+/// `APP_URL` becomes `/`), one that goes on with a query straight after it stays whole.
+fn app_path(link: &str, app_url: &str) -> String {
+    match link.strip_prefix(app_url) {
+        Some("") => "/".to_string(),
+        Some(path) if path.starts_with('/') => path.to_string(),
+        _ => link.to_string(),
+    }
+}
+
 /// Template variables with each JSON number turned into the text it was written as: a number
 /// parsed to a float would render money as `499.5`. Anything that is not an object is kept as it
 /// is, for `Template::validate` to refuse.
@@ -182,11 +192,18 @@ impl Outbox {
         // Keep the caller's values (validated, trimmed), in declared order; rendering happens at send
         // time, so a message always shows the current clinic name and app URL.
         // Stored trimmed, as validated: `" INR 499.00"` and `"INR 499.00"` are the same request.
+        // A link under `APP_URL` written in full is stored as its path, which is joined to the
+        // `APP_URL` of the day it is sent: a message held (quiet hours, an outage) across a move of
+        // the app is still sent (found by review: it failed, "no longer valid"), and the two forms
+        // of one link are the same request.
         let variables: Map<String, Value> = template
             .variables
             .iter()
             .filter_map(|spec| {
                 let value = match request.variables.get(spec.name)? {
+                    Value::String(text) if spec.var_type == templates::VarType::Link => {
+                        Value::String(app_path(text.trim(), &ctx.app_url))
+                    }
                     Value::String(text) => Value::String(text.trim().to_string()),
                     other => other.clone(),
                 };
@@ -226,5 +243,23 @@ impl Outbox {
             self.wake_dispatcher();
         }
         Ok((record, created))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::app_path;
+
+    #[test]
+    fn a_link_under_app_url_is_kept_as_its_path() {
+        let app = "https://app.example.com/clinic";
+        assert_eq!(app_path("https://app.example.com/clinic/pay", app), "/pay");
+        assert_eq!(app_path("https://app.example.com/clinic", app), "/");
+        assert_eq!(app_path("/pay", app), "/pay");
+        // A query straight after APP_URL cannot be written as a path: kept whole.
+        assert_eq!(
+            app_path("https://app.example.com/clinic?x=1", app),
+            "https://app.example.com/clinic?x=1"
+        );
     }
 }

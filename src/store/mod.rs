@@ -769,9 +769,11 @@ pub(crate) fn dispatch_write(
             ],
             None,
         ),
+        // Deferred only after any lookup found nothing (or none was needed): the mark goes, so the
+        // message's twins do not wait for it through the deferral (found by review).
         DispatchResult::Deferred { until, .. } => (
             "UPDATE messages SET status = 'queued', next_attempt_at = $3, lease_until = NULL, \
-             updated_at = $4 WHERE id = $1 AND lease_until = $2",
+             lookup_needed = FALSE, updated_at = $4 WHERE id = $1 AND lease_until = $2",
             vec![Time(*until), Time(now)],
             None,
         ),

@@ -7,6 +7,7 @@ use crate::common::*;
 use serde_json::{json, Value};
 
 both_backends!(
+    a_link_written_in_full_is_kept_as_its_path,
     path_ids_that_are_not_text_answer_the_envelope,
     preferences_round_trip_with_audit,
     invalid_phone_stores_nothing,
@@ -1006,4 +1007,26 @@ async fn path_ids_that_are_not_text_answer_the_envelope(backend: Backend) {
             .starts_with("application/json"));
         assert_eq!(error_code(r).await, "invalid_id", "{path}");
     }
+}
+
+/// A link under APP_URL written in full is stored as its path and joined to APP_URL when sent, so
+/// a message held across a move of the app still goes (found by review: it failed as "no longer
+/// valid"); the full and the short form of one link are the same request.
+async fn a_link_written_in_full_is_kept_as_its_path(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.consent("p1", "+919876543210").await;
+    let payment = |link: &str| {
+        json!({"user_id": "p1", "template": "payment_failed", "idempotency_key": "pay-7",
+            "variables": {"amount": "INR 10.00", "link": link}})
+    };
+    let id = app
+        .notify_ok(payment(&format!("{APP_URL}/pay?invoice=7")))
+        .await;
+    let stored: Value = serde_json::from_str(&app.stored_message(&id).await.variables).unwrap();
+    assert_eq!(stored["link"], "/pay?invoice=7");
+    assert_eq!(app.notify_ok(payment("/pay?invoice=7")).await, id);
+    app.dispatch().await;
+    let outbox = app.outbox_json().await;
+    let body = outbox["messages"][0]["body"].as_str().unwrap();
+    assert!(body.contains(&format!("{APP_URL}/pay?invoice=7")), "{body}");
 }

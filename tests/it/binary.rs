@@ -480,6 +480,32 @@ fn listening_port(line: &str) -> Option<u16> {
     after[..digits].parse().ok()
 }
 
+/// Live mode with `PUBLIC_URL` on a loopback host (APP_URL's default, say) starts, but says that
+/// Twilio cannot post delivery statuses there (found by review: it started silently, and every
+/// message would stay `sent`).
+#[tokio::test]
+async fn live_mode_with_a_loopback_public_url_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeTwilio::start().await;
+    let mut cmd = binary(dir.path());
+    live_env(&mut cmd, &fake, AUTH_TOKEN);
+    cmd.env("PUBLIC_URL", "http://localhost:8080");
+    let (child, _base, stderr) = serve_on_a_free_port(cmd).await;
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
+        .await
+        .expect("stops within 15 s")
+        .unwrap();
+    let logs = stderr.await.unwrap();
+    assert!(out.status.success(), "{logs}");
+    assert!(logs.contains("PUBLIC_URL is a loopback address"), "{logs}");
+}
+
 #[tokio::test]
 async fn serve_sends_through_twilio_logs_nothing_private_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
@@ -563,6 +589,7 @@ async fn serve_sends_through_twilio_logs_nothing_private_and_stops_on_sigterm() 
         stderr.await.unwrap()
     );
     assert!(logs.contains("shutdown requested"), "{logs}");
+    assert!(!logs.contains("PUBLIC_URL is a loopback"), "{logs}");
     assert!(
         logs.contains("+14*****2671"),
         "numbers are logged masked: {logs}"

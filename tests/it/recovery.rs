@@ -27,6 +27,7 @@ both_backends!(
     a_server_error_with_a_code_is_looked_up_before_resending,
     a_twilio_that_cannot_be_reached_is_retried_and_never_looked_up,
     a_lookup_refused_for_credentials_holds_the_message_without_spending_it,
+    a_lookup_not_made_on_the_last_attempt_waits_instead_of_ending_unknown,
     twins_whose_outcomes_are_unknown_are_each_settled_once,
     a_match_dated_by_a_twilio_clock_a_little_behind_is_adopted,
     a_sid_answered_twice_is_never_sent_again,
@@ -875,4 +876,27 @@ async fn a_sid_answered_twice_is_never_sent_again(backend: Backend) {
         "{m}"
     );
     assert_eq!(fake.create_calls_to(OTHER), 1, "never sent again");
+}
+
+/// On its last attempt, a message whose outcome is unknown is still looked up once the lookup can
+/// be made: a lookup not made (credentials refused here) spends nothing and does not end it
+/// `unknown` (found by review: it ended `unknown` at once, without a lookup).
+async fn a_lookup_not_made_on_the_last_attempt_waits_instead_of_ending_unknown(backend: Backend) {
+    let (app, clock) = live(backend, TestConfig::new().set("DISPATCH_MAX_ATTEMPTS", "1")).await;
+    let fake = app.fake.as_ref().unwrap();
+    // Twilio took it and never answered, on the only attempt.
+    fake.script(PATIENT, vec![Fault::AcceptNoAnswer]);
+    let id = app.notify_ok(receipt("sms")).await;
+    assert_eq!(app.dispatch().await.retried, 1);
+    fake.refuse_lookups(2);
+    for _ in 0..2 {
+        clock.advance(Duration::minutes(20));
+        app.dispatch().await;
+        assert_eq!(app.message(&id).await["status"], "queued");
+    }
+    clock.advance(Duration::minutes(20));
+    assert_eq!(app.dispatch().await.adopted, 1);
+    let m = app.message(&id).await;
+    assert_eq!(m["provider_sid"], fake.created()[0].sid.as_str(), "{m}");
+    assert_eq!(fake.create_calls_to(PATIENT), 1);
 }
