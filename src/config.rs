@@ -375,6 +375,15 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         if !parsed.username().is_empty() || parsed.password().is_some() {
             return Err(err(name, "must not hold a user name or password"));
         }
+        // The text goes into every link as written: it must be the URL as a browser writes it
+        // (found by review: a space, a `..` segment or an empty `@` went into every message).
+        let normal = parsed.as_str().trim_end_matches('/');
+        if raw.trim_end_matches('/') != normal {
+            return Err(err(
+                name,
+                format!("is not written as a browser writes it; write it as {normal}"),
+            ));
+        }
         Ok(raw.trim_end_matches('/').to_string())
     }
 }
@@ -384,9 +393,9 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
 fn clinic_name(raw: &str) -> Result<String, ConfigError> {
     let name = raw.trim();
     let ok = (1..=100).contains(&name.chars().count())
-        && !name
-            .chars()
-            .any(|c| c.is_control() || matches!(c, '{' | '}' | '<' | '>'));
+        && !name.chars().any(|c| {
+            c.is_control() || matches!(c, '{' | '}' | '<' | '>' | '\u{2028}' | '\u{2029}')
+        });
     ok.then(|| name.to_string()).ok_or_else(|| {
         err(
             "CLINIC_NAME",
@@ -1059,6 +1068,14 @@ mod tests {
                 "CLINIC_NAME",
             ),
             (&[("APP_URL", "https://app.example.com/#/pay")], "APP_URL"),
+            (&[("APP_URL", "https://app.example.com/a b")], "APP_URL"),
+            (
+                &[("APP_URL", "https://app.example.com/clinic/..")],
+                "APP_URL",
+            ),
+            (&[("APP_URL", "https://@app.example.com")], "APP_URL"),
+            (&[("APP_URL", "https://bücher.example/app")], "APP_URL"),
+            (&[("CLINIC_NAME", "Dr\u{2028}X")], "CLINIC_NAME"),
             (
                 &[(
                     "TWILIO_CONTENT_SIDS",

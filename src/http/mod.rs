@@ -366,6 +366,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| json_error(JsonRejection::from(e)))?;
+        if bytes.starts_with(b"\xEF\xBB\xBF") {
+            return Err(AppError::bad_request(
+                "invalid_json",
+                "the body starts with a byte order mark (BOM); send the JSON without one",
+            ));
+        }
         let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
         if first.is_some_and(|b| *b != b'{') {
             return Err(AppError::bad_request(

@@ -43,6 +43,32 @@ fn app_path(link: &str, app_url: &str) -> String {
     }
 }
 
+/// An object's fields as written, in order, repeats included (a map would keep one of each).
+struct WrittenFields(Vec<(String, Box<serde_json::value::RawValue>)>);
+
+impl<'de> Deserialize<'de> for WrittenFields {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = WrittenFields;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<WrittenFields, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    fields.push(entry);
+                }
+                Ok(WrittenFields(fields))
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
+}
+
 /// Template variables with each JSON number turned into the text it was written as: a number
 /// parsed to a float would render money as `499.5`. Anything that is not an object is kept as it
 /// is, for `Template::validate` to refuse.
@@ -55,8 +81,19 @@ where
     let Ok(object) = serde_json::from_str::<Map<String, Value>>(raw.get()) else {
         return serde_json::from_str(raw.get()).map_err(serde::de::Error::custom);
     };
-    let fields: std::collections::BTreeMap<String, Box<RawValue>> =
+    // Each variable as written, in order: a name given twice is refused, as a body's own field
+    // is (found by review: the last one won, silently).
+    let written: WrittenFields =
         serde_json::from_str(raw.get()).map_err(serde::de::Error::custom)?;
+    let mut fields = std::collections::BTreeMap::new();
+    for (name, text) in written.0 {
+        if fields.contains_key(&name) {
+            return Err(serde::de::Error::custom(format!(
+                "variables: {name:?} is given twice"
+            )));
+        }
+        fields.insert(name, text);
+    }
     let mut out = Map::new();
     for (name, value) in object {
         let written = match (&value, fields.get(&name)) {

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 both_backends!(
     a_link_written_in_full_is_kept_as_its_path,
+    a_variable_given_twice_or_a_byte_order_mark_is_refused,
     path_ids_that_are_not_text_answer_the_envelope,
     preferences_round_trip_with_audit,
     invalid_phone_stores_nothing,
@@ -1029,4 +1030,54 @@ async fn a_link_written_in_full_is_kept_as_its_path(backend: Backend) {
     let outbox = app.outbox_json().await;
     let body = outbox["messages"][0]["body"].as_str().unwrap();
     assert!(body.contains(&format!("{APP_URL}/pay?invoice=7")), "{body}");
+}
+
+/// A variable given twice is refused as a body's own field is (the last one won, silently), and a
+/// body that starts with a byte order mark is refused saying so (review).
+async fn a_variable_given_twice_or_a_byte_order_mark_is_refused(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.consent("p1", "+919876543210").await;
+    let post = |body: Vec<u8>| {
+        app.client
+            .post(app.url("/api/notifications"))
+            .bearer_auth(API_KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let twice = br#"{"user_id": "p1", "template": "payment_received",
+        "variables": {"amount": "5", "amount": "6", "date": "2027-01-12"}}"#;
+    let r = post(twice.to_vec()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_json", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"amount\" is given twice"),
+        "{body}"
+    );
+    let mut bom = b"\xEF\xBB\xBF".to_vec();
+    bom.extend_from_slice(
+        br#"{"user_id": "p1", "template": "payment_received",
+            "variables": {"amount": "5", "date": "2027-01-12"}}"#,
+    );
+    let r = post(bom).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("byte order mark"),
+        "{body}"
+    );
+    assert_eq!(
+        app.outbox_json().await["messages"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
 }
