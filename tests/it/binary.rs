@@ -491,16 +491,7 @@ async fn live_mode_with_a_loopback_public_url_is_warned_about() {
     live_env(&mut cmd, &fake, AUTH_TOKEN);
     cmd.env("PUBLIC_URL", "http://localhost:8080");
     let (child, _base, stderr) = serve_on_a_free_port(cmd).await;
-    let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let out = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
-        .await
-        .expect("stops within 15 s")
-        .unwrap();
+    let out = stop_with_sigterm(child).await;
     let logs = stderr.await.unwrap();
     assert!(out.status.success(), "{logs}");
     assert!(logs.contains("PUBLIC_URL is a loopback address"), "{logs}");
@@ -743,17 +734,23 @@ async fn a_closed_log_pipe_drops_lines_not_answers() {
         .to_string();
     // The dispatcher, which logs each send, settles it (skipped: no consent on file).
     assert_eq!(settled_status(&client, &base, &id).await, "skipped");
+    // SIGTERM stops the server though the log is gone.
+    let out = stop_with_sigterm(child).await;
+    assert!(out.status.success(), "{:?}", out.status);
+}
+
+/// SIGTERM to a server, and its output once it has stopped (within 15 s).
+async fn stop_with_sigterm(child: tokio::process::Child) -> std::process::Output {
     let pid = child.id().unwrap().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap()
         .success());
-    let out = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
+    tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
         .await
-        .expect("SIGTERM stops the server though the log is gone")
-        .unwrap();
-    assert!(out.status.success(), "{:?}", out.status);
+        .expect("stops within 15 s of SIGTERM")
+        .unwrap()
 }
 
 /// Every flow against the real binary, logging at `debug` in both formats: no full phone number,
