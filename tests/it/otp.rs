@@ -591,24 +591,15 @@ async fn bad_input_is_refused_and_reveals_nothing(backend: Backend) {
         assert_eq!(r.status(), 400, "{body}");
         assert_eq!(error_code(r).await, code, "{body}");
     }
-    // An array where an object belongs: the message says so, without the handler's type name.
-    let r = app
-        .client
-        .post(app.url("/api/messaging/send-otp"))
-        .json(&json!(["u", PHONE, "login"]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "invalid_json", "{body}");
-    let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("expected a JSON object"), "{body}");
-    assert!(!message.contains("Request"), "{body}");
-    assert_eq!(outbox_len(&app).await, 0);
-    // Not even an array of the right length, with its fields in order (serde alone fills a
-    // struct from one: the code went out).
-    for body in [json!(["u", PHONE, "login", "sms"]), json!([1]), json!([])] {
+    // An array where an object belongs, even one of the right length with the fields in order
+    // (serde alone fills a struct from one: the code went out): the message says so, without the
+    // handler's type name.
+    for body in [
+        json!(["u", PHONE, "login"]),
+        json!(["u", PHONE, "login", "sms"]),
+        json!([1]),
+        json!([]),
+    ] {
         let r = app
             .client
             .post(app.url("/api/messaging/send-otp"))
