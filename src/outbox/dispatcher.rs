@@ -1011,7 +1011,7 @@ impl Dispatcher {
         // than an account's concurrency limit): Twilio never processed it, so the message was
         // not tried and its attempt is given back; otherwise a burst of 429s could spend a
         // message's every attempt without it ever reaching Twilio. Its age still ends it.
-        let too_old = self.clock.now() - message.created_at > self.settings.max_age;
+        let too_old = self.too_old(message);
         if error.throttled() && !too_old {
             return DispatchResult::Held {
                 code: error.code(),

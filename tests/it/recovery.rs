@@ -28,6 +28,7 @@ both_backends!(
     a_twilio_that_cannot_be_reached_is_retried_and_never_looked_up,
     a_lookup_refused_for_credentials_holds_the_message_without_spending_it,
     a_lookup_not_made_on_the_last_attempt_waits_instead_of_ending_unknown,
+    a_message_found_nowhere_and_then_held_is_no_longer_looked_up,
     twins_whose_outcomes_are_unknown_are_each_settled_once,
     a_match_dated_by_a_twilio_clock_a_little_behind_is_adopted,
     a_sid_answered_twice_is_never_sent_again,
@@ -899,4 +900,47 @@ async fn a_lookup_not_made_on_the_last_attempt_waits_instead_of_ending_unknown(b
     let m = app.message(&id).await;
     assert_eq!(m["provider_sid"], fake.created()[0].sid.as_str(), "{m}");
     assert_eq!(fake.create_calls_to(PATIENT), 1);
+}
+
+/// A message whose earlier attempt is looked up, found nowhere, and then held by quiet hours waits
+/// as a plain queued message: its lookup mark goes, so its twins do not wait for it through the
+/// night (found by review: the mark stayed).
+async fn a_message_found_nowhere_and_then_held_is_no_longer_looked_up(backend: Backend) {
+    // 03:00 UTC, inside quiet hours.
+    let night = chrono::DateTime::parse_from_rfc3339("2027-01-12T03:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let clock = ManualClock::new(night);
+    let fake = FakeTwilio::start().await;
+    let config = TestConfig::new()
+        .live(&fake)
+        .set("QUIET_HOURS", "21:00-08:00")
+        .set("DISPATCH_RATE_PER_SECOND", "0")
+        .with_clock(&clock);
+    let app = TestApp::spawn_with(backend, config).await;
+    app.consent("p1", PATIENT).await;
+    let id = app
+        .notify_ok(json!({"user_id": "p1", "template": "follow_up_reminder",
+            "variables": {"due_at": "2027-01-20", "link": "/follow-ups/f1"}}))
+        .await;
+    // As a process that died mid-send leaves it: an attempt whose outcome is unknown.
+    app.db
+        .execute(&format!(
+            "UPDATE messages SET lookup_needed = TRUE, attempts = 1, to_number = '{}', \
+             to_index = '{}', attempt_body = '{}', attempt_started_at = '{}' WHERE id = '{id}'",
+            test_vault().seal(PATIENT),
+            test_vault().blind(PATIENT),
+            test_vault().seal("the body of that attempt"),
+            clock.now().to_rfc3339()
+        ))
+        .await
+        .unwrap();
+    assert!(app.stored_message(&id).await.lookup_needed);
+    assert_eq!(app.dispatch().await.deferred, 1);
+    let lookups = fake.requests().iter().filter(|r| r.method == "GET").count();
+    assert_eq!(lookups, 1, "looked up once");
+    let m = app.stored_message(&id).await;
+    assert_eq!(m.status.to_string(), "queued");
+    assert!(!m.lookup_needed, "found nowhere: no longer looked up");
+    assert_eq!(fake.create_calls_to(PATIENT), 0, "held, not sent");
 }
