@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use chrono::NaiveTime;
 use chrono_tz::Tz;
 
+pub use crate::error::ConfigError;
 use crate::phone::PhoneNumber;
 use crate::templates;
 
@@ -247,37 +248,6 @@ pub struct DispatchSettings {
     /// The longest one lookup of an earlier attempt may take, all its pages together
     /// (`DISPATCH_LOOKUP_DEADLINE_SECONDS`, 30); past it the lookup counts as failed.
     pub lookup_deadline: std::time::Duration,
-}
-
-/// The first configuration problem found, naming the variable.
-#[derive(Debug, thiserror::Error)]
-#[error("configuration error: {variable}: {problem}")]
-pub struct ConfigError {
-    pub variable: &'static str,
-    pub problem: String,
-}
-
-impl ConfigError {
-    pub fn new(variable: &'static str, problem: impl Into<String>) -> Self {
-        ConfigError {
-            variable,
-            problem: problem.into(),
-        }
-    }
-
-    /// Whether a start failed on a setting: a `ConfigError` anywhere in the error's causes,
-    /// including inside an `AppError::Internal` (whose display forwards to it). The command line
-    /// exits 2 for those, as it does for the settings `Config::from_env` refuses.
-    pub fn is_cause_of(error: &anyhow::Error) -> bool {
-        error.chain().any(|cause| {
-            cause.is::<ConfigError>()
-                || matches!(
-                    cause.downcast_ref::<crate::error::AppError>(),
-                    Some(crate::error::AppError::Internal(inner))
-                        if inner.chain().any(|c| c.is::<ConfigError>())
-                )
-        })
-    }
 }
 
 fn err(variable: &'static str, problem: impl Into<String>) -> ConfigError {

@@ -267,6 +267,37 @@ impl AppError {
 
 pub type AppResult<T> = Result<T, AppError>;
 
+/// The first configuration problem found, naming the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {variable}: {problem}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(variable: &'static str, problem: impl Into<String>) -> Self {
+        ConfigError {
+            variable,
+            problem: problem.into(),
+        }
+    }
+
+    /// Whether a start failed on a setting: a `ConfigError` anywhere in the error's causes,
+    /// including inside an `AppError::Internal` (whose display forwards to it). The command line
+    /// exits 2 for those, as it does for the settings `Config::from_env` refuses.
+    pub fn is_cause_of(error: &anyhow::Error) -> bool {
+        error.chain().any(|cause| {
+            cause.is::<ConfigError>()
+                || matches!(
+                    cause.downcast_ref::<AppError>(),
+                    Some(AppError::Internal(inner))
+                        if inner.chain().any(|c| c.is::<ConfigError>())
+                )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

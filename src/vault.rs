@@ -18,8 +18,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use crate::config::ConfigError;
-use crate::error::{AppError, AppResult};
+use crate::error::{AppError, AppResult, ConfigError};
 
 /// The prefix of every sealed value.
 pub const SEALED_PREFIX: &str = "enc1:";

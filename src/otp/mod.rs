@@ -166,8 +166,9 @@ impl CodeHasher {
     }
 }
 
-/// The purpose that proves a number (and may mark the number on file verified).
-pub const VERIFICATION: &str = "verification";
+/// The purpose that proves a number (and may mark the number on file verified); the store owns
+/// it, since its `consume_verification_otp` writes codes of this purpose only.
+pub use crate::store::VERIFICATION_PURPOSE as VERIFICATION;
 
 /// The answer to a send a limit refused, logged with the number masked.
 fn rate_limited(key: &RefusalKey, retry_after_seconds: i64) -> AppError {

@@ -16,8 +16,7 @@ pub use writer::SqliteWriter;
 mod hot_writes;
 mod readers;
 mod writer;
-use crate::config::ConfigError;
-use crate::error::AppResult;
+use crate::error::{AppResult, ConfigError};
 use crate::vault::{KeySettings, Vault};
 
 pub struct SqliteStore {

@@ -214,7 +214,7 @@ impl OtpStore for ThisStore {
         let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
         let used = sqlx::query(CONSUME_OTP)
             .bind(user_id)
-            .bind(crate::otp::VERIFICATION)
+            .bind(crate::store::VERIFICATION_PURPOSE)
             .bind(code_hash)
             .bind(now)
             .bind(max_attempts)
