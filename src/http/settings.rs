@@ -124,7 +124,7 @@ async fn page(
                     // session it opened are on disk before the cookie leaves, or a power cut
                     // could make a used link open again.
                     state.store.durable().await?;
-                    let mut response = redirect("/settings/messaging");
+                    let mut response = redirect(&state, "/settings/messaging");
                     set_cookie(&mut response, &session_cookie(&state, &token));
                     response
                 }
@@ -204,9 +204,10 @@ async fn save(
         .save(&session, form.clone(), meta.ip, meta.user_agent)
         .await
     {
-        Ok(_) => redirect("/settings/messaging?saved=1"),
-        Err(AppError::BadRequest { message, .. }) => {
-            render_page(&state, &token, &session, false, Some(&form), Some(&message)).await?
+        Ok(_) => redirect(&state, "/settings/messaging?saved=1"),
+        Err(AppError::BadRequest { code, message }) => {
+            let said = said_to_the_patient(code, &message);
+            render_page(&state, &token, &session, false, Some(&form), Some(said)).await?
         }
         Err(e) => return Err(e),
     };
@@ -307,7 +308,8 @@ fn session_cookie(state: &AppState, token: &str) -> String {
         ""
     };
     format!(
-        "{COOKIE_NAME}={token}; Path=/settings; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
+        "{COOKIE_NAME}={token}; Path={}/settings; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
+        state.settings_pages.base_path(),
         state.settings_pages.session_ttl_seconds()
     )
 }
@@ -318,7 +320,10 @@ fn cleared_cookie(state: &AppState) -> String {
     } else {
         ""
     };
-    format!("{COOKIE_NAME}=; Path=/settings; HttpOnly; SameSite=Lax; Max-Age=0{secure}")
+    format!(
+        "{COOKIE_NAME}=; Path={}/settings; HttpOnly; SameSite=Lax; Max-Age=0{secure}",
+        state.settings_pages.base_path()
+    )
 }
 
 fn set_cookie(response: &mut Response, value: &str) {
@@ -327,7 +332,22 @@ fn set_cookie(response: &mut Response, value: &str) {
     }
 }
 
-fn redirect(to: &'static str) -> Response {
+/// A refusal of the form in the page's own words: the API's messages name its JSON fields
+/// (`phone_number`), which mean nothing to a patient who typed into "Mobile number".
+fn said_to_the_patient<'a>(code: &str, api_message: &'a str) -> &'a str {
+    match code {
+        "invalid_phone" => {
+            "Enter your mobile number in international format: a + and your country code, then \
+             the number, e.g. +44 7400 123456."
+        }
+        "phone_required" => "Enter your mobile number to get text or WhatsApp messages.",
+        _ => api_message,
+    }
+}
+
+/// A 303 to one of the page's routes, under `PUBLIC_URL`'s path.
+fn redirect(state: &AppState, route: &str) -> Response {
+    let to = format!("{}{route}", state.settings_pages.base_path());
     (StatusCode::SEE_OTHER, [(LOCATION, to)]).into_response()
 }
 
@@ -368,15 +388,13 @@ async fn render_page(
             consent.is_some_and(|c| c.marketing_consent),
         ),
     };
-    let verified = consent
-        .filter(|_| form.is_none())
-        .and_then(|c| c.phone_verified_at)
-        .map(|t| t.format("%-d %b %Y").to_string());
+    let verified = data.verified_on.as_ref().filter(|_| form.is_none());
     let html = templates()?
         .get_template("settings.html")
         .and_then(|t| {
             t.render(context! {
                 clinic => state.config.messaging.clinic_name,
+                base => pages.base_path(),
                 csrf => pages.csrf_token(token),
                 saved => saved,
                 phone => phone,
@@ -408,6 +426,7 @@ fn notice(state: &AppState, status: StatusCode, title: &str, text: &str) -> AppR
         .and_then(|t| {
             t.render(context! {
                 clinic => state.config.messaging.clinic_name,
+                base => state.settings_pages.base_path(),
                 title => title,
                 text => text,
             })

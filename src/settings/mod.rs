@@ -65,6 +65,8 @@ pub struct PageData {
     pub return_url: Option<String>,
     /// Where the number is opted out (STOP): the page says how to undo it.
     pub opted_out: OptedOut,
+    /// The day the number on file was verified, in the same zone as the history.
+    pub verified_on: Option<String>,
 }
 
 #[derive(Clone)]
@@ -105,6 +107,20 @@ impl SettingsPages {
 
     pub fn session_ttl_seconds(&self) -> i64 {
         self.session_ttl.num_seconds()
+    }
+
+    /// The path `PUBLIC_URL` puts before this service's routes (`""` or, say, `"/messaging"`,
+    /// never ending in `/`): a proxy that serves the service under a path strips it before the
+    /// request arrives, so the page's own links, redirects and cookie must carry it back.
+    pub fn base_path(&self) -> &str {
+        let after_scheme = self
+            .public_url
+            .split_once("://")
+            .map_or(&*self.public_url, |(_, rest)| rest);
+        after_scheme
+            .find('/')
+            .map_or("", |at| &after_scheme[at..])
+            .trim_end_matches('/')
     }
 
     /// Whether the page is served over https (its cookie is then `Secure`).
@@ -225,12 +241,16 @@ impl SettingsPages {
             })
             .collect();
         Ok(PageData {
-            consent,
             history,
             time_zone: zone.name().to_string(),
             patient_time_zone: patient_zone.map(|z| z.name().to_string()),
             return_url: session.return_url.clone(),
             opted_out,
+            verified_on: consent
+                .as_ref()
+                .and_then(|c| c.phone_verified_at)
+                .map(|at| at.with_timezone(&zone).format("%-d %b %Y").to_string()),
+            consent,
         })
     }
 

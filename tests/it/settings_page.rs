@@ -15,6 +15,7 @@ both_backends!(
     sessions_slide_expire_and_are_cleaned_up,
     cors_opens_only_the_user_and_otp_calls,
     dates_are_in_the_patients_zone,
+    a_public_url_with_a_path_keeps_the_page_under_it,
     an_opted_out_number_is_shown_in_the_app_and_on_the_page,
 );
 
@@ -254,6 +255,12 @@ async fn the_form_needs_the_session_token_and_keeps_what_was_typed(backend: Back
     let html = r.text().await.unwrap();
     assert!(html.contains("id=\"phone_error\""), "{html}");
     assert!(html.contains("value=\"+1 800 FLOWERS\""));
+    // In the page's words, not the API's: the patient typed into "Mobile number".
+    assert!(
+        html.contains("Enter your mobile number in international format"),
+        "{html}"
+    );
+    assert!(!html.contains("phone_number must"), "{html}");
     // An empty number with SMS ticked: phone_required.
     let r = post_form(
         &app,
@@ -266,7 +273,9 @@ async fn the_form_needs_the_session_token_and_keeps_what_was_typed(backend: Back
     )
     .await;
     assert_eq!(r.status(), 400);
-    assert!(r.text().await.unwrap().contains("a phone_number is needed"));
+    let html = r.text().await.unwrap();
+    assert!(html.contains("Enter your mobile number to get text or WhatsApp messages"));
+    assert!(!html.contains("a phone_number is needed"), "{html}");
     assert_eq!(
         app.state.consent.audit_trail("p1").await.unwrap().len(),
         before
@@ -510,6 +519,115 @@ async fn dates_are_in_the_patients_zone(backend: Backend) {
     assert!(page.contains("Your time zone: Asia&#x2f;Kolkata"), "{page}");
     assert!(page.contains("Times in Asia&#x2f;Kolkata"), "{page}");
     assert!(page.contains("12 Jan 2027, 09:30"), "{page}");
+
+    // The day the number was verified is the patient's day too: 20:00 UTC on the 12th is the
+    // 13th in Kolkata.
+    clock.advance(Duration::hours(16));
+    verify_number(&app, "p1").await;
+    let page = page_html(&app, &sign_in(&app, "p1").await).await;
+    assert!(page.contains("Verified 13 Jan 2027"), "{page}");
+}
+
+/// Verify `user`'s number on file with a code read from the dev outbox.
+async fn verify_number(app: &TestApp, user: &str) {
+    let r = app
+        .client
+        .post(app.url("/api/messaging/send-otp"))
+        .json(&json!({"user_id": user, "phone_number": PATIENT}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let outbox = app.outbox_json().await;
+    let body = outbox["messages"][0]["body"].as_str().unwrap().to_string();
+    let code = body
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|w| w.len() == 6)
+        .expect("a six-digit code")
+        .to_string();
+    let r = app
+        .client
+        .post(app.url("/api/messaging/verify-otp"))
+        .json(&json!({"user_id": user, "otp_code": code}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+/// Behind a proxy that serves the service under a path (`PUBLIC_URL` with a path, stripped
+/// before the request arrives), the page's redirects, cookie, form and stylesheet carry the
+/// path, or the browser would leave the proxy's prefix and lose its session.
+async fn a_public_url_with_a_path_keeps_the_page_under_it(backend: Backend) {
+    let public_url = "https://clinic.example.com/messaging";
+    let app = TestApp::spawn_with(backend, TestConfig::new().set("PUBLIC_URL", public_url)).await;
+    app.consent("p1", PATIENT).await;
+    let r: Value = link(&app, json!({"user_id": "p1"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let url = r["url"].as_str().unwrap();
+    assert!(
+        url.starts_with(&format!("{public_url}/settings/messaging?handoff=")),
+        "{url}"
+    );
+    // What the proxy forwards: the same request without its prefix.
+    let r = no_redirects()
+        .get(url.replace(public_url, &app.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()[LOCATION], "/messaging/settings/messaging");
+    let cookie = r.headers()[SET_COOKIE].to_str().unwrap().to_string();
+    assert!(cookie.contains("; Path=/messaging/settings;"), "{cookie}");
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let html = page_html(&app, &cookie).await;
+    for path in [
+        // minijinja escapes the base's slash; the browser reads it back.
+        "href=\"&#x2f;messaging/settings/settings.css\"",
+        "action=\"&#x2f;messaging/settings/messaging\"",
+        "action=\"&#x2f;messaging/settings/sign-out\"",
+    ] {
+        assert!(html.contains(path), "{path} in {html}");
+    }
+    assert!(!html.contains("\"/settings/"), "{html}");
+    let token = csrf(&app, &cookie).await;
+    let r = post_form(
+        &app,
+        Some(&cookie),
+        &[("phone_number", PATIENT), ("csrf_token", &token)],
+    )
+    .await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        r.headers()[LOCATION],
+        "/messaging/settings/messaging?saved=1"
+    );
+    let r = no_redirects()
+        .post(app.url("/settings/sign-out"))
+        .header(COOKIE, &cookie)
+        .form(&[("csrf_token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let cleared = r.headers()[SET_COOKIE].to_str().unwrap();
+    assert!(cleared.contains("; Path=/messaging/settings;"), "{cleared}");
+    assert!(cleared.contains("Max-Age=0"), "{cleared}");
+    // The notice pages' stylesheet too.
+    let notice = no_redirects()
+        .get(app.url("/settings/messaging?handoff=nonsense"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        notice.contains("href=\"&#x2f;messaging/settings/settings.css\""),
+        "{notice}"
+    );
 }
 
 /// A number that replied STOP gets nothing on that channel, whatever its user's consent says
