@@ -78,16 +78,21 @@ pub fn warm_up() {
     debug_assert!(parsed.is_ok(), "the warm-up number is valid");
 }
 
-/// Mask any phone-like string for logging: keep a leading `+` and up to two digits of country
-/// code and the last four digits; everything between becomes `*`.
+/// Mask any phone-like string for logging: keep a leading `+`, two digits of country code and
+/// the last four digits; everything between becomes `*`. A number of fewer than ten digits
+/// (valid in small countries: Niue's `+683 4002`) keeps one digit and the last two, so that at
+/// least four stay hidden: two and four would leave one or two hidden, and those the country
+/// code's own (found by review).
 pub fn mask(number: &str) -> String {
     let digits: Vec<char> = number.chars().filter(|c| c.is_ascii_digit()).collect();
     if digits.len() <= 6 {
         return "*".repeat(digits.len().max(4));
     }
-    let head: String = digits[..2].iter().collect();
-    let tail: String = digits[digits.len() - 4..].iter().collect();
-    format!("+{head}{}{tail}", "*".repeat(digits.len() - 6))
+    let (head, tail) = if digits.len() < 10 { (1, 2) } else { (2, 4) };
+    let shown_head: String = digits[..head].iter().collect();
+    let shown_tail: String = digits[digits.len() - tail..].iter().collect();
+    let hidden = "*".repeat(digits.len() - head - tail);
+    format!("+{shown_head}{hidden}{shown_tail}")
 }
 
 /// Mask every phone-number-like run (7 or more digits, with an optional leading `+`) in free
@@ -226,6 +231,11 @@ mod tests {
         assert_eq!(format!("{n:?}"), "PhoneNumber(+91******3210)");
         assert_eq!(format!("{n}"), "+91******3210");
         assert_eq!(mask("whatsapp:+14155552671"), "+14*****2671");
+        // Short numbers of small countries keep at least four digits hidden.
+        assert_eq!(mask("+6834002"), "+6****02");
+        assert_eq!(mask("+29022001"), "+2*****01");
+        assert_eq!(mask("+447400123"), "+4******23");
+        assert_eq!(mask("+4474001234"), "+44****1234");
     }
 
     #[test]

@@ -147,6 +147,8 @@ pub struct Dispatcher {
     shutdown: CancellationToken,
     metrics: Option<Arc<Metrics>>,
     provider_health: Arc<ProviderHealth>,
+    /// While the provider refuses our credentials: when one message may try them again.
+    credentials_retry_at: Arc<std::sync::Mutex<Option<DateTime<Utc>>>>,
 }
 
 /// What `Dispatcher::claim_reads` read for a claim.
@@ -276,7 +278,41 @@ impl Dispatcher {
             shutdown: CancellationToken::new(),
             metrics: parts.metrics,
             provider_health: parts.provider_health,
+            credentials_retry_at: Arc::default(),
         }
+    }
+
+    /// How many of `wanted` messages a claim may take. While the provider refuses our
+    /// credentials the queue is held as a whole, not message by message: nothing is claimed
+    /// until `AUTH_OUTAGE_HOLD` has passed since the last refusal, then one message tries them
+    /// again (and holds the queue anew if refused). Before, every due message made its own
+    /// refused call and logged its own error (found by review); the outage is logged once, by
+    /// `ProviderHealth`.
+    fn claimable(&self, wanted: i64) -> i64 {
+        if !self.provider_health.credentials_refused() {
+            return wanted;
+        }
+        let now = self.clock.now();
+        let mut retry_at = self
+            .credentials_retry_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match *retry_at {
+            Some(at) if now < at => 0,
+            _ => {
+                *retry_at = Some(now + AUTH_OUTAGE_HOLD);
+                wanted.min(1)
+            }
+        }
+    }
+
+    /// The provider refused our credentials: hold the queue until `until`.
+    fn hold_for_credentials(&self, until: DateTime<Utc>) {
+        let mut retry_at = self
+            .credentials_retry_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *retry_at = Some(retry_at.map_or(until, |at| at.max(until)));
     }
 
     /// Give claimed-but-unsent messages back when `shutdown` is cancelled.
@@ -289,10 +325,14 @@ impl Dispatcher {
     pub async fn run_once(&self) -> AppResult<RoundReport> {
         let now = self.clock.now();
         let settings = self.settings;
-        let claimed = self
-            .messages
-            .claim_due_messages(now, now + settings.lease, settings.batch_size)
-            .await?;
+        let limit = self.claimable(settings.batch_size);
+        let claimed = if limit > 0 {
+            self.messages
+                .claim_due_messages(now, now + settings.lease, limit)
+                .await?
+        } else {
+            Vec::new()
+        };
         let mut report = RoundReport {
             claimed: claimed.len(),
             ..RoundReport::default()
@@ -376,7 +416,11 @@ impl Dispatcher {
         tracing::info!("dispatcher stopped");
     }
 
-    async fn claim(&self, limit: i64, stale: Stale) -> AppResult<Vec<MessageRecord>> {
+    async fn claim(&self, wanted: i64, stale: Stale) -> AppResult<Vec<MessageRecord>> {
+        let limit = self.claimable(wanted);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let now = self.clock.now();
         self.messages
             .claim_messages(now, now + self.settings.lease, limit, stale)
@@ -1001,9 +1045,11 @@ impl Dispatcher {
     ) -> DispatchResult {
         if let ProviderError::Unauthorized { message: why, .. } = error {
             self.provider_health.refused(why);
+            let until = self.clock.now() + AUTH_OUTAGE_HOLD;
+            self.hold_for_credentials(until);
             return DispatchResult::Held {
                 code: error.code(),
-                until: self.clock.now() + AUTH_OUTAGE_HOLD,
+                until,
                 message: why.clone(),
             };
         }
@@ -1213,7 +1259,8 @@ fn log_result(message: &MessageRecord, to: &str, result: &DispatchResult) {
             tracing::warn!(message_id = id, template, error = message, %until, "held: the provider turned it away for too many requests at once (429); no attempt spent")
         }
         DispatchResult::Held { until, message, .. } => {
-            tracing::error!(message_id = id, template, error = message, %until, "held: the provider refused our credentials")
+            // A warning: the outage itself is logged once, loudly, by `ProviderHealth`.
+            tracing::warn!(message_id = id, template, error = message, %until, "held: the provider refused our credentials")
         }
     }
 }

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Pool, Postgres};
 
-use crate::error::AppResult;
+use crate::error::{AppError, AppResult, ConfigError};
 use crate::vault::{KeySettings, Vault};
 use functions::PgFunctions;
 
@@ -89,11 +89,15 @@ impl PostgresStore {
     pub async fn connect(database_url: &str, keys: &KeySettings) -> AppResult<Self> {
         // No key, no start, before anything is written (and before waiting on the server).
         keys.current_key(database_url, false)?;
+        // A URL sqlx cannot read is a setting to fix (exit code 2), not a server that is down.
+        let options: PgConnectOptions = database_url.parse().map_err(|e: sqlx::Error| {
+            AppError::Internal(ConfigError::new("DATABASE_URL", e.to_string()).into())
+        })?;
         // One connection first, for its own error: the pool retries until its timeout and then
         // says only that it timed out, hiding a refused port or a wrong password.
         let first = tokio::time::timeout(
             Duration::from_secs(10),
-            <sqlx::PgConnection as sqlx::Connection>::connect(database_url),
+            <sqlx::PgConnection as sqlx::Connection>::connect_with(&options),
         )
         .await
         .map_err(|_| anyhow::anyhow!("connecting to PostgreSQL (DATABASE_URL): no answer in 10 s"))?
@@ -115,7 +119,7 @@ impl PostgresStore {
                     Ok(true)
                 })
             })
-            .connect(database_url)
+            .connect_with(options)
             .await
             .map_err(|e| anyhow::Error::new(e).context("connecting to PostgreSQL"))?;
         for setting in settings_off(&pool, &DURABILITY_SETTINGS).await? {

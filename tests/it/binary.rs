@@ -187,6 +187,27 @@ async fn an_unreachable_postgres_is_reported_with_its_cause_in_plain_text() {
         !stderr.contains("refused"),
         "the key is checked first: {stderr}"
     );
+    // A URL that cannot be read is a setting to fix: exit code 2, naming the variable, with
+    // no password echoed.
+    for unreadable in [
+        "postgres://postgres:secret-password@127.0.0.1:notaport/db",
+        "postgres://postgres:secret-password@127.0.0.1/db?sslmode=bogus",
+    ] {
+        let out = binary(dir.path())
+            .env("DATABASE_URL", unreadable)
+            .env("DATA_ENCRYPTION_KEY", DATA_KEY)
+            .arg("migrate")
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{unreadable}: {stderr}");
+        assert!(
+            stderr.contains("configuration error: DATABASE_URL"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("secret-password"), "{stderr}");
+    }
     // A log line (the generated key file's warning), written to a pipe: no colour codes.
     let out = binary(dir.path())
         .env("DATABASE_URL", "sqlite://colour.db")

@@ -21,6 +21,7 @@ both_backends!(
     host_keys_never_block_reminders_and_values_are_kept_as_given,
     whatsapp_records_no_sms_segments,
     refused_credentials_hold_the_queue,
+    refused_credentials_hold_the_whole_queue_and_one_message_tries_again,
     readiness_reports_a_provider_that_does_not_answer,
     a_slow_lookup_never_stalls_other_sends,
     an_early_callback_is_never_orphaned,
@@ -474,6 +475,54 @@ async fn refused_credentials_hold_the_queue(backend: Backend) {
     assert_eq!(ready["provider_credentials"], "refused");
     // Held for a while: the next round does not burn it.
     assert_eq!(app.dispatch().await.claimed, 0);
+}
+
+/// The queue is held as a whole while Twilio refuses our credentials, not message by message:
+/// messages queued during the outage are not claimed and cost Twilio no call; once the hold has
+/// passed, one message tries the credentials again, and the rest go once one is taken.
+async fn refused_credentials_hold_the_whole_queue_and_one_message_tries_again(backend: Backend) {
+    let (app, clock) = live(backend, TestConfig::new()).await;
+    let fake = app.fake.as_ref().unwrap();
+    let refused = Failure {
+        http_status: 401,
+        code: 20003,
+        retry_after: None,
+    };
+    // Two refusals: the first send and the first try after the hold.
+    fake.fail(PATIENT, vec![refused, refused]);
+    app.notify_ok(receipt("sms")).await;
+    assert_eq!(app.dispatch().await.held, 1);
+    assert_eq!(fake.create_calls_to(PATIENT), 1);
+    for amount in ["INR 1.00", "INR 2.00", "INR 3.00"] {
+        app.notify_ok(json!({
+            "user_id": "p1",
+            "template": "payment_received",
+            "variables": {"amount": amount, "date": "2027-01-12"},
+        }))
+        .await;
+    }
+    // During the hold: nothing claimed, nothing asked of Twilio.
+    for _ in 0..3 {
+        assert_eq!(app.dispatch().await.claimed, 0);
+    }
+    clock.advance(Duration::seconds(30));
+    assert_eq!(app.dispatch().await.claimed, 0);
+    assert_eq!(fake.create_calls_to(PATIENT), 1);
+    // Past the hold: one message tries again, is refused, and holds the queue anew.
+    clock.advance(Duration::seconds(31));
+    let report = app.dispatch().await;
+    assert_eq!((report.claimed, report.held), (1, 1));
+    assert_eq!(fake.create_calls_to(PATIENT), 2);
+    assert_eq!(app.dispatch().await.claimed, 0);
+    // The credentials work again: the one try goes, and then everything does.
+    clock.advance(Duration::seconds(61));
+    let report = app.dispatch().await;
+    assert_eq!((report.claimed, report.sent), (1, 1));
+    let report = app.dispatch().await;
+    assert_eq!((report.claimed, report.sent), (3, 3));
+    assert_eq!(fake.create_calls_to(PATIENT), 6);
+    let ready: Value = app.get_json("/readyz", None).await;
+    assert_eq!(ready["provider_credentials"], "ok");
 }
 
 /// `/readyz` once the provider's first check has ended (it runs in the background: the first

@@ -219,6 +219,7 @@ impl Dispatcher {
         match error {
             ProviderError::Unauthorized { .. } => {
                 self.provider_health.refused(&why);
+                self.hold_for_credentials(self.clock.now() + super::AUTH_OUTAGE_HOLD);
                 Lookup::NotAsked(why)
             }
             ProviderError::Retryable {
