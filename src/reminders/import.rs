@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
 
@@ -111,6 +112,52 @@ impl Pending {
     }
 }
 
+/// The input as it is read, noting where each line's content starts (its first byte that is
+/// not a line break) and which line that is. The csv crate's own line numbers run one short
+/// after a `\r\n` (as Excel saves a file) or a blank line (found by review): a record's start
+/// is kept before the line break that ends the line above. A record that starts at byte `b`
+/// is on the first line whose content starts at or after `b`.
+struct LineStarts<R> {
+    inner: R,
+    read: u64,
+    line: u64,
+    awaiting_content: bool,
+    starts: Arc<Mutex<Vec<(u64, u64)>>>,
+}
+
+impl<R: Read> Read for LineStarts<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut starts = self.starts.lock().unwrap_or_else(PoisonError::into_inner);
+        for (i, byte) in buf[..n].iter().enumerate() {
+            match byte {
+                b'\n' => {
+                    self.line += 1;
+                    self.awaiting_content = true;
+                }
+                b'\r' => {}
+                _ if self.awaiting_content => {
+                    starts.push((self.read + i as u64, self.line));
+                    self.awaiting_content = false;
+                }
+                _ => {}
+            }
+        }
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// The line of the record that starts at byte `at`, from `LineStarts`' notes.
+fn line_at(starts: &Mutex<Vec<(u64, u64)>>, at: u64) -> u64 {
+    let starts = starts.lock().unwrap_or_else(PoisonError::into_inner);
+    let first_after = starts.partition_point(|&(start, _)| start < at);
+    starts
+        .get(first_after)
+        .or(starts.last())
+        .map_or(1, |&(_, line)| line)
+}
+
 /// Import `input`, a CSV file of `kind`. `progress` is called with the bytes read so far after
 /// each batch. A header that does not name exactly the expected columns is an error and nothing
 /// is written; so is a database error (the batches before it stay written, and importing the
@@ -121,6 +168,15 @@ pub async fn import_csv<R: Read>(
     input: R,
     mut progress: impl FnMut(u64),
 ) -> anyhow::Result<ImportSummary> {
+    let starts = Arc::new(Mutex::new(Vec::new()));
+    let input = LineStarts {
+        inner: input,
+        read: 0,
+        line: 1,
+        awaiting_content: true,
+        starts: starts.clone(),
+    };
+    let line_at = |at: u64| line_at(&starts, at);
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .trim(csv::Trim::All)
@@ -160,7 +216,7 @@ pub async fn import_csv<R: Read>(
     let mut seen: HashMap<String, u64> = HashMap::new();
     let mut record = csv::StringRecord::new();
     loop {
-        let line = reader.position().line();
+        let line = line_at(reader.position().byte());
         match reader.read_record(&mut record) {
             Ok(false) => break,
             Ok(true) => {}
@@ -169,7 +225,7 @@ pub async fn import_csv<R: Read>(
                     return Err(e.into());
                 }
                 summary.rows += 1;
-                let line = e.position().map_or(line, |p| p.line());
+                let line = e.position().map_or(line, |p| line_at(p.byte()));
                 summary.refused.push(Refusal {
                     line,
                     code: "invalid_csv".into(),
@@ -179,7 +235,7 @@ pub async fn import_csv<R: Read>(
             }
         }
         summary.rows += 1;
-        let line = record.position().map_or(line, |p| p.line());
+        let line = record.position().map_or(line, |p| line_at(p.byte()));
         // Column `i` of the expected ones; an empty cell is a value left out.
         let cell = |i: usize| record.get(index[i]).unwrap_or_default().to_string();
         let optional = |i: usize| Some(cell(i)).filter(|v| !v.is_empty());
