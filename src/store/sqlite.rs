@@ -272,9 +272,10 @@ mod portable {
     /// One process owns a SQLite queue: nothing to skip.
     const SKIP_LOCKED: &str = "";
     const LOCK_FOR_UPDATE: &str = "";
-    /// After an erasure, fold the WAL into the database file (and truncate it), so the erased
-    /// rows' old pages do not linger in the log.
-    const AFTER_ERASURE: &str = "PRAGMA wal_checkpoint(TRUNCATE)";
+    /// After an erasure or a retention run, fold the WAL into the database file (and truncate
+    /// it), so the deleted rows' pages (zeroed by `secure_delete`) replace the old ones in the
+    /// file and do not linger in the log.
+    const AFTER_DELETION: &str = "PRAGMA wal_checkpoint(TRUNCATE)";
     /// After clear text was sealed (once, when encryption came): rebuild the file, so the clear
     /// values' old pages leave it and the log.
     const AFTER_SEALING: &[&str] = &["PRAGMA wal_checkpoint(TRUNCATE)", "VACUUM"];

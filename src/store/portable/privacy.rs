@@ -222,8 +222,8 @@ impl PrivacyStore for ThisStore {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        if !AFTER_ERASURE.is_empty() {
-            sqlx::query(AFTER_ERASURE).execute(&self.pool).await?;
+        if !AFTER_DELETION.is_empty() {
+            sqlx::query(AFTER_DELETION).execute(&self.pool).await?;
         }
         Ok(counts)
     }

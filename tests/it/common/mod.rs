@@ -224,6 +224,40 @@ pub struct TestConfig {
     pub background: bool,
 }
 
+/// A PostgreSQL database's own files, as bytes, after a checkpoint has written what it holds
+/// to them: every relation's pages, dead row versions and free space included (what a copy of
+/// the server's disk would hold). `None` for SQLite.
+pub async fn postgres_files_bytes(db: &TestDatabase) -> Option<Vec<u8>> {
+    if db.url.starts_with("sqlite:") {
+        return None;
+    }
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::query("CHECKPOINT").execute(&pool).await.unwrap();
+    let data_directory: String = sqlx::query_scalar("SHOW data_directory")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let oid: String =
+        sqlx::query_scalar("SELECT oid::text FROM pg_database WHERE datname = current_database()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let mut bytes = Vec::new();
+    let dir = std::path::Path::new(&data_directory).join("base").join(oid);
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            bytes.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    assert!(
+        bytes.len() > 100_000,
+        "{} holds the database",
+        dir.display()
+    );
+    Some(bytes)
+}
+
 /// Everything the database holds, as bytes: SQLite's files (database and write-ahead log, as
 /// they are on disk), or every row of every PostgreSQL table as text (what a dump of the tables
 /// would hold).
