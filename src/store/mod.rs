@@ -456,6 +456,8 @@ pub trait RetentionStore: Send + Sync + 'static {
         limit: i64,
         dry_run: bool,
     ) -> AppResult<u64>;
+    /// Keep a run's receipt; then, on SQLite, fold the log into the file so what the run
+    /// deleted is gone from the file's bytes as well.
     async fn record_cleanup_run(
         &self,
         ran_at: DateTime<Utc>,

@@ -72,12 +72,38 @@ async fn each_class_is_deleted_after_its_period_with_a_receipt(backend: Backend)
     pending["user_id"] = json!("p2");
     let pending = app.notify_ok(pending).await;
 
+    // The reply as stored (sealed), and, on SQLite, in the database file itself.
+    let sealed_reply = app
+        .db
+        .text_pairs("SELECT provider_sid, body FROM incoming_messages")
+        .await
+        .remove(0)
+        .1;
+    let database_file = app.db.url.strip_prefix("sqlite://").map(str::to_string);
+    if database_file.is_some() {
+        app.db
+            .execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            .await
+            .unwrap();
+    }
+    let file_holds_reply = || {
+        database_file
+            .as_ref()
+            .is_some_and(|path| contains(&std::fs::read(path).unwrap(), &sealed_reply))
+    };
+    assert_eq!(file_holds_reply(), database_file.is_some());
+
     // A month on: only the replies (30 days) are past their period.
     clock.advance(Duration::days(31));
     let r = cleanup(&app).await;
     assert_eq!(
         r["deleted"],
         json!({"messages": 0, "inbound": 1, "reminder_log": 0, "audit": 0, "unmatched_callbacks": 0})
+    );
+    // Gone from the file's bytes, not only from the log (found by review).
+    assert!(
+        !file_holds_reply(),
+        "the deleted reply is still in the file"
     );
     // A year and a day: the sent messages go, with their events; the queued one stays.
     clock.advance(Duration::days(335));
@@ -112,6 +138,37 @@ async fn each_class_is_deleted_after_its_period_with_a_receipt(backend: Backend)
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+
+    // The audit trail is append-only: a delete outside retention fails and removes nothing...
+    let trail = app.state.consent.audit_trail("p1").await.unwrap().len();
+    assert!(trail >= 4, "{trail}");
+    let refused = app.db.execute("DELETE FROM consent_audit_trail").await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("append-only")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        app.state.consent.audit_trail("p1").await.unwrap().len(),
+        trail
+    );
+    // ... and its rows go at the end of their seven years, in retention's batches.
+    clock.advance(Duration::days(7 * 365));
+    let r = cleanup(&app).await;
+    assert_eq!(r["deleted"]["audit"], trail as u64);
+    assert!(app
+        .state
+        .consent
+        .audit_trail("p1")
+        .await
+        .unwrap()
+        .is_empty());
+    let allowances = app
+        .db
+        .text_pairs("SELECT 'row', CAST(before AS TEXT) FROM audit_deletion_allowed")
+        .await;
+    assert!(allowances.is_empty(), "{allowances:?}");
 }
 
 async fn the_command_line_previews_without_deleting(backend: Backend) {

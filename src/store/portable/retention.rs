@@ -50,14 +50,35 @@ impl RetentionStore for ThisStore {
             return Ok(count as u64);
         }
         // One bounded batch per statement: no long lock on a table the API is writing.
-        Ok(sqlx::query(&format!(
+        let delete = format!(
             "DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} WHERE {old} LIMIT $2)"
-        ))
-        .bind(before)
-        .bind(limit)
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
+        );
+        if class != DataClass::Audit {
+            return Ok(sqlx::query(&delete)
+                .bind(before)
+                .bind(limit)
+                .execute(&self.pool)
+                .await?
+                .rows_affected());
+        }
+        // The audit trail's delete trigger lets through only rows older than a cutoff this
+        // transaction has declared (migration 30): declared, used and cleared in one go.
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
+        sqlx::query("INSERT INTO audit_deletion_allowed (before) VALUES ($1)")
+            .bind(before)
+            .execute(&mut *tx)
+            .await?;
+        let deleted = sqlx::query(&delete)
+            .bind(before)
+            .bind(limit)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("DELETE FROM audit_deletion_allowed")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     async fn record_cleanup_run(
@@ -72,6 +93,11 @@ impl RetentionStore for ThisStore {
             .bind(counts)
             .execute(&self.pool)
             .await?;
+        // The run's deletions leave the file too, not only the log (found by review: the rows
+        // stayed readable in the database file until the next automatic checkpoint).
+        if !AFTER_DELETION.is_empty() {
+            sqlx::query(AFTER_DELETION).execute(&self.pool).await?;
+        }
         Ok(())
     }
 
