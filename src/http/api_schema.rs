@@ -231,14 +231,10 @@ pub struct TemplatesAnswer {
     templates: Vec<TemplateItem>,
 }
 
-/// A template the host app's calls send (not the keyword replies).
+/// A template the host app may send (not `otp` or the keyword replies).
 #[derive(ToSchema)]
 pub struct TemplateItem {
     name: String,
-    /// The call that sends it: `/api/notifications`, or `/api/messaging/send-otp` for `otp`
-    /// (which `POST /api/notifications` refuses).
-    #[schema(schema_with = template_sent_through)]
-    sent_through: String,
     /// What it is for: `scheduled` (reminders) and `marketing` wait for the end of QUIET_HOURS;
     /// `transactional` (caused by the patient's own action, such as a payment) and `otp` go at
     /// once.
@@ -252,13 +248,6 @@ pub struct TemplateItem {
     /// Present when TWILIO_CONTENT_SIDS names it.
     #[schema(pattern = "^HX[0-9a-fA-F]{32}$")]
     whatsapp_content_sid: Option<String>,
-}
-
-pub(super) fn template_sent_through() -> Object {
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .enum_values(Some(["/api/notifications", "/api/messaging/send-otp"]))
-        .build()
 }
 
 pub(super) fn template_kind() -> Object {

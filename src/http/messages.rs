@@ -14,7 +14,7 @@ use super::{HostApp, JsonBody, PathId};
 use crate::error::{AppError, AppResult};
 use crate::http::AppState;
 use crate::outbox::{self, NotificationRequest};
-use crate::templates::{Kind, TEMPLATES};
+use crate::templates::TEMPLATES;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -113,10 +113,8 @@ async fn get_message(
     path = "/api/templates",
     tag = "host-app",
     operation_id = "listTemplates",
-    summary = "Templates the host app's calls send",
-    description = "What `POST /api/notifications` accepts, and `otp`, which only \
-        `POST /api/messaging/send-otp` sends (`sent_through` says which call); the keyword \
-        replies, which only a patient's text causes, are not listed.",
+    summary = "Templates the host app may send",
+    description = "What `POST /api/notifications` accepts; excludes `otp` and the keyword replies.",
     security(("hostAppKey" = [])),
     responses(
         (status = 200, description = "OK", body = TemplatesAnswer),
@@ -127,20 +125,10 @@ async fn get_message(
 async fn list_templates(State(state): State<AppState>, _: HostApp) -> Json<Value> {
     let templates: Vec<Value> = TEMPLATES
         .iter()
-        .filter(|t| t.kind != Kind::KeywordReply)
+        .filter(|t| outbox::host_app_may_send(t))
         .map(|t| {
-            let sent_through = if outbox::host_app_may_send(t) {
-                "/api/notifications"
-            } else {
-                "/api/messaging/send-otp"
-            };
-            let mut item = json!({
-                "name": t.name,
-                "kind": t.kind,
-                "category": t.category(),
-                "variables": t.variables,
-                "sent_through": sent_through,
-            });
+            let mut item =
+                json!({"name": t.name, "kind": t.kind, "category": t.category(), "variables": t.variables});
             if let Some(sid) = state.config.twilio.content_sids.get(t.name) {
                 item["whatsapp_content_sid"] = json!(sid);
             }

@@ -122,6 +122,9 @@ struct LineStarts<R> {
     read: u64,
     line: u64,
     awaiting_content: bool,
+    /// The last byte was a `\r`: a `\n` now ends the same line (`\r\n`), anything else
+    /// follows a lone `\r`, which the csv crate also takes as a line end (old Mac files).
+    after_cr: bool,
     starts: Arc<Mutex<Vec<(u64, u64)>>>,
 }
 
@@ -131,17 +134,18 @@ impl<R: Read> Read for LineStarts<R> {
         let mut starts = self.starts.lock().unwrap_or_else(PoisonError::into_inner);
         for (i, byte) in buf[..n].iter().enumerate() {
             match byte {
-                b'\n' => {
+                b'\n' if self.after_cr => {}
+                b'\n' | b'\r' => {
                     self.line += 1;
                     self.awaiting_content = true;
                 }
-                b'\r' => {}
                 _ if self.awaiting_content => {
                     starts.push((self.read + i as u64, self.line));
                     self.awaiting_content = false;
                 }
                 _ => {}
             }
+            self.after_cr = *byte == b'\r';
         }
         self.read += n as u64;
         Ok(n)
@@ -174,6 +178,7 @@ pub async fn import_csv<R: Read>(
         read: 0,
         line: 1,
         awaiting_content: true,
+        after_cr: false,
         starts: starts.clone(),
     };
     let line_at = |at: u64| line_at(&starts, at);

@@ -814,13 +814,13 @@ pub(crate) const PRUNE_UNMATCHED: &str = concat!(
     parked_not_owed_sql!()
 );
 
-/// Use the code for (`$1` user, `$2` purpose) with hash `$3` at `$4`, if it is live and fewer
-/// than `$5` wrong tries were made: the count is checked in the same statement, so a right guess
-/// racing many wrong ones cannot slip in after the limit.
 /// The OTP purpose that proves a number: `consume_verification_otp` uses a code of this purpose
 /// and may mark the number on file verified.
 pub const VERIFICATION_PURPOSE: &str = "verification";
 
+/// Use the code for (`$1` user, `$2` purpose) with hash `$3` at `$4`, if it is live and fewer
+/// than `$5` wrong tries were made: the count is checked in the same statement, so a right guess
+/// racing many wrong ones cannot slip in after the limit.
 pub(crate) const CONSUME_OTP: &str =
     "UPDATE otp_codes SET used_at = $4 WHERE user_id = $1 AND purpose = $2 \
      AND code_hash = $3 AND used_at IS NULL AND expires_at > $4 \

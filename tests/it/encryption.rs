@@ -276,6 +276,18 @@ async fn rows_written_before_encryption_are_sealed_in_place(backend: Backend) {
     ] {
         db.execute(&sql).await.unwrap();
     }
+    // Enough rows that a sealed row no longer fits where its clear version was: the old versions
+    // stay on their own pages (a plain VACUUM on PostgreSQL left them there; found by review).
+    db.execute(&format!(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 400) \
+         INSERT INTO messages (id, user_id, template_name, variables, channel, status, \
+         to_number, attempts, next_attempt_at, created_at, updated_at) \
+         SELECT 'bulk-' || i, 'p1', 'payment_received', \
+         '{{\"amount\":\"{AMOUNT}\",\"date\":\"2027-01-12\"}}', 'sms', 'delivered', \
+         '{NUMBER}', 1, '{at}', '{at}', '{at}' FROM n"
+    ))
+    .await
+    .unwrap();
     assert!(contains(&database_bytes(&db).await, DIGITS));
 
     let store = prism_messaging::store::connect(&db.url, &test_keys())

@@ -22,6 +22,7 @@ both_backends!(
     whatsapp_records_no_sms_segments,
     refused_credentials_hold_the_queue,
     refused_credentials_hold_the_whole_queue_and_one_message_tries_again,
+    a_lookup_twilio_answers_ends_the_credentials_hold,
     readiness_reports_a_provider_that_does_not_answer,
     a_slow_lookup_never_stalls_other_sends,
     an_early_callback_is_never_orphaned,
@@ -813,6 +814,38 @@ async fn a_lookup_refused_for_credentials_holds_the_message_without_spending_it(
         "the dropped send, then this one"
     );
     assert_eq!(fake.created().len(), 1);
+}
+
+/// A lookup Twilio answers ends a hold on refused credentials, as a send does (found by review:
+/// only a send lifted it, so a message adopted by its lookup left the queue held a minute more).
+async fn a_lookup_twilio_answers_ends_the_credentials_hold(backend: Backend) {
+    let (app, clock) = live(backend, TestConfig::new()).await;
+    let fake = app.fake.as_ref().unwrap();
+    // Twilio took it and never answered: its outcome is unknown, and a lookup will find it.
+    fake.script(PATIENT, vec![Fault::AcceptNoAnswer]);
+    let held = app.notify_ok(receipt("sms")).await;
+    assert_eq!(app.dispatch().await.retried, 1);
+    // (No `/readyz` here: its own check of the account, which this fake does not refuse, would
+    // end the hold as well.)
+    fake.refuse_lookups(1);
+    clock.advance(Duration::minutes(20));
+    assert_eq!(app.dispatch().await.claimed, 1);
+    // Past the hold the message is tried again: the lookup, answered, adopts it...
+    clock.advance(Duration::minutes(20));
+    let report = app.dispatch().await;
+    assert_eq!((report.claimed, report.adopted), (1, 1), "{report:?}");
+    assert_eq!(app.message(&held).await["status"], "sent");
+    // ... and messages queued next go at once, not a minute later.
+    for amount in ["INR 1.00", "INR 2.00"] {
+        app.notify_ok(json!({
+            "user_id": "p1",
+            "template": "payment_received",
+            "variables": {"amount": amount, "date": "2027-01-12"},
+        }))
+        .await;
+    }
+    let report = app.dispatch().await;
+    assert_eq!((report.claimed, report.sent), (2, 2), "{report:?}");
 }
 
 /// Two receipts with the same text to one number (two payments alike, a family's phone), both

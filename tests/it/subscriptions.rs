@@ -616,6 +616,14 @@ async fn follow_up_and_subscription_imports(backend: Backend) {
         ),
         "{out}"
     );
+    let (_, out) = import(&db, "follow-ups", &follow_ups.replace('\n', "\r")).await;
+    assert!(
+        out.ends_with(
+            "  line 3: due_at must be an RFC 3339 time (invalid_time)\n\
+             \x20 line 4: id \"f1\" is already on line 2 (duplicate_id)\n"
+        ),
+        "lone \\r line ends (old Mac files): {out}"
+    );
     let spaced = follow_ups.replacen("Europe/London\n", "Europe/London\n\r\n\n", 1);
     let (_, out) = import(&db, "follow-ups", &spaced).await;
     assert!(

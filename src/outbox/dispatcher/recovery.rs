@@ -178,7 +178,12 @@ impl Dispatcher {
                 )))
             }
             Ok(Err(e)) => return Ok(self.lookup_refused(&e)),
-            Ok(Ok(candidates)) => candidates,
+            Ok(Ok(candidates)) => {
+                // Twilio answered: the credentials work again, and a hold on them ends (found
+                // by review: only a send lifted it, so a lookup's success held the queue on).
+                self.provider_health.accepted();
+                candidates
+            }
         };
         // A twin marked `sending` while Twilio's list was read may own a match (found by review:
         // adopted here, its own send then found its SID held, and one message stood for two).
