@@ -214,22 +214,14 @@ mod portable {
     const LOCK_FOR_UPDATE: &str = " FOR UPDATE";
     /// Nothing to fold: PostgreSQL's own vacuum reclaims deleted rows.
     const AFTER_DELETION: &str = "";
+    /// Nothing to fold before the tables are rewritten (`REWRITE_SEALED_TABLE`).
+    const AFTER_SEALING: &[&str] = &[];
     /// The sealing's updates leave each clear row's old version in the table files. A plain
     /// vacuum frees that space without overwriting it (found by review: 2,983 of 3,000 clear
     /// numbers were still in a table's file after one), so each table the sealing wrote is
     /// rewritten into a new file and the old one dropped. Once, when encryption came; each
     /// rewrite locks its table for as long as it takes.
-    const AFTER_SEALING: &[&str] = &[
-        "VACUUM FULL messaging_consent",
-        "VACUUM FULL consent_audit_trail",
-        "VACUUM FULL messages",
-        "VACUUM FULL incoming_messages",
-        "VACUUM FULL otp_codes",
-        "VACUUM FULL otp_send_log",
-        "VACUUM FULL opt_outs",
-        "VACUUM FULL whatsapp_sessions",
-        "VACUUM FULL vault_meta",
-    ];
+    const REWRITE_SEALED_TABLE: &str = "VACUUM FULL";
     /// Rows read to be written are locked with `LOCK_FOR_UPDATE` instead.
     const BEGIN_WRITE: &str = "BEGIN";
     /// Claims read the due queue in index order whatever the statistics say.

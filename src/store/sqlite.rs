@@ -286,6 +286,8 @@ mod portable {
         "VACUUM",
         "PRAGMA wal_checkpoint(TRUNCATE)",
     ];
+    /// The whole file was rebuilt (`AFTER_SEALING`): no table to rewrite apart.
+    const REWRITE_SEALED_TABLE: &str = "";
     /// A transaction that reads and then writes takes the write lock at once, so no other
     /// writer can commit between its read and its write (which SQLite would refuse).
     const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";

@@ -63,13 +63,6 @@ async fn outbox(app: &TestApp) -> Vec<(String, String)> {
         .collect()
 }
 
-fn code_in(body: &str) -> String {
-    body.split(|c: char| !c.is_ascii_digit())
-        .find(|w| w.len() == 6)
-        .expect("a six-digit code")
-        .to_string()
-}
-
 async fn a_code_for_someone_elses_account_goes_to_their_number(backend: Backend) {
     let app = TestApp::spawn_with(
         backend,

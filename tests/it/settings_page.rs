@@ -539,12 +539,7 @@ async fn verify_number(app: &TestApp, user: &str) {
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let outbox = app.outbox_json().await;
-    let body = outbox["messages"][0]["body"].as_str().unwrap().to_string();
-    let code = body
-        .split(|c: char| !c.is_ascii_digit())
-        .find(|w| w.len() == 6)
-        .expect("a six-digit code")
-        .to_string();
+    let code = code_in(outbox["messages"][0]["body"].as_str().unwrap());
     let r = app
         .client
         .post(app.url("/api/messaging/verify-otp"))

@@ -165,6 +165,13 @@ pub(in super::super) async fn seal_clear_text(store: &ThisStore) -> AppResult<u6
         for statement in AFTER_SEALING {
             sqlx::query(statement).execute(&store.pool).await?;
         }
+        if !REWRITE_SEALED_TABLE.is_empty() {
+            for table in SEALED.iter().map(|t| t.table).chain(INDEXED) {
+                sqlx::query(&format!("{REWRITE_SEALED_TABLE} {table}"))
+                    .execute(&store.pool)
+                    .await?;
+            }
+        }
         tracing::info!(
             rows = total,
             "sealed clear-text rows written before encryption"

@@ -224,6 +224,14 @@ pub struct TestConfig {
     pub background: bool,
 }
 
+/// The six-digit code in a message body.
+pub fn code_in(body: &str) -> String {
+    body.split(|c: char| !c.is_ascii_digit())
+        .find(|w| w.len() == 6)
+        .expect("a six-digit code")
+        .to_string()
+}
+
 /// A PostgreSQL database's own files, as bytes, after a checkpoint has written what it holds
 /// to them: every relation's pages, dead row versions and free space included (what a copy of
 /// the server's disk would hold). `None` for SQLite.
